@@ -1,0 +1,132 @@
+"""Settings from the environment and `.env`, one object the whole process shares.
+
+Secrets are `SecretStr` so that no log line, repr or error message can print them by accident.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the friendly phone receptionist of a small business. Speak briefly and naturally, "
+    "one or two sentences at a time, as people do on the phone. If the caller presses keypad "
+    "digits you are told which ones."
+)
+
+
+class Settings(BaseSettings):
+    """Everything livecall reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    # --- server
+    host: str = Field("0.0.0.0", validation_alias=AliasChoices("LIVECALL_HOST", "HOST"))
+    port: int = Field(8080, validation_alias=AliasChoices("PORT", "LIVECALL_PORT"))
+    public_url: str | None = Field(
+        None, validation_alias=AliasChoices("PUBLIC_URL", "SERVICE_URL")
+    )
+    log_level: str = Field("info", validation_alias="LOG_LEVEL")
+    log_format: Literal["console", "json"] = Field("console", validation_alias="LOG_FORMAT")
+
+    # --- Gemini
+    gemini_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY")
+    )
+    gemini_use_vertexai: bool = Field(
+        False, validation_alias=AliasChoices("GOOGLE_GENAI_USE_VERTEXAI", "GEMINI_USE_VERTEXAI")
+    )
+    gemini_project: str | None = Field(
+        None, validation_alias=AliasChoices("GOOGLE_CLOUD_PROJECT", "GEMINI_PROJECT")
+    )
+    gemini_location: str | None = Field(
+        None, validation_alias=AliasChoices("GOOGLE_CLOUD_LOCATION", "GEMINI_LOCATION")
+    )
+    gemini_model: str = Field("gemini-3.8-live", validation_alias="GEMINI_MODEL")
+    gemini_base_url: str | None = Field(None, validation_alias="GEMINI_BASE_URL")
+    gemini_api_version: str | None = Field(None, validation_alias="GEMINI_API_VERSION")
+    gemini_ca_file: Path | None = Field(
+        None,
+        validation_alias="GEMINI_CA_FILE",
+        description="extra CA trusted for the Gemini endpoint besides the system ones "
+        "(a corporate proxy, the simulator's test CA); SSL_CERT_FILE replaces them instead",
+    )
+    voice: str = Field("Kore", validation_alias=AliasChoices("GEMINI_VOICE", "VOICE"))
+    language: str = Field("en-US", validation_alias=AliasChoices("GEMINI_LANGUAGE", "LANGUAGE"))
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, validation_alias="SYSTEM_PROMPT")
+    system_prompt_file: Path | None = Field(None, validation_alias="SYSTEM_PROMPT_FILE")
+    greeting: str | None = Field(None, validation_alias="GREETING")
+    vad_start_sensitivity: Literal["high", "low"] | None = Field(
+        None, validation_alias="VAD_START_SENSITIVITY"
+    )
+    vad_end_sensitivity: Literal["high", "low"] | None = Field(
+        None, validation_alias="VAD_END_SENSITIVITY"
+    )
+    vad_prefix_padding_ms: int | None = Field(None, validation_alias="VAD_PREFIX_PADDING_MS")
+    vad_silence_duration_ms: int | None = Field(None, validation_alias="VAD_SILENCE_DURATION_MS")
+    gemini_connect_timeout_s: float = Field(10.0, validation_alias="GEMINI_CONNECT_TIMEOUT")
+
+    # --- Twilio
+    twilio_auth_token: SecretStr | None = Field(None, validation_alias="TWILIO_AUTH_TOKEN")
+    twilio_account_sid: str | None = Field(None, validation_alias="TWILIO_ACCOUNT_SID")
+    twilio_api_base_url: str | None = Field(
+        None,
+        validation_alias="TWILIO_API_BASE_URL",
+        description="override of https://api.twilio.com (the REST simulator in tests)",
+    )
+    twilio_caller_id: str | None = Field(None, validation_alias="TWILIO_CALLER_ID")
+
+    # --- calls
+    max_concurrent_calls: int = Field(500, validation_alias="MAX_CONCURRENT_CALLS")
+    max_call_duration_s: float = Field(3600.0, validation_alias="MAX_CALL_DURATION")
+    first_message_timeout_s: float = Field(10.0, validation_alias="FIRST_MESSAGE_TIMEOUT")
+    max_message_bytes: int = Field(65536, validation_alias="MAX_MESSAGE_BYTES")
+    profiles_file: Path | None = Field(None, validation_alias="PROFILES_FILE")
+
+    # --- records
+    database_url: str = Field(
+        "sqlite+aiosqlite:///./livecall.db", validation_alias="DATABASE_URL"
+    )
+    recordings_dir: Path = Field(Path("recordings"), validation_alias="RECORDINGS_DIR")
+    recording_format: Literal["wav", "flac"] = Field("wav", validation_alias="RECORDING_FORMAT")
+    recording_enabled: bool = Field(True, validation_alias="RECORDING_ENABLED")
+    retention_days: int | None = Field(None, validation_alias="RETENTION_DAYS")
+    spool_dir: Path = Field(Path(".livecall-spool"), validation_alias="SPOOL_DIR")
+    api_token: SecretStr | None = Field(None, validation_alias="LIVECALL_API_TOKEN")
+    api_local_only: bool = Field(
+        False,
+        validation_alias="LIVECALL_API_LOCAL_ONLY",
+        description="serve the REST API without a token, to loopback clients only",
+    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_absolute(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("PUBLIC_URL must be an absolute http(s) URL, e.g. https://example.com")
+        return value.rstrip("/")
+
+    def resolved_system_prompt(self) -> str:
+        if self.system_prompt_file is not None:
+            return self.system_prompt_file.read_text(encoding="utf-8").strip()
+        return self.system_prompt
+
+    def has_gemini_credentials(self) -> bool:
+        if self.gemini_use_vertexai:
+            return bool(self.gemini_project and self.gemini_location)
+        return self.gemini_api_key is not None and bool(self.gemini_api_key.get_secret_value())
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
