@@ -1,0 +1,121 @@
+"""What the caller has actually heard, reconstructed from what was sent and the marks echoed.
+
+Twilio plays the agent audio we send in order, as soon as it arrives, and echoes a `mark` once
+everything sent before it has been played; a `clear` empties its queue. So each agent chunk
+is followed by a mark, and this tracker keeps a model of the carrier's playout queue: when
+each chunk started and stopped playing, corrected by the mark echoes as they come back. At a
+barge-in it answers "how much of this turn did the caller hear?", which cuts the transcript
+and places agent audio in the recording.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+__all__ = ["Chunk", "PlayoutTracker"]
+
+
+@dataclass(slots=True)
+class Chunk:
+    mark: str
+    turn: int
+    samples: int  # at the carrier's rate
+    turn_end: int  # samples of this turn sent up to and including this chunk
+    start_ms: float  # estimated playout start
+    end_ms: float  # estimated playout end (exact once the mark has been echoed)
+    played: bool = False
+
+
+class PlayoutTracker:
+    """A model of the carrier's playout queue, in milliseconds of a monotonic clock."""
+
+    def __init__(self, rate: int = 8000) -> None:
+        self.rate = rate
+        self._ms_per_sample = 1000.0 / rate
+        self._pending: deque[Chunk] = deque()  # sent, mark not yet echoed
+        self._by_mark: dict[str, Chunk] = {}
+        self._cursor_ms = 0.0  # when the queue (as we model it) runs dry
+        self._seq = 0
+        self.sent_samples = 0  # all turns
+        self.played_samples = 0  # confirmed by marks
+        self.marks_echoed = 0
+        self.unknown_marks = 0
+        self._last_played: Chunk | None = None
+
+    def next_mark(self) -> str:
+        self._seq += 1
+        return f"a{self._seq}"
+
+    def sent(self, now_ms: float, turn: int, samples: int, turn_end: int, mark: str) -> Chunk:
+        """A chunk of `samples` went to the carrier at `now_ms`, followed by `mark`."""
+        start = max(now_ms, self._cursor_ms)
+        end = start + samples * self._ms_per_sample
+        self._cursor_ms = end
+        chunk = Chunk(mark, turn, samples, turn_end, start, end)
+        self._pending.append(chunk)
+        self._by_mark[mark] = chunk
+        self.sent_samples += samples
+        return chunk
+
+    def mark_echoed(self, now_ms: float, name: str) -> Chunk | None:
+        """The carrier played everything up to `name`; later chunks shift if it ran late."""
+        chunk = self._by_mark.pop(name, None)
+        if chunk is None:
+            self.unknown_marks += 1
+            return None
+        self.marks_echoed += 1
+        # Marks come back in order; anything before this one has been played too.
+        while self._pending:
+            head = self._pending.popleft()
+            if not head.played:
+                head.played = True
+                self.played_samples += head.samples
+                self._last_played = head
+            self._by_mark.pop(head.mark, None)
+            if head is chunk:
+                break
+        late = now_ms - chunk.end_ms
+        chunk.end_ms = now_ms
+        if late > 0:
+            for later in self._pending:
+                later.start_ms += late
+                later.end_ms += late
+            self._cursor_ms += late
+        return chunk
+
+    def heard_in_turn(self, turn: int, now_ms: float) -> int:
+        """Samples of `turn` the caller has heard by `now_ms` (played marks + the playing part)."""
+        last = self._last_played
+        heard = last.turn_end if last is not None and last.turn == turn else 0
+        for chunk in self._pending:
+            if chunk.turn != turn:
+                continue
+            if chunk.start_ms >= now_ms:
+                break
+            played = min(chunk.samples, int((now_ms - chunk.start_ms) / self._ms_per_sample))
+            heard = chunk.turn_end - chunk.samples + played
+            if played < chunk.samples:
+                break
+        return heard
+
+    def clear(self, now_ms: float) -> list[Chunk]:
+        """A `clear` went out at `now_ms`: the queue is gone; returns the chunks dropped."""
+        dropped = list(self._pending)
+        self._pending.clear()
+        self._by_mark.clear()
+        self._cursor_ms = now_ms
+        return dropped
+
+    @property
+    def queued_ms(self) -> float:
+        """Audio sent but (as modelled) not yet played, from the last chunk's estimated end."""
+        if not self._pending:
+            return 0.0
+        return max(0.0, self._pending[-1].end_ms - self._pending[0].start_ms)
+
+    def busy_until_ms(self) -> float:
+        return self._cursor_ms
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)

@@ -1,0 +1,125 @@
+"""`livecall`: serve calls, try it offline, measure it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="livecall",
+    help="Answer phone calls with a Gemini Live voice agent.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+bench_app = typer.Typer(
+    help="Benchmarks that print numbers (see bench/ and the README).", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+
+def _secrets_of(settings: object) -> list[str]:
+    out = []
+    for name in ("gemini_api_key", "twilio_auth_token", "api_token"):
+        value = getattr(settings, name, None)
+        if value is not None:
+            out.append(value.get_secret_value())
+    return out
+
+
+def uvicorn_config(app_obj: object, host: str, port: int, **kw: object) -> object:
+    import uvicorn
+
+    return uvicorn.Config(
+        app_obj,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        ws_max_size=1 << 20,  # frames above our own 64 KiB limit are read, logged and ignored
+        ws_ping_interval=20.0,
+        ws_ping_timeout=60.0,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="interface to bind (default 0.0.0.0)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default $PORT or 8080)")] = None,
+) -> None:
+    """Run the server Twilio calls: POST /twiml and the /ws/twilio media stream."""
+    from livecall.log import configure_logging
+    from livecall.settings import Settings
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format, _secrets_of(settings))
+    if not settings.has_gemini_credentials():
+        console.print(
+            "[red]No Gemini credentials.[/red] Set [bold]GEMINI_API_KEY[/bold] (Gemini Developer "
+            "API), or GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and "
+            "GOOGLE_CLOUD_LOCATION (Vertex AI, application default credentials).\n"
+            "To see livecall work without any key, run [bold]livecall demo[/bold]."
+        )
+        raise typer.Exit(2)
+    import uvicorn
+
+    from livecall.server.app import create_app
+
+    server = uvicorn.Server(
+        uvicorn_config(create_app(settings), host or settings.host, port or settings.port)
+    )
+    server.run()
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for the caller-side recording")] = Path(
+        "demo-out"
+    ),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show server logs")] = False,
+) -> None:
+    """A whole phone call, offline: livecall + a simulated Gemini + a simulated caller."""
+    import asyncio
+
+    from livecall.demo import run_demo
+
+    code = asyncio.run(run_demo(out, verbose=verbose))
+    raise typer.Exit(code)
+
+
+@bench_app.command("audio")
+def bench_audio(
+    seconds: Annotated[float, typer.Option(help="seconds of audio per candidate")] = 10.0,
+) -> None:
+    """Resampler candidates and the per-frame codec path, compared."""
+    from livecall.bench.audio import run_audio_benchmark
+
+    run_audio_benchmark(seconds=seconds)
+
+
+@bench_app.command("gemini-wire")
+def bench_gemini_wire(
+    n: Annotated[int, typer.Option(help="iterations per path")] = 20000,
+) -> None:
+    """The SDK's message objects vs livecall's per-frame Gemini path."""
+    from livecall.bench.gemini_wire import run_gemini_wire_benchmark
+
+    run_gemini_wire_benchmark(n=n)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Structured logs: every line carries the call it belongs to, and no line carries a secret.
+
+Call context rides in structlog's contextvars (bound once per call task), so code deep in the
+bridge logs `log.info("gemini.goaway")` and the line still names the call. A last processor
+scrubs the values of every configured secret out of the rendered event, whatever path it
+took to get there (an exception message quoting a URL, a repr of a header dict…).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+
+_secrets: set[str] = set()
+REDACTED = "[redacted]"
+
+
+def register_secret(value: str | None) -> None:
+    """Never print this value: it is replaced wherever it appears in a log line."""
+    if value and len(value) >= 4:
+        _secrets.add(value)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        for secret in _secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def redact_secrets(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    if not _secrets:
+        return event_dict
+    for key, value in list(event_dict.items()):
+        if isinstance(value, BaseException):
+            value = repr(value)
+        event_dict[key] = _scrub(value)
+    return event_dict
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "console", secrets: Iterable[str] = ()
+) -> None:
+    """Route structlog and stdlib logging (uvicorn, websockets) through one renderer."""
+    for secret in secrets:
+        register_secret(secret)
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_secrets,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.stdlib.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                redact_secrets,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    # websockets logs every frame at debug; keep it quiet unless asked for.
+    logging.getLogger("websockets").setLevel(max(numeric, logging.INFO))
+    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
+
+
+def get_logger(name: str = "livecall") -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)

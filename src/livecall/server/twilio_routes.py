@@ -1,0 +1,216 @@
+"""Twilio's two doors into livecall: the voice webhook and the media stream socket.
+
+Both are signed by Twilio when an auth token is configured, and nothing happens for a request
+whose signature does not check out: no TwiML, no Gemini session, a 403 and a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
+
+import structlog
+from fastapi import APIRouter, Request, Response, WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from livecall.agent.gemini import GeminiLink, client_for
+from livecall.call.bridge import CallBridge, CarrierClosed
+from livecall.server.registry import ActiveCall
+from livecall.server.urls import public_base, public_url_of, ws_base
+from livecall.telephony import twilio as tw
+
+if TYPE_CHECKING:
+    from livecall.server.app import AppState
+
+log = structlog.get_logger("livecall.twilio")
+
+STREAM_PATH = "/ws/twilio"
+XML = "application/xml"
+
+
+class StarletteCarrier:
+    """Adapts a Starlette WebSocket to the bridge's `CarrierSocket`."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.closed = False
+
+    async def receive(self) -> str | bytes | None:
+        if self.closed:
+            return None
+        try:
+            message = await self.ws.receive()
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self.closed = True
+            return None
+        if message["type"] == "websocket.disconnect":
+            self.closed = True
+            return None
+        text = message.get("text")
+        if text is not None:
+            return text
+        return message.get("bytes") or b""
+
+    async def send_text(self, data: str) -> None:
+        if self.closed:
+            raise CarrierClosed
+        try:
+            await self.ws.send_text(data)
+        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+            self.closed = True
+            raise CarrierClosed from exc
+
+    async def close(self, code: int = 1000) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(code)
+
+
+def build_twilio_router(state: AppState) -> APIRouter:
+    router = APIRouter()
+    settings = state.settings
+
+    @router.post("/twiml", include_in_schema=False)
+    async def voice_webhook(request: Request) -> Response:
+        body = (await request.body()).decode("utf-8", "replace")
+        params = dict(parse_qsl(body, keep_blank_values=True))
+        call_sid = params.get("CallSid", "")
+        if state.signature is not None:
+            url = public_url_of(request.url, request.headers, settings.public_url)
+            signature = request.headers.get("x-twilio-signature")
+            if not state.signature.validate_webhook(url, params, signature):
+                log.warning(
+                    "twilio.webhook_rejected",
+                    reason="bad signature",
+                    call_sid=call_sid,
+                    has_signature=signature is not None,
+                )
+                return Response(
+                    "invalid Twilio signature", status_code=403, media_type="text/plain"
+                )
+        if not call_sid or not state.registry.reserve(call_sid):
+            log.warning(
+                "twilio.call_refused",
+                call_sid=call_sid,
+                reason="draining" if state.registry.draining else "at capacity",
+                active=len(state.registry.active),
+            )
+            return Response(
+                tw.busy_twiml(state.busy_message, reject=state.busy_reject), media_type=XML
+            )
+        base = public_base(request.url, request.headers, settings.public_url)
+        parameters = {
+            k: v
+            for k, v in {
+                "from": params.get("From", ""),
+                "to": params.get("To", ""),
+                "direction": params.get("Direction", "inbound"),
+                "profile": request.query_params.get("profile", ""),
+            }.items()
+            if v
+        }
+        twiml = tw.connect_stream_twiml(ws_base(base) + STREAM_PATH, parameters)
+        log.info("twilio.webhook", call_sid=call_sid, to=params.get("To"))
+        return Response(twiml, media_type=XML)
+
+    @router.websocket(STREAM_PATH)
+    async def media_stream(ws: WebSocket) -> None:
+        if state.signature is not None:
+            url = ws_base(public_base(ws.url, ws.headers, settings.public_url)) + STREAM_PATH
+            signature = ws.headers.get("x-twilio-signature")
+            if not state.signature.validate_websocket(url, signature):
+                log.warning(
+                    "twilio.stream_rejected",
+                    reason="bad signature",
+                    has_signature=signature is not None,
+                )
+                await ws.close(code=1008)  # before accept: the upgrade is answered 403
+                return
+        if state.registry.draining:
+            await ws.close(code=1013)
+            return
+        await ws.accept()
+        carrier = StarletteCarrier(ws)
+        stream = tw.TwilioStream(max_message_bytes=settings.max_message_bytes)
+        start = await _await_start(carrier, stream, settings.first_message_timeout_s)
+        if start is None:
+            await carrier.close(1008)
+            return
+        await _run_call(state, carrier, stream, start)
+
+    return router
+
+
+async def _await_start(
+    carrier: StarletteCarrier, stream: tw.TwilioStream, timeout_s: float
+) -> tw.Start | None:
+    """Reads `connected` and `start`; a socket that says nothing useful in time is dropped."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                data = await carrier.receive()
+                if data is None:
+                    return None
+                try:
+                    event = stream.receive(data)
+                except tw.ProtocolError as exc:
+                    log.warning("twilio.bad_frame", error=str(exc), phase="handshake")
+                    continue
+                if isinstance(event, tw.Start):
+                    return event
+                if isinstance(event, tw.Stop):
+                    return None
+    except TimeoutError:
+        log.warning("twilio.no_start", timeout_s=timeout_s)
+        return None
+
+
+async def _run_call(
+    state: AppState, carrier: StarletteCarrier, stream: tw.TwilioStream, start: tw.Start
+) -> None:
+    registry = state.registry
+    previous = registry.active.get(start.call_sid)
+    if previous is not None and previous.bridge is not None:
+        # Twilio opened a second stream for a call we carry: the newer one is the live one.
+        log.warning(
+            "twilio.duplicate_stream",
+            call_sid=start.call_sid,
+            old_stream=previous.stream_sid,
+            new_stream=start.stream_sid,
+        )
+        previous.bridge.replace()
+        if previous.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(previous.task), 5.0)
+    params = start.custom_parameters
+    options, live = state.call_setup(params)
+    link = GeminiLink(client_for(state.settings), live)
+    bridge = CallBridge(
+        carrier,
+        stream,
+        start,
+        link,
+        options=options,
+        observer=state.observer_for(start.call_sid),
+    )
+    entry = ActiveCall(
+        start.call_sid,
+        start.stream_sid,
+        time.monotonic(),
+        bridge=bridge,
+        task=asyncio.current_task(),
+    )
+    if not registry.admit(entry):
+        log.warning("twilio.stream_refused", call_sid=start.call_sid, reason="at capacity")
+        await carrier.close(1013)
+        return
+    try:
+        await bridge.run()
+    finally:
+        registry.release(start.call_sid, entry)
