@@ -3,8 +3,11 @@
 Both directions are table lookups built once at import from the ITU-T G.711 segment rules
 (as in the classic Sun reference `g711.c`, which `audioop` also follows): encoding indexes a
 65,536-entry table by the int16 sample's bit pattern, decoding a 256-entry table by the code.
-A lookup is a single `numpy.take`, with an optional `out=` buffer so the per-frame path can
-run without allocating.
+A lookup is a single `ndarray.take`, with an optional `out=` buffer so the per-frame path can
+run without allocating. It is called as a method with mode="clip" (indices can never be out of
+range here): the `np.take` function with the default mode="raise" costs ~1 µs more per
+20 ms frame (2.2 vs 1.2 µs for 160 samples), because it dispatches through Python and buffers
+`out=` internally.
 """
 
 from __future__ import annotations
@@ -84,47 +87,57 @@ for _table in (ULAW_ENCODE_TABLE, ULAW_DECODE_TABLE, ALAW_ENCODE_TABLE, ALAW_DEC
     _table.setflags(write=False)
 
 
+_INT16 = np.dtype(np.int16)
+_UINT8 = np.dtype(np.uint8)
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
 def _as_int16(pcm: Int16Array | bytes | bytearray | memoryview) -> Int16Array:
-    if isinstance(pcm, bytes | bytearray | memoryview):
-        if len(pcm) % 2:
-            raise ValueError(f"PCM16 input must have an even number of bytes, got {len(pcm)}")
+    if isinstance(pcm, np.ndarray):
+        if pcm.dtype is not _INT16 and pcm.dtype != np.int16:
+            raise TypeError(f"PCM samples must be int16, got {pcm.dtype}")
+        return pcm
+    if isinstance(pcm, _BYTES_LIKE):
+        nbytes = pcm.nbytes if isinstance(pcm, memoryview) else len(pcm)
+        if nbytes % 2:
+            raise ValueError(f"PCM16 input must have an even number of bytes, got {nbytes}")
         return np.frombuffer(pcm, dtype=np.int16)
-    if pcm.dtype != np.int16:
-        raise TypeError(f"PCM samples must be int16, got {pcm.dtype}")
-    return pcm
+    raise TypeError(f"PCM samples must be an int16 array or bytes, got {type(pcm).__name__}")
 
 
 def _as_codes(codes: UInt8Array | bytes | bytearray | memoryview) -> UInt8Array:
-    if isinstance(codes, bytes | bytearray | memoryview):
+    if isinstance(codes, np.ndarray):
+        if codes.dtype is not _UINT8 and codes.dtype != np.uint8:
+            raise TypeError(f"G.711 codes must be uint8, got {codes.dtype}")
+        return codes
+    if isinstance(codes, _BYTES_LIKE):
         return np.frombuffer(codes, dtype=np.uint8)
-    if codes.dtype != np.uint8:
-        raise TypeError(f"G.711 codes must be uint8, got {codes.dtype}")
-    return codes
+    raise TypeError(f"G.711 codes must be a uint8 array or bytes, got {type(codes).__name__}")
 
 
 def ulaw_encode(
     pcm: Int16Array | bytes | bytearray | memoryview, out: UInt8Array | None = None
 ) -> UInt8Array:
     """int16 samples (array or PCM16LE bytes) -> μ-law codes."""
-    return np.take(ULAW_ENCODE_TABLE, _as_int16(pcm).view(np.uint16), out=out)
+    return ULAW_ENCODE_TABLE.take(_as_int16(pcm).view(np.uint16), out=out, mode="clip")
 
 
 def ulaw_decode(
     codes: UInt8Array | bytes | bytearray | memoryview, out: Int16Array | None = None
 ) -> Int16Array:
     """μ-law codes (array or bytes) -> int16 samples."""
-    return np.take(ULAW_DECODE_TABLE, _as_codes(codes), out=out)
+    return ULAW_DECODE_TABLE.take(_as_codes(codes), out=out, mode="clip")
 
 
 def alaw_encode(
     pcm: Int16Array | bytes | bytearray | memoryview, out: UInt8Array | None = None
 ) -> UInt8Array:
     """int16 samples (array or PCM16LE bytes) -> A-law codes."""
-    return np.take(ALAW_ENCODE_TABLE, _as_int16(pcm).view(np.uint16), out=out)
+    return ALAW_ENCODE_TABLE.take(_as_int16(pcm).view(np.uint16), out=out, mode="clip")
 
 
 def alaw_decode(
     codes: UInt8Array | bytes | bytearray | memoryview, out: Int16Array | None = None
 ) -> Int16Array:
     """A-law codes (array or bytes) -> int16 samples."""
-    return np.take(ALAW_DECODE_TABLE, _as_codes(codes), out=out)
+    return ALAW_DECODE_TABLE.take(_as_codes(codes), out=out, mode="clip")
