@@ -30,9 +30,7 @@ class Settings(BaseSettings):
     # --- server
     host: str = Field("0.0.0.0", validation_alias=AliasChoices("LIVECALL_HOST", "HOST"))
     port: int = Field(8080, validation_alias=AliasChoices("PORT", "LIVECALL_PORT"))
-    public_url: str | None = Field(
-        None, validation_alias=AliasChoices("PUBLIC_URL", "SERVICE_URL")
-    )
+    public_url: str | None = Field(None, validation_alias=AliasChoices("PUBLIC_URL", "SERVICE_URL"))
     log_level: str = Field("info", validation_alias="LOG_LEVEL")
     log_format: Literal["console", "json"] = Field("console", validation_alias="LOG_FORMAT")
 
@@ -72,6 +70,24 @@ class Settings(BaseSettings):
     vad_prefix_padding_ms: int | None = Field(None, validation_alias="VAD_PREFIX_PADDING_MS")
     vad_silence_duration_ms: int | None = Field(None, validation_alias="VAD_SILENCE_DURATION_MS")
     gemini_connect_timeout_s: float = Field(10.0, validation_alias="GEMINI_CONNECT_TIMEOUT")
+    gemini_non_blocking_tools: bool | None = Field(
+        None,
+        validation_alias="GEMINI_NON_BLOCKING_TOOLS",
+        description="declare tools NON_BLOCKING (the model keeps talking while one runs); "
+        "unset: on for the Gemini Developer API, off for Vertex AI",
+    )
+    gemini_reconnect_attempts: int = Field(5, validation_alias="GEMINI_RECONNECT_ATTEMPTS")
+    gemini_stall_timeout_s: float = Field(
+        10.0,
+        validation_alias="GEMINI_STALL_TIMEOUT",
+        description="model silent this long while the caller waits: nudge it, then reconnect",
+    )
+    gemini_rotation_overlap: bool = Field(
+        True,
+        validation_alias="GEMINI_ROTATION_OVERLAP",
+        description="open the next session before closing the old one at a goAway; turn off "
+        "when the quota refuses two sessions at once",
+    )
 
     # --- Twilio
     twilio_auth_token: SecretStr | None = Field(None, validation_alias="TWILIO_AUTH_TOKEN")
@@ -89,11 +105,21 @@ class Settings(BaseSettings):
     first_message_timeout_s: float = Field(10.0, validation_alias="FIRST_MESSAGE_TIMEOUT")
     max_message_bytes: int = Field(65536, validation_alias="MAX_MESSAGE_BYTES")
     profiles_file: Path | None = Field(None, validation_alias="PROFILES_FILE")
+    profiles_reload_interval_s: float = Field(
+        1.0,
+        gt=0,
+        validation_alias="PROFILES_RELOAD_INTERVAL",
+        description="how often the profiles file is checked for edits (seconds)",
+    )
+    tool_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        validation_alias="TOOL_TIMEOUT",
+        description="longest a lookup or HTTP tool may take before the model gets an error",
+    )
 
     # --- records
-    database_url: str = Field(
-        "sqlite+aiosqlite:///./livecall.db", validation_alias="DATABASE_URL"
-    )
+    database_url: str = Field("sqlite+aiosqlite:///./livecall.db", validation_alias="DATABASE_URL")
     recordings_dir: Path = Field(Path("recordings"), validation_alias="RECORDINGS_DIR")
     recording_format: Literal["wav", "flac"] = Field("wav", validation_alias="RECORDING_FORMAT")
     recording_enabled: bool = Field(True, validation_alias="RECORDING_ENABLED")

@@ -200,6 +200,8 @@ class GeminiLink:
         self.closed = False
 
     async def connect(self) -> None:
+        if self.closed:
+            raise GeminiConnectError("session link already closed")
         try:
             session = await self._stack.enter_async_context(
                 self._client.aio.live.connect(
@@ -231,8 +233,8 @@ class GeminiLink:
     async def send_text(self, text: str) -> None:
         await self._send(lp.text_message(text))
 
-    async def send_client_turn(self, text: str) -> None:
-        await self._send(lp.client_text_turn_message(text))
+    async def send_client_turn(self, text: str, *, turn_complete: bool = True) -> None:
+        await self._send(lp.client_text_turn_message(text, turn_complete=turn_complete))
 
     async def send_tool_responses(self, responses: list[dict[str, Any]]) -> None:
         await self._send(lp.tool_response_message(responses))

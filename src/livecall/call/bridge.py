@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,12 @@ import numpy as np
 import structlog
 
 from livecall.agent import live_protocol as lp
-from livecall.agent.gemini import GeminiClosed, GeminiConnectError, GeminiLink
+from livecall.agent.gemini import (
+    PERMANENT_CLOSE_CODES,
+    GeminiClosed,
+    GeminiConnectError,
+    GeminiLink,
+)
 from livecall.audio.g711 import ulaw_decode
 from livecall.audio.recording import StereoRecorder
 from livecall.audio.transcode import InboundTranscoder, OutboundTranscoder
@@ -36,6 +42,7 @@ from livecall.records import (
     CallObserver,
     CallSummary,
     NullObserver,
+    TurnRecord,
 )
 from livecall.telephony import twilio as tw
 
@@ -43,7 +50,9 @@ __all__ = ["CallBridge", "CallOptions", "CarrierClosed", "CarrierSocket"]
 
 log = structlog.get_logger("livecall.call")
 
+STALL_NUDGE = "(The caller is waiting for your answer. Please respond now.)"
 VOICE_PEAK = 700  # int16 peak above which a caller frame counts as speech (~ -33 dBFS)
+FAILURE_WINDOW_S = 60.0  # more than reconnect_attempts session losses in this window: give up
 
 
 class CarrierClosed(Exception):
@@ -77,6 +86,15 @@ class CallOptions:
     tool_handler: Callable[[lp.FunctionCall], Awaitable[dict[str, Any]]] | None = None
     # where the stereo recording goes when the call ends (None: not recorded)
     recording_sink: Callable[[str, StereoRecorder, float], Awaitable[str | None]] | None = None
+    # resilience
+    reconnect_attempts: int = 5
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 4.0
+    rotation_overlap: bool = True  # open the next session before closing the old one
+    rotation_margin_s: float = 5.0  # switch at the latest this long before goAway's deadline
+    stall_timeout_s: float = 10.0
+    apology_ulaw: bytes | None = None  # what the caller hears when Gemini cannot be had
+    replay_limit_frames: int = 1500  # caller audio kept since the last resumable snapshot
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,7 +106,7 @@ class CallBridge:
         socket: CarrierSocket,
         stream: tw.TwilioStream,
         start: tw.Start,
-        link: GeminiLink,
+        link_factory: Callable[[str | None], GeminiLink],
         *,
         options: CallOptions | None = None,
         observer: CallObserver | None = None,
@@ -97,7 +115,8 @@ class CallBridge:
         self.socket = socket
         self.stream = stream
         self.start = start
-        self.link = link
+        self.link_factory = link_factory
+        self.link = link_factory(None)
         self.options = options or CallOptions()
         self.observer: CallObserver = observer or NullObserver()
         self.on_end = on_end
@@ -128,6 +147,20 @@ class CallBridge:
         self.protocol_errors = 0
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._seq = 0
+        # sessions
+        self.sessions = 0
+        self.reconnects = 0
+        self.rotations = 0
+        self._session_lock = asyncio.Lock()
+        self._rotation_deadline: float | None = None
+        self._down_since_ms = 0.0
+        self._since_snapshot: deque[bytes] = deque(maxlen=self.options.replay_limit_frames)
+        self._expect_reply_at: float | None = None
+        self._nudged = False
+        self._stalled_link: GeminiLink | None = None
+        self._heard = asyncio.Condition()
+        self._failures: deque[float] = deque()
+        self.transcript: deque[TurnRecord] = deque(maxlen=200)
 
     # ------------------------------------------------------------------ clock & records
     def now_ms(self) -> float:
@@ -138,6 +171,7 @@ class CallBridge:
 
     def _flush_turns(self) -> None:
         for turn in self.turns.drain():
+            self.transcript.append(turn)
             self.observer.turn(turn)
             self.log.info(
                 "call.turn",
@@ -187,6 +221,7 @@ class CallBridge:
         tasks = [
             asyncio.create_task(self._caller_pump(), name=f"caller:{self.call_sid}"),
             asyncio.create_task(self._agent_pump(), name=f"agent:{self.call_sid}"),
+            asyncio.create_task(self._supervise(), name=f"supervise:{self.call_sid}"),
         ]
         try:
             async with asyncio.timeout(self.options.max_duration_s):
@@ -235,7 +270,7 @@ class CallBridge:
             frames_in=self.frames_in,
             frames_out=self.frames_out,
             frames_missing=self.stream.frames_missing,
-            gemini_sessions=1,
+            gemini_sessions=self.sessions,
             prompt_tokens=self.usage.prompt_tokens,
             response_tokens=self.usage.response_tokens,
             total_tokens=self.usage.total_tokens,
@@ -254,6 +289,9 @@ class CallBridge:
             frames_missing=summary.frames_missing,
             frames_dropped=self.frames_dropped,
             protocol_errors=self.protocol_errors,
+            gemini_sessions=self.sessions,
+            reconnects=self.reconnects,
+            rotations=self.rotations,
             tokens=summary.total_tokens,
         )
         return summary
@@ -279,6 +317,7 @@ class CallBridge:
                     await self._caller_audio(event)
                 elif isinstance(event, tw.Mark):
                     self.playout.mark_echoed(self.now_ms(), event.name)
+                    await self._notify_heard()
                 elif isinstance(event, tw.Dtmf):
                     self.log.info("call.dtmf", digit=event.digit)
                     self._event("dtmf", digit=event.digit)
@@ -323,7 +362,13 @@ class CallBridge:
             return
         self.recorder.add_caller(at, ulaw_decode(ulaw))
 
+    async def _notify_heard(self) -> None:
+        async with self._heard:
+            self._heard.notify_all()
+
     async def _to_gemini(self, kind: str, payload: Any) -> None:
+        if kind == "audio":
+            self._since_snapshot.append(payload)
         if not self._gemini_ready.is_set():
             if len(self._pending_input) >= self.options.caller_buffer_frames:
                 self._pending_input.popleft()
@@ -338,44 +383,259 @@ class CallBridge:
         except GeminiClosed:
             pass  # the agent pump sees the same close and ends the call
 
-    # ------------------------------------------------------------------ Gemini -> caller
-    async def _agent_pump(self) -> None:
+    # ------------------------------------------------------------------ Gemini sessions
+    async def _flush_pending(self) -> None:
+        """Caller input held while no session was usable, in order, to the current session."""
+        while self._pending_input:
+            kind, payload = self._pending_input[0]
+            if kind == "audio":
+                await self.link.send_audio(payload)
+            else:
+                await self.link.send_text(payload)
+            self._pending_input.popleft()
+
+    async def _open_link(self, handle: str | None) -> GeminiLink:
+        link = self.link_factory(handle)
         try:
             async with asyncio.timeout(self.options.connect_timeout_s):
-                await self.link.connect()
-        except (GeminiConnectError, TimeoutError) as exc:
-            code = getattr(exc, "code", None)
-            self.log.error("gemini.connect_failed", error=str(exc) or "timeout", code=code)
-            self._event("error", where="gemini_connect", code=code, error=str(exc) or "timeout")
-            self._end("gemini_connect_failed", failed=True)
+                await link.connect()
+        except TimeoutError:
+            await link.close()
+            raise GeminiConnectError("Gemini Live setup timed out") from None
+        except BaseException:
+            await link.close()
+            raise
+        return link
+
+    def _seed_text(self) -> str:
+        lines = [
+            f"{t.speaker}: {t.heard_text if t.interrupted else t.text}"
+            for t in self.transcript
+            if t.text
+        ]
+        return (
+            "(The phone call is already in progress; the connection to you was renewed. "
+            "The conversation so far, for context — do not repeat it, carry on:)\n"
+            + "\n".join(lines[-40:])
+        )
+
+    async def _switch_to(self, link: GeminiLink, *, fresh: bool) -> None:
+        """Makes `link` the session: replays what the old one may have lost, then the backlog."""
+        old, self.link = self.link, link
+        self.sessions += 1
+        self._discarding_turn = False
+        self.outbound.reset()
+        if self.turns.agent_turn_open:  # the old session's answer cannot continue in a new one
+            self.turns.turn_complete(self.now_ms())
+            self._flush_turns()
+        if fresh and self.transcript:
+            await link.send_client_turn(self._seed_text(), turn_complete=False)
+        # Audio the old session took after its last resumable snapshot is not in the handle.
+        replay = list(self._since_snapshot)
+        self._since_snapshot.clear()
+        for pcm in replay:
+            await link.send_audio(pcm)
+            self._since_snapshot.append(pcm)
+        await self._flush_pending()
+        self._gemini_ready.set()
+        self._expect_reply_at = None
+        if old is not link:
+            await old.close()
+
+    async def _connect_with_recovery(self, why: str, code: int | None) -> bool:
+        """(Re)connects with backoff; False when every attempt failed."""
+        attempts = self.options.reconnect_attempts
+        delay = self.options.backoff_initial_s
+        for attempt in range(1, attempts + 1):
+            handle = self.resumption_handle
+            try:
+                link = await self._open_link(handle)
+            except GeminiConnectError as exc:
+                self.log.warning(
+                    "gemini.connect_failed",
+                    attempt=attempt,
+                    code=exc.code,
+                    error=str(exc),
+                    resuming=handle is not None,
+                )
+                self._event("error", where="gemini_connect", code=exc.code, error=str(exc))
+                if exc.code in PERMANENT_CLOSE_CODES:
+                    if handle is None:
+                        return False  # a bad key, model or setup: retrying cannot help
+                    self.resumption_handle = None  # refused handle: start fresh, seeded
+                    continue
+                if attempt < attempts:
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, self.options.backoff_max_s)
+                continue
+            await self._switch_to(link, fresh=handle is None and self.sessions > 0)
+            if self.sessions > 1:
+                self.reconnects += 1
+                self._event(
+                    "session_resumed" if handle else "session_started",
+                    reason=why,
+                    code=code,
+                    attempt=attempt,
+                    gap_ms=round(self.now_ms() - self._down_since_ms, 1),
+                )
+                self.log.info(
+                    "gemini.reconnected",
+                    reason=why,
+                    resumed=handle is not None,
+                    attempt=attempt,
+                    gap_ms=round(self.now_ms() - self._down_since_ms, 1),
+                )
+            else:
+                self._event("session_started", session_id=link.session_id)
+            return True
+        return False
+
+    async def _recover(self, why: str, code: int | None) -> bool:
+        now = time.monotonic()
+        self._failures.append(now)
+        while self._failures and now - self._failures[0] > FAILURE_WINDOW_S:
+            self._failures.popleft()
+        if why != "start" and len(self._failures) > self.options.reconnect_attempts:
+            # sessions that open and die at once, again and again: stop trying
+            self.log.error("gemini.failing_repeatedly", failures=len(self._failures))
+            return False
+        async with self._session_lock:
+            self._gemini_ready.clear()
+            self._down_since_ms = self.now_ms()
+            self._rotation_deadline = None
+            return await self._connect_with_recovery(why, code)
+
+    async def _rotate(self) -> None:
+        """Moves the call to a fresh session before the current one is closed (goAway)."""
+        async with self._session_lock:
+            if self._rotation_deadline is None or self._ended.is_set():
+                return
+            self._rotation_deadline = None
+            self._gemini_ready.clear()
+            self._down_since_ms = self.now_ms()
+            old = self.link
+            if not self.options.rotation_overlap:
+                await old.close()
+            if not await self._connect_with_recovery("go_away", None):
+                self._end("gemini_failed", failed=True)
+                return
+            self.rotations += 1
+
+    def _rotation_ready(self) -> bool:
+        """A turn boundary: nobody is speaking, no agent audio is left to play."""
+        if self._rotation_deadline is None:
+            return False
+        now = self.now_ms()
+        if now >= self._rotation_deadline:
+            return True
+        caller_quiet = self.turns.last_voice_ms is None or now - self.turns.last_voice_ms > 300
+        return (
+            caller_quiet
+            and not self.turns.agent_turn_open
+            and self.playout.busy_until_ms() <= now
+            and not self._tool_tasks
+        )
+
+    async def _supervise(self) -> None:
+        """Rotation at turn boundaries and the stall watchdog, checked every 100 ms."""
+        stall_ms = self.options.stall_timeout_s * 1000.0
+        while True:
+            await asyncio.sleep(0.1)
+            if not self._gemini_ready.is_set():
+                continue
+            if self._rotation_ready():
+                await self._rotate()
+                continue
+            since = self._expect_reply_at
+            if since is None:
+                continue
+            now = self.now_ms()
+            last_voice = self.turns.last_voice_ms or 0.0
+            if now - max(since, last_voice) < stall_ms:
+                continue
+            if not self._nudged:
+                self._nudged = True
+                self._expect_reply_at = now
+                self.log.warning("gemini.stalled", action="nudge")
+                self._event("error", where="gemini", error="model silent: nudged")
+                with contextlib.suppress(GeminiClosed):
+                    await self.link.send_text(STALL_NUDGE)
+            else:
+                self.log.warning("gemini.stalled", action="reconnect")
+                self._event("error", where="gemini", error="model silent: reconnecting")
+                self._expect_reply_at = None
+                self._nudged = False
+                self._stalled_link = self.link
+                await self.link.close()
+
+    async def _agent_pump(self) -> None:
+        self._down_since_ms = self.now_ms()
+        if not await self._recover("start", None):
+            self.log.error("gemini.unavailable")
+            await self._give_up()
             return
-        self._event("session_started", session_id=self.link.session_id)
-        try:
-            while self._pending_input:
-                kind, payload = self._pending_input.popleft()
-                if kind == "audio":
-                    await self.link.send_audio(payload)
-                else:
-                    await self.link.send_text(payload)
-            self._gemini_ready.set()
-            if self.options.greeting:
+        if self.options.greeting:
+            with contextlib.suppress(GeminiClosed):
                 await self.link.send_client_turn(
                     "The phone call has just been answered. Greet the caller now, saying: "
                     + self.options.greeting
                 )
-            while True:
-                for event in await self.link.receive():
-                    await self._on_live_event(event)
-        except GeminiClosed as exc:
-            normal = exc.code in (1000, 1001)
-            if not normal:
-                self.log.error("gemini.closed", code=exc.code, reason=exc.reason)
-                self._event("error", where="gemini", code=exc.code, error=exc.reason)
-            self._end("gemini_closed" if normal else "gemini_failed", failed=not normal)
-        except lp.LiveProtocolError as exc:
-            self.log.error("gemini.bad_frame", error=str(exc))
-            self._event("error", where="gemini", error=str(exc))
-            self._end("gemini_failed", failed=True)
+        while not self._ended.is_set():
+            link = self.link
+            try:
+                events = await link.receive()
+            except (GeminiClosed, lp.LiveProtocolError) as exc:
+                if link is not self.link or self._ended.is_set():
+                    continue  # a session we already moved away from
+                code = getattr(exc, "code", None)
+                reason = "stalled" if link is self._stalled_link else str(exc)
+                self.log.warning("gemini.session_lost", code=code, reason=reason)
+                self._event("reconnect", code=code, reason=reason)
+                if not await self._recover(
+                    "stalled" if link is self._stalled_link else "session_lost", code
+                ):
+                    await self._give_up()
+                    return
+                continue
+            for event in events:
+                if link is not self.link:
+                    break
+                await self._on_live_event(event)
+
+    async def _give_up(self) -> None:
+        """Gemini cannot be had: the caller hears an apology, never endless silence."""
+        self._event("error", where="gemini", error="unavailable: ending the call")
+        apology = self.options.apology_ulaw
+        if apology:
+            await self.play_ulaw(apology)
+            await self.wait_heard(timeout=len(apology) / 8000 + 3.0)
+        self._end("gemini_failed", failed=True)
+
+    # ------------------------------------------------------------------ public controls
+    async def play_ulaw(self, ulaw: bytes) -> str | None:
+        """Plays audio that is not the model's (tones, an apology); returns its mark."""
+        return await self._send_agent_ulaw(ulaw, in_turn=False)
+
+    async def wait_heard(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Waits until everything sent so far has been played to the caller (mark echo)."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._heard:
+                    await self._heard.wait_for(lambda: not self.playout.has_pending())
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait_agent_done(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Waits for the agent's current turn to end and be heard (e.g. a goodbye)."""
+        deadline = time.monotonic() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._heard:
+                    await self._heard.wait_for(lambda: not self.turns.agent_turn_open)
+        except TimeoutError:
+            return False
+        return await self.wait_heard(max(0.0, deadline - time.monotonic()))
 
     async def _on_live_event(self, event: lp.LiveEvent) -> None:
         if isinstance(event, lp.AgentAudio):
@@ -386,8 +646,11 @@ class CallBridge:
                 self.turns.agent_transcript(self.now_ms(), event.text)
         elif isinstance(event, lp.CallerTranscript):
             self.turns.caller_transcript(self.now_ms(), event.text)
+            if not self.turns.agent_turn_open:
+                self._expect_reply_at = self.now_ms()
         elif isinstance(event, lp.Interrupted):
             await self._barge_in()
+            self._expect_reply_at = self.now_ms()
         elif isinstance(event, lp.GenerationComplete):
             if not self._discarding_turn:
                 await self._send_agent_ulaw(self.outbound.flush())
@@ -398,6 +661,7 @@ class CallBridge:
             self._add_usage(event.usage)
             self.turns.turn_complete(self.now_ms())
             self._flush_turns()
+            await self._notify_heard()
         elif isinstance(event, lp.ToolCall):
             for call in event.calls:
                 self._start_tool(call)
@@ -410,9 +674,13 @@ class CallBridge:
         elif isinstance(event, lp.ResumptionUpdate):
             if event.resumable and event.handle:
                 self.resumption_handle = event.handle
+                self._since_snapshot.clear()  # the snapshot holds everything up to here
         elif isinstance(event, lp.GoAway):
             self.log.info("gemini.go_away", time_left_s=event.time_left_s)
             self._event("go_away", time_left_s=event.time_left_s)
+            left_ms = (event.time_left_s if event.time_left_s is not None else 10.0) * 1000.0
+            margin = min(self.options.rotation_margin_s * 1000.0, left_ms / 2)
+            self._rotation_deadline = self.now_ms() + max(0.0, left_ms - margin)
         elif isinstance(event, lp.UsageOnly):
             self._add_usage(event.usage)
 
@@ -428,14 +696,20 @@ class CallBridge:
             self.outbound = OutboundTranscoder(in_rate=audio.rate, encoding="audio/x-mulaw")
         await self._send_agent_ulaw(self.outbound.encode(audio.pcm))
 
-    async def _send_agent_ulaw(self, ulaw: bytes) -> None:
+    async def _send_agent_ulaw(self, ulaw: bytes, *, in_turn: bool = True) -> str | None:
         if not ulaw:
-            return
+            return None
         now = self.now_ms()
         samples = len(ulaw)
-        turn = self.turns.agent_audio(now, samples)
+        if in_turn:
+            self._expect_reply_at = None
+            self._nudged = False
+            turn = self.turns.agent_audio(now, samples)
+            turn_end = self.turns.agent_samples
+        else:
+            turn, turn_end = -1, samples
         mark = self.playout.next_mark()
-        chunk = self.playout.sent(now, turn, samples, self.turns.agent_samples, mark)
+        chunk = self.playout.sent(now, turn, samples, turn_end, mark)
         if self.recorder is not None:
             self.recorder.add_agent(chunk.start_ms, ulaw_decode(ulaw))
         payload = binascii.b2a_base64(ulaw, newline=False).decode("ascii")
@@ -444,8 +718,9 @@ class CallBridge:
             await self.socket.send_text(tw.mark_message(self.stream_sid, mark))
         except CarrierClosed:
             self._end("caller_closed")
-            return
+            return None
         self.frames_out += 1
+        return mark
 
     async def _barge_in(self) -> None:
         """The caller spoke over the agent: silence it at the carrier before anything else."""
@@ -463,6 +738,7 @@ class CallBridge:
             self.recorder.cut_agent(now)
         self.turns.interrupted(now, heard)
         self._discarding_turn = True
+        await self._notify_heard()
         self.log.info("call.barge_in", heard_ms=round(heard / 8.0))
         self._event("interrupted", heard_ms=round(heard / 8.0))
 
@@ -496,3 +772,4 @@ class CallBridge:
             await self.link.send_tool_responses(
                 [{"id": call.id, "name": call.name, "response": result}]
             )
+            self._expect_reply_at = self.now_ms()

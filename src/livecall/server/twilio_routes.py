@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
@@ -17,6 +18,8 @@ from fastapi import APIRouter, Request, Response, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from livecall.agent.gemini import GeminiLink, client_for
+from livecall.agent.tools import ToolRunner
+from livecall.call.actions import BridgeActions, tool_handler
 from livecall.call.bridge import CallBridge, CarrierClosed
 from livecall.server.registry import ActiveCall
 from livecall.server.urls import public_base, public_url_of, ws_base
@@ -115,6 +118,8 @@ def build_twilio_router(state: AppState) -> APIRouter:
             }.items()
             if v
         }
+        # Chosen now (called number or ?profile=), carried to the stream as a <Parameter>.
+        parameters["profile"] = state.match_profile(parameters).name
         twiml = tw.connect_stream_twiml(ws_base(base) + STREAM_PATH, parameters)
         log.info("twilio.webhook", call_sid=call_sid, to=params.get("To"))
         return Response(twiml, media_type=XML)
@@ -190,15 +195,35 @@ async def _run_call(
                 await asyncio.wait_for(asyncio.shield(previous.task), 5.0)
     params = start.custom_parameters
     options, live = state.call_setup(params)
-    link = GeminiLink(client_for(state.settings), live)
+    client = client_for(state.settings)
+
+    def link_factory(handle: str | None) -> GeminiLink:
+        return GeminiLink(client, dataclasses.replace(live, resumption_handle=handle))
+
     bridge = CallBridge(
         carrier,
         stream,
         start,
-        link,
+        link_factory,
         options=options,
         observer=state.observer_for(start.call_sid),
     )
+    profile = options.extra["agent_profile"]
+    actions = BridgeActions(
+        bridge,
+        state.call_control,
+        profile,
+        deferred_greeting=options.extra.get("deferred_greeting"),
+    )
+    runner = ToolRunner(
+        profile,
+        actions,
+        knowledge=state.knowledge_for(profile),
+        http=state.http_tools,
+        non_blocking=state.non_blocking_tools(),
+    )
+    options.tool_handler = tool_handler(runner, state.settings.tool_timeout_s)
+    options.extra["actions"] = actions
     entry = ActiveCall(
         start.call_sid,
         start.stream_sid,
@@ -210,7 +235,11 @@ async def _run_call(
         log.warning("twilio.stream_refused", call_sid=start.call_sid, reason="at capacity")
         await carrier.close(1013)
         return
+    verdict = state.extras.get("answered_by", {}).pop(start.call_sid, None)
+    if verdict is not None:  # the answering-machine verdict came before the stream
+        actions.on_answered_by(verdict)
     try:
         await bridge.run()
     finally:
         registry.release(start.call_sid, entry)
+        await actions.aclose()
