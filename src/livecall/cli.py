@@ -68,12 +68,14 @@ def serve(
             "To see livecall work without any key, run [bold]livecall demo[/bold]."
         )
         raise typer.Exit(2)
-    import uvicorn
-
     from livecall.server.app import create_app
+    from livecall.server.drain import DrainingServer
 
-    server = uvicorn.Server(
-        uvicorn_config(create_app(settings), host or settings.host, port or settings.port)
+    app_obj = create_app(settings)
+    server = DrainingServer(
+        uvicorn_config(app_obj, host or settings.host, port or settings.port),  # type: ignore[arg-type]
+        app_obj.state.livecall.registry,
+        settings.drain_timeout_s,
     )
     server.run()
 

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     first_message_timeout_s: float = Field(10.0, validation_alias="FIRST_MESSAGE_TIMEOUT")
     max_message_bytes: int = Field(65536, validation_alias="MAX_MESSAGE_BYTES")
     profiles_file: Path | None = Field(None, validation_alias="PROFILES_FILE")
+    drain_timeout_s: float = Field(
+        8.0,
+        validation_alias="DRAIN_TIMEOUT",
+        description="on SIGTERM, how long calls may go on before they are ended with a goodbye "
+        "(Cloud Run allows ~10 s; on Kubernetes match terminationGracePeriodSeconds)",
+    )
     profiles_reload_interval_s: float = Field(
         1.0,
         gt=0,

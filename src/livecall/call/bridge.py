@@ -199,6 +199,24 @@ class CallBridge:
     def replace(self) -> None:
         self._end("replaced_by_new_stream")
 
+    async def end_politely(self, reason: str, line: str, timeout: float = 8.0) -> None:  # noqa: ASYNC109
+        """Has the agent say `line` (its own voice), waits until it is heard, then ends."""
+        if self._ended.is_set():
+            return
+        if self._gemini_ready.is_set():
+            with contextlib.suppress(GeminiClosed, TimeoutError):
+                await self.link.send_client_turn(
+                    "(Say this to the caller now, then stop talking: " + line + ")"
+                )
+                started = time.monotonic()
+                async with asyncio.timeout(timeout):
+                    async with self._heard:
+                        await self._heard.wait_for(
+                            lambda: self.turns.agent_turn_open or self._ended.is_set()
+                        )
+                await self.wait_agent_done(max(0.5, timeout - (time.monotonic() - started)))
+        self._end(reason)
+
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> CallSummary:
         started = datetime.now(UTC)

@@ -1,0 +1,74 @@
+"""Graceful shutdown: a SIGTERM stops new calls, lets live ones finish, then says goodbye.
+
+Platforms send SIGTERM before they kill an instance (Cloud Run ~10 s, Kubernetes
+`terminationGracePeriodSeconds`). Dropping every call at that moment is what a phone system
+must not do: the webhook starts answering "busy", `/health` reports draining (readiness
+fails, so no new traffic is routed here), calls in progress get until the deadline to end on
+their own, and whatever is left hears a short goodbye from the agent before the process
+exits 0 — every call's end in the log and the records flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import structlog
+import uvicorn
+
+from livecall.server.registry import CallRegistry
+
+log = structlog.get_logger("livecall.drain")
+
+GOODBYE_LINE = (
+    "I'm sorry, I have to end our call now for system maintenance. Please call back in a "
+    "minute. Goodbye!"
+)
+
+
+async def drain_calls(registry: CallRegistry, deadline_s: float, goodbye_s: float = 8.0) -> None:
+    """Stops admitting calls, waits up to `deadline_s` for them to end, then ends the rest."""
+    registry.draining = True
+    active = len(registry.active)
+    log.info("drain.start", active_calls=active, deadline_s=deadline_s)
+    if active and not await registry.wait_idle(timeout=max(0.0, deadline_s - goodbye_s)):
+        left = [c for c in registry.active.values() if c.bridge is not None]
+        log.info("drain.ending_calls", calls=len(left))
+        await asyncio.gather(
+            *(c.bridge.end_politely("shutdown", GOODBYE_LINE, timeout=goodbye_s) for c in left),
+            return_exceptions=True,
+        )
+        await registry.wait_idle(timeout=5.0)
+    log.info("drain.done", remaining=len(registry.active))
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM drains calls before the server stops."""
+
+    def __init__(self, config: uvicorn.Config, registry: CallRegistry, deadline_s: float) -> None:
+        super().__init__(config)
+        self.registry = registry
+        self.deadline_s = deadline_s
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if sig != signal.SIGTERM or self._drain_task is not None or self._loop is None:
+            super().handle_exit(sig, frame)  # a second signal, or Ctrl-C: stop now
+            return
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await drain_calls(self.registry, self.deadline_s)
+        finally:
+            self.should_exit = True
