@@ -87,7 +87,8 @@ class CallSummary:
     call_sid: str
     ended_at: datetime  # UTC
     duration_s: float
-    end_reason: str  # caller_stop, caller_closed, agent_hangup, gemini_failed, max_duration, shutdown…
+    # caller_stop, caller_closed, agent_hangup, gemini_failed, max_duration, shutdown…
+    end_reason: str
     status: Literal["completed", "failed"] = "completed"
     turns: int = 0
     interruptions: int = 0

@@ -1,0 +1,89 @@
+// Shared by every dashboard page: local times, number formats, transcript lines, CSRF posts.
+"use strict";
+(function () {
+  const csrfToken = () => {
+    const meta = document.querySelector('meta[name="csrf-token"]');
+    return meta ? meta.content : "";
+  };
+
+  /** Server times are UTC; show them in the viewer's zone, keep UTC in the tooltip. */
+  function localTimes(root) {
+    for (const el of root.querySelectorAll("time[data-local]")) {
+      const when = new Date(el.dateTime);
+      if (Number.isNaN(when.getTime())) continue;
+      el.title = el.textContent;
+      el.textContent = when.toLocaleString(undefined, {
+        year: "numeric", month: "short", day: "numeric",
+        hour: "2-digit", minute: "2-digit", second: "2-digit",
+      });
+    }
+  }
+
+  /** Milliseconds since the stream started, as the player shows it: m:ss.t */
+  function offset(ms) {
+    if (ms === null || ms === undefined) return "–";
+    const s = Math.max(ms, 0) / 1000;
+    const minutes = Math.floor(s / 60);
+    return `${minutes}:${(s - minutes * 60).toFixed(1).padStart(4, "0")}`;
+  }
+
+  function ms(value) {
+    return value === null || value === undefined ? "–" : `${Math.round(value).toLocaleString("en-US")} ms`;
+  }
+
+  /** Same thresholds as the server's: fast under 800 ms, slow from 1.5 s. */
+  function latencyClass(value) {
+    if (value === null || value === undefined) return "";
+    return value < 800 ? "fast" : value < 1500 ? "ok" : "slow";
+  }
+
+  /** Fill a transcript line (cloned from #turn-template) from a live-feed turn. */
+  function fillTurn(li, turn) {
+    li.className = `turn ${turn.speaker}${turn.interrupted ? " interrupted" : ""}`;
+    li.dataset.index = String(turn.index);
+    li.querySelector(".at").textContent = offset(turn.start_ms);
+    li.querySelector(".speaker").textContent = turn.speaker;
+    const shown = turn.interrupted && turn.heard_text ? turn.heard_text : turn.text;
+    li.querySelector(".text").textContent = shown || "…";
+    li.querySelector(".badge.cut").hidden = !turn.interrupted;
+    const latency = li.querySelector(".badge.latency");
+    const late = turn.first_audio_latency_ms;
+    latency.hidden = late === null || late === undefined;
+    latency.className = `badge latency ${latencyClass(late)}`;
+    latency.textContent = latency.hidden ? "" : ms(late);
+    return li;
+  }
+
+  /** Add or replace the line for `turn` in a transcript list, kept in turn order. */
+  function upsertTurn(list, turn) {
+    const template = document.getElementById("turn-template");
+    const existing = list.querySelector(`li[data-index="${Number(turn.index)}"]`);
+    const li = existing || template.content.firstElementChild.cloneNode(true);
+    fillTurn(li, turn);
+    if (!existing) {
+      const after = [...list.children].find((other) => Number(other.dataset.index) > turn.index);
+      list.insertBefore(li, after || null);
+      list.scrollTop = list.scrollHeight;
+    }
+    return li;
+  }
+
+  /** POST with the session's CSRF token; the cookie goes along (same origin only). */
+  function post(url) {
+    return fetch(url, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "X-CSRF-Token": csrfToken(), Accept: "application/json" },
+    });
+  }
+
+  function setLiveCount(n) {
+    const badge = document.getElementById("live-count");
+    if (!badge) return;
+    badge.textContent = String(n);
+    badge.hidden = n === 0;
+  }
+
+  window.livecall = { csrfToken, localTimes, offset, ms, latencyClass, fillTurn, upsertTurn, post, setLiveCount };
+  localTimes(document);
+})();

@@ -1,0 +1,230 @@
+// The browser softphone: the microphone becomes a Twilio Media Stream to /ws/softphone
+// (connected, start, 20 ms μ-law media frames, marks, stop), and the agent's audio plays back
+// with barge-in (`clear`). Audio work happens in softphone-worklet.js; this file only moves
+// messages between the worklet, the socket and the page.
+const lc = window.livecall;
+const $ = (id) => document.getElementById(id);
+const phone = $("phone");
+const callButton = $("call-button");
+const hangupButton = $("hangup-button");
+const statusLine = $("phone-status");
+const transcript = $("softphone-transcript");
+const wireLog = $("wire-log");
+
+let call = null; // the call in progress
+let lastSid = null; // whose transcript is shown
+
+function randomHex(bytes) {
+  const raw = crypto.getRandomValues(new Uint8Array(bytes));
+  return Array.from(raw, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function setState(state, text) {
+  phone.dataset.state = state;
+  statusLine.textContent = text;
+  const busy = state === "connecting" || state === "in-call";
+  callButton.disabled = busy;
+  hangupButton.disabled = !busy;
+  $("profile").disabled = busy;
+  $("voice-processing").disabled = busy;
+}
+
+function wire(text) {
+  const li = document.createElement("li");
+  li.textContent = `${new Date().toLocaleTimeString()}  ${text}`;
+  wireLog.prepend(li);
+  while (wireLog.children.length > 40) wireLog.lastElementChild.remove();
+}
+
+function toBase64(bytes) {
+  let s = "";
+  for (let i = 0; i < bytes.length; i++) s += String.fromCharCode(bytes[i]);
+  return btoa(s);
+}
+
+function fromBase64(text) {
+  const s = atob(text);
+  const bytes = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) bytes[i] = s.charCodeAt(i);
+  return bytes;
+}
+
+class Call {
+  constructor(profile) {
+    this.profile = profile;
+    this.callSid = `CA${randomHex(16)}`;
+    this.streamSid = `MZ${randomHex(16)}`;
+    this.seq = 0;
+    this.chunk = 0;
+    this.counts = { mediaIn: 0, marksIn: 0, marksOut: 0, clears: 0 };
+    this.ended = false;
+  }
+
+  send(event, body) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return;
+    const message = { event, sequenceNumber: String(++this.seq), streamSid: this.streamSid, ...body };
+    this.ws.send(JSON.stringify(message));
+  }
+
+  async start(voiceProcessing) {
+    this.media = await navigator.mediaDevices.getUserMedia({
+      audio: {
+        channelCount: 1,
+        echoCancellation: voiceProcessing,
+        noiseSuppression: voiceProcessing,
+        autoGainControl: voiceProcessing,
+      },
+    });
+    this.ctx = new AudioContext({ latencyHint: "interactive" });
+    await this.ctx.audioWorklet.addModule("/static/js/softphone-worklet.js");
+    this.node = new AudioWorkletNode(this.ctx, "softphone", {
+      numberOfInputs: 1,
+      numberOfOutputs: 1,
+      outputChannelCount: [1],
+      channelCount: 1,
+      channelCountMode: "explicit",
+    });
+    this.ctx.createMediaStreamSource(this.media).connect(this.node);
+    this.node.connect(this.ctx.destination);
+    this.node.port.onmessage = (event) => this.fromWorklet(event.data);
+    await this.ctx.resume();
+
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    this.ws = new WebSocket(`${scheme}://${location.host}/ws/softphone`);
+    this.ws.onopen = () => this.opened();
+    this.ws.onmessage = (event) => this.fromServer(event.data);
+    this.ws.onclose = (event) => this.finish(`Call ended${event.code === 1000 ? "" : ` (socket closed, code ${event.code})`}.`);
+    this.ws.onerror = () => wire("socket error");
+  }
+
+  opened() {
+    // What Twilio sends first: `connected` (no sequence number, no streamSid), then `start`.
+    this.ws.send(JSON.stringify({ event: "connected", protocol: "Call", version: "1.0.0" }));
+    this.send("start", {
+      start: {
+        streamSid: this.streamSid,
+        callSid: this.callSid,
+        tracks: ["inbound"],
+        customParameters: { profile: this.profile, from: "softphone" },
+        mediaFormat: { encoding: "audio/x-mulaw", sampleRate: 8000, channels: 1 },
+      },
+    });
+    wire(`→ start ${this.callSid}${this.profile ? ` (${this.profile})` : ""}`);
+    $("call-sid").textContent = this.callSid;
+    this.node.port.postMessage({ type: "start" });
+    setState("in-call", "In call: speak now.");
+  }
+
+  fromWorklet(msg) {
+    if (msg.type === "frame") {
+      this.chunk += 1;
+      this.send("media", {
+        media: {
+          track: "inbound",
+          chunk: String(this.chunk),
+          timestamp: String((this.chunk - 1) * 20),
+          payload: toBase64(msg.bytes),
+        },
+      });
+    } else if (msg.type === "played") {
+      this.counts.marksOut += 1;
+      this.send("mark", { mark: { name: msg.name } });
+    } else if (msg.type === "level") {
+      $("mic-level").value = Math.min(1, msg.mic * 4);
+      $("agent-level").value = Math.min(1, msg.agent * 4);
+    }
+  }
+
+  fromServer(data) {
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      wire("← a frame that is not JSON (ignored)");
+      return;
+    }
+    if (msg.streamSid !== this.streamSid) {
+      wire(`← ${msg.event} for another stream (ignored)`);
+      return;
+    }
+    if (msg.event === "media") {
+      this.counts.mediaIn += 1;
+      const bytes = fromBase64(msg.media.payload);
+      this.node.port.postMessage({ type: "play", bytes }, [bytes.buffer]);
+    } else if (msg.event === "mark") {
+      this.counts.marksIn += 1;
+      this.node.port.postMessage({ type: "mark", name: msg.mark.name });
+    } else if (msg.event === "clear") {
+      this.counts.clears += 1;
+      this.node.port.postMessage({ type: "clear" });
+      wire("← clear (barge-in: playback dropped)");
+    } else {
+      wire(`← ${msg.event}`);
+    }
+  }
+
+  hangUp() {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.send("stop", { stop: { callSid: this.callSid } });
+      wire("→ stop");
+      this.ws.close(1000, "hang up");
+    }
+    this.finish("Call ended.");
+  }
+
+  finish(text) {
+    if (this.ended) return;
+    this.ended = true;
+    const c = this.counts;
+    wire(`media in ${c.mediaIn} · media out ${this.chunk} · marks ${c.marksIn}/${c.marksOut} · clears ${c.clears}`);
+    if (this.node) this.node.port.postMessage({ type: "stop" });
+    if (this.media) for (const track of this.media.getTracks()) track.stop();
+    if (this.ctx) this.ctx.close().catch(() => {});
+    if (call === this) call = null;
+    setState("idle", text);
+  }
+}
+
+callButton.addEventListener("click", async () => {
+  if (call) return;
+  call = new Call($("profile").value);
+  lastSid = call.callSid;
+  transcript.replaceChildren();
+  $("softphone-waiting").hidden = false;
+  setState("connecting", "Connecting…");
+  try {
+    await call.start($("voice-processing").checked);
+  } catch (error) {
+    const current = call;
+    if (current) current.finish("");
+    setState("error", `Could not start the call: ${error.message || error}`);
+  }
+});
+
+hangupButton.addEventListener("click", () => {
+  if (call) call.hangUp();
+});
+
+// The transcript comes from the live feed, exactly as the live page sees the call.
+const events = new EventSource("/live/events");
+const mine = (msg) => msg.call_sid === lastSid;
+events.addEventListener("snapshot", (e) => {
+  for (const c of JSON.parse(e.data).calls) {
+    if (c.call_sid === lastSid) for (const turn of c.turns) lc.upsertTurn(transcript, turn);
+  }
+});
+events.addEventListener("turn", (e) => {
+  const msg = JSON.parse(e.data);
+  if (!mine(msg)) return;
+  lc.upsertTurn(transcript, msg.turn);
+  $("softphone-waiting").hidden = true;
+});
+events.addEventListener("call_ended", (e) => {
+  const msg = JSON.parse(e.data);
+  if (mine(msg) && msg.summary) wire(`call ended: ${msg.summary.end_reason.replaceAll("_", " ")}`);
+});
+window.addEventListener("pagehide", () => {
+  events.close();
+  if (call) call.hangUp();
+});
+setState("idle", "Ready.");
