@@ -51,6 +51,7 @@ __all__ = ["CallBridge", "CallOptions", "CarrierClosed", "CarrierSocket"]
 log = structlog.get_logger("livecall.call")
 
 STALL_NUDGE = "(The caller is waiting for your answer. Please respond now.)"
+DTMF_KEYS = frozenset("0123456789*#ABCD")
 VOICE_PEAK = 700  # int16 peak above which a caller frame counts as speech (~ -33 dBFS)
 FAILURE_WINDOW_S = 60.0  # more than reconnect_attempts session losses in this window: give up
 
@@ -323,7 +324,7 @@ class CallBridge:
                     self._end("caller_closed")
                     return
                 try:
-                    event = self.stream.receive(data)
+                    event = self.stream.receive(data, binary=isinstance(data, bytes))
                 except tw.ProtocolError as exc:
                     self.protocol_errors += 1
                     if self.protocol_errors <= 20 or self.protocol_errors % 1000 == 0:
@@ -337,6 +338,10 @@ class CallBridge:
                     self.playout.mark_echoed(self.now_ms(), event.name)
                     await self._notify_heard()
                 elif isinstance(event, tw.Dtmf):
+                    if event.digit not in DTMF_KEYS:  # only keys reach the model, never text
+                        self.protocol_errors += 1
+                        self.log.warning("twilio.bad_dtmf", digit=event.digit[:16])
+                        continue
                     self.log.info("call.dtmf", digit=event.digit)
                     self._event("dtmf", digit=event.digit)
                     await self._to_gemini(
@@ -385,8 +390,6 @@ class CallBridge:
             self._heard.notify_all()
 
     async def _to_gemini(self, kind: str, payload: Any) -> None:
-        if kind == "audio":
-            self._since_snapshot.append(payload)
         if not self._gemini_ready.is_set():
             if len(self._pending_input) >= self.options.caller_buffer_frames:
                 self._pending_input.popleft()
@@ -395,11 +398,13 @@ class CallBridge:
             return
         try:
             if kind == "audio":
+                # kept until the next resumable snapshot, in case this session is lost
+                self._since_snapshot.append(payload)
                 await self.link.send_audio(payload)
             else:
                 await self.link.send_text(payload)
         except GeminiClosed:
-            pass  # the agent pump sees the same close and ends the call
+            pass  # the agent pump sees the same close and recovers
 
     # ------------------------------------------------------------------ Gemini sessions
     async def _flush_pending(self) -> None:
@@ -408,6 +413,7 @@ class CallBridge:
             kind, payload = self._pending_input[0]
             if kind == "audio":
                 await self.link.send_audio(payload)
+                self._since_snapshot.append(payload)
             else:
                 await self.link.send_text(payload)
             self._pending_input.popleft()
@@ -462,7 +468,7 @@ class CallBridge:
 
     async def _connect_with_recovery(self, why: str, code: int | None) -> bool:
         """(Re)connects with backoff; False when every attempt failed."""
-        attempts = self.options.reconnect_attempts
+        attempts = max(1, self.options.reconnect_attempts)  # the first connect always happens
         delay = self.options.backoff_initial_s
         for attempt in range(1, attempts + 1):
             handle = self.resumption_handle
