@@ -163,7 +163,7 @@ async def _await_start(
                 if data is None:
                     return None
                 try:
-                    event = stream.receive(data)
+                    event = stream.receive(data, binary=isinstance(data, bytes))
                 except tw.ProtocolError as exc:
                     log.warning("twilio.bad_frame", error=str(exc), phase="handshake")
                     continue
