@@ -20,6 +20,18 @@ bench_app = typer.Typer(
     help="Benchmarks that print numbers (see bench/ and the README).", no_args_is_help=True
 )
 app.add_typer(bench_app, name="bench")
+
+
+def _register_subcommands() -> None:
+    from livecall.outbound_cli import call_command
+    from livecall.store.cli import calls_app, db_app
+
+    app.add_typer(calls_app, name="calls")
+    app.add_typer(db_app, name="db")
+    app.command("call")(call_command)
+
+
+_register_subcommands()
 console = Console(stderr=True)
 
 

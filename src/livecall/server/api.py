@@ -8,7 +8,7 @@
 
 import hmac
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -25,7 +25,7 @@ from livecall.store.recordings import RecordingStore
 from livecall.store.repository import Distribution, InvalidCursor, Stats
 from livecall.store.writer import CallStore
 
-__all__ = ["ApiDisabled", "build_api_router"]
+__all__ = ["ApiDisabled", "bearer_auth", "build_api_router"]
 
 SID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 CallStatus = Literal["in_progress", "completed", "failed"]
@@ -223,8 +223,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "no call"}}
 
 
-def build_api_router(store: CallStore, recordings: RecordingStore, settings: Settings) -> APIRouter:
-    """The `/api` routes over `store` and `recordings`; raises `ApiDisabled` (see module doc)."""
+def bearer_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
+    """The API's auth dependency (every `/api` router uses it); raises `ApiDisabled`."""
     token = settings.api_token.get_secret_value() if settings.api_token is not None else ""
     if not token and not settings.api_local_only:
         raise ApiDisabled(
@@ -249,6 +249,12 @@ def build_api_router(store: CallStore, recordings: RecordingStore, settings: Set
         if not _is_loopback(client):
             raise HTTPException(403, "the call records API is local-only")
 
+    return authorize
+
+
+def build_api_router(store: CallStore, recordings: RecordingStore, settings: Settings) -> APIRouter:
+    """The `/api` routes over `store` and `recordings`; raises `ApiDisabled` (see module doc)."""
+    authorize = bearer_auth(settings)
     router = APIRouter(
         prefix="/api", tags=["calls"], dependencies=[Depends(authorize)], responses=_ERRORS
     )

@@ -10,20 +10,28 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from livecall import __version__
-from livecall.agent.gemini import LiveOptions, live_options
+from livecall.agent.gemini import LiveOptions
+from livecall.agent.http_tools import HttpToolRunner
+from livecall.agent.knowledge import KnowledgeBase
+from livecall.agent.profiles import AgentProfile, ProfileRegistry
+from livecall.agent.tools import function_declarations
+from livecall.assets import apology_ulaw
 from livecall.audio.recording import StereoRecorder
 from livecall.call.bridge import CallOptions
 from livecall.live_feed import FanOut, LiveFeed
 from livecall.records import CallObserver
 from livecall.server.api import ApiDisabled, build_api_router
+from livecall.server.outbound import build_amd_router, build_outbound_api_router
 from livecall.server.registry import CallRegistry
 from livecall.server.twilio_routes import build_twilio_router
 from livecall.settings import Settings
 from livecall.store.recordings import LocalRecordingStore, RecordingStore, run_retention
 from livecall.store.writer import CallStore
 from livecall.telephony.twilio import TwilioSignature
+from livecall.telephony.twilio_rest import TwilioCallControl
 
 log = structlog.get_logger("livecall.server")
 
@@ -46,6 +54,38 @@ class AppState:
     busy_message: str = DEFAULT_BUSY_MESSAGE
     busy_reject: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    # agents: who answers, what they may do (see `call_setup`)
+    profiles: ProfileRegistry | None = None
+    call_control: TwilioCallControl | None = None  # None: no Twilio REST credentials
+    http_tools: HttpToolRunner = field(default_factory=HttpToolRunner)
+    knowledge: dict[str, KnowledgeBase] = field(default_factory=dict)
+
+    def knowledge_for(self, profile: AgentProfile) -> KnowledgeBase | None:
+        """One index per documents folder, shared by every call (and profile) that uses it."""
+        if profile.knowledge_dir is None:
+            return None
+        key = str(profile.knowledge_dir.resolve())
+        kb = self.knowledge.get(key)
+        if kb is None:
+            kb = self.knowledge[key] = KnowledgeBase(profile.knowledge_dir)
+        return kb
+
+    def non_blocking_tools(self) -> bool:
+        """NON_BLOCKING tool declarations where the API takes them (the Developer API)."""
+        configured = self.settings.gemini_non_blocking_tools
+        return (not self.settings.gemini_use_vertexai) if configured is None else configured
+
+    def match_profile(self, params: dict[str, str]) -> AgentProfile:
+        """The profile for a call: its `profile` parameter, else our number, else the default.
+
+        Our number is the called one (`to`) on inbound calls, the caller ID (`from`) on
+        outbound ones, where `to` is the person being called.
+        """
+        if self.profiles is None:
+            self.profiles = ProfileRegistry(None, self.settings)
+        outbound = params.get("direction", "inbound").startswith("outbound")
+        ours = params.get("from") if outbound else params.get("to")
+        return self.profiles.current.match(ours or None, params.get("profile") or None)
 
     def observer_for(self, call_sid: str) -> CallObserver:
         observers: list[CallObserver] = [
@@ -67,19 +107,47 @@ class AppState:
         return await self.recordings.put(call_sid, path)
 
     def call_setup(self, params: dict[str, str]) -> tuple[CallOptions, LiveOptions]:
-        """The per-call options for a stream's `<Parameter>`s."""
+        """The per-call options for a stream's `<Parameter>`s, from the matched profile.
+
+        The profile itself rides along in ``options.extra["agent_profile"]`` for the tools.
+        An outbound call with answering-machine detection (``amd`` parameter) greets only
+        once Twilio says a person answered, so a voicemail greeting is not talked over.
+        """
         s = self.settings
+        profile = self.match_profile(params)
+        amd = params.get("amd") == "1"
         options = CallOptions(
-            greeting=s.greeting,
-            max_duration_s=s.max_call_duration_s,
+            greeting=None if amd else profile.greeting,
+            max_duration_s=profile.max_call_duration_s,
             connect_timeout_s=s.gemini_connect_timeout_s,
             direction=params.get("direction", "inbound").split("-")[0] or "inbound",
-            profile=params.get("profile") or None,
+            profile=profile.name,
             from_number=params.get("from") or None,
             to_number=params.get("to") or None,
-            recording_sink=self.save_recording if s.recording_enabled else None,
+            recording_sink=self.save_recording if profile.recording else None,
+            apology_ulaw=apology_ulaw(),
+            reconnect_attempts=s.gemini_reconnect_attempts,
+            stall_timeout_s=s.gemini_stall_timeout_s,
+            rotation_overlap=s.gemini_rotation_overlap,
         )
-        return options, live_options(s)
+        options.extra["agent_profile"] = profile
+        if amd:
+            options.extra["deferred_greeting"] = profile.greeting
+        vad = profile.vad
+        live = LiveOptions(
+            model=profile.model,
+            system_prompt=profile.system_prompt,
+            voice=profile.voice,
+            language=profile.language,
+            function_declarations=function_declarations(
+                profile, non_blocking=self.non_blocking_tools()
+            ),
+            vad_start_sensitivity=vad.start_sensitivity,
+            vad_end_sensitivity=vad.end_sensitivity,
+            vad_prefix_padding_ms=vad.prefix_padding_ms,
+            vad_silence_duration_ms=vad.silence_duration_ms,
+        )
+        return options, live
 
 
 def create_app(
@@ -95,6 +163,11 @@ def create_app(
         store=CallStore(settings),
         recordings=LocalRecordingStore(settings.recordings_dir),
         observer_factory=observer_factory,
+        # a broken profiles file stops the server here, with every problem listed
+        profiles=ProfileRegistry(
+            settings.profiles_file, settings, poll_interval_s=settings.profiles_reload_interval_s
+        ),
+        call_control=_call_control(settings),
     )
 
     @asynccontextmanager
@@ -112,6 +185,9 @@ def create_app(
                     run_retention(state.recordings, settings.retention_days, state.store.repo)
                 )
             )
+        # agents: profiles reloaded on edit; shared HTTP client and document indexes
+        if state.profiles is not None:
+            background.append(asyncio.create_task(state.profiles.run(), name="profiles"))
         try:
             yield
         finally:
@@ -121,22 +197,52 @@ def create_app(
             await state.registry.wait_idle(timeout=10)
             for task in background:
                 task.cancel()
+            await state.http_tools.aclose()
+            for kb in state.knowledge.values():
+                kb.close()
             await state.store.close()
 
     app = FastAPI(title="livecall", version=__version__, lifespan=lifespan)
     app.state.livecall = state
 
     @app.get("/health", tags=["ops"])
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "draining" if state.registry.draining else "ok",
-            "version": __version__,
-            "active_calls": len(state.registry.active),
-        }
+    async def health() -> JSONResponse:
+        """503 while draining, so a load balancer stops sending new calls here."""
+        return JSONResponse(
+            {
+                "status": "draining" if state.registry.draining else "ok",
+                "version": __version__,
+                "active_calls": len(state.registry.active),
+            },
+            status_code=503 if state.registry.draining else 200,
+        )
 
     app.include_router(build_twilio_router(state))
+    app.include_router(build_amd_router(state))
+    from livecall.metrics import Metrics, build_metrics_router
+    from livecall.server.dashboard import DashboardDisabled, build_dashboard_router
+
+    state.extras["metrics"] = Metrics()
+    app.include_router(build_metrics_router(state.extras["metrics"]))
+    try:
+        app.include_router(
+            build_dashboard_router(state, state.store, state.recordings, state.feed, settings)
+        )
+    except DashboardDisabled as exc:
+        log.warning("dashboard.disabled", reason=str(exc))
     try:
         app.include_router(build_api_router(state.store, state.recordings, settings))
+        app.include_router(build_outbound_api_router(state))
     except ApiDisabled as exc:
         log.warning("api.disabled", reason=str(exc))
     return app
+
+
+def _call_control(settings: Settings) -> TwilioCallControl | None:
+    """REST call control (hang up, transfer, outbound) when the account is configured."""
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
+    if not settings.twilio_account_sid or not token:
+        return None
+    return TwilioCallControl(
+        settings.twilio_account_sid, token, settings.twilio_api_base_url or None
+    )

@@ -1,0 +1,227 @@
+"""Calls livecall places: `POST /api/calls/outbound`, `livecall call`, and Twilio's verdict on
+who (or what) answered.
+
+An outbound call is created with Twilio's REST API and inline TwiML that connects the
+answered call straight to our media stream, the profile travelling as a `<Parameter>` (the
+stream URL cannot carry a query). With answering-machine detection on, Twilio keeps
+listening in the background and POSTs its verdict to `/twilio/amd`: for a machine, once the
+greeting and beep are over, the agent leaves the profile's voicemail message and hangs up;
+for a person, the agent greets them (it held its greeting until then, so it never talks over
+a voicemail greeting).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
+
+import structlog
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from livecall.agent.profiles import AgentProfile, ProfileRegistry, ProfileSet
+from livecall.server.api import bearer_auth
+from livecall.server.twilio_routes import STREAM_PATH
+from livecall.server.urls import public_base, public_url_of, ws_base
+from livecall.telephony.twilio_rest import TwilioCallControl, TwilioCallError
+
+if TYPE_CHECKING:
+    from livecall.server.app import AppState
+
+__all__ = [
+    "AMD_PATH",
+    "OutboundCallIn",
+    "OutboundCallOut",
+    "OutboundError",
+    "build_amd_router",
+    "build_outbound_api_router",
+    "place_outbound_call",
+]
+
+log = structlog.get_logger("livecall.outbound")
+
+AMD_PATH = "/twilio/amd"
+E164 = r"^\+[1-9]\d{1,14}$"
+TWILIO_MAX_TIME_LIMIT_S = 14400  # Twilio's ceiling for a call's TimeLimit (4 hours)
+MAX_PENDING_VERDICTS = 1000
+
+
+class OutboundError(ValueError):
+    """A request livecall cannot place as asked; `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class OutboundCallIn(BaseModel):
+    """Who to call, as which agent, and whether to listen for an answering machine."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    to: str = Field(pattern=E164, description="number to call, E.164 (+15551234567)")
+    profile: str | None = Field(None, description="agent profile (default: the default one)")
+    machine_detection: bool = Field(
+        False, description="detect answering machines and leave the profile's voicemail"
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        pattern=E164,
+        description="caller ID (default: the profile's first number, else TWILIO_CALLER_ID)",
+    )
+
+
+class OutboundCallOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    call_sid: str
+    to: str
+    from_: str = Field(alias="from")
+    profile: str
+    machine_detection: bool
+
+
+async def place_outbound_call(
+    control: TwilioCallControl,
+    profiles: ProfileSet,
+    *,
+    to: str,
+    profile: str | None,
+    public_base_url: str,
+    machine_detection: bool = False,
+    from_: str | None = None,
+    default_caller_id: str | None = None,
+) -> tuple[str, AgentProfile, str]:
+    """Create the call with Twilio; returns (call sid, profile, caller ID used).
+
+    Raises `OutboundError` for a request that cannot work (unknown profile, no caller ID)
+    and `TwilioCallError` when Twilio refuses.
+    """
+    if profile:
+        chosen = profiles.get(profile)
+        if chosen is None:
+            raise OutboundError(
+                f"unknown profile {profile!r} (profiles: {', '.join(profiles.names)})"
+            )
+    else:
+        chosen = profiles.default
+    caller_id = from_ or (chosen.numbers[0] if chosen.numbers else None) or default_caller_id
+    if not caller_id:
+        raise OutboundError(
+            "no caller ID: pass 'from', give the profile a number, or set TWILIO_CALLER_ID"
+        )
+    base = public_base_url.rstrip("/")
+    parameters = {"profile": chosen.name, "direction": "outbound-api", "from": caller_id, "to": to}
+    if machine_detection:
+        parameters["amd"] = "1"
+    sid = await control.create_outbound(
+        to,
+        caller_id,
+        ws_base(base) + STREAM_PATH,
+        parameters,
+        machine_detection=machine_detection,
+        amd_callback=base + AMD_PATH if machine_detection else None,
+        time_limit_s=min(int(chosen.max_call_duration_s), TWILIO_MAX_TIME_LIMIT_S),
+    )
+    return sid, chosen, caller_id
+
+
+def deliver_answered_by(state: AppState, call_sid: str, answered_by: str) -> bool:
+    """Hand Twilio's AMD verdict to the call; True if it is live, else kept for its stream."""
+    entry = state.registry.active.get(call_sid)
+    actions = entry.bridge.options.extra.get("actions") if entry and entry.bridge else None
+    if actions is not None:
+        actions.on_answered_by(answered_by)
+        return True
+    pending: OrderedDict[str, str] = state.extras.setdefault("answered_by", OrderedDict())
+    pending[call_sid] = answered_by
+    while len(pending) > MAX_PENDING_VERDICTS:  # streams that never came
+        pending.popitem(last=False)
+    return False
+
+
+def build_amd_router(state: AppState) -> APIRouter:
+    """`POST /twilio/amd`: Twilio's asynchronous answering-machine verdict (signed)."""
+    router = APIRouter()
+    settings = state.settings
+
+    @router.post(AMD_PATH, include_in_schema=False)
+    async def amd_callback(request: Request) -> Response:
+        body = (await request.body()).decode("utf-8", "replace")
+        params = dict(parse_qsl(body, keep_blank_values=True))
+        call_sid = params.get("CallSid", "")
+        if state.signature is not None:
+            url = public_url_of(request.url, request.headers, settings.public_url)
+            signature = request.headers.get("x-twilio-signature")
+            if not state.signature.validate_webhook(url, params, signature):
+                log.warning("twilio.amd_rejected", reason="bad signature", call_sid=call_sid)
+                return Response("invalid Twilio signature", status_code=403)
+        answered_by = params.get("AnsweredBy", "")
+        if not call_sid or not answered_by:
+            return Response("CallSid and AnsweredBy are required", status_code=400)
+        live = deliver_answered_by(state, call_sid, answered_by)
+        log.info("twilio.amd", call_sid=call_sid, answered_by=answered_by, live=live)
+        return Response(status_code=204)
+
+    return router
+
+
+def build_outbound_api_router(state: AppState) -> APIRouter:
+    """`POST /api/calls/outbound` behind the API's bearer auth; raises `ApiDisabled`."""
+    authorize = bearer_auth(state.settings)
+    router = APIRouter(prefix="/api", tags=["calls"], dependencies=[Depends(authorize)])
+    settings = state.settings
+
+    @router.post(
+        "/calls/outbound",
+        status_code=201,
+        response_model=OutboundCallOut,
+        response_model_by_alias=True,
+        summary="Place an outbound call with an agent profile",
+        responses={
+            400: {"description": "unknown profile or no caller ID"},
+            502: {"description": "Twilio refused the call"},
+            503: {"description": "no Twilio REST credentials, or the server is draining"},
+        },
+    )
+    async def create_outbound_call(
+        body: OutboundCallIn, request: Request
+    ) -> OutboundCallOut:
+        control = state.call_control
+        if control is None:
+            raise HTTPException(
+                503, "outbound calls need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"
+            )
+        if state.registry.draining:
+            raise HTTPException(503, "the server is draining")
+        if state.profiles is None:
+            state.profiles = ProfileRegistry(None, settings)
+        profiles = state.profiles.current
+        try:
+            sid, profile, caller_id = await place_outbound_call(
+                control,
+                profiles,
+                to=body.to,
+                profile=body.profile,
+                public_base_url=public_base(request.url, request.headers, settings.public_url),
+                machine_detection=body.machine_detection,
+                from_=body.from_,
+                default_caller_id=settings.twilio_caller_id,
+            )
+        except OutboundError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        except TwilioCallError as exc:
+            log.warning("outbound.refused", to=body.to, error=str(exc))
+            raise HTTPException(502, str(exc)) from None
+        log.info("outbound.placed", call_sid=sid, to=body.to, profile=profile.name)
+        return OutboundCallOut(
+            call_sid=sid,
+            to=body.to,
+            from_=caller_id,
+            profile=profile.name,
+            machine_detection=body.machine_detection,
+        )
+
+    return router
