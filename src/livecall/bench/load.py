@@ -1,0 +1,1159 @@
+"""Load benchmark: how many concurrent calls one livecall process carries in real time.
+
+Three processes per level, so that what is measured is the server and nothing else:
+
+* the fake Gemini Live in echo mode (`livecall.bench._fake_gemini_proc`): every 16 kHz chunk
+  comes straight back as 24 kHz model audio, and every session's frame counters are written
+  out when it stops;
+* the real server, ``livecall serve`` exactly as deployed (uvicorn, SQLite call records in a
+  temp folder, ``LOG_LEVEL=warning``; recordings off unless asked for);
+* the simulated Twilio edge (``python -m livecall.bench.load _callers``): N `SimulatedCaller`s
+  started evenly over `ramp_s`, each sending a 20 ms frame on an absolute clock and, a few times
+  a second, a one-frame 1.8 kHz probe whose echo it times (caller -> livecall -> Gemini ->
+  livecall -> caller); after `hold_s` of all N calls on the line they hang up in the same order.
+
+Everything is on 127.0.0.1 and every wait is bounded. Per level it reports the echo round trip
+(p50/p99/max over the hold window), probes lost, frames the caller sent that the model never got,
+echo frames the caller never heard, the caller simulator's own late clock ticks, server CPU per
+call and per frame (utime+stime from /proc over the hold window), server RSS per call (RSS at
+hold minus RSS idle after a warm-up call, / N), and the CPU the simulators used, since on a
+2-core machine they compete with the server for the same cores (that is part of the test).
+
+Run: ``python bench/load.py [--quick]`` or ``python -m livecall.bench.load``. Writes
+``bench/out/load.json`` and ``bench/out/load.png`` (the plot needs matplotlib: ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_LEVELS",
+    "QUICK_LEVELS",
+    "TARGET_P99_MS",
+    "print_load_table",
+    "profile_server",
+    "run_load_benchmark",
+]
+
+DEFAULT_LEVELS = (10, 50, 100, 150, 200)
+QUICK_LEVELS = (10, 50)
+TARGET_P99_MS = 60.0
+"""Issue 3 / issue 8: echo round trip p99 at or under this holds real time."""
+TARGET_RSS_MB_PER_CALL = 3.0
+FRAME_MS = 20
+IN_BYTES_PER_FRAME = 640  # 20 ms of PCM16 at 16 kHz: what livecall sends Gemini per frame
+ECHO_BYTES_PER_FRAME = 960  # 20 ms of PCM16 at 24 kHz: what the fake echoes per frame
+ULAW_BYTES_PER_FRAME = 160  # 20 ms of μ-law at 8 kHz: what the caller hears per frame
+AUTH_TOKEN = "bench-twilio-auth-token-0123456789"
+API_KEY = "bench-gemini-api-key-0123456789"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_REPO = Path(__file__).resolve().parents[3]
+
+
+# --------------------------------------------------------------------------- /proc sampling
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may contain spaces
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores, from the first line of /proc/stat."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = parts[3] + parts[4]  # idle + iowait
+    total = sum(parts[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    t: float
+    cpu: dict[str, float]
+    machine: tuple[int, int]
+
+
+def _snapshot(pids: dict[str, int]) -> _Snapshot:
+    cpu = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            cpu[name] = _cpu_seconds(pid)
+    return _Snapshot(time.monotonic(), cpu, _machine_ticks())
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+class _Child:
+    """A child process whose stdout lines are collected by a thread (waits never block)."""
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        env: dict[str, str],
+        cwd: Path,
+        log: Path,
+        pipe_stdout: bool = True,
+    ) -> None:
+        self.name = name
+        self.log_path = log
+        self._log = log.open("wb")
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []  # every stdout line, also those `wait_line` skipped
+        self.proc = subprocess.Popen(
+            args,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE if pipe_stdout else self._log,
+            stderr=self._log,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches us, we stop the children
+        )
+        if pipe_stdout:
+            threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.seen.append(line)
+            self.lines.put(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_line(self, prefix: str, timeout: float) -> str:
+        """The first stdout line starting with `prefix`; raises if the child dies or is slow."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name}: no {prefix!r} line within {timeout:.0f} s")
+            try:
+                line = self.lines.get(timeout=min(remaining, 0.2))
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    raise RuntimeError(
+                        f"{self.name} exited ({self.proc.returncode}): {self.tail()}"
+                    ) from None
+                continue
+            if line.startswith(prefix):
+                return line
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((line + "\n").encode())
+        self.proc.stdin.flush()
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (and stdin closed), then SIGKILL if it does not go in time."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def tail(self, n: int = 2000) -> str:
+        with contextlib.suppress(OSError):
+            self._log.flush()
+            return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
+        return ""
+
+
+def _clean_env() -> dict[str, str]:
+    """Our environment without anything that would point the server somewhere real."""
+    drop = (
+        "GEMINI_",
+        "GOOGLE_",
+        "TWILIO_",
+        "LIVECALL_",
+        "SSL_CERT",
+        "DATABASE_URL",
+        "PUBLIC_URL",
+        "SERVICE_URL",
+        "RECORDING",
+        "PROMETHEUS_",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    src = str(_REPO / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(url: str, child: _Child, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client(trust_env=False, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({child.proc.returncode}): {child.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(url + "/health").status_code == 200:
+                    return
+            time.sleep(0.1)
+    raise TimeoutError(f"server not healthy within {timeout:.0f} s: {child.tail()}")
+
+
+def _code_version() -> str:
+    """HEAD plus a hash of the working tree's product code: the lead edits in parallel."""
+    head = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=_REPO,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout.strip()
+            or head
+        )
+    h = hashlib.sha256()
+    for path in sorted((_REPO / "src" / "livecall").rglob("*.py")):
+        if "bench" not in path.parts and "sim" not in path.parts:
+            h.update(path.read_bytes())
+    return f"{head}+src:{h.hexdigest()[:10]}"
+
+
+# --------------------------------------------------------------------------- one level
+
+
+@dataclass(slots=True)
+class LevelConfig:
+    """How one level is run (the numbers every level of a run shares)."""
+
+    hold_s: float = 20.0
+    ramp_s: float = 5.0
+    settle_s: float = 1.0
+    probe_interval_ms: int = 240
+    recording: bool = False
+    callers_uvloop: bool = False
+    seed: int = 1
+    server_log_level: str = "warning"
+    gemini_compression: bool = False  # the fake accepts permessage-deflate (the SDK offers it)
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
+    a = np.asarray(values, dtype=np.float64)
+    return {
+        "p50": round(float(np.percentile(a, 50)), 2),
+        "p90": round(float(np.percentile(a, 90)), 2),
+        "p99": round(float(np.percentile(a, 99)), 2),
+        "max": round(float(a.max()), 2),
+        "n": len(values),
+    }
+
+
+def _start_stack(
+    n: int, cfg: LevelConfig, work: Path, env_base: dict[str, str]
+) -> tuple[_Child, _Child, int]:
+    fake = _Child(
+        "fake-gemini",
+        [
+            sys.executable,
+            "-m",
+            "livecall.bench._fake_gemini_proc",
+            "--mode",
+            "echo",
+            "--stats-out",
+            str(work / "fake-stats.json"),
+            "--ca-file",
+            str(work / "ca.pem"),
+            "--uvloop",
+            "--max-seconds",
+            str(3 * cfg.ramp_s + cfg.hold_s + 300),
+            *(["--compression"] if cfg.gemini_compression else []),
+        ],
+        env=env_base,
+        cwd=work,
+        log=work / "fake.log",
+    )
+    fake.wait_line("READY", 30)
+    base_url = ca_file = ""
+    for line in list(fake.seen):  # the settings lines come before READY
+        if line.startswith("GEMINI_BASE_URL="):
+            base_url = line.split("=", 1)[1]
+        elif line.startswith("SSL_CERT_FILE="):
+            ca_file = line.split("=", 1)[1]
+    port = _free_port()
+    env = dict(env_base)
+    env.update(
+        GEMINI_API_KEY=API_KEY,
+        GEMINI_BASE_URL=base_url,
+        GEMINI_CA_FILE=ca_file,
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        PUBLIC_URL=f"http://127.0.0.1:{port}",
+        HOST="127.0.0.1",
+        PORT=str(port),
+        DATABASE_URL=f"sqlite+aiosqlite:///{work / 'calls.db'}",
+        LOG_LEVEL=cfg.server_log_level,
+        RECORDING_ENABLED="true" if cfg.recording else "false",
+        RECORDINGS_DIR=str(work / "recordings"),
+        SPOOL_DIR=str(work / "spool"),
+        MAX_CONCURRENT_CALLS=str(max(500, 2 * n)),
+    )
+    server = _Child(
+        "livecall-serve",
+        [sys.executable, "-m", "livecall.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=work,
+        log=work / "server.log",
+        pipe_stdout=False,
+    )
+    _wait_healthy(f"http://127.0.0.1:{port}", server, 60)
+    return fake, server, port
+
+
+def _run_level(
+    n: int,
+    cfg: LevelConfig,
+    work: Path,
+    *,
+    profile_out: Path | None = None,
+    profile_rate: int = 100,
+    profile_native: bool = False,
+    logs_to: Path | None = None,
+) -> dict[str, Any]:
+    """One level: fresh fake, fresh server, fresh callers; measure the hold window."""
+    env_base = _clean_env()
+    children: list[_Child] = []
+    results_path = work / "callers.json"
+    spec = {
+        "base_url": "",
+        "auth_token": AUTH_TOKEN,
+        "n": n,
+        "ramp_s": cfg.ramp_s,
+        "settle_s": cfg.settle_s,
+        "hold_s": cfg.hold_s,
+        "probe_interval_ms": cfg.probe_interval_ms,
+        "seed": cfg.seed,
+        "results_path": str(results_path),
+    }
+    samples: list[tuple[float, float]] = []
+    spy: subprocess.Popen[bytes] | None = None
+    try:
+        fake, server, port = _start_stack(n, cfg, work, env_base)
+        children += [fake, server]
+        spec["base_url"] = f"http://127.0.0.1:{port}"
+        spec_path = work / "callers-spec.json"
+        spec_path.write_text(json.dumps(spec))
+        callers_args = [sys.executable, "-m", "livecall.bench.load", "_callers", str(spec_path)]
+        if cfg.callers_uvloop:
+            callers_args.append("--uvloop")
+        callers = _Child("callers", callers_args, env=env_base, cwd=work, log=work / "callers.log")
+        children.append(callers)
+        warm = json.loads(callers.wait_line("WARM_DONE", 60).split(" ", 1)[1])
+        time.sleep(1.0)  # let the warm-up call's teardown (records, logs) finish
+        idle_rss = _rss_mb(server.pid)
+        pids = {"server": server.pid, "fake": fake.pid, "callers": callers.pid}
+        t0 = time.monotonic() + 0.5
+        callers.send(f"GO {t0!r}")
+        hold_start = t0 + cfg.ramp_s + cfg.settle_s
+        hold_end = hold_start + cfg.hold_s
+        time.sleep(max(0.0, hold_start - time.monotonic()))
+        if profile_out is not None:
+            spy = _start_py_spy(
+                server.pid, cfg.hold_s, profile_rate, profile_out, work, profile_native
+            )
+        s0 = _snapshot(pids)
+        while True:
+            now = time.monotonic()
+            if now >= hold_end:
+                break
+            samples.append((now, _rss_mb(server.pid)))
+            time.sleep(min(0.5, hold_end - now))
+        s1 = _snapshot(pids)
+        samples.append((s1.t, _rss_mb(server.pid)))
+        callers.wait_line("DONE", cfg.ramp_s * 2 + cfg.settle_s + 90)
+        if spy is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.wait(30)
+        after_rss = _rss_mb(server.pid)
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+            spy.wait(5)
+        for child in reversed(children):
+            child.stop()
+        if logs_to is not None:  # what each process said, kept past the temp folder
+            logs_to.mkdir(parents=True, exist_ok=True)
+            for name in (
+                "server.log",
+                "fake.log",
+                "callers.log",
+                "py-spy.log",
+                "callers.json",
+                "fake-stats.json",
+            ):
+                if (work / name).exists():
+                    shutil.copyfile(work / name, logs_to / name)
+    server_log = (work / "server.log").read_text("utf-8", "replace")
+    calls = json.loads(results_path.read_text())
+    fake_stats = json.loads((work / "fake-stats.json").read_text())
+    return _summarize_level(
+        n,
+        cfg,
+        calls,
+        fake_stats,
+        s0,
+        s1,
+        samples,
+        idle_rss,
+        after_rss,
+        warm,
+        t0,
+        hold_start,
+        hold_end,
+        server_log,
+    )
+
+
+def _py_spy() -> str:
+    """py-spy from the venv we run in (pip puts it beside python), else from PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if found is None:
+        raise RuntimeError("py-spy not found: pip install py-spy")
+    return found
+
+
+def _start_py_spy(
+    pid: int, seconds: float, rate: int, out: Path, work: Path, native: bool
+) -> subprocess.Popen[bytes]:
+    """Sample `pid`, collapsed stacks into `out`. Without `native` it never pauses the server
+    (--nonblocking) but time in C (the event loop, TLS, syscalls) shows as the Python frame
+    that called it; `native` unwinds C frames too, pausing the process for each sample."""
+    args = [
+        _py_spy(),
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, int(seconds))),
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "-o",
+        str(out),
+    ]
+    args.append("--native" if native else "--nonblocking")
+    with (work / "py-spy.log").open("wb") as log:
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+
+
+def _summarize_level(
+    n: int,
+    cfg: LevelConfig,
+    callers: dict[str, Any],
+    fake_stats: dict[str, Any],
+    s0: _Snapshot,
+    s1: _Snapshot,
+    rss_samples: list[tuple[float, float]],
+    idle_rss: float,
+    after_rss: float,
+    warm: dict[str, Any],
+    t0: float,
+    hold_start: float,
+    hold_end: float,
+    server_log: str,
+) -> dict[str, Any]:
+    calls = callers["calls"]
+    hold_rtts: list[float] = []
+    all_rtts: list[float] = []
+    for c in calls:
+        for t_heard, rtt in c["probes"]:
+            all_rtts.append(rtt)
+            if hold_start <= t_heard - rtt / 1000.0 and t_heard <= hold_end:
+                hold_rtts.append(rtt)
+    connected = sum(1 for c in calls if c["stream_started"] is not None)
+    frames_sent = sum(c["frames_sent"] for c in calls)
+    sessions = [s for s in fake_stats["sessions"] if s["opened_at"] >= t0 - 0.05]
+    frames_at_model = sum(round(s["audio_bytes_received"] / IN_BYTES_PER_FRAME) for s in sessions)
+    echo_frames_sent = sum(round(s["audio_bytes_sent"] / ECHO_BYTES_PER_FRAME) for s in sessions)
+    echo_frames_heard = sum(round(c["received_media_bytes"] / ULAW_BYTES_PER_FRAME) for c in calls)
+    elapsed = s1.t - s0.t
+    cpu = {k: s1.cpu[k] - s0.cpu[k] for k in s1.cpu if k in s0.cpu}
+    busy = (s1.machine[0] - s0.machine[0]) / max(1, s1.machine[1] - s0.machine[1])
+    active = min(callers["active_at_hold_start"], callers["active_at_hold_end"])
+    server_cpu = cpu.get("server", float("nan"))
+    hold_rss = [r for _, r in rss_samples]
+    rss_peak = max(hold_rss) if hold_rss else float("nan")
+    per_call_cpu = server_cpu / elapsed / max(1, active)
+    frames_per_s = active * 1000 / FRAME_MS  # each way
+    lat = _percentiles(hold_rtts)
+    probes_lost = sum(c["probes_lost"] for c in calls)
+    probes_sent = sum(c["probes_sent"] for c in calls)
+    # Net count: duplicates the model got (e.g. audio sent twice around a session switch)
+    # would hide as many losses, so both directions are reported.
+    frames_lost_in = max(0, frames_sent - frames_at_model)
+    frames_extra_in = max(0, frames_at_model - frames_sent)
+    lines = server_log.splitlines()
+    errors = sum(1 for line in lines if "[error" in line or "Traceback" in line)
+    warnings = sum(1 for line in lines if "[warning" in line)
+    events = collections.Counter(
+        line.split("]", 1)[1].split()[0]
+        for line in lines
+        if ("[warning" in line or "[error" in line)
+        and "]" in line
+        and line.split("]", 1)[1].split()
+    )
+    problems = []
+    if connected < n:
+        problems.append(f"{n - connected} call(s) never streamed")
+    if lat["p99"] is None or lat["p99"] > TARGET_P99_MS:
+        problems.append(f"p99 {lat['p99']} ms > {TARGET_P99_MS:g} ms")
+    if probes_lost:
+        problems.append(f"{probes_lost} probe(s) lost")
+    if frames_lost_in > 0:
+        problems.append(f"{frames_lost_in} caller frame(s) never reached the model")
+    late = sum(c["clock_late_ticks"] for c in calls)
+    notes = []
+    if frames_extra_in:
+        notes.append(
+            f"the model got {frames_extra_in} more frame(s) than the callers sent "
+            f"({frames_extra_in / max(1, connected):.1f} per call): audio sent twice"
+        )
+    return {
+        "calls": n,
+        "connected": connected,
+        "active_in_hold": active,
+        "hold_s": round(elapsed, 2),
+        "echo_rtt_ms": lat,
+        "echo_rtt_ms_whole_call": _percentiles(all_rtts),
+        "probes_sent": probes_sent,
+        "probes_lost": probes_lost,
+        "caller_frames_sent": frames_sent,
+        "frames_at_model": frames_at_model,
+        "frames_lost_to_model": frames_lost_in,
+        "frames_extra_at_model": frames_extra_in,
+        "echo_frames_sent_by_model": echo_frames_sent,
+        "echo_frames_heard": echo_frames_heard,
+        "echo_frames_unheard": echo_frames_sent - echo_frames_heard,
+        "echo_frames_unheard_per_call": round(
+            (echo_frames_sent - echo_frames_heard) / max(1, n), 1
+        ),
+        "caller_clock_late_ticks": late,
+        "caller_clock_late_max_ms": round(
+            max((c["clock_late_max_ms"] for c in calls), default=0), 1
+        ),
+        "caller_protocol_errors": sum(c["n_protocol_errors"] for c in calls),
+        "caller_script_errors": sum(len(c["script_errors"]) for c in calls),
+        "caller_errors_sample": [
+            e for c in calls for e in c["protocol_errors"] + c["script_errors"]
+        ][:5],
+        "server_cpu_s": round(server_cpu, 3),
+        "server_cpu_pct_of_core": round(100 * server_cpu / elapsed, 1),
+        "server_cpu_pct_core_per_call": round(100 * per_call_cpu, 3),
+        "server_cpu_us_per_frame": round(
+            1e6 * server_cpu / elapsed / max(1.0, frames_per_s * 2), 1
+        ),
+        "server_cpu_us_per_call_tick": round(
+            1e6 * server_cpu / elapsed / max(1.0, frames_per_s), 1
+        ),
+        "fake_cpu_pct_of_core": round(100 * cpu.get("fake", float("nan")) / elapsed, 1),
+        "callers_cpu_pct_of_core": round(100 * cpu.get("callers", float("nan")) / elapsed, 1),
+        "machine_busy_pct": round(100 * busy, 1),
+        # other processes on the machine (tests, editors): they take cores from the server too
+        "other_cpu_pct_of_core": round(
+            100 * (busy * (os.cpu_count() or 1) - sum(cpu.values()) / elapsed), 1
+        ),
+        "server_rss_idle_mb": round(idle_rss, 1),
+        "server_rss_hold_peak_mb": round(rss_peak, 1),
+        "server_rss_after_mb": round(after_rss, 1),
+        "server_rss_mb_per_call": round((rss_peak - idle_rss) / max(1, n), 3),
+        "server_log_errors": errors,
+        "server_log_warnings": warnings,
+        "server_log_events": dict(events.most_common(10)),
+        "warmup_rtt_ms": warm.get("rtts"),
+        "holds_real_time": not problems,
+        "problems": problems,
+        "notes": notes,
+    }
+
+
+# --------------------------------------------------------------------------- whole run
+
+
+def run_load_benchmark(
+    levels: Sequence[int] = DEFAULT_LEVELS,
+    hold_s: float = 20.0,
+    ramp_s: float = 5.0,
+    *,
+    probe_interval_ms: int = 240,
+    recording: bool = False,
+    gemini_compression: bool = False,
+    callers_uvloop: bool = False,
+    stop_after_failures: int | None = None,
+    out_dir: Path | str = Path("bench/out"),
+    plot: bool = True,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run every level in turn (fresh processes each) and write load.json (+ load.png).
+
+    `stop_after_failures`: skip the remaining levels after this many consecutive levels missed
+    real time (None: run them all). Returns what load.json holds.
+    """
+    if probe_interval_ms % FRAME_MS or probe_interval_ms < 2 * FRAME_MS:
+        raise ValueError("probe_interval_ms must be a multiple of 20 ms, at least 40")
+    cfg = LevelConfig(
+        hold_s=hold_s,
+        ramp_s=ramp_s,
+        probe_interval_ms=probe_interval_ms,
+        recording=recording,
+        callers_uvloop=callers_uvloop,
+        gemini_compression=gemini_compression,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "benchmark": "load",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code": _code_version(),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "config": asdict(cfg),
+        "target": {
+            "echo_rtt_p99_ms": TARGET_P99_MS,
+            "lost_frames": 0,
+            "rss_mb_per_call": TARGET_RSS_MB_PER_CALL,
+        },
+        "levels": [],
+    }
+    failures = 0
+    for n in levels:
+        if not quiet:
+            print(f"# level {n} calls: ramp {ramp_s:g} s, hold {hold_s:g} s ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"livecall-load-{n}-") as tmp:
+            try:
+                level = _run_level(n, cfg, Path(tmp), logs_to=out / "logs" / f"level-{n}")
+            except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
+                level = {"calls": n, "holds_real_time": False, "problems": [f"run failed: {exc}"]}
+        report["levels"].append(level)
+        if not quiet:
+            print(_one_line(level), flush=True)
+        failures = 0 if level.get("holds_real_time") else failures + 1
+        if stop_after_failures is not None and failures >= stop_after_failures:
+            break
+    ok = [lv["calls"] for lv in report["levels"] if lv.get("holds_real_time")]
+    report["max_calls_real_time"] = max(ok) if ok else 0
+    (out / "load.json").write_text(json.dumps(report, indent=2))
+    if plot:
+        try:
+            _plot(report, out / "load.png")
+            report["plot"] = str(out / "load.png")
+        except ImportError:
+            report["plot"] = None
+            if not quiet:
+                print("# matplotlib missing: no plot (pip install 'livecall[bench]')", flush=True)
+    if not quiet:
+        print_load_table(report)
+    return report
+
+
+def _one_line(lv: dict[str, Any]) -> str:
+    if "echo_rtt_ms" not in lv:
+        return f"  {lv['calls']} calls: {'; '.join(lv['problems'])}"
+    r = lv["echo_rtt_ms"]
+    return (
+        f"  {lv['calls']} calls: rtt p50 {r['p50']} p99 {r['p99']} max {r['max']} ms, "
+        f"lost {lv['probes_lost']} probes / {lv['frames_lost_to_model']} frames, "
+        f"server {lv['server_cpu_pct_of_core']}% core, {lv['server_rss_mb_per_call']} MB/call"
+        f" -> {'OK' if lv['holds_real_time'] else 'MISS: ' + '; '.join(lv['problems'])}"
+    )
+
+
+def print_load_table(report: dict[str, Any]) -> None:
+    """The levels as one table (rich), plus the verdict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(
+        title=f"livecall load ({report['code']}, {report['machine']['cpus']} cores; "
+        f"hold {report['config']['hold_s']:g} s)"
+    )
+    cols = (
+        "calls",
+        "rtt p50",
+        "p99",
+        "max",
+        "probes lost",
+        "frames lost/+dup",
+        "late ticks",
+        "unheard/call",
+        "srv %core",
+        "%core/call",
+        "µs/frame",
+        "MB/call",
+        "fake %",
+        "callers %",
+        "others %",
+        "real time",
+    )
+    for c in cols:
+        t.add_column(c, justify="right")
+    for lv in report["levels"]:
+        if "echo_rtt_ms" not in lv:
+            t.add_row(str(lv["calls"]), *["-"] * (len(cols) - 2), "FAILED")
+            continue
+        r = lv["echo_rtt_ms"]
+        t.add_row(
+            str(lv["calls"]),
+            str(r["p50"]),
+            str(r["p99"]),
+            str(r["max"]),
+            f"{lv['probes_lost']}/{lv['probes_sent']}",
+            f"{lv['frames_lost_to_model']}/+{lv['frames_extra_at_model']}",
+            str(lv["caller_clock_late_ticks"]),
+            str(lv["echo_frames_unheard_per_call"]),
+            str(lv["server_cpu_pct_of_core"]),
+            str(lv["server_cpu_pct_core_per_call"]),
+            str(lv["server_cpu_us_per_frame"]),
+            str(lv["server_rss_mb_per_call"]),
+            str(lv["fake_cpu_pct_of_core"]),
+            str(lv["callers_cpu_pct_of_core"]),
+            str(lv.get("other_cpu_pct_of_core", "-")),
+            "yes" if lv["holds_real_time"] else "NO",
+        )
+    console = Console(width=max(170, Console().width))
+    console.print(t)
+    console.print(
+        f"largest N holding real time (p99 ≤ {TARGET_P99_MS:g} ms, 0 lost): "
+        f"[bold]{report['max_calls_real_time']}[/bold]"
+    )
+    for lv in report["levels"]:
+        for line in [*lv.get("problems", []), *lv.get("notes", [])]:
+            console.print(f"  {lv['calls']} calls: {line}")
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [lv for lv in report["levels"] if "echo_rtt_ms" in lv]
+    x = [lv["calls"] for lv in levels]
+    fig, ax = plt.subplots(figsize=(8, 5.4), dpi=110)
+    ax.plot(x, [lv["echo_rtt_ms"]["p50"] for lv in levels], "o-", label="echo RTT p50")
+    ax.plot(x, [lv["echo_rtt_ms"]["p99"] for lv in levels], "s-", label="echo RTT p99")
+    ax.axhline(TARGET_P99_MS, color="red", ls="--", lw=1, label=f"p99 target {TARGET_P99_MS:g} ms")
+    for lv in levels:
+        if not lv["holds_real_time"]:
+            ax.annotate(
+                "miss",
+                (lv["calls"], lv["echo_rtt_ms"]["p99"] or 0),
+                color="red",
+                textcoords="offset points",
+                xytext=(4, 6),
+                fontsize=8,
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent calls")
+    ax.set_ylabel("caller -> livecall -> Gemini -> caller round trip (ms)")
+    ax2 = ax.twinx()
+    ax2.plot(
+        x,
+        [lv["server_cpu_pct_core_per_call"] for lv in levels],
+        "^:",
+        color="tab:green",
+        label="server CPU per call (% of a core)",
+    )
+    ax2.set_ylabel("server CPU per call (% of one core)", color="tab:green")
+    ax2.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(
+        lines[0] + lines2[0],
+        lines[1] + lines2[1],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.14),
+        ncol=2,
+        fontsize=8,
+    )
+    ax.set_title(
+        f"livecall load, {report['machine']['cpus']} cores shared with both simulators"
+        f" ({report['code']})",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def profile_server(
+    calls: int = 100,
+    hold_s: float = 15.0,
+    ramp_s: float = 5.0,
+    *,
+    rate: int = 100,
+    top: int = 20,
+    native: bool = False,
+    recording: bool = False,
+    out_dir: Path | str = Path("bench/out"),
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """One level with py-spy sampling the server over the hold window: where its CPU goes.
+
+    Writes ``profile-<calls>.txt`` (collapsed stacks, for flamegraph tools) and returns the top
+    functions by own time and by inclusive time, in % of the samples.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = (out / f"profile-{calls}.txt").resolve()
+    cfg = LevelConfig(hold_s=hold_s, ramp_s=ramp_s, recording=recording)
+    with tempfile.TemporaryDirectory(prefix=f"livecall-profile-{calls}-") as tmp:
+        level = _run_level(
+            calls,
+            cfg,
+            Path(tmp),
+            profile_out=raw,
+            profile_rate=rate,
+            profile_native=native,
+            logs_to=out / "logs" / f"profile-{calls}",
+        )
+        spy_log = (Path(tmp) / "py-spy.log").read_text("utf-8", "replace")
+    if not raw.exists():
+        raise RuntimeError(f"py-spy wrote no profile: {spy_log[-2000:]}")
+    result = {"level": level, "collapsed_stacks": str(raw), **_top_costs(raw, top)}
+    (out / f"profile-{calls}.json").write_text(json.dumps(result, indent=2))
+    if not quiet:
+        _print_profile(result)
+    return result
+
+
+_COMPONENTS = (
+    ("livecall/audio/", "livecall audio (transcode, resample, g711)"),
+    ("livecall/call/", "livecall bridge (call/)"),
+    ("livecall/agent/", "livecall Gemini link + live_protocol"),
+    ("livecall/telephony/", "livecall Twilio protocol"),
+    ("livecall/server/", "livecall server routes"),
+    ("livecall/store/", "livecall call store"),
+    ("livecall/", "livecall other"),
+    ("websockets/", "websockets library"),
+    ("uvicorn/", "uvicorn"),
+    ("starlette/", "starlette"),
+    ("ssl.py", "ssl (Python side)"),
+    ("structlog/", "structlog"),
+    ("sqlalchemy/", "sqlalchemy"),
+    ("asyncio/", "asyncio / event loop"),
+    ("uvloop", "uvloop (C)"),
+    ("libssl", "OpenSSL (C)"),
+    ("libcrypto", "OpenSSL (C)"),
+    ("_ssl", "OpenSSL (C)"),
+    ("numpy", "numpy (C)"),
+    ("soxr", "soxr (C)"),
+    ("libc", "libc / syscalls"),
+    ("python3", "CPython interpreter (C)"),
+    ("libpython", "CPython interpreter (C)"),
+)
+
+
+def _component(frame: str) -> str:
+    where = frame[frame.rfind("(") + 1 :]
+    for key, name in _COMPONENTS:
+        if key in where:
+            return name
+    return "other"
+
+
+def _top_costs(path: Path, top: int) -> dict[str, Any]:
+    """Own and inclusive time per function (line numbers dropped) and own time per component,
+    from py-spy's collapsed stacks."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    comp: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text("utf-8", "replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        frames = []
+        for f in stack.split(";"):
+            if not f or f.startswith(("process ", "thread ")):
+                continue
+            name, _, where = f.partition(" (")
+            frames.append(f"{name} ({where.rsplit(':', 1)[0].rstrip(')')})")
+        if not frames:
+            continue
+        own[frames[-1]] += k
+        comp[_component(frames[-1])] += k
+        for f in set(frames):
+            incl[f] += k
+
+    def pct(items: list[tuple[str, int]]) -> list[tuple[str, float]]:
+        return [(f, round(100 * k / max(1, total), 1)) for f, k in items]
+
+    everywhere = {f for f, k in incl.items() if k >= 0.98 * total}  # the process's own entry
+    return {
+        "samples": total,
+        "top_own": pct(own.most_common(top)),
+        "top_inclusive": pct([(f, k) for f, k in incl.most_common() if f not in everywhere][:top]),
+        "own_by_component": pct(comp.most_common()),
+    }
+
+
+def _print_profile(result: dict[str, Any]) -> None:
+    print(_one_line(result["level"]))
+    print(f"# {result['samples']} samples; collapsed stacks in {result['collapsed_stacks']}")
+    print("# own time (% of samples):")
+    for f, p in result["top_own"]:
+        print(f"  {p:5.1f}%  {f}")
+    print("# own time by component (% of samples):")
+    for f, p in result["own_by_component"]:
+        print(f"  {p:5.1f}%  {f}")
+    print("# inclusive time (% of samples):")
+    for f, p in result["top_inclusive"]:
+        print(f"  {p:5.1f}%  {f}")
+
+
+# --------------------------------------------------------------------------- callers process
+
+
+def _caller_script(i: int, duration_s: float, probe_ms: int, seed: int) -> list[Any]:
+    """Probes every `probe_ms` (random phase per call) over `duration_s`, then a quiet tail so
+    the last probe's echo is back before the hang-up."""
+    from livecall.sim.twilio import Pause, Probe
+
+    rng = random.Random(seed * 100_003 + i)
+    script: list[Any] = [Pause(FRAME_MS * rng.randrange(probe_ms // FRAME_MS))]
+    for _ in range(max(1, int(duration_s * 1000 // probe_ms))):
+        script += [Probe(), Pause(probe_ms - FRAME_MS)]
+    script.append(Pause(400))
+    return script
+
+
+def _call_summary(r: Any) -> dict[str, Any]:
+    heard = [e.t for e in r.timeline if e.kind == "probe_heard"]
+    return {
+        "call_sid": r.call_sid,
+        "webhook_status": r.webhook_status,
+        "stream_started": r.stream_started,
+        "ended": r.ended,
+        "ended_by": r.ended_by,
+        "close_code": r.close_code,
+        "frames_sent": r.frames_sent,
+        "clock_late_ticks": r.clock_late_ticks,
+        "clock_late_max_ms": r.clock_late_max_ms,
+        "probes_sent": r.probes_sent,
+        "probes_lost": r.probes_lost,
+        "probes": [[t, round(rtt, 3)] for t, rtt in zip(heard, r.probe_rtts_ms, strict=False)],
+        "received_media_bytes": r.received_media_bytes,
+        "n_protocol_errors": len(r.protocol_errors),
+        "protocol_errors": r.protocol_errors[:3],
+        "script_errors": r.script_errors[:3],
+    }
+
+
+async def _drive_callers(spec: dict[str, Any]) -> dict[str, Any] | None:
+    import httpx
+
+    from livecall.sim.twilio import Pause, Probe, SimulatedCaller
+
+    loop = asyncio.get_running_loop()
+    n = int(spec["n"])
+    ramp, settle, hold = float(spec["ramp_s"]), float(spec["settle_s"]), float(spec["hold_s"])
+    probe_ms = int(spec["probe_interval_ms"])
+    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
+    async with httpx.AsyncClient(timeout=30.0, trust_env=False, limits=limits) as http:
+        warm = SimulatedCaller(
+            spec["base_url"],
+            auth_token=spec["auth_token"],
+            http_client=http,
+            timeout=30.0,
+            script=[Pause(1000), Probe(), Pause(500), Probe(), Pause(500)],
+        )
+        w = await warm.run()
+        print(
+            "WARM_DONE " + json.dumps({"rtts": w.probe_rtts_ms, "errors": w.script_errors}),
+            flush=True,
+        )
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line.startswith("GO "):
+            return None
+        t0 = float(line.split()[1])
+        duration = ramp + settle + hold
+        callers = [
+            SimulatedCaller(
+                spec["base_url"],
+                auth_token=spec["auth_token"],
+                http_client=http,
+                timeout=duration + 60.0,
+                seed=i,
+                script=_caller_script(i, duration, probe_ms, int(spec["seed"])),
+            )
+            for i in range(n)
+        ]
+
+        async def one(i: int) -> Any:
+            await asyncio.sleep(max(0.0, t0 + i * ramp / n - loop.time()))
+            return await callers[i].run()
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+
+        def active() -> int:
+            return sum(
+                1
+                for c, t in zip(callers, tasks, strict=True)
+                if c.result.stream_started is not None and not t.done()
+            )
+
+        async def count_at(when: float) -> int:
+            await asyncio.sleep(max(0.0, when - loop.time()))
+            return active()
+
+        hold_start = t0 + ramp + settle
+        at_start, at_end = await asyncio.gather(count_at(hold_start), count_at(hold_start + hold))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    calls = []
+    for r in results:
+        if isinstance(r, BaseException):
+            calls.append({**_call_summary(_EmptyResult()), "script_errors": [repr(r)]})
+        else:
+            calls.append(_call_summary(r))
+    return {"calls": calls, "active_at_hold_start": at_start, "active_at_hold_end": at_end}
+
+
+class _EmptyResult:
+    """Stands in for the result of a caller task that raised (the simulator never should)."""
+
+    call_sid = webhook_status = stream_started = ended = ended_by = close_code = None
+    frames_sent = clock_late_ticks = probes_sent = probes_lost = received_media_bytes = 0
+    clock_late_max_ms = 0.0
+    timeline: list[Any] = []  # noqa: RUF012 (read-only class constant)
+    probe_rtts_ms: list[float] = []  # noqa: RUF012
+    protocol_errors: list[str] = []  # noqa: RUF012
+    script_errors: list[str] = []  # noqa: RUF012
+
+
+def _callers_main(argv: Sequence[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    if "--uvloop" in argv:
+        import uvloop
+
+        results = uvloop.run(_drive_callers(spec))
+    else:
+        results = asyncio.run(_drive_callers(spec))
+    if results is None:
+        return 1
+    Path(spec["results_path"]).write_text(json.dumps(results))
+    print("DONE", flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["_callers"]:
+        return _callers_main(args_list[1:])
+    p = argparse.ArgumentParser(prog="python bench/load.py", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: levels 10 50, hold 8 s")
+    p.add_argument(
+        "--levels",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="comma-separated call counts (default 10,50,100,150,200)",
+    )
+    p.add_argument("--hold", type=float, default=None, help="seconds all calls are on (20)")
+    p.add_argument("--ramp", type=float, default=None, help="seconds to ramp up and down (5)")
+    p.add_argument("--probe-ms", type=int, default=240, help="probe interval per call")
+    p.add_argument("--recording", action="store_true", help="server records calls (default off)")
+    p.add_argument("--native", action="store_true", help="with --profile: C frames too")
+    p.add_argument(
+        "--gemini-compression",
+        action="store_true",
+        help="let the Gemini link negotiate permessage-deflate",
+    )
+    p.add_argument("--stop-after-failures", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: profile the server with py-spy at N calls",
+    )
+    a = p.parse_args(args_list)
+    if a.profile is not None:
+        profile_server(
+            a.profile, a.hold or 15.0, a.ramp or 5.0, recording=a.recording, out_dir=a.out
+        )
+        return 0
+    levels = a.levels or (list(QUICK_LEVELS) if a.quick else list(DEFAULT_LEVELS))
+    hold = a.hold if a.hold is not None else (8.0 if a.quick else 20.0)
+    ramp = a.ramp if a.ramp is not None else (3.0 if a.quick else 5.0)
+    report = run_load_benchmark(
+        levels,
+        hold,
+        ramp,
+        probe_interval_ms=a.probe_ms,
+        recording=a.recording,
+        gemini_compression=a.gemini_compression,
+        stop_after_failures=a.stop_after_failures,
+        out_dir=a.out,
+    )
+    return 0 if report["levels"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
