@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import soxr
+from scipy.fft import next_fast_len
 from scipy.signal import fftconvolve
 
 from livecall.audio.g711 import ulaw_decode, ulaw_encode
@@ -219,12 +220,60 @@ class CallAudio:
 
     @staticmethod
     def identify(heard: npt.NDArray[Any]) -> tuple[str, float, dict[str, float]]:
-        """Which agent clip is in `heard`? (best name, its score, every clip's score)."""
-        scores = {
-            name: CallAudio.match(heard, CallAudio.phone_ref(name))[0] for name in AGENT_CLIPS
-        }
+        """Which agent clip is in `heard`? (best name, its score, every clip's score).
+
+        A clip heard with a gap (the caller's playout ran dry) scores lower but still far
+        above every other clip, so compare with the runner-up rather than with 1.0.
+        """
+        scores = {n: CallAudio.match(heard, CallAudio.phone_ref(n))[0] for n in AGENT_CLIPS}
         best = max(scores, key=scores.__getitem__)
         return best, scores[best], scores
+
+    @staticmethod
+    def pieces_in(
+        heard: npt.NDArray[Any], clip: str, piece_ms: int = 200
+    ) -> list[tuple[int, int | None]]:
+        """Where each audible 200 ms piece of a clip is in `heard`: (sample in the clip,
+        sample in `heard` or None when not there). Finds a clip heard with gaps in it."""
+        ref = CallAudio.phone_ref(clip)
+        n = piece_ms * CallAudio.RATE // 1000
+        starts = [
+            i
+            for i in range(CallAudio.RATE // 10, len(ref) - n + 1, n)
+            if CallAudio.loud_frames(ref[i : i + n]).sum() >= 2
+        ]
+        x = np.asarray(heard, dtype=np.float64)
+        if len(x) < n:
+            return [(i, None) for i in starts]
+        size = next_fast_len(len(x) + n)
+        spectrum = np.fft.rfft(x, size)
+        energy = np.concatenate(([0.0], np.cumsum(x * x)))
+        window = np.sqrt(np.maximum(energy[n:] - energy[:-n], 1e-9))
+        found: list[tuple[int, int | None]] = []
+        for i in starts:
+            piece = ref[i : i + n]
+            corr = np.fft.irfft(spectrum * np.conj(np.fft.rfft(piece, size)), size)
+            score = corr[: len(window)] / (window * np.linalg.norm(piece))
+            best = int(np.argmax(score))
+            found.append((i, best if score[best] > 0.9 else None))
+        return found
+
+    @staticmethod
+    def heard_share(heard: npt.NDArray[Any], clip: str) -> float:
+        """Share of a clip's audible pieces in `heard`: 1.0 when the whole clip was heard,
+        even split by gaps (a playout that ran dry); near 0 for other speech."""
+        found = CallAudio.pieces_in(heard, clip)
+        return sum(at is not None for _, at in found) / max(1, len(found))
+
+    @staticmethod
+    def span_of(heard: npt.NDArray[Any], clip: str) -> tuple[int, int]:
+        """[start, end) samples of `heard` the clip was heard in (gaps inside included)."""
+        found = [(i, at) for i, at in CallAudio.pieces_in(heard, clip) if at is not None]
+        assert found, f"{clip} is not in the audio"
+        first_i, first_at = found[0]
+        last_i, last_at = found[-1]
+        n = len(CallAudio.phone_ref(clip))
+        return first_at - first_i, last_at + (n - last_i)
 
     @staticmethod
     def at(result: CallResult, t: float) -> int:

@@ -56,3 +56,26 @@ def test_turns_are_kept_apart() -> None:
     p.sent(0.0, 2, 800, 800, p.next_mark())
     assert p.heard_in_turn(2, 150.0) == 400
     assert p.heard_in_turn(1, 150.0) == 800
+
+
+def test_the_first_echo_anchors_a_stretch_and_carrier_tick_jitter_does_not_move_it() -> None:
+    p = PlayoutTracker()
+    for i in range(4):  # 4 x 100 ms sent at once: one stretch played back to back
+        p.sent(0.0, 1, 800, 800 * (i + 1), f"a{i + 1}", audio=b"\xff" * 800)
+    p.mark_echoed(130.0, "a1")  # the stretch really started 30 ms later than sent
+    assert [c.start_ms for c in p.just_played] == [30.0]
+    p.mark_echoed(245.0, "a2")  # 15 ms late: the carrier echoes on its 20 ms frame clock
+    assert [c.start_ms for c in p.just_played] == [130.0]
+    p.mark_echoed(390.0, "a3")  # 60 ms late: a real underrun, what follows moves
+    assert [c.start_ms for c in p.just_played] == [230.0]
+    assert p.pending()[0].start_ms == 390.0
+
+
+def test_a_new_stretch_starts_when_the_queue_ran_dry() -> None:
+    p = PlayoutTracker()
+    first = p.sent(0.0, 1, 160, 160, "a1")
+    second = p.sent(500.0, 2, 160, 160, "a2")  # sent after the first had played out
+    assert second.stretch == first.stretch + 1
+    p.mark_echoed(45.0, "a1")
+    p.mark_echoed(540.0, "a2")  # anchored on its own echo, not on the first stretch
+    assert p.just_played[0].start_ms == 520.0

@@ -267,6 +267,8 @@ class CallBridge:
     async def _finish_recording(self) -> str | None:
         if self.recorder is None or self.options.recording_sink is None:
             return None
+        # audio still queued at the carrier when the call ended: heard up to the end only
+        self._record_played(self.playout.pending(), until_ms=self.now_ms())
         try:
             return await self.options.recording_sink(self.call_sid, self.recorder, self.now_ms())
         except Exception:  # the call's records must still be written
@@ -335,7 +337,8 @@ class CallBridge:
                 if isinstance(event, tw.Media):
                     await self._caller_audio(event)
                 elif isinstance(event, tw.Mark):
-                    self.playout.mark_echoed(self.now_ms(), event.name)
+                    if self.playout.mark_echoed(self.now_ms(), event.name) is not None:
+                        self._record_played(self.playout.just_played)
                     await self._notify_heard()
                 elif isinstance(event, tw.Dtmf):
                     if event.digit not in DTMF_KEYS:  # only keys reach the model, never text
@@ -369,6 +372,25 @@ class CallBridge:
         voiced = samples.size > 0 and max(int(samples.max()), -int(samples.min())) > VOICE_PEAK
         self.turns.caller_frame(self.now_ms(), voiced)
         await self._to_gemini("audio", pcm)
+
+    def _record_played(self, chunks: list[Any], until_ms: float | None = None) -> None:
+        """Places agent audio in the recording where the caller heard it.
+
+        Confirmed chunks sit where their mark echo says they played; with `until_ms` (a clear,
+        or the end of the call) only the part modelled as played before that moment is kept.
+        """
+        if self.recorder is None:
+            return
+        for chunk in chunks:
+            audio, chunk.audio = chunk.audio, None
+            if not audio:
+                continue
+            if until_ms is not None and not chunk.played:
+                if chunk.start_ms >= until_ms:
+                    continue
+                audio = audio[: int((until_ms - chunk.start_ms) * 8)]
+            if audio:
+                self.recorder.add_agent(chunk.start_ms, ulaw_decode(audio))
 
     def _record_caller(self, media: tw.Media) -> None:
         assert self.recorder is not None
@@ -516,10 +538,11 @@ class CallBridge:
 
     async def _recover(self, why: str, code: int | None) -> bool:
         now = time.monotonic()
-        self._failures.append(now)
+        if why != "start":  # the first connect is not a lost session
+            self._failures.append(now)
         while self._failures and now - self._failures[0] > FAILURE_WINDOW_S:
             self._failures.popleft()
-        if why != "start" and len(self._failures) > self.options.reconnect_attempts:
+        if len(self._failures) > self.options.reconnect_attempts:
             # sessions that open and die at once, again and again: stop trying
             self.log.error("gemini.failing_repeatedly", failures=len(self._failures))
             return False
@@ -733,9 +756,9 @@ class CallBridge:
         else:
             turn, turn_end = -1, samples
         mark = self.playout.next_mark()
-        chunk = self.playout.sent(now, turn, samples, turn_end, mark)
-        if self.recorder is not None:
-            self.recorder.add_agent(chunk.start_ms, ulaw_decode(ulaw))
+        self.playout.sent(
+            now, turn, samples, turn_end, mark, ulaw if self.recorder is not None else None
+        )
         payload = binascii.b2a_base64(ulaw, newline=False).decode("ascii")
         try:
             await self.socket.send_text(tw.media_message(self.stream_sid, payload))
@@ -757,9 +780,7 @@ class CallBridge:
         self.outbound.reset()
         turn = self.turns.agent_turn_index
         heard = self.playout.heard_in_turn(turn, now) if turn is not None else 0
-        self.playout.clear(now)
-        if self.recorder is not None:
-            self.recorder.cut_agent(now)
+        self._record_played(self.playout.clear(now), until_ms=now)
         self.turns.interrupted(now, heard)
         self._discarding_turn = True
         await self._notify_heard()

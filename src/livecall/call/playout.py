@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 __all__ = ["Chunk", "PlayoutTracker"]
 
+UNDERRUN_MS = 40.0  # an echo this much later than modelled: the carrier ran dry and resumed
+
 
 @dataclass(slots=True)
 class Chunk:
@@ -25,6 +27,8 @@ class Chunk:
     start_ms: float  # estimated playout start
     end_ms: float  # estimated playout end (exact once the mark has been echoed)
     played: bool = False
+    stretch: int = 0  # chunks of one stretch play back to back
+    audio: bytes | None = None  # what was sent (for the recording), dropped once placed
 
 
 class PlayoutTracker:
@@ -42,17 +46,30 @@ class PlayoutTracker:
         self.marks_echoed = 0
         self.unknown_marks = 0
         self._last_played: Chunk | None = None
+        self.just_played: list[Chunk] = []  # confirmed by the last mark echo, in order
+        self._stretch = 0
+        self._anchored = 0  # the latest stretch whose timing a mark echo has fixed
 
     def next_mark(self) -> str:
         self._seq += 1
         return f"a{self._seq}"
 
-    def sent(self, now_ms: float, turn: int, samples: int, turn_end: int, mark: str) -> Chunk:
+    def sent(
+        self,
+        now_ms: float,
+        turn: int,
+        samples: int,
+        turn_end: int,
+        mark: str,
+        audio: bytes | None = None,
+    ) -> Chunk:
         """A chunk of `samples` went to the carrier at `now_ms`, followed by `mark`."""
+        if now_ms >= self._cursor_ms:  # the carrier's queue has run dry: a new stretch
+            self._stretch += 1
         start = max(now_ms, self._cursor_ms)
         end = start + samples * self._ms_per_sample
         self._cursor_ms = end
-        chunk = Chunk(mark, turn, samples, turn_end, start, end)
+        chunk = Chunk(mark, turn, samples, turn_end, start, end, stretch=self._stretch, audio=audio)
         self._pending.append(chunk)
         self._by_mark[mark] = chunk
         self.sent_samples += samples
@@ -66,22 +83,40 @@ class PlayoutTracker:
             return None
         self.marks_echoed += 1
         # Marks come back in order; anything before this one has been played too.
+        confirmed: list[Chunk] = []
         while self._pending:
             head = self._pending.popleft()
             if not head.played:
                 head.played = True
                 self.played_samples += head.samples
                 self._last_played = head
+                confirmed.append(head)
             self._by_mark.pop(head.mark, None)
             if head is chunk:
                 break
+        # The first echo of a stretch fixes when that stretch really played (the carrier
+        # echoes on its own frame clock, so later echoes only move things on a real underrun).
         late = now_ms - chunk.end_ms
-        chunk.end_ms = now_ms
-        if late > 0:
-            for later in self._pending:
-                later.start_ms += late
-                later.end_ms += late
-            self._cursor_ms += late
+        if chunk.stretch > self._anchored:
+            self._anchored = chunk.stretch
+            for moved in (*confirmed, *self._pending):
+                if moved.stretch == chunk.stretch:
+                    moved.start_ms += late
+                    moved.end_ms += late
+        elif late > UNDERRUN_MS:
+            for moved in self._pending:
+                moved.start_ms += late
+                moved.end_ms += late
+        # The carrier plays in order: nothing can start before the audio ahead of it ended.
+        previous_end = chunk.end_ms
+        for later in self._pending:
+            if later.start_ms < previous_end:
+                overlap = previous_end - later.start_ms
+                later.start_ms += overlap
+                later.end_ms += overlap
+            previous_end = later.end_ms
+        self._cursor_ms = previous_end  # the end of the last chunk still queued, or this one
+        self.just_played = confirmed
         return chunk
 
     def heard_in_turn(self, turn: int, now_ms: float) -> int:
@@ -98,6 +133,9 @@ class PlayoutTracker:
             if played < chunk.samples:
                 break
         return heard
+
+    def pending(self) -> list[Chunk]:
+        return list(self._pending)
 
     def clear(self, now_ms: float) -> list[Chunk]:
         """A `clear` went out at `now_ms`: the queue is gone; returns the chunks dropped."""
