@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -52,6 +54,13 @@ class LocalStack:
     _server: uvicorn.Server | None = None
     _task: asyncio.Task[None] | None = None
     _own_gemini: bool = False
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def _workdir(self) -> Path:
+        """Where this stack keeps its database, recordings and spool (removed at stop)."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="livecall-stack-")
+        return Path(self._tmp.name)
 
     async def __aenter__(self) -> LocalStack:
         await self.start()
@@ -74,7 +83,10 @@ class LocalStack:
             "gemini_ca_file": self.gemini.ca_file,
             "twilio_auth_token": TEST_AUTH_TOKEN,
             "public_url": self.base_url,
-            "database_url": "sqlite+aiosqlite:///:memory:",
+            # a file database: aiosqlite's :memory: shares one connection and loses writes
+            "database_url": f"sqlite+aiosqlite:///{self._workdir()}/calls.db",
+            "recordings_dir": self._workdir() / "recordings",
+            "spool_dir": self._workdir() / "spool",
         }
         values.update(self.settings_overrides)
         self.settings = Settings(**values)
@@ -103,6 +115,9 @@ class LocalStack:
                 await asyncio.wait_for(self._task, 15)
         if self.gemini is not None and self._own_gemini:
             await self.gemini.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
         kwargs.setdefault("auth_token", TEST_AUTH_TOKEN)
