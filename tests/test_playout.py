@@ -79,3 +79,14 @@ def test_a_new_stretch_starts_when_the_queue_ran_dry() -> None:
     p.mark_echoed(45.0, "a1")
     p.mark_echoed(540.0, "a2")  # anchored on its own echo, not on the first stretch
     assert p.just_played[0].start_ms == 520.0
+
+
+def test_one_mark_confirms_the_unmarked_chunks_before_it() -> None:
+    p = PlayoutTracker()
+    p.sent(0.0, 1, 160, 160, None)
+    p.sent(0.0, 1, 160, 320, None)
+    assert p.attach_mark("a1")
+    assert not p.attach_mark("a2")  # the last chunk already has a mark
+    p.mark_echoed(40.0, "a1")
+    assert p.played_samples == 320 and not p.has_pending()
+    assert [c.start_ms for c in p.just_played] == [0.0, 20.0]

@@ -31,7 +31,7 @@ from livecall.agent.gemini import (
     GeminiConnectError,
     GeminiLink,
 )
-from livecall.audio.g711 import ulaw_decode
+from livecall.audio.g711 import ULAW_DECODE_TABLE, ulaw_decode
 from livecall.audio.recording import StereoRecorder
 from livecall.audio.transcode import InboundTranscoder, OutboundTranscoder
 from livecall.call.playout import PlayoutTracker
@@ -53,6 +53,9 @@ log = structlog.get_logger("livecall.call")
 STALL_NUDGE = "(The caller is waiting for your answer. Please respond now.)"
 DTMF_KEYS = frozenset("0123456789*#ABCD")
 VOICE_PEAK = 700  # int16 peak above which a caller frame counts as speech (~ -33 dBFS)
+# 1 for the μ-law codes louder than VOICE_PEAK: a frame's loudness without decoding it twice
+_LOUD_CODES = (np.abs(ULAW_DECODE_TABLE.astype(np.int32)) > VOICE_PEAK).astype(np.uint8)
+MARK_EVERY_SAMPLES = 800  # a mark per ~100 ms of agent audio (and at every turn's end)
 FAILURE_WINDOW_S = 60.0  # more than reconnect_attempts session losses in this window: give up
 
 
@@ -96,6 +99,10 @@ class CallOptions:
     stall_timeout_s: float = 10.0
     apology_ulaw: bytes | None = None  # what the caller hears when Gemini cannot be had
     replay_limit_frames: int = 1500  # caller audio kept since the last resumable snapshot
+    metrics: Any = None  # livecall.metrics.Metrics: per-frame timings, sampled
+    max_duration_line: str = (
+        "I'm sorry, we have reached the time limit for this call. Thank you for calling, goodbye!"
+    )
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -161,6 +168,11 @@ class CallBridge:
         self._stalled_link: GeminiLink | None = None
         self._heard = asyncio.Condition()
         self._failures: deque[float] = deque()
+        self._unmarked_samples = 0
+        self._loud_buf = np.empty(160, dtype=np.uint8)
+        metrics = self.options.metrics
+        self._meter_in = metrics.frame_meter("in") if metrics is not None else None
+        self._meter_out = metrics.frame_meter("out") if metrics is not None else None
         self.transcript: deque[TurnRecord] = deque(maxlen=200)
 
     # ------------------------------------------------------------------ clock & records
@@ -246,8 +258,12 @@ class CallBridge:
             async with asyncio.timeout(self.options.max_duration_s):
                 await self._ended.wait()
         except TimeoutError:
-            self._end("max_duration")
+            self.log.info("call.max_duration", max_duration_s=self.options.max_duration_s)
+            await self.end_politely("max_duration", self.options.max_duration_line)
         finally:
+            for meter in (self._meter_in, self._meter_out):
+                if meter is not None:
+                    meter.flush()
             for task in [*tasks, *self._tool_tasks.values()]:
                 task.cancel()
             await asyncio.gather(*tasks, *self._tool_tasks.values(), return_exceptions=True)
@@ -359,18 +375,25 @@ class CallBridge:
     async def _caller_audio(self, media: tw.Media) -> None:
         if media.track not in (None, "inbound", "inbound_track"):
             return
+        meter = self._meter_in
+        t0 = meter.begin() if meter is not None else 0
         try:
-            pcm = self.inbound.decode_payload(media.payload)
+            ulaw = binascii.a2b_base64(media.payload, strict_mode=True)
+            pcm = self.inbound.decode(ulaw)
         except ValueError as exc:
             self.protocol_errors += 1
             self.log.warning("twilio.bad_audio", error=str(exc))
             return
         self.frames_in += 1
         if self.recorder is not None:
-            self._record_caller(media)
-        samples = np.frombuffer(pcm, dtype=np.int16)
-        voiced = samples.size > 0 and max(int(samples.max()), -int(samples.min())) > VOICE_PEAK
+            self._record_caller(media, ulaw)
+        codes = np.frombuffer(ulaw, dtype=np.uint8)
+        if codes.size != self._loud_buf.size:
+            self._loud_buf = np.empty(codes.size, dtype=np.uint8)
+        voiced = bool(codes.size) and bool(_LOUD_CODES.take(codes, out=self._loud_buf).any())
         self.turns.caller_frame(self.now_ms(), voiced)
+        if meter is not None:
+            meter.end(t0)
         await self._to_gemini("audio", pcm)
 
     def _record_played(self, chunks: list[Any], until_ms: float | None = None) -> None:
@@ -392,7 +415,7 @@ class CallBridge:
             if audio:
                 self.recorder.add_agent(chunk.start_ms, ulaw_decode(audio))
 
-    def _record_caller(self, media: tw.Media) -> None:
+    def _record_caller(self, media: tw.Media, ulaw: bytes) -> None:
         assert self.recorder is not None
         now = self.now_ms()
         if media.timestamp_ms is None:
@@ -401,10 +424,6 @@ class CallBridge:
             if self._stream_t0_ms is None:
                 self._stream_t0_ms = now - media.timestamp_ms
             at = self._stream_t0_ms + media.timestamp_ms  # gaps stay gaps
-        try:
-            ulaw = lp.decode_b64(media.payload)
-        except lp.LiveProtocolError:
-            return
         self.recorder.add_caller(at, ulaw_decode(ulaw))
 
     async def _notify_heard(self) -> None:
@@ -661,10 +680,11 @@ class CallBridge:
     # ------------------------------------------------------------------ public controls
     async def play_ulaw(self, ulaw: bytes) -> str | None:
         """Plays audio that is not the model's (tones, an apology); returns its mark."""
-        return await self._send_agent_ulaw(ulaw, in_turn=False)
+        return await self._send_agent_ulaw(ulaw, in_turn=False, mark_now=True)
 
     async def wait_heard(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Waits until everything sent so far has been played to the caller (mark echo)."""
+        await self._send_mark()  # audio sent since the last mark needs one to be confirmed
         try:
             async with asyncio.timeout(timeout):
                 async with self._heard:
@@ -700,10 +720,10 @@ class CallBridge:
             self._expect_reply_at = self.now_ms()
         elif isinstance(event, lp.GenerationComplete):
             if not self._discarding_turn:
-                await self._send_agent_ulaw(self.outbound.flush())
+                await self._send_agent_ulaw(self.outbound.flush(), mark_now=True)
         elif isinstance(event, lp.TurnComplete):
             if not self._discarding_turn:
-                await self._send_agent_ulaw(self.outbound.flush())
+                await self._send_agent_ulaw(self.outbound.flush(), mark_now=True)
             self._discarding_turn = False
             self._add_usage(event.usage)
             self.turns.turn_complete(self.now_ms())
@@ -741,11 +761,22 @@ class CallBridge:
         if audio.rate != self._agent_rate:  # the model changed its output rate: follow it
             self._agent_rate = audio.rate
             self.outbound = OutboundTranscoder(in_rate=audio.rate, encoding="audio/x-mulaw")
-        await self._send_agent_ulaw(self.outbound.encode(audio.pcm))
+        meter = self._meter_out
+        t0 = meter.begin() if meter is not None else 0
+        ulaw = self.outbound.encode(audio.pcm)
+        if meter is not None:
+            meter.end(t0)
+        await self._send_agent_ulaw(ulaw)
 
-    async def _send_agent_ulaw(self, ulaw: bytes, *, in_turn: bool = True) -> str | None:
+    async def _send_agent_ulaw(
+        self, ulaw: bytes, *, in_turn: bool = True, mark_now: bool = False
+    ) -> str | None:
+        """Sends agent audio at once (the carrier queues it); a mark follows every ~100 ms.
+
+        Returns the mark when one was sent after this chunk.
+        """
         if not ulaw:
-            return None
+            return await self._send_mark() if mark_now else None
         now = self.now_ms()
         samples = len(ulaw)
         if in_turn:
@@ -755,18 +786,32 @@ class CallBridge:
             turn_end = self.turns.agent_samples
         else:
             turn, turn_end = -1, samples
-        mark = self.playout.next_mark()
         self.playout.sent(
-            now, turn, samples, turn_end, mark, ulaw if self.recorder is not None else None
+            now, turn, samples, turn_end, None, ulaw if self.recorder is not None else None
         )
         payload = binascii.b2a_base64(ulaw, newline=False).decode("ascii")
         try:
             await self.socket.send_text(tw.media_message(self.stream_sid, payload))
-            await self.socket.send_text(tw.mark_message(self.stream_sid, mark))
         except CarrierClosed:
             self._end("caller_closed")
             return None
         self.frames_out += 1
+        self._unmarked_samples += samples
+        if mark_now or self._unmarked_samples >= MARK_EVERY_SAMPLES:
+            return await self._send_mark()
+        return None
+
+    async def _send_mark(self) -> str | None:
+        """Asks the carrier to tell us when everything sent so far has been played."""
+        mark = self.playout.next_mark()
+        if not self.playout.attach_mark(mark):
+            return None
+        self._unmarked_samples = 0
+        try:
+            await self.socket.send_text(tw.mark_message(self.stream_sid, mark))
+        except CarrierClosed:
+            self._end("caller_closed")
+            return None
         return mark
 
     async def _barge_in(self) -> None:
@@ -781,6 +826,7 @@ class CallBridge:
         turn = self.turns.agent_turn_index
         heard = self.playout.heard_in_turn(turn, now) if turn is not None else 0
         self._record_played(self.playout.clear(now), until_ms=now)
+        self._unmarked_samples = 0
         self.turns.interrupted(now, heard)
         self._discarding_turn = True
         await self._notify_heard()

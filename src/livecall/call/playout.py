@@ -60,18 +60,24 @@ class PlayoutTracker:
         turn: int,
         samples: int,
         turn_end: int,
-        mark: str,
+        mark: str | None,
         audio: bytes | None = None,
     ) -> Chunk:
-        """A chunk of `samples` went to the carrier at `now_ms`, followed by `mark`."""
+        """A chunk of `samples` went to the carrier at `now_ms`, followed by `mark` if any.
+
+        Not every chunk needs its own mark: one echo confirms everything sent before it.
+        """
         if now_ms >= self._cursor_ms:  # the carrier's queue has run dry: a new stretch
             self._stretch += 1
         start = max(now_ms, self._cursor_ms)
         end = start + samples * self._ms_per_sample
         self._cursor_ms = end
-        chunk = Chunk(mark, turn, samples, turn_end, start, end, stretch=self._stretch, audio=audio)
+        chunk = Chunk(
+            mark or "", turn, samples, turn_end, start, end, stretch=self._stretch, audio=audio
+        )
         self._pending.append(chunk)
-        self._by_mark[mark] = chunk
+        if mark:
+            self._by_mark[mark] = chunk
         self.sent_samples += samples
         return chunk
 
@@ -91,7 +97,8 @@ class PlayoutTracker:
                 self.played_samples += head.samples
                 self._last_played = head
                 confirmed.append(head)
-            self._by_mark.pop(head.mark, None)
+            if head.mark:
+                self._by_mark.pop(head.mark, None)
             if head is chunk:
                 break
         # The first echo of a stretch fixes when that stretch really played (the carrier
@@ -133,6 +140,14 @@ class PlayoutTracker:
             if played < chunk.samples:
                 break
         return heard
+
+    def attach_mark(self, mark: str) -> bool:
+        """Marks the last chunk sent, if it has no mark yet; False when there is nothing to mark."""
+        if not self._pending or self._pending[-1].mark:
+            return False
+        self._pending[-1].mark = mark
+        self._by_mark[mark] = self._pending[-1]
+        return True
 
     def pending(self) -> list[Chunk]:
         return list(self._pending)
