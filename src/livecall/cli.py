@@ -128,6 +128,34 @@ def bench_gemini_wire(
     run_gemini_wire_benchmark(n=n)
 
 
+@bench_app.command("load")
+def bench_load(
+    levels: Annotated[str, typer.Option(help="concurrent calls per level, comma-separated")] = (
+        "10,50,100,150,200"
+    ),
+    hold: Annotated[float, typer.Option(help="seconds each level is held")] = 20.0,
+    ramp: Annotated[float, typer.Option(help="seconds to ramp calls up")] = 5.0,
+    quick: Annotated[bool, typer.Option(help="levels 10,50 held 8 s: a smoke run")] = False,
+    recording: Annotated[bool, typer.Option(help="keep recordings on in the server")] = False,
+) -> None:
+    """N concurrent simulated calls against a real server; echo round trip, CPU, RSS per call."""
+    from livecall.bench.load import QUICK_LEVELS, run_load_benchmark
+
+    if quick:
+        run_load_benchmark(QUICK_LEVELS, 8.0, 3.0, recording=recording)
+    else:
+        parsed = tuple(int(x) for x in levels.split(",") if x.strip())
+        run_load_benchmark(parsed, hold, ramp, recording=recording)
+
+
+@bench_app.command("quality")
+def bench_quality() -> None:
+    """PESQ of what the model hears and what the caller hears, through the bridge."""
+    from livecall.bench.quality import run_quality_benchmark
+
+    run_quality_benchmark()
+
+
 def main() -> None:
     try:
         app()
