@@ -31,6 +31,7 @@ from livecall.agent.gemini import (
     GeminiConnectError,
     GeminiLink,
 )
+from livecall.agent.tools import function_response
 from livecall.audio.g711 import ULAW_DECODE_TABLE, ulaw_decode
 from livecall.audio.recording import StereoRecorder
 from livecall.audio.transcode import InboundTranscoder, OutboundTranscoder
@@ -100,6 +101,7 @@ class CallOptions:
     apology_ulaw: bytes | None = None  # what the caller hears when Gemini cannot be had
     replay_limit_frames: int = 1500  # caller audio kept since the last resumable snapshot
     metrics: Any = None  # livecall.metrics.Metrics: per-frame timings, sampled
+    non_blocking_tools: bool = False  # tools declared NON_BLOCKING: responses say when to speak
     max_duration_line: str = (
         "I'm sorry, we have reached the time limit for this call. Thank you for calling, goodbye!"
     )
@@ -861,6 +863,10 @@ class CallBridge:
         )
         with contextlib.suppress(GeminiClosed):
             await self.link.send_tool_responses(
-                [{"id": call.id, "name": call.name, "response": result}]
+                [
+                    function_response(
+                        call.id, call.name, result, non_blocking=self.options.non_blocking_tools
+                    )
+                ]
             )
             self._expect_reply_at = self.now_ms()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -10,7 +11,6 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 
 from livecall import __version__
 from livecall.agent.gemini import LiveOptions
@@ -21,9 +21,13 @@ from livecall.agent.tools import function_declarations
 from livecall.assets import apology_ulaw
 from livecall.audio.recording import StereoRecorder
 from livecall.call.bridge import CallOptions
+from livecall.cluster import LiveCalls, LocalRegistry, create_cluster
 from livecall.live_feed import FanOut, LiveFeed
+from livecall.log import register_secret
+from livecall.metrics import Metrics, build_metrics_router
 from livecall.records import CallObserver
 from livecall.server.api import ApiDisabled, build_api_router
+from livecall.server.ops import build_live_api_router, build_ops_router
 from livecall.server.outbound import build_amd_router, build_outbound_api_router
 from livecall.server.registry import CallRegistry
 from livecall.server.twilio_routes import build_twilio_router
@@ -32,6 +36,7 @@ from livecall.store.recordings import LocalRecordingStore, RecordingStore, run_r
 from livecall.store.writer import CallStore
 from livecall.telephony.twilio import TwilioSignature
 from livecall.telephony.twilio_rest import TwilioCallControl
+from livecall.tracing import configure_tracing, shutdown_tracing, traced
 
 log = structlog.get_logger("livecall.server")
 
@@ -59,6 +64,10 @@ class AppState:
     call_control: TwilioCallControl | None = None  # None: no Twilio REST credentials
     http_tools: HttpToolRunner = field(default_factory=HttpToolRunner)
     knowledge: dict[str, KnowledgeBase] = field(default_factory=dict)
+    # operations: Prometheus metrics, the live calls of every instance, a drain in progress
+    metrics: Metrics = field(default_factory=Metrics)
+    cluster: LiveCalls = field(default_factory=LocalRegistry)
+    drain_task: asyncio.Task[None] | None = None
 
     def knowledge_for(self, profile: AgentProfile) -> KnowledgeBase | None:
         """One index per documents folder, shared by every call (and profile) that uses it."""
@@ -88,13 +97,37 @@ class AppState:
         return self.profiles.current.match(ours or None, params.get("profile") or None)
 
     def observer_for(self, call_sid: str) -> CallObserver:
+        """Where a call's records go: the store, the live feed, metrics and (when on) traces."""
         observers: list[CallObserver] = [
             self.store.observer(call_sid),
             self.feed.observer(call_sid),
         ]
         if self.observer_factory is not None:
             observers.append(self.observer_factory(call_sid))
-        return FanOut(*observers)
+        return traced(self.metrics.observer(FanOut(*observers)))
+
+    async def on_control(self, call_sid: str, action: str, args: dict[str, Any]) -> bool:
+        """A control request for a call this process holds, from the API of any instance."""
+        call = self.registry.active.get(call_sid)
+        if call is None or call.bridge is None:
+            return False
+        if action == "end":
+            reason = str(args.get("reason") or "operator")[:64]
+            log.info("call.ended_by_request", call_sid=call_sid, reason=reason)
+            call.bridge.end(reason)
+            return True
+        if action == "transfer":
+            actions = call.info.get("actions")
+            target = str(args.get("target") or "")
+            number = actions.profile.transfer_targets.get(target) if actions else None
+            if actions is None or actions.control is None or number is None:
+                log.info("call.transfer_refused", call_sid=call_sid, target=target[:64])
+                return False
+            # BridgeActions.transfer first lets the caller hear the agent out (seconds):
+            # it runs beside the call, and the request is answered now.
+            actions.spawn(actions.transfer(target, number), "transfer")
+            return True
+        return False
 
     async def save_recording(self, call_sid: str, recorder: StereoRecorder, end_ms: float) -> str:
         """Writes the call's stereo recording and hands it to the recording store."""
@@ -129,6 +162,8 @@ class AppState:
             reconnect_attempts=s.gemini_reconnect_attempts,
             stall_timeout_s=s.gemini_stall_timeout_s,
             rotation_overlap=s.gemini_rotation_overlap,
+            metrics=self.metrics,
+            non_blocking_tools=self.non_blocking_tools(),
         )
         options.extra["agent_profile"] = profile
         if amd:
@@ -155,7 +190,19 @@ def create_app(
     *,
     observer_factory: Callable[[str], CallObserver] | None = None,
 ) -> FastAPI:
+    """The app: Twilio's doors, the dashboard, the APIs, `/metrics`, health and drain."""
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+    redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+    if redis_url:
+        register_secret(redis_url)
+    cluster = create_cluster(
+        redis_url,
+        settings.instance_id,
+        ttl_s=settings.cluster_ttl_s,
+        heartbeat_s=settings.cluster_heartbeat_s,
+        prefix=settings.cluster_prefix,
+        instance_info={"version": __version__, "max_calls": settings.max_concurrent_calls},
+    )
     state = AppState(
         settings=settings,
         registry=CallRegistry(settings.max_concurrent_calls),
@@ -168,7 +215,9 @@ def create_app(
             settings.profiles_file, settings, poll_interval_s=settings.profiles_reload_interval_s
         ),
         call_control=_call_control(settings),
+        cluster=cluster,
     )
+    cluster.on_control = state.on_control
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -177,7 +226,10 @@ def create_app(
                 "twilio.signatures_off",
                 hint="TWILIO_AUTH_TOKEN is not set: webhook and stream requests are not verified",
             )
+        # tracing: only when the environment asks for it; whoever configured it shuts it down
+        tracing_here = configure_tracing("livecall", instance_id=cluster.instance_id)
         await state.store.start()
+        await cluster.start()  # never fails for an unreachable Redis: calls go on without it
         background: list[asyncio.Task[Any]] = []
         if settings.retention_days:
             background.append(
@@ -195,35 +247,29 @@ def create_app(
                 if call.bridge is not None:
                     call.bridge.end("shutdown")
             await state.registry.wait_idle(timeout=10)
+            await cluster.stop()
+            if state.drain_task is not None and not state.drain_task.done():
+                state.drain_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await state.drain_task
             for task in background:
                 task.cancel()
             await state.http_tools.aclose()
             for kb in state.knowledge.values():
                 kb.close()
             await state.store.close()
+            if tracing_here:
+                shutdown_tracing()
 
     app = FastAPI(title="livecall", version=__version__, lifespan=lifespan)
     app.state.livecall = state
 
-    @app.get("/health", tags=["ops"])
-    async def health() -> JSONResponse:
-        """503 while draining, so a load balancer stops sending new calls here."""
-        return JSONResponse(
-            {
-                "status": "draining" if state.registry.draining else "ok",
-                "version": __version__,
-                "active_calls": len(state.registry.active),
-            },
-            status_code=503 if state.registry.draining else 200,
-        )
-
+    app.include_router(build_ops_router(state))  # /health, /ready, /admin/drain
     app.include_router(build_twilio_router(state))
     app.include_router(build_amd_router(state))
-    from livecall.metrics import Metrics, build_metrics_router
     from livecall.server.dashboard import DashboardDisabled, build_dashboard_router
 
-    state.extras["metrics"] = Metrics()
-    app.include_router(build_metrics_router(state.extras["metrics"]))
+    app.include_router(build_metrics_router(state.metrics))
     try:
         app.include_router(
             build_dashboard_router(state, state.store, state.recordings, state.feed, settings)
@@ -233,9 +279,25 @@ def create_app(
     try:
         app.include_router(build_api_router(state.store, state.recordings, settings))
         app.include_router(build_outbound_api_router(state))
+        app.include_router(build_live_api_router(state))
     except ApiDisabled as exc:
         log.warning("api.disabled", reason=str(exc))
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app from the environment, logging configured: for `uvicorn --factory` and
+    gunicorn workers (`livecall serve` is the one-process way, with its SIGTERM drain)."""
+    from livecall.log import configure_logging
+
+    settings = Settings()
+    secrets = [
+        s.get_secret_value()
+        for s in (settings.gemini_api_key, settings.twilio_auth_token, settings.api_token)
+        if s is not None
+    ]
+    configure_logging(settings.log_level, settings.log_format, secrets)
+    return create_app(settings)
 
 
 def _call_control(settings: Settings) -> TwilioCallControl | None:
