@@ -286,8 +286,10 @@ def test_deployment_probes_drain_grace_period_and_non_root() -> None:
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": 8080}
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert c[probe]["httpGet"]["path"] == "/health"
+    # liveness stays 200 while draining (never restart a draining pod); readiness goes 503
+    paths = {"readinessProbe": "/ready", "livenessProbe": "/health", "startupProbe": "/health"}
+    for probe, path in paths.items():
+        assert c[probe]["httpGet"]["path"] == path
         assert c[probe]["httpGet"]["port"] in ("http", 8080)
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     assert "cpu" not in c["resources"]["limits"]  # throttling stalls every call on the pod

@@ -92,7 +92,7 @@ async def test_sigterm_ends_calls_with_a_goodbye_refuses_new_ones_and_exits_0(
             proc.send_signal(signal.SIGTERM)
             async with httpx.AsyncClient() as client:
                 async with asyncio.timeout(10):
-                    while (await client.get(base + "/health")).status_code != 503:  # noqa: ASYNC110
+                    while (await client.get(base + "/ready")).status_code != 503:  # noqa: ASYNC110
                         await asyncio.sleep(0.05)
             late = await SimulatedCaller(base, auth_token=TOKEN, script=[Pause(100)]).run()
             assert late.rejected or late.said  # the busy answer, no session opened

@@ -4,6 +4,8 @@ Call context rides in structlog's contextvars (bound once per call task), so cod
 bridge logs `log.info("gemini.goaway")` and the line still names the call. A last processor
 scrubs the values of every configured secret out of the rendered event, whatever path it
 took to get there (an exception message quoting a URL, a repr of a header dict…).
+When tracing is on, lines logged inside a call's span also name its `trace_id` and `span_id`,
+so a log search and a trace viewer meet on the same call.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import structlog
+
+from livecall.tracing import add_trace_context
 
 _secrets: set[str] = set()
 REDACTED = "[redacted]"
@@ -61,6 +65,7 @@ def configure_logging(
         numeric = logging.INFO
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_context,  # returns at once while tracing is off
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
@@ -83,6 +88,7 @@ def configure_logging(
             processor=renderer,
             foreign_pre_chain=[
                 structlog.stdlib.add_logger_name,
+                add_trace_context,
                 structlog.stdlib.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 redact_secrets,

@@ -794,10 +794,18 @@ def build_dashboard_router(
         form = await read_form(request)
         check_post(request, session, form)
         active = state.registry.active.get(sid)
-        if active is None or active.bridge is None:
-            raise HTTPException(404, "no such call in progress")
+        if active is not None and active.bridge is not None:
+            active.bridge.end(END_REASON)
+        else:
+            # held by another instance: asked through the cluster (Redis), as the API does
+            cluster = getattr(state, "cluster", None)
+            if (
+                cluster is None
+                or not _SID_RE.match(sid)
+                or not await cluster.request(sid, "end", reason=END_REASON)
+            ):
+                raise HTTPException(404, "no such call in progress")
         log.info("dashboard.end_call", call_sid=sid)
-        active.bridge.end(END_REASON)
         if "application/json" in request.headers.get("accept", ""):
             return Response(
                 _json({"call_sid": sid, "ending": True}), 202, media_type="application/json"

@@ -2,10 +2,10 @@
 
 Platforms send SIGTERM before they kill an instance (Cloud Run ~10 s, Kubernetes
 `terminationGracePeriodSeconds`). Dropping every call at that moment is what a phone system
-must not do: the webhook starts answering "busy", `/health` reports draining (readiness
-fails, so no new traffic is routed here), calls in progress get until the deadline to end on
-their own, and whatever is left hears a short goodbye from the agent before the process
-exits 0 — every call's end in the log and the records flushed.
+must not do: the webhook starts answering "busy", `/ready` answers 503 (so no new traffic is
+routed here; `/health` stays 200 and says "draining"), calls in progress get until the
+deadline to end on their own, and whatever is left hears a short goodbye from the agent
+before the process exits 0 — every call's end in the log and the records flushed.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
@@ -88,6 +89,7 @@ def build_twilio_router(state: AppState) -> APIRouter:
             url = public_url_of(request.url, request.headers, settings.public_url)
             signature = request.headers.get("x-twilio-signature")
             if not state.signature.validate_webhook(url, params, signature):
+                state.metrics.error("twilio_signature")
                 log.warning(
                     "twilio.webhook_rejected",
                     reason="bad signature",
@@ -98,10 +100,15 @@ def build_twilio_router(state: AppState) -> APIRouter:
                     "invalid Twilio signature", status_code=403, media_type="text/plain"
                 )
         if not call_sid or not state.registry.reserve(call_sid):
+            if not call_sid:
+                reason = "no_call_sid"
+            else:
+                reason = "draining" if state.registry.draining else "full"
+            state.metrics.refused(reason)
             log.warning(
                 "twilio.call_refused",
                 call_sid=call_sid,
-                reason="draining" if state.registry.draining else "at capacity",
+                reason=reason,
                 active=len(state.registry.active),
             )
             return Response(
@@ -130,6 +137,7 @@ def build_twilio_router(state: AppState) -> APIRouter:
             url = ws_base(public_base(ws.url, ws.headers, settings.public_url)) + STREAM_PATH
             signature = ws.headers.get("x-twilio-signature")
             if not state.signature.validate_websocket(url, signature):
+                state.metrics.error("twilio_signature")
                 log.warning(
                     "twilio.stream_rejected",
                     reason="bad signature",
@@ -138,6 +146,7 @@ def build_twilio_router(state: AppState) -> APIRouter:
                 await ws.close(code=1008)  # before accept: the upgrade is answered 403
                 return
         if state.registry.draining:
+            state.metrics.refused("draining")
             await ws.close(code=1013)
             return
         await ws.accept()
@@ -231,15 +240,40 @@ async def _run_call(
         bridge=bridge,
         task=asyncio.current_task(),
     )
+    entry.info["actions"] = actions  # for call control requests (AppState.on_control)
     if not registry.admit(entry):
-        log.warning("twilio.stream_refused", call_sid=start.call_sid, reason="at capacity")
+        reason = "draining" if registry.draining else "full"
+        state.metrics.refused(reason)
+        log.warning("twilio.stream_refused", call_sid=start.call_sid, reason=reason)
         await carrier.close(1013)
         return
+    # Other instances learn of the call through Redis. In the background: a slow Redis must
+    # not hold the caller's first words (announce waits up to its op timeout before it knows).
+    announced = asyncio.create_task(
+        state.cluster.announce(
+            start.call_sid,
+            {
+                "from": options.from_number,
+                "to": options.to_number,
+                "direction": options.direction,
+                "profile": options.profile,
+                "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            },
+        ),
+        name=f"announce:{start.call_sid}",
+    )
     verdict = state.extras.get("answered_by", {}).pop(start.call_sid, None)
     if verdict is not None:  # the answering-machine verdict came before the stream
         actions.on_answered_by(verdict)
     try:
         await bridge.run()
     finally:
-        registry.release(start.call_sid, entry)
-        await actions.aclose()
+        try:
+            if not announced.done():
+                announced.cancel()  # a call shorter than Redis's answer: never listed
+            await asyncio.wait([announced])  # never raises the task's own cancellation
+            if registry.active.get(start.call_sid) in (entry, None):  # no newer stream took it
+                await state.cluster.withdraw(start.call_sid)
+        finally:
+            registry.release(start.call_sid, entry)
+            await actions.aclose()

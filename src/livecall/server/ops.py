@@ -1,0 +1,181 @@
+"""Operating livecall: health and readiness, the drain a platform asks for, and live calls.
+
+- `GET /health` (liveness) answers 200 as long as the process serves requests, draining or
+  not: a liveness probe must never restart a process whose calls are still finishing.
+- `GET /ready` (readiness) answers 503 while draining, so no new calls are routed here.
+- `POST /admin/drain`, for loopback clients only (Kubernetes' preStop hook runs inside the
+  pod), stops taking calls and lets the live ones finish (`livecall.server.drain`).
+- `GET /api/live` lists the calls in progress on every instance (`livecall.cluster`), and
+  `POST /api/live/{sid}/end` / `.../transfer` reach a call whichever instance holds it.
+  They share the call records API's bearer auth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from livecall import __version__
+from livecall.server.api import Sid, _is_loopback, bearer_auth
+from livecall.server.drain import drain_calls
+
+if TYPE_CHECKING:
+    from livecall.server.app import AppState
+
+__all__ = ["build_live_api_router", "build_ops_router"]
+
+log = structlog.get_logger("livecall.ops")
+
+#: `end_reason` recorded for a call ended through `POST /api/live/{sid}/end`.
+API_END_REASON = "api"
+
+# Headers a reverse proxy adds: a request that passed through one is not a local one, even
+# when the proxy itself connects from loopback (ngrok, cloudflared, a sidecar).
+_FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+class LiveCallOut(BaseModel):
+    """A call in progress, on whichever instance holds it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    call_sid: str
+    instance: str | None = Field(description="the instance (process) carrying the call")
+    announced_at: str | None = Field(description="when that instance registered the call")
+    direction: str | None = None
+    profile: str | None = None
+    started_at: str | None = None
+
+
+class LiveCallsOut(BaseModel):
+    instance: str = Field(description="the instance that answered this request")
+    cluster: bool = Field(description="calls of every instance (Redis reachable), or only ours")
+    calls: list[LiveCallOut]
+
+
+class ControlOut(BaseModel):
+    call_sid: str
+    action: str
+    accepted: bool
+
+
+class TransferIn(BaseModel):
+    target: str = Field(
+        min_length=1, max_length=64, description="a transfer target of the call's agent profile"
+    )
+
+
+def _is_local_request(request: Request) -> bool:
+    client = request.client.host if request.client is not None else None
+    if not _is_loopback(client):
+        return False
+    return not any(h in request.headers for h in _FORWARDING_HEADERS)
+
+
+def cluster_health(state: AppState) -> dict[str, Any]:
+    cluster = state.cluster
+    if state.settings.redis_url is None:
+        redis = "off"
+    else:
+        redis = "ok" if getattr(cluster, "connected", True) else "unavailable"
+    return {"instance": cluster.instance_id, "redis": redis}
+
+
+def build_ops_router(state: AppState) -> APIRouter:
+    """`/health`, `/ready` and `/admin/drain`: always mounted, whatever the API settings."""
+    router = APIRouter(tags=["ops"])
+    registry = state.registry
+
+    def status() -> dict[str, Any]:
+        return {
+            "status": "draining" if registry.draining else "ok",
+            "version": __version__,
+            "active_calls": len(registry.active),
+            "cluster": cluster_health(state),
+        }
+
+    @router.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness: 200 while the process answers, draining included."""
+        return JSONResponse(status())
+
+    @router.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 503 while draining, so the load balancer sends new calls elsewhere."""
+        return JSONResponse(status(), status_code=503 if registry.draining else 200)
+
+    @router.post("/admin/drain", include_in_schema=False)
+    async def admin_drain(request: Request) -> JSONResponse:
+        """Stop taking calls and let live ones finish (idempotent); loopback clients only."""
+        if not _is_local_request(request):
+            raise HTTPException(403, "/admin/drain is served to loopback clients only")
+        task = state.drain_task
+        if task is None:
+            registry.draining = True  # at once: the next webhook is answered "busy"
+            log.info("admin.drain", active_calls=len(registry.active))
+            state.drain_task = asyncio.create_task(
+                drain_calls(registry, state.settings.drain_timeout_s), name="admin-drain"
+            )
+        return JSONResponse(status(), status_code=202)
+
+    return router
+
+
+def build_live_api_router(state: AppState) -> APIRouter:
+    """`/api/live…`: raises `ApiDisabled` like the records API when no auth is configured."""
+    authorize = bearer_auth(state.settings)
+    router = APIRouter(prefix="/api/live", tags=["live calls"], dependencies=[Depends(authorize)])
+    cluster = state.cluster
+
+    @router.get("", response_model=LiveCallsOut)
+    async def live_calls() -> LiveCallsOut:
+        """Calls in progress on every instance (only this one's while Redis is unreachable)."""
+        calls = await cluster.list_calls()
+        return LiveCallsOut(
+            instance=cluster.instance_id,
+            cluster=state.settings.redis_url is not None and getattr(cluster, "connected", True),
+            calls=[LiveCallOut.model_validate(c) for c in calls],
+        )
+
+    @router.post(
+        "/{sid}/end",
+        status_code=202,
+        response_model=ControlOut,
+        responses={404: {"description": "no instance holds this call"}},
+    )
+    async def end_call(sid: Sid) -> ControlOut:
+        """Ends the call on whichever instance holds it (recorded as `end_reason=api`)."""
+        if not await cluster.request(sid, "end", reason=API_END_REASON):
+            raise HTTPException(404, "no call in progress with this SID")
+        log.info("api.end_call", call_sid=sid)
+        return ControlOut(call_sid=sid, action="end", accepted=True)
+
+    @router.post(
+        "/{sid}/transfer",
+        status_code=202,
+        response_model=ControlOut,
+        responses={
+            404: {"description": "no instance holds this call"},
+            409: {"description": "the holder could not transfer it (unknown target, no REST)"},
+        },
+    )
+    async def transfer_call(sid: Sid, body: Annotated[TransferIn, Body()]) -> ControlOut:
+        """Transfers the call to one of its profile's `transfer_targets`, once the caller
+        has heard what the agent is saying (the transfer itself runs in the background)."""
+        if await cluster.locate(sid) is None:
+            raise HTTPException(404, "no call in progress with this SID")
+        if not await cluster.request(sid, "transfer", target=body.target):
+            raise HTTPException(
+                409,
+                "the call could not be transferred (unknown target, no Twilio REST "
+                "credentials, or it ended)",
+            )
+        log.info("api.transfer_call", call_sid=sid, target=body.target)
+        return ControlOut(call_sid=sid, action="transfer", accepted=True)
+
+    return router
