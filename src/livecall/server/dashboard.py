@@ -50,13 +50,12 @@ from livecall.server.api import (
     _is_loopback,
 )
 from livecall.server.registry import CallRegistry
-from livecall.server.twilio_routes import StarletteCarrier, _await_start, _run_call
+from livecall.server.twilio_routes import _run_call, open_stream
 from livecall.server.urls import public_base
 from livecall.settings import Settings
 from livecall.store.recordings import RecordingStore
 from livecall.store.repository import InvalidCursor
 from livecall.store.writer import CallStore
-from livecall.telephony import twilio as tw
 
 if TYPE_CHECKING:
     from livecall.server.app import AppState
@@ -889,13 +888,10 @@ def build_dashboard_router(
         if state.registry.draining:
             await ws.close(code=1013)
             return
-        await ws.accept()
-        carrier = StarletteCarrier(ws)
-        stream = tw.TwilioStream(max_message_bytes=settings.max_message_bytes)
-        start = await _await_start(carrier, stream, settings.first_message_timeout_s)
-        if start is None:
-            await carrier.close(1008)
+        opened = await open_stream(ws, settings)
+        if opened is None:
             return
+        carrier, stream, start = opened
         if not (
             _SOFTPHONE_CALL_SID.match(start.call_sid)
             and _SOFTPHONE_STREAM_SID.match(start.stream_sid)

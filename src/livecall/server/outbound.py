@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl
 
 import structlog
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -22,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from livecall.agent.profiles import AgentProfile, ProfileRegistry, ProfileSet
 from livecall.server.api import bearer_auth
-from livecall.server.twilio_routes import STREAM_PATH
-from livecall.server.urls import public_base, public_url_of, ws_base
+from livecall.server.twilio_routes import FORBIDDEN, STREAM_PATH, signed_form
+from livecall.server.urls import public_base, ws_base
 from livecall.telephony.twilio_rest import TwilioCallControl, TwilioCallError
 
 if TYPE_CHECKING:
@@ -145,19 +144,13 @@ def deliver_answered_by(state: AppState, call_sid: str, answered_by: str) -> boo
 def build_amd_router(state: AppState) -> APIRouter:
     """`POST /twilio/amd`: Twilio's asynchronous answering-machine verdict (signed)."""
     router = APIRouter()
-    settings = state.settings
 
     @router.post(AMD_PATH, include_in_schema=False)
     async def amd_callback(request: Request) -> Response:
-        body = (await request.body()).decode("utf-8", "replace")
-        params = dict(parse_qsl(body, keep_blank_values=True))
+        params = await signed_form(state, request, "twilio.amd_rejected")
+        if params is None:
+            return FORBIDDEN()
         call_sid = params.get("CallSid", "")
-        if state.signature is not None:
-            url = public_url_of(request.url, request.headers, settings.public_url)
-            signature = request.headers.get("x-twilio-signature")
-            if not state.signature.validate_webhook(url, params, signature):
-                log.warning("twilio.amd_rejected", reason="bad signature", call_sid=call_sid)
-                return Response("invalid Twilio signature", status_code=403)
         answered_by = params.get("AnsweredBy", "")
         if not call_sid or not answered_by:
             return Response("CallSid and AnsweredBy are required", status_code=400)
@@ -186,14 +179,10 @@ def build_outbound_api_router(state: AppState) -> APIRouter:
             503: {"description": "no Twilio REST credentials, or the server is draining"},
         },
     )
-    async def create_outbound_call(
-        body: OutboundCallIn, request: Request
-    ) -> OutboundCallOut:
+    async def create_outbound_call(body: OutboundCallIn, request: Request) -> OutboundCallOut:
         control = state.call_control
         if control is None:
-            raise HTTPException(
-                503, "outbound calls need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"
-            )
+            raise HTTPException(503, "outbound calls need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
         if state.registry.draining:
             raise HTTPException(503, "the server is draining")
         if state.profiles is None:

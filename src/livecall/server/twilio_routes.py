@@ -24,6 +24,7 @@ from livecall.call.actions import BridgeActions, tool_handler
 from livecall.call.bridge import CallBridge, CarrierClosed
 from livecall.server.registry import ActiveCall
 from livecall.server.urls import public_base, public_url_of, ws_base
+from livecall.settings import Settings
 from livecall.telephony import twilio as tw
 
 if TYPE_CHECKING:
@@ -82,23 +83,10 @@ def build_twilio_router(state: AppState) -> APIRouter:
 
     @router.post("/twiml", include_in_schema=False)
     async def voice_webhook(request: Request) -> Response:
-        body = (await request.body()).decode("utf-8", "replace")
-        params = dict(parse_qsl(body, keep_blank_values=True))
+        params = await signed_form(state, request, "twilio.webhook_rejected")
+        if params is None:
+            return FORBIDDEN()
         call_sid = params.get("CallSid", "")
-        if state.signature is not None:
-            url = public_url_of(request.url, request.headers, settings.public_url)
-            signature = request.headers.get("x-twilio-signature")
-            if not state.signature.validate_webhook(url, params, signature):
-                state.metrics.error("twilio_signature")
-                log.warning(
-                    "twilio.webhook_rejected",
-                    reason="bad signature",
-                    call_sid=call_sid,
-                    has_signature=signature is not None,
-                )
-                return Response(
-                    "invalid Twilio signature", status_code=403, media_type="text/plain"
-                )
         if not call_sid or not state.registry.reserve(call_sid):
             if not call_sid:
                 reason = "no_call_sid"
@@ -149,16 +137,51 @@ def build_twilio_router(state: AppState) -> APIRouter:
             state.metrics.refused("draining")
             await ws.close(code=1013)
             return
-        await ws.accept()
-        carrier = StarletteCarrier(ws)
-        stream = tw.TwilioStream(max_message_bytes=settings.max_message_bytes)
-        start = await _await_start(carrier, stream, settings.first_message_timeout_s)
-        if start is None:
-            await carrier.close(1008)
-            return
-        await _run_call(state, carrier, stream, start)
+        opened = await open_stream(ws, settings)
+        if opened is not None:
+            await _run_call(state, *opened)
 
     return router
+
+
+def FORBIDDEN() -> Response:
+    return Response("invalid Twilio signature", status_code=403, media_type="text/plain")
+
+
+async def signed_form(
+    state: AppState, request: Request, rejected_event: str
+) -> dict[str, str] | None:
+    """The POSTed form of a Twilio callback, or None when its signature does not check out."""
+    body = (await request.body()).decode("utf-8", "replace")
+    params = dict(parse_qsl(body, keep_blank_values=True))
+    if state.signature is None:
+        return params
+    url = public_url_of(request.url, request.headers, state.settings.public_url)
+    signature = request.headers.get("x-twilio-signature")
+    if state.signature.validate_webhook(url, params, signature):
+        return params
+    state.metrics.error("twilio_signature")
+    log.warning(
+        rejected_event,
+        reason="bad signature",
+        call_sid=params.get("CallSid", ""),
+        has_signature=signature is not None,
+    )
+    return None
+
+
+async def open_stream(
+    ws: WebSocket, settings: Settings
+) -> tuple[StarletteCarrier, tw.TwilioStream, tw.Start] | None:
+    """Accepts a Media Streams socket and reads up to its `start`; None if it never comes."""
+    await ws.accept()
+    carrier = StarletteCarrier(ws)
+    stream = tw.TwilioStream(max_message_bytes=settings.max_message_bytes)
+    start = await _await_start(carrier, stream, settings.first_message_timeout_s)
+    if start is None:
+        await carrier.close(1008)
+        return None
+    return carrier, stream, start
 
 
 async def _await_start(
