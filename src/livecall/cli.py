@@ -44,13 +44,18 @@ def _secrets_of(settings: object) -> list[str]:
     return out
 
 
-def uvicorn_config(app_obj: object, host: str, port: int, **kw: object) -> object:
+def uvicorn_config(
+    app_obj: object, host: str, port: int, *, request_timeout_s: float = 10.0, **kw: object
+) -> object:
     import uvicorn
+
+    from livecall.server.conn_guard import guarded_http_protocol
 
     return uvicorn.Config(
         app_obj,  # type: ignore[arg-type]
         host=host,
         port=port,
+        http=guarded_http_protocol(request_timeout_s),
         ws_max_size=1 << 20,  # frames above our own 64 KiB limit are read, logged and ignored
         ws_ping_interval=20.0,
         ws_ping_timeout=60.0,
@@ -85,7 +90,12 @@ def serve(
 
     app_obj = create_app(settings)
     server = DrainingServer(
-        uvicorn_config(app_obj, host or settings.host, port or settings.port),  # type: ignore[arg-type]
+        uvicorn_config(  # type: ignore[arg-type]
+            app_obj,
+            host or settings.host,
+            port or settings.port,
+            request_timeout_s=settings.first_message_timeout_s,
+        ),
         app_obj.state.livecall.registry,
         settings.drain_timeout_s,
     )

@@ -426,6 +426,8 @@ class CallBridge:
             if self._stream_t0_ms is None:
                 self._stream_t0_ms = now - media.timestamp_ms
             at = self._stream_t0_ms + media.timestamp_ms  # gaps stay gaps
+            if at > now + 2000.0:  # a stamp the call's own clock cannot have reached
+                at = now
         self.recorder.add_caller(at, ulaw_decode(ulaw))
 
     async def _notify_heard(self) -> None:

@@ -192,6 +192,9 @@ def create_app(
 ) -> FastAPI:
     """The app: Twilio's doors, the dashboard, the APIs, `/metrics`, health and drain."""
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+    for secret in (settings.gemini_api_key, settings.twilio_auth_token, settings.api_token):
+        if secret is not None:
+            register_secret(secret.get_secret_value())  # whoever configured logging
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
     if redis_url:
         register_secret(redis_url)

@@ -82,9 +82,40 @@ def _clean_str(value: Any, key: str | None = None) -> str | None:
     return text[:width] if width else text
 
 
+_INT64 = 2**63 - 1
+
+
+def _big_ints_as_text(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -_INT64 <= value <= _INT64 else str(value)
+    if isinstance(value, dict):
+        return {k: _big_ints_as_text(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_big_ints_as_text(v) for v in value]
+    return value
+
+
+def _dumps(value: Any, option: int | None = _JSON_OPTS) -> bytes:
+    """JSON that cannot fail: orjson refuses integers past 64 bits even with `default`."""
+    try:
+        return orjson.dumps(value, default=str, option=option)
+    except TypeError:
+        return orjson.dumps(_big_ints_as_text(value), default=str, option=option)
+
+
+_INT32 = 2**31 - 1
+
+
+def _count(value: Any) -> int:
+    """A counter as the database stores it (INTEGER columns: 32 bits on PostgreSQL)."""
+    return max(0, min(int(value or 0), _INT32))
+
+
 def _clean_json(value: Any) -> Any:
     """A detached, JSON-only copy: unknown types become strings, NULs are dropped."""
-    raw = orjson.dumps(value, default=str, option=_JSON_OPTS)
+    raw = _dumps(value)
     if b"\\u0000" in raw:
         raw = raw.replace(b"\\u0000", b"")
     return orjson.loads(raw)
@@ -161,7 +192,7 @@ class SpoolFile:
         return cls(path, handle)
 
     def append(self, ops: list[Op]) -> None:
-        data = b"".join(orjson.dumps(op, default=str, option=_JSON_OPTS) + b"\n" for op in ops)
+        data = b"".join(_dumps(op) + b"\n" for op in ops)
         with self._lock:
             self._handle.write(data)
             self._handle.flush()
@@ -306,15 +337,15 @@ class CallRecordWriter:
                     "duration_s": _number(summary.duration_s),
                     "end_reason": _clean_str(summary.end_reason, "end_reason"),
                     "status": _clean_str(summary.status, "status"),
-                    "turn_count": int(summary.turns or len(self._turns)),
-                    "interruptions": int(summary.interruptions or len(self._interrupted)),
-                    "frames_in": int(summary.frames_in),
-                    "frames_out": int(summary.frames_out),
-                    "frames_missing": int(summary.frames_missing),
-                    "gemini_sessions": int(summary.gemini_sessions),
-                    "prompt_tokens": int(summary.prompt_tokens),
-                    "response_tokens": int(summary.response_tokens),
-                    "total_tokens": int(summary.total_tokens),
+                    "turn_count": _count(summary.turns or len(self._turns)),
+                    "interruptions": _count(summary.interruptions or len(self._interrupted)),
+                    "frames_in": _count(summary.frames_in),
+                    "frames_out": _count(summary.frames_out),
+                    "frames_missing": _count(summary.frames_missing),
+                    "gemini_sessions": _count(summary.gemini_sessions),
+                    "prompt_tokens": _count(summary.prompt_tokens),
+                    "response_tokens": _count(summary.response_tokens),
+                    "total_tokens": _count(summary.total_tokens),
                     "recording_key": _clean_str(summary.recording_path),
                 }
             )
@@ -666,7 +697,7 @@ class CallStore:
 
     def _reject_ops(self, ops: list[Op], reason: str) -> None:
         self._reject_lines(
-            [orjson.dumps({"reason": reason, "op": op}, default=str) + b"\n" for op in ops], None
+            [_dumps({"reason": reason, "op": op}, None) + b"\n" for op in ops], None
         )
 
     def _reject_lines(self, lines: list[bytes], reason: str | None) -> None:

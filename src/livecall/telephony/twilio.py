@@ -147,6 +147,11 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+MAX_COUNTER = 2**31 - 1  # sequence numbers, chunks and timestamps of any real call fit
+MAX_CHUNK_JUMP = 3000  # 60 s of 20 ms frames
+MAX_TIMESTAMP_JUMP_MS = 60_000
+
+
 def _opt_int(value: object, field: str) -> int | None:
     """Twilio sends counters as strings ("4"); simulators may send ints. Accept both."""
     if value is None:
@@ -169,6 +174,8 @@ def _opt_int(value: object, field: str) -> int | None:
         )
     if number < 0:
         raise ProtocolError(f"{field} must not be negative, got {number}")
+    if number > MAX_COUNTER:
+        raise ProtocolError(f"{field} {_short(value)} is beyond any real call's length")
     return number
 
 
@@ -454,6 +461,19 @@ class TwilioStream:
     def _track_media(self, event: Media) -> None:
         self._track_sequence(event.sequence_number)  # the message arrived, even if rejected
         chunk = event.chunk
+        stamp = event.timestamp_ms
+        # A frame comes every 20 ms: a jump of a minute or more is not a gap, it is a lie, and
+        # believing it would make every real frame after it look late.
+        if chunk is not None and chunk - (self.last_chunk or 0) > MAX_CHUNK_JUMP:
+            raise ProtocolError(
+                f"media chunk {chunk} jumps more than {MAX_CHUNK_JUMP} frames past "
+                f"{self.last_chunk or 0}"
+            )
+        if stamp is not None and stamp - (self.last_timestamp_ms or 0) > MAX_TIMESTAMP_JUMP_MS:
+            raise ProtocolError(
+                f"media timestamp {stamp} ms jumps more than {MAX_TIMESTAMP_JUMP_MS} ms past "
+                f"{self.last_timestamp_ms or 0} ms"
+            )
         if chunk is not None:
             last = self.last_chunk
             if last is None:
