@@ -9,6 +9,7 @@ writes to; see that module for why.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from livecall.agent import live_protocol as lp
 from livecall.settings import Settings
 
 __all__ = ["GeminiClosed", "GeminiConnectError", "GeminiLink", "LiveOptions", "live_options"]
+
+CLOSE_TIMEOUT_S = 2.0  # Gemini's side of the close handshake; after that the socket is cut
 
 # Close codes after which retrying the same request cannot help (bad setup, key, model, handle).
 PERMANENT_CLOSE_CODES = frozenset({1007, 1008})
@@ -256,7 +259,15 @@ class GeminiLink:
             return GeminiClosed(exc.rcvd.code, exc.rcvd.reason or "closed by the server")
         return GeminiClosed(1006, "connection dropped")
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:  # noqa: ASYNC109
+        """Closes politely, but never waits long: a silent server gets its socket cut."""
         self.closed = True
-        with contextlib.suppress(Exception):
-            await self._stack.aclose()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._stack.aclose()
+        except TimeoutError:
+            transport = getattr(self._ws, "transport", None)
+            if transport is not None:
+                transport.abort()
+        except Exception:  # closing a broken session must not raise into call teardown
+            pass

@@ -269,9 +269,10 @@ class CallBridge:
             for task in [*tasks, *self._tool_tasks.values()]:
                 task.cancel()
             await asyncio.gather(*tasks, *self._tool_tasks.values(), return_exceptions=True)
-            await self.link.close()
+            # The caller is let go first: nothing Gemini does may hold a phone line open.
             with contextlib.suppress(Exception):
                 await self.socket.close(1000)
+            await self.link.close()
             recording = await self._finish_recording()
             summary = self._summarize(started)
             summary.recording_path = recording

@@ -26,7 +26,8 @@ import math
 import os
 import threading
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -106,6 +107,7 @@ def _dumps(value: Any, option: int | None = _JSON_OPTS) -> bytes:
 
 
 _INT32 = 2**31 - 1
+NUMBERING_MEMORY = 10_000  # calls whose record numbering a later stream may continue
 
 
 def _count(value: Any) -> int:
@@ -238,6 +240,15 @@ class SpoolFile:
 # --- per-call writer ------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Numbering:
+    """One stream's record numbering: turn indexes from `first_turn`, event seqs onwards."""
+
+    first_turn: int = 0
+    next_seq: int = 0
+    next_turn: int = 0
+
+
 class CallRecordWriter:
     """The `CallObserver` for one call: turns records into ops and queues them.
 
@@ -245,12 +256,22 @@ class CallRecordWriter:
     break a call.
     """
 
-    __slots__ = ("_answered", "_interrupted", "_seq", "_started_at", "_store", "_turns", "call_sid")
+    __slots__ = (
+        "_answered",
+        "_interrupted",
+        "_numbering",
+        "_started_at",
+        "_store",
+        "_turns",
+        "call_sid",
+    )
 
     def __init__(self, store: CallStore, call_sid: str) -> None:
         self._store = store
         self.call_sid = call_sid
-        self._seq = 0
+        # A second stream for the same call (Twilio reconnecting) goes on numbering where the
+        # first stopped, so it adds to the transcript instead of overwriting it.
+        self._numbering = store._numbering_for(call_sid)
         self._started_at: datetime | None = None
         self._answered = False
         self._turns: set[int] = set()
@@ -283,7 +304,7 @@ class CallRecordWriter:
             op = {
                 "op": "turn",
                 "call_sid": sid,
-                "idx": int(turn.index),
+                "idx": self._numbering.first_turn + int(turn.index),
                 "speaker": _clean_str(turn.speaker, "speaker"),
                 "text": _clean_str(turn.text) or "",
                 "heard_text": _clean_str(turn.heard_text),
@@ -295,6 +316,7 @@ class CallRecordWriter:
             }
             self._store._put(op)
             self._turns.add(op["idx"])
+            self._numbering.next_turn = max(self._numbering.next_turn, op["idx"] + 1)
             if op["interrupted"]:
                 self._interrupted.add(op["idx"])
             if turn.speaker == "agent" and not self._answered and self._started_at is not None:
@@ -306,8 +328,8 @@ class CallRecordWriter:
 
     def event(self, event: CallEventRecord) -> None:
         try:
-            seq = self._seq
-            self._seq += 1
+            seq = self._numbering.next_seq
+            self._numbering.next_seq += 1
             data = _clean_json(event.data) if event.data else {}
             if not isinstance(data, dict):
                 data = {"value": data}
@@ -389,6 +411,7 @@ class CallStore:
         self.write_timeout_s = write_timeout_s
 
         self._pending: deque[Op] = deque()
+        self._numberings: OrderedDict[str, _Numbering] = OrderedDict()
         self._spools: deque[SpoolFile] = deque()  # oldest first; the last may be ours
         self._own_spool: SpoolFile | None = None
         self._wake = asyncio.Event()
@@ -482,6 +505,23 @@ class CallStore:
     def observer(self, call_sid: str) -> CallRecordWriter:
         """A fresh writer for one call (the bridge's `CallObserver`)."""
         return CallRecordWriter(self, call_sid)
+
+    def _numbering_for(self, call_sid: str) -> _Numbering:
+        """Where a new stream of `call_sid` starts numbering its turns and events.
+
+        Remembered for the most recent calls only (bounded): a later stream of the same call
+        is seconds away from the previous one, never hours.
+        """
+        known = self._numberings.pop(call_sid, None)
+        numbering = (
+            _Numbering()
+            if known is None
+            else _Numbering(known.next_turn, known.next_seq, known.next_turn)
+        )
+        self._numberings[call_sid] = numbering
+        while len(self._numberings) > NUMBERING_MEMORY:
+            self._numberings.popitem(last=False)
+        return numbering
 
     async def flush(self) -> bool:
         """Try to write everything now, skipping any retry back-off.
@@ -696,9 +736,7 @@ class CallStore:
             self._pending.extendleft(reversed(ops))
 
     def _reject_ops(self, ops: list[Op], reason: str) -> None:
-        self._reject_lines(
-            [_dumps({"reason": reason, "op": op}, None) + b"\n" for op in ops], None
-        )
+        self._reject_lines([_dumps({"reason": reason, "op": op}, None) + b"\n" for op in ops], None)
 
     def _reject_lines(self, lines: list[bytes], reason: str | None) -> None:
         self.rejected += len(lines)
