@@ -35,6 +35,7 @@ from livecall.agent.tools import function_response
 from livecall.audio.g711 import ULAW_DECODE_TABLE, ulaw_decode
 from livecall.audio.recording import StereoRecorder
 from livecall.audio.transcode import InboundTranscoder, OutboundTranscoder
+from livecall.call.audio_queue import ByteBoundedQueue
 from livecall.call.playout import PlayoutTracker
 from livecall.call.turns import TurnTracker
 from livecall.records import (
@@ -56,6 +57,8 @@ DTMF_KEYS = frozenset("0123456789*#ABCD")
 VOICE_PEAK = 700  # int16 peak above which a caller frame counts as speech (~ -33 dBFS)
 # 1 for the μ-law codes louder than VOICE_PEAK: a frame's loudness without decoding it twice
 _LOUD_CODES = (np.abs(ULAW_DECODE_TABLE.astype(np.int32)) > VOICE_PEAK).astype(np.uint8)
+PCM16K_BYTES_PER_S = 32000
+MAX_MEDIA_BYTES = 8000  # one second of 8 kHz audio: no carrier sends frames that long
 MARK_EVERY_SAMPLES = 800  # a mark per ~100 ms of agent audio (and at every turn's end)
 FAILURE_WINDOW_S = 60.0  # more than reconnect_attempts session losses in this window: give up
 
@@ -82,7 +85,7 @@ class CallOptions:
 
     greeting: str | None = None
     max_duration_s: float = 3600.0
-    caller_buffer_frames: int = 750  # 15 s of 20 ms frames held while Gemini connects
+    caller_buffer_s: float = 15.0  # caller audio held while no Gemini session is usable
     connect_timeout_s: float = 10.0
     direction: str = "inbound"
     profile: str | None = None
@@ -99,7 +102,7 @@ class CallOptions:
     rotation_margin_s: float = 5.0  # switch at the latest this long before goAway's deadline
     stall_timeout_s: float = 10.0
     apology_ulaw: bytes | None = None  # what the caller hears when Gemini cannot be had
-    replay_limit_frames: int = 1500  # caller audio kept since the last resumable snapshot
+    replay_limit_s: float = 30.0  # caller audio kept since the last resumable snapshot
     metrics: Any = None  # livecall.metrics.Metrics: per-frame timings, sampled
     non_blocking_tools: bool = False  # tools declared NON_BLOCKING: responses say when to speak
     max_duration_line: str = (
@@ -144,7 +147,9 @@ class CallBridge:
 
         self._t0 = time.monotonic()
         self._gemini_ready = asyncio.Event()
-        self._pending_input: deque[tuple[str, Any]] = deque()
+        self._pending_input: ByteBoundedQueue[tuple[str, Any]] = ByteBoundedQueue(
+            int(self.options.caller_buffer_s * PCM16K_BYTES_PER_S), lambda item: len(item[1])
+        )
         self._discarding_turn = False  # after `interrupted`, until the turn completes
         self._ended = asyncio.Event()
         self.end_reason: str | None = None
@@ -164,7 +169,9 @@ class CallBridge:
         self._session_lock = asyncio.Lock()
         self._rotation_deadline: float | None = None
         self._down_since_ms = 0.0
-        self._since_snapshot: deque[bytes] = deque(maxlen=self.options.replay_limit_frames)
+        self._since_snapshot: ByteBoundedQueue[bytes] = ByteBoundedQueue(
+            int(self.options.replay_limit_s * PCM16K_BYTES_PER_S), len
+        )
         self._expect_reply_at: float | None = None
         self._nudged = False
         self._stalled_link: GeminiLink | None = None
@@ -296,6 +303,12 @@ class CallBridge:
 
     def _summarize(self, started: datetime) -> CallSummary:
         now = self.now_ms()
+        if self.frames_dropped:
+            self.log.warning(
+                "call.caller_audio_dropped",
+                frames=self.frames_dropped,
+                buffer_s=self.options.caller_buffer_s,
+            )
         self.turns.finish(now)
         self._flush_turns()
         ended = datetime.now(UTC)
@@ -348,7 +361,7 @@ class CallBridge:
                     event = self.stream.receive(data, binary=isinstance(data, bytes))
                 except tw.ProtocolError as exc:
                     self.protocol_errors += 1
-                    if self.protocol_errors <= 20 or self.protocol_errors % 1000 == 0:
+                    if self._should_log_error():
                         self.log.warning(
                             "twilio.bad_frame", error=str(exc), count=self.protocol_errors
                         )
@@ -362,7 +375,8 @@ class CallBridge:
                 elif isinstance(event, tw.Dtmf):
                     if event.digit not in DTMF_KEYS:  # only keys reach the model, never text
                         self.protocol_errors += 1
-                        self.log.warning("twilio.bad_dtmf", digit=event.digit[:16])
+                        if self._should_log_error():
+                            self.log.warning("twilio.bad_dtmf", digit=event.digit[:16])
                         continue
                     self.log.info("call.dtmf", digit=event.digit)
                     self._event("dtmf", digit=event.digit)
@@ -385,7 +399,13 @@ class CallBridge:
             pcm = self.inbound.decode(ulaw)
         except ValueError as exc:
             self.protocol_errors += 1
-            self.log.warning("twilio.bad_audio", error=str(exc))
+            if self._should_log_error():
+                self.log.warning("twilio.bad_audio", error=str(exc), count=self.protocol_errors)
+            return
+        if len(ulaw) > MAX_MEDIA_BYTES:
+            self.protocol_errors += 1
+            if self._should_log_error():
+                self.log.warning("twilio.bad_audio", error=f"{len(ulaw)}-byte media frame")
             return
         self.frames_in += 1
         if self.recorder is not None:
@@ -398,6 +418,10 @@ class CallBridge:
         if meter is not None:
             meter.end(t0)
         await self._to_gemini("audio", pcm)
+
+    def _should_log_error(self) -> bool:
+        """The first 20 protocol errors of a call are logged, then one in a thousand."""
+        return self.protocol_errors <= 20 or self.protocol_errors % 1000 == 0
 
     def _record_played(self, chunks: list[Any], until_ms: float | None = None) -> None:
         """Places agent audio in the recording where the caller heard it.
@@ -437,10 +461,9 @@ class CallBridge:
 
     async def _to_gemini(self, kind: str, payload: Any) -> None:
         if not self._gemini_ready.is_set():
-            if len(self._pending_input) >= self.options.caller_buffer_frames:
-                self._pending_input.popleft()
-                self.frames_dropped += 1
+            before = self._pending_input.dropped
             self._pending_input.append((kind, payload))
+            self.frames_dropped += self._pending_input.dropped - before
             return
         try:
             if kind == "audio":
@@ -456,7 +479,7 @@ class CallBridge:
     async def _flush_pending(self) -> None:
         """Caller input held while no session was usable, in order, to the current session."""
         while self._pending_input:
-            kind, payload = self._pending_input[0]
+            kind, payload = self._pending_input.peek()
             if kind == "audio":
                 await self.link.send_audio(payload)
                 self._since_snapshot.append(payload)

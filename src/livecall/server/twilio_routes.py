@@ -188,6 +188,7 @@ async def _await_start(
     carrier: StarletteCarrier, stream: tw.TwilioStream, timeout_s: float
 ) -> tw.Start | None:
     """Reads `connected` and `start`; a socket that says nothing useful in time is dropped."""
+    bad = 0
     try:
         async with asyncio.timeout(timeout_s):
             while True:
@@ -197,7 +198,11 @@ async def _await_start(
                 try:
                     event = stream.receive(data, binary=isinstance(data, bytes))
                 except tw.ProtocolError as exc:
-                    log.warning("twilio.bad_frame", error=str(exc), phase="handshake")
+                    bad += 1
+                    if bad <= 20 or bad % 1000 == 0:  # a firehose must not flood the log
+                        log.warning(
+                            "twilio.bad_frame", error=str(exc), phase="handshake", count=bad
+                        )
                     continue
                 if isinstance(event, tw.Start):
                     return event
