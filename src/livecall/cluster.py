@@ -313,9 +313,7 @@ class ClusterRegistry:
             # one immediate retry: a pooled connection may be stale after a Redis restart
             "retry": Retry(NoBackoff(), 1),
         }
-        self._redis = aioredis.from_url(
-            self.redis_url, socket_timeout=self.op_timeout_s, **common
-        )
+        self._redis = aioredis.from_url(self.redis_url, socket_timeout=self.op_timeout_s, **common)
         # The subscriber blocks reading; it pings when idle to notice a silent dead link.
         self._pubsub_redis = aioredis.from_url(
             self.redis_url, socket_timeout=None, health_check_interval=10, **common

@@ -55,7 +55,17 @@ ACTIVE_CALLS = "livecall_active_calls"
 
 #: 5 µs … 10 ms: one 20 ms frame's processing should sit well below a millisecond.
 FRAME_BUCKETS = (
-    5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3,
+    5e-6,
+    10e-6,
+    20e-6,
+    50e-6,
+    100e-6,
+    200e-6,
+    500e-6,
+    1e-3,
+    2e-3,
+    5e-3,
+    10e-3,
 )
 #: End of the caller's speech -> first agent audio sent: hundreds of ms to seconds.
 FIRST_AUDIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -98,12 +108,16 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.active_calls = Gauge(
-            ACTIVE_CALLS, "Calls this process is carrying now.",
-            registry=r, multiprocess_mode="livesum",
+            ACTIVE_CALLS,
+            "Calls this process is carrying now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.calls = Counter(
-            "livecall_calls_total", "Calls ended, by why and how.",
-            ["end_reason", "status"], registry=r,
+            "livecall_calls_total",
+            "Calls ended, by why and how.",
+            ["end_reason", "status"],
+            registry=r,
         )
         self.frames_in = Counter(
             "livecall_frames_in_total", "Carrier media frames received from callers.", registry=r
@@ -114,32 +128,42 @@ class Metrics:
         self.frame_seconds = Histogram(
             "livecall_frame_processing_seconds",
             "Processing time of one sampled media frame (1 in FrameMeter.sample_every).",
-            ["direction"], buckets=FRAME_BUCKETS, registry=r,
+            ["direction"],
+            buckets=FRAME_BUCKETS,
+            registry=r,
         )
         self.first_audio_latency = Histogram(
             "livecall_first_audio_latency_seconds",
             "End of the caller's speech to the first agent audio sent to the caller.",
-            buckets=FIRST_AUDIO_BUCKETS, registry=r,
+            buckets=FIRST_AUDIO_BUCKETS,
+            registry=r,
         )
         self.barge_in_stop = Histogram(
             "livecall_barge_in_stop_seconds",
             "Model 'interrupted' to 'clear' sent to the carrier.",
-            buckets=BARGE_IN_BUCKETS, registry=r,
+            buckets=BARGE_IN_BUCKETS,
+            registry=r,
         )
         self.gemini_reconnects = Counter(
-            "livecall_gemini_reconnects_total", "Gemini Live sessions re-opened mid-call.",
-            ["reason"], registry=r,
+            "livecall_gemini_reconnects_total",
+            "Gemini Live sessions re-opened mid-call.",
+            ["reason"],
+            registry=r,
         )
         self.errors = Counter(
             "livecall_errors_total", "Errors, by where they happened.", ["kind"], registry=r
         )
         self.admission_refusals = Counter(
-            "livecall_admission_refusals_total", "Calls refused at admission.",
-            ["reason"], registry=r,
+            "livecall_admission_refusals_total",
+            "Calls refused at admission.",
+            ["reason"],
+            registry=r,
         )
         self.gemini_sessions_active = Gauge(
-            "livecall_gemini_sessions_active", "Calls with an open Gemini Live session.",
-            registry=r, multiprocess_mode="livesum",
+            "livecall_gemini_sessions_active",
+            "Calls with an open Gemini Live session.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         if multiprocess_dir() is None:
             # CPU and memory of this process; meaningless summed across workers.

@@ -297,9 +297,7 @@ def traced(observer: CallObserver) -> CallObserver:
     return TracingObserver(observer) if _tracer is not None else observer
 
 
-def add_trace_context(
-    _logger: Any, _name: str, event_dict: dict[str, Any]
-) -> dict[str, Any]:
+def add_trace_context(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     """structlog processor: log lines name the trace they belong to, when tracing is on."""
     if _tracer is None:
         return event_dict
