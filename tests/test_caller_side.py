@@ -578,3 +578,23 @@ async def test_over_the_call_limit_the_webhook_says_busy_and_opens_no_session(
     assert stack.registry.load == 0
     for result in (third, fourth, fifth):
         assert leftover_tasks(result.call_sid) == []
+
+
+async def test_the_gemini_session_quota_is_an_admission_limit_too(make_stack) -> None:
+    """MAX_GEMINI_SESSIONS=1: a second call while one session is open gets the busy answer;
+    BUSY_ANSWER=reject answers with a <Reject reason="busy"/>."""
+    stack = await make_stack(
+        Scenario(seed=11, replies={"hours": "hours_reply"}),
+        max_gemini_sessions=1,
+        busy_answer="reject",
+    )
+    hours, rate = load_clip("hours")
+    first = asyncio.create_task(
+        stack.caller([Pause(200), Say(hours, rate=rate), Pause(3000), HangUp()], seed=11).run()
+    )
+    await stack.gemini.wait_for(lambda: stack.gemini.active_sessions, timeout=20)
+    second = await stack.caller([Pause(100), HangUp()], seed=12).run()
+    assert second.rejected and "busy" in second.twiml
+    assert len(stack.gemini.sessions) == 1
+    result = await first
+    assert len(result.response_latencies_ms) == 1

@@ -101,6 +101,21 @@ class Settings(BaseSettings):
 
     # --- calls
     max_concurrent_calls: int = Field(500, validation_alias="MAX_CONCURRENT_CALLS")
+    max_gemini_sessions: int | None = Field(
+        None,
+        validation_alias="MAX_GEMINI_SESSIONS",
+        description="the project's concurrent Live session quota; calls beyond it get the busy "
+        "answer, and a goAway rotation closes the old session before opening the next",
+    )
+    busy_answer: Literal["say", "reject"] = Field(
+        "say",
+        validation_alias="BUSY_ANSWER",
+        description="over capacity: 'say' the busy message and hang up, or 'reject' (busy tone)",
+    )
+    busy_message: str = Field(
+        "Sorry, all our lines are busy right now. Please call again in a few minutes.",
+        validation_alias="BUSY_MESSAGE",
+    )
     max_call_duration_s: float = Field(3600.0, validation_alias="MAX_CALL_DURATION")
     first_message_timeout_s: float = Field(10.0, validation_alias="FIRST_MESSAGE_TIMEOUT")
     max_message_bytes: int = Field(65536, validation_alias="MAX_MESSAGE_BYTES")

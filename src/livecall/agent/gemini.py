@@ -26,7 +26,14 @@ from websockets.exceptions import ConnectionClosed
 from livecall.agent import live_protocol as lp
 from livecall.settings import Settings
 
-__all__ = ["GeminiClosed", "GeminiConnectError", "GeminiLink", "LiveOptions", "live_options"]
+__all__ = [
+    "GeminiClosed",
+    "GeminiConnectError",
+    "GeminiLink",
+    "LiveOptions",
+    "SessionCounter",
+    "live_options",
+]
 
 CLOSE_TIMEOUT_S = 2.0  # Gemini's side of the close handshake; after that the socket is cut
 
@@ -191,12 +198,28 @@ def client_for(settings: Settings) -> genai.Client:
     )
 
 
+class SessionCounter:
+    """Open Gemini sessions in this process, against the project's concurrent-session quota."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.active = 0
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.active >= self.limit
+
+
 class GeminiLink:
     """An open Live session: send caller audio/text/tool results, receive events."""
 
-    def __init__(self, client: genai.Client, options: LiveOptions) -> None:
+    def __init__(
+        self, client: genai.Client, options: LiveOptions, counter: SessionCounter | None = None
+    ) -> None:
         self._client = client
         self.options = options
+        self.counter = counter or SessionCounter()
+        self._counted = False
         self._stack = contextlib.AsyncExitStack()
         self._ws: Any = None
         self.session_id: str | None = None
@@ -223,6 +246,8 @@ class GeminiLink:
             raise GeminiConnectError("unsupported google-genai version: no session socket")
         self._ws = ws
         self.session_id = session.session_id
+        self.counter.active += 1
+        self._counted = True
 
     async def _send(self, frame: str) -> None:
         try:
@@ -262,6 +287,9 @@ class GeminiLink:
     async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:  # noqa: ASYNC109
         """Closes politely, but never waits long: a silent server gets its socket cut."""
         self.closed = True
+        if self._counted:
+            self._counted = False
+            self.counter.active -= 1
         try:
             async with asyncio.timeout(timeout):
                 await self._stack.aclose()

@@ -608,8 +608,8 @@ class CallBridge:
             self._gemini_ready.clear()
             self._down_since_ms = self.now_ms()
             old = self.link
-            if not self.options.rotation_overlap:
-                await old.close()
+            if not self.options.rotation_overlap or old.counter.full:
+                await old.close()  # the quota has no room for two sessions at once
             if not await self._connect_with_recovery("go_away", None):
                 self._end("gemini_failed", failed=True)
                 return

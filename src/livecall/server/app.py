@@ -13,7 +13,7 @@ import structlog
 from fastapi import FastAPI
 
 from livecall import __version__
-from livecall.agent.gemini import LiveOptions
+from livecall.agent.gemini import LiveOptions, SessionCounter
 from livecall.agent.http_tools import HttpToolRunner
 from livecall.agent.knowledge import KnowledgeBase
 from livecall.agent.profiles import AgentProfile, ProfileRegistry
@@ -208,7 +208,12 @@ def create_app(
     )
     state = AppState(
         settings=settings,
-        registry=CallRegistry(settings.max_concurrent_calls),
+        registry=CallRegistry(
+            settings.max_concurrent_calls,
+            gemini_sessions=SessionCounter(settings.max_gemini_sessions),
+        ),
+        busy_message=settings.busy_message,
+        busy_reject=settings.busy_answer == "reject",
         signature=TwilioSignature(token) if token else None,
         store=CallStore(settings),
         recordings=LocalRecordingStore(settings.recordings_dir),

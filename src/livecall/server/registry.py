@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from livecall.agent.gemini import SessionCounter
+
 __all__ = ["ActiveCall", "CallRegistry"]
 
 
@@ -26,8 +28,14 @@ class ActiveCall:
 
 
 class CallRegistry:
-    def __init__(self, max_calls: int, reservation_ttl_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        max_calls: int,
+        reservation_ttl_s: float = 30.0,
+        gemini_sessions: SessionCounter | None = None,
+    ) -> None:
         self.max_calls = max_calls
+        self.gemini_sessions = gemini_sessions or SessionCounter()
         self.reservation_ttl_s = reservation_ttl_s
         self.active: dict[str, ActiveCall] = {}
         self._reserved: dict[str, float] = {}
@@ -54,11 +62,18 @@ class CallRegistry:
             return False
         if call_sid in self._reserved or call_sid in self.active:
             return True
-        if self.load >= self.max_calls:
+        if self.load >= self.max_calls or self._sessions_full():
             self.refused += 1
             return False
         self._reserved[call_sid] = time.monotonic()
         return True
+
+    def _sessions_full(self) -> bool:
+        """Every Gemini session the quota allows is taken, counting calls about to connect."""
+        sessions = self.gemini_sessions
+        return (
+            sessions.limit is not None and sessions.active + len(self._reserved) >= sessions.limit
+        )
 
     def admit(self, call: ActiveCall) -> bool:
         """A stream started: it takes its reservation, or a free place when it had none."""

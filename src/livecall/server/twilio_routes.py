@@ -235,7 +235,11 @@ async def _run_call(
     client = client_for(state.settings)
 
     def link_factory(handle: str | None) -> GeminiLink:
-        return GeminiLink(client, dataclasses.replace(live, resumption_handle=handle))
+        return GeminiLink(
+            client,
+            dataclasses.replace(live, resumption_handle=handle),
+            state.registry.gemini_sessions,
+        )
 
     bridge = CallBridge(
         carrier,
