@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from livecall.audio.dtmf import detect_dtmf
 from livecall.sim.clips import clip_duration, load_clip
-from livecall.sim.gemini import Scenario, SessionRecord, ToolCallFault
+from livecall.sim.gemini import CloseFault, Scenario, SessionRecord, ToolCallFault
 from livecall.sim.stack import TEST_AUTH_TOKEN, LocalStack, free_socket
 from livecall.sim.twilio import CallResult, Pause, Say, ScriptAction, WaitForAgentSilence
 from livecall.sim.twilio_rest import FakeCall, FakeTwilioState, serve_fake_twilio_rest
@@ -463,3 +463,28 @@ async def test_a_withdrawn_tool_call_is_cancelled_and_never_answered(
     assert session.tool_responses == []
     kinds = [(e.kind, e.data.get("id")) for e in record.events if e.kind.startswith("tool")]
     assert kinds == [("tool_call", call["id"]), ("tool_cancelled", call["id"])]
+
+
+async def test_when_gemini_fails_a_profile_can_hand_the_caller_to_a_person(
+    make_stack: StackFactory, fake_rest: tuple[FakeTwilioState, str]
+) -> None:
+    """on_failure: manager — every session dies, so instead of the apology Twilio dials."""
+    fake = fake_rest[0]
+    scenario = Scenario(seed=9, closes=[CloseFault(code=1011, at=0.3, max_fires=None)])
+    profile = profiles_yaml(
+        tools=["transfer_call"], transfer_targets={"manager": MANAGER}, on_failure="manager"
+    )
+    stack = await make_stack(scenario, profile)
+    sid = "CA" + secrets.token_hex(16)
+    rest_call = live_call(fake, sid)
+
+    result, _session, record = await run_call(
+        stack, [say(), Pause(15000)], call_sid=sid, on_script_end="wait"
+    )
+
+    assert result.ended_by == "server"
+    assert len(rest_call.twiml_history) == 1
+    twiml = ET.fromstring(rest_call.twiml_history[0])
+    assert twiml.find("Dial") is not None and twiml.find("Dial").findtext("Number") == MANAGER
+    assert "colleague" in (twiml.findtext("Say") or "")
+    assert (record.status, record.end_reason) == ("failed", "gemini_failed_transferred")

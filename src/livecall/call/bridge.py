@@ -102,6 +102,8 @@ class CallOptions:
     rotation_margin_s: float = 5.0  # switch at the latest this long before goAway's deadline
     stall_timeout_s: float = 10.0
     apology_ulaw: bytes | None = None  # what the caller hears when Gemini cannot be had
+    # instead of the apology: hand the caller to a person (the profile's on_failure target)
+    failure_transfer: Callable[[], Awaitable[bool]] | None = None
     replay_limit_s: float = 30.0  # caller audio kept since the last resumable snapshot
     metrics: Any = None  # livecall.metrics.Metrics: per-frame timings, sampled
     non_blocking_tools: bool = False  # tools declared NON_BLOCKING: responses say when to speak
@@ -698,6 +700,15 @@ class CallBridge:
 
     async def _give_up(self) -> None:
         """Gemini cannot be had: the caller hears an apology, never endless silence."""
+        transfer = self.options.failure_transfer
+        if transfer is not None:
+            try:
+                if await transfer():
+                    self._event("transfer", reason="gemini unavailable")
+                    self._end("gemini_failed_transferred", failed=True)
+                    return
+            except Exception:  # then the apology below, never silence
+                self.log.exception("call.failure_transfer_failed")
         self._event("error", where="gemini", error="unavailable: ending the call")
         apology = self.options.apology_ulaw
         if apology:

@@ -264,6 +264,15 @@ async def _run_call(
         non_blocking=state.non_blocking_tools(),
     )
     options.tool_handler = tool_handler(runner, state.settings.tool_timeout_s)
+    control = state.call_control
+    if profile.on_failure != "hangup" and control is not None:
+        number = profile.transfer_targets[profile.on_failure]
+
+        async def failure_transfer() -> bool:
+            line = "Sorry, I am having trouble on my side. Let me connect you to a colleague."
+            return await control.transfer(start.call_sid, number, say=line)
+
+        options.failure_transfer = failure_transfer
     options.extra["actions"] = actions
     entry = ActiveCall(
         start.call_sid,
