@@ -12,47 +12,22 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from livecall.cluster import ClusterRegistry, LocalRegistry, create_cluster
+from support import eventually, redis_reachable, service_missing
 
 pytestmark = pytest.mark.redis
 
 REDIS_URL = os.environ.get("LIVECALL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-T = TypeVar("T")
-
-
-async def eventually(check: Callable[[], Awaitable[T]], within: float = 5.0) -> T:
-    """Waits until `check()` returns something truthy, failing after `within` seconds."""
-    async with asyncio.timeout(within):
-        while True:
-            result = await check()
-            if result:
-                return result
-            await asyncio.sleep(0.05)
-
-
-async def _redis_ok(url: str) -> bool:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-    try:
-        return bool(await client.ping())
-    except Exception:
-        return False
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
 async def redis_url() -> str:
-    if not await _redis_ok(REDIS_URL):
-        reason = f"Redis is not reachable at {REDIS_URL}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} (CI=true: the cluster tests must run)")
-        pytest.skip(reason)
+    if not await redis_reachable(REDIS_URL):
+        service_missing(f"Redis is not reachable at {REDIS_URL}")
     return REDIS_URL
 
 
@@ -160,7 +135,7 @@ async def test_instances_are_listed_with_their_call_counts(cluster: Any) -> None
         got = {i["instance"]: i["calls"] for i in await b.list_instances()}
         return got if got.get(a.instance_id) == 2 and b.instance_id in got else None
 
-    counts = await eventually(both)
+    counts = await eventually(both, within=5.0)
     assert counts[b.instance_id] == 0
     assert sorted(c["call_sid"] for c in await b.list_calls()) == ["CA3", "CA4"]
 
@@ -265,8 +240,17 @@ class PrivateRedis:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
-                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -294,7 +278,10 @@ async def test_redis_down_then_restarted_never_touches_local_calls(
 ) -> None:
     on_a = Handler()
     opts: dict[str, Any] = {
-        "ttl_s": 2.0, "heartbeat_s": 0.2, "op_timeout_s": 0.5, "max_backoff_s": 0.4,
+        "ttl_s": 2.0,
+        "heartbeat_s": 0.2,
+        "op_timeout_s": 0.5,
+        "max_backoff_s": 0.4,
         "prefix": "outage",
     }
     a = ClusterRegistry(private_redis.url, "a", on_control=on_a, **opts)
@@ -311,7 +298,7 @@ async def test_redis_down_then_restarted_never_touches_local_calls(
 
         # Redis comes up: a's heartbeat writes its calls, its subscriber reconnects
         private_redis.start()
-        await eventually(lambda: _redis_ok(private_redis.url))
+        await eventually(lambda: redis_reachable(private_redis.url), within=5.0)
         await b.start()
 
         async def b_sees_ca1() -> bool:
@@ -320,17 +307,17 @@ async def test_redis_down_then_restarted_never_touches_local_calls(
         async def b_can_end_ca1() -> bool:
             return await b.request("CA1", "end", ack_timeout=0.5)
 
-        await eventually(b_sees_ca1)
-        await eventually(b_can_end_ca1)
+        await eventually(b_sees_ca1, within=5.0)
+        await eventually(b_can_end_ca1, within=5.0)
         assert a.connected
 
         # Redis restarts empty: everything is written back and control works again
         private_redis.stop()
         private_redis.start()
-        await eventually(lambda: _redis_ok(private_redis.url))
-        await eventually(b_sees_ca1)
+        await eventually(lambda: redis_reachable(private_redis.url), within=5.0)
+        await eventually(b_sees_ca1, within=5.0)
         on_a.calls.clear()
-        await eventually(b_can_end_ca1)
+        await eventually(b_can_end_ca1, within=5.0)
         assert on_a.calls[0] == ("CA1", "end", {})
     finally:
         await a.stop()

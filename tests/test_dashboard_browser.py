@@ -36,6 +36,7 @@ from livecall.sim.clips import get_clip, load_clip
 from livecall.sim.gemini import Scenario
 from livecall.sim.stack import LocalStack
 from livecall.sim.twilio import HangUp, Pause, Say, WaitForAgentAudio, WaitForAgentSilence
+from support import service_missing
 
 CHROMIUM = os.environ.get("LIVECALL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -72,9 +73,7 @@ def _missing() -> str | None:
 
 _why = _missing()
 if _why is not None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"browser tests cannot run under CI: {_why}", pytrace=False)
-    pytest.skip(_why, allow_module_level=True)
+    service_missing(f"browser tests cannot run: {_why}", module=True)
 
 from playwright.async_api import (  # noqa: E402
     Browser,

@@ -21,9 +21,9 @@ import socket
 import sys
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -33,6 +33,7 @@ from livecall.sim.gemini import FakeGeminiServer, Scenario
 from livecall.sim.stack import TEST_AUTH_TOKEN, LocalStack
 from livecall.sim.twilio import Pause, SimulatedCaller
 from livecall.sim.twilio_rest import FakeCall, serve_fake_twilio_rest
+from support import eventually, redis_reachable, service_missing
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -42,39 +43,13 @@ API_KEY = "multi-instance-gemini-key-0123456789"
 API_TOKEN = "multi-instance-api-token-0123456789"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 TTL_S = 2.0  # short, so a dead instance's calls vanish quickly
-T = TypeVar("T")
-
-
-async def eventually(check: Callable[[], Awaitable[T]], within: float = 10.0) -> T:
-    """Polls `check()` until it returns something truthy; fails after `within` seconds."""
-    async with asyncio.timeout(within):
-        while True:
-            result = await check()
-            if result:
-                return result
-            await asyncio.sleep(0.05)
-
-
-async def _redis_ok(url: str) -> bool:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-    try:
-        return bool(await client.ping())
-    except Exception:
-        return False
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
 async def redis_prefix() -> AsyncIterator[str]:
     """A key prefix of this test's own on the local Redis; its keys are deleted afterwards."""
-    if not await _redis_ok(REDIS_URL):
-        reason = f"Redis is not reachable at {REDIS_URL}: the multi-instance tests need it"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} (CI=true: they must run)")
-        pytest.skip(reason)
+    if not await redis_reachable(REDIS_URL):
+        service_missing(f"Redis is not reachable at {REDIS_URL}: the multi-instance tests need it")
     import redis.asyncio as aioredis
 
     prefix = f"lctest-mi-{uuid.uuid4().hex[:10]}"

@@ -11,8 +11,8 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -25,9 +25,9 @@ from livecall.sim.clips import load_clip
 from livecall.sim.gemini import Scenario
 from livecall.sim.twilio import HangUp, Pause, Say, WaitForAgentAudio, WaitForAgentSilence
 from livecall.tracing import configure_tracing, shutdown_tracing
+from support import eventually
 
 FAST = {"vad_silence_duration_ms": 300}
-T = TypeVar("T")
 
 
 def say(name: str) -> Say:
@@ -42,16 +42,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-async def eventually(check: Callable[[], Awaitable[T]], within: float = 10.0) -> T:
-    """Polls `check()` until it returns something truthy; fails after `within` seconds."""
-    async with asyncio.timeout(within):
-        while True:
-            result = await check()
-            if result:
-                return result
-            await asyncio.sleep(0.05)
 
 
 @pytest.fixture

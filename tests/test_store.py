@@ -33,6 +33,7 @@ from livecall.store.cli import calls_app, db_app
 from livecall.store.models import Base, Call, CallEvent, Turn
 from livecall.store.repository import percentile_ranks
 from livecall.store.writer import REJECTED_FILE, SPOOL_PREFIX, CallStore
+from support import service_missing
 
 PG_URL = os.environ.get(
     "LIVECALL_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -76,9 +77,7 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         return
     problem = await _postgres_problem()
     if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{problem} (required when CI=true)")
-        pytest.skip(problem)
+        service_missing(problem)
     schema = f"test_{uuid.uuid4().hex[:12]}"
     dsn = PG_URL.replace("postgresql+asyncpg://", "postgresql://")
     admin = await asyncpg.connect(dsn)

@@ -1,0 +1,41 @@
+"""Helpers several test files share (plain functions; the fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import NoReturn, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+
+def service_missing(reason: str, *, module: bool = False) -> NoReturn:
+    """A test needs something this machine lacks: skip it, but fail under CI, which has it all."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: these tests must run)", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
+
+
+async def eventually(check: Callable[[], Awaitable[T]], within: float = 10.0) -> T:
+    """Polls `check()` until it returns something truthy; fails after `within` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            result = await check()
+            if result:
+                return result
+            await asyncio.sleep(0.05)
+
+
+async def redis_reachable(url: str) -> bool:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
