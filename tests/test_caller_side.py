@@ -556,7 +556,8 @@ async def test_over_the_call_limit_the_webhook_says_busy_and_opens_no_session(
     assert third.ended_by == "server" and not third.rejected
 
     state = stack.app.state.livecall
-    state.busy_reject = True  # the other form: refuse before answering (no <Say>, no billing)
+    # the other form: refuse before answering (no <Say>, no billing)
+    state.settings.busy_answer = "reject"
     fourth = await stack.caller([Pause(100), HangUp()], seed=44).run()
     assert fourth.rejected and fourth.reject_reason == "busy" and fourth.stream_url is None
 
@@ -568,7 +569,7 @@ async def test_over_the_call_limit_the_webhook_says_busy_and_opens_no_session(
         call.bridge.end("test_done")
     await asyncio.gather(*holding)
     await call_over(stack)
-    state.busy_reject = False
+    state.settings.busy_answer = "say"
     fifth = await stack.caller(
         [Pause(200), say("yes"), WaitForAgentAudio(min_heard_ms=300), HangUp()], seed=45
     ).run()

@@ -32,7 +32,6 @@ __all__ = [
     "GeminiLink",
     "LiveOptions",
     "SessionCounter",
-    "live_options",
 ]
 
 CLOSE_TIMEOUT_S = 2.0  # Gemini's side of the close handshake; after that the socket is cut
@@ -137,22 +136,6 @@ class LiveOptions:
             session_resumption=types.SessionResumptionConfig(handle=self.resumption_handle),
             context_window_compression=compression,
         )
-
-
-def live_options(settings: Settings, **overrides: Any) -> LiveOptions:
-    options = LiveOptions(
-        model=settings.gemini_model,
-        system_prompt=settings.resolved_system_prompt(),
-        voice=settings.voice,
-        language=settings.language,
-        vad_start_sensitivity=settings.vad_start_sensitivity,
-        vad_end_sensitivity=settings.vad_end_sensitivity,
-        vad_prefix_padding_ms=settings.vad_prefix_padding_ms,
-        vad_silence_duration_ms=settings.vad_silence_duration_ms,
-    )
-    for key, value in overrides.items():
-        setattr(options, key, value)
-    return options
 
 
 def _ssl_context(ca_file: Path | None) -> ssl.SSLContext | None:

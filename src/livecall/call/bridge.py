@@ -125,7 +125,6 @@ class CallBridge:
         *,
         options: CallOptions | None = None,
         observer: CallObserver | None = None,
-        on_end: Callable[[CallSummary], None] | None = None,
     ) -> None:
         self.socket = socket
         self.stream = stream
@@ -134,7 +133,6 @@ class CallBridge:
         self.link = link_factory(None)
         self.options = options or CallOptions()
         self.observer: CallObserver = observer or NullObserver()
-        self.on_end = on_end
         self.call_sid = start.call_sid
         self.stream_sid = start.stream_sid
         self.log = log.bind(call_sid=self.call_sid, stream_sid=self.stream_sid)
@@ -163,7 +161,6 @@ class CallBridge:
         self.frames_dropped = 0
         self.protocol_errors = 0
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
-        self._seq = 0
         # sessions
         self.sessions = 0
         self.reconnects = 0
@@ -287,8 +284,6 @@ class CallBridge:
             summary.recording_path = recording
             with contextlib.suppress(Exception):
                 self.observer.call_ended(summary)
-            if self.on_end is not None:
-                self.on_end(summary)
             structlog.contextvars.unbind_contextvars("call_sid")
         return summary
 
@@ -398,16 +393,13 @@ class CallBridge:
         t0 = meter.begin() if meter is not None else 0
         try:
             ulaw = binascii.a2b_base64(media.payload, strict_mode=True)
+            if len(ulaw) > MAX_MEDIA_BYTES:  # refused before it reaches the resampler's state
+                raise ValueError(f"{len(ulaw)}-byte media frame")
             pcm = self.inbound.decode(ulaw)
         except ValueError as exc:
             self.protocol_errors += 1
             if self._should_log_error():
                 self.log.warning("twilio.bad_audio", error=str(exc), count=self.protocol_errors)
-            return
-        if len(ulaw) > MAX_MEDIA_BYTES:
-            self.protocol_errors += 1
-            if self._should_log_error():
-                self.log.warning("twilio.bad_audio", error=f"{len(ulaw)}-byte media frame")
             return
         self.frames_in += 1
         if self.recorder is not None:
@@ -565,20 +557,22 @@ class CallBridge:
                 continue
             await self._switch_to(link, fresh=handle is None and self.sessions > 0)
             if self.sessions > 1:
-                self.reconnects += 1
+                if why != "go_away":  # a planned rotation is counted in `rotations`
+                    self.reconnects += 1
+                gap_ms = round(self.now_ms() - self._down_since_ms, 1)
                 self._event(
                     "session_resumed" if handle else "session_started",
                     reason=why,
                     code=code,
                     attempt=attempt,
-                    gap_ms=round(self.now_ms() - self._down_since_ms, 1),
+                    gap_ms=gap_ms,
                 )
                 self.log.info(
                     "gemini.reconnected",
                     reason=why,
                     resumed=handle is not None,
                     attempt=attempt,
-                    gap_ms=round(self.now_ms() - self._down_since_ms, 1),
+                    gap_ms=gap_ms,
                 )
             else:
                 self._event("session_started", session_id=link.session_id)
@@ -665,7 +659,6 @@ class CallBridge:
                 await self.link.close()
 
     async def _agent_pump(self) -> None:
-        self._down_since_ms = self.now_ms()
         if not await self._recover("start", None):
             self.log.error("gemini.unavailable")
             await self._give_up()
@@ -684,12 +677,11 @@ class CallBridge:
                 if link is not self.link or self._ended.is_set():
                     continue  # a session we already moved away from
                 code = getattr(exc, "code", None)
-                reason = "stalled" if link is self._stalled_link else str(exc)
+                stalled = link is self._stalled_link
+                reason = "stalled" if stalled else str(exc)
                 self.log.warning("gemini.session_lost", code=code, reason=reason)
                 self._event("reconnect", code=code, reason=reason)
-                if not await self._recover(
-                    "stalled" if link is self._stalled_link else "session_lost", code
-                ):
+                if not await self._recover("stalled" if stalled else "session_lost", code):
                     await self._give_up()
                     return
                 continue

@@ -40,10 +40,6 @@ from livecall.tracing import configure_tracing, shutdown_tracing, traced
 
 log = structlog.get_logger("livecall.server")
 
-DEFAULT_BUSY_MESSAGE = (
-    "Sorry, all our lines are busy right now. Please call again in a few minutes."
-)
-
 
 @dataclass
 class AppState:
@@ -56,8 +52,6 @@ class AppState:
     recordings: RecordingStore
     feed: LiveFeed = field(default_factory=LiveFeed)
     observer_factory: Callable[[str], CallObserver] | None = None
-    busy_message: str = DEFAULT_BUSY_MESSAGE
-    busy_reject: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
     # agents: who answers, what they may do (see `call_setup`)
     profiles: ProfileRegistry | None = None
@@ -212,8 +206,6 @@ def create_app(
             settings.max_concurrent_calls,
             gemini_sessions=SessionCounter(settings.max_gemini_sessions),
         ),
-        busy_message=settings.busy_message,
-        busy_reject=settings.busy_answer == "reject",
         signature=TwilioSignature(token) if token else None,
         store=CallStore(settings),
         recordings=LocalRecordingStore(settings.recordings_dir),

@@ -100,7 +100,8 @@ def build_twilio_router(state: AppState) -> APIRouter:
                 active=len(state.registry.active),
             )
             return Response(
-                tw.busy_twiml(state.busy_message, reject=state.busy_reject), media_type=XML
+                tw.busy_twiml(settings.busy_message, reject=settings.busy_answer == "reject"),
+                media_type=XML,
             )
         base = public_base(request.url, request.headers, settings.public_url)
         parameters = {
