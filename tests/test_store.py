@@ -676,3 +676,10 @@ def test_cli(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     result = runner.invoke(calls_app, ["--database-url", url], env=env)
     assert result.exit_code == 1 and "livecall db upgrade" in result.output
+
+
+def test_an_unsupported_database_is_refused_at_start_with_a_clear_error() -> None:
+    from livecall.store.db import make_engine
+
+    with pytest.raises(ValueError, match=r"SQLite .* or PostgreSQL .*not mysql"):
+        make_engine("mysql+aiomysql://root@127.0.0.1/test")

@@ -43,8 +43,17 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+
+
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """An async engine for `url`; a SQLite file's directory is created on first use."""
+    backend = make_url(url).get_backend_name()
+    if backend not in SUPPORTED_BACKENDS:
+        raise ValueError(
+            "DATABASE_URL: call records need SQLite (sqlite+aiosqlite:///path.db) or "
+            f"PostgreSQL (postgresql+asyncpg://…), not {backend}"
+        )
     if is_sqlite(url):
         path = _sqlite_file(url)
         if path is not None:

@@ -84,7 +84,7 @@ def _insert_for(session: AsyncSession) -> Any:
         return postgresql.insert
     if name == "sqlite":
         return sqlite.insert
-    raise NotImplementedError(f"call records need SQLite or PostgreSQL, not {name}")
+    raise ValueError(f"call records need SQLite or PostgreSQL, not {name} (see make_engine)")
 
 
 def encode_cursor(started_at: datetime, call_sid: str) -> str:
