@@ -5,13 +5,14 @@ Secrets are `SecretStr` so that no log line, repr or error message can print the
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the friendly phone receptionist of a small business. Speak briefly and naturally, "
@@ -33,6 +34,12 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, validation_alias=AliasChoices("PUBLIC_URL", "SERVICE_URL"))
     log_level: str = Field("info", validation_alias="LOG_LEVEL")
     log_format: Literal["console", "json"] = Field("console", validation_alias="LOG_FORMAT")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias="TRUSTED_PROXIES",
+        description="comma-separated IPs or CIDRs of the proxies in front of livecall whose "
+        "X-Forwarded-* headers are believed (default: none, forwarded headers are ignored)",
+    )
 
     # --- Gemini
     gemini_api_key: SecretStr | None = Field(
@@ -183,6 +190,20 @@ class Settings(BaseSettings):
         validation_alias="LIVECALL_API_LOCAL_ONLY",
         description="serve the REST API without a token, to loopback clients only",
     )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)  # ValueError names the bad entry
+        return value
 
     @field_validator("public_url")
     @classmethod
