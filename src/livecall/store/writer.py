@@ -400,7 +400,11 @@ class CallStore:
     ) -> None:
         self.settings = settings
         self._owns_engine = engine is None
-        self.engine = engine if engine is not None else db.make_engine(settings.database_url)
+        self.engine = (
+            engine
+            if engine is not None
+            else db.make_engine(settings.database_url.get_secret_value())
+        )
         self.repo = Repository(db.make_sessionmaker(self.engine))
         self.spool_dir = Path(settings.spool_dir)
         self._migrate = db.is_sqlite(str(self.engine.url)) if migrate is None else migrate
