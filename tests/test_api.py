@@ -291,7 +291,7 @@ async def test_stats(client: httpx.AsyncClient) -> None:
 
 async def test_database_down_is_503_not_500(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    settings.database_url = "postgresql+asyncpg://postgres@127.0.0.1:1/none"
+    settings.database_url = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:1/none")
     store = CallStore(settings)
     app = make_app(store, LocalRecordingStore(tmp_path), settings)
     async with httpx.AsyncClient(
@@ -335,7 +335,7 @@ def api_schema(tmp_path: Path) -> schemathesis.schemas.BaseSchema:
                 record_call(store, f"CA{i:03d}", T0 + timedelta(minutes=i), "+1555")
 
     asyncio.run(seed())
-    engine = db.make_engine(settings.database_url, poolclass=NullPool)
+    engine = db.make_engine(settings.database_url.get_secret_value(), poolclass=NullPool)
     store = CallStore(settings, engine=engine)
     app = make_app(store, LocalRecordingStore(settings.recordings_dir), settings)
     return schemathesis.openapi.from_asgi("/openapi.json", app)

@@ -442,8 +442,8 @@ async def test_softphone_page_offers_the_profiles(client: httpx.AsyncClient) -> 
 
 async def test_database_down_is_a_503_page(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    broken = settings.model_copy(
-        update={"database_url": "postgresql+asyncpg://postgres@127.0.0.1:1/none"}  # refused
+    broken = settings.model_copy(  # a database that refuses connections
+        update={"database_url": SecretStr("postgresql+asyncpg://postgres@127.0.0.1:1/none")}
     )
     store = CallStore(broken)
     app = make_app(store, settings, LiveFeed(), make_state())

@@ -32,7 +32,10 @@ from livecall.store.models import Call
 
 ACCOUNT_SID = "AC" + "1" * 32
 API_TOKEN = "outbound-api-token-7c1e"
-AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+CALLS_TOKEN = "outbound-calls-token-93ad"  # only this one places calls
+AUTH = {"Authorization": f"Bearer {CALLS_TOKEN}"}
+# the 555 numbers below are fictional (libphonenumber calls them invalid): allowed by prefix
+TEST_DESTINATIONS = "+1555"
 OUR_NUMBER = "+15550009999"
 CALLEE = "+15557654321"
 VOICEMAIL = "Hi, this is Bella Vista about your booking tonight. Please call us back."
@@ -118,6 +121,8 @@ async def stack(
             "twilio_account_sid": ACCOUNT_SID,
             "twilio_api_base_url": fake_rest[1],
             "api_token": API_TOKEN,
+            "calls_token": CALLS_TOKEN,
+            "outbound_allowed_destinations": TEST_DESTINATIONS,
         },
     )
     await served.start()
@@ -280,6 +285,7 @@ async def test_livecall_call_places_the_call(
         "TWILIO_API_BASE_URL": base_url,
         "PUBLIC_URL": "https://calls.example.com",
         "PROFILES_FILE": str(profiles_file),
+        "OUTBOUND_ALLOWED_DESTINATIONS": TEST_DESTINATIONS,
     }.items():
         monkeypatch.setenv(name, value)
     app = typer.Typer()
@@ -303,4 +309,7 @@ async def test_livecall_call_places_the_call(
     bad = await asyncio.to_thread(runner.invoke, app, ["call", CALLEE, "--profile", "nope"])
     assert bad.exit_code == 1
     assert "unknown profile 'nope'" in bad.output
+    premium = await asyncio.to_thread(runner.invoke, app, ["call", "+19005551234"])
+    assert premium.exit_code == 1
+    assert "premium-rate numbers are not called" in premium.output
     assert len(fake.calls) == 1

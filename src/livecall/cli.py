@@ -35,15 +35,6 @@ _register_subcommands()
 console = Console(stderr=True)
 
 
-def _secrets_of(settings: object) -> list[str]:
-    out = []
-    for name in ("gemini_api_key", "twilio_auth_token", "api_token"):
-        value = getattr(settings, name, None)
-        if value is not None:
-            out.append(value.get_secret_value())
-    return out
-
-
 def uvicorn_config(
     app_obj: object, host: str, port: int, *, request_timeout_s: float = 10.0, **kw: object
 ) -> object:
@@ -76,7 +67,7 @@ def serve(
     from livecall.settings import Settings
 
     settings = Settings()
-    configure_logging(settings.log_level, settings.log_format, _secrets_of(settings))
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     if not settings.has_gemini_credentials():
         console.print(
             "[red]No Gemini credentials.[/red] Set [bold]GEMINI_API_KEY[/bold] (Gemini Developer "

@@ -1,9 +1,11 @@
 """Structured logs: every line carries the call it belongs to, and no line carries a secret.
 
 Call context rides in structlog's contextvars (bound once per call task), so code deep in the
-bridge logs `log.info("gemini.goaway")` and the line still names the call. A last processor
-scrubs the values of every configured secret out of the rendered event, whatever path it
-took to get there (an exception message quoting a URL, a repr of a header dict…).
+bridge logs `log.info("gemini.goaway")` and the line still names the call. Every configured
+secret is scrubbed twice: from the event's values, and from the finished line itself, so
+nothing gets past whatever path it took (an exception message quoting a URL, a repr of a
+header dict, a traceback uvicorn, asyncio or SQLAlchemy logged through the stdlib chain).
+Tracebacks are rendered plainly, never with the local variables of each frame.
 When tracing is on, lines logged inside a call's span also name its `trace_id` and `span_id`,
 so a log search and a trace viewer meet on the same call.
 """
@@ -29,12 +31,18 @@ def register_secret(value: str | None) -> None:
         _secrets.add(value)
 
 
+def scrub_text(value: str) -> str:
+    """`value` with every registered secret replaced by `REDACTED` (longest first: a URL
+    goes whole before the password inside it does)."""
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in value:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        for secret in _secrets:
-            if secret in value:
-                value = value.replace(secret, REDACTED)
-        return value
+        return scrub_text(value)
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -52,6 +60,15 @@ def redact_secrets(
             value = repr(value)
         event_dict[key] = _scrub(value)
     return event_dict
+
+
+def _scrub_line(_logger: Any, _name: str, line: Any) -> Any:
+    """Last step, on the rendered line: what the value scrub could not see is caught here."""
+    if not _secrets:
+        return line
+    if isinstance(line, bytes):
+        return scrub_text(line.decode("utf-8", "replace")).encode()
+    return scrub_text(line) if isinstance(line, str) else line
 
 
 def configure_logging(
@@ -74,7 +91,9 @@ def configure_logging(
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -85,12 +104,18 @@ def configure_logging(
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processor=renderer,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+                _scrub_line,
+            ],
             foreign_pre_chain=[
                 structlog.stdlib.add_logger_name,
                 add_trace_context,
                 structlog.stdlib.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+                # a stdlib record's traceback (uvicorn, asyncio…) becomes text to scrub
+                structlog.processors.format_exc_info,
                 redact_secrets,
             ],
         )

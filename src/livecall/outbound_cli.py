@@ -2,7 +2,8 @@
 
 The call is created with Twilio's REST API straight from here (no running server is asked),
 with TwiML that streams the answered call to this installation's public URL; the server
-serving that URL then carries the conversation. Register it with
+serving that URL then carries the conversation. The destination allowlist the API applies
+(`OUTBOUND_ALLOWED_DESTINATIONS`, no premium-rate numbers) applies here too. Register it with
 ``app.command("call")(call_command)``.
 """
 
@@ -38,13 +39,13 @@ def call_command(
     """Call NUMBER and let the profile's agent talk (the server at PUBLIC_URL takes the call)."""
     from livecall.agent.profiles import ProfileError, ProfileSet
     from livecall.log import configure_logging
-    from livecall.server.outbound import OutboundError, place_outbound_call
+    from livecall.server.outbound import OutboundError, destination_policy, place_outbound_call
     from livecall.settings import Settings
     from livecall.telephony.twilio_rest import TwilioCallControl, TwilioCallError
 
     settings = Settings()
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
-    configure_logging(settings.log_level, settings.log_format, [token] if token else [])
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     if not _E164.match(number):
         console.print(f"[red]{number!r} is not an E.164 number[/red] (like +15551234567)")
         raise typer.Exit(2)
@@ -78,12 +79,13 @@ def call_command(
                 to=number,
                 profile=profile,
                 public_base_url=settings.public_url,
+                destinations=destination_policy(settings, profiles),
                 machine_detection=amd,
                 from_=from_,
                 default_caller_id=settings.twilio_caller_id,
             )
         )
-    except (OutboundError, TwilioCallError) as exc:
+    except (OutboundError, TwilioCallError, ValueError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     console.print(

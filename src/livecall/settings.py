@@ -9,7 +9,7 @@ import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -39,6 +39,28 @@ class Settings(BaseSettings):
         validation_alias="TRUSTED_PROXIES",
         description="comma-separated IPs or CIDRs of the proxies in front of livecall whose "
         "X-Forwarded-* headers are believed (default: none, forwarded headers are ignored)",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        validation_alias="METRICS_TOKEN",
+        description="when set, GET /metrics needs `Authorization: Bearer <METRICS_TOKEN>`",
+    )
+    docs_public: bool = Field(
+        False,
+        validation_alias="DOCS_PUBLIC",
+        description="serve /docs, /redoc and /openapi.json to anyone; off: only /openapi.json, "
+        "to holders of the API token",
+    )
+    log_dtmf: bool = Field(
+        False,
+        validation_alias="LOG_DTMF",
+        description="keep keypad digits in logs, call events and traces (off: each is '•')",
+    )
+    log_transcripts: bool = Field(
+        False,
+        validation_alias="LOG_TRANSCRIPTS",
+        description="put transcript text in log lines (off: its length only; the call records "
+        "keep the transcript either way)",
     )
 
     # --- Gemini
@@ -105,6 +127,25 @@ class Settings(BaseSettings):
         description="override of https://api.twilio.com (the REST simulator in tests)",
     )
     twilio_caller_id: str | None = Field(None, validation_alias="TWILIO_CALLER_ID")
+    outbound_allowed_destinations: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias="OUTBOUND_ALLOWED_DESTINATIONS",
+        description="comma-separated ISO countries (US, GB) and E.164 prefixes (+1415) outbound "
+        "calls may go to; default: the countries of the configured caller IDs",
+    )
+    outbound_allow_premium: bool = Field(
+        False,
+        validation_alias="OUTBOUND_ALLOW_PREMIUM",
+        description="also call premium-rate, shared-cost and personal numbers",
+    )
+    outbound_max_per_minute: int = Field(10, ge=1, validation_alias="OUTBOUND_MAX_PER_MINUTE")
+    outbound_max_per_hour: int = Field(100, ge=1, validation_alias="OUTBOUND_MAX_PER_HOUR")
+    outbound_max_concurrent: int = Field(
+        10,
+        ge=1,
+        validation_alias="OUTBOUND_MAX_CONCURRENT",
+        description="outbound calls ringing or in progress at once (per instance)",
+    )
 
     # --- calls
     max_concurrent_calls: int = Field(500, validation_alias="MAX_CONCURRENT_CALLS")
@@ -178,7 +219,11 @@ class Settings(BaseSettings):
     )
 
     # --- records
-    database_url: str = Field("sqlite+aiosqlite:///./livecall.db", validation_alias="DATABASE_URL")
+    database_url: SecretStr = Field(
+        SecretStr("sqlite+aiosqlite:///./livecall.db"),
+        validation_alias="DATABASE_URL",
+        description="a secret: it may carry the database password",
+    )
     recordings_dir: Path = Field(Path("recordings"), validation_alias="RECORDINGS_DIR")
     recording_format: Literal["wav", "flac"] = Field("wav", validation_alias="RECORDING_FORMAT")
     recording_enabled: bool = Field(True, validation_alias="RECORDING_ENABLED")
@@ -190,6 +235,18 @@ class Settings(BaseSettings):
         validation_alias="LIVECALL_API_LOCAL_ONLY",
         description="serve the REST API without a token, to loopback clients only",
     )
+    calls_token: SecretStr | None = Field(
+        None,
+        validation_alias="LIVECALL_CALLS_TOKEN",
+        description="bearer token that may place outbound calls (LIVECALL_API_TOKEN only reads)",
+    )
+
+    @field_validator("outbound_allowed_destinations", mode="before")
+    @classmethod
+    def _split_destinations(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -215,6 +272,24 @@ class Settings(BaseSettings):
             raise ValueError("PUBLIC_URL must be an absolute http(s) URL, e.g. https://example.com")
         return value.rstrip("/")
 
+    def secret_values(self) -> list[str]:
+        """Every credential this configuration holds, for log redaction: each `SecretStr`
+        setting (and any `*_token`/`*_key`/`*_secret`/`*_password` one), and the password
+        inside DATABASE_URL and REDIS_URL, as written and percent-decoded."""
+        values: list[str] = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                raw = value.get_secret_value()
+            elif isinstance(value, str) and name.endswith(_SECRET_SUFFIXES):
+                raw = value
+            else:
+                continue
+            if raw:
+                values.append(raw)
+                values.extend(url_password(raw))
+        return values
+
     def resolved_system_prompt(self) -> str:
         if self.system_prompt_file is not None:
             return self.system_prompt_file.read_text(encoding="utf-8").strip()
@@ -224,6 +299,20 @@ class Settings(BaseSettings):
         if self.gemini_use_vertexai:
             return bool(self.gemini_project and self.gemini_location)
         return self.gemini_api_key is not None and bool(self.gemini_api_key.get_secret_value())
+
+
+_SECRET_SUFFIXES = ("_token", "_key", "_secret", "_password")
+
+
+def url_password(url: str) -> list[str]:
+    """The password in a URL (`scheme://user:password@host/…`), raw and decoded; [] if none."""
+    try:
+        password = urlsplit(url).password if "://" in url else None
+    except ValueError:
+        return []
+    if not password:
+        return []
+    return list(dict.fromkeys((password, unquote(password))))
 
 
 @lru_cache(maxsize=1)

@@ -284,9 +284,13 @@ class StereoRecorder:
             if not self._io.wait_for(lambda: self._inflight == 0, timeout=60):
                 raise RuntimeError("a recording flush never finished")
         target = Path(path).with_suffix(f".{fmt}")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.part")
         try:
+            # a call's voices: readable by this user only, from the first byte written
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
             if fmt == "wav":
                 self._to_wav(partial, end)
             else:

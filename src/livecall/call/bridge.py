@@ -38,6 +38,7 @@ from livecall.audio.transcode import InboundTranscoder, OutboundTranscoder
 from livecall.call.audio_queue import ByteBoundedQueue
 from livecall.call.playout import PlayoutTracker
 from livecall.call.turns import TurnTracker
+from livecall.privacy import keypad, transcript_fields
 from livecall.records import (
     CallEventRecord,
     CallInfo,
@@ -197,7 +198,10 @@ class CallBridge:
             self.log.info(
                 "call.turn",
                 speaker=turn.speaker,
-                text=turn.heard_text if turn.interrupted else turn.text,
+                **transcript_fields(
+                    (turn.heard_text if turn.interrupted else turn.text) or "",
+                    self.options.extra.get("log_transcripts", False),
+                ),
                 interrupted=turn.interrupted,
                 at_ms=turn.start_ms,
                 first_audio_latency_ms=(
@@ -375,8 +379,9 @@ class CallBridge:
                         if self._should_log_error():
                             self.log.warning("twilio.bad_dtmf", digit=event.digit[:16])
                         continue
-                    self.log.info("call.dtmf", digit=event.digit)
-                    self._event("dtmf", digit=event.digit)
+                    shown = keypad(event.digit, self.options.extra.get("log_dtmf", False))
+                    self.log.info("call.dtmf", digit=shown)
+                    self._event("dtmf", digit=shown)
                     await self._to_gemini(
                         "text", f"The caller pressed {event.digit} on the keypad."
                     )

@@ -4,6 +4,11 @@
 `Authorization: Bearer <LIVECALL_API_TOKEN>` (compared in constant time; 401 with
 `WWW-Authenticate: Bearer` otherwise). Without a token the API is not served at all
 (`ApiDisabled`), unless `LIVECALL_API_LOCAL_ONLY` says it may answer loopback clients only.
+
+Placing calls costs money, so it has a token of its own (`calls_auth`): only
+`LIVECALL_CALLS_TOKEN` may, never the read token (which is also the dashboard password) and
+never a loopback client without a token. An operator who wants one token for both sets the
+two to the same value.
 """
 
 import hmac
@@ -13,6 +18,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import structlog
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -25,7 +31,9 @@ from livecall.store.recordings import RecordingStore
 from livecall.store.repository import Distribution, InvalidCursor, Stats
 from livecall.store.writer import CallStore
 
-__all__ = ["ApiDisabled", "bearer_auth", "build_api_router"]
+__all__ = ["ApiDisabled", "bearer_auth", "build_api_router", "calls_auth"]
+
+log = structlog.get_logger("livecall.api")
 
 SID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 CallStatus = Literal["in_progress", "completed", "failed"]
@@ -248,6 +256,44 @@ def bearer_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
         client = request.client.host if request.client is not None else None
         if not _is_loopback(client):
             raise HTTPException(403, "the call records API is local-only")
+
+    return authorize
+
+
+def calls_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
+    """Auth for placing calls: `Authorization: Bearer <LIVECALL_CALLS_TOKEN>` and nothing else.
+
+    Unset, no one may place calls (403 saying what to set); the read token gets a 403 that
+    says it only reads, any other a 401.
+    """
+    calls = settings.calls_token.get_secret_value().encode() if settings.calls_token else b""
+    read = settings.api_token.get_secret_value().encode() if settings.api_token else b""
+    bearer = HTTPBearer(auto_error=False, description="LIVECALL_CALLS_TOKEN")
+
+    async def authorize(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if calls and hmac.compare_digest(given, calls):
+            return
+        client = request.client.host if request.client is not None else None
+        if not calls:
+            log.warning("api.calls_refused", reason="no LIVECALL_CALLS_TOKEN", client=client)
+            raise HTTPException(
+                403,
+                "placing calls is off: set LIVECALL_CALLS_TOKEN "
+                "(LIVECALL_API_TOKEN only reads call records)",
+            )
+        if read and hmac.compare_digest(given, read):
+            log.warning("api.calls_refused", reason="read token", client=client)
+            raise HTTPException(
+                403, "this token only reads call records: placing calls needs LIVECALL_CALLS_TOKEN"
+            )
+        log.warning("api.calls_refused", reason="bad token", client=client)
+        raise HTTPException(
+            401, "invalid or missing bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
 
     return authorize
 

@@ -27,6 +27,7 @@ from livecall.log import register_secret
 from livecall.metrics import Metrics, build_metrics_router
 from livecall.records import CallObserver
 from livecall.server.api import ApiDisabled, build_api_router
+from livecall.server.docs import build_openapi_router, docs_urls
 from livecall.server.ops import build_live_api_router, build_ops_router
 from livecall.server.outbound import build_amd_router, build_outbound_api_router
 from livecall.server.registry import CallRegistry
@@ -160,6 +161,7 @@ class AppState:
             non_blocking_tools=self.non_blocking_tools(),
         )
         options.extra["agent_profile"] = profile
+        options.extra.update(log_dtmf=s.log_dtmf, log_transcripts=s.log_transcripts)
         if amd:
             options.extra["deferred_greeting"] = profile.greeting
         vad = profile.vad
@@ -186,12 +188,9 @@ def create_app(
 ) -> FastAPI:
     """The app: Twilio's doors, the dashboard, the APIs, `/metrics`, health and drain."""
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
-    for secret in (settings.gemini_api_key, settings.twilio_auth_token, settings.api_token):
-        if secret is not None:
-            register_secret(secret.get_secret_value())  # whoever configured logging
+    for secret in settings.secret_values():
+        register_secret(secret)  # whoever configured logging
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
-    if redis_url:
-        register_secret(redis_url)
     cluster = create_cluster(
         redis_url,
         settings.instance_id,
@@ -261,7 +260,7 @@ def create_app(
             if tracing_here:
                 shutdown_tracing()
 
-    app = FastAPI(title="livecall", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="livecall", version=__version__, lifespan=lifespan, **docs_urls(settings))
     app.state.livecall = state
 
     app.include_router(build_ops_router(state))  # /health, /ready, /admin/drain
@@ -269,7 +268,9 @@ def create_app(
     app.include_router(build_amd_router(state))
     from livecall.server.dashboard import DashboardDisabled, build_dashboard_router
 
-    app.include_router(build_metrics_router(state.metrics))
+    metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+    app.include_router(build_metrics_router(state.metrics, bearer_token=metrics_token or None))
+    app.include_router(build_outbound_api_router(state))  # its own token: LIVECALL_CALLS_TOKEN
     try:
         app.include_router(
             build_dashboard_router(state, state.store, state.recordings, state.feed, settings)
@@ -278,8 +279,8 @@ def create_app(
         log.warning("dashboard.disabled", reason=str(exc))
     try:
         app.include_router(build_api_router(state.store, state.recordings, settings))
-        app.include_router(build_outbound_api_router(state))
         app.include_router(build_live_api_router(state))
+        app.include_router(build_openapi_router(app, settings))
     except ApiDisabled as exc:
         log.warning("api.disabled", reason=str(exc))
     return app
@@ -291,12 +292,7 @@ def app_from_env() -> FastAPI:
     from livecall.log import configure_logging
 
     settings = Settings()
-    secrets = [
-        s.get_secret_value()
-        for s in (settings.gemini_api_key, settings.twilio_auth_token, settings.api_token)
-        if s is not None
-    ]
-    configure_logging(settings.log_level, settings.log_format, secrets)
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     return create_app(settings)
 
 

@@ -8,11 +8,19 @@ listening in the background and POSTs its verdict to `/twilio/amd`: for a machin
 greeting and beep are over, the agent leaves the profile's voicemail message and hangs up;
 for a person, the agent greets them (it held its greeting until then, so it never talks over
 a voicemail greeting).
+
+Placing a call spends money, so the API guards it (toll fraud): its own token
+(`LIVECALL_CALLS_TOKEN`), `PUBLIC_URL` set (the stream and AMD callback never go to a host a
+requester names), a destination allowlist (`livecall.telephony.destinations`), and rate and
+concurrency caps (`livecall.server.outbound_limits`). Every refusal is a JSON error and a log
+line naming the number by its last four digits only.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -20,9 +28,13 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from livecall.agent.profiles import AgentProfile, ProfileRegistry, ProfileSet
-from livecall.server.api import bearer_auth
+from livecall.privacy import mask_number
+from livecall.server.api import calls_auth
+from livecall.server.outbound_limits import OutboundLimits
 from livecall.server.twilio_routes import FORBIDDEN, STREAM_PATH, signed_form
-from livecall.server.urls import public_base, ws_base
+from livecall.server.urls import ws_base
+from livecall.settings import Settings
+from livecall.telephony.destinations import DestinationPolicy, DestinationRefused
 from livecall.telephony.twilio_rest import TwilioCallControl, TwilioCallError
 
 if TYPE_CHECKING:
@@ -35,6 +47,7 @@ __all__ = [
     "OutboundError",
     "build_amd_router",
     "build_outbound_api_router",
+    "destination_policy",
     "place_outbound_call",
 ]
 
@@ -82,6 +95,20 @@ class OutboundCallOut(BaseModel):
     machine_detection: bool
 
 
+def destination_policy(settings: Settings, profiles: ProfileSet) -> DestinationPolicy:
+    """The allowlist: OUTBOUND_ALLOWED_DESTINATIONS, else the configured caller IDs' countries
+    (TWILIO_CALLER_ID and the profiles' numbers; never a `from` a request names)."""
+    caller_ids: Iterable[str | None] = [
+        settings.twilio_caller_id,
+        *(number for p in profiles.profiles for number in p.numbers),
+    ]
+    return DestinationPolicy.parse(
+        settings.outbound_allowed_destinations,
+        caller_ids=caller_ids,
+        allow_costly=settings.outbound_allow_premium,
+    )
+
+
 async def place_outbound_call(
     control: TwilioCallControl,
     profiles: ProfileSet,
@@ -89,15 +116,20 @@ async def place_outbound_call(
     to: str,
     profile: str | None,
     public_base_url: str,
+    destinations: DestinationPolicy,
     machine_detection: bool = False,
     from_: str | None = None,
     default_caller_id: str | None = None,
 ) -> tuple[str, AgentProfile, str]:
     """Create the call with Twilio; returns (call sid, profile, caller ID used).
 
-    Raises `OutboundError` for a request that cannot work (unknown profile, no caller ID)
-    and `TwilioCallError` when Twilio refuses.
+    Raises `OutboundError` for a request that cannot work (unknown profile, no caller ID, a
+    destination `destinations` refuses: 403) and `TwilioCallError` when Twilio refuses.
     """
+    try:
+        destinations.check(to)
+    except DestinationRefused as exc:
+        raise OutboundError(f"destination refused: {exc}", 403) from None
     if profile:
         chosen = profiles.get(profile)
         if chosen is None:
@@ -163,9 +195,21 @@ def build_amd_router(state: AppState) -> APIRouter:
 
 def build_outbound_api_router(state: AppState) -> APIRouter:
     """`POST /api/calls/outbound` behind the API's bearer auth; raises `ApiDisabled`."""
-    authorize = bearer_auth(state.settings)
-    router = APIRouter(prefix="/api", tags=["calls"], dependencies=[Depends(authorize)])
     settings = state.settings
+    authorize = calls_auth(settings)
+    router = APIRouter(prefix="/api", tags=["calls"], dependencies=[Depends(authorize)])
+    limits = OutboundLimits(
+        settings.outbound_max_per_minute,
+        settings.outbound_max_per_hour,
+        settings.outbound_max_concurrent,
+    )
+    DestinationPolicy.parse(settings.outbound_allowed_destinations)  # a bad entry stops startup
+
+    def refuse(status: int, reason: str, to: str, **headers: str) -> HTTPException:
+        masked = mask_number(to)
+        shown = reason.replace(to, masked) if to else reason  # Twilio's errors quote the number
+        log.warning("outbound.refused", status=status, reason=shown, to=masked)
+        return HTTPException(status, reason, headers=headers or None)
 
     @router.post(
         "/calls/outbound",
@@ -175,36 +219,64 @@ def build_outbound_api_router(state: AppState) -> APIRouter:
         summary="Place an outbound call with an agent profile",
         responses={
             400: {"description": "unknown profile or no caller ID"},
+            401: {"description": "missing or wrong LIVECALL_CALLS_TOKEN"},
+            403: {"description": "not the calls token, or a destination not allowed"},
+            429: {"description": "too many outbound calls (rate or concurrency cap)"},
             502: {"description": "Twilio refused the call"},
-            503: {"description": "no Twilio REST credentials, or the server is draining"},
+            503: {"description": "no Twilio REST credentials, no PUBLIC_URL, or draining"},
         },
     )
-    async def create_outbound_call(body: OutboundCallIn, request: Request) -> OutboundCallOut:
+    async def create_outbound_call(body: OutboundCallIn) -> OutboundCallOut:
         control = state.call_control
         if control is None:
-            raise HTTPException(503, "outbound calls need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+            raise refuse(
+                503, "outbound calls need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN", body.to
+            )
+        if not settings.public_url:
+            # without it the stream URL would come from the request's (forgeable) headers
+            raise refuse(
+                503,
+                "outbound calls need PUBLIC_URL (where Twilio reaches this server for the audio)",
+                body.to,
+            )
         if state.registry.draining:
-            raise HTTPException(503, "the server is draining")
+            raise refuse(503, "the server is draining", body.to)
         if state.profiles is None:
             state.profiles = ProfileRegistry(None, settings)
         profiles = state.profiles.current
+        try:
+            destinations = destination_policy(settings, profiles)
+            destinations.check(body.to)
+        except DestinationRefused as exc:
+            raise refuse(403, f"destination refused: {exc}", body.to) from None
+        refusal = limits.admit(time.monotonic(), state.registry.active)
+        if refusal is not None:
+            raise refuse(
+                429, refusal.reason, body.to, **{"Retry-After": str(refusal.retry_after_s)}
+            )
         try:
             sid, profile, caller_id = await place_outbound_call(
                 control,
                 profiles,
                 to=body.to,
                 profile=body.profile,
-                public_base_url=public_base(request.url, request.headers, settings.public_url),
+                public_base_url=settings.public_url,
+                destinations=destinations,
                 machine_detection=body.machine_detection,
                 from_=body.from_,
                 default_caller_id=settings.twilio_caller_id,
             )
         except OutboundError as exc:
-            raise HTTPException(exc.status, str(exc)) from None
+            limits.release()
+            raise refuse(exc.status, str(exc), body.to) from None
         except TwilioCallError as exc:
-            log.warning("outbound.refused", to=body.to, error=str(exc))
-            raise HTTPException(502, str(exc)) from None
-        log.info("outbound.placed", call_sid=sid, to=body.to, profile=profile.name)
+            limits.release()
+            raise refuse(502, str(exc), body.to) from None
+        except BaseException:
+            limits.release()
+            raise
+        limits.placed(sid, time.monotonic())
+        log.info("outbound.placed", call_sid=sid, to=mask_number(body.to), profile=profile.name)
         return OutboundCallOut(
             call_sid=sid,
             to=body.to,

@@ -36,7 +36,7 @@ DatabaseUrl = Annotated[
 
 
 def _url(database_url: str | None) -> str:
-    return database_url or Settings().database_url
+    return database_url or Settings().database_url.get_secret_value()
 
 
 def _with_repo(database_url: str | None, action: Callable[[Repository], Awaitable[T]]) -> T:

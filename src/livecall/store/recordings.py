@@ -2,9 +2,10 @@
 
 `RecordingStore` is keyed by call SID: put a finished local file, open it for download, delete
 it, list the ones older than N days. `LocalRecordingStore` keeps them as
-`<dir>/<call_sid>.<wav|flac>`. An S3/GCS store (fsspec or the vendors' SDKs) implements the
-same five methods; `open()` may then return a stream instead of a path. The retention job
-(`cleanup_expired`, `run_retention`) works against the interface only.
+`<dir>/<call_sid>.<wav|flac>` (files 0600, the directory created 0700: they are personal data).
+An S3/GCS store (fsspec or the vendors' SDKs) implements the same five methods; `open()` may
+then return a stream instead of a path. The retention job (`cleanup_expired`,
+`run_retention`) works against the interface only.
 """
 
 from __future__ import annotations
@@ -111,13 +112,14 @@ class LocalRecordingStore(RecordingStore):
     def _put(self, call_sid: str, local_path: Path) -> str:
         fmt = local_path.suffix.lstrip(".").lower()
         target = self.path_for(call_sid, fmt)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if local_path.resolve() != target.resolve():
             for other in FORMATS:  # one recording per call
                 if other != fmt:
                     with contextlib.suppress(FileNotFoundError):
                         (self.directory / f"{call_sid}.{other}").unlink()
             shutil.move(str(local_path), target)
+        os.chmod(target, 0o600)  # personal data: this user only, whoever wrote the file
         return str(target)
 
     async def put(self, call_sid: str, local_path: Path) -> str:

@@ -168,9 +168,9 @@ class SpoolFile:
 
     @classmethod
     def create(cls, directory: Path) -> SpoolFile:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = directory / f"{SPOOL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{SPOOL_SUFFIX}"
-        handle = path.open("ab")
+        handle = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
         if fcntl is not None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         return cls(path, handle)
@@ -400,7 +400,11 @@ class CallStore:
     ) -> None:
         self.settings = settings
         self._owns_engine = engine is None
-        self.engine = engine if engine is not None else db.make_engine(settings.database_url)
+        self.engine = (
+            engine
+            if engine is not None
+            else db.make_engine(settings.database_url.get_secret_value())
+        )
         self.repo = Repository(db.make_sessionmaker(self.engine))
         self.spool_dir = Path(settings.spool_dir)
         self._migrate = db.is_sqlite(str(self.engine.url)) if migrate is None else migrate

@@ -22,6 +22,7 @@ from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
 from livecall.log import get_logger, register_secret
+from livecall.privacy import mask_number
 
 __all__ = [
     "TwilioCallControl",
@@ -198,7 +199,9 @@ class TwilioCallControl:
         if time_limit_s is not None:
             kwargs["time_limit"] = int(time_limit_s)
         call = await self._run("create call", self._client.calls.create, **kwargs)
-        log.info("twilio.outbound_created", call_sid=call.sid, to=to, amd=machine_detection)
+        log.info(
+            "twilio.outbound_created", call_sid=call.sid, to=mask_number(to), amd=machine_detection
+        )
         return str(call.sid)
 
     async def status(self, call_sid: str) -> str | None:
