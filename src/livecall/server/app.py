@@ -216,6 +216,11 @@ def create_app(
         ),
         call_control=_call_control(settings),
         cluster=cluster,
+        http_tools=HttpToolRunner(
+            signing_secret=settings.http_tools_secret.get_secret_value()
+            if settings.http_tools_secret
+            else None
+        ),
     )
     cluster.on_control = state.on_control
 
