@@ -366,6 +366,14 @@ class WebhookService:
         return text.encode()
 
     async def _deliver(self, row: WebhookDelivery) -> None:
+        try:
+            await self._attempt(row)
+        except asyncio.CancelledError:  # stopping mid-send: let the next owner have it now
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.outbox.release(row)), 2.0)
+            raise
+
+    async def _attempt(self, row: WebhookDelivery) -> None:
         assert self._secret is not None and self.client is not None
         try:
             body = await self._body(row, self.clock())

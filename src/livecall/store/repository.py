@@ -22,7 +22,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
-from livecall.outcomes.outbox import OUTBOX_OPS, apply_outbox_ops
 from livecall.store.models import Call, CallEvent, Turn, WebhookDelivery
 
 PERCENTILES = (50, 90, 95, 99)
@@ -159,7 +158,10 @@ class Repository:
         events: dict[tuple[str, int], dict[str, Any]] = {}
         answered: dict[str, datetime] = {}
         ends: dict[str, dict[str, Any]] = {}
-        outbox: list[Mapping[str, Any]] = []  # webhook deliveries (livecall.outcomes.outbox)
+        # webhook deliveries ride the same batches (imported here: outcomes imports the store)
+        from livecall.outcomes.outbox import OUTBOX_OPS, apply_outbox_ops
+
+        outbox: list[Mapping[str, Any]] = []
         for op in ops:
             kind = op["op"]
             if kind in OUTBOX_OPS:
