@@ -356,12 +356,13 @@ class _Unavailable(Exception):
 
 async def _webhook_deliveries(state: AppState, sid: str) -> list[Any] | None:
     """A call's webhook deliveries for its page ([] when none; None when unreadable)."""
-    if state.webhooks is None:
+    webhooks = getattr(state, "webhooks", None)
+    if webhooks is None:
         return []
     from livecall.outcomes.webhooks import DeliveryOut
 
     try:
-        return [DeliveryOut.of(row) for row in await state.webhooks.outbox.for_call(sid)]
+        return [DeliveryOut.of(row) for row in await webhooks.outbox.for_call(sid)]
     except (SQLAlchemyError, OSError):
         return None
 
@@ -749,7 +750,7 @@ def build_dashboard_router(
             },
             call_data=data,
             deliveries=deliveries,
-            webhooks_on=state.webhooks is not None,
+            webhooks_on=getattr(state, "webhooks", None) is not None,
         )
 
     @router.post("/calls/{sid}/webhook/retry")
@@ -758,10 +759,11 @@ def build_dashboard_router(
         session = require(request)
         form = await read_form(request)
         check_post(request, session, form)
-        if state.webhooks is None or not _SID_RE.match(sid):
+        webhooks = getattr(state, "webhooks", None)
+        if webhooks is None or not _SID_RE.match(sid):
             raise HTTPException(404, "no such call")
         try:
-            outcome = await state.webhooks.retry(sid)
+            outcome = await webhooks.retry(sid)
         except (SQLAlchemyError, OSError, TimeoutError) as error:
             raise HTTPException(503, "call records database unavailable") from error
         if outcome.problem is not None:
