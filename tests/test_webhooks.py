@@ -422,3 +422,49 @@ async def test_profile_webhook_url_wins_and_no_secret_means_no_webhook(
         assert len(receiver.requests) == 1  # only the first stack's delivery
     finally:
         await quiet.stop()
+
+
+async def test_analysis_rides_in_the_webhook_once_settled(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    stack = await start_stack(fast(receiver, tmp_path))
+    service = stack.app.state.livecall.webhooks
+    service.wants_analysis = lambda _profile: True  # as a profile with analysis on
+    try:
+        sid = await make_call(stack, call_over)
+        (row,) = await deliveries(stack, sid)
+        assert row.await_analysis and row.attempts == 0 and receiver.requests == []
+        service.analysis_settled(sid, {"summary": "Booked a table", "success": True})
+        await delivered(stack, sid)
+        payload = orjson.loads(receiver.ok()[0]["body"])
+        assert payload["analysis"] == {"summary": "Booked a table", "success": True}
+        failed = await make_call(stack, call_over)
+        service.analysis_settled(failed, None)  # the analysis finally failed
+        await delivered(stack, failed)
+        assert orjson.loads(receiver.ok()[1]["body"])["analysis"] is None
+    finally:
+        await stack.stop()
+
+
+async def test_cli_sends_a_signed_sample(receiver: Receiver) -> None:
+    from typer.testing import CliRunner
+
+    from livecall.cli import app
+
+    receiver.plan = ["200", "500"]
+    runner = CliRunner()
+    env = {"CALL_WEBHOOK_SECRET": SECRET}
+    ok = await asyncio.to_thread(runner.invoke, app, ["webhooks", "test", receiver.url], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert "HTTP 200" in ok.output and "dlv_" in ok.output
+    request = receiver.requests[0]
+    assert documented_verifier()(
+        SECRET, request["body"], request["headers"]["x-livecall-signature"]
+    )
+    assert orjson.loads(request["body"])["event"] == "call.ended"
+    bad = await asyncio.to_thread(runner.invoke, app, ["webhooks", "test", receiver.url], env=env)
+    assert bad.exit_code == 1 and "HTTP 500" in bad.output and "retried" in bad.output
+    no_secret = await asyncio.to_thread(
+        runner.invoke, app, ["webhooks", "test", receiver.url], env={"CALL_WEBHOOK_SECRET": ""}
+    )
+    assert no_secret.exit_code == 2 and len(receiver.requests) == 2
