@@ -238,6 +238,7 @@ async def test_retries_through_500_and_timeout_with_one_delivery_id(
             listed = (await client.get(f"/api/calls/{sid}/webhooks", headers=auth)).json()
             metrics = (await client.get("/metrics")).text
         assert listed[0]["delivery_id"] == row.id and listed[0]["status"] == "delivered"
+        assert listed[0]["url"] == receiver.url.split("/hooks")[0] + "/…"  # no path, no token
         assert 'livecall_webhook_attempts_total{outcome="retry"} 3.0' in metrics
         assert 'livecall_webhook_attempts_total{outcome="delivered"} 1.0' in metrics
     finally:

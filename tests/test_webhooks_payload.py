@@ -122,3 +122,11 @@ def test_recording_links_expire_and_cannot_be_forged() -> None:
 @pytest.mark.parametrize("attempt", [0, -3])
 def test_backoff_for_odd_attempt_numbers_is_the_first_delay(attempt: int) -> None:
     assert backoff_delay(attempt, 1.0, 10.0, lambda: 0.5) == 1.0
+
+
+def test_delivery_urls_are_shown_without_path_or_query() -> None:
+    from livecall.outcomes.webhooks import redact_url
+
+    assert redact_url("https://hooks.slack.com/services/T0/B0/XXXX") == "https://hooks.slack.com/…"
+    assert redact_url("http://127.0.0.1:8080/h?token=abc") == "http://127.0.0.1:8080/…"
+    assert redact_url("https://crm.example.com") == "https://crm.example.com"

@@ -19,12 +19,14 @@ File shape::
         tools: [end_call, transfer_call, lookup]
         transfer_targets: {manager: "+15551239999", support: "sip:help@pbx.example.com"}
         knowledge_dir: docs/front-desk
+        webhook_url: https://crm.example.com/hooks/calls   # end-of-call report (CALL_WEBHOOK_URL)
         http_tools:
           - name: check_order
             description: Look up the status of an order by its number.
             url: https://shop.example.com/api/orders/status
             method: GET
             headers: {Authorization: "Bearer ${SHOP_API_TOKEN}"}
+            signing_secret: ${SHOP_SIGNING_KEY}   # signs X-Livecall-* (default HTTP_TOOLS_SECRET)
             parameters:
               type: object
               properties: {order_id: {type: string, description: The order number}}

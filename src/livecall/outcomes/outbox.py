@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from livecall.outcomes.webhook_payload import new_delivery_id
-from livecall.store.models import WebhookDelivery
+from livecall.store.models import SID_LENGTH, WebhookDelivery
 
 __all__ = [
     "HISTORY_LIMIT",
@@ -67,7 +67,7 @@ def webhook_op(
     due = now + timedelta(seconds=analysis_wait_s) if await_analysis else now
     return {
         "op": "webhook",
-        "call_sid": call_sid,
+        "call_sid": call_sid.replace("\x00", "")[:SID_LENGTH],  # as the writer stores it
         "delivery_id": new_delivery_id(),
         "url": url,
         "await_analysis": bool(await_analysis),
@@ -82,7 +82,7 @@ def analysis_op(
     """The writer op that releases a call's waiting delivery (`analysis` None: it failed)."""
     return {
         "op": "webhook_analysis",
-        "call_sid": call_sid,
+        "call_sid": call_sid.replace("\x00", "")[:SID_LENGTH],
         "analysis": dict(analysis) if analysis is not None else None,
         "at": _iso(now),
     }

@@ -25,7 +25,7 @@ async def stored_call_webhook(
     call = await repo.get_call(call_sid)
     if call is None:
         return None
-    return await webhook_for_stored_call(call, settings, delivery_id=new_delivery_id())
+    return webhook_for_stored_call(call, settings, delivery_id=new_delivery_id())
 
 
 def excerpt(payload: dict[str, Any], shown: int = SHOWN) -> dict[str, Any]:

@@ -25,11 +25,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from livecall.log import get_logger, register_secret
@@ -85,7 +86,7 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-async def webhook_for_stored_call(
+def webhook_for_stored_call(
     call: Call,
     settings: Settings,
     *,
@@ -357,7 +358,7 @@ class WebhookService:
         call = await self.store.repo.get_call(row.call_sid)
         if call is None:  # erased meanwhile (its outbox rows go with it)
             return None
-        payload = await webhook_for_stored_call(
+        payload = webhook_for_stored_call(
             call, self.settings, delivery_id=row.id, analysis=row.analysis, now=now
         )
         text = encode_payload(payload).decode()
@@ -448,6 +449,13 @@ class WebhookService:
 # --- routes ---------------------------------------------------------------------------------
 
 
+def redact_url(url: str) -> str:
+    """A webhook URL fit to show: its origin only (paths and queries often carry tokens)."""
+    parts = urlsplit(url)
+    tail = "/…" if (parts.path not in ("", "/") or parts.query) else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{tail}"
+
+
 class AttemptOut(BaseModel):
     at: str
     status_code: int | None
@@ -459,7 +467,7 @@ class DeliveryOut(BaseModel):
     """One delivery of a call's webhook, as the API and the call page show it."""
 
     delivery_id: str
-    url: str
+    url: str = Field(description="the receiver's origin (the rest is not shown)")
     status: str
     attempts: int
     last_status_code: int | None
@@ -474,7 +482,7 @@ class DeliveryOut(BaseModel):
     def of(cls, row: WebhookDelivery) -> DeliveryOut:
         return cls(
             delivery_id=row.id,
-            url=row.url,
+            url=redact_url(row.url),
             status=row.status,
             attempts=row.attempts,
             last_status_code=row.last_status_code,
