@@ -335,9 +335,9 @@ class WebhookService:
         free = self.settings.webhook_concurrency - len(self._inflight)
         if free <= 0:
             return 0
-        rows = await self.outbox.claim(
-            self.clock(), self.settings.webhook_lease_s, free, self.owner
-        )
+        # a lease outlives an attempt, or another instance could send the same row meanwhile
+        lease = max(self.settings.webhook_lease_s, 2 * self.settings.webhook_timeout_s + 5)
+        rows = await self.outbox.claim(self.clock(), lease, free, self.owner)
         for row in rows:
             task = asyncio.create_task(self._deliver(row), name=f"webhook:{row.call_sid}")
             self._inflight.add(task)
@@ -378,10 +378,9 @@ class WebhookService:
         assert self._secret is not None and self.client is not None
         try:
             body = await self._body(row, self.clock())
-        except Exception as error:
+        except Exception as error:  # the database went away, or a record it cannot encode
             log.warning("webhook.build_failed", call_sid=row.call_sid, error=repr(error))
-            with contextlib.suppress(Exception):
-                await self.outbox.release(row)
+            await self._finish(row, None, "payload not built", 0.0)
             return
         if body is None:
             with contextlib.suppress(Exception):
@@ -405,9 +404,15 @@ class WebhookService:
         except httpx.HTTPError as exc:
             error = type(exc).__name__
         ms = (time.perf_counter() - started) * 1000
-        delivered = status is not None and 200 <= status < 300
-        if status is not None and not delivered:
+        if status is not None and not 200 <= status < 300:
             error = f"HTTP {status}"
+        await self._finish(row, status, error, ms)
+
+    async def _finish(
+        self, row: WebhookDelivery, status: int | None, error: str | None, ms: float
+    ) -> None:
+        """Book an attempt: delivered on a 2xx, else the next try or, past the deadline, failed."""
+        delivered = status is not None and 200 <= status < 300
         now = self.clock()
         give_up_at = row.give_up_at or now + timedelta(seconds=self.settings.webhook_give_up_s)
         next_at = None
