@@ -302,6 +302,34 @@ async def test_database_down_at_call_end_still_delivers_after_recovery(
         await stack.stop()
 
 
+async def test_spooled_while_down_and_delivered_by_the_next_process(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    settings = fast(receiver, tmp_path)
+    first = await start_stack(settings)
+    state = first.app.state.livecall
+
+    def outage(*_args: Any) -> None:
+        raise ConnectionResetError("database down (simulated)")
+
+    event.listen(state.store.engine.sync_engine, "before_cursor_execute", outage)
+    try:
+        sid = await make_call(first, call_over, flush=False)
+        assert await state.registry.wait_idle(15)
+    finally:
+        await first.stop()  # the records and the webhook op go to the spool file
+    assert list((tmp_path / "spool").glob("spool-*.jsonl"))
+    assert receiver.requests == []
+    second = await start_stack(settings)  # the database answers again; the spool is replayed
+    try:
+        row = await delivered(second, sid)
+        assert len(receiver.ok()) == 1
+        assert receiver.ok()[0]["headers"]["x-livecall-delivery"] == row.id
+        assert orjson.loads(receiver.ok()[0]["body"])["call_sid"] == sid
+    finally:
+        await second.stop()
+
+
 async def test_recording_link_works_until_it_expires(
     tmp_path: Path, receiver: Receiver, call_over: Any
 ) -> None:

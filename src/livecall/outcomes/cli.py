@@ -36,7 +36,11 @@ def test_webhook(
     url: Annotated[str | None, typer.Argument(help="default: CALL_WEBHOOK_URL")] = None,
     secret: Annotated[
         str | None,
-        typer.Option("--secret", envvar="CALL_WEBHOOK_SECRET", help="default: CALL_WEBHOOK_SECRET"),
+        typer.Option(
+            "--secret",
+            envvar="CALL_WEBHOOK_SECRET",
+            help="default: CALL_WEBHOOK_SECRET (prefer the variable: arguments show in ps)",
+        ),
     ] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 10.0,
     show_body: Annotated[bool, typer.Option("--show-body", help="print the JSON sent")] = False,
