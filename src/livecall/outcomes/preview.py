@@ -3,6 +3,7 @@ same code the delivery worker uses, printed as an excerpt."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -19,13 +20,16 @@ SHOWN = 3  # turns and events printed in full; the rest are counted
 
 
 async def stored_call_webhook(
-    repo: Repository, settings: Settings, call_sid: str
+    repo: Repository,
+    settings: Settings,
+    call_sid: str,
+    analysis: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """The payload for a call in the records (None when there is no such call)."""
     call = await repo.get_call(call_sid)
     if call is None:
         return None
-    return webhook_for_stored_call(call, settings, delivery_id=new_delivery_id())
+    return webhook_for_stored_call(call, settings, delivery_id=new_delivery_id(), analysis=analysis)
 
 
 def excerpt(payload: dict[str, Any], shown: int = SHOWN) -> dict[str, Any]:
