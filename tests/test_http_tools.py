@@ -194,3 +194,108 @@ async def test_unreachable_server_and_own_client() -> None:
         assert result == {"error": "could not reach gone: ConnectError"}
     finally:
         sock.close()
+
+
+# --- the call context, signed ---------------------------------------------------------------
+
+TOOL_SECRET = "tool-signing-secret-5e6f"
+
+
+def verify_tool_request(secret: str, request: dict[str, Any], target: str) -> bool:
+    """What a business backend does: rebuild the signed text, compare in constant time."""
+    import hashlib
+    import hmac as hmac_
+
+    h = request["headers"]
+    base = (
+        "v1\n"
+        + "".join(
+            f"{v}\n"
+            for v in (
+                h["x-livecall-timestamp"],
+                request["method"],
+                target,
+                h["x-livecall-call-sid"],
+                h["x-livecall-caller"],
+                h["x-livecall-profile"],
+            )
+        )
+    ).encode() + request["body"].encode()
+    expected = "sha256=" + hmac_.new(secret.encode(), base, hashlib.sha256).hexdigest()
+    return hmac_.compare_digest(expected, h.get("x-livecall-signature", ""))
+
+
+async def test_call_context_headers_are_signed_on_get_and_post() -> None:
+    import time
+
+    from livecall.agent.http_tools import CallContext
+
+    app, seen = make_app()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+        runner = HttpToolRunner(client, signing_secret=TOOL_SECRET).for_call(
+            CallContext("CA123", "+15551230000", "front-desk")
+        )
+        await runner.call(spec("/orders/status"), {"order_id": "A 17"})
+        await runner.call(spec("/bookings", "POST"), {"name": "Ada", "party": 4})
+    get, post = seen
+    for request in (get, post):
+        h = request["headers"]
+        assert h["x-livecall-call-sid"] == "CA123"
+        assert h["x-livecall-caller"] == "+15551230000"
+        assert h["x-livecall-profile"] == "front-desk"
+        assert abs(int(h["x-livecall-timestamp"]) - time.time()) < 60
+    assert verify_tool_request(TOOL_SECRET, get, "/orders/status?order_id=A+17")
+    assert verify_tool_request(TOOL_SECRET, post, "/bookings")
+    # anything changed breaks it: another caller, another argument, another secret
+    forged = {**get, "headers": {**get["headers"], "x-livecall-caller": "+15559999999"}}
+    assert not verify_tool_request(TOOL_SECRET, forged, "/orders/status?order_id=A+17")
+    assert not verify_tool_request(TOOL_SECRET, get, "/orders/status?order_id=B+18")
+    assert not verify_tool_request("another-secret", post, "/bookings")
+
+
+async def test_per_tool_secret_wins_and_never_leaks(monkeypatch) -> None:
+    from livecall.agent.http_tools import CallContext
+
+    monkeypatch.setenv("SHOP_SIGNING", TOOL_SECRET)
+    app, seen = make_app()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+        runner = HttpToolRunner(client, signing_secret="global-secret-0000")
+        tool = spec("/bookings", "POST", signing_secret="${SHOP_SIGNING}")
+        with capture_logs() as logs:
+            result = await runner.call(tool, {"n": 1}, CallContext("CA9", None, "p"))
+    assert "error" not in result
+    (request,) = seen
+    assert request["headers"]["x-livecall-caller"] == ""
+    assert verify_tool_request(TOOL_SECRET, request, "/bookings")
+    assert TOOL_SECRET not in repr(logs) and TOOL_SECRET not in repr(result)
+
+
+async def test_unset_tool_secret_is_a_clear_error_and_no_request(monkeypatch) -> None:
+    from livecall.agent.http_tools import CallContext
+
+    monkeypatch.delenv("NO_SUCH_SIGNING_SECRET", raising=False)
+    app, seen = make_app()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+        runner = HttpToolRunner(client)
+        tool = spec("/bookings", "POST", signing_secret="${NO_SUCH_SIGNING_SECRET}")
+        result = await runner.call(tool, {}, CallContext("CA9", "+1555", "p"))
+    assert result == {
+        "error": "shop is not configured: environment variable NO_SUCH_SIGNING_SECRET is not set"
+    }
+    assert seen == []
+
+
+async def test_without_a_secret_context_is_sent_unsigned(tools) -> None:
+    from livecall.agent.http_tools import CallContext
+
+    runner, seen = tools
+    await runner.call(spec("/bookings", "POST"), {}, CallContext("CA1\r\nX-Evil: 1", "+1", "p"))
+    headers = seen[0]["headers"]
+    assert headers["x-livecall-call-sid"] == "CA1X-Evil:1"  # no header injection
+    assert "x-livecall-signature" not in headers and "x-evil" not in headers
+
+
+def test_signing_secret_must_be_an_env_reference() -> None:
+    with pytest.raises(ValueError, match="environment variable reference"):
+        spec("/x", signing_secret="literal-secret-in-the-file")
+    assert spec("/x", signing_secret="${A_B}").env_vars() == ["A_B"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -291,6 +293,7 @@ class ToolServer:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict[str, Any], str | None]] = []
+        self.headers: list[dict[str, str]] = []  # of /orders/status: the call context
         self.app = FastAPI()
         self.base_url = ""
 
@@ -298,6 +301,7 @@ class ToolServer:
         async def order_status(request: Request) -> dict[str, Any]:
             body = await request.json()
             self.requests.append(("status", body, request.headers.get("authorization")))
+            self.headers.append({**request.headers, "_body": (await request.body()).decode()})
             return {"order_id": body["order_id"], "status": "shipped", "eta": "Tuesday"}
 
         @self.app.post("/broken")
@@ -378,12 +382,28 @@ async def test_http_tools_result_http_error_and_timeout(
             ToolCallFault(3, "sluggish", {}, reply="one_moment"),
         ],
     )
-    stack = await make_stack(scenario, profiles_yaml(http_tools=http_tools(tool_server.base_url)))
+    stack = await make_stack(
+        scenario,
+        profiles_yaml(http_tools=http_tools(tool_server.base_url)),
+        http_tools_secret="tools-hmac-key-1",
+    )
     wait = WaitForAgentSilence(silence_ms=400, timeout=10)
 
-    result, session, record = await run_call(stack, [say(), wait, say(), wait, say(), wait])
+    result, session, record = await run_call(
+        stack, [say(), wait, say(), wait, say(), wait], from_="+15550001111"
+    )
 
     assert not result.script_errors
+    # the backend learns which call and caller it serves, signed with HTTP_TOOLS_SECRET
+    context = tool_server.headers[0]
+    assert context["x-livecall-call-sid"] == result.call_sid
+    assert context["x-livecall-caller"] == "+15550001111"
+    assert context["x-livecall-profile"] == "agent"
+    fields = ["v1", context["x-livecall-timestamp"], "POST", "/orders/status", result.call_sid]
+    fields += ["+15550001111", "agent"]
+    signed = "".join(f"{field}\n" for field in fields).encode() + context["_body"].encode()
+    digest = hmac.new(b"tools-hmac-key-1", signed, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(context["x-livecall-signature"], f"sha256={digest}")
     got = responses_by_name(session)
     assert got["check_order"] == {
         "result": {"order_id": "A-1001", "status": "shipped", "eta": "Tuesday"}

@@ -24,10 +24,12 @@ app.add_typer(bench_app, name="bench")
 
 def _register_subcommands() -> None:
     from livecall.outbound_cli import call_command
+    from livecall.outcomes.cli import webhooks_app
     from livecall.store.cli import calls_app, db_app
 
     app.add_typer(calls_app, name="calls")
     app.add_typer(db_app, name="db")
+    app.add_typer(webhooks_app, name="webhooks")
     app.command("call")(call_command)
 
 

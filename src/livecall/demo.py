@@ -9,6 +9,7 @@ and the caller's side is written to a WAV file, so a newcomer sees (and hears) t
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import wave
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 from rich.console import Console
 
 from livecall.log import configure_logging
+from livecall.outcomes.preview import print_webhook, stored_call_webhook
 from livecall.records import CallEventRecord, CallInfo, CallSummary, TurnRecord
 from livecall.sim.clips import load_clip
 from livecall.sim.gemini import Scenario
@@ -109,10 +111,18 @@ async def run_demo(out: Path, *, verbose: bool = False) -> int:
     )
     async with LocalStack(
         scenario=Scenario(),
-        settings_overrides={"vad_silence_duration_ms": 400},
+        settings_overrides={
+            "vad_silence_duration_ms": 400,
+            "recording_link_secret": secrets.token_hex(16),  # the webhook's recording link
+        },
         observer_factory=lambda _sid: observer,
     ) as stack:
         result = await stack.caller(script, from_="+15551230000", to="+15559870000").run()
+        state = stack.app.state.livecall  # type: ignore[union-attr]
+        await state.registry.wait_idle(10)
+        await state.store.flush()
+        assert stack.settings is not None
+        webhook = await stored_call_webhook(state.store.repo, stack.settings, result.call_sid)
     console.print()
     recording = out / "caller-heard.wav"
     _write_wav(recording, result.heard_pcm())
@@ -131,8 +141,16 @@ async def run_demo(out: Path, *, verbose: bool = False) -> int:
         f"clears {len(result.clears)}, protocol errors {len(result.protocol_errors)}"
     )
     console.print(f"  what the caller heard: {recording}")
+    if webhook is not None:
+        console.print()
+        console.print(
+            "[bold]The end-of-call webhook livecall would POST[/bold] "
+            "(set CALL_WEBHOOK_URL and CALL_WEBHOOK_SECRET; signed here with 'demo-secret')"
+        )
+        print_webhook(console, webhook, "demo-secret")
     ok = (
         observer.summary is not None
+        and webhook is not None
         and not result.protocol_errors
         and len(result.response_latencies_ms) >= 2
         and len(result.clears) >= 1

@@ -165,6 +165,20 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # end-of-call webhooks (livecall.outcomes.webhooks): the outbox, counted from the database
+        self.webhook_deliveries = Gauge(
+            "livecall_webhook_deliveries",
+            "End-of-call webhook deliveries in the outbox, by status (pending, failed, delivered).",
+            ["status"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.webhook_attempts = Counter(
+            "livecall_webhook_attempts_total",
+            "End-of-call webhook delivery attempts, by outcome (delivered, retry, failed).",
+            ["outcome"],
+            registry=r,
+        )
         if multiprocess_dir() is None:
             # CPU and memory of this process; meaningless summed across workers.
             ProcessCollector(registry=r)

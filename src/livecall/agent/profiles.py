@@ -19,12 +19,14 @@ File shape::
         tools: [end_call, transfer_call, lookup]
         transfer_targets: {manager: "+15551239999", support: "sip:help@pbx.example.com"}
         knowledge_dir: docs/front-desk
+        webhook_url: https://crm.example.com/hooks/calls   # end-of-call report (CALL_WEBHOOK_URL)
         http_tools:
           - name: check_order
             description: Look up the status of an order by its number.
             url: https://shop.example.com/api/orders/status
             method: GET
             headers: {Authorization: "Bearer ${SHOP_API_TOKEN}"}
+            signing_secret: ${SHOP_SIGNING_KEY}   # signs X-Livecall-* (default HTTP_TOOLS_SECRET)
             parameters:
               type: object
               properties: {order_id: {type: string, description: The order number}}
@@ -144,6 +146,9 @@ class HttpToolSpec(_Strict):
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     headers: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = Field(5.0, gt=0, le=60)
+    # HMAC key for the X-Livecall-Signature of the call context: ``${NAME}`` only (default:
+    # HTTP_TOOLS_SECRET), so the secret stays out of the profiles file
+    signing_secret: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -184,6 +189,16 @@ class HttpToolSpec(_Strict):
                 raise ValueError(f"header {header}: unclosed ${{ in the value")
         return value
 
+    @field_validator("signing_secret")
+    @classmethod
+    def _signing_secret(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        ref = ENV_REF.fullmatch(value)
+        if ref is None or not _ENV_NAME.match(ref.group(1)):
+            raise ValueError("must be an environment variable reference like ${TOOL_SECRET}")
+        return value
+
     @field_validator("parameters")
     @classmethod
     def _parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -200,8 +215,11 @@ class HttpToolSpec(_Strict):
         return value
 
     def env_vars(self) -> list[str]:
-        """The environment variables the headers need (checked at call time)."""
-        return sorted({ref for t in self.headers.values() for ref in ENV_REF.findall(t)})
+        """The environment variables the headers (and signing secret) need, checked at call time."""
+        refs = {ref for t in self.headers.values() for ref in ENV_REF.findall(t)}
+        if self.signing_secret is not None:
+            refs.update(ENV_REF.findall(self.signing_secret))
+        return sorted(refs)
 
     def gemini_schema(self) -> types.Schema:
         """The parameters as the `types.Schema` a FunctionDeclaration carries."""
@@ -233,6 +251,8 @@ class AgentProfile(_Strict):
     max_call_duration_s: float = Field(gt=0)
     voicemail_message: str | None = None
     on_failure: str = "hangup"
+    # end-of-call webhook for this profile's calls (default: CALL_WEBHOOK_URL)
+    webhook_url: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -241,6 +261,13 @@ class AgentProfile(_Strict):
             raise ValueError(
                 f"{value!r} is not a valid profile name (letters, digits, '.', '_' or '-')"
             )
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an absolute http(s) URL")
         return value
 
     @field_validator("tools")

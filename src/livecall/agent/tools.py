@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from google.genai import types
 
-from livecall.agent.http_tools import HttpToolRunner
+from livecall.agent.http_tools import CallToolRunner, HttpToolRunner
 from livecall.agent.knowledge import KnowledgeBase
 from livecall.agent.profiles import AgentProfile
 from livecall.log import get_logger
@@ -307,7 +307,7 @@ class ToolRunner:
         profile: AgentProfile,
         actions: CallActions,
         knowledge: KnowledgeBase | None = None,
-        http: HttpToolRunner | None = None,
+        http: HttpToolRunner | CallToolRunner | None = None,
         *,
         non_blocking: bool = True,
     ) -> None:

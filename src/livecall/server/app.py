@@ -25,6 +25,12 @@ from livecall.cluster import LiveCalls, LocalRegistry, create_cluster
 from livecall.live_feed import FanOut, LiveFeed
 from livecall.log import register_secret
 from livecall.metrics import Metrics, build_metrics_router
+from livecall.outcomes.webhooks import (
+    WebhookService,
+    build_recording_link_router,
+    build_webhook_api_router,
+    link_key,
+)
 from livecall.records import CallObserver
 from livecall.server.api import ApiDisabled, build_api_router
 from livecall.server.docs import build_openapi_router, docs_urls
@@ -63,6 +69,7 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     cluster: LiveCalls = field(default_factory=LocalRegistry)
     drain_task: asyncio.Task[None] | None = None
+    webhooks: WebhookService | None = None  # end-of-call webhooks (livecall.outcomes)
 
     def knowledge_for(self, profile: AgentProfile) -> KnowledgeBase | None:
         """One index per documents folder, shared by every call (and profile) that uses it."""
@@ -99,6 +106,8 @@ class AppState:
         ]
         if self.observer_factory is not None:
             observers.append(self.observer_factory(call_sid))
+        if self.webhooks is not None:  # after the store's writer: its op follows the call's end
+            observers.append(self.webhooks.observer(call_sid))
         return traced(self.metrics.observer(FanOut(*observers)))
 
     async def on_control(self, call_sid: str, action: str, args: dict[str, Any]) -> bool:
@@ -215,8 +224,21 @@ def create_app(
         ),
         call_control=_call_control(settings),
         cluster=cluster,
+        http_tools=HttpToolRunner(
+            signing_secret=settings.http_tools_secret.get_secret_value()
+            if settings.http_tools_secret
+            else None
+        ),
     )
     cluster.on_control = state.on_control
+    state.webhooks = WebhookService(
+        settings,
+        state.store,
+        profile_lookup=lambda name: (
+            state.profiles.current.get(name) if name and state.profiles is not None else None
+        ),
+        metrics=state.metrics,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -228,6 +250,8 @@ def create_app(
         # tracing: only when the environment asks for it; whoever configured it shuts it down
         tracing_here = configure_tracing("livecall", instance_id=cluster.instance_id)
         await state.store.start()
+        if state.webhooks is not None:
+            await state.webhooks.start()
         await cluster.start()  # never fails for an unreachable Redis: calls go on without it
         background: list[asyncio.Task[Any]] = []
         if settings.retention_days:
@@ -256,6 +280,8 @@ def create_app(
             await state.http_tools.aclose()
             for kb in state.knowledge.values():
                 kb.close()
+            if state.webhooks is not None:
+                await state.webhooks.stop()
             await state.store.close()
             if tracing_here:
                 shutdown_tracing()
@@ -271,6 +297,9 @@ def create_app(
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     app.include_router(build_metrics_router(state.metrics, bearer_token=metrics_token or None))
     app.include_router(build_outbound_api_router(state))  # its own token: LIVECALL_CALLS_TOKEN
+    recording_key = link_key(settings)
+    if recording_key is not None:  # the expiring recording links webhooks carry
+        app.include_router(build_recording_link_router(state.recordings, recording_key))
     try:
         app.include_router(
             build_dashboard_router(state, state.store, state.recordings, state.feed, settings)
@@ -281,6 +310,7 @@ def create_app(
         app.include_router(build_api_router(state.store, state.recordings, settings))
         app.include_router(build_live_api_router(state))
         app.include_router(build_openapi_router(app, settings))
+        app.include_router(build_webhook_api_router(state.webhooks, settings))
     except ApiDisabled as exc:
         log.warning("api.disabled", reason=str(exc))
     return app

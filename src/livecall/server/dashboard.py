@@ -354,6 +354,19 @@ class _Unavailable(Exception):
     pass
 
 
+async def _webhook_deliveries(state: AppState, sid: str) -> list[Any] | None:
+    """A call's webhook deliveries for its page ([] when none; None when unreadable)."""
+    webhooks = getattr(state, "webhooks", None)
+    if webhooks is None:
+        return []
+    from livecall.outcomes.webhooks import DeliveryOut
+
+    try:
+        return [DeliveryOut.of(row) for row in await webhooks.outbox.for_call(sid)]
+    except (SQLAlchemyError, OSError):
+        return None
+
+
 def _profile_names(state: AppState, settings: Settings) -> list[str]:
     """The agent profiles a softphone call may pick (whatever the app keeps, else the file)."""
     source = getattr(state, "profiles", None) or state.extras.get("profiles")
@@ -714,6 +727,7 @@ def build_dashboard_router(
         latencies = [
             t.first_audio_latency_ms for t in detail.turns if t.first_audio_latency_ms is not None
         ]
+        deliveries = await _webhook_deliveries(state, sid)
         data = {
             "call_sid": detail.call_sid,
             "has_recording": detail.has_recording,
@@ -735,7 +749,33 @@ def build_dashboard_router(
                 "max": max(latencies) if latencies else None,
             },
             call_data=data,
+            deliveries=deliveries,
+            webhooks_on=getattr(state, "webhooks", None) is not None,
         )
+
+    @router.post("/calls/{sid}/webhook/retry")
+    async def retry_webhook(request: Request, sid: str) -> Response:
+        """Send a call's end-of-call webhook again now (same delivery id)."""
+        session = require(request)
+        form = await read_form(request)
+        check_post(request, session, form)
+        webhooks = getattr(state, "webhooks", None)
+        if webhooks is None or not _SID_RE.match(sid):
+            raise HTTPException(404, "no such call")
+        try:
+            outcome = await webhooks.retry(sid)
+        except (SQLAlchemyError, OSError, TimeoutError) as error:
+            raise HTTPException(503, "call records database unavailable") from error
+        if outcome.problem is not None:
+            raise HTTPException(outcome.status_code, outcome.problem)
+        log.info("dashboard.webhook_retry", call_sid=sid, deliveries=outcome.queued)
+        if "application/json" in request.headers.get("accept", ""):
+            return Response(
+                _json({"call_sid": sid, "queued": outcome.queued}),
+                202,
+                media_type="application/json",
+            )
+        return RedirectResponse(f"/calls/{sid}#webhooks", status_code=303)
 
     @router.get("/calls/{sid}/recording")
     async def call_recording(request: Request, sid: str) -> Response:

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request, Response, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from livecall.agent.gemini import GeminiLink, client_for
+from livecall.agent.http_tools import CallContext
 from livecall.agent.tools import ToolRunner
 from livecall.call.actions import BridgeActions, tool_handler
 from livecall.call.bridge import CallBridge, CarrierClosed
@@ -261,7 +262,13 @@ async def _run_call(
         profile,
         actions,
         knowledge=state.knowledge_for(profile),
-        http=state.http_tools,
+        http=state.http_tools.for_call(
+            CallContext(
+                start.call_sid,
+                options.to_number if options.direction == "outbound" else options.from_number,
+                profile.name,
+            )
+        ),
         non_blocking=state.non_blocking_tools(),
     )
     options.tool_handler = tool_handler(runner, state.settings.tool_timeout_s)

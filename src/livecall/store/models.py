@@ -186,3 +186,43 @@ class CallEvent(Base):
         UniqueConstraint("call_sid", "seq"),
         Index("ix_call_events_kind", "kind"),
     )
+
+
+class WebhookDelivery(Base):
+    """One end-of-call webhook in the outbox (`livecall.outcomes.webhooks` delivers it).
+
+    `id` is the delivery id receivers deduplicate on: the same on every attempt. `payload`
+    holds the exact body once built, so every retry sends the same bytes. A worker owns a row
+    while `lease_until` is in the future, so several instances never send it at once.
+    """
+
+    __tablename__ = "webhook_outbox"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    call_sid: Mapped[str] = mapped_column(
+        String(SID_LENGTH), ForeignKey("calls.call_sid", ondelete="CASCADE")
+    )
+    url: Mapped[str] = mapped_column(Text)
+    # pending until a 2xx (delivered) or the give-up deadline (failed)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    # waiting for the call's post-call analysis (see `WebhookService.analysis_settled`)
+    await_analysis: Mapped[bool] = mapped_column(Boolean, default=False)
+    analysis: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    give_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    payload: Mapped[str | None] = mapped_column(Text)
+    # the latest attempts: [{"at", "status_code", "error", "ms"}], bounded
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+
+    __table_args__ = (
+        UniqueConstraint("call_sid", "url"),
+        Index("ix_webhook_outbox_status_next_attempt_at", "status", "next_attempt_at"),
+    )

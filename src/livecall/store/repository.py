@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
-from livecall.store.models import Call, CallEvent, Turn
+from livecall.store.models import Call, CallEvent, Turn, WebhookDelivery
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -158,8 +158,15 @@ class Repository:
         events: dict[tuple[str, int], dict[str, Any]] = {}
         answered: dict[str, datetime] = {}
         ends: dict[str, dict[str, Any]] = {}
+        # webhook deliveries ride the same batches (imported here: outcomes imports the store)
+        from livecall.outcomes.outbox import OUTBOX_OPS, apply_outbox_ops
+
+        outbox: list[Mapping[str, Any]] = []
         for op in ops:
             kind = op["op"]
+            if kind in OUTBOX_OPS:
+                outbox.append(op)
+                continue
             sid = op["call_sid"]
             if kind == "start":
                 starts[sid] = {"call_sid": sid, **{k: op.get(k) for k in _START_FIELDS}}
@@ -218,6 +225,8 @@ class Repository:
                 )
             for sid, values in ends.items():
                 await session.execute(update(Call).where(Call.call_sid == sid).values(**values))
+            if outbox:
+                await apply_outbox_ops(session, outbox)
 
     async def _ensure_calls(
         self, session: AsyncSession, sids: Iterable[str], ends: Mapping[str, Mapping[str, Any]]
@@ -245,6 +254,9 @@ class Repository:
             # explicit, in case a SQLite connection was opened without foreign keys
             await session.execute(delete(Turn).where(Turn.call_sid == call_sid))
             await session.execute(delete(CallEvent).where(CallEvent.call_sid == call_sid))
+            await session.execute(  # a pending webhook holds the transcript too
+                delete(WebhookDelivery).where(WebhookDelivery.call_sid == call_sid)
+            )
             result = await session.execute(delete(Call).where(Call.call_sid == call_sid))
             return bool(getattr(result, "rowcount", 0))
 

@@ -527,6 +527,14 @@ class CallStore:
             self._numberings.popitem(last=False)
         return numbering
 
+    def enqueue(self, op: Op) -> None:
+        """Queue a JSON-able op from outside the call writers (the webhook outbox).
+
+        It is kept like a call record (memory, spool, replay) and written after every op
+        queued before it; `Repository.apply` must know its ``op`` kind.
+        """
+        self._put(op)
+
     async def flush(self) -> bool:
         """Try to write everything now, skipping any retry back-off.
 
