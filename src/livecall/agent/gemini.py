@@ -73,6 +73,7 @@ class LiveOptions:
     resumption_handle: str | None = None
     context_compression: bool = True
     compression_trigger_tokens: int | None = None
+    google_search: bool = False  # Gemini's built-in Google Search grounding
 
     def connect_config(self) -> types.LiveConnectConfig:
         speech = None
@@ -110,8 +111,10 @@ class LiveOptions:
         tools = (
             [types.Tool(function_declarations=self.function_declarations)]
             if self.function_declarations
-            else None
+            else []
         )
+        if self.google_search:
+            tools.append(types.Tool(google_search=types.GoogleSearch()))
         compression = (
             types.ContextWindowCompressionConfig(
                 sliding_window=types.SlidingWindow(),
@@ -126,7 +129,7 @@ class LiveOptions:
             system_instruction=types.Content(
                 role="user", parts=[types.Part(text=self.system_prompt)]
             ),
-            tools=tools,
+            tools=tools or None,
             input_audio_transcription=types.AudioTranscriptionConfig(),
             output_audio_transcription=types.AudioTranscriptionConfig(),
             realtime_input_config=types.RealtimeInputConfig(

@@ -20,6 +20,12 @@ File shape::
         transfer_targets: {manager: "+15551239999", support: "sip:help@pbx.example.com"}
         knowledge_dir: docs/front-desk
         webhook_url: https://crm.example.com/hooks/calls   # end-of-call report (CALL_WEBHOOK_URL)
+        knowledge:           # optional: lookup through Vertex AI Search, local index as fallback
+          backend: vertex_search
+          vertex_search: {project: my-project, location: global, data_store: front-desk-faq}
+          timeout_s: 2.5
+          fallback: local
+        google_search: false # Gemini's built-in Google Search grounding
         http_tools:
           - name: check_order
             description: Look up the status of an order by its number.
@@ -43,6 +49,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from google.genai import types
@@ -64,10 +71,12 @@ __all__ = [
     "ENV_REF",
     "AgentProfile",
     "HttpToolSpec",
+    "KnowledgeSettings",
     "ProfileError",
     "ProfileRegistry",
     "ProfileSet",
     "VadSettings",
+    "VertexSearchSettings",
 ]
 
 log = get_logger("livecall.profiles")
@@ -226,6 +235,50 @@ class HttpToolSpec(_Strict):
         return _to_gemini_schema(self.parameters)
 
 
+class VertexSearchSettings(_Strict):
+    """A Vertex AI Search app (`engine`) or data store to answer `lookup` from."""
+
+    project: str = Field(min_length=1)
+    location: str = Field("global", min_length=1)
+    data_store: str | None = None
+    engine: str | None = None
+    serving_config: str = "default_search"
+    collection: str = "default_collection"
+    endpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> VertexSearchSettings:
+        if bool(self.data_store) == bool(self.engine):
+            raise ValueError("set exactly one of data_store or engine")
+        if self.endpoint is not None:
+            parts = urlsplit(self.endpoint)
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ValueError(f"endpoint {self.endpoint!r} is not an http(s) URL")
+            if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+                raise ValueError("endpoint: plain http is only for a simulator on this machine")
+        return self
+
+
+class KnowledgeSettings(_Strict):
+    """Where `lookup` searches: the local index of `knowledge_dir` or Vertex AI Search.
+
+    With Vertex AI Search, a search that fails or takes longer than `timeout_s` falls back
+    to the local index when `fallback: local` (and `knowledge_dir` is set), else the agent
+    is told to say politely that it cannot look that up right now.
+    """
+
+    backend: Literal["local", "vertex_search"] = "local"
+    vertex_search: VertexSearchSettings | None = None
+    timeout_s: float = Field(3.0, gt=0, le=30)
+    fallback: Literal["local", "none"] = "local"
+
+    @model_validator(mode="after")
+    def _backend_configured(self) -> KnowledgeSettings:
+        if self.backend == "vertex_search" and self.vertex_search is None:
+            raise ValueError("backend vertex_search needs a vertex_search: block")
+        return self
+
+
 class AgentProfile(_Strict):
     """Everything that makes one agent: its voice, its words and what it is allowed to do.
 
@@ -246,6 +299,8 @@ class AgentProfile(_Strict):
     tools: list[BuiltinTool] = Field(default_factory=lambda: ["end_call"])
     transfer_targets: dict[str, TransferTarget] = Field(default_factory=dict)
     knowledge_dir: Path | None = None
+    knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
+    google_search: bool = False
     http_tools: list[HttpToolSpec] = Field(default_factory=list)
     recording: bool = True
     max_call_duration_s: float = Field(gt=0)
@@ -291,8 +346,11 @@ class AgentProfile(_Strict):
         problems: list[str] = []
         if "transfer_call" in self.tools and not self.transfer_targets:
             problems.append("tools: transfer_call is enabled but transfer_targets is empty")
-        if "lookup" in self.tools and self.knowledge_dir is None:
+        remote = self.knowledge.backend == "vertex_search"
+        if "lookup" in self.tools and self.knowledge_dir is None and not remote:
             problems.append("tools: lookup is enabled but knowledge_dir is not set")
+        if remote and self.knowledge.fallback == "local" and self.knowledge_dir is None:
+            problems.append("knowledge: fallback local needs knowledge_dir (or fallback: none)")
         if self.on_failure != "hangup" and self.on_failure not in self.transfer_targets:
             problems.append(
                 f"on_failure: {self.on_failure!r} is neither 'hangup' nor a transfer target "

@@ -20,6 +20,7 @@ from google.genai import types
 
 from livecall.agent.http_tools import CallToolRunner, HttpToolRunner
 from livecall.agent.knowledge import KnowledgeBase
+from livecall.agent.knowledge_sources import FallbackSource, LocalSource
 from livecall.agent.profiles import AgentProfile
 from livecall.log import get_logger
 
@@ -306,14 +307,18 @@ class ToolRunner:
         self,
         profile: AgentProfile,
         actions: CallActions,
-        knowledge: KnowledgeBase | None = None,
+        knowledge: FallbackSource | KnowledgeBase | None = None,
         http: HttpToolRunner | CallToolRunner | None = None,
         *,
         non_blocking: bool = True,
     ) -> None:
         self.profile = profile
         self.actions = actions
-        self.knowledge = knowledge
+        self.knowledge = (
+            FallbackSource(LocalSource(knowledge))
+            if isinstance(knowledge, KnowledgeBase)
+            else knowledge
+        )
         self.http = http
         self.declarations = {
             d.name: d for d in function_declarations(profile, non_blocking=non_blocking) if d.name
@@ -379,10 +384,22 @@ class ToolRunner:
     async def _lookup(self, query: str) -> dict[str, Any]:
         if self.knowledge is None:
             return {"error": "lookup is not available: no documents are configured"}
-        passages = await self.knowledge.asearch(query, k=LOOKUP_RESULTS)
-        if not passages:
-            return {"result": "no matching passages in the documents", "passages": []}
-        return {"passages": [p.as_dict() for p in passages]}
+        outcome = await self.knowledge.lookup(query, LOOKUP_RESULTS)
+        if outcome.backend is None:
+            return {
+                "result": (
+                    "The document search is not available right now. Tell the caller politely "
+                    "that you can't look that up at the moment, and offer another way to help."
+                ),
+                "passages": [],
+                "unavailable": True,
+            }
+        answer: dict[str, Any] = {"backend": outcome.backend}
+        if outcome.degraded:
+            answer["fallback"] = True
+        if not outcome.passages:
+            return {"result": "no matching passages in the documents", "passages": [], **answer}
+        return {"passages": [p.as_dict() for p in outcome.passages], **answer}
 
     # ------------------------------------------------------------ bookkeeping
 

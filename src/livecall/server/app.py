@@ -16,6 +16,12 @@ from livecall import __version__
 from livecall.agent.gemini import LiveOptions, SessionCounter
 from livecall.agent.http_tools import HttpToolRunner
 from livecall.agent.knowledge import KnowledgeBase
+from livecall.agent.knowledge_sources import (
+    FallbackSource,
+    LocalSource,
+    VertexSearch,
+    VertexSearchTarget,
+)
 from livecall.agent.profiles import AgentProfile, ProfileRegistry
 from livecall.agent.tools import function_declarations
 from livecall.assets import apology_ulaw
@@ -65,21 +71,46 @@ class AppState:
     call_control: TwilioCallControl | None = None  # None: no Twilio REST credentials
     http_tools: HttpToolRunner = field(default_factory=HttpToolRunner)
     knowledge: dict[str, KnowledgeBase] = field(default_factory=dict)
+    knowledge_sources: dict[tuple[Any, Any], FallbackSource] = field(default_factory=dict)
     # operations: Prometheus metrics, the live calls of every instance, a drain in progress
     metrics: Metrics = field(default_factory=Metrics)
     cluster: LiveCalls = field(default_factory=LocalRegistry)
     drain_task: asyncio.Task[None] | None = None
     webhooks: WebhookService | None = None  # end-of-call webhooks (livecall.outcomes)
 
-    def knowledge_for(self, profile: AgentProfile) -> KnowledgeBase | None:
-        """One index per documents folder, shared by every call (and profile) that uses it."""
-        if profile.knowledge_dir is None:
-            return None
-        key = str(profile.knowledge_dir.resolve())
-        kb = self.knowledge.get(key)
-        if kb is None:
-            kb = self.knowledge[key] = KnowledgeBase(profile.knowledge_dir)
-        return kb
+    def knowledge_for(self, profile: AgentProfile) -> FallbackSource | None:
+        """What the profile's `lookup` searches, shared by every call that searches the same.
+
+        One local index per documents folder; one Vertex AI Search client (and its failure
+        breaker) per search target, with the local index as its fallback when configured.
+        """
+        config = profile.knowledge
+        local: LocalSource | None = None
+        if profile.knowledge_dir is not None:
+            folder = str(profile.knowledge_dir.resolve())
+            kb = self.knowledge.get(folder)
+            if kb is None:
+                kb = self.knowledge[folder] = KnowledgeBase(profile.knowledge_dir)
+            local = LocalSource(kb)
+        if config.backend == "local" or config.vertex_search is None:
+            return FallbackSource(local) if local is not None else None
+        key = (config, str(local.index.folder) if local is not None else None)
+        source = self.knowledge_sources.get(key)
+        if source is None:
+            v = config.vertex_search
+            target = VertexSearchTarget(
+                project=v.project,
+                location=v.location,
+                data_store=v.data_store,
+                engine=v.engine,
+                serving_config=v.serving_config,
+                collection=v.collection,
+                endpoint=v.endpoint,
+            )
+            fallback = local if config.fallback == "local" else None
+            source = FallbackSource(VertexSearch(target, timeout_s=config.timeout_s), fallback)
+            self.knowledge_sources[key] = source
+        return source
 
     def non_blocking_tools(self) -> bool:
         """NON_BLOCKING tool declarations where the API takes them (the Developer API)."""
@@ -186,6 +217,7 @@ class AppState:
             vad_end_sensitivity=vad.end_sensitivity,
             vad_prefix_padding_ms=vad.prefix_padding_ms,
             vad_silence_duration_ms=vad.silence_duration_ms,
+            google_search=profile.google_search,
         )
         return options, live
 
