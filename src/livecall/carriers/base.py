@@ -27,10 +27,10 @@ from typing import Literal, Protocol
 
 __all__ = [
     "ULAW_8K",
-    "Capabilities",
     "CallStarted",
     "CallStopped",
     "CallerAudio",
+    "Capabilities",
     "Carrier",
     "CarrierEvent",
     "CarrierProtocolError",
