@@ -1,0 +1,1 @@
+"""Carrier adapters: each carrier's media stream and webhooks behind one interface (base.py)."""
