@@ -496,7 +496,10 @@ async def serve_fake_twilio_rest(
     app, state = build_fake_twilio_rest(account_sid, auth_token)
     sock = _loopback_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    # log_config=None: a simulator must not reconfigure the process's uvicorn loggers
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="off", access_log=False, log_config=None
+    )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     # The socket is already listening, so clients can connect at once: the kernel queues

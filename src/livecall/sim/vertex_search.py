@@ -152,7 +152,11 @@ async def serve_vertex_search(sim: VertexSearchSim) -> AsyncIterator[str]:
     sock = free_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        build_vertex_search_app(sim), log_level="warning", lifespan="off", access_log=False
+        build_vertex_search_app(sim),
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        log_config=None,  # a simulator must not reconfigure the process's uvicorn loggers
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
