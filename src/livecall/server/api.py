@@ -19,6 +19,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from livecall.server.access import LocalAccess
+from livecall.server.forwarded import TrustedProxies
 from livecall.settings import Settings
 from livecall.store.models import Call
 from livecall.store.recordings import RecordingStore
@@ -233,6 +235,7 @@ def bearer_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
         )
     expected = token.encode()
     bearer = HTTPBearer(auto_error=False, description="LIVECALL_API_TOKEN")
+    local = LocalAccess(TrustedProxies(settings.trusted_proxies))
 
     async def authorize(
         request: Request,
@@ -245,8 +248,7 @@ def bearer_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
                     401, "invalid or missing bearer token", headers={"WWW-Authenticate": "Bearer"}
                 )
             return
-        client = request.client.host if request.client is not None else None
-        if not _is_loopback(client):
+        if not local.is_local(request.scope, request.headers):  # Host, Origin, real peer
             raise HTTPException(403, "the call records API is local-only")
 
     return authorize
