@@ -493,3 +493,27 @@ async def test_serve_drains_over_the_admin_socket_without_a_token(tmp_path: Path
                     proc.kill()
                     await proc.wait()
     assert not admin_socket.exists()
+
+
+async def test_a_slow_second_request_on_a_kept_alive_connection_is_cut(make_stack) -> None:
+    """The deadline holds for every request of a connection, not only the first: after one
+    quick answer, half a request's headers and then nothing get the connection closed."""
+    stack = await make_stack(request_timeout_s=1.0)
+    reader, writer = await asyncio.open_connection(*host_port(stack.base_url))
+    host = stack.base_url.removeprefix("http://")
+    writer.write(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert status_of(head) == 200
+    length = int(Headers(raw=[
+        tuple(line.split(b": ", 1)) for line in head.split(b"\r\n")[1:] if b": " in line
+    ]).get("content-length", "0"))  # fmt: skip
+    await reader.readexactly(length)
+    writer.write(f"GET /health HTTP/1.1\r\nHost: {host}\r\n".encode())  # and never the end
+    await writer.drain()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    response = await read_until_closed(reader, 6)
+    writer.close()
+    assert response == b"" or status_of(response) == 408, response[:200]
+    assert loop.time() - began < 3.0
