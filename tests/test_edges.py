@@ -20,8 +20,10 @@ from starlette.datastructures import Headers
 
 from livecall.server.access import HostPolicy, LocalAccess, host_name
 from livecall.server.dashboard import LoginThrottle
+from livecall.server.drain import Drain
 from livecall.server.forwarded import TrustedProxies
 from livecall.server.limits import PendingGate
+from livecall.server.registry import CallRegistry
 from livecall.sim.gemini import FakeGeminiServer
 from livecall.sim.stack import TEST_AUTH_TOKEN
 from livecall.sim.twilio import Pause
@@ -517,3 +519,17 @@ async def test_a_slow_second_request_on_a_kept_alive_connection_is_cut(make_stac
     writer.close()
     assert response == b"" or status_of(response) == 408, response[:200]
     assert loop.time() - began < 3.0
+
+
+async def test_an_operators_drain_can_be_cancelled_a_sigterm_drain_cannot() -> None:
+    registry = CallRegistry(10)
+    drain = Drain(registry, deadline_s=30.0)
+    drain.start("admin")
+    assert registry.draining and drain.active
+    assert await drain.cancel()
+    assert not registry.draining and not drain.active and drain.task is None
+    drain.start("admin")
+    task = drain.start("signal")  # SIGTERM during an operator's drain: it is final now
+    assert not await drain.cancel() and registry.draining
+    await task  # no calls: the drain is over at once
+    await drain.stop()

@@ -236,7 +236,7 @@ class Settings(BaseSettings):
 
     @field_validator("trusted_proxies", "allowed_hosts", mode="before")
     @classmethod
-    def _split_proxies(cls, value: object) -> object:
+    def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value

@@ -136,7 +136,7 @@ class EdgeMiddleware:
         limits = self.limits
         headers = Headers(scope=scope)
         if via_unix_socket(scope):  # the admin socket: this machine's own user
-            await self._serve(scope, receive, send, kind)
+            await self._serve(scope, receive, send, headers)
             return
         if not limits.hosts.allows(scope, headers):
             await self._refuse(scope, send, 400, "host", "unknown Host")
@@ -155,13 +155,13 @@ class EdgeMiddleware:
 
         scope[_PENDING_KEY] = release
         try:
-            await self._serve(scope, receive, send, kind)
+            await self._serve(scope, receive, send, headers)
         finally:
             release()
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
-        if kind == "http":
-            await self._http(scope, receive, send)
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send, headers)
         elif self.limits.server_checks_ws_size:
             await self.app(scope, receive, send)
         else:
@@ -169,10 +169,10 @@ class EdgeMiddleware:
 
     # --- HTTP ------------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _http(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
         limits = self.limits
         limit = limits.body_limit(scope["path"])
-        length = Headers(scope=scope).get("content-length")
+        length = headers.get("content-length")
         if length is not None and length.strip().isdigit() and int(length) > limit:
             await self._refuse(scope, send, 413, "body_size", "request body too large")
             return
