@@ -99,7 +99,7 @@ def test_host_policy_names_and_addresses() -> None:
     assert allows(tcp, "a.example.org") and allows(tcp, "other.example:8080")
     assert allows(tcp, "10.0.0.7:8080")  # the address it connected to (probes)
     assert not allows(tcp, "evil.example") and not allows(tcp, "example.org.evil.example")
-    assert not allows(tcp, "localhost:8080") and not allows(tcp, "")
+    assert allows(tcp, "localhost:8080") and not allows(tcp, "")  # docker's published ports
     assert allows(loop, "localhost:8080") and allows(loop, "[::1]:8080")
     assert not allows(loop, "evil.example")
     assert allows(unix, "whatever")

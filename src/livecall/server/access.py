@@ -6,10 +6,11 @@ answers. Such requests carry `Host: evil.example` (and, for writes, `Origin:
 http://evil.example`), so:
 
 - `HostPolicy`: every request must name a Host we serve: `PUBLIC_URL`'s, `ALLOWED_HOSTS`, the
-  literal address the connection arrived at (probes and scrapers use the pod IP; a rebinding
-  page cannot name an IP it was not loaded from), and loopback names on a loopback socket.
-  With neither `PUBLIC_URL` nor `ALLOWED_HOSTS` set the check is off (a warning at startup);
-  the local-trust rule below holds regardless.
+  literal address the connection arrived at (probes and scrapers use the pod IP), and the
+  loopback names (a browser on the host, `docker compose` ports). None of these can be
+  chosen by a rebinding page: its requests name the attacker's domain. With neither
+  `PUBLIC_URL` nor `ALLOWED_HOSTS` set the check is off (a warning at startup); the
+  local-trust rule below holds regardless.
 - `LocalAccess`: "loopback means trusted" (`LIVECALL_API_LOCAL_ONLY`) only for a request whose
   real TCP peer is 127.0.0.1 or ::1 exactly (a sidecar such as Istio's comes from 127.0.0.6),
   that is not listed in `TRUSTED_PROXIES`, carries no forwarding header (a proxy that announces
@@ -110,13 +111,10 @@ class HostPolicy:
             name = host_name(headers.get("host", ""))
         if not name:
             return False
-        if self._named(name):
+        if name in LOOPBACK_NAMES or self._named(name):
             return True
-        server = scope.get("server")
-        local = host_name(str(server[0])) if server else ""
-        if name == local:
-            return True  # the very address the client connected to (probes, scrapers)
-        return name in LOOPBACK_NAMES and local in _LOOPBACK_PEERS
+        server = scope.get("server")  # the very address the client connected to
+        return server is not None and name == host_name(str(server[0]))
 
 
 def _loopback_origin(origin: str) -> bool:
