@@ -97,7 +97,7 @@ def test_host_policy_names_and_addresses() -> None:
 
     assert allows(tcp, "calls.example.com") and allows(tcp, "CALLS.example.com:443")
     assert allows(tcp, "a.example.org") and allows(tcp, "other.example:8080")
-    assert allows(tcp, "10.0.0.7:8080")  # the address it connected to (probes)
+    assert allows(tcp, "10.0.0.7:8080") and allows(tcp, "[2001:db8::7]")  # probes, scrapers
     assert not allows(tcp, "evil.example") and not allows(tcp, "example.org.evil.example")
     assert allows(tcp, "localhost:8080") and not allows(tcp, "")  # docker's published ports
     assert allows(loop, "localhost:8080") and allows(loop, "[::1]:8080")

@@ -5,10 +5,10 @@ browser talk to a livecall on the user's machine as if it were evil.example, rea
 answers. Such requests carry `Host: evil.example` (and, for writes, `Origin:
 http://evil.example`), so:
 
-- `HostPolicy`: every request must name a Host we serve: `PUBLIC_URL`'s, `ALLOWED_HOSTS`, the
-  literal address the connection arrived at (probes and scrapers use the pod IP), and the
-  loopback names (a browser on the host, `docker compose` ports). None of these can be
-  chosen by a rebinding page: its requests name the attacker's domain. With neither
+- `HostPolicy`: every request must name a Host we serve: `PUBLIC_URL`'s, `ALLOWED_HOSTS`,
+  `localhost`, or an IP address (probes and scrapers use the pod IP, sidecars and NAT change
+  which one). None of these can be chosen by a rebinding page: its requests name the
+  attacker's domain; a page that names an IP was loaded from that IP. With neither
   `PUBLIC_URL` nor `ALLOWED_HOSTS` set the check is off (a warning at startup); the
   local-trust rule below holds regardless.
 - `LocalAccess`: "loopback means trusted" (`LIVECALL_API_LOCAL_ONLY`) only for a request whose
@@ -22,6 +22,7 @@ http://evil.example`), so:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -113,8 +114,11 @@ class HostPolicy:
             return False
         if name in LOOPBACK_NAMES or self._named(name):
             return True
-        server = scope.get("server")  # the very address the client connected to
-        return server is not None and name == host_name(str(server[0]))
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
 
 
 def _loopback_origin(origin: str) -> bool:
