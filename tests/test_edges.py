@@ -15,15 +15,19 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 import websockets
 from starlette.datastructures import Headers
 
+from livecall.cli import uvicorn_config
 from livecall.server.access import HostPolicy, LocalAccess, host_name
+from livecall.server.app import create_app
 from livecall.server.dashboard import LoginThrottle
 from livecall.server.drain import Drain
 from livecall.server.forwarded import TrustedProxies
 from livecall.server.limits import PendingGate
 from livecall.server.registry import CallRegistry
+from livecall.settings import Settings
 from livecall.sim.gemini import FakeGeminiServer
 from livecall.sim.stack import TEST_AUTH_TOKEN
 from livecall.sim.twilio import Pause
@@ -87,10 +91,13 @@ def status_of(response: bytes) -> int:
 
 
 def test_host_policy_names_and_addresses() -> None:
-    policy = HostPolicy("https://calls.example.com", ["*.example.org", "other.example"])
+    policy = HostPolicy(
+        "https://calls.example.com", ["*.example.org", "other.example"], None, "/run/a.sock"
+    )
     tcp = {"client": ("203.0.113.9", 5000), "server": ("10.0.0.7", 8080)}
     loop = {"client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080)}
-    unix = {"client": None, "server": ("/run/livecall.sock", None)}
+    unix = {"client": None, "server": ("/run/a.sock", None)}
+    other_unix = {"client": None, "server": ("/run/proxied.sock", None)}
 
     def allows(scope: dict[str, Any], host: str, **extra: str) -> bool:
         return policy.allows(scope, Headers({"host": host, **extra}))
@@ -102,7 +109,7 @@ def test_host_policy_names_and_addresses() -> None:
     assert allows(tcp, "localhost:8080") and not allows(tcp, "")  # docker's published ports
     assert allows(loop, "localhost:8080") and allows(loop, "[::1]:8080")
     assert not allows(loop, "evil.example")
-    assert allows(unix, "whatever")
+    assert allows(unix, "whatever") and not allows(other_unix, "whatever")
     # a forwarded host counts only from a trusted proxy
     assert allows(tcp, "calls.example.com", **{"x-forwarded-host": "evil.example"})  # ignored
     trusting = HostPolicy("https://calls.example.com", (), TrustedProxies(["203.0.113.0/24"]))
@@ -115,7 +122,7 @@ def test_host_policy_names_and_addresses() -> None:
 
 def test_local_access_wants_a_real_loopback_peer_our_host_and_no_foreign_origin() -> None:
     local = LocalAccess(TrustedProxies(["127.0.0.1"]))
-    plain = LocalAccess()
+    plain = LocalAccess(admin_socket="/run/a.sock")
     peer = {"client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080)}
     sidecar = {"client": ("127.0.0.6", 5000), "server": ("127.0.0.1", 8080)}
     ok = Headers({"host": "localhost:8080"})
@@ -127,6 +134,8 @@ def test_local_access_wants_a_real_loopback_peer_our_host_and_no_foreign_origin(
     assert plain.is_local(peer, Headers({"host": "127.0.0.1", "origin": "http://localhost:8080"}))
     assert not plain.is_local(peer, Headers({"host": "localhost", "x-forwarded-for": "1.2.3.4"}))
     assert plain.is_local({"client": None, "server": ("/run/a.sock", None)}, Headers({}))
+    # any other Unix socket may have a public proxy in front of it (`uvicorn --uds`)
+    assert not plain.is_local({"client": None, "server": ("/run/b.sock", None)}, ok)
 
 
 def test_pending_gate_forgets_clients_with_nothing_pending() -> None:
@@ -533,3 +542,42 @@ async def test_an_operators_drain_can_be_cancelled_a_sigterm_drain_cannot() -> N
     assert not await drain.cancel() and registry.draining
     await task  # no calls: the drain is over at once
     await drain.stop()
+
+
+async def test_a_unix_socket_other_than_admin_socket_is_not_local(tmp_path: Path) -> None:
+    """`uvicorn --uds` behind a public proxy: every request arrives on a Unix socket, and
+    none of them is thereby local: no drain without the token, no local-only API."""
+    settings = Settings(
+        twilio_auth_token=TEST_AUTH_TOKEN,
+        public_url="https://calls.example.com",
+        api_local_only=True,
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/calls.db",
+        recordings_dir=tmp_path / "rec",
+        spool_dir=tmp_path / "spool",
+    )
+    app = create_app(settings)
+    path = tmp_path / "app.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0))  # type: ignore[arg-type]
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+
+        async def started() -> bool:
+            assert not serving.done(), "server stopped"
+            return server.started
+
+        await eventually(started, within=10)
+        transport = httpx.AsyncHTTPTransport(uds=str(path))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://calls.example.com"
+        ) as http:
+            assert (await http.get("/health")).status_code == 200
+            assert (await http.post("/admin/drain")).status_code == 403
+            assert (await http.get("/api/calls")).status_code == 403
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 15)
+    assert not app.state.livecall.registry.draining

@@ -17,7 +17,8 @@ http://evil.example`), so:
   itself), names a loopback Host and, if it has an Origin, a loopback origin. A TCP proxy on
   the same host that forwards outside traffic from 127.0.0.1 without saying so cannot be told
   apart: list it in `TRUSTED_PROXIES`, or do not use local-only mode there. The admin Unix
-  socket (`ADMIN_SOCKET`, mode 0600) is local by construction.
+  socket (`ADMIN_SOCKET`, mode 0600) is local by construction; any other Unix socket (a
+  proxy in front of `uvicorn --uds`) is not.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ __all__ = [
     "HostPolicy",
     "LocalAccess",
     "host_name",
+    "on_admin_socket",
     "peer_of",
-    "via_unix_socket",
+    "unix_socket_of",
 ]
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -61,10 +63,18 @@ def host_name(value: str) -> str:
     return value.rstrip(".")
 
 
-def via_unix_socket(scope: Mapping[str, Any]) -> bool:
-    """A connection on a Unix socket: uvicorn gives no client and a server port of None."""
+def unix_socket_of(scope: Mapping[str, Any]) -> str | None:
+    """The path of the Unix socket a connection came in on (uvicorn gives no client and a
+    server port of None), or None for TCP."""
     server = scope.get("server")
-    return scope.get("client") is None and server is not None and server[1] is None
+    if scope.get("client") is None and server is not None and server[1] is None:
+        return str(server[0])
+    return None
+
+
+def on_admin_socket(scope: Mapping[str, Any], admin_socket: str | None) -> bool:
+    """Did the connection come in on `ADMIN_SOCKET` (and not some other Unix socket)?"""
+    return admin_socket is not None and unix_socket_of(scope) == admin_socket
 
 
 def peer_of(scope: Mapping[str, Any]) -> str | None:
@@ -80,8 +90,10 @@ class HostPolicy:
         public_url: str | None,
         allowed_hosts: Iterable[str] = (),
         trusted: TrustedProxies | None = None,
+        admin_socket: str | None = None,
     ) -> None:
         self.trusted = trusted or TrustedProxies()
+        self.admin_socket = admin_socket
         names: set[str] = set()
         suffixes: list[str] = []
         self.any = False
@@ -103,7 +115,7 @@ class HostPolicy:
         return name in self.names or (bool(self.suffixes) and name.endswith(self.suffixes))
 
     def allows(self, scope: Mapping[str, Any], headers: Mapping[str, str]) -> bool:
-        if not self.active or via_unix_socket(scope):
+        if not self.active or on_admin_socket(scope, self.admin_socket):
             return True
         forwarded = headers.get("x-forwarded-host")
         if forwarded and peer_of(scope) in self.trusted:
@@ -130,11 +142,14 @@ class LocalAccess:
     """Does a request come from this machine, not through a proxy, not from a web page
     elsewhere? (See the module doc for what is checked and why.)"""
 
-    def __init__(self, trusted: TrustedProxies | None = None) -> None:
+    def __init__(
+        self, trusted: TrustedProxies | None = None, admin_socket: str | None = None
+    ) -> None:
         self.trusted = trusted or TrustedProxies()
+        self.admin_socket = admin_socket
 
     def is_local(self, scope: Mapping[str, Any], headers: Mapping[str, str]) -> bool:
-        if via_unix_socket(scope):
+        if on_admin_socket(scope, self.admin_socket):
             return True
         peer = peer_of(scope)
         if peer not in _LOOPBACK_PEERS or peer in self.trusted:

@@ -225,6 +225,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "no call"}}
 
 
+def _admin_socket(settings: Settings) -> str | None:
+    return str(settings.admin_socket) if settings.admin_socket is not None else None
+
+
 def bearer_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
     """The API's auth dependency (every `/api` router uses it); raises `ApiDisabled`."""
     token = settings.api_token.get_secret_value() if settings.api_token is not None else ""
@@ -235,7 +239,7 @@ def bearer_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
         )
     expected = token.encode()
     bearer = HTTPBearer(auto_error=False, description="LIVECALL_API_TOKEN")
-    local = LocalAccess(TrustedProxies(settings.trusted_proxies))
+    local = LocalAccess(TrustedProxies(settings.trusted_proxies), _admin_socket(settings))
 
     async def authorize(
         request: Request,

@@ -229,7 +229,12 @@ def create_app(
     drain = state.drain = Drain(state.registry, settings.drain_timeout_s)
     trusted = TrustedProxies(settings.trusted_proxies)
     edge = EdgeLimits(
-        hosts=HostPolicy(settings.public_url, settings.allowed_hosts, trusted),
+        hosts=HostPolicy(
+            settings.public_url,
+            settings.allowed_hosts,
+            trusted,
+            str(settings.admin_socket) if settings.admin_socket else None,
+        ),
         trusted=trusted,
         max_body_bytes=settings.max_body_bytes,
         request_timeout_s=settings.request_timeout_s,

@@ -504,7 +504,8 @@ def build_dashboard_router(
     sessions = Sessions.for_token(token or None, session_ttl_s)
     throttle = LoginThrottle()
     trusted = TrustedProxies(settings.trusted_proxies)
-    local = LocalAccess(trusted)  # local-only: real loopback peer, loopback Host and Origin
+    admin_socket = str(settings.admin_socket) if settings.admin_socket else None
+    local = LocalAccess(trusted, admin_socket)  # local-only: real loopback peer, Host, Origin
     templates = Jinja2Templates(directory=str(TEMPLATE_DIR))
     env = templates.env
     env.filters.update(

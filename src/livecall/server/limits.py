@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from livecall.server.access import HostPolicy, peer_of, via_unix_socket
+from livecall.server.access import HostPolicy, on_admin_socket, peer_of, unix_socket_of
 from livecall.server.forwarded import TrustedProxies, client_ip
 
 __all__ = [
@@ -135,11 +135,14 @@ class EdgeMiddleware:
             return
         limits = self.limits
         headers = Headers(scope=scope)
-        if via_unix_socket(scope):  # the admin socket: this machine's own user
+        if on_admin_socket(scope, limits.hosts.admin_socket):  # this machine's own user
             await self._serve(scope, receive, send, headers)
             return
         if not limits.hosts.allows(scope, headers):
             await self._refuse(scope, send, 400, "host", "unknown Host")
+            return
+        if unix_socket_of(scope) is not None:  # a proxy in front (`uvicorn --uds`): no
+            await self._serve(scope, receive, send, headers)  # client address to key on
             return
         key = client_ip(peer_of(scope), headers, limits.trusted)
         if not self.gate.enter(key):

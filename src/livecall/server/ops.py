@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from livecall import __version__
-from livecall.server.access import via_unix_socket
+from livecall.server.access import on_admin_socket
 from livecall.server.api import Sid, bearer_auth
 from livecall.server.drain import Drain
 
@@ -104,6 +104,7 @@ def build_ops_router(state: AppState) -> APIRouter:
         return JSONResponse(status(), status_code=503 if registry.draining else 200)
 
     admin_token = state.settings.admin_token
+    admin_socket = str(state.settings.admin_socket) if state.settings.admin_socket else None
     expected = admin_token.get_secret_value().encode() if admin_token is not None else b""
     if state.drain is None:
         state.drain = Drain(registry, state.settings.drain_timeout_s)
@@ -113,7 +114,7 @@ def build_ops_router(state: AppState) -> APIRouter:
         """ADMIN_TOKEN as a bearer token, or the admin Unix socket; never a browser."""
         if "origin" in request.headers:
             raise HTTPException(403, "/admin is not for browsers")
-        if via_unix_socket(request.scope):
+        if on_admin_socket(request.scope, admin_socket):
             return
         if not expected:
             raise HTTPException(403, "set ADMIN_TOKEN (or ADMIN_SOCKET) to use /admin")
