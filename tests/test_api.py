@@ -149,8 +149,20 @@ async def test_local_only_serves_loopback_clients_only(tmp_path: Path) -> None:
         app = make_app(store, LocalRecordingStore(tmp_path), settings)
         for host, expected in (("127.0.0.1", 200), ("::1", 200), ("203.0.113.7", 403)):
             transport = httpx.ASGITransport(app=app, client=(host, 40000))
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost:8080"
+            ) as client:
                 assert (await client.get("/api/calls")).status_code == expected, host
+        # a loopback peer, but not a local request: DNS rebinding (Host, Origin), a proxy
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+        async with httpx.AsyncClient(transport=transport) as client:
+            for url, headers in (
+                ("http://evil.example/api/calls", {}),
+                ("http://localhost/api/calls", {"Origin": "http://evil.example"}),
+                ("http://localhost/api/calls", {"X-Forwarded-For": "203.0.113.7"}),
+            ):
+                response = await client.get(url, headers=headers)
+                assert response.status_code == 403, (url, headers)
     finally:
         await store.close()
 

@@ -212,13 +212,17 @@ async def test_local_only_signs_in_loopback_clients_without_a_token(tmp_path: Pa
     settings = make_settings(tmp_path, token=None, local_only=True)
     store = CallStore(settings)
     app = make_app(store, settings, LiveFeed(), make_state())
-    for host, allowed in (("127.0.0.1", True), ("203.0.113.9", False)):
+    for host, base, allowed in (
+        ("127.0.0.1", "http://localhost:8080", True),
+        ("203.0.113.9", "http://localhost:8080", False),
+        ("127.0.0.1", "http://evil.example:8080", False),  # DNS rebinding: not our Host
+    ):
         transport = httpx.ASGITransport(app=app, client=(host, 5000))
-        async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+        async with httpx.AsyncClient(transport=transport, base_url=base) as client:
             response = await client.post("/login", data={"next": "/live"})
-            assert response.status_code == (303 if allowed else 401)
+            assert response.status_code == (303 if allowed else 401), (host, base)
             page = await client.get("/live")
-            assert page.status_code == (200 if allowed else 303)
+            assert page.status_code == (200 if allowed else 303), (host, base)
     await store.close()
 
 

@@ -5,6 +5,7 @@ when run directly: Docker cannot run on these machines."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -166,6 +167,8 @@ class FakeLivecall:
                 fake.requests.append(("POST", self.path, self.client_address[0]))
                 if self.path != "/admin/drain":
                     return self._reply(404, {})
+                if self.headers.get("Authorization") != f"Bearer {PRESTOP_ADMIN_TOKEN}":
+                    return self._reply(401, {})
                 fake.drained = True
                 return self._reply(200, {"status": "draining"})
 
@@ -301,6 +304,14 @@ def test_deployment_probes_drain_grace_period_and_non_root() -> None:
     assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
+PRESTOP_ADMIN_TOKEN = "prestop-admin-token-0123456789"
+
+
+def prestop_env() -> dict[str, str]:
+    """The container's environment as preStop sees it: ADMIN_TOKEN from the secret."""
+    return {**os.environ, "ADMIN_TOKEN": PRESTOP_ADMIN_TOKEN}
+
+
 def prestop_script(port: int) -> list[str]:
     cmd = container(k8s_docs())["lifecycle"]["preStop"]["exec"]["command"]
     assert cmd[:2] == ["python", "-c"]
@@ -311,12 +322,25 @@ def prestop_script(port: int) -> list[str]:
 
 def test_prestop_drains_then_waits_for_the_calls_to_end() -> None:
     with FakeLivecall(active_calls=1) as fake:
-        done = subprocess.run(prestop_script(fake.port), capture_output=True, text=True,
-                              timeout=60)
+        done = subprocess.run(
+            prestop_script(fake.port), capture_output=True, text=True, timeout=60, env=prestop_env()
+        )
         assert done.returncode == 0, done.stderr
         assert fake.requests[0] == ("POST", "/admin/drain", "127.0.0.1")
         assert fake.active_calls == 0
         assert [r[1] for r in fake.requests[1:]] == ["/health", "/health"]
+
+
+async def test_prestop_drains_a_real_livecall_with_the_admin_token(make_stack) -> None:
+    """The preStop script against the real app: its token drains it, then it returns."""
+    stack = await make_stack(admin_token=PRESTOP_ADMIN_TOKEN)
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    proc = await asyncio.create_subprocess_exec(
+        *prestop_script(port), env=prestop_env(), stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert stack.registry.draining
 
 
 def test_hpa_scales_on_the_active_calls_metric_livecall_exports() -> None:

@@ -38,25 +38,60 @@ console = Console(stderr=True)
 
 
 def uvicorn_config(
-    app_obj: object, host: str, port: int, *, request_timeout_s: float = 10.0, **kw: object
+    app_obj: object,
+    host: str,
+    port: int,
+    *,
+    request_timeout_s: float = 10.0,
+    ws_max_size: int = 1 << 20,
+    **kw: object,
 ) -> object:
+    """The uvicorn server livecall runs on: whole-request deadline at the protocol level,
+    WebSocket messages capped by uvicorn itself (frames above MAX_MESSAGE_BYTES but under
+    this are read, logged and ignored), and forwarded headers left to livecall, which
+    believes them only from TRUSTED_PROXIES (uvicorn's own would trust 127.0.0.1)."""
     import uvicorn
 
     from livecall.server.conn_guard import guarded_http_protocol
 
+    edge = getattr(getattr(app_obj, "state", None), "edge", None)
+    if edge is not None:
+        edge.server_ws_max_size = ws_max_size  # the app need not check each message again
     return uvicorn.Config(
         app_obj,  # type: ignore[arg-type]
         host=host,
         port=port,
         http=guarded_http_protocol(request_timeout_s),
-        ws_max_size=1 << 20,  # frames above our own 64 KiB limit are read, logged and ignored
+        ws_max_size=ws_max_size,
         ws_ping_interval=20.0,
         ws_ping_timeout=60.0,
+        proxy_headers=False,
         log_config=None,
         access_log=False,
         lifespan="on",
         **kw,  # type: ignore[arg-type]
     )
+
+
+def _admin_socket(path: Path) -> object:
+    """The ADMIN_SOCKET Unix socket, readable and writable by this user only."""
+    import os
+    import socket
+    import stat
+
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise typer.BadParameter(f"ADMIN_SOCKET {path} exists and is not a socket")
+        path.unlink()  # a stale socket from a previous run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return sock
 
 
 @app.command()
@@ -82,17 +117,28 @@ def serve(
     from livecall.server.drain import DrainingServer
 
     app_obj = create_app(settings)
-    server = DrainingServer(
-        uvicorn_config(  # type: ignore[arg-type]
-            app_obj,
-            host or settings.host,
-            port or settings.port,
-            request_timeout_s=settings.first_message_timeout_s,
-        ),
-        app_obj.state.livecall.registry,
-        settings.drain_timeout_s,
+    config = uvicorn_config(
+        app_obj,
+        host or settings.host,
+        port or settings.port,
+        request_timeout_s=settings.request_timeout_s,
+        ws_max_size=settings.ws_max_size,
     )
-    server.run()
+    state = app_obj.state.livecall
+    server = DrainingServer(
+        config,  # type: ignore[arg-type]
+        state.registry,
+        settings.drain_timeout_s,
+        drain=state.drain,
+    )
+    if settings.admin_socket is None:
+        server.run()
+        return
+    sockets = [config.bind_socket(), _admin_socket(settings.admin_socket)]  # type: ignore[attr-defined]
+    try:
+        server.run(sockets=sockets)  # type: ignore[arg-type]
+    finally:
+        settings.admin_socket.unlink(missing_ok=True)
 
 
 @app.command()

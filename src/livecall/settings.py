@@ -62,6 +62,49 @@ class Settings(BaseSettings):
         description="put transcript text in log lines (off: its length only; the call records "
         "keep the transcript either way)",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias="ALLOWED_HOSTS",
+        description="comma-separated Host names served besides PUBLIC_URL's ('*.example.com' "
+        "for subdomains, '*' for any); a request for another Host gets 400",
+    )
+    max_body_bytes: int = Field(
+        1 << 20,
+        gt=0,
+        validation_alias="MAX_BODY_BYTES",
+        description="largest request body (Twilio's webhooks: 64 KiB); larger ones get 413 "
+        "before they are read",
+    )
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        validation_alias="REQUEST_TIMEOUT",
+        description="a request's headers and body must arrive within this (else 408 / closed)",
+    )
+    ws_max_size: int = Field(
+        1 << 20,
+        gt=0,
+        validation_alias="WS_MAX_SIZE",
+        description="largest WebSocket message; a larger one closes the socket (1009)",
+    )
+    max_pending_per_client: int = Field(
+        64,
+        gt=0,
+        validation_alias="MAX_PENDING_PER_CLIENT",
+        description="concurrent unauthenticated connections per client address (HTTP requests "
+        "not yet answered, streams before their `start`); more get 429",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        validation_alias="ADMIN_TOKEN",
+        description="bearer token for /admin/drain (unset: only over ADMIN_SOCKET)",
+    )
+    admin_socket: Path | None = Field(
+        None,
+        validation_alias="ADMIN_SOCKET",
+        description="a Unix socket `livecall serve` also serves the app on; /admin/drain "
+        "needs no token there (file mode 0600)",
+    )
 
     # --- Gemini
     gemini_api_key: SecretStr | None = Field(
@@ -307,9 +350,9 @@ class Settings(BaseSettings):
         "signing_secret wins)",
     )
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("trusted_proxies", "allowed_hosts", mode="before")
     @classmethod
-    def _split_proxies(cls, value: object) -> object:
+    def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value

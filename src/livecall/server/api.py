@@ -25,6 +25,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from livecall.server.access import LocalAccess
+from livecall.server.forwarded import TrustedProxies
 from livecall.settings import Settings
 from livecall.store.models import Call
 from livecall.store.recordings import RecordingStore
@@ -231,6 +233,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "no call"}}
 
 
+def _admin_socket(settings: Settings) -> str | None:
+    return str(settings.admin_socket) if settings.admin_socket is not None else None
+
+
 def bearer_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
     """The API's auth dependency (every `/api` router uses it); raises `ApiDisabled`."""
     token = settings.api_token.get_secret_value() if settings.api_token is not None else ""
@@ -241,6 +247,7 @@ def bearer_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
         )
     expected = token.encode()
     bearer = HTTPBearer(auto_error=False, description="LIVECALL_API_TOKEN")
+    local = LocalAccess(TrustedProxies(settings.trusted_proxies), _admin_socket(settings))
 
     async def authorize(
         request: Request,
@@ -253,8 +260,7 @@ def bearer_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
                     401, "invalid or missing bearer token", headers={"WWW-Authenticate": "Bearer"}
                 )
             return
-        client = request.client.host if request.client is not None else None
-        if not _is_loopback(client):
+        if not local.is_local(request.scope, request.headers):  # Host, Origin, real peer
             raise HTTPException(403, "the call records API is local-only")
 
     return authorize

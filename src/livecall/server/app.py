@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,8 +37,12 @@ from livecall.outcomes.webhooks import (
     link_key,
 )
 from livecall.records import CallObserver
+from livecall.server.access import HostPolicy
 from livecall.server.api import ApiDisabled, build_api_router
 from livecall.server.docs import build_openapi_router, docs_urls
+from livecall.server.drain import Drain
+from livecall.server.forwarded import TrustedProxies
+from livecall.server.limits import EdgeLimits, EdgeMiddleware
 from livecall.server.ops import build_live_api_router, build_ops_router
 from livecall.server.outbound import build_amd_router, build_outbound_api_router
 from livecall.server.registry import CallRegistry
@@ -75,8 +78,8 @@ class AppState:
     # operations: Prometheus metrics, the live calls of every instance, a drain in progress
     metrics: Metrics = field(default_factory=Metrics)
     cluster: LiveCalls = field(default_factory=LocalRegistry)
-    drain_task: asyncio.Task[None] | None = None
     webhooks: WebhookService | None = None  # end-of-call webhooks (livecall.outcomes)
+    drain: Drain | None = None  # set by create_app: SIGTERM and /admin/drain share it
 
     def knowledge_for(self, profile: AgentProfile) -> FallbackSource | None:
         """What the profile's `lookup` searches, shared by every call that searches the same.
@@ -271,6 +274,22 @@ def create_app(
         ),
         metrics=state.metrics,
     )
+    drain = state.drain = Drain(state.registry, settings.drain_timeout_s)
+    trusted = TrustedProxies(settings.trusted_proxies)
+    edge = EdgeLimits(
+        hosts=HostPolicy(
+            settings.public_url,
+            settings.allowed_hosts,
+            trusted,
+            str(settings.admin_socket) if settings.admin_socket else None,
+        ),
+        trusted=trusted,
+        max_body_bytes=settings.max_body_bytes,
+        request_timeout_s=settings.request_timeout_s,
+        ws_max_size=settings.ws_max_size,
+        max_pending_per_client=settings.max_pending_per_client,
+        on_refused=state.metrics.error,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -278,6 +297,11 @@ def create_app(
             log.warning(
                 "twilio.signatures_off",
                 hint="TWILIO_AUTH_TOKEN is not set: webhook and stream requests are not verified",
+            )
+        if not edge.hosts.active:
+            log.warning(
+                "edge.host_check_off",
+                hint="set PUBLIC_URL or ALLOWED_HOSTS: requests for any Host are served",
             )
         # tracing: only when the environment asks for it; whoever configured it shuts it down
         tracing_here = configure_tracing("livecall", instance_id=cluster.instance_id)
@@ -303,10 +327,7 @@ def create_app(
                     call.bridge.end("shutdown")
             await state.registry.wait_idle(timeout=10)
             await cluster.stop()
-            if state.drain_task is not None and not state.drain_task.done():
-                state.drain_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await state.drain_task
+            await drain.stop()
             for task in background:
                 task.cancel()
             await state.http_tools.aclose()
@@ -320,6 +341,8 @@ def create_app(
 
     app = FastAPI(title="livecall", version=__version__, lifespan=lifespan, **docs_urls(settings))
     app.state.livecall = state
+    app.state.edge = edge  # `cli.uvicorn_config` notes the limits its server enforces itself
+    app.add_middleware(EdgeMiddleware, limits=edge)
 
     app.include_router(build_ops_router(state))  # /health, /ready, /admin/drain
     app.include_router(build_twilio_router(state))

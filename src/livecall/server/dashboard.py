@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 import time
@@ -39,6 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.templating import Jinja2Templates
 
 from livecall.live_feed import LiveFeed
+from livecall.server.access import LocalAccess
 from livecall.server.api import (
     SID_PATTERN,
     CallDetail,
@@ -47,8 +49,8 @@ from livecall.server.api import (
     StatsOut,
     TurnOut,
     _columns,
-    _is_loopback,
 )
+from livecall.server.forwarded import TrustedProxies, client_ip
 from livecall.server.registry import CallRegistry
 from livecall.server.twilio_routes import _run_call, open_stream
 from livecall.server.urls import public_base
@@ -196,15 +198,38 @@ class Sessions:
 
 
 class LoginThrottle:
-    """Slows down token guessing: `limit` failed logins per client within `window_s`."""
+    """Slows down token guessing: `limit` failed logins per client within `window_s`.
+
+    Clients are told apart by address as seen through trusted proxies (`client_key`), so one
+    guesser neither shares a bucket with everyone behind the same proxy nor escapes by
+    sending X-Forwarded-For itself; at most `max_clients` buckets are kept.
+    """
 
     def __init__(
-        self, limit: int = 10, window_s: float = 600.0, clock: Callable[[], float] = time.monotonic
+        self,
+        limit: int = 10,
+        window_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
     ) -> None:
         self.limit = limit
         self.window_s = window_s
         self._clock = clock
+        self.max_clients = max_clients
         self._failures: dict[str, list[float]] = {}
+
+    @staticmethod
+    def client_key(address: str) -> str:
+        """An IPv4 address, or an IPv6 address's /64 (one host commonly holds a whole /64)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address[:64]
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
 
     def _recent(self, client: str) -> list[float]:
         cutoff = self._clock() - self.window_s
@@ -219,7 +244,7 @@ class LoginThrottle:
         return len(self._recent(client)) >= self.limit
 
     def failed(self, client: str) -> None:
-        if len(self._failures) > 10_000:  # a flood of sources: forget the oldest
+        while len(self._failures) >= self.max_clients:  # a flood of sources: forget the oldest
             self._failures.pop(next(iter(self._failures)))
         self._recent(client)
         self._failures.setdefault(client, []).append(self._clock())
@@ -491,6 +516,9 @@ def build_dashboard_router(
         )
     sessions = Sessions.for_token(token or None, session_ttl_s)
     throttle = LoginThrottle()
+    trusted = TrustedProxies(settings.trusted_proxies)
+    admin_socket = str(settings.admin_socket) if settings.admin_socket else None
+    local = LocalAccess(trusted, admin_socket)  # local-only: real loopback peer, Host, Origin
     templates = Jinja2Templates(directory=str(TEMPLATE_DIR))
     env = templates.env
     env.filters.update(
@@ -507,7 +535,7 @@ def build_dashboard_router(
     # --- auth -------------------------------------------------------------------------------
 
     def current(request: Request | WebSocket) -> Session | None:
-        if not token and not _is_loopback(request.client.host if request.client else None):
+        if not token and not local.is_local(request.scope, request.headers):
             return None
         return sessions.check(request.cookies.get(SESSION_COOKIE))
 
@@ -585,7 +613,8 @@ def build_dashboard_router(
     async def login(request: Request) -> Response:
         form = await read_form(request)
         target = _safe_next(form.get("next"))
-        client = _client(request.client)
+        peer = request.client.host if request.client else None
+        client = LoginThrottle.client_key(client_ip(peer, request.headers, trusted))
         if not _same_origin(request.url, request.headers, settings.public_url, required=False):
             raise HTTPException(403, "cross-origin request refused")
         if throttle.blocked(client):
@@ -602,7 +631,7 @@ def build_dashboard_router(
         if token:
             ok = hmac.compare_digest(given.encode(), token.encode())
         else:  # local-only: loopback clients only, no token to check
-            ok = _is_loopback(request.client.host if request.client else None)
+            ok = local.is_local(request.scope, request.headers)
         if not ok:
             throttle.failed(client)
             log.warning("dashboard.login_failed", client=client)

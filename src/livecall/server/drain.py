@@ -11,6 +11,7 @@ before the process exits 0 — every call's end in the log and the records flush
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from typing import Any
 
@@ -43,13 +44,71 @@ async def drain_calls(registry: CallRegistry, deadline_s: float, goodbye_s: floa
     log.info("drain.done", remaining=len(registry.active))
 
 
+class Drain:
+    """The process's one drain, whoever asked: `POST /admin/drain` or SIGTERM.
+
+    An operator's drain (`reason="admin"`) can be cancelled: calls are admitted again and
+    `/ready` answers 200. A SIGTERM drain cannot: the process is going away.
+    """
+
+    def __init__(self, registry: CallRegistry, deadline_s: float) -> None:
+        self.registry = registry
+        self.deadline_s = deadline_s
+        self.task: asyncio.Task[None] | None = None
+        self.reason: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.reason is not None
+
+    def start(self, reason: str) -> asyncio.Task[None]:
+        """Starts draining (idempotent); a SIGTERM makes a running admin drain final."""
+        if self.reason != "signal":
+            self.reason = reason
+        self.registry.draining = True  # at once: the next webhook is answered "busy"
+        if self.task is None:
+            self.task = asyncio.create_task(
+                drain_calls(self.registry, self.deadline_s), name=f"drain:{reason}"
+            )
+        return self.task
+
+    async def cancel(self) -> bool:
+        """Ends an admin drain: calls are admitted again. False for a SIGTERM drain."""
+        if self.reason == "signal":
+            return False
+        task, self.task, self.reason = self.task, None, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.registry.draining = False
+        if task is not None:
+            log.info("drain.cancelled", active_calls=len(self.registry.active))
+        return True
+
+    async def stop(self) -> None:
+        """At shutdown: stops waiting (the calls themselves are ended by the app)."""
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that the first SIGTERM drains calls before the server stops."""
 
-    def __init__(self, config: uvicorn.Config, registry: CallRegistry, deadline_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        registry: CallRegistry,
+        deadline_s: float,
+        drain: Drain | None = None,
+    ) -> None:
         super().__init__(config)
         self.registry = registry
         self.deadline_s = deadline_s
+        self.drain = drain or Drain(registry, deadline_s)
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -69,6 +128,6 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         try:
-            await drain_calls(self.registry, self.deadline_s)
+            await asyncio.shield(self.drain.start("signal"))
         finally:
             self.should_exit = True

@@ -3,8 +3,12 @@
 - `GET /health` (liveness) answers 200 as long as the process serves requests, draining or
   not: a liveness probe must never restart a process whose calls are still finishing.
 - `GET /ready` (readiness) answers 503 while draining, so no new calls are routed here.
-- `POST /admin/drain`, for loopback clients only (Kubernetes' preStop hook runs inside the
-  pod), stops taking calls and lets the live ones finish (`livecall.server.drain`).
+- `POST /admin/drain` stops taking calls and lets the live ones finish
+  (`livecall.server.drain`); `DELETE /admin/drain` cancels it (calls admitted again, `/ready`
+  back to 200). Either needs `Authorization: Bearer $ADMIN_TOKEN`, or arrives over the
+  `ADMIN_SOCKET` Unix socket; never from a browser (a request with an `Origin` is refused).
+  Being on loopback is not enough: a sidecar, a local proxy or a DNS-rebinding web page is
+  on loopback too.
 - `GET /api/live` lists the calls in progress on every instance (`livecall.cluster`), and
   `POST /api/live/{sid}/end` / `.../transfer` reach a call whichever instance holds it.
   They share the call records API's bearer auth.
@@ -12,7 +16,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import hmac
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
@@ -21,8 +25,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from livecall import __version__
-from livecall.server.api import Sid, _is_loopback, bearer_auth
-from livecall.server.drain import drain_calls
+from livecall.server.access import on_admin_socket
+from livecall.server.api import Sid, bearer_auth
+from livecall.server.drain import Drain
 
 if TYPE_CHECKING:
     from livecall.server.app import AppState
@@ -33,10 +38,6 @@ log = structlog.get_logger("livecall.ops")
 
 #: `end_reason` recorded for a call ended through `POST /api/live/{sid}/end`.
 API_END_REASON = "api"
-
-# Headers a reverse proxy adds: a request that passed through one is not a local one, even
-# when the proxy itself connects from loopback (ngrok, cloudflared, a sidecar).
-_FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
 class LiveCallOut(BaseModel):
@@ -68,13 +69,6 @@ class TransferIn(BaseModel):
     target: str = Field(
         min_length=1, max_length=64, description="a transfer target of the call's agent profile"
     )
-
-
-def _is_local_request(request: Request) -> bool:
-    client = request.client.host if request.client is not None else None
-    if not _is_loopback(client):
-        return False
-    return not any(h in request.headers for h in _FORWARDING_HEADERS)
 
 
 def cluster_health(state: AppState) -> dict[str, Any]:
@@ -109,19 +103,42 @@ def build_ops_router(state: AppState) -> APIRouter:
         """Readiness: 503 while draining, so the load balancer sends new calls elsewhere."""
         return JSONResponse(status(), status_code=503 if registry.draining else 200)
 
-    @router.post("/admin/drain", include_in_schema=False)
-    async def admin_drain(request: Request) -> JSONResponse:
-        """Stop taking calls and let live ones finish (idempotent); loopback clients only."""
-        if not _is_local_request(request):
-            raise HTTPException(403, "/admin/drain is served to loopback clients only")
-        task = state.drain_task
-        if task is None:
-            registry.draining = True  # at once: the next webhook is answered "busy"
-            log.info("admin.drain", active_calls=len(registry.active))
-            state.drain_task = asyncio.create_task(
-                drain_calls(registry, state.settings.drain_timeout_s), name="admin-drain"
+    admin_token = state.settings.admin_token
+    admin_socket = str(state.settings.admin_socket) if state.settings.admin_socket else None
+    expected = admin_token.get_secret_value().encode() if admin_token is not None else b""
+    if state.drain is None:
+        state.drain = Drain(registry, state.settings.drain_timeout_s)
+    drain = state.drain
+
+    def admin(request: Request) -> None:
+        """ADMIN_TOKEN as a bearer token, or the admin Unix socket; never a browser."""
+        if "origin" in request.headers:
+            raise HTTPException(403, "/admin is not for browsers")
+        if on_admin_socket(request.scope, admin_socket):
+            return
+        if not expected:
+            raise HTTPException(403, "set ADMIN_TOKEN (or ADMIN_SOCKET) to use /admin")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected):
+            raise HTTPException(
+                401, "invalid or missing bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
+
+    @router.post("/admin/drain", include_in_schema=False, dependencies=[Depends(admin)])
+    async def admin_drain() -> JSONResponse:
+        """Stop taking calls and let live ones finish (idempotent)."""
+        if not drain.active:
+            log.info("admin.drain", active_calls=len(registry.active))
+        drain.start("admin")
         return JSONResponse(status(), status_code=202)
+
+    @router.delete("/admin/drain", include_in_schema=False, dependencies=[Depends(admin)])
+    async def admin_drain_cancel() -> JSONResponse:
+        """Cancel an operator's drain: calls are admitted again (not a SIGTERM's drain)."""
+        if not await drain.cancel():
+            raise HTTPException(409, "the process is shutting down (SIGTERM): not cancelled")
+        log.info("admin.drain_cancelled", active_calls=len(registry.active))
+        return JSONResponse(status())
 
     return router
 

@@ -23,6 +23,7 @@ from livecall.agent.http_tools import CallContext
 from livecall.agent.tools import ToolRunner
 from livecall.call.actions import BridgeActions, tool_handler
 from livecall.call.bridge import CallBridge, CarrierClosed
+from livecall.server.limits import authenticated
 from livecall.server.registry import ActiveCall
 from livecall.server.urls import public_base, public_url_of, ws_base
 from livecall.settings import Settings
@@ -296,6 +297,7 @@ async def _run_call(
         log.warning("twilio.stream_refused", call_sid=start.call_sid, reason=reason)
         await carrier.close(1013)
         return
+    authenticated(carrier.ws)  # a call now: no longer one of its client's pending sockets
     # Other instances learn of the call through Redis. In the background: a slow Redis must
     # not hold the caller's first words (announce waits up to its op timeout before it knows).
     announced = asyncio.create_task(

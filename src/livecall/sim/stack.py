@@ -98,8 +98,12 @@ class LocalStack:
             self.app = create_app(self.settings, observer_factory=self.observer_factory)
         from livecall.cli import uvicorn_config
 
-        config = uvicorn_config(
-            self.app, "127.0.0.1", port, request_timeout_s=self.settings.first_message_timeout_s
+        config = uvicorn_config(  # as `livecall serve` builds it
+            self.app,
+            "127.0.0.1",
+            port,
+            request_timeout_s=self.settings.request_timeout_s,
+            ws_max_size=self.settings.ws_max_size,
         )
         self._server = uvicorn.Server(config)  # type: ignore[arg-type]
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
