@@ -6,17 +6,20 @@ a simulated Twilio caller; faults are scripted in the fake's `Scenario`.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from livecall.audio.transcode import InboundTranscoder
 from livecall.sim.clips import load_clip
-from livecall.sim.gemini import CloseFault, GoAwayFault, Scenario, StallFault
-from livecall.sim.stack import LocalStack
-from livecall.sim.twilio import HangUp, Pause, Say, WaitForAgentSilence
+from livecall.sim.gemini import CloseFault, GoAwayFault, Scenario, SessionRecord, StallFault
+from livecall.sim.stack import TEST_AUTH_TOKEN, LocalStack
+from livecall.sim.twilio import HangUp, Pause, Say, SimulatedCaller, WaitForAgentSilence
 
 pytestmark = pytest.mark.timeout(90)
+CallOver = Callable[..., Awaitable[None]]
 
 
 # Short answers keep each simulated call to a few seconds of real-time playout.
@@ -49,12 +52,47 @@ def _utterance(name: str) -> list[Any]:
     return [Say(pcm, rate=rate, label=name), WaitForAgentSilence(silence_ms=800, timeout=25)]
 
 
-def _frames_received(stack: LocalStack) -> int:
-    assert stack.gemini is not None
-    return sum(s.audio_bytes_received for s in stack.gemini.sessions) // 640
+class RecordingCaller(SimulatedCaller):
+    """A simulated caller that keeps every μ-law byte it sent, in order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent_ulaw = bytearray()
+
+    async def _script_step(self, now: float) -> tuple[bytes, int, Any] | None:
+        step = await super()._script_step(now)
+        if step is not None:
+            self.sent_ulaw += step[0]
+        return step
 
 
-async def test_go_away_rotates_sessions_without_losing_caller_audio(tmp_path: Path) -> None:
+def _first_unreached(sent: bytes, sessions: list[SessionRecord]) -> str | None:
+    """Where the caller's audio first failed to reach a Gemini session (None: all of it did).
+
+    `sent` decoded by livecall's own inbound transcoder (its output does not depend on how the
+    input is chunked) is the audio the sessions must have received between them, in order:
+    each session's input is one unbroken stretch of it starting at or before where the previous
+    session's ended (a replay repeats what the old session already had), and the last one
+    reaches the end.
+    """
+    stream = InboundTranscoder().decode(sent)
+    start = end = 0
+    for session in sessions:
+        got = bytes(session.received_audio)
+        if not got:
+            continue
+        at = stream.rfind(got, start, end + len(got))
+        if at < 0:
+            return f"session {session.index}: audio missing at or after {end / 32000:.2f} s"
+        start, end = at, at + len(got)
+    if end < len(stream):
+        return f"the last {(len(stream) - end) / 32000:.3f} s never reached Gemini"
+    return None
+
+
+async def test_go_away_rotates_sessions_without_losing_caller_audio(
+    tmp_path: Path, call_over: CallOver
+) -> None:
     scenario = _scenario(seed=1, go_aways=[GoAwayFault(after=2.5, time_left=3.0)])
     async with LocalStack(scenario=scenario, settings_overrides=_overrides(tmp_path)) as stack:
         script = [
@@ -66,12 +104,20 @@ async def test_go_away_rotates_sessions_without_losing_caller_audio(tmp_path: Pa
             *_utterance("hours"),
             HangUp(),
         ]
-        result = await stack.caller(script, seed=1).run()
+        caller = RecordingCaller(stack.base_url, auth_token=TEST_AUTH_TOKEN, script=script, seed=1)
+        result = await caller.run()
+        await call_over(stack)
         sessions = stack.gemini.sessions
         assert len(sessions) >= 3, [s.close_code for s in sessions]
-        assert any(s.resumed for s in sessions[1:])
-        # Every caller frame reached Gemini (replayed frames may arrive twice, never zero times).
-        assert _frames_received(stack) >= result.frames_sent - 5
+        assert all(s.resumed for s in sessions[1:])
+        assert all(s.close_code == 1000 and s.closed_by == "client" for s in sessions)
+        # Every caller frame reached Gemini: not one 20 ms frame missing, at any rotation.
+        assert len(caller.sent_ulaw) == result.frames_sent * 160
+        missing = _first_unreached(bytes(caller.sent_ulaw), sessions)
+        assert missing is None, missing
+        call = await stack.app.state.livecall.store.repo.get_call(result.call_sid)
+        assert call is not None
+        assert (call.frames_in, call.frames_missing) == (result.frames_sent, 0)
         assert len(result.response_latencies_ms) == 3  # every utterance was answered
         assert not result.protocol_errors
 
