@@ -122,19 +122,36 @@ async def test_go_away_rotates_sessions_without_losing_caller_audio(
         assert not result.protocol_errors
 
 
-async def test_1011_mid_reply_is_recovered_and_the_call_goes_on(tmp_path: Path) -> None:
+async def test_1011_mid_reply_is_recovered_and_the_call_goes_on(
+    tmp_path: Path, call_over: CallOver, audio: Any
+) -> None:
     scenario = _scenario(seed=2, closes=[CloseFault(code=1011, during_reply=1, after_audio=0.6)])
     async with LocalStack(scenario=scenario, settings_overrides=_overrides(tmp_path)) as stack:
         script = [Pause(300), *_utterance("book"), Pause(800), *_utterance("time"), HangUp()]
         result = await stack.caller(script, seed=2).run()
+        await call_over(stack)
         sessions = stack.gemini.sessions
         assert sessions[0].close_code == 1011
-        assert len(sessions) >= 2 and sessions[1].resumed
+        assert len(sessions) == 2 and sessions[1].resumed
         assert result.ended_by == "caller"
-        # the second utterance was answered by the resumed session
-        assert any(t.caller_clip == "time" for s in sessions[1:] for t in s.turns)
+        # the second utterance was answered by the resumed session, and the caller heard it
+        assert any(
+            t.caller_clip == "time" and t.reply_clip == "goodbye" and t.completed
+            for t in sessions[1].turns
+        )
+        assert len(result.response_latencies_ms) == 2, result.timeline
+        assert audio.heard_share(result.heard_pcm(), "goodbye") > 0.9
+        # the record tells the same story: one session lost to a 1011, resumed, call completed
         call = await stack.app.state.livecall.store.repo.get_call(result.call_sid)
-        assert call is None or call.status != "failed"
+        assert call is not None, "no call record"
+        assert (call.status, call.end_reason) == ("completed", "caller_stop")
+        assert call.gemini_sessions == 2
+        kinds = [(e.kind, e.data.get("code")) for e in call.events]
+        assert ("reconnect", 1011) in kinds, kinds
+        resumed = [e.data for e in call.events if e.kind == "session_resumed"]
+        assert [(d["reason"], d["code"]) for d in resumed] == [("session_lost", 1011)]
+        agent_turns = [t for t in call.turns if t.speaker == "agent"]
+        assert len(agent_turns) >= 3, [(t.speaker, t.text) for t in call.turns]  # greeting + 2
 
 
 async def test_refused_handle_starts_a_fresh_session_seeded_with_the_transcript(
