@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from livecall.audio.transcode import InboundTranscoder
+from livecall.call.bridge import STALL_NUDGE
 from livecall.sim.clips import load_clip
 from livecall.sim.gemini import CloseFault, GoAwayFault, Scenario, SessionRecord, StallFault
 from livecall.sim.stack import TEST_AUTH_TOKEN, LocalStack
@@ -181,16 +182,44 @@ async def test_refused_handle_starts_a_fresh_session_seeded_with_the_transcript(
         assert result.ended_by == "caller"
 
 
-async def test_stalled_model_is_nudged_then_recovered(tmp_path: Path) -> None:
+async def test_stalled_model_is_nudged_then_recovered(
+    tmp_path: Path, call_over: CallOver, audio: Any
+) -> None:
     scenario = _scenario(seed=4, stalls=[StallFault(reply=1)])
     overrides = _overrides(tmp_path, gemini_stall_timeout_s=1.5)
     async with LocalStack(scenario=scenario, settings_overrides=overrides) as stack:
         script = [Pause(300), *_utterance("book"), HangUp()]
         caller = stack.caller(script, seed=4)
         result = await caller.run()
-        texts = [t for s in stack.gemini.sessions for t in s.texts]
-        assert any("waiting" in t for t in texts)  # the nudge
-        assert len(result.response_latencies_ms) == 1  # and the caller got an answer
+        await call_over(stack)
+        first, *rest = stack.gemini.sessions
+        # the hung session got the nudge, stayed silent, and livecall closed it
+        assert first.stalled and first.texts == [STALL_NUDGE]
+        assert first.closed_by == "client" and not any(t.completed for t in first.turns)
+        # a second session (resumed from the first's handle) answered the caller
+        assert len(rest) == 1, [(s.resumed, s.close_code) for s in rest]
+        second = rest[0]
+        assert second.resumed and not second.stalled
+        assert [(t.caller_clip, t.reply_clip, t.completed) for t in second.turns] == [
+            ("book", "one_moment", True)
+        ]
+        assert len(result.response_latencies_ms) == 1
+        assert audio.heard_share(result.heard_pcm(), "one_moment") > 0.9
+        # and the record says so, in this order: nudge, reconnect, resumed session
+        call = await stack.app.state.livecall.store.repo.get_call(result.call_sid)
+        assert call is not None, "no call record"
+        assert (call.status, call.gemini_sessions) == ("completed", 2)
+        story = [
+            e.data.get("error") or e.data.get("reason")
+            for e in call.events
+            if e.kind in ("error", "reconnect", "session_resumed")
+        ]
+        assert story == [
+            "model silent: nudged",
+            "model silent: reconnecting",
+            "stalled",
+            "stalled",
+        ], story
 
 
 async def test_when_gemini_cannot_be_had_the_caller_hears_an_apology(tmp_path: Path) -> None:
