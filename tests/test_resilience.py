@@ -10,8 +10,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from livecall.assets import apology_ulaw
+from livecall.audio.g711 import ulaw_decode
 from livecall.audio.transcode import InboundTranscoder
 from livecall.call.bridge import STALL_NUDGE
 from livecall.sim.clips import load_clip
@@ -222,11 +225,23 @@ async def test_stalled_model_is_nudged_then_recovered(
         ], story
 
 
-async def test_when_gemini_cannot_be_had_the_caller_hears_an_apology(tmp_path: Path) -> None:
+async def test_when_gemini_cannot_be_had_the_caller_hears_an_apology(
+    tmp_path: Path, call_over: CallOver, audio: Any
+) -> None:
     scenario = _scenario(seed=5, closes=[CloseFault(code=1011, at=0.3, max_fires=None)])
     async with LocalStack(scenario=scenario, settings_overrides=_overrides(tmp_path)) as stack:
         script = [Pause(300), *_utterance("book"), Pause(20000)]
         result = await stack.caller(script, seed=5, timeout=60).run()
+        await call_over(stack)
         assert result.ended_by == "server"
-        assert result.heard_ms > 3000  # the recorded apology, played to the end
+        heard = result.heard_pcm()
+        # what the caller heard is livecall's recorded apology, all of it, before the hang-up
+        apology = ulaw_decode(apology_ulaw()).astype(np.float64)
+        score, at = audio.match(heard, apology)
+        assert score > 0.95, score
+        assert at + len(apology) <= len(heard)
+        assert audio.loud_ms(heard[at + len(apology) :]) == 0.0  # nothing after it
+        call = await stack.app.state.livecall.store.repo.get_call(result.call_sid)
+        assert call is not None, "no call record"
+        assert (call.status, call.end_reason) == ("failed", "gemini_failed")
         assert stack.registry.active == {}
