@@ -6,6 +6,8 @@ a simulated Twilio caller; faults are scripted in the fake's `Scenario`.
 
 from __future__ import annotations
 
+import itertools
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 from livecall.assets import apology_ulaw
 from livecall.audio.g711 import ulaw_decode
 from livecall.audio.transcode import InboundTranscoder
-from livecall.call.bridge import STALL_NUDGE
+from livecall.call.bridge import STALL_NUDGE, CallOptions
 from livecall.sim.clips import load_clip
 from livecall.sim.gemini import CloseFault, GoAwayFault, Scenario, SessionRecord, StallFault
 from livecall.sim.stack import TEST_AUTH_TOKEN, LocalStack
@@ -245,3 +247,30 @@ async def test_when_gemini_cannot_be_had_the_caller_hears_an_apology(
         assert call is not None, "no call record"
         assert (call.status, call.end_reason) == ("failed", "gemini_failed")
         assert stack.registry.active == {}
+
+
+async def test_unreachable_gemini_is_retried_with_jittered_backoff_then_apologized_for(
+    tmp_path: Path, call_over: CallOver, audio: Any
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on: every connect is refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"https://127.0.0.1:{s.getsockname()[1]}"
+    overrides = _overrides(tmp_path, gemini_base_url=dead)
+    async with LocalStack(scenario=_scenario(seed=6), settings_overrides=overrides) as stack:
+        script = [Pause(300), *_utterance("book"), Pause(20000)]
+        result = await stack.caller(script, seed=6, timeout=60).run()
+        await call_over(stack)
+        call = await stack.app.state.livecall.store.repo.get_call(result.call_sid)
+    assert result.ended_by == "server"
+    assert call is not None and (call.status, call.end_reason) == ("failed", "gemini_failed")
+    attempts = [e.at_ms for e in call.events if e.data.get("where") == "gemini_connect"]
+    options = CallOptions()  # the backoff's defaults; the attempts come from the settings
+    assert len(attempts) == stack.settings.gemini_reconnect_attempts
+    # between attempts, the bridge waited the base delay (doubling) times a factor in [0.5, 1.5)
+    base = options.backoff_initial_s * 1000.0
+    for gap in (b - a for a, b in itertools.pairwise(attempts)):
+        assert 0.5 * base - 5 <= gap <= 1.5 * base + 250, (attempts, base)  # + a refused connect
+        base = min(base * 2, options.backoff_max_s * 1000.0)
+    heard = result.heard_pcm()
+    apology = ulaw_decode(apology_ulaw()).astype(np.float64)
+    assert audio.match(heard, apology)[0] > 0.95
