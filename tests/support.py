@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 from collections.abc import Awaitable, Callable
+from types import ModuleType
 from typing import NoReturn, TypeVar
 
 import pytest
@@ -17,6 +19,14 @@ def service_missing(reason: str, *, module: bool = False) -> NoReturn:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason} (CI=true: these tests must run)", pytrace=False)
     pytest.skip(reason, allow_module_level=module)
+
+
+def module_or_missing(name: str, reason: str) -> ModuleType:
+    """Imports an optional package a test needs; missing, it goes through `service_missing`."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        service_missing(reason)
 
 
 async def eventually(check: Callable[[], Awaitable[T]], within: float = 10.0) -> T:

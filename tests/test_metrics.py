@@ -26,7 +26,9 @@ from livecall.metrics import (
     metrics_response,
 )
 from livecall.records import CallEventRecord, CallInfo, CallSummary, TurnRecord
+from support import module_or_missing
 
+OTEL_MISSING = "no opentelemetry-sdk (pip install 'livecall[tracing]', or the dev extra)"
 EXPECTED = [
     "livecall_active_calls",
     "livecall_calls_total",
@@ -288,7 +290,7 @@ def test_tracing_is_requested_by_the_environment(env: dict[str, str], expected: 
 
 @pytest.fixture
 def spans() -> Any:
-    pytest.importorskip("opentelemetry.sdk", reason="no opentelemetry-sdk (tracing extra)")
+    module_or_missing("opentelemetry.sdk", OTEL_MISSING)
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     exporter = InMemorySpanExporter()
@@ -356,13 +358,11 @@ async def test_tasks_started_during_a_call_run_inside_its_span(spans: Any) -> No
         assert turn.parent.span_id == span.get_span_context().span_id
 
 
-def test_tracing_asked_for_without_an_exporter_stays_off() -> None:
-    pytest.importorskip("opentelemetry.sdk", reason="no opentelemetry-sdk (tracing extra)")
-    try:
-        import opentelemetry.exporter.otlp  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("an OTLP exporter is installed: this checks the case without one")
+def test_tracing_asked_for_without_an_exporter_stays_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    module_or_missing("opentelemetry.sdk", OTEL_MISSING)
+    # whether or not an OTLP exporter is installed here, the import finds none
+    for proto in ("http", "grpc"):
+        for name in (f"otlp.proto.{proto}", f"otlp.proto.{proto}.trace_exporter"):
+            monkeypatch.setitem(sys.modules, f"opentelemetry.exporter.{name}", None)
     assert not tracing.configure_tracing(environ={"LIVECALL_TRACING": "1"})
     assert not tracing.tracing_enabled()

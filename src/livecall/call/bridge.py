@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
-import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -36,7 +35,9 @@ from livecall.audio.g711 import ULAW_DECODE_TABLE, ulaw_decode
 from livecall.audio.recording import StereoRecorder
 from livecall.audio.transcode import InboundTranscoder, OutboundTranscoder
 from livecall.call.audio_queue import ByteBoundedQueue
+from livecall.call.backoff import backoff_step
 from livecall.call.playout import PlayoutTracker
+from livecall.call.rotation import rotation_ready
 from livecall.call.turns import TurnTracker
 from livecall.privacy import keypad, transcript_fields
 from livecall.records import (
@@ -557,8 +558,8 @@ class CallBridge:
                     self.resumption_handle = None  # refused handle: start fresh, seeded
                     continue
                 if attempt < attempts:
-                    await asyncio.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, self.options.backoff_max_s)
+                    pause, delay = backoff_step(delay, self.options.backoff_max_s)
+                    await asyncio.sleep(pause)
                 continue
             await self._switch_to(link, fresh=handle is None and self.sessions > 0)
             if self.sessions > 1:
@@ -618,17 +619,13 @@ class CallBridge:
 
     def _rotation_ready(self) -> bool:
         """A turn boundary: nobody is speaking, no agent audio is left to play."""
-        if self._rotation_deadline is None:
-            return False
-        now = self.now_ms()
-        if now >= self._rotation_deadline:
-            return True
-        caller_quiet = self.turns.last_voice_ms is None or now - self.turns.last_voice_ms > 300
-        return (
-            caller_quiet
-            and not self.turns.agent_turn_open
-            and self.playout.busy_until_ms() <= now
-            and not self._tool_tasks
+        return rotation_ready(
+            self.now_ms(),
+            self._rotation_deadline,
+            last_voice_ms=self.turns.last_voice_ms,
+            agent_turn_open=self.turns.agent_turn_open,
+            playout_busy_until_ms=self.playout.busy_until_ms(),
+            tools_running=bool(self._tool_tasks),
         )
 
     async def _supervise(self) -> None:
