@@ -98,6 +98,21 @@ def _admin_socket(path: Path) -> object:
 def serve(
     host: Annotated[str | None, typer.Option(help="interface to bind (default 0.0.0.0)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default $PORT or 8080)")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="LIVECALL_WORKERS",
+            help="worker processes (one event loop each) behind the one port",
+        ),
+    ] = 1,
+    worker_socket: Annotated[
+        str,
+        typer.Option(
+            envvar="LIVECALL_WORKER_SOCKET",
+            help="with --workers: 'reuseport' (a socket each, kernel-balanced) or 'shared'",
+        ),
+    ] = "reuseport",
 ) -> None:
     """Run the server Twilio calls: POST /twiml and the /ws/twilio media stream."""
     from livecall.log import configure_logging
@@ -113,6 +128,24 @@ def serve(
             "To see livecall work without any key, run [bold]livecall demo[/bold]."
         )
         raise typer.Exit(2)
+    if workers > 1:
+        from livecall.server.workers import run_workers
+
+        if worker_socket not in ("reuseport", "shared"):
+            raise typer.BadParameter("--worker-socket is 'reuseport' or 'shared'")
+        raise typer.Exit(
+            run_workers(
+                workers,
+                host or settings.host,
+                port or settings.port,
+                mode=worker_socket,  # type: ignore[arg-type]
+                max_calls=settings.max_concurrent_calls,
+                max_gemini_sessions=settings.max_gemini_sessions,
+                admin_socket=settings.admin_socket,
+                instance_id=settings.instance_id,
+            )
+        )
+    from livecall.metrics import LoopLagMonitor
     from livecall.server.app import create_app
     from livecall.server.drain import DrainingServer
 
@@ -130,15 +163,36 @@ def serve(
         state.registry,
         settings.drain_timeout_s,
         drain=state.drain,
+        lag_monitor=LoopLagMonitor(state.metrics),
     )
-    if settings.admin_socket is None:
+    listen = _worker_listen_socket(host or settings.host, port or settings.port)
+    if settings.admin_socket is None and listen is None:
         server.run()
         return
-    sockets = [config.bind_socket(), _admin_socket(settings.admin_socket)]  # type: ignore[attr-defined]
+    sockets = [listen if listen is not None else config.bind_socket()]  # type: ignore[attr-defined]
+    if settings.admin_socket is not None:
+        sockets.append(_admin_socket(settings.admin_socket))
     try:
         server.run(sockets=sockets)  # type: ignore[arg-type]
     finally:
-        settings.admin_socket.unlink(missing_ok=True)
+        if settings.admin_socket is not None:
+            settings.admin_socket.unlink(missing_ok=True)
+
+
+def _worker_listen_socket(host: str, port: int) -> object | None:
+    """In a worker of `serve --workers N`: the parent's shared socket, or our own
+    SO_REUSEPORT one; None in a single process (uvicorn binds as usual)."""
+    import os
+    import socket
+
+    from livecall.server.workers import WORKER_FD_ENV, WORKER_REUSEPORT_ENV, listen_socket
+
+    fd = os.environ.get(WORKER_FD_ENV)
+    if fd:
+        return socket.socket(fileno=int(fd))
+    if os.environ.get(WORKER_REUSEPORT_ENV) == "1":
+        return listen_socket(host, port, reuseport=True)
+    return None
 
 
 @app.command()
