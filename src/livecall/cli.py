@@ -240,15 +240,30 @@ def bench_load(
     ramp: Annotated[float, typer.Option(help="seconds to ramp calls up")] = 5.0,
     quick: Annotated[bool, typer.Option(help="levels 10,50 held 8 s: a smoke run")] = False,
     recording: Annotated[bool, typer.Option(help="keep recordings on in the server")] = False,
+    workers: Annotated[str, typer.Option(help="livecall worker counts per level, e.g. 1,2")] = "1",
+    worker_socket: Annotated[str, typer.Option(help="reuseport or shared")] = "reuseport",
+    floor: Annotated[bool, typer.Option(help="run the null bridge too (the floor)")] = True,
+    out: Annotated[Path, typer.Option(help="folder for load.json, load.md, load.png")] = Path(
+        "bench/out"
+    ),
 ) -> None:
-    """N concurrent simulated calls against a real server; echo round trip, CPU, RSS per call."""
+    """N simulated calls against the real server and a null bridge: delay at the ear, stalls,
+    setup time, CPU and RSS per call."""
     from livecall.bench.load import QUICK_LEVELS, run_load_benchmark
 
+    counts = tuple(int(x) for x in workers.split(",") if x.strip())
+    kw = {
+        "recording": recording,
+        "workers": counts,
+        "worker_socket": worker_socket,
+        "floor": floor,
+        "out_dir": out,
+    }
     if quick:
-        run_load_benchmark(QUICK_LEVELS, 8.0, 3.0, recording=recording)
+        run_load_benchmark(QUICK_LEVELS, 8.0, 3.0, **kw)  # type: ignore[arg-type]
     else:
         parsed = tuple(int(x) for x in levels.split(",") if x.strip())
-        run_load_benchmark(parsed, hold, ramp, recording=recording)
+        run_load_benchmark(parsed, hold, ramp, **kw)  # type: ignore[arg-type]
 
 
 @bench_app.command("quality")
