@@ -74,3 +74,47 @@ def test_yamllint_passes_on_deploy() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+PER_CORE_CALLS = 75
+"""The per-core figure the settings derive from (docs/benchmarks.md, "Sizing")."""
+
+
+def test_kubernetes_sizing_follows_the_per_core_figure() -> None:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs[doc["kind"]] = doc
+    (c,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    workers = int(env["LIVECALL_WORKERS"])
+    assert workers == 1  # preStop's /admin/drain reaches one process: one per pod
+    assert float(c["resources"]["requests"]["cpu"]) == workers
+    max_calls = int(env["MAX_CONCURRENT_CALLS"])
+    assert max_calls == PER_CORE_CALLS * workers
+    target = float(
+        docs["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["target"]["averageValue"]
+    )
+    assert 0.5 * max_calls <= target < max_calls  # scale out before pods are full
+
+
+def test_cloud_run_sizing_follows_the_per_core_figure() -> None:
+    import os
+    import shlex
+
+    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "demo-project"}
+    out = subprocess.run(
+        ["bash", str(DEPLOY / "cloudrun" / "deploy.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    args = shlex.split(next(line for line in out.splitlines() if " run deploy " in line))
+    plain = dict(kv.split("=", 1) for kv in args[args.index("--set-env-vars") + 1].split(","))
+    cpu = int(args[args.index("--cpu") + 1])
+    assert int(plain["LIVECALL_WORKERS"]) == cpu  # one worker per vCPU
+    assert int(plain["MAX_CONCURRENT_CALLS"]) == PER_CORE_CALLS * cpu
+    assert int(args[args.index("--concurrency") + 1]) > int(plain["MAX_CONCURRENT_CALLS"])
