@@ -364,6 +364,7 @@ class LevelConfig:
     workers: int = 1
     worker_socket: str = "reuseport"
     echo_min_peak: int = 1000  # the echo model returns only loud audio
+    null_ws: str = "auto"  # the null bridge's uvicorn WebSocket implementation
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -383,7 +384,10 @@ def _start_null(cfg: LevelConfig, work: Path, env_base: dict[str, str]) -> tuple
     port = _free_port()
     server = _Child(
         "null-bridge",
-        [sys.executable, "-m", "livecall.bench.null_bridge", "--port", str(port)],
+        [
+            *[sys.executable, "-m", "livecall.bench.null_bridge"],
+            *["--port", str(port), "--ws", cfg.null_ws],
+        ],
         env=env_base,
         cwd=work,
         log=work / "server.log",
@@ -836,6 +840,7 @@ def run_load_benchmark(
     workers: Sequence[int] = (1,),
     worker_socket: str = "reuseport",
     floor: bool = True,
+    null_ws: str = "auto",
     stop_after_failures: int | None = None,
     out_dir: Path | str = Path("bench/out"),
     plot: bool = True,
@@ -858,6 +863,7 @@ def run_load_benchmark(
         callers_uvloop=callers_uvloop,
         gemini_compression=gemini_compression,
         worker_socket=worker_socket,
+        null_ws=null_ws,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -903,7 +909,7 @@ def run_load_benchmark(
             report["levels"].append(level)
             if not quiet:
                 print(_one_line(level), flush=True)
-        main = _find(report, n, "livecall", min(workers))
+        main = _find(report, n, "livecall", min(workers)) if workers else None
         failures = 0 if main and main.get("holds_real_time") else failures + 1
         if stop_after_failures is not None and failures >= stop_after_failures:
             break
@@ -911,7 +917,7 @@ def run_load_benchmark(
         lv["calls"]
         for lv in report["levels"]
         if lv.get("target") == "livecall"
-        and lv.get("workers") == min(workers)
+        and lv.get("workers") == min(workers, default=1)
         and lv.get("holds_real_time")
     ]
     report["max_calls_real_time"] = max(ok) if ok else 0
@@ -1383,12 +1389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stop-after-failures", type=int, default=None)
     p.add_argument(
         "--workers",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=lambda s: [int(x) for x in s.split(",") if x.strip()],
         default=[1],
         help="livecall worker counts to run per level, e.g. 1,2 (default 1)",
     )
     p.add_argument("--worker-socket", choices=("reuseport", "shared"), default="reuseport")
     p.add_argument("--no-floor", action="store_true", help="skip the null bridge runs")
+    p.add_argument(
+        "--null-ws",
+        default="auto",
+        choices=("auto", "websockets", "websockets-sansio", "wsproto"),
+        help="the null bridge's uvicorn WebSocket implementation (a stack-cost comparison)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument(
         "--profile",
@@ -1417,6 +1429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=a.workers,
         worker_socket=a.worker_socket,
         floor=not a.no_floor,
+        null_ws=a.null_ws,
         out_dir=a.out,
     )
     return 0 if report["levels"] else 1

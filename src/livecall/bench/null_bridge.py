@@ -100,12 +100,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8099)
     p.add_argument("--public-url", default=None)
+    p.add_argument(
+        "--ws",
+        default="auto",
+        choices=("auto", "websockets", "websockets-sansio", "wsproto"),
+        help="uvicorn's WebSocket implementation (livecall runs on 'auto' = websockets)",
+    )
     a = p.parse_args(argv)
     app = create_null_app(a.public_url or f"http://{a.host}:{a.port}")
     uvicorn.run(
         app,
         host=a.host,
         port=a.port,
+        ws=a.ws,
         ws_max_size=1 << 20,
         ws_ping_interval=20.0,
         ws_ping_timeout=60.0,
