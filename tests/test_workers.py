@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
-from tests.support import eventually
 
 from livecall.metrics import Metrics, MetricsObserver
 from livecall.records import CallEventRecord, CallInfo
 from livecall.server.workers import split_limit, worker_env
 from livecall.sim.gemini import FakeGeminiServer, Scenario
 from livecall.sim.twilio import Pause, SimulatedCaller
+from support import eventually
 
 TOKEN = "workers-test-twilio-token-0123456789"
 API_KEY = "workers-test-gemini-key-0123456789"
@@ -206,3 +206,62 @@ async def test_two_workers_share_calls_sum_metrics_and_drain_with_goodbyes(
         _, end = audio.span_of(heard, "goodbye")
         assert audio.loud_ms(heard[end:]) == 0.0  # nothing after the goodbye
     assert logs.count('"end_reason": "shutdown"') == len(results), logs[-3000:]
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.mark.timeout(90)
+async def test_a_worker_that_dies_is_replaced_and_the_parent_still_exits_0(tmp_path: Path) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "GEMINI_API_KEY": API_KEY,
+        "TWILIO_AUTH_TOKEN": TOKEN,
+        "PUBLIC_URL": base,
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/calls.db",
+        "SPOOL_DIR": str(tmp_path / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "livecall.cli", "serve", "--host", "127.0.0.1"],
+        *["--port", str(port), "--workers", "2"],
+        env=env,
+        stderr=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(trust_env=False) as http:
+
+            async def healthy() -> bool:
+                try:
+                    return (await http.get(base + "/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(healthy, within=40)
+
+            async def two_workers() -> list[int]:
+                kids = _children(proc.pid)
+                return kids if len(kids) == 2 else []
+
+            first = await eventually(two_workers, within=20)
+            os.kill(first[0], signal.SIGKILL)
+
+            async def replaced() -> bool:
+                kids = _children(proc.pid)
+                return len(kids) == 2 and first[0] not in kids and await healthy()
+
+            await eventually(replaced, within=30)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0

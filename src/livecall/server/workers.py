@@ -15,7 +15,8 @@ parent is a small supervisor that serves nothing itself:
   real time and no shared lock sits on the call path. The sum never exceeds the global limit.
 * **Drain.** SIGTERM is forwarded to every worker, each drains its own calls (finish, then
   the goodbye) and exits; the parent exits 0 when all of them did. SIGINT: stop now.
-  A worker that dies on its own is restarted (its live gauges are marked dead).
+  A worker that dies on its own is restarted (its live gauges are marked dead); more than
+  MAX_RESTARTS in a minute is a crash loop: the others are stopped and the parent exits 1.
 * **Metrics.** `PROMETHEUS_MULTIPROC_DIR` (a fresh temp folder unless set; emptied at start)
   makes any worker's `/metrics` the sum over all workers.
 """
@@ -55,6 +56,8 @@ WORKER_INDEX_ENV = "LIVECALL_WORKER_INDEX"
 WORKER_FD_ENV = "LIVECALL_WORKER_FD"
 WORKER_REUSEPORT_ENV = "LIVECALL_WORKER_REUSEPORT"
 RESTART_DELAY_S = 1.0
+MAX_RESTARTS = 5  # in RESTART_WINDOW_S: more is a crash loop, and the parent gives up
+RESTART_WINDOW_S = 60.0
 
 
 def split_limit(total: int, workers: int, index: int) -> int:
@@ -173,21 +176,30 @@ def run_workers(
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     codes: dict[int, int] = {}
+    crashed: list[int] = []
     try:
         procs.extend(spawn(i) for i in range(workers))
         log.info("workers.started", workers=workers, port=port, socket=mode)
         restart_at: dict[int, float] = {}
+        restarts: list[float] = []
         while True:
             for i, p in enumerate(procs):
                 code = p.poll()
                 if code is None or i in codes:
                     continue
-                mark_worker_dead(p.pid)
                 if stopping:
+                    mark_worker_dead(p.pid)
                     codes[i] = code
                 elif i not in restart_at:
+                    mark_worker_dead(p.pid)
                     log.warning("workers.died", worker=i, pid=p.pid, code=code)
-                    restart_at[i] = time.monotonic() + RESTART_DELAY_S
+                    now = time.monotonic()
+                    restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+                    restart_at[i] = now + RESTART_DELAY_S
+                    if len(restarts) > MAX_RESTARTS:
+                        log.error("workers.crash_loop", restarts=len(restarts))
+                        forward(signal.SIGINT, None)
+                        crashed.append(code or 1)
             for i, due in list(restart_at.items()):
                 if stopping:
                     codes[i] = procs[i].returncode
@@ -209,6 +221,9 @@ def run_workers(
             shared.close()
         if made_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
-    bad = {i: c for i, c in codes.items() if c != 0}
+    if crashed:
+        return 1
+    # killed by the forwarded SIGTERM itself: a worker still starting (no handler yet, no call)
+    bad = {i: c for i, c in codes.items() if c not in (0, -signal.SIGTERM)}
     log.info("workers.stopped", exit_codes=[codes[i] for i in sorted(codes)])
     return next(iter(bad.values())) if bad else 0
