@@ -1,26 +1,28 @@
-"""Load benchmark: how many concurrent calls one livecall process carries in real time.
+"""Load benchmark: what N concurrent callers hear, next to a floor measured in the same run.
 
-Three processes per level, so that what is measured is the server and nothing else:
+Per level, fresh processes each time, in this order: the **null bridge**
+(`livecall.bench.null_bridge`: same Twilio webhook + Media Stream on the same uvicorn stack,
+each caller frame echoed straight back, no model, no codec), then **livecall** (`livecall
+serve --workers W` exactly as deployed, for each W asked) with the **fake Gemini Live in echo
+mode** (`livecall.bench._fake_gemini_proc --echo-min-peak`: it returns only loud audio, so
+nothing but a stall can delay a probe) in a process of its own. The **callers**
+(``python -m livecall.bench.load _callers``) are a third process: N `EarCaller`s started evenly
+over `ramp_s` (a burst of arrivals), each sending a 20 ms frame on an absolute clock and,
+every `probe_interval_ms`, a one-frame 1.8 kHz probe followed by a short loud reply.
 
-* the fake Gemini Live in echo mode (`livecall.bench._fake_gemini_proc`): every 16 kHz chunk
-  comes straight back as 24 kHz model audio, and every session's frame counters are written
-  out when it stops;
-* the real server, ``livecall serve`` exactly as deployed (uvicorn, SQLite call records in a
-  temp folder, ``LOG_LEVEL=warning``; recordings off unless asked for);
-* the simulated Twilio edge (``python -m livecall.bench.load _callers``): N `SimulatedCaller`s
-  started evenly over `ramp_s`, each sending a 20 ms frame on an absolute clock and, a few times
-  a second, a one-frame 1.8 kHz probe whose echo it times (caller -> livecall -> Gemini ->
-  livecall -> caller); after `hold_s` of all N calls on the line they hang up in the same order.
+Each caller plays its received audio out in real time, 20 ms per tick, as Twilio does, and a
+probe counts when its echo is **played** (at the ear), not when it reaches the socket (kept
+too). Reported per run: ear delay p50/p99/max over probes sent in the hold window, probes
+back, playout underruns inside replies, the server's event-loop lag (its
+`livecall_event_loop_lag_seconds` histogram, scraped from /metrics), call setup (stream
+`start` -> Gemini session ready, `livecall_call_setup_seconds`) and webhook -> first agent
+audio at the ear, server CPU per call over the hold and over ramp + hold (utime+stime of the
+server's process tree from /proc, per call-second), RSS per call, and the CPU the simulators
+and other processes used, since on a shared 2-core machine they compete for the same cores.
 
-Everything is on 127.0.0.1 and every wait is bounded. Per level it reports the echo round trip
-(p50/p99/max over the hold window), probes lost, frames the caller sent that the model never got,
-echo frames the caller never heard, the caller simulator's own late clock ticks, server CPU per
-call and per frame (utime+stime from /proc over the hold window), server RSS per call (RSS at
-hold minus RSS idle after a warm-up call, / N), and the CPU the simulators used, since on a
-2-core machine they compete with the server for the same cores (that is part of the test).
-
-Run: ``python bench/load.py [--quick]`` or ``python -m livecall.bench.load``. Writes
-``bench/out/load.json`` and ``bench/out/load.png`` (the plot needs matplotlib: ``bench`` extra).
+Run: ``livecall bench load --levels 30,60,100 --ramp 2 --hold 20 --workers 1,2``. Writes
+``load.json``, ``load.md`` (the table) and ``load.png`` (the plot needs matplotlib: the
+``bench`` extra) into ``--out`` (``bench/out``).
 """
 
 from __future__ import annotations
