@@ -97,6 +97,20 @@ async def test_loop_lag_monitor_sees_a_blocked_loop() -> None:
     assert mon.max_s >= 0.1
     assert m.registry.get_sample_value("livecall_event_loop_lag_max_seconds") >= 0.1
     assert m.registry.get_sample_value("livecall_event_loop_lag_seconds_count") >= 3
+    assert mon.cpu_wait_s >= 0.0  # read from schedstat where Linux has it
+
+
+def test_loop_cpu_wait_counts_only_increases() -> None:
+    from livecall.metrics import LoopLagMonitor
+
+    m = Metrics()
+    mon = LoopLagMonitor(m)
+    for total in (1_000_000_000, 1_030_000_000, 1_030_000_000, 1_080_000_000, None):
+        mon.record_wait(total)
+    assert mon.cpu_wait_s == pytest.approx(0.08)
+    assert m.registry.get_sample_value("livecall_event_loop_cpu_wait_seconds_total") == (
+        pytest.approx(0.08)
+    )
 
 
 # ------------------------------------------------------------------ real processes

@@ -198,6 +198,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.loop_cpu_wait = Counter(
+            "livecall_event_loop_cpu_wait_seconds",
+            "Time the event-loop thread was runnable but waiting for a CPU (Linux schedstat): "
+            "lag that other processes, not this one's code, caused.",
+            registry=r,
+        )
         self.call_setup = Histogram(
             "livecall_call_setup_seconds",
             "Stream start to the call's first Gemini session ready.",
@@ -349,7 +355,31 @@ class LoopLagMonitor:
         self.metrics = metrics
         self.interval_s = interval_s
         self.max_s = 0.0
+        self.cpu_wait_s = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._schedstat: str | None = None
+        self._last_wait_ns: int | None = None
+
+    def _runqueue_wait_ns(self) -> int | None:
+        """This thread's time waiting on a run queue so far (None where Linux does not say)."""
+        if self._schedstat is None:
+            return None
+        try:
+            with open(self._schedstat, "rb") as f:
+                return int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            self._schedstat = None
+            return None
+
+    def record_wait(self, total_ns: int | None) -> None:
+        """Counts the run-queue wait since the last reading (pure: tests feed it)."""
+        if total_ns is None:
+            return
+        last, self._last_wait_ns = self._last_wait_ns, total_ns
+        if last is not None and total_ns > last:
+            delta = (total_ns - last) / 1e9
+            self.cpu_wait_s += delta
+            self.metrics.loop_cpu_wait.inc(delta)
 
     def record(self, lag_s: float) -> None:
         """One sample (pure: tests feed it directly)."""
@@ -360,12 +390,18 @@ class LoopLagMonitor:
             self.metrics.loop_lag_max.set(lag_s)
 
     async def run(self) -> None:
+        import threading
+
         loop = asyncio.get_running_loop()
         interval = self.interval_s
+        path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+        self._schedstat = path  # a failed read turns it off
+        self.record_wait(self._runqueue_wait_ns())
         while True:
             due = loop.time() + interval
             await asyncio.sleep(interval)
             self.record(loop.time() - due)
+            self.record_wait(self._runqueue_wait_ns())
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None:

@@ -155,6 +155,8 @@ def _scrape(base_url: str) -> dict[str, list[tuple[float, float]]]:
         for line in body.splitlines():
             if line.startswith("livecall_event_loop_lag_max_seconds "):
                 out["lag_max"].append((0.0, float(line.split()[-1])))
+            elif line.startswith("livecall_event_loop_cpu_wait_seconds_total "):
+                out["cpu_wait"] = [(0.0, float(line.split()[-1]))]
             for w in wanted:
                 if line.startswith(w + "_bucket{"):
                     le = line.split('le="', 1)[1].split('"', 1)[0]
@@ -581,6 +583,16 @@ def _run_level(
         "lag_ms_ramp_and_hold": _hist_stats(m_go, m1, "livecall_event_loop_lag_seconds"),
         "lag_max_ms_since_start": round(1000 * max((v for _, v in m1["lag_max"]), default=0), 1),
         "setup_ms": _hist_stats(m_go, m1, "livecall_call_setup_seconds"),
+        # share of the hold the server's loop thread(s) waited for a CPU, summed over workers
+        "cpu_wait_pct_of_hold": round(
+            100
+            * (
+                sum(v for _, v in m1.get("cpu_wait", []))
+                - sum(v for _, v in m0.get("cpu_wait", []))
+            )
+            / max(1e-9, hold_end - hold_start),
+            1,
+        ),
         "s_go": s_go,
     }
     return _summarize_level(
@@ -978,6 +990,7 @@ def load_table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
         "socket p99 ms",
         "probes back",
         "lag p99 / max≤ ms",
+        "CPU wait %",
         "underruns",
         "setup p50/p99 ms",
         "webhook→audio p50/p99 ms",
@@ -1005,6 +1018,7 @@ def load_table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
                 _fmt(lv["socket_ms"]["p99"]),
                 f"{lv['probes_back_hold']}/{lv['probes_sent_hold']}",
                 f"{_fmt(lag['p99'])} / {_fmt(lag['max_le'])}",
+                _fmt(lv.get("cpu_wait_pct_of_hold")),
                 str(lv["underruns_hold"]),
                 f"{_fmt(setup['p50'])}/{_fmt(setup['p99'])}",
                 f"{_fmt(first['p50'])}/{_fmt(first['p99'])}",
