@@ -131,14 +131,15 @@ class TelnyxControl:
     ) -> str:
         """Place an outbound TeXML call (Telnyx fetches its TeXML from `url`); its CallSid."""
         _check_target(to)
+        # CamelCase keys as the TeXML API takes them (the SDK sends this union body as given).
         body: dict[str, Any] = {
-            "application_sid": application_sid,
-            "to": to,
-            "from_": from_,
-            "url": url,
+            "ApplicationSid": application_sid,
+            "To": to,
+            "From": from_,
+            "Url": url,
         }
         if status_callback:
-            body["status_callback"] = status_callback
+            body["StatusCallback"] = status_callback
         result = await self._call(
             self._client.texml.accounts.calls.calls(self.account_sid, body=body)  # type: ignore[arg-type]
         )

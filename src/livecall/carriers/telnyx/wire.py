@@ -385,6 +385,8 @@ class TelnyxStream:
             audio = binascii.a2b_base64(payload, strict_mode=True)
         except (binascii.Error, ValueError):
             raise CarrierProtocolError("media.payload is not valid base64") from None
+        if not audio:
+            raise CarrierProtocolError("media.payload is empty")
         fmt = self.inbound_format
         assert fmt is not None
         if fmt.encoding == "l16":
