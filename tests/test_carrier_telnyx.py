@@ -290,6 +290,13 @@ def test_l16_and_alaw_playback() -> None:
     assert alaw.play(b"\x00" * 10) == []
     padded = base64.b64decode(orjson.loads(alaw.flush()[0])["media"]["payload"])
     assert padded == b"\x00" * 10 + b"\xd5" * 150  # A-law silence
+    for bad in (
+        MediaFormat("mulaw", 16000),
+        MediaFormat("l16", 24000),
+        MediaFormat("l16", 8000, 2),
+    ):
+        with pytest.raises(ValueError):
+            TelnyxStream(playback_format=bad)
     with pytest.raises(ValueError):
         TelnyxStream(chunk_ms=10)
 
@@ -443,6 +450,7 @@ class App:
     webhook_ok: list[bool] = field(default_factory=list)
     events: list[Any] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    raw: list[str | bytes] = field(default_factory=list)
     stream: TelnyxStream | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -484,6 +492,7 @@ async def serve_stream(app_state: App, ws: WebSocket, stream: TelnyxStream) -> N
         if msg["type"] == "websocket.disconnect":
             return
         data = msg["text"] if msg.get("text") is not None else msg.get("bytes", b"")
+        app_state.raw.append(data)
         try:
             event = stream.receive(data)
         except CarrierProtocolError as exc:
@@ -636,3 +645,37 @@ async def test_unsigned_forged_expired_and_replayed_webhooks_are_refused() -> No
         replayed = await caller.run()
     assert caller.webhook_statuses == [200, 403] and replayed.webhook_status == 403
     assert app_state.webhook_ok == [True, False]
+
+
+async def test_simulated_frames_are_telnyx_shaped_and_paced() -> None:
+    async with serve(App(mode="echo")) as app_state:
+        result = await call(app_state, [Pause(1000), PressDigit("7"), HangUp()], drop_frames={5, 6})
+
+    msgs = [orjson.loads(m) for m in app_state.raw]
+    assert msgs[0] == {"event": "connected", "version": "1.0.0"}
+    start = msgs[1]
+    assert set(start) == {"event", "sequence_number", "stream_id", "start"}
+    assert start["sequence_number"] == "1" and start["stream_id"] == result.stream_sid
+    assert start["start"]["media_format"] == {
+        "encoding": "PCMU",
+        "sample_rate": 8000,
+        "channels": 1,
+    }
+    assert start["start"]["call_control_id"] == result.call_sid
+    media_msgs = [m for m in msgs if m["event"] == "media"]
+    chunks = [int(m["media"]["chunk"]) for m in media_msgs]
+    assert chunks == [c for c in range(1, chunks[-1] + 1) if c not in (5, 6)]
+    assert all(
+        int(m["media"]["timestamp"]) == (int(m["media"]["chunk"]) - 1) * 20 for m in media_msgs
+    )
+    assert all(len(base64.b64decode(m["media"]["payload"])) == 160 for m in media_msgs)
+    seqs = [int(m["sequence_number"]) for m in msgs[1:]]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    dtmf = next(m for m in msgs if m["event"] == "dtmf")
+    assert dtmf["dtmf"] == {"digit": "7"} and dtmf["stream_id"] == result.stream_sid
+    assert msgs[-1]["event"] == "stop"
+    assert msgs[-1]["stop"] == {"user_id": result.account_sid, "call_control_id": result.call_sid}
+    assert app_state.stream is not None and app_state.stream.frames_missing == 2
+    assert result.frames_dropped == 2 and app_state.errors == []
+    # 20 ms pacing on an absolute clock: ~50 frames in the 1 s pause
+    assert 45 <= len(media_msgs) + 2 <= 56

@@ -196,7 +196,9 @@ class TelnyxStream:
     ) -> None:
         if not MIN_CHUNK_MS <= chunk_ms <= MAX_CHUNK_MS or chunk_ms % MIN_CHUNK_MS:
             raise ValueError(f"chunk_ms must be a multiple of 20 within 20..30000, got {chunk_ms}")
-        wire_encoding(playback_format)  # KeyError for a format Telnyx cannot play
+        if playback_format.encoding not in _WIRE_NAMES or playback_format.channels != 1:
+            raise ValueError(f"Telnyx cannot play {playback_format}")
+        format_for(wire_encoding(playback_format), playback_format.sample_rate)
         self.max_frame_bytes = max_frame_bytes
         self.media_format = playback_format
         self.state = StreamState.AWAITING_CONNECTED
