@@ -156,6 +156,8 @@ def test_start_rules() -> None:
     )
     rejects(stream, bad_channels, "channels must be 1")
     rejects(stream, start_frame(params=["x"]), "custom_parameters must be an object")
+    zero = start_frame(media_format={"encoding": "PCMU", "sample_rate": 0, "channels": 1})
+    rejects(stream, zero, "PCMU at 0 Hz")
     assert isinstance(stream.receive(start_frame()), CallStarted)
     rejects(stream, start_frame(), "start received twice")
 
@@ -444,6 +446,7 @@ class App:
     """What the in-test app does (`mode`) and what it saw."""
 
     mode: str = "echo"
+    answer: str | None = None  # a TeXML document to answer with instead of the carrier's
     public_key: str = PUBLIC
     base_url: str = ""
     ws_url: str = ""
@@ -469,6 +472,8 @@ def make_app(app_state: App) -> FastAPI:
         doc, ctype = carrier.answer_document(
             app_state.ws_url, {"token": "per-call-token", "profile": "front-desk"}
         )
+        if app_state.answer is not None:
+            doc = app_state.answer.format(ws_url=app_state.ws_url)
         return Response(doc, media_type=ctype)
 
     @app.websocket("/ws/telnyx")
@@ -679,3 +684,31 @@ async def test_simulated_frames_are_telnyx_shaped_and_paced() -> None:
     assert result.frames_dropped == 2 and app_state.errors == []
     # 20 ms pacing on an absolute clock: ~50 frames in the 1 s pause
     assert 45 <= len(media_msgs) + 2 <= 56
+
+
+async def test_a_stream_without_rtp_mode_plays_nothing_back() -> None:
+    answer = (
+        '<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
+        '<Stream url="{ws_url}"><Parameter name="token" value="t"/></Stream>'
+        "</Connect><Say>Goodbye.</Say></Response>"
+    )
+    async with serve(App(mode="echo", answer=answer)) as app_state:
+        result = await call(app_state, [Say(tone(200)), Pause(300), PressDigit("0"), Pause(2000)])
+
+    assert result.parameters == {"token": "t"}
+    assert result.protocol_errors and all(
+        e.startswith("100004 invalid_media: the stream is in mp3 mode")
+        for e in result.protocol_errors
+    )
+    assert loud_ms(result.heard) == 0
+    # the app closed the socket: TeXML goes on with the verbs after <Connect>, then hangs up
+    assert result.ended_by == "server" and result.said == ["Goodbye."]
+
+
+def test_carrier_refuses_a_playback_codec_texml_cannot_carry() -> None:
+    assert TelnyxCarrier(PUBLIC, playback="PCMA").new_stream(max_frame_bytes=4096).media_format == (
+        MediaFormat("alaw", 8000)
+    )
+    for bad in ("L16", "G722", "pcmu"):
+        with pytest.raises(ValueError):
+            TelnyxCarrier(PUBLIC, playback=bad)

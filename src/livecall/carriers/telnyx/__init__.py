@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from livecall.carriers.base import ULAW_8K, MediaFormat
-from livecall.carriers.telnyx.answer import busy_texml, connect_stream_texml, hangup_texml
+from livecall.carriers.base import MediaFormat
+from livecall.carriers.telnyx.answer import (
+    PLAYBACK_CODECS,
+    busy_texml,
+    connect_stream_texml,
+    hangup_texml,
+)
 from livecall.carriers.telnyx.signatures import TelnyxSignature
 from livecall.carriers.telnyx.wire import CAPABILITIES, TelnyxStream, format_for, wire_encoding
 
@@ -35,9 +40,9 @@ class TelnyxCarrier:
     capabilities = CAPABILITIES
 
     def __init__(self, public_key: str, *, playback: str = "PCMU") -> None:
-        self.playback_format: MediaFormat = format_for(playback) if playback != "PCMU" else ULAW_8K
-        if self.playback_format.encoding == "l16":
-            raise ValueError("TeXML plays PCMU or PCMA back, not L16")
+        if playback not in PLAYBACK_CODECS:
+            raise ValueError(f"TeXML plays back {' or '.join(PLAYBACK_CODECS)}, not {playback!r}")
+        self.playback_format: MediaFormat = format_for(playback)
         self._signature = TelnyxSignature(public_key)
 
     def __repr__(self) -> str:

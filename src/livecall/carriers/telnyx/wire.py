@@ -332,8 +332,10 @@ class TelnyxStream:
                 f"start.media_format must be an object, got {_short(fmt_raw)}"
             )
         encoding = _text(fmt_raw, "encoding", "start.media_format.encoding") or "PCMU"
-        rate = _counter(fmt_raw.get("sample_rate"), "start.media_format.sample_rate") or 8000
-        channels = _counter(fmt_raw.get("channels"), "start.media_format.channels") or 1
+        rate = _counter(fmt_raw.get("sample_rate"), "start.media_format.sample_rate")
+        channels = _counter(fmt_raw.get("channels"), "start.media_format.channels")
+        rate = 8000 if rate is None else rate
+        channels = 1 if channels is None else channels
         if channels != 1:
             raise CarrierProtocolError(f"start.media_format.channels must be 1, got {channels}")
         try:
