@@ -26,6 +26,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import Response
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from livecall.audio.g711 import ulaw_decode, ulaw_encode
@@ -246,6 +248,44 @@ def test_frames_telnyx_never_sends_are_refused() -> None:
     rejects(stream, frame(stream_id=SID), "string 'event'")
     rejects(stream, media(b"\xff" * 4000, chunk=2), "2048-byte limit")
     assert stream.state is StreamState.STREAMING
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_fields = st.fixed_dictionaries(
+    {"event": st.sampled_from(["media", "start", "stop", "dtmf", "mark", "error", "connected"])},
+    optional={
+        "stream_id": st.sampled_from([SID, "other", 3]),
+        "sequence_number": _json,
+        "media": _json,
+        "start": _json,
+        "dtmf": _json,
+        "mark": _json,
+        "payload": _json,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_fields | _json | st.binary(max_size=8), min_size=1, max_size=6))
+def test_hostile_frames_only_ever_raise_protocol_errors(frames: list[Any]) -> None:
+    stream = TelnyxStream(max_frame_bytes=4096)
+    stream.receive(start_frame())  # so media, dtmf and mark reach their own checks
+    stream.mark("m")
+    for item in frames:
+        data = item if isinstance(item, bytes) else json.dumps(item)
+        try:
+            event = stream.receive(data)
+        except CarrierProtocolError:
+            continue
+        assert isinstance(
+            event, CallStarted | CallerAudio | Dtmf | PlayedUpTo | CallStopped | Ignored
+        )
 
 
 # --------------------------------------------------------------------------- outbound frames
