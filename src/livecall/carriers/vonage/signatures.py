@@ -133,7 +133,7 @@ class VonageSignature:
                 leeway=self.clock_skew_s,
             )
         except jwt.PyJWTError as exc:
-            raise SignatureRejected(f"JWT rejected: {type(exc).__name__}") from None
+            raise SignatureRejected(f"JWT rejected: {type(exc).__name__}: {exc}") from None
         now = self._clock()
         iat = claims["iat"]
         if type(iat) not in (int, float):
