@@ -57,6 +57,7 @@ from livecall.sim.vonage import SimulatedVonageCaller, VonageCallResult
 
 SECRET = "vonage-signature-secret-0123456789abcdef"
 PARAMS = {"token": "per-call-token-abc", "profile": "front-desk"}
+WS_AUTH = "Bearer ws-upgrade-token-xyz"
 
 
 def connected(rate: int = 16000, **headers: Any) -> str:
@@ -344,6 +345,10 @@ def test_connect_ncco_refuses_what_vonage_would_not_take() -> None:
         connect_websocket_ncco("wss://lc.example/ws", {"call_uuid": "x"})
     with pytest.raises(ValueError, match="allows 512"):
         connect_websocket_ncco("wss://lc.example/ws", {"token": "x" * 600})
+    with pytest.raises(ValueError, match="single-line"):
+        connect_websocket_ncco("wss://lc.example/ws", {}, ws_authorization="a\r\nX-Evil: 1")
+    (action,) = connect_websocket_ncco("wss://lc.example/ws", {}, ws_authorization="Bearer t")
+    assert action["endpoint"][0]["authorization"] == {"type": "custom", "value": "Bearer t"}
     with pytest.raises(ValueError, match="L16 at"):
         connect_websocket_ncco("wss://lc.example/ws", {}, sample_rate=44100)
     assert busy_ncco("We are busy.") == [{"action": "talk", "text": "We are busy."}]
@@ -615,6 +620,8 @@ class App:
     base_url: str = ""
     ws_url: str = ""
     webhook_ok: list[bool] = field(default_factory=list)
+    ws_auth_ok: list[bool] = field(default_factory=list)
+    expected_ws_auth: str = WS_AUTH
     events: list[Any] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -631,13 +638,20 @@ def make_app(app_state: App) -> FastAPI:
         if not ok:
             return Response(status_code=403)
         call = parse_answer_request(request.method, str(request.url), body)
-        text, ctype = carrier.answer_document_for_call(app_state.ws_url, PARAMS, call)
+        text, ctype = carrier.answer_document_for_call(
+            app_state.ws_url, PARAMS, call, ws_authorization=WS_AUTH
+        )
         return Response(text, media_type=ctype)
 
     api.add_api_route("/vonage/answer", answer, methods=["GET", "POST"])
 
     @api.websocket("/ws/vonage")
     async def media(ws: WebSocket) -> None:
+        ok = ws.headers.get("authorization") == app_state.expected_ws_auth
+        app_state.ws_auth_ok.append(ok)
+        if not ok:
+            await ws.close(1008)
+            return
         await ws.accept()
         stream = carrier.new_stream(max_frame_bytes=64 * 1024)
         try:
@@ -741,7 +755,8 @@ async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets() -> Non
         result = await call(app_state, script, call_uuid="uuid-123", from_="447700900000")
         await asyncio.wait_for(app_state.done.wait(), 5)
 
-    assert app_state.webhook_ok == [True] and app_state.errors == []
+    assert app_state.webhook_ok == [True] and app_state.ws_auth_ok == [True]
+    assert app_state.errors == []
     assert result.protocol_errors == [] and result.script_errors == []
     assert result.ended_by == "caller" and result.close_code == 1000
     assert result.content_type == "audio/l16;rate=16000" and result.sample_rate == 16000
@@ -801,6 +816,14 @@ async def test_sim_unsigned_or_bad_answer_webhook_gets_no_stream() -> None:
     for r in (result, forged):
         assert r.webhook_status == 403 and r.stream_url is None and r.ended_by == "server"
         assert r.protocol_errors == ["answer webhook returned status 403"]
+
+
+async def test_sim_websocket_handshake_refused_without_the_ncco_authorization() -> None:
+    async with serve(App(expected_ws_auth="Bearer someone-else")) as app_state:
+        result = await call(app_state, [HangUp()])
+    assert app_state.webhook_ok == [True] and app_state.ws_auth_ok == [False]
+    assert result.protocol_errors == ["websocket handshake refused: status 403"]
+    assert result.ended_by == "server" and result.frames_sent == 0
 
 
 async def test_sim_server_hangup_and_raw_frames() -> None:

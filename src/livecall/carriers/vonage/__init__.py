@@ -67,15 +67,22 @@ class VonageCarrier:
         return ncco_json(ncco)
 
     def answer_document_for_call(
-        self, stream_url: str, parameters: Mapping[str, str], call: AnswerRequest
+        self,
+        stream_url: str,
+        parameters: Mapping[str, str],
+        call: AnswerRequest,
+        *,
+        ws_authorization: str | None = None,
     ) -> tuple[str, str]:
-        """As `answer_document`, with the call's uuid and numbers echoed into the stream."""
+        """As `answer_document`, with the call's uuid and numbers echoed into the stream and,
+        optionally, an `Authorization` value Vonage sends on the WebSocket handshake."""
         ncco = connect_websocket_ncco(
             stream_url,
             parameters,
             sample_rate=self.sample_rate,
             call=call,
             event_url=self.event_url,
+            ws_authorization=ws_authorization,
         )
         return ncco_json(ncco)
 

@@ -92,13 +92,16 @@ def connect_websocket_ncco(
     event_url: str | None = None,
     synchronous_events: bool = False,
     talk_first: str | None = None,
+    ws_authorization: str | None = None,
 ) -> list[dict[str, Any]]:
     """The NCCO connecting the call to `stream_url`, per-call values in the endpoint headers.
 
     `parameters` (token, profile…) come back as top-level fields of `websocket:connected`; with
     `call`, its uuid, conversation uuid and numbers ride along under `call_uuid`,
     `conversation_uuid`, `from`, `to`. `synchronous_events` lets the event webhook answer a
-    failed or dropped socket with a fallback NCCO.
+    failed or dropped socket with a fallback NCCO. `ws_authorization` is sent by Vonage as
+    the `Authorization` header of the WebSocket handshake (`authorization.type` "custom"), so
+    the upgrade itself can be refused before any audio flows.
     """
     _check_ws_uri(stream_url)
     headers: dict[str, str] = {}
@@ -125,6 +128,10 @@ def connect_websocket_ncco(
         "content-type": content_type_for(sample_rate),
         "headers": headers,
     }
+    if ws_authorization is not None:
+        if not ws_authorization or any(c in ws_authorization for c in "\r\n"):
+            raise ValueError("ws_authorization must be a non-empty single-line header value")
+        endpoint["authorization"] = {"type": "custom", "value": ws_authorization}
     connect: dict[str, Any] = {"action": "connect", "endpoint": [endpoint]}
     if event_url is not None:
         connect["eventUrl"] = [event_url]
