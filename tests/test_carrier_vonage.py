@@ -622,6 +622,7 @@ class App:
     webhook_ok: list[bool] = field(default_factory=list)
     ws_auth_ok: list[bool] = field(default_factory=list)
     expected_ws_auth: str = WS_AUTH
+    leg_events: list[tuple[str, bool]] = field(default_factory=list)
     events: list[Any] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -629,7 +630,22 @@ class App:
 
 def make_app(app_state: App) -> FastAPI:
     api = FastAPI()
-    carrier = VonageCarrier(VonageSignature(SECRET), sample_rate=app_state.rate)
+    carrier = VonageCarrier(
+        VonageSignature(SECRET),
+        sample_rate=app_state.rate,
+        event_url=app_state.base_url + "/vonage/event",
+        synchronous_events=True,
+    )
+
+    @api.post("/vonage/event")
+    async def event(request: Request) -> Response:
+        body = await request.body()
+        ok = carrier.verify_request("POST", str(request.url), request.headers, body)
+        status = orjson.loads(body)["status"]
+        app_state.leg_events.append((status, ok))
+        if status == "disconnected":
+            return Response(orjson.dumps([{"action": "talk", "text": "Goodbye."}]))
+        return Response(status_code=204)
 
     async def answer(request: Request) -> Response:
         body = await request.body()
@@ -756,6 +772,8 @@ async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets() -> Non
         await asyncio.wait_for(app_state.done.wait(), 5)
 
     assert app_state.webhook_ok == [True] and app_state.ws_auth_ok == [True]
+    assert app_state.leg_events == [("answered", True), ("completed", True)]
+    assert result.events_posted == ["answered", "completed"] and result.said == []
     assert app_state.errors == []
     assert result.protocol_errors == [] and result.script_errors == []
     assert result.ended_by == "caller" and result.close_code == 1000
@@ -824,6 +842,7 @@ async def test_sim_websocket_handshake_refused_without_the_ncco_authorization() 
     assert app_state.webhook_ok == [True] and app_state.ws_auth_ok == [False]
     assert result.protocol_errors == ["websocket handshake refused: status 403"]
     assert result.ended_by == "server" and result.frames_sent == 0
+    assert app_state.leg_events == [("failed", True)] and result.said == []
 
 
 async def test_sim_server_hangup_and_raw_frames() -> None:
@@ -839,6 +858,9 @@ async def test_sim_server_hangup_and_raw_frames() -> None:
         await asyncio.wait_for(app_state.done.wait(), 5)
 
     assert result.ended_by == "server" and result.close_code == 1000
+    assert app_state.leg_events == [("answered", True), ("disconnected", True)]
+    assert result.fallback_ncco == [{"action": "talk", "text": "Goodbye."}]
+    assert result.said == ["Goodbye."]  # the synchronous event's NCCO ran
     assert result.sample_rate == 8000 and result.content_type == "audio/l16;rate=8000"
     assert len(app_state.errors) == 2
     assert "one digit" in app_state.errors[0] and "320 bytes" in app_state.errors[1]

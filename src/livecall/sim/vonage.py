@@ -14,7 +14,11 @@ exactly one 20 ms frame; `{"action":"clear"}` empties the queue and is answered 
 the audio queued before it has played. Vonage queues at most `max_buffered_frames`. A frame
 Vonage would not take is recorded in `protocol_errors` and dropped, never a crash. The caller
 hangs up by closing the socket (Vonage has no stop message); when the app closes it, the
-NCCO goes on with the actions after `connect` and then ends.
+NCCO goes on with the actions after `connect` and then ends. When the `connect` action names
+an `eventUrl`, the websocket leg's statuses are POSTed there, signed (`answered`, then
+`completed` when the caller hangs up, `disconnected` when the app closed the socket, `failed`
+when it could not be opened); with `eventType: synchronous` the answer to `disconnected` or
+`failed` may be a fallback NCCO, which then runs instead of the rest of the original one.
 
 The script actions and the result's shape are those of `livecall.sim.twilio` (imported), so a
 suite written for `SimulatedCaller` can drive this one; `Probe` is not simulated here.
@@ -29,8 +33,9 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import numpy as np
@@ -78,6 +83,8 @@ class VonageCallResult:
     ncco: list[Any] = field(default_factory=list)
     webhook_status: int | None = None
     said: list[str] = field(default_factory=list)  # NCCO `talk` texts
+    events_posted: list[str] = field(default_factory=list)  # websocket leg statuses sent
+    fallback_ncco: list[Any] | None = None  # what a synchronous event webhook answered
     parameters: dict[str, Any] = field(default_factory=dict)  # the endpoint's headers
     stream_url: str | None = None
     content_type: str | None = None
@@ -220,6 +227,11 @@ class SimulatedVonageCaller:
         self._ws: ClientConnection | None = None
         self._after_connect: list[Any] = []
         self._ws_auth: str | None = None  # endpoint authorization {"type":"custom"} value
+        self._event_url: str | None = None
+        self._sync_events = False
+        self._leg_uuid = str(uuid.uuid4())  # the websocket leg's own uuid
+        self._client: httpx.AsyncClient | None = None
+        self._bg: set[asyncio.Task[Any]] = set()
         self._ended = False
         self._hangup_action: HangUp | None = None
         self._deadline = float("inf")
@@ -284,13 +296,74 @@ class SimulatedVonageCaller:
         return r
 
     async def _run(self, client: httpx.AsyncClient) -> None:
-        if not await self._answer(client):
+        self._client = client
+        try:
+            if not await self._answer(client):
+                return
+            if not await self._open_stream():
+                await self._leg_event("failed", then=self._after_connect)
+                return
+            self._leg_event_soon("answered")
+            await self._stream()
+            if self.result.ended_by == "server":
+                await self._leg_event("disconnected", then=self._after_connect)
+            else:
+                self._leg_event_soon("completed")
+        finally:
+            if self._bg:
+                await asyncio.gather(*self._bg, return_exceptions=True)
+
+    # ------------------------------------------------------------------ leg events (eventUrl)
+
+    def _event_body(self, status: str) -> bytes:
+        r = self.result
+        return orjson.dumps(
+            {
+                "from": self.from_,
+                "to": r.stream_url,
+                "uuid": self._leg_uuid,
+                "conversation_uuid": self.conversation_uuid,
+                "status": status,
+                "direction": "outbound",
+                "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+                "headers": r.parameters,
+            }
+        )
+
+    async def _post_event(self, status: str) -> httpx.Response | None:
+        """POST one signed event for the websocket leg to the connect action's eventUrl."""
+        url = self._event_url
+        assert url is not None and self._client is not None
+        body = self._event_body(status)
+        headers = {"Content-Type": "application/json", "User-Agent": "Vonage-Voice/1.0"}
+        if self.sign:
+            headers["Authorization"] = self._signer.sign(method="POST", url=url, body=body)
+        self.result.events_posted.append(status)
+        try:
+            return await self._client.post(url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            self.result.protocol_errors.append(f"event webhook failed: {type(exc).__name__}")
+            return None
+
+    def _leg_event_soon(self, status: str) -> None:
+        if self._event_url is None:
             return
-        if not await self._open_stream():
-            return
-        await self._stream()
-        if self.result.ended_by == "server":
-            self._run_actions(self._after_connect)
+        task = asyncio.get_running_loop().create_task(self._post_event(status))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _leg_event(self, status: str, *, then: list[Any]) -> None:
+        """A leg ended: with eventType synchronous the event's answer may replace the NCCO."""
+        actions = then
+        if self._event_url is not None:
+            resp = await self._post_event(status)
+            if self._sync_events and resp is not None and resp.status_code == 200:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    fallback = orjson.loads(resp.content) if resp.content else None
+                    if type(fallback) is list:
+                        self.result.fallback_ncco = fallback
+                        actions = fallback
+        self._run_actions(actions)
 
     # ------------------------------------------------------------------ answer webhook + NCCO
 
@@ -398,6 +471,12 @@ class SimulatedVonageCaller:
             if extra:
                 return self._fail(f"unexpected websocket endpoint fields {sorted(extra)}")
         r.stream_url = uri
+        event_url = action.get("eventUrl")
+        if event_url is not None:
+            if type(event_url) is not list or len(event_url) != 1 or type(event_url[0]) is not str:
+                return self._fail("connect eventUrl must be an array with one URL")
+            self._event_url = urljoin(self.answer_url, event_url[0])
+        self._sync_events = action.get("eventType") == "synchronous"
         r.content_type = ctype
         r.parameters = dict(headers)
         self._rate = rates[ctype]

@@ -49,10 +49,12 @@ class VonageCarrier:
         *,
         sample_rate: int = 16000,
         event_url: str | None = None,
+        synchronous_events: bool = False,
     ) -> None:
         self.signature = signature
         self.sample_rate = sample_rate
         self.event_url = event_url
+        self.synchronous_events = synchronous_events
 
     def new_stream(self, *, max_frame_bytes: int) -> VonageStream:
         return VonageStream(
@@ -62,7 +64,11 @@ class VonageCarrier:
     def answer_document(self, stream_url: str, parameters: Mapping[str, str]) -> tuple[str, str]:
         """The NCCO (JSON body, content type) that connects the call to `stream_url`."""
         ncco = connect_websocket_ncco(
-            stream_url, parameters, sample_rate=self.sample_rate, event_url=self.event_url
+            stream_url,
+            parameters,
+            sample_rate=self.sample_rate,
+            event_url=self.event_url,
+            synchronous_events=self.synchronous_events,
         )
         return ncco_json(ncco)
 
@@ -82,6 +88,7 @@ class VonageCarrier:
             sample_rate=self.sample_rate,
             call=call,
             event_url=self.event_url,
+            synchronous_events=self.synchronous_events,
             ws_authorization=ws_authorization,
         )
         return ncco_json(ncco)
