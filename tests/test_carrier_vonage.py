@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import Response
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from livecall.carriers.base import (
@@ -183,6 +185,60 @@ def test_close_ends_the_stream_and_nothing_is_accepted_after() -> None:
         stream.receive(bytes(640))
     with pytest.raises(CarrierProtocolError, match="after the stream closed"):
         stream.receive('{"event":"websocket:dtmf","digit":"1"}')
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["audio/l16;rate=16000", "5", "#", "m"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_events = st.sampled_from(
+    ["websocket:connected", "websocket:dtmf", "websocket:notify", "websocket:cleared", "x"]
+)
+_messages = st.one_of(
+    st.binary(max_size=700),
+    st.binary(min_size=640, max_size=640),
+    st.text(max_size=60),
+    st.builds(
+        lambda event, extra: orjson.dumps({"event": event, **extra}).decode(),
+        _events,
+        st.dictionaries(
+            st.sampled_from(["content-type", "digit", "duration", "payload", "call_uuid"]),
+            _json_values,
+            max_size=3,
+        ),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_messages, max_size=12))
+def test_any_frame_sequence_yields_events_or_named_errors_and_errors_change_nothing(
+    frames: list[str | bytes],
+) -> None:
+    stream = VonageStream()
+    stream.mark("m")  # so a notify can match
+    for frame in frames:
+        before = (stream.state, stream.started, stream.frames_received, stream.pending_marks)
+        try:
+            event = stream.receive(frame)
+        except CarrierProtocolError as exc:
+            assert str(exc)
+            assert before == (
+                stream.state,
+                stream.started,
+                stream.frames_received,
+                stream.pending_marks,
+            )
+            continue
+        assert isinstance(event, CallStarted | CallerAudio | Dtmf | PlayedUpTo | Ignored)
 
 
 # --------------------------------------------------------------------------- wire: marks/clear
@@ -865,3 +921,25 @@ async def test_sim_server_hangup_and_raw_frames() -> None:
     assert len(app_state.errors) == 2
     assert "one digit" in app_state.errors[0] and "320 bytes" in app_state.errors[1]
     assert result.duration_s < 2.0
+
+
+async def test_sim_echoes_notifies_after_clear_when_asked_and_the_stream_ignores_them() -> None:
+    async with serve(App(mode="talker")) as app_state:
+        script = [WaitForAgentAudio(min_heard_ms=200), PressDigit("#"), Pause(400), HangUp()]
+        result = await call(app_state, script, notify_after_clear="send")
+        await asyncio.wait_for(app_state.done.wait(), 5)
+    assert result.protocol_errors == [] and app_state.errors == []
+    assert [m.name for m in result.marks_echoed] == ["reply-end"]
+    assert of(app_state, PlayedUpTo) == [PlayedUpTo("reply-end")]  # once, from the clear
+    assert Ignored("websocket:notify for a mark already settled by websocket:cleared") in (
+        app_state.events
+    )
+
+
+async def test_sim_refuses_audio_beyond_its_playout_buffer() -> None:
+    async with serve(App(mode="talker")) as app_state:  # sends 150 frames at once
+        result = await call(app_state, [Pause(300), HangUp()], max_buffered_frames=100)
+        await asyncio.wait_for(app_state.done.wait(), 5)
+    overflow = [e for e in result.protocol_errors if "more than 100 frames queued" in e]
+    assert len(overflow) == 50
+    assert result.received_media_bytes == 100 * 640

@@ -638,14 +638,16 @@ class SimulatedVonageCaller:
                 self._pause_frames -= 1
                 return self._silence, 0, None
             if self._wait is not None:
-                action, deadline, ref = self._wait
-                if self._wait_satisfied(action, ref, now):
+                waiting, deadline, since = self._wait
+                if self._wait_satisfied(waiting, since, now):
                     self._wait = None
                     continue
                 if now >= deadline:
                     self._wait = None
-                    name = type(action).__name__
-                    self.result.script_errors.append(f"{name} timed out after {action.timeout:g} s")
+                    name = type(waiting).__name__
+                    self.result.script_errors.append(
+                        f"{name} timed out after {waiting.timeout:g} s"
+                    )
                     continue
                 return self._silence, 0, None
             if self._script_done:
@@ -843,7 +845,7 @@ class SimulatedVonageCaller:
         if type(payload) is not dict:
             self._error("notify needs a 'payload' object")
             return
-        name = payload.get("name")
-        label = name if type(name) is str else orjson.dumps(payload).decode()[:40]
+        given = payload.get("name")
+        label = given if isinstance(given, str) else orjson.dumps(payload).decode()[:40]
         self.result.marks_received.append(TimedName(label, now))
         self._notifies.append((self._enqueued, payload, label))

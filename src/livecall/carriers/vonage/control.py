@@ -52,7 +52,7 @@ def _application_jwt(application_id: str, private_key: str) -> str:
             "exp": now + 900,
             "jti": str(uuid.uuid4()),
         }
-        return jwt.encode(claims, private_key, algorithm="RS256")
+        return str(jwt.encode(claims, private_key, algorithm="RS256"))
     token = JwtClient(application_id, private_key).generate_application_jwt()
     return token.decode() if isinstance(token, bytes) else str(token)
 

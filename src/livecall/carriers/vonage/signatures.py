@@ -35,7 +35,7 @@ try:  # the official verifier, when the `carriers` extra is installed
     from vonage_jwt.verify_jwt import verify_signature as _sdk_verify
 except ImportError:  # pragma: no cover - depends on the environment
     _sdk_verify = None
-    VonageVerifyJwtError = Exception  # type: ignore[assignment,misc]
+    VonageVerifyJwtError = Exception
 
 
 class SignatureRejected(ValueError):
@@ -221,7 +221,7 @@ class VonageSignature:
             "api_key": api_key or self.api_key or "",
             "application_id": application_id or self.application_id or "",
         }
-        return "Bearer " + jwt.encode(claims, self._secret, algorithm="HS256")
+        return "Bearer " + str(jwt.encode(claims, self._secret, algorithm="HS256"))
 
 
 def _bearer(headers: Mapping[str, str]) -> str:
