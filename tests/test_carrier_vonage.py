@@ -824,7 +824,15 @@ async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets() -> Non
             Pause(300),
             HangUp(),
         ]
-        result = await call(app_state, script, call_uuid="uuid-123", from_="447700900000")
+        result = await call(
+            app_state,
+            script,
+            call_uuid="uuid-123",
+            from_="447700900000",
+            drop_frames=(5, 6),
+            jitter_ms=8,
+            seed=7,
+        )
         await asyncio.wait_for(app_state.done.wait(), 5)
 
     assert app_state.webhook_ok == [True] and app_state.ws_auth_ok == [True]
@@ -839,6 +847,7 @@ async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets() -> Non
     assert dict(start.custom_parameters) == PARAMS
     audio = of(app_state, CallerAudio)
     assert len(audio) == result.frames_sent and [a.sequence for a in audio[:3]] == [1, 2, 3]
+    assert result.frames_dropped == 2  # lost upstream: Vonage numbers nothing, so unseen
     assert of(app_state, Dtmf) == [Dtmf("5")]
     assert isinstance(app_state.events[-1], CallStopped)
     # the echo came back and was heard; notify marks went round and came back in order
