@@ -815,8 +815,9 @@ def of(app_state: App, kind: type) -> list[Any]:
     return [e for e in app_state.events if isinstance(e, kind)]
 
 
-async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets() -> None:
-    async with serve(App(mode="echo")) as app_state:
+@pytest.mark.parametrize("rate", [16000, 24000])
+async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets(rate: int) -> None:
+    async with serve(App(mode="echo", rate=rate)) as app_state:
         script = [
             Say(tone(600, rate=8000), rate=8000, label="hi"),
             Pause(400),
@@ -841,7 +842,8 @@ async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets() -> Non
     assert app_state.errors == []
     assert result.protocol_errors == [] and result.script_errors == []
     assert result.ended_by == "caller" and result.close_code == 1000
-    assert result.content_type == "audio/l16;rate=16000" and result.sample_rate == 16000
+    assert result.content_type == f"audio/l16;rate={rate}" and result.sample_rate == rate
+    assert all(len(a.audio) == rate // 50 * 2 for a in of(app_state, CallerAudio))
     start = of(app_state, CallStarted)[0]
     assert start.call_id == "uuid-123" and start.from_number == "447700900000"
     assert dict(start.custom_parameters) == PARAMS
@@ -851,7 +853,7 @@ async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets() -> Non
     assert of(app_state, Dtmf) == [Dtmf("5")]
     assert isinstance(app_state.events[-1], CallStopped)
     # the echo came back and was heard; notify marks went round and came back in order
-    assert loud_frames(result.heard) >= 20
+    assert loud_frames(result.heard, rate) >= 20
     assert result.utterances[0].response_latency_ms is not None
     echoed = [m.name for m in result.marks_echoed]
     assert echoed and echoed == [m.name for m in result.marks_received][: len(echoed)]
@@ -950,5 +952,6 @@ async def test_sim_refuses_audio_beyond_its_playout_buffer() -> None:
         result = await call(app_state, [Pause(300), HangUp()], max_buffered_frames=100)
         await asyncio.wait_for(app_state.done.wait(), 5)
     overflow = [e for e in result.protocol_errors if "more than 100 frames queued" in e]
-    assert len(overflow) == 50
-    assert result.received_media_bytes == 100 * 640
+    # 150 frames arrive in a burst; a frame or two may play out before the last ones land
+    assert 40 <= len(overflow) <= 50
+    assert result.received_media_bytes == (150 - len(overflow)) * 640
