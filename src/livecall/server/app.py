@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from livecall import __version__
 from livecall.agent.gemini import LiveOptions, SessionCounter
@@ -30,7 +32,7 @@ from livecall.server.api import ApiDisabled, build_api_router
 from livecall.server.ops import build_live_api_router, build_ops_router
 from livecall.server.outbound import build_amd_router, build_outbound_api_router
 from livecall.server.registry import CallRegistry
-from livecall.server.twilio_routes import build_twilio_router
+from livecall.server.twilio_routes import app_stream_secret, build_twilio_router
 from livecall.settings import Settings
 from livecall.store.recordings import LocalRecordingStore, RecordingStore, run_retention
 from livecall.store.writer import CallStore
@@ -62,6 +64,8 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     cluster: LiveCalls = field(default_factory=LocalRegistry)
     drain_task: asyncio.Task[None] | None = None
+    # key material of the per-call stream tokens (Twilio streams, the softphone)
+    stream_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
     def knowledge_for(self, profile: AgentProfile) -> KnowledgeBase | None:
         """One index per documents folder, shared by every call (and profile) that uses it."""
@@ -186,7 +190,13 @@ def create_app(
 ) -> FastAPI:
     """The app: Twilio's doors, the dashboard, the APIs, `/metrics`, health and drain."""
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
-    for secret in (settings.gemini_api_key, settings.twilio_auth_token, settings.api_token):
+    for secret in (
+        settings.gemini_api_key,
+        settings.twilio_auth_token,
+        settings.api_token,
+        settings.stream_token_secret,
+        settings.twilio_webhook_shared_key,
+    ):
         if secret is not None:
             register_secret(secret.get_secret_value())  # whoever configured logging
     redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
@@ -206,7 +216,10 @@ def create_app(
             settings.max_concurrent_calls,
             gemini_sessions=SessionCounter(settings.max_gemini_sessions),
         ),
-        signature=TwilioSignature(token) if token else None,
+        signature=TwilioSignature(token, _secret(settings.twilio_webhook_shared_key))
+        if token
+        else None,
+        stream_secret=app_stream_secret(settings),
         store=CallStore(settings),
         recordings=LocalRecordingStore(settings.recordings_dir),
         observer_factory=observer_factory,
@@ -224,7 +237,12 @@ def create_app(
         if state.signature is None:
             log.warning(
                 "twilio.signatures_off",
-                hint="TWILIO_AUTH_TOKEN is not set: webhook and stream requests are not verified",
+                hint="TWILIO_AUTH_TOKEN is not set: Twilio's webhooks and streams are "
+                + (
+                    "NOT verified (LIVECALL_INSECURE_DEV)"
+                    if settings.insecure_dev
+                    else "refused until it is set"
+                ),
             )
         # tracing: only when the environment asks for it; whoever configured it shuts it down
         tracing_here = configure_tracing("livecall", instance_id=cluster.instance_id)
@@ -298,6 +316,10 @@ def app_from_env() -> FastAPI:
     ]
     configure_logging(settings.log_level, settings.log_format, secrets)
     return create_app(settings)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() or None if value is not None else None
 
 
 def _call_control(settings: Settings) -> TwilioCallControl | None:

@@ -12,6 +12,7 @@ a voicemail greeting).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -21,8 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from livecall.agent.profiles import AgentProfile, ProfileRegistry, ProfileSet
 from livecall.server.api import bearer_auth
-from livecall.server.twilio_routes import FORBIDDEN, STREAM_PATH, signed_form
+from livecall.server.twilio_routes import (
+    FORBIDDEN,
+    STREAM_PATH,
+    signed_form,
+    twilio_stream_tokens,
+)
 from livecall.server.urls import public_base, ws_base
+from livecall.telephony.stream_token import TOKEN_PARAMETER
 from livecall.telephony.twilio_rest import TwilioCallControl, TwilioCallError
 
 if TYPE_CHECKING:
@@ -92,8 +99,12 @@ async def place_outbound_call(
     machine_detection: bool = False,
     from_: str | None = None,
     default_caller_id: str | None = None,
+    stream_token: str,
 ) -> tuple[str, AgentProfile, str]:
     """Create the call with Twilio; returns (call sid, profile, caller ID used).
+
+    `stream_token` (`twilio_stream_tokens(...).for_outbound(...)`) rides in the TwiML as a
+    `<Parameter>`: without it the call's media stream is refused.
 
     Raises `OutboundError` for a request that cannot work (unknown profile, no caller ID)
     and `TwilioCallError` when Twilio refuses.
@@ -115,6 +126,7 @@ async def place_outbound_call(
     parameters = {"profile": chosen.name, "direction": "outbound-api", "from": caller_id, "to": to}
     if machine_detection:
         parameters["amd"] = "1"
+    parameters[TOKEN_PARAMETER] = stream_token
     sid = await control.create_outbound(
         to,
         caller_id,
@@ -166,6 +178,7 @@ def build_outbound_api_router(state: AppState) -> APIRouter:
     authorize = bearer_auth(state.settings)
     router = APIRouter(prefix="/api", tags=["calls"], dependencies=[Depends(authorize)])
     settings = state.settings
+    tokens = twilio_stream_tokens(state.stream_secret)
 
     @router.post(
         "/calls/outbound",
@@ -198,6 +211,7 @@ def build_outbound_api_router(state: AppState) -> APIRouter:
                 machine_detection=body.machine_detection,
                 from_=body.from_,
                 default_caller_id=settings.twilio_caller_id,
+                stream_token=tokens.for_outbound(settings.twilio_account_sid or "", time.time()),
             )
         except OutboundError as exc:
             raise HTTPException(exc.status, str(exc)) from None
