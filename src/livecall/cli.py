@@ -37,7 +37,13 @@ console = Console(stderr=True)
 
 def _secrets_of(settings: object) -> list[str]:
     out = []
-    for name in ("gemini_api_key", "twilio_auth_token", "api_token"):
+    for name in (
+        "gemini_api_key",
+        "twilio_auth_token",
+        "api_token",
+        "stream_token_secret",
+        "twilio_webhook_shared_key",
+    ):
         value = getattr(settings, name, None)
         if value is not None:
             out.append(value.get_secret_value())
@@ -61,22 +67,75 @@ def uvicorn_config(
         ws_ping_timeout=60.0,
         log_config=None,
         access_log=False,
+        # X-Forwarded-* are believed from TRUSTED_PROXIES only (server/forwarded.py); uvicorn's
+        # own default would rewrite scheme and client address for any loopback peer first
+        proxy_headers=False,
         lifespan="on",
         **kw,  # type: ignore[arg-type]
     )
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_problem(settings: object, host: str) -> str | None:
+    """Why `serve` must not start as configured (fail closed), else None."""
+    if getattr(settings, "twilio_auth_token", None) is not None:
+        return None
+    if not getattr(settings, "insecure_dev", False):
+        return (
+            "TWILIO_AUTH_TOKEN is not set, so nothing could tell Twilio's requests from anyone "
+            "else's. Set TWILIO_AUTH_TOKEN (the account's auth token). On a development "
+            "machine only, --insecure-dev (or LIVECALL_INSECURE_DEV=true) runs without it, "
+            "on loopback."
+        )
+    if not _is_loopback(host):
+        return (
+            f"--insecure-dev serves unsigned Twilio requests, so it binds loopback only; "
+            f"refusing --host {host}. Use 127.0.0.1 (and a tunnel), or set TWILIO_AUTH_TOKEN."
+        )
+    return None
+
+
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="interface to bind (default 0.0.0.0)")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="interface to bind (default 0.0.0.0; 127.0.0.1 with --insecure-dev)"),
+    ] = None,
     port: Annotated[int | None, typer.Option(help="port (default $PORT or 8080)")] = None,
+    insecure_dev: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-dev",
+            help="development only: run without TWILIO_AUTH_TOKEN (unsigned Twilio requests "
+            "accepted, loopback only, a warning on every call)",
+        ),
+    ] = False,
 ) -> None:
     """Run the server Twilio calls: POST /twiml and the /ws/twilio media stream."""
     from livecall.log import configure_logging
     from livecall.settings import Settings
 
     settings = Settings()
+    if insecure_dev:
+        settings = settings.model_copy(update={"insecure_dev": True})
     configure_logging(settings.log_level, settings.log_format, _secrets_of(settings))
+    if host is None and settings.insecure_dev and "host" not in settings.model_fields_set:
+        host = "127.0.0.1"  # unsigned requests: never reachable from another machine
+    bind = host or settings.host
+    problem = insecure_problem(settings, bind)
+    if problem is not None:
+        console.print(f"[red]Not starting.[/red] {problem}")
+        raise typer.Exit(2)
     if not settings.has_gemini_credentials():
         console.print(
             "[red]No Gemini credentials.[/red] Set [bold]GEMINI_API_KEY[/bold] (Gemini Developer "
@@ -92,7 +151,7 @@ def serve(
     server = DrainingServer(
         uvicorn_config(  # type: ignore[arg-type]
             app_obj,
-            host or settings.host,
+            bind,
             port or settings.port,
             request_timeout_s=settings.first_message_timeout_s,
         ),
