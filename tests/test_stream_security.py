@@ -308,3 +308,58 @@ async def test_webhook_rules_shared_key_signatures(make_stack) -> None:
         refused = await no_key.caller([HangUp()], shared_key="rule-shared-key-0123").run()
     assert refused.webhook_status == 403
     assert any("TWILIO_WEBHOOK_SHARED_KEY" in str(e.get("reason")) for e in logs), logs
+
+
+# --------------------------------------------------------------------------- the softphone
+
+
+@pytest.mark.timeout(40)
+async def test_the_softphone_calls_with_its_session_token_and_not_without(make_stack) -> None:
+    """What softphone.js does, over real sockets: sign in, get a call token for the session,
+    open /ws/softphone and `start` with it (a Gemini session opens); without it, nothing."""
+    import re
+
+    stack = await make_stack(model(110), api_token="softphone-test-api-token")
+    base = stack.base_url
+    ws_url = base.replace("http://", "ws://") + "/ws/softphone"
+    async with httpx.AsyncClient(base_url=base, trust_env=False) as http:
+        signed_in = await http.post("/login", data={"token": "softphone-test-api-token"})
+        assert signed_in.status_code == 303
+        page = await http.get("/softphone")
+        assert "softphone-test-api-token" not in page.text  # never the API token in the page
+        csrf = re.search(r'<meta name="csrf-token" content="([^"]+)">', page.text)
+        assert csrf
+        answer = await http.post("/softphone/token", headers={"X-CSRF-Token": csrf.group(1)})
+        assert answer.status_code == 200
+        call_sid, token = answer.json()["callSid"], answer.json()["token"]
+        cookie = "; ".join(f"{k}={v}" for k, v in http.cookies.items())
+    headers = {"Origin": base, "Cookie": cookie}
+
+    def start(params: dict[str, str]) -> str:
+        return start_frame(call_sid, {"profile": "", **params}, account="")
+
+    async with websockets.connect(ws_url, additional_headers=headers, proxy=None) as ws:
+        await ws.send(start({}))
+        with pytest.raises(websockets.ConnectionClosed):
+            async with asyncio.timeout(10):
+                await ws.recv()
+    assert ws.close_code == 1008 and stack.gemini.sessions == []
+    # a Twilio stream token does not open the softphone, nor a softphone token /ws/twilio
+    twilio_token = stack.stream_token(call_sid, "")
+    async with websockets.connect(ws_url, additional_headers=headers, proxy=None) as ws:
+        await ws.send(start({"lc_token": twilio_token}))
+        with pytest.raises(websockets.ConnectionClosed):
+            async with asyncio.timeout(10):
+                await ws.recv()
+    assert ws.close_code == 1008
+    assert await attacker_stream(stack, start_frame(call_sid, {"lc_token": token}, "")) == 1008
+    assert stack.gemini.sessions == []
+
+    async with websockets.connect(ws_url, additional_headers=headers, proxy=None) as ws:
+        await ws.send(start({"lc_token": token}))
+
+        async def session_open() -> bool:
+            return len(stack.gemini.sessions) == 1
+
+        await eventually(session_open)
+        assert call_sid in stack.registry.active

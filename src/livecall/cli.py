@@ -131,11 +131,6 @@ def serve(
     configure_logging(settings.log_level, settings.log_format, _secrets_of(settings))
     if host is None and settings.insecure_dev and "host" not in settings.model_fields_set:
         host = "127.0.0.1"  # unsigned requests: never reachable from another machine
-    bind = host or settings.host
-    problem = insecure_problem(settings, bind)
-    if problem is not None:
-        console.print(f"[red]Not starting.[/red] {problem}")
-        raise typer.Exit(2)
     if not settings.has_gemini_credentials():
         console.print(
             "[red]No Gemini credentials.[/red] Set [bold]GEMINI_API_KEY[/bold] (Gemini Developer "
@@ -143,6 +138,11 @@ def serve(
             "GOOGLE_CLOUD_LOCATION (Vertex AI, application default credentials).\n"
             "To see livecall work without any key, run [bold]livecall demo[/bold]."
         )
+        raise typer.Exit(2)
+    bind = host or settings.host
+    problem = insecure_problem(settings, bind)
+    if problem is not None:
+        console.print(f"[red]Not starting.[/red] {problem}")
         raise typer.Exit(2)
     from livecall.server.app import create_app
     from livecall.server.drain import DrainingServer

@@ -123,6 +123,8 @@ class LocalStack:
 
     def caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
         kwargs.setdefault("auth_token", TEST_AUTH_TOKEN)
+        if self.settings is not None and self.settings.twilio_account_sid:
+            kwargs.setdefault("account_sid", self.settings.twilio_account_sid)  # its Twilio
         return SimulatedCaller(base_url=self.base_url, script=script, **kwargs)
 
     def stream_token(self, call_sid: str, account_sid: str) -> str:
