@@ -369,3 +369,62 @@ async def test_the_softphone_calls_with_its_session_token_and_not_without(make_s
 
         await eventually(session_open)
         assert call_sid in stack.registry.active
+
+
+@pytest.mark.timeout(60)
+async def test_serve_insecure_dev_binds_loopback_and_answers_unsigned_calls_there(
+    tmp_path: Path,
+) -> None:
+    """`livecall serve --insecure-dev` without TWILIO_AUTH_TOKEN: up on 127.0.0.1 only."""
+    import os
+    import signal
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TWILIO_", "LIVECALL_", "GEMINI_", "GOOGLE_")) and k != "HOST"
+    }
+    env.update(
+        GEMINI_API_KEY="placeholder-key",
+        PORT=str(port),
+        LOG_FORMAT="json",
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}",
+        RECORDINGS_DIR=str(tmp_path / "rec"),
+        SPOOL_DIR=str(tmp_path / "spool"),
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "livecall.cli",
+        "serve",
+        "--insecure-dev",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with httpx.AsyncClient(trust_env=False) as http:
+
+            async def healthy() -> bool:
+                assert proc.returncode is None, "serve exited"
+                try:
+                    return (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(healthy, within=30)
+            form = {"CallSid": MADE_UP_CALL, "AccountSid": ACCOUNT}
+            resp = await http.post(f"http://127.0.0.1:{port}/twiml", data=form)
+            assert resp.status_code == 200 and "lc_token" in resp.text  # unsigned: dev only
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    log = err.decode()
+    assert f"127.0.0.1:{port}" in log and "0.0.0.0" not in log
+    assert "twilio.unsigned_accepted" in log

@@ -129,7 +129,8 @@ def serve(
     if insecure_dev:
         settings = settings.model_copy(update={"insecure_dev": True})
     configure_logging(settings.log_level, settings.log_format, _secrets_of(settings))
-    if host is None and settings.insecure_dev and "host" not in settings.model_fields_set:
+    unsigned = settings.insecure_dev and settings.twilio_auth_token is None
+    if host is None and unsigned and "host" not in settings.model_fields_set:
         host = "127.0.0.1"  # unsigned requests: never reachable from another machine
     if not settings.has_gemini_credentials():
         console.print(
