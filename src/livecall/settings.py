@@ -189,6 +189,24 @@ class Settings(BaseSettings):
         validation_alias="OUTBOUND_MAX_CONCURRENT",
         description="outbound calls ringing or in progress at once (per instance)",
     )
+    stream_token_secret: SecretStr | None = Field(
+        None,
+        validation_alias="STREAM_TOKEN_SECRET",
+        description="key material for the per-call stream tokens (default: derived from "
+        "TWILIO_AUTH_TOKEN); set it on every instance so any one can check another's tokens",
+    )
+    twilio_webhook_shared_key: SecretStr | None = Field(
+        None,
+        validation_alias="TWILIO_WEBHOOK_SHARED_KEY",
+        description="the SharedKey secret of a Twilio Webhook Rule: requests carrying "
+        "X-Twilio-Webhooks-Signature-Settings are checked with it and the named algorithm",
+    )
+    insecure_dev: bool = Field(
+        False,
+        validation_alias="LIVECALL_INSECURE_DEV",
+        description="development only: without TWILIO_AUTH_TOKEN accept unsigned Twilio "
+        "requests (serve binds loopback only and warns on every call)",
+    )
 
     # --- calls
     max_concurrent_calls: int = Field(500, validation_alias="MAX_CONCURRENT_CALLS")

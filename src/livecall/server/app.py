@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from livecall import __version__
 from livecall.agent.gemini import LiveOptions, SessionCounter
@@ -46,7 +48,7 @@ from livecall.server.limits import EdgeLimits, EdgeMiddleware
 from livecall.server.ops import build_live_api_router, build_ops_router
 from livecall.server.outbound import build_amd_router, build_outbound_api_router
 from livecall.server.registry import CallRegistry
-from livecall.server.twilio_routes import build_twilio_router
+from livecall.server.twilio_routes import app_stream_secret, build_twilio_router
 from livecall.settings import Settings
 from livecall.store.recordings import LocalRecordingStore, RecordingStore, run_retention
 from livecall.store.writer import CallStore
@@ -80,6 +82,8 @@ class AppState:
     cluster: LiveCalls = field(default_factory=LocalRegistry)
     webhooks: WebhookService | None = None  # end-of-call webhooks (livecall.outcomes)
     drain: Drain | None = None  # set by create_app: SIGTERM and /admin/drain share it
+    # key material of the per-call stream tokens (Twilio streams, the softphone)
+    stream_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
     def knowledge_for(self, profile: AgentProfile) -> FallbackSource | None:
         """What the profile's `lookup` searches, shared by every call that searches the same.
@@ -249,7 +253,10 @@ def create_app(
             settings.max_concurrent_calls,
             gemini_sessions=SessionCounter(settings.max_gemini_sessions),
         ),
-        signature=TwilioSignature(token) if token else None,
+        signature=TwilioSignature(token, _secret(settings.twilio_webhook_shared_key))
+        if token
+        else None,
+        stream_secret=app_stream_secret(settings),
         store=CallStore(settings),
         recordings=LocalRecordingStore(settings.recordings_dir),
         observer_factory=observer_factory,
@@ -296,7 +303,12 @@ def create_app(
         if state.signature is None:
             log.warning(
                 "twilio.signatures_off",
-                hint="TWILIO_AUTH_TOKEN is not set: webhook and stream requests are not verified",
+                hint="TWILIO_AUTH_TOKEN is not set: Twilio's webhooks and streams are "
+                + (
+                    "NOT verified (LIVECALL_INSECURE_DEV)"
+                    if settings.insecure_dev
+                    else "refused until it is set"
+                ),
             )
         if not edge.hosts.active:
             log.warning(
@@ -379,6 +391,10 @@ def app_from_env() -> FastAPI:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     return create_app(settings)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() or None if value is not None else None
 
 
 def _call_control(settings: Settings) -> TwilioCallControl | None:

@@ -10,7 +10,9 @@ Security: one login with `LIVECALL_API_TOKEN` gives an HMAC-signed session cooki
 SameSite=Strict, Secure over https) that never contains the token. State-changing requests
 also need a CSRF token bound to the session and a same-origin `Origin`. Pages without a
 session redirect to /login; data endpoints answer 401. The softphone socket checks the
-cookie and the origin before accepting, then runs exactly the Twilio bridge path.
+cookie and the origin before accepting, and its `start` must carry a one-minute stream token
+that `POST /softphone/token` minted for this session and a server-chosen CallSid (never the
+API token in the page); then it runs exactly the Twilio bridge path.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from livecall.settings import Settings
 from livecall.store.recordings import RecordingStore
 from livecall.store.repository import InvalidCursor
 from livecall.store.writer import CallStore
+from livecall.telephony.stream_token import TOKEN_PARAMETER, StreamTokens, derive_key
 
 if TYPE_CHECKING:
     from livecall.server.app import AppState
@@ -80,6 +83,8 @@ TEMPLATE_DIR = HERE / "templates"
 STATIC_DIR = HERE / "static"
 
 SESSION_COOKIE = "livecall_session"
+SOFTPHONE_PURPOSE = "softphone"  # its own key: a softphone token never opens /ws/twilio
+SOFTPHONE_TOKEN_TTL_S = 60.0
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"
 DEFAULT_SESSION_TTL_S = 12 * 3600.0
@@ -531,6 +536,9 @@ def build_dashboard_router(
     )
     repo = store.repo
     router = APIRouter(include_in_schema=False)
+    softphone_tokens = StreamTokens(
+        derive_key(state.stream_secret, SOFTPHONE_PURPOSE), ttl_s=SOFTPHONE_TOKEN_TTL_S
+    )
 
     # --- auth -------------------------------------------------------------------------------
 
@@ -945,10 +953,27 @@ def build_dashboard_router(
             profiles=_profile_names(state, settings),
         )
 
+    @router.post("/softphone/token")
+    async def softphone_token(request: Request) -> Response:
+        """A CallSid and a one-minute stream token for it, bound to this session (CSRF-checked)."""
+        session = require(request)
+        check_post(request, session, {})
+        call_sid = "CA" + secrets.token_hex(16)
+        token = softphone_tokens.for_call(call_sid, session.id, time.time())
+        return Response(
+            _json({"callSid": call_sid, "token": token}),
+            media_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
     @router.websocket("/ws/softphone")
     async def softphone_socket(ws: WebSocket) -> None:
-        """The browser speaks Twilio Media Streams here; the call runs the Twilio bridge."""
-        if current(ws) is None or not _same_origin(
+        """The browser speaks Twilio Media Streams here; the call runs the Twilio bridge.
+
+        Its `start` must carry the token `/softphone/token` gave this session for its CallSid.
+        """
+        session = current(ws)
+        if session is None or not _same_origin(
             ws.url, ws.headers, settings.public_url, required=True
         ):
             log.warning("dashboard.softphone_refused", client=_client(ws.client))
@@ -966,6 +991,13 @@ def build_dashboard_router(
             and _SOFTPHONE_STREAM_SID.match(start.stream_sid)
         ):
             log.warning("dashboard.softphone_bad_start", call_sid=start.call_sid[:64])
+            await carrier.close(1008)
+            return
+        check = softphone_tokens.check(
+            start.custom_parameters.get(TOKEN_PARAMETER), start.call_sid, session.id, time.time()
+        )
+        if not check:
+            log.warning("dashboard.softphone_bad_token", reason=check.reason)
             await carrier.close(1008)
             return
         if start.call_sid in state.registry.active:  # never take over somebody's call
