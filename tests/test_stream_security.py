@@ -272,6 +272,7 @@ async def test_x_forwarded_host_is_believed_from_trusted_proxies_only(make_stack
         model(107),
         public_url="https://calls.example.com",
         trusted_proxies=["127.0.0.1/32"],
+        allowed_hosts=["alt.example.com"],  # a forwarded Host must be allowed like any other
     )
     proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "alt.example.com"}
     async with httpx.AsyncClient(trust_env=False) as http:
