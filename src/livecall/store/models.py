@@ -186,3 +186,13 @@ class CallEvent(Base):
         UniqueConstraint("call_sid", "seq"),
         Index("ix_call_events_kind", "kind"),
     )
+
+
+class DeletedCall(Base):
+    """A tombstone: this call was erased, and records of it arriving later (a spool replayed
+    after an outage, another instance's late writes) are dropped instead of bringing it back."""
+
+    __tablename__ = "deleted_calls"
+
+    call_sid: Mapped[str] = mapped_column(String(SID_LENGTH), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(UTCDateTime())
