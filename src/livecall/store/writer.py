@@ -490,7 +490,7 @@ class CallStore:
         self._own_spool: SpoolFile | None = None
         self._spool_lock = asyncio.Lock()  # one of: an append, or the removal of a spool
         self._unsettled: dict[str, int] = {}  # call_sid -> its ops only in memory
-        self._settle_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._settle_waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._wake = asyncio.Event()
         self._spool_wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -684,16 +684,18 @@ class CallStore:
         """Wait until none of the call's records is held only in memory: each one is in the
         database or fsynced to the spool (or, the spool refusing too, counted lost).
 
-        False when `timeout` ran out first. A call's task awaits this before it ends, so a
-        process killed afterwards loses nothing of it.
+        False when `timeout` ran out first, or at once while the spool is full and the
+        database away. A call's task awaits this before it ends, so a process killed
+        afterwards loses nothing of it.
         """
         if not self._unsettled.get(call_sid):
             return True
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._spool_full and not self._healthy:
+            return False  # nowhere to put them now: do not hold the call up
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._settle_waiters.setdefault(call_sid, []).append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
-            return True
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError:
             log.warning("call records not on disk yet", call_sid=call_sid, timeout_s=timeout)
             waiters = self._settle_waiters.get(call_sid, [])
@@ -783,7 +785,7 @@ class CallStore:
             self._unsettled.pop(sid, None)
             for waiter in self._settle_waiters.pop(sid, ()):
                 if not waiter.done():
-                    waiter.set_result(None)
+                    waiter.set_result(True)
 
     def _lose(self, ops: list[Op], why: str) -> None:
         """Neither the database nor the spool takes these: count them, say so loudly."""
@@ -902,6 +904,12 @@ class CallStore:
         elif not error and self._spool_full:
             log.warning("call records spool accepts records again", held=len(self._held))
         self._spool_full = error
+        if error and not self._healthy:  # calls waiting for their records: not now, go on
+            waiting, self._settle_waiters = self._settle_waiters, {}
+            for waiters in waiting.values():
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(False)
         self._gauges()
 
     # --- draining ---------------------------------------------------------------------------
