@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -338,3 +339,85 @@ async def test_a_call_is_settled_on_disk_while_the_database_is_down(tmp_path: Pa
         assert b'"op":"end"' in lines[-1]
     finally:
         await store.close(timeout=2)
+
+
+async def test_another_host_s_spool_is_replayed_only_once_it_stops_being_refreshed(
+    tmp_path: Path,
+) -> None:
+    """On a shared volume whose locks are per client (Cloud Run's NFS), a lock cannot tell a
+    live pod's spool from a dead one's: another host's file is claimed only once its writer
+    has stopped refreshing it; this host's files as soon as their lock is free."""
+    engine_url = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    line = (
+        b'{"op":"start","call_sid":"%s","started_at":"2025-03-01T12:00:00+00:00",'
+        b'"direction":"inbound","custom_parameters":{}}\n'
+    )
+    foreign = spool / f"{SPOOL_PREFIX}otherpod-1-0123456789ab.jsonl"
+    foreign.write_bytes(line % b"CAFOREIGN")
+    local = spool / f"{SPOOL_PREFIX}{writer_module._HOST}-1-0123456789ab.jsonl"
+    local.write_bytes(line % b"CALOCAL")
+    settings = Settings(database_url=engine_url, spool_dir=spool)
+    async with CallStore(settings) as store:
+        assert await store.flush()
+        assert await store.repo.get_call("CALOCAL") is not None
+        assert await store.repo.get_call("CAFOREIGN") is None and foreign.exists()
+    old = time.time() - writer_module.FOREIGN_SPOOL_AGE_S - 5
+    os.utime(foreign, (old, old))  # its writer stopped refreshing it: gone
+    async with CallStore(settings) as store:
+        assert await store.flush()
+        assert await store.repo.get_call("CAFOREIGN") is not None
+    assert _spool_files(spool) == []
+
+
+def test_deployments_keep_the_spool_and_recordings_on_persistent_volumes() -> None:
+    import subprocess
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    docs = {}
+    for path in sorted((deploy / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs[doc["kind"]] = doc
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (container,) = pod["containers"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    claim = docs["PersistentVolumeClaim"]
+    for path in ("/app/spool", "/app/recordings"):
+        volume = volumes[mounts[path]["name"]]
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    kustomization = yaml.safe_load((deploy / "k8s" / "kustomization.yaml").read_text())
+    assert "pvc.yaml" in kustomization["resources"]
+
+    compose = yaml.safe_load((deploy / "docker-compose.yml").read_text())
+    service_volumes = compose["services"]["livecall"]["volumes"]
+    for path in ("/app/spool", "/app/recordings"):
+        named = next(v.split(":")[0] for v in service_volumes if v.endswith(":" + path))
+        assert named in compose["volumes"]  # a named volume: persists across re-creates
+
+    env = {**os.environ, "DRY_RUN": "1", "PROJECT": "p", "NFS_SERVER": "10.0.0.2"}
+    out = subprocess.run(
+        ["bash", str(deploy / "cloudrun" / "deploy.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    deploy_line = next(line for line in out.splitlines() if " run deploy " in line)
+    assert "type=nfs" in deploy_line and "SPOOL_DIR=/data/spool" in deploy_line
+    assert "RECORDINGS_DIR=/data/recordings" in deploy_line
+    warned = subprocess.run(
+        ["bash", str(deploy / "cloudrun" / "deploy.sh")],
+        env={**env, "NFS_SERVER": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stderr
+    assert "NFS_SERVER" in warned  # without a share, the deploy says what is at stake

@@ -24,7 +24,10 @@ import asyncio
 import contextlib
 import math
 import os
+import re
+import socket
 import threading
+import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -57,6 +60,31 @@ Op = dict[str, Any]
 SPOOL_PREFIX = "spool-"
 SPOOL_SUFFIX = ".jsonl"
 REJECTED_FILE = "rejected.jsonl"
+# A spool file names the host that wrote it. One from this host is claimed as soon as its
+# flock is free (the writer is gone). One from another host (a shared volume) must also have
+# gone unrefreshed for FOREIGN_SPOOL_AGE_S: some network filesystems (Cloud Run's NFS) keep
+# locks per client only, so a lock alone cannot tell a live pod's spool from a dead one's.
+# Every live process refreshes its files' mtime each SPOOL_HEARTBEAT_S.
+SPOOL_HEARTBEAT_S = 15.0
+FOREIGN_SPOOL_AGE_S = 60.0
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:48] or "host"
+
+
+def _spool_host(path: Path) -> str | None:
+    """The host a spool file's name says wrote it (None: an older name without one)."""
+    parts = path.name[len(SPOOL_PREFIX) : -len(SPOOL_SUFFIX)].rsplit("-", 2)
+    return parts[0] if len(parts) == 3 else None
+
+
+def _claimable(path: Path, now: float) -> bool:
+    host = _spool_host(path)
+    if host is None or host == _HOST:
+        return True
+    try:
+        return now - path.stat().st_mtime > FOREIGN_SPOOL_AGE_S
+    except FileNotFoundError:
+        return False
+
 
 # Column widths in `models`: values are cut to fit rather than rejected by PostgreSQL.
 _WIDTHS = {
@@ -174,7 +202,8 @@ class SpoolFile:
     @classmethod
     def create(cls, directory: Path) -> SpoolFile:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = directory / f"{SPOOL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{SPOOL_SUFFIX}"
+        name = f"{SPOOL_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}{SPOOL_SUFFIX}"
+        path = directory / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -914,28 +943,55 @@ class CallStore:
 
     # --- draining ---------------------------------------------------------------------------
 
-    def _orphans(self) -> list[Path]:
+    def _orphans(self, ours: list[Path] | None = None) -> list[Path]:
+        """Spool files of processes that are gone (see `_claimable`), oldest first."""
         if not self.spool_dir.is_dir():
             return []
-        mine = {s.path for s in self._spools}
-        return sorted(
-            (p for p in self.spool_dir.glob(f"{SPOOL_PREFIX}*{SPOOL_SUFFIX}") if p not in mine),
-            key=lambda p: p.stat().st_mtime,
-        )
+        mine = set(ours) if ours is not None else {s.path for s in self._spools}
+        now = time.time()
+        found = []
+        for path in self.spool_dir.glob(f"{SPOOL_PREFIX}*{SPOOL_SUFFIX}"):
+            if path not in mine and _claimable(path, now):
+                with contextlib.suppress(FileNotFoundError):
+                    found.append((path.stat().st_mtime, path))
+        return [path for _, path in sorted(found)]
+
+    def _heartbeat(self, ours: list[Path]) -> list[SpoolFile]:
+        """Refresh our spool files' mtime (they are alive); claim the orphans (worker thread)."""
+        for path in ours:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        claimed = []
+        for path in self._orphans(ours):
+            spool = SpoolFile.claim(path)
+            if spool is not None:
+                log.info("replaying spooled call records", file=str(path))
+                claimed.append(spool)
+        return claimed
 
     def _has_work(self) -> bool:
         return bool(self._pending or self._spools or self._held or self._appending)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        next_beat = loop.time() + SPOOL_HEARTBEAT_S  # start() has just claimed orphans
         while True:
             now = loop.time()
             due = self._healthy or now >= self._next_try
             urgent = self._closing or self._force or bool(self._waiters)
+            if now >= next_beat:
+                next_beat = now + SPOOL_HEARTBEAT_S
+                try:
+                    ours = [spool.path for spool in self._spools]
+                    self._spools.extend(await asyncio.to_thread(self._heartbeat, ours))
+                except OSError as error:
+                    log.warning("cannot read the spool directory", error=str(error))
+                if self._spools and self._healthy:
+                    self._wake.set()
             if not urgent and not (due and self._has_work()):
-                timeout = None
+                timeout = max(0.0, next_beat - now)
                 if self._has_work():  # unhealthy: wake for the next retry
-                    timeout = max(0.0, self._next_try - now)
+                    timeout = min(timeout, max(0.0, self._next_try - now))
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
@@ -990,7 +1046,8 @@ class CallStore:
                     await asyncio.to_thread(spool.remove)
                 self._gauges()
                 self._spool_wake.set()  # room made: a full spool may take records again
-                for path in await asyncio.to_thread(self._orphans):  # another process died?
+                ours = [s.path for s in self._spools]
+                for path in await asyncio.to_thread(self._orphans, ours):  # a process died?
                     claimed = await asyncio.to_thread(SpoolFile.claim, path)
                     if claimed is not None:
                         self._spools.append(claimed)
