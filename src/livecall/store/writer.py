@@ -514,6 +514,7 @@ class CallStore:
         self._pending: deque[Op] = deque()  # healthy: the next batches for the database
         self._held: list[Op] = []  # for the spool task: not on disk yet (bounded)
         self._appending = 0  # ops the spool task is appending right now
+        self._room_made = False  # a spool file was replayed and removed since the last look
         self._numberings: OrderedDict[str, _Numbering] = OrderedDict()
         self._spools: deque[SpoolFile] = deque()  # oldest first; the last may be ours
         self._own_spool: SpoolFile | None = None
@@ -871,8 +872,9 @@ class CallStore:
                 timeout = max(0.0, blocked_until - loop.time()) if self._held else None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._spool_wake.wait(), timeout)
-                if self._spool_wake.is_set() and loop.time() < blocked_until:
-                    blocked_until = 0.0  # room was made (a spool replayed): try at once
+                if self._room_made:
+                    self._room_made = False
+                    blocked_until = 0.0  # a spool replayed and removed: try at once
                 continue
             try:
                 if not await self._append_held():
@@ -1045,7 +1047,8 @@ class CallStore:
                     self._spools.popleft()
                     await asyncio.to_thread(spool.remove)
                 self._gauges()
-                self._spool_wake.set()  # room made: a full spool may take records again
+                self._room_made = True  # a full spool may take records again
+                self._spool_wake.set()
                 ours = [s.path for s in self._spools]
                 for path in await asyncio.to_thread(self._orphans, ours):  # a process died?
                     claimed = await asyncio.to_thread(SpoolFile.claim, path)
