@@ -306,6 +306,28 @@ async def test_delete_erases_turns_and_events(store: CallStore) -> None:
     assert await count_rows(store.engine) == (1, 5, 6)
 
 
+async def test_a_deleted_call_stays_deleted_when_its_records_arrive_late(
+    store: CallStore,
+) -> None:
+    """The tombstone: a spool replayed after an outage, or another instance's late writes,
+    must not bring an erased call back, in whatever order its records come."""
+    play_call(store, "CAGONE")
+    assert await store.flush()
+    assert await store.repo.delete_call("CAGONE")
+    play_call(store, "CAGONE")  # every record again: start, turns, events, end
+    store.observer("CAGONE").turn(TurnRecord("CAGONE", 7, "agent", "late", 0, 10))
+    play_call(store, "CAKEPT")  # in the same batches: written as usual
+    assert await store.flush()
+    assert await store.repo.get_call("CAGONE") is None
+    assert (await store.repo.get_call("CAKEPT")) is not None
+    assert await count_rows(store.engine) == (1, 5, 6)
+    # a call never seen before can be erased ahead of its records too
+    assert not await store.repo.delete_call("CAFUTURE")
+    play_call(store, "CAFUTURE")
+    assert await store.flush()
+    assert await store.repo.get_call("CAFUTURE") is None
+
+
 # --- listing and statistics -----------------------------------------------------------------
 
 

@@ -17,7 +17,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Select, and_, case, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
@@ -85,6 +96,19 @@ def _insert_for(session: AsyncSession) -> Any:
     if name == "sqlite":
         return sqlite.insert
     raise ValueError(f"call records need SQLite or PostgreSQL, not {name} (see make_engine)")
+
+
+async def _call_locks(session: AsyncSession, sids: Iterable[str], *, shared: bool) -> None:
+    """PostgreSQL: per-call advisory locks for this transaction, so that a delete and a write
+    of the same call never interleave (a write checks the tombstone, then inserts). Writes
+    share them; a delete takes its one call's lock alone. SQLite serializes writers itself."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    fn = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    await session.execute(
+        text(f"SELECT {fn}(hashtextextended(sid, 0)) FROM unnest(CAST(:sids AS text[])) AS sid"),
+        {"sids": sorted(sids)},
+    )
 
 
 def encode_cursor(started_at: datetime, call_sid: str) -> str:
@@ -156,6 +180,7 @@ class Repository:
         async with self.sessions.begin() as session:
             # an erased call stays erased: its records arriving late are dropped
             sids = {op["call_sid"] for op in ops}
+            await _call_locks(session, sids, shared=True)
             erased = set(
                 (
                     await session.scalars(
@@ -255,6 +280,8 @@ class Repository:
         """Erase a call with its turns and events, for good (a tombstone stops later writes of
         it); False when there was no row."""
         async with self.sessions.begin() as session:
+            # waits for a batch writing this call to commit; a later one sees the tombstone
+            await _call_locks(session, {call_sid}, shared=False)
             tombstone = _insert_for(session)(DeletedCall).on_conflict_do_nothing(
                 index_elements=[DeletedCall.call_sid]
             )
