@@ -904,6 +904,9 @@ class CallStore:
                     error = f"SPOOL_MAX_BYTES ({self.spool_max_bytes}) reached"
             except OSError as exc:
                 error = f"{exc.__class__.__name__}: {exc}"
+            except asyncio.CancelledError:  # close() gave up on a slow disk: still ours
+                self._held[:0] = ops
+                raise
             finally:
                 self._appending = 0
             self.spooled += written
