@@ -5,13 +5,18 @@ record into a plain JSON-able *op* and append it to the store's queue: O(1), no 
 never raise. One background task drains the queue in batches, each batch one transaction of
 idempotent upserts (see `Repository.apply`).
 
-When the database is slow or down, ops stay in memory; past `memory_limit` they are appended
-to a spool file (JSON lines in `settings.spool_dir`, one file per process, held under an
-`flock` so another process can tell it is alive). When the database answers again the spool
-is replayed first, then the queue, so rows land in the order they happened; replays are
-harmless because every write is keyed (call_sid / call_sid+idx / call_sid+seq). Spool files
-left by a process that died are claimed and replayed by the next one. `close()` writes what
-it can within its timeout and spools the rest, so a graceful shutdown loses nothing.
+When a write fails (the database down, or its schema missing), the queued ops and every later
+one go to the spool task instead, which appends them to this process's spool file (JSON lines
+in `settings.spool_dir`, mode 0600, held under an `flock`) and fsyncs, in a worker thread, all
+the ops gathered during the previous fsync at once. `settled(call_sid)` tells when a call's ops
+are in the database or on disk: a call's task awaits it before it ends, so a process killed
+during an outage loses nothing. When the database answers again the spool is replayed first,
+then what is queued, so rows land in the order they happened; replays are harmless because
+every write is keyed (call_sid / call_sid+idx / call_sid+seq). Spool files left by a process
+that died are claimed and replayed by the next one (or by any live process on a shared volume,
+see `_claimable`). The spool is bounded by `SPOOL_MAX_BYTES`; when it (or the disk) refuses,
+ops are held in memory up to `memory_limit`, then dropped and counted, loudly: never an
+unbounded queue. `close()` writes what it can within its timeout and spools the rest.
 
 A batch the database rejects for its *content* (integrity or data errors) is split, and the
 ops that still fail go to `rejected.jsonl` beside the spool instead of blocking every call
