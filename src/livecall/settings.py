@@ -301,6 +301,17 @@ class Settings(BaseSettings):
         validation_alias="LIVECALL_CALLS_TOKEN",
         description="bearer token that may place outbound calls (LIVECALL_API_TOKEN only reads)",
     )
+    spool_max_bytes: int = Field(
+        512 * 1024 * 1024,
+        gt=0,
+        validation_alias="SPOOL_MAX_BYTES",
+        description="bytes of call records the spool may hold while the database is away",
+    )
+    auto_migrate: bool = Field(
+        True,
+        validation_alias="AUTO_MIGRATE",
+        description="migrate the call records schema on start (else refuse an old schema)",
+    )
 
     @field_validator("outbound_allowed_destinations", mode="before")
     @classmethod

@@ -304,8 +304,17 @@ def calls_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
     return authorize
 
 
-def build_api_router(store: CallStore, recordings: RecordingStore, settings: Settings) -> APIRouter:
-    """The `/api` routes over `store` and `recordings`; raises `ApiDisabled` (see module doc)."""
+def build_api_router(
+    store: CallStore,
+    recordings: RecordingStore,
+    settings: Settings,
+    *,
+    is_live: Callable[[str], Awaitable[bool]] | None = None,
+) -> APIRouter:
+    """The `/api` routes over `store` and `recordings`; raises `ApiDisabled` (see module doc).
+
+    `is_live(sid)` tells a call still in progress, which DELETE refuses (409).
+    """
     authorize = bearer_auth(settings)
     router = APIRouter(
         prefix="/api", tags=["calls"], dependencies=[Depends(authorize)], responses=_ERRORS
@@ -396,10 +405,14 @@ def build_api_router(store: CallStore, recordings: RecordingStore, settings: Set
         "/calls/{sid}",
         status_code=204,
         response_class=Response,
-        responses=_NOT_FOUND,
+        responses={**_NOT_FOUND, 409: {"description": "the call is in progress: end it first"}},
         summary="Erase a call: record, transcript, events and recording",
     )
     async def delete_call(sid: Sid) -> Response:
+        """Erases the call for good: records of it still on their way (a spool replayed after
+        an outage) are dropped. A call in progress is refused: end it first."""
+        if is_live is not None and await is_live(sid):
+            raise HTTPException(409, "the call is in progress: end it first")
         with _database():
             existed = await repo.delete_call(sid)
         had_recording = await recordings.delete(sid)

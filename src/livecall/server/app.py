@@ -148,6 +148,10 @@ class AppState:
             observers.append(self.webhooks.observer(call_sid))
         return traced(self.metrics.observer(FanOut(*observers)))
 
+    async def call_is_live(self, call_sid: str) -> bool:
+        """A call in progress here or (Redis reachable) on another instance."""
+        return call_sid in self.registry.active or await self.cluster.locate(call_sid) is not None
+
     async def on_control(self, call_sid: str, action: str, args: dict[str, Any]) -> bool:
         """A control request for a call this process holds, from the API of any instance."""
         call = self.registry.active.get(call_sid)
@@ -247,8 +251,10 @@ def create_app(
         prefix=settings.cluster_prefix,
         instance_info={"version": __version__, "max_calls": settings.max_concurrent_calls},
     )
+    metrics = Metrics()
     state = AppState(
         settings=settings,
+        metrics=metrics,
         registry=CallRegistry(
             settings.max_concurrent_calls,
             gemini_sessions=SessionCounter(settings.max_gemini_sessions),
@@ -257,7 +263,7 @@ def create_app(
         if token
         else None,
         stream_secret=app_stream_secret(settings),
-        store=CallStore(settings),
+        store=CallStore(settings, metrics=metrics),
         recordings=LocalRecordingStore(settings.recordings_dir),
         observer_factory=observer_factory,
         # a broken profiles file stops the server here, with every problem listed
@@ -374,7 +380,9 @@ def create_app(
     except DashboardDisabled as exc:
         log.warning("dashboard.disabled", reason=str(exc))
     try:
-        app.include_router(build_api_router(state.store, state.recordings, settings))
+        app.include_router(
+            build_api_router(state.store, state.recordings, settings, is_live=state.call_is_live)
+        )
         app.include_router(build_live_api_router(state))
         app.include_router(build_openapi_router(app, settings))
         app.include_router(build_webhook_api_router(state.webhooks, settings))

@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("livecall.twilio")
 
 STREAM_PATH = "/ws/twilio"
+#: How long a finished call waits for its records to be safe (a hung database takes the
+#: store's write timeout, 15 s, to be given up for the spool).
+SETTLE_TIMEOUT_S = 20.0
 XML = "application/xml"
 TWILIO_STREAM_PURPOSE = "twilio-stream"
 _SETTINGS_HEADER = tw.SIGNATURE_SETTINGS_HEADER.lower()
@@ -479,5 +482,7 @@ async def _run_call(
             if registry.active.get(start.call_sid) in (entry, None):  # no newer stream took it
                 await state.cluster.withdraw(start.call_sid)
         finally:
+            # the call's records on disk or in the database before it is let go (bounded)
+            await state.store.settled(start.call_sid, timeout=SETTLE_TIMEOUT_S)
             registry.release(start.call_sid, entry)
             await actions.aclose()

@@ -226,3 +226,13 @@ class WebhookDelivery(Base):
         UniqueConstraint("call_sid", "url"),
         Index("ix_webhook_outbox_status_next_attempt_at", "status", "next_attempt_at"),
     )
+
+
+class DeletedCall(Base):
+    """A tombstone: this call was erased, and records of it arriving later (a spool replayed
+    after an outage, another instance's late writes) are dropped instead of bringing it back."""
+
+    __tablename__ = "deleted_calls"
+
+    call_sid: Mapped[str] = mapped_column(String(SID_LENGTH), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(UTCDateTime())
