@@ -133,7 +133,7 @@ async def test_two_calls_during_a_database_outage_survive_sigkill_and_land_on_re
             "VAD_SILENCE_DURATION_MS": "300",
             "LOG_FORMAT": "json",
         }
-        sids = ["CAOUTAGE0000000000000000000000001", "CAOUTAGE0000000000000000000000002"]
+        sids = ["CA3c8ddd776658334318f5ace2b71d4356", "CA12208a6ae795134b548b0786691cc5ef"]
         first = await Server(env, tmp_path, "outage").start()
         second: Server | None = None
         try:

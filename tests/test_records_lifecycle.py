@@ -52,7 +52,7 @@ async def test_a_live_call_cannot_be_deleted_and_a_deleted_call_never_comes_back
 ) -> None:
     stack = await make_stack(scenario(31), api_token=API_TOKEN, vad_silence_duration_ms=300)
     state = stack.app.state.livecall
-    sid = "CADELETE000000000000000000000001"
+    sid = "CA4064a6e6d2e1ddfeef58f7b3f0419850"
     url = f"{stack.base_url}/api/calls/{sid}"
     async with httpx.AsyncClient(headers=AUTH) as client:
         call = asyncio.create_task(stack.caller(question(then_wait_ms=1500), call_sid=sid).run())
@@ -118,7 +118,7 @@ async def test_retention_expires_old_recordings_through_the_repository_and_setti
         "api_token": API_TOKEN,
         "vad_silence_duration_ms": 300,
     }
-    old, new = "CARETAINOLD00000000000000000001", "CARETAINNEW00000000000000000001"
+    old, new = "CAaf5aaa272b8787bfd7945e96d210ec90", "CAd97159784f598c091e571933f0187843"
     first = await make_stack(scenario(32), **paths)
     for sid in (old, new):
         result = await first.caller(question(), call_sid=sid).run()
@@ -155,7 +155,7 @@ async def test_a_recording_whose_record_never_landed_is_still_found(
     """The recording is keyed by call SID on disk: a call whose records are lost still has
     its recording served, and erased."""
     stack = await make_stack(scenario(34), api_token=API_TOKEN, vad_silence_duration_ms=300)
-    sid = "CAORPHAN000000000000000000000001"
+    sid = "CAc52b13f01f36a9f207e07fb36b63be99"
     result = await stack.caller(question(), call_sid=sid).run()
     assert result.response_latencies_ms
     await call_over(stack)

@@ -73,7 +73,7 @@ async def test_a_fresh_postgres_database_is_migrated_on_start_and_a_call_is_reco
             finally:
                 await engine.dispose()
             result = await stack.caller(
-                question(), call_sid="CAPGE2E00000000000000000000000001"
+                question(), call_sid="CA09e76327164d28d93e821544b41aa9d0"
             ).run()
             assert result.webhook_status == 200 and result.response_latencies_ms
             await call_over(stack)
@@ -122,7 +122,7 @@ async def test_two_instances_starting_together_on_a_fresh_database_both_come_up(
                     r = await client.get(f"{stack.base_url}/ready")
                     assert r.status_code == 200 and r.json()["records"] == "ok", r.text
             for i, stack in enumerate(stacks):
-                sid = f"CATWOSTART000000000000000000000{i:02d}"
+                sid = f"CA{i:032x}"  # a well-formed CallSid
                 result = await stack.caller(question(), call_sid=sid).run()
                 assert result.response_latencies_ms
                 await call_over(stack)
@@ -180,7 +180,7 @@ async def test_a_schema_that_cannot_be_migrated_is_said_loudly_ready_metric_and_
                 assert r.status_code == 503 and r.json()["records"] == "schema", r.text
                 with structlog.testing.capture_logs() as logs:
                     result = await stack.caller(
-                        question(), call_sid="CANOSCHEMA000000000000000000001"
+                        question(), call_sid="CAbf6b6744c0ad0cb89bec85857add6519"
                     ).run()
                     assert result.webhook_status == 200
                     await state.registry.wait_idle(15)
