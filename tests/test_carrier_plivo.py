@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import Response
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from livecall.audio.g711 import ulaw_decode, ulaw_encode
@@ -33,7 +36,10 @@ from livecall.carriers.base import (
     CallerAudio,
     CallStarted,
     CallStopped,
+    Carrier,
+    CarrierEvent,
     CarrierProtocolError,
+    CarrierStream,
     Dtmf,
     Ignored,
     MediaFormat,
@@ -61,6 +67,7 @@ from livecall.sim.plivo import (
     PlivoSimulatedCaller,
     PressDigit,
     Say,
+    WaitForAgentAudio,
     WaitForAgentSilence,
 )
 
@@ -361,6 +368,75 @@ def test_builders_need_start_and_valid_input() -> None:
         PlivoStream(max_play_ms=30)
 
 
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+_frames = st.fixed_dictionaries(
+    {
+        "event": st.sampled_from(
+            ["start", "media", "dtmf", "playedStream", "clearedAudio", "stop", "x"]
+        )
+    },
+    optional={
+        "streamId": st.sampled_from([SID, "other", 3]),
+        "sequenceNumber": st.one_of(st.integers(-2, 2**60), st.text(max_size=4)),
+        "start": st.fixed_dictionaries(
+            {},
+            optional={
+                "callId": st.sampled_from([CALL, "", 1]),
+                "streamId": st.sampled_from([SID, "other"]),
+                "mediaFormat": _json | st.just({"encoding": "audio/x-mulaw", "sampleRate": 8000}),
+                "tracks": _json,
+            },
+        ),
+        "media": st.fixed_dictionaries(
+            {},
+            optional={
+                "payload": st.sampled_from(["AP8=", "", "@@", 5]),
+                "chunk": _json,
+                "timestamp": _json,
+                "track": st.sampled_from(["inbound", "outbound", 1]),
+            },
+        ),
+        "dtmf": _json | st.just({"digit": "5"}),
+        "name": _json | st.just("a"),
+        "extra_headers": _json | st.just("a=1;b=2"),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_frames | _json | st.binary(max_size=8), min_size=1, max_size=6))
+def test_hostile_frames_only_ever_raise_protocol_errors(frames: list[Any]) -> None:
+    stream = PlivoStream()
+    for frame in frames:
+        data = frame if isinstance(frame, bytes) else json.dumps(frame)
+        before = stream.state
+        try:
+            event = stream.receive(data)
+        except CarrierProtocolError:
+            assert stream.state is before  # a rejected frame changes nothing
+            continue
+        assert isinstance(
+            event, CallerAudio | CallStarted | Dtmf | PlayedUpTo | CallStopped | Ignored
+        )
+
+
+def test_the_adapter_fits_the_carrier_interface() -> None:
+    carrier: Carrier = PlivoCarrier(TOKEN)
+    stream: CarrierStream = carrier.new_stream(max_frame_bytes=1024)
+    event: CarrierEvent = stream.receive(start_frame())
+    assert carrier.name == "plivo" and isinstance(event, CallStarted)
+    assert stream.started is event and stream.media_format == ULAW_8K
+    assert carrier.capabilities is stream.capabilities
+    with pytest.raises(CarrierProtocolError, match="1024-byte limit"):
+        stream.receive(media_frame(1, bytes(1000)))
+
+
 def test_capabilities_are_honest() -> None:
     caps = PlivoStream.capabilities
     assert caps.marks and caps.clear and caps.dtmf_in
@@ -590,6 +666,7 @@ class App:
     errors: list[str] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)
     stream: PlivoStream | None = None
+    agent_until: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -651,6 +728,12 @@ async def serve_stream(state: App, carrier: PlivoCarrier, ws: WebSocket) -> None
                 await send(stream.play(event.audio) + stream.mark(f"m{event.sequence}"))
             elif state.mode == "clear" and n_media == 25:
                 await send(stream.clear())
+            elif state.mode == "agent":
+                now = asyncio.get_running_loop().time()
+                peak = int(np.abs(ulaw_decode(event.audio).astype(np.int32)).max())
+                if peak > 1000 and now < state.agent_until:  # barge-in: stop at once
+                    await send(stream.clear())
+                    state.agent_until = now
         elif isinstance(event, Dtmf):
             if event.digit == "0":
                 await ws.close(code=1000)
@@ -661,8 +744,9 @@ async def serve_stream(state: App, carrier: PlivoCarrier, ws: WebSocket) -> None
 
 
 async def on_start(state: App, stream: PlivoStream, ws: WebSocket, send: Any) -> None:
-    if state.mode in ("playback", "clear"):
-        clip = tone_ulaw(1000 if state.mode == "playback" else 2000)
+    if state.mode in ("playback", "clear", "agent"):
+        clip = tone_ulaw({"playback": 1000, "clear": 2000, "agent": 3000}[state.mode])
+        state.agent_until = asyncio.get_running_loop().time() + len(clip) / 8000
         for i in range(0, len(clip), 160):  # 20 ms per playAudio, as a bridge sends
             await send(stream.play(clip[i : i + 160]))
         await send(stream.mark("end"))
@@ -834,3 +918,26 @@ async def test_busy_answer_rejects_the_call() -> None:
 
     assert result.rejected and result.reject_reason == "busy"
     assert result.stream_sid is None and state.webhook_ok == [True]
+
+
+async def test_barge_in_clears_the_agent_mid_sentence() -> None:
+    async with serve(App(mode="agent")) as state:
+        script = [WaitForAgentAudio(min_heard_ms=400), Say(tone(400, hz=300)), Pause(300)]
+        result, _ = await call(state, [*script, HangUp()])
+
+    assert result.protocol_errors == [] and result.script_errors == []
+    [utt] = result.utterances
+    assert utt.barged_in and utt.barge_in_stop_ms is not None
+    assert utt.barge_in_stop_ms < 400, utt.barge_in_stop_ms  # cleared, not played out
+    assert loud_frames(result.heard) < 100  # far less than the 3 s clip
+    assert len(result.clears) == 1 and result.marks_echoed == []
+    assert PlayedUpTo("end") in state.events
+
+
+async def test_lost_frames_show_as_gaps_in_the_chunk_numbers() -> None:
+    async with serve(App(mode="echo")) as state:
+        result, _ = await call(state, [Pause(300), HangUp()], drop_frames={4, 5, 9})
+
+    assert result.frames_dropped == 3 and result.protocol_errors == []
+    assert state.stream is not None
+    assert state.stream.frames_missing == 3 and state.stream.frames_received == 12
