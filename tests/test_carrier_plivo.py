@@ -66,10 +66,12 @@ from livecall.sim.plivo import (
     Pause,
     PlivoSimulatedCaller,
     PressDigit,
+    Probe,
     Say,
     WaitForAgentAudio,
     WaitForAgentSilence,
 )
+from support import eventually
 
 TOKEN = "MjQ5ZTJhYjQtNDU0Ni00ZWRiLWI5ZTYtMzQ0"
 SID = "87654321-4321-4321-4321-cba987654321"
@@ -667,6 +669,7 @@ class App:
     sent: list[str] = field(default_factory=list)
     stream: PlivoStream | None = None
     agent_until: float = 0.0
+    status_events: list[tuple[bool, str]] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -682,8 +685,24 @@ def make_app(app_state: App) -> FastAPI:
             return Response("bad signature", status_code=403)
         if app_state.answer == "busy":
             return Response(busy_xml(None, reject=True), media_type="application/xml")
+        if app_state.answer.startswith("<"):  # a raw document, {ws} for the stream URL
+            return Response(
+                app_state.answer.replace("{ws}", app_state.ws_url), media_type="application/xml"
+            )
+        if app_state.answer == "status":
+            body = stream_xml(
+                app_state.ws_url, PARAMS, status_callback_url=app_state.base_url + "/status"
+            )
+            return Response(body, media_type="application/xml")
         body, ctype = carrier.answer_document(app_state.ws_url, PARAMS)
         return Response(body, media_type=ctype)
+
+    @app.post("/status")
+    async def status(request: Request) -> Response:
+        ok = carrier.verify_webhook(str(request.url), request.headers, await request.body())
+        form = dict(httpx.QueryParams((await request.body()).decode()))
+        app_state.status_events.append((ok, form.get("Event", "")))
+        return Response("", status_code=204)
 
     @app.websocket("/ws/plivo")
     async def media(ws: WebSocket) -> None:
@@ -750,6 +769,8 @@ async def on_start(state: App, stream: PlivoStream, ws: WebSocket, send: Any) ->
         for i in range(0, len(clip), 160):  # 20 ms per playAudio, as a bridge sends
             await send(stream.play(clip[i : i + 160]))
         await send(stream.mark("end"))
+    elif state.mode == "oneway":
+        await send(stream.play(tone_ulaw(100)))
     elif state.mode == "malformed":
         good = base64.b64encode(tone_ulaw(20)).decode()
         play = {"event": "playAudio", "media": {"contentType": "audio/x-mulaw"}}
@@ -765,6 +786,7 @@ async def on_start(state: App, stream: PlivoStream, ws: WebSocket, send: Any) ->
         ):
             await ws.send_text(j({**play, "media": media}))
         await ws.send_text(j({"event": "sendDTMF", "dtmf": "12x"}))
+        await ws.send_text(j({"event": "clearAudio", "streamId": stream.stream_id, "x": 1}))
         await send(stream.play(tone_ulaw(200)))  # this one is fine and must play
 
 
@@ -884,7 +906,7 @@ async def test_frames_plivo_would_not_act_on_are_recorded() -> None:
         result, _ = await call(state, [Pause(600), HangUp()])
 
     errors = result.protocol_errors
-    assert len(errors) == 9, errors
+    assert len(errors) == 10, errors
     for needle in (
         "binary frame",
         "not valid JSON",
@@ -895,6 +917,7 @@ async def test_frames_plivo_would_not_act_on_are_recorded() -> None:
         "sampleRate 16000",
         "not valid base64",
         "sendDTMF needs digits",
+        "unexpected fields ['x'] in clearAudio",
     ):
         assert any(needle in e for e in errors), needle
     assert loud_frames(result.heard) >= 8  # the good playAudio still played
@@ -941,3 +964,93 @@ async def test_lost_frames_show_as_gaps_in_the_chunk_numbers() -> None:
     assert result.frames_dropped == 3 and result.protocol_errors == []
     assert state.stream is not None
     assert state.stream.frames_missing == 3 and state.stream.frames_received == 12
+
+
+async def test_probe_round_trip_through_the_echo() -> None:
+    async with serve(App(mode="echo")) as state:
+        result, _ = await call(state, [Pause(100), Probe(), Pause(500), HangUp()])
+
+    assert result.probes_sent == 1 and result.probes_lost == 0
+    [rtt] = result.probe_rtts_ms
+    assert 0 <= rtt < 200
+
+
+async def test_stream_status_callbacks_are_signed() -> None:
+    async with serve(App(mode="echo", answer="status")) as state:
+        await call(state, [Pause(200), HangUp()])
+
+        async def both() -> bool:
+            return len(state.status_events) >= 2
+
+        await eventually(both, within=5)
+
+    assert state.status_events == [(True, "StartStream"), (True, "StopStream")]
+
+
+STREAM = '<Stream bidirectional="true" keepCallAlive="true" contentType="audio/x-mulaw;rate=8000"'
+
+
+@pytest.mark.parametrize(
+    ("xml", "error"),
+    [
+        (f"<Response>{STREAM}>https://h/ws</Stream></Response>", "not an absolute ws(s)://"),
+        (
+            '<Response><Stream bidirectional="true" keepCallAlive="true" '
+            'contentType="audio/x-alaw;rate=8000">{ws}</Stream></Response>',
+            "contentType 'audio/x-alaw;rate=8000'",
+        ),
+        (
+            '<Response><Stream bidirectional="true" audioTrack="both" keepCallAlive="true">'
+            "{ws}</Stream></Response>",
+            "audioTrack must be inbound",
+        ),
+        (
+            '<Response><Stream bidirectional="true">{ws}</Stream></Response>',
+            "without keepCallAlive",
+        ),
+        (
+            f'<Response>{STREAM} extraHeaders="token=a-b">{{ws}}</Stream></Response>',
+            "letters and digits only",
+        ),
+        (
+            f'<Response>{STREAM} extraHeaders="t={"x" * 520}">{{ws}}</Stream></Response>',
+            "the limit is 512",
+        ),
+        (
+            '<Response><Stream bidirectional="yes" keepCallAlive="true">{ws}</Stream></Response>',
+            "must be true or false",
+        ),
+        ("<Reply/>", "not <Response>"),
+        ("<Response><Stream", "invalid Plivo XML"),
+    ],
+)
+async def test_stream_documents_plivo_would_refuse(xml: str, error: str) -> None:
+    async with serve(App(answer=xml)) as state:
+        result, _ = await call(state, [HangUp()])
+
+    assert result.stream_sid is None and result.ended_by == "server"
+    assert any(error in e for e in result.protocol_errors), result.protocol_errors
+
+
+async def test_playaudio_on_a_one_way_stream_is_not_played() -> None:
+    xml = (
+        '<Response><Stream keepCallAlive="true" contentType="audio/x-mulaw;rate=8000">'
+        "{ws}</Stream></Response>"
+    )
+    async with serve(App(mode="oneway", answer=xml)) as state:
+        result, _ = await call(state, [Pause(300), HangUp()])
+
+    assert result.stream_sid is not None
+    assert any("one-way stream" in e for e in result.protocol_errors)
+    assert loud_frames(result.heard) == 0
+
+
+async def test_default_content_type_is_l16_8k() -> None:
+    xml = '<Response><Stream bidirectional="true" keepCallAlive="true">{ws}</Stream></Response>'
+    async with serve(App(mode="echo", answer=xml, media_format=MediaFormat("l16", 8000))) as state:
+        result, _ = await call(state, [Say(tone(300)), Pause(300), HangUp()])
+
+    start = state.events[0]
+    assert isinstance(start, CallStarted) and start.media_format == MediaFormat("l16", 8000)
+    assert start.custom_parameters == {}
+    assert result.protocol_errors == [] and loud_frames(result.heard) >= 10
