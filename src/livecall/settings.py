@@ -232,8 +232,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         8.0,
         validation_alias="DRAIN_TIMEOUT",
-        description="on SIGTERM, how long calls may go on before they are ended with a goodbye "
-        "(Cloud Run allows ~10 s; on Kubernetes match terminationGracePeriodSeconds)",
+        description="on SIGTERM, when every call must have ended: calls go on until 8 s before "
+        "it, then hear a goodbye (Cloud Run allows ~10 s; on Kubernetes match "
+        "terminationGracePeriodSeconds)",
     )
     profiles_reload_interval_s: float = Field(
         1.0,
