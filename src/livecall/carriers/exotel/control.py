@@ -100,8 +100,18 @@ class ExotelClient:
     def _url(self, path: str) -> str:
         return f"{self.base_url}/v1/Accounts/{self.account_sid}/{path}"
 
-    async def _request(self, method: str, path: str, data: Any = None) -> Any:
-        resp = await self._http.request(method, self._url(path), data=data, auth=self._auth)
+    async def _request(
+        self, method: str, path: str, data: list[tuple[str, str]] | None = None
+    ) -> Any:
+        form: dict[str, str | list[str]] | None = None
+        if data is not None:
+            form = {}
+            for key, value in data:
+                prev = form.get(key)
+                form[key] = (
+                    value if prev is None else [*([prev] if isinstance(prev, str) else prev), value]
+                )
+        resp = await self._http.request(method, self._url(path), data=form, auth=self._auth)
         if resp.status_code >= 400:
             message = resp.reason_phrase
             try:
