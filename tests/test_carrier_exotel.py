@@ -20,6 +20,8 @@ import orjson
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from livecall.audio.g711 import ulaw_decode
 from livecall.carriers.base import (
@@ -250,6 +252,47 @@ def test_frames_are_bounded() -> None:
     stream = ExotelStream(max_frame_bytes=1000)
     with pytest.raises(CarrierProtocolError, match="exceeds the 1000-byte limit"):
         stream.receive(" " * 1001)
+
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**12), st.text(max_size=8), st.floats()
+)
+_fields = st.dictionaries(
+    st.sampled_from(["event", "stream_sid", "sequence_number", "media", "dtmf", "mark", "stop"]),
+    st.one_of(
+        _scalars,
+        st.sampled_from(["media", "start", "stop", "dtmf", "mark", "connected", SID]),
+        st.dictionaries(
+            st.sampled_from(["payload", "chunk", "timestamp", "digit", "name", "reason"]),
+            st.one_of(_scalars, st.sampled_from(["AAAA", "AAA=", "1", "5", "#"])),
+        ),
+    ),
+)
+_frames = st.one_of(
+    _fields.map(dumps),
+    st.binary(max_size=40),
+    st.text(max_size=40),
+    st.just(media_msg("7")),
+    st.just(dumps(start_msg())),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_frames, max_size=12))
+def test_any_frames_give_an_event_or_a_named_error_that_changes_nothing(frames: list[Any]) -> None:
+    stream = ExotelStream(max_frame_bytes=4096)
+    for frame in frames:
+        before = (stream.state, stream.started, stream.last_chunk, stream.frames_received)
+        try:
+            event = stream.receive(frame)
+        except CarrierProtocolError as exc:
+            assert str(exc)
+            after = (stream.state, stream.started, stream.last_chunk, stream.frames_received)
+            assert after == before
+            continue
+        assert isinstance(
+            event, CallStarted | CallerAudio | Dtmf | PlayedUpTo | CallStopped | Ignored
+        )
 
 
 # --------------------------------------------------------------------------- wire: outbound
