@@ -56,6 +56,7 @@ from livecall.sim.exotel import (
     HangUp,
     Pause,
     PressDigit,
+    Probe,
     Say,
     SimulatedExotelCaller,
 )
@@ -252,6 +253,10 @@ def test_frames_are_bounded() -> None:
     stream = ExotelStream(max_frame_bytes=1000)
     with pytest.raises(CarrierProtocolError, match="exceeds the 1000-byte limit"):
         stream.receive(" " * 1001)
+    with pytest.raises(CarrierProtocolError, match="frame of 1200 bytes"):
+        stream.receive("€" * 400)  # 400 characters, 1200 bytes on the wire
+    with pytest.raises(CarrierProtocolError, match="invalid JSON"):
+        stream.receive("€" * 300)  # 900 bytes: within the limit, then parsed
 
 
 _scalars = st.one_of(
@@ -712,6 +717,14 @@ async def test_echo_call_over_real_sockets(rate: int) -> None:
     assert state.stream is not None and state.stream.frames_missing == 0
 
 
+async def test_probe_round_trip_through_the_echo() -> None:
+    async with serve(App(mode="echo")) as state:
+        result = await call(state, [Pause(200), Probe(), Pause(1200), HangUp()])
+    assert result.probes_sent == 1 and result.probes_lost == 0
+    (rtt,) = result.probe_rtts_ms
+    assert 0 < rtt < 500  # sent in a 100 ms frame, heard in what the app sent back
+
+
 async def test_numeric_counters_and_the_key_parameter() -> None:
     async with serve(App(mode="echo")) as state:
         result = await call(
@@ -733,8 +746,9 @@ async def test_wrong_url_secret_is_refused_before_any_stream() -> None:
 async def test_expired_stream_token_is_refused_at_the_upgrade() -> None:
     async with serve(App(token_clock_offset=-3600)) as state:
         result = await call(state, [HangUp()])
-    assert state.answers == [True] and state.upgrades == [False]
-    assert result.protocol_errors == ["stream handshake refused: 403"]
+    assert state.answers == [True] and state.upgrades == [False, False]  # Exotel retries once
+    assert result.protocol_errors == ["stream handshake refused: 403"] * 2
+    assert result.ended_by == "server" and result.stream_sid is None
 
 
 async def test_clear_drops_queued_audio_and_echoes_the_pending_mark() -> None:

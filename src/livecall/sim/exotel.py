@@ -4,8 +4,9 @@
 is an `https://` endpoint: it GETs that endpoint (the call's details as query parameters,
 the applet URL's secret as HTTP Basic credentials or `?key=`), reads `{"url": "wss://..."}`,
 checks the URL as Exotel would (ws/wss, `sample-rate` 8000/16000/24000, at most 3 custom
-parameters in 256 characters, at most 600 characters in all), opens the WebSocket, sends
-`connected` and `start` (custom parameters echoed from the query string), then the caller's
+parameters in 256 characters, at most 600 characters in all), opens the WebSocket (a failed
+handshake is retried once, as Exotel does), sends `connected` and `start` (custom
+parameters echoed from the query string), then the caller's
 audio as 16-bit little-endian PCM at the stream's rate, one `media` frame per ~100 ms on an
 absolute 20 ms clock, `dtmf` on key presses and `stop` (reason `callended`) on hang-up.
 
@@ -294,22 +295,29 @@ class SimulatedExotelCaller(SimulatedCaller):
             netloc = netloc.rpartition("@")[2]
         url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
         r.stream_request_headers = dict(headers)
-        try:
-            self._ws = await connect(
-                url,
-                additional_headers=headers,
-                user_agent_header="Exotel-AgentStream",
-                compression=None,
-                proxy=None,
-                ping_interval=None,
-                open_timeout=10,
-                close_timeout=2,
-                max_size=self.max_message_bytes,
-            )
-        except websockets.InvalidStatus as exc:
-            return self._refused(f"stream handshake refused: {exc.response.status_code}")
-        except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
-            return self._refused(f"stream connection failed: {type(exc).__name__}")
+        for attempt in (1, 2):  # Exotel retries a failed handshake once
+            try:
+                self._ws = await connect(
+                    url,
+                    additional_headers=headers,
+                    user_agent_header="Exotel-AgentStream",
+                    compression=None,
+                    proxy=None,
+                    ping_interval=None,
+                    open_timeout=10,
+                    close_timeout=2,
+                    max_size=self.max_message_bytes,
+                )
+                break
+            except websockets.InvalidStatus as exc:
+                why = f"stream handshake refused: {exc.response.status_code}"
+            except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+                why = f"stream connection failed: {type(exc).__name__}"
+            r.protocol_errors.append(why)
+            r.timeline.append(TimelineEvent(asyncio.get_running_loop().time(), "ws_failed", why))
+            if attempt == 2:
+                r.ended_by = "server"
+                return False
         self._stream_sid = "MZ" + secrets.token_hex(16)
         r.stream_sid = self._stream_sid
         if self._rate != 8000:

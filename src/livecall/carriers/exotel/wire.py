@@ -217,11 +217,13 @@ class ExotelStream:
             raise
 
     def _receive(self, frame: Frame) -> CarrierEvent:
-        if len(frame) > self.max_frame_bytes:
-            raise CarrierProtocolError(
-                f"frame of {len(frame)} bytes exceeds the {self.max_frame_bytes}-byte limit"
-            )
-        if isinstance(frame, bytes | bytearray | memoryview) and not isinstance(frame, str):
+        limit = self.max_frame_bytes
+        size = len(frame)
+        if isinstance(frame, str) and size * 4 > limit and size <= limit:
+            size = len(frame.encode("utf-8", "surrogatepass"))  # only when it could matter
+        if size > limit:
+            raise CarrierProtocolError(f"frame of {size} bytes exceeds the {limit}-byte limit")
+        if not isinstance(frame, str):
             raise CarrierProtocolError("binary frames are not part of Exotel's stream protocol")
         try:
             msg = orjson.loads(frame)
