@@ -40,11 +40,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 import numpy as np
 import orjson
-import soxr
 import websockets
 from websockets.asyncio.client import connect
 
 from livecall.audio.g711 import ulaw_decode, ulaw_encode
+from livecall.audio.resample import StreamResampler
 from livecall.carriers.exotel.answer import (
     MAX_CUSTOM_PARAMETERS,
     MAX_PARAMETER_CHARS,
@@ -190,8 +190,8 @@ class SimulatedExotelCaller(SimulatedCaller):
         self._chunk = 0
         self._wire = bytearray()  # caller PCM at the stream's rate, not yet sent
         self._rate = 8000
-        self._up: soxr.ResampleStream | None = None
-        self._down: soxr.ResampleStream | None = None
+        self._up: StreamResampler | None = None
+        self._down: StreamResampler | None = None
         self.result: ExotelCallResult = ExotelCallResult(
             call_sid=self.call_sid, account_sid=self.account_sid
         )
@@ -321,8 +321,8 @@ class SimulatedExotelCaller(SimulatedCaller):
         self._stream_sid = "MZ" + secrets.token_hex(16)
         r.stream_sid = self._stream_sid
         if self._rate != 8000:
-            self._up = soxr.ResampleStream(8000, self._rate, 1, dtype="int16")
-            self._down = soxr.ResampleStream(self._rate, 8000, 1, dtype="int16")
+            self._up = StreamResampler(8000, self._rate)
+            self._down = StreamResampler(self._rate, 8000)
         return True
 
     def _counter(self, n: int) -> int | str:
@@ -384,7 +384,7 @@ class SimulatedExotelCaller(SimulatedCaller):
     def _to_wire(self, ulaw: bytes) -> bytes:
         pcm = ulaw_decode(ulaw)
         if self._up is not None:
-            pcm = self._up.resample_chunk(pcm)
+            pcm = self._up.process(pcm)
         return np.ascontiguousarray(pcm, dtype="<i2").tobytes()
 
     async def _flush(self, now: float, *, everything: bool = False) -> None:
@@ -502,7 +502,7 @@ class SimulatedExotelCaller(SimulatedCaller):
             self.result.chunk_warnings.append(f"media chunk of {size} bytes is under 3.2 kB")
         pcm = np.frombuffer(audio, dtype="<i2")
         if self._down is not None:
-            pcm = self._down.resample_chunk(pcm)
+            pcm = self._down.process(pcm)
         ulaw = ulaw_encode(np.ascontiguousarray(pcm, dtype=np.int16)).tobytes()
         self._playbuf += ulaw
         self._enqueued += len(ulaw)
