@@ -249,6 +249,13 @@ def test_late_or_duplicate_chunks_are_refused_and_counted() -> None:
     assert stream.frames_late == 2 and stream.frames_missing == 2 and stream.frames_received == 1
 
 
+def test_a_chunk_numbered_from_zero_is_not_a_negative_loss() -> None:
+    stream = started_stream()
+    stream.receive(media_msg("0"))
+    stream.receive(media_msg("1"))
+    assert stream.frames_missing == 0 and stream.frames_received == 2
+
+
 def test_frames_are_bounded() -> None:
     stream = ExotelStream(max_frame_bytes=1000)
     with pytest.raises(CarrierProtocolError, match="exceeds the 1000-byte limit"):

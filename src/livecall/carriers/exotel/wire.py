@@ -364,7 +364,7 @@ class ExotelStream:
                 raise CarrierProtocolError(
                     f"media chunk {chunk} jumps more than {MAX_CHUNK_JUMP} past {last or 0}"
                 )
-            self.frames_missing += chunk - (last or 0) - 1
+            self.frames_missing += max(0, chunk - (last or 0) - 1)  # numbered from 1
             self.last_chunk = chunk
         self.frames_received += 1
         return CallerAudio(audio, seq if chunk is None else chunk, stamp)
