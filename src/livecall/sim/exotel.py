@@ -186,9 +186,11 @@ class SimulatedExotelCaller(SimulatedCaller):
         self.numeric_counters = numeric_counters
         self._batch_ticks = media_every_ms // 20
         self._ticks = 0
-        self._batch: list[tuple[int, bytes, int, Any]] = []
+        self._batch: list[tuple[int, bytes, int, Any]] = []  # 20 ms frames gathered
+        self._unsent: list[tuple[int, bytes, int, Any]] = []  # in _wire, not yet sent
         self._chunk = 0
         self._wire = bytearray()  # caller PCM at the stream's rate, not yet sent
+        self._stamp = 0
         self._rate = 8000
         self._up: StreamResampler | None = None
         self._down: StreamResampler | None = None
@@ -401,29 +403,31 @@ class SimulatedExotelCaller(SimulatedCaller):
                 return
         self._ticks = 0
         batch, self._batch = self._batch, []
-        if not batch:
-            return
+        if batch:
+            self._wire += self._to_wire(b"".join(frame for _, frame, _, _ in batch))
+            self._unsent += batch  # their audio is in _wire; sent (and timed) below
         wire = self._wire
-        wire += self._to_wire(b"".join(frame for _, frame, _, _ in batch))
         # a resampler holds back a few samples: send whole 20 ms units, the rest next time
         unit = self._rate // 50 * 2
         cut = len(wire) if everything else len(wire) - len(wire) % unit
+        if not cut:
+            return
         audio = bytes(wire[:cut])
         del wire[:cut]
-        if not audio:
-            self._batch = batch + self._batch
-            return
+        frames, self._unsent = self._unsent, []
         self._chunk += 1
         payload = binascii.b2a_base64(audio, newline=False).decode()
+        if frames:  # ms since the stream began, at this chunk's first frame
+            self._stamp = (frames[0][0] - 1) * self.frame_ms
         media = {
             "chunk": self._counter(self._chunk),
-            "timestamp": self._counter((batch[0][0] - 1) * self.frame_ms),
+            "timestamp": self._counter(self._stamp),
             "payload": payload,
         }
         await ws.send(self._envelope("media", media))
-        self.result.frames_sent += len(batch)
+        self.result.frames_sent += len(frames)
         t = asyncio.get_running_loop().time()
-        for _, _, flags, utt in batch:
+        for _, _, flags, utt in frames:
             if flags:
                 self._frame_sent(t, flags, utt)
 
