@@ -717,7 +717,7 @@ async def test_echo_call_over_real_sockets(rate: int) -> None:
     # ~100 ms per frame (a key press sends what was gathered at once; a resampler lags)
     assert sum(len(e.audio) == rate // 5 for e in audio) >= len(audio) - 4
     stamps = [e.timestamp_ms for e in audio]
-    assert stamps[0] == 0 and stamps == sorted(set(stamps))
+    assert stamps[0] == 0 and stamps == sorted(set(stamps)), str(stamps)
     # the caller heard its own tone back, and every mark came back once it had played
     assert 500 <= loud_ms(result.heard) <= 700
     # every mark came back once it had played, in order (the last may still be queued when

@@ -190,7 +190,7 @@ class SimulatedExotelCaller(SimulatedCaller):
         self._unsent: list[tuple[int, bytes, int, Any]] = []  # in _wire, not yet sent
         self._chunk = 0
         self._wire = bytearray()  # caller PCM at the stream's rate, not yet sent
-        self._stamp = 0
+        self._stamp = 0  # where the audio sent so far ends, in ms
         self._rate = 8000
         self._up: StreamResampler | None = None
         self._down: StreamResampler | None = None
@@ -417,11 +417,14 @@ class SimulatedExotelCaller(SimulatedCaller):
         frames, self._unsent = self._unsent, []
         self._chunk += 1
         payload = binascii.b2a_base64(audio, newline=False).decode()
-        if frames:  # ms since the stream began, at this chunk's first frame
-            self._stamp = (frames[0][0] - 1) * self.frame_ms
+        # ms since the stream began: where the previous chunk ended, or later after a loss
+        stamp = self._stamp
+        if frames:
+            stamp = max(stamp, (frames[0][0] - 1) * self.frame_ms)
+        self._stamp = stamp + len(audio) * 1000 // (self._rate * 2)
         media = {
             "chunk": self._counter(self._chunk),
-            "timestamp": self._counter(self._stamp),
+            "timestamp": self._counter(stamp),
             "payload": payload,
         }
         await ws.send(self._envelope("media", media))
