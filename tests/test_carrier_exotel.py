@@ -59,6 +59,7 @@ from livecall.sim.exotel import (
     Probe,
     Say,
     SimulatedExotelCaller,
+    serve_fake_exotel_rest,
 )
 
 SECRET = "flow-url-secret-0123456789"
@@ -819,3 +820,33 @@ def test_sim_refuses_a_bad_setup() -> None:
         SimulatedExotelCaller("http://127.0.0.1:1", url_secret=SECRET, media_every_ms=30)
     with pytest.raises(ValueError, match="needs the url_secret"):
         SimulatedExotelCaller("http://127.0.0.1:1", auth="basic")
+
+
+async def test_outbound_connect_voice_ai_through_the_rest_fake() -> None:
+    async with (
+        serve(App(mode="echo")) as state,
+        serve_fake_exotel_rest("acme1", "key1", "tok1") as (rest, base_url),
+    ):
+        rest.script = [Say(tone(400)), Pause(700), HangUp()]
+        client = ExotelClient("acme1", "key1", "tok1", base_url=base_url)
+        token = StreamTokens(TOKEN_SECRET).mint("outbound-1")  # no Exotel Sid yet
+        url = voicebot_stream_url(state.ws_url, {"token": token, "profile": "desk"})
+        call = await client.connect_stream("+919876543210", "08047491899", url)
+        (result,) = await rest.results()
+        details = await client.call_details(call.sid)
+        with pytest.raises(ExotelError, match="404"):
+            await client.call_details("nope")
+        intruder = ExotelClient("acme1", "key1", "wrong", base_url=base_url)
+        with pytest.raises(ExotelError, match="401"):
+            await intruder.connect_stream("+91", "080", url)
+        await client.aclose()
+        await intruder.aclose()
+        await asyncio.wait_for(state.done.wait(), 5)
+    assert result.call_sid == call.sid and details.status == "completed"
+    assert result.protocol_errors == [] and state.errors == [] and state.upgrades == [True]
+    assert 300 <= loud_ms(result.heard) <= 500
+    started = state.events[1]
+    assert isinstance(started, CallStarted) and started.call_id == call.sid
+    assert started.custom_parameters == {"token": token, "profile": "desk"}
+    assert started.to_number == "+919876543210" and started.from_number == "08047491899"
+    assert len(rest.calls) == 1  # the refused request placed no call

@@ -28,19 +28,24 @@ the agent audio brought to μ-law 8 kHz, so `heard_pcm()` works as for Twilio.
 from __future__ import annotations
 
 import asyncio
+import base64
 import binascii
 import contextlib
+import hmac
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+import socket
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import numpy as np
 import orjson
 import websockets
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from websockets.asyncio.client import connect
 
 from livecall.audio.g711 import ulaw_decode, ulaw_encode
@@ -76,6 +81,8 @@ from livecall.sim.twilio import (
 
 __all__ = [
     "ExotelCallResult",
+    "FakeExotelCall",
+    "FakeExotelState",
     "HangUp",
     "Pause",
     "PressDigit",
@@ -86,6 +93,8 @@ __all__ = [
     "SimulatedExotelCaller",
     "WaitForAgentAudio",
     "WaitForAgentSilence",
+    "build_fake_exotel_rest",
+    "serve_fake_exotel_rest",
 ]
 
 _ALLOWED_KEYS = {
@@ -113,10 +122,12 @@ def _sid() -> str:
 class SimulatedExotelCaller(SimulatedCaller):
     """One simulated inbound call through an Exotel flow to a Voicebot applet.
 
-    `base_url + answer_path` is the applet's dynamic URL. `auth` says how the flow's URL
-    carries `url_secret`: "basic" (credentials in the URL, sent as `Authorization: Basic`),
-    "key" (a `?key=` query parameter) or None. `numeric_counters` sends sequence numbers and
-    chunks as numbers (one page of Exotel's docs) instead of strings (the other).
+    `base_url + answer_path` is the applet's dynamic URL; with `stream_url` there is no
+    applet and the stream goes straight there (an outbound "Connect Voice AI" call). `auth`
+    says how the flow's URL carries `url_secret`: "basic" (credentials in the URL, sent as
+    `Authorization: Basic`), "key" (a `?key=` query parameter) or None. `numeric_counters`
+    sends sequence numbers and chunks as numbers (one page of Exotel's docs) instead of
+    strings (the other).
     """
 
     def __init__(
@@ -131,6 +142,7 @@ class SimulatedExotelCaller(SimulatedCaller):
         account_sid: str | None = None,
         script: Sequence[ScriptAction] = (),
         answer_path: str = "/exotel/voicebot",
+        stream_url: str | None = None,
         extra_params: Mapping[str, str] | None = None,
         media_every_ms: int = 100,
         drop_frames: Iterable[int] = (),
@@ -151,7 +163,7 @@ class SimulatedExotelCaller(SimulatedCaller):
     ) -> None:
         if media_every_ms <= 0 or media_every_ms % 20:
             raise ValueError("media_every_ms must be a positive multiple of 20")
-        if auth is not None and not url_secret:
+        if auth is not None and not url_secret and stream_url is None:
             raise ValueError(f"auth={auth!r} needs the url_secret")
         super().__init__(
             base_url,
@@ -180,6 +192,7 @@ class SimulatedExotelCaller(SimulatedCaller):
             http_client=http_client,
         )
         self._url_secret = url_secret
+        self.direct_stream_url = stream_url  # Connect Voice AI: no applet URL request
         self._url_auth = ExotelUrlAuth(url_secret) if url_secret else None
         self.auth = auth
         self.echo_marks_on_clear = echo_marks_on_clear
@@ -201,7 +214,10 @@ class SimulatedExotelCaller(SimulatedCaller):
     # ------------------------------------------------------------------ flow: applet URL
 
     async def _run(self) -> None:
-        if not await self._webhook():
+        if self.direct_stream_url is not None:
+            if not self._check_stream_url(self.direct_stream_url):
+                return
+        elif not await self._webhook():
             return
         if self.result.stream_url is None or not await self._open_stream():
             return
@@ -518,3 +534,167 @@ class SimulatedExotelCaller(SimulatedCaller):
             onsets = self._detector.feed(ulaw_decode(ulaw))
             for _ in range(onsets):
                 self._probe_heard(now)
+
+
+# --------------------------------------------------------------------------- the REST API
+
+
+@dataclass
+class FakeExotelCall:
+    """One call placed through the fake v1 Calls API, and the simulated callee's result."""
+
+    sid: str
+    form: dict[str, list[str]]
+    status: str = "in-progress"
+    direction: str = "outbound-api"
+    result: ExotelCallResult | None = None
+    task: asyncio.Task[ExotelCallResult] | None = None
+
+    def resource(self) -> dict[str, Any]:
+        first = {k: v[0] for k, v in self.form.items() if v}
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        return {
+            "Sid": self.sid,
+            "Status": self.status,
+            "From": first.get("From"),
+            "To": first.get("CallerId"),
+            "PhoneNumberSid": first.get("CallerId"),
+            "Direction": self.direction,
+            "DateCreated": stamp,
+            "RecordingUrl": None,
+        }
+
+
+class FakeExotelState:
+    """What the fake saw; `script` is what each dialled party does once its stream is up."""
+
+    def __init__(self, account_sid: str, api_key: str, api_token: str) -> None:
+        self.account_sid = account_sid
+        self._basic = "Basic " + base64.b64encode(f"{api_key}:{api_token}".encode()).decode()
+        self.calls: dict[str, FakeExotelCall] = {}
+        self.script: Sequence[ScriptAction] = (HangUp(),)
+        self.caller_options: dict[str, Any] = {"timeout": 30.0}
+        self.created = asyncio.Event()
+
+    def authorized(self, request: Request) -> bool:
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), self._basic.encode())
+
+    def last_call(self) -> FakeExotelCall:
+        return list(self.calls.values())[-1]
+
+    async def results(self) -> list[ExotelCallResult]:
+        """Wait for every simulated callee to finish; their results, in order."""
+        tasks = [c.task for c in self.calls.values() if c.task is not None]
+        return list(await asyncio.gather(*tasks))
+
+    async def aclose(self) -> None:
+        for call in self.calls.values():
+            if call.task is not None and not call.task.done():
+                call.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await call.task
+
+
+def _rest_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(
+        {"RestException": {"Status": status, "Message": message}}, status_code=status
+    )
+
+
+def build_fake_exotel_rest(
+    account_sid: str, api_key: str, api_token: str
+) -> tuple[FastAPI, FakeExotelState]:
+    """The v1 Calls API as livecall uses it: Connect Voice AI, connect to a flow, details."""
+    app = FastAPI()
+    state = FakeExotelState(account_sid, api_key, api_token)
+
+    def refused(account: str, request: Request) -> JSONResponse | None:
+        if not state.authorized(request):
+            return _rest_error(401, "Authentication is required to view this resource.")
+        if account != state.account_sid:
+            return _rest_error(403, "The account is not yours.")
+        return None
+
+    @app.post("/v1/Accounts/{account}/Calls/{action}")
+    async def connect_call(account: str, action: str, request: Request) -> Response:
+        if action not in ("connect", "connect.json"):
+            return _rest_error(404, "No such resource.")
+        if (error := refused(account, request)) is not None:
+            return error
+        form = parse_qs((await request.body()).decode(), keep_blank_values=True)
+        first = {k: v[0] for k, v in form.items() if v}
+        if not first.get("From") or not first.get("CallerId"):
+            return _rest_error(400, "From and CallerId are mandatory.")
+        stream_url, flow_url = first.get("StreamUrl"), first.get("Url")
+        if (stream_url is None) == (flow_url is None):
+            return _rest_error(400, "Give either StreamUrl (with StreamType) or Url.")
+        if stream_url is not None:
+            if first.get("StreamType") != "bidirectional":
+                return _rest_error(400, "StreamType must be bidirectional.")
+            if not stream_url.startswith(("ws://", "wss://")) or len(stream_url) > 600:
+                return _rest_error(400, "StreamUrl must be ws:// or wss://, up to 600 chars.")
+        call = FakeExotelCall(secrets.token_hex(16), form)
+        state.calls[call.sid] = call
+        if stream_url is not None:
+            caller = SimulatedExotelCaller(
+                "http://unused.invalid",
+                auth=None,
+                stream_url=stream_url,
+                call_sid=call.sid,
+                account_sid=state.account_sid,
+                from_=first["CallerId"],
+                to=first["From"],
+                script=state.script,
+                **state.caller_options,
+            )
+
+            async def run() -> ExotelCallResult:
+                try:
+                    await caller.run()
+                finally:
+                    call.status = "completed"
+                call.result = caller.result
+                return caller.result
+
+            call.task = asyncio.get_running_loop().create_task(run())
+        state.created.set()
+        return JSONResponse({"Call": call.resource()})
+
+    @app.get("/v1/Accounts/{account}/Calls/{name}")
+    async def call_details(account: str, name: str, request: Request) -> Response:
+        if (error := refused(account, request)) is not None:
+            return error
+        call = state.calls.get(name.removesuffix(".json"))
+        if call is None:
+            return _rest_error(404, "No such call.")
+        return JSONResponse({"Call": call.resource()})
+
+    return app, state
+
+
+@contextlib.asynccontextmanager
+async def serve_fake_exotel_rest(
+    account_sid: str, api_key: str, api_token: str
+) -> AsyncIterator[tuple[FakeExotelState, str]]:
+    """Serve the fake on a free loopback port: ``async with ... as (state, base_url)``."""
+    import uvicorn
+
+    app, state = build_fake_exotel_rest(account_sid, api_key, api_token)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield state, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+        await state.aclose()
+        sock.close()
