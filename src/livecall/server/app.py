@@ -13,10 +13,10 @@ import structlog
 from fastapi import FastAPI
 
 from livecall import __version__
-from livecall.agent.gemini import LiveOptions, SessionCounter
+from livecall.agent.gemini import LiveOptions, SessionCounter, client_for
 from livecall.agent.http_tools import HttpToolRunner
 from livecall.agent.knowledge import KnowledgeBase
-from livecall.agent.profiles import AgentProfile, ProfileRegistry
+from livecall.agent.profiles import AgentProfile, ProfileRegistry, ProfileSet
 from livecall.agent.tools import function_declarations
 from livecall.assets import apology_ulaw
 from livecall.audio.recording import StereoRecorder
@@ -25,6 +25,8 @@ from livecall.cluster import LiveCalls, LocalRegistry, create_cluster
 from livecall.live_feed import FanOut, LiveFeed
 from livecall.log import register_secret
 from livecall.metrics import Metrics, build_metrics_router
+from livecall.outcomes import memory
+from livecall.outcomes.analysis import AnalysisWorker, EndNotifier, sdk_generate
 from livecall.records import CallObserver
 from livecall.server.api import ApiDisabled, build_api_router
 from livecall.server.ops import build_live_api_router, build_ops_router
@@ -62,6 +64,8 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     cluster: LiveCalls = field(default_factory=LocalRegistry)
     drain_task: asyncio.Task[None] | None = None
+    # after the call: post-call analysis (and the caller memory built from it)
+    analysis: AnalysisWorker | None = None
 
     def knowledge_for(self, profile: AgentProfile) -> KnowledgeBase | None:
         """One index per documents folder, shared by every call (and profile) that uses it."""
@@ -98,6 +102,8 @@ class AppState:
         ]
         if self.observer_factory is not None:
             observers.append(self.observer_factory(call_sid))
+        if self.analysis is not None:
+            observers.append(EndNotifier(self.analysis))
         return traced(self.metrics.observer(FanOut(*observers)))
 
     async def on_control(self, call_sid: str, action: str, args: dict[str, Any]) -> bool:
@@ -133,12 +139,43 @@ class AppState:
         path = await recorder.finish_async(target, fmt, end_ms=end_ms)
         return await self.recordings.put(call_sid, path)
 
-    def call_setup(self, params: dict[str, str]) -> tuple[CallOptions, LiveOptions]:
+    async def caller_memory(self, profile: AgentProfile, options: CallOptions) -> str:
+        """What the agent remembers of this caller (profile memory on), for its instruction.
+
+        Time-boxed by MEMORY_TIMEOUT: a slow or dead database costs the call at most that,
+        then it starts without. Never for anonymous, withheld or non-E.164 numbers.
+        """
+        raw = memory.remote_number(options.direction, options.from_number, options.to_number)
+        number = memory.normalize_number(raw)
+        if not profile.memory.enabled or number is None:
+            return ""
+        try:
+            async with asyncio.timeout(self.settings.memory_timeout_s):
+                entries = await memory.recall(
+                    self.store.repo.sessions,
+                    number,
+                    profile.name,
+                    max_calls=profile.memory.max_calls,
+                    max_age_days=profile.memory.max_age_days,
+                    retention_days=self.settings.retention_days,
+                )
+        except TimeoutError:
+            log.warning("memory.timeout", timeout_s=self.settings.memory_timeout_s)
+            return ""
+        except Exception as exc:
+            log.warning("memory.unavailable", error=type(exc).__name__)
+            return ""
+        if entries:
+            log.info("memory.recalled", calls=len(entries), profile=profile.name)
+        return memory.memory_instruction(entries)
+
+    async def call_setup(self, params: dict[str, str]) -> tuple[CallOptions, LiveOptions]:
         """The per-call options for a stream's `<Parameter>`s, from the matched profile.
 
         The profile itself rides along in ``options.extra["agent_profile"]`` for the tools.
         An outbound call with answering-machine detection (``amd`` parameter) greets only
         once Twilio says a person answered, so a voicemail greeting is not talked over.
+        A returning caller's memory (when the profile keeps one) joins the system prompt.
         """
         s = self.settings
         profile = self.match_profile(params)
@@ -163,9 +200,12 @@ class AppState:
         if amd:
             options.extra["deferred_greeting"] = profile.greeting
         vad = profile.vad
+        remembered = await self.caller_memory(profile, options)
         live = LiveOptions(
             model=profile.model,
-            system_prompt=profile.system_prompt,
+            system_prompt=(
+                f"{profile.system_prompt}\n\n{remembered}" if remembered else profile.system_prompt
+            ),
             voice=profile.voice,
             language=profile.language,
             function_declarations=function_declarations(
@@ -218,6 +258,13 @@ def create_app(
         cluster=cluster,
     )
     cluster.on_control = state.on_control
+    state.analysis = AnalysisWorker(
+        state.store.repo.sessions,
+        settings,
+        lambda: state.profiles.current if state.profiles is not None else _no_profiles(settings),
+        sdk_generate(lambda: client_for(settings)),
+        flush=state.store.flush,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -229,6 +276,12 @@ def create_app(
         # tracing: only when the environment asks for it; whoever configured it shuts it down
         tracing_here = configure_tracing("livecall", instance_id=cluster.instance_id)
         await state.store.start()
+        if settings.has_gemini_credentials():
+            # the SDK client (TLS contexts, HTTP clients) made now, not by the first call
+            try:
+                client_for(settings)
+            except Exception as exc:  # the first call reports it, as before
+                log.warning("gemini.client_not_ready", error=type(exc).__name__)
         await cluster.start()  # never fails for an unreachable Redis: calls go on without it
         background: list[asyncio.Task[Any]] = []
         if settings.retention_days:
@@ -240,6 +293,8 @@ def create_app(
         # agents: profiles reloaded on edit; shared HTTP client and document indexes
         if state.profiles is not None:
             background.append(asyncio.create_task(state.profiles.run(), name="profiles"))
+        if state.analysis is not None:  # post-call work: beside the calls, never on their path
+            background.append(asyncio.create_task(state.analysis.run(), name="analysis"))
         try:
             yield
         finally:
@@ -298,6 +353,10 @@ def app_from_env() -> FastAPI:
     ]
     configure_logging(settings.log_level, settings.log_format, secrets)
     return create_app(settings)
+
+
+def _no_profiles(settings: Settings) -> ProfileSet:
+    return ProfileSet.default_from_settings(settings)
 
 
 def _call_control(settings: Settings) -> TwilioCallControl | None:
