@@ -451,8 +451,8 @@ class AnalysisWorker:
                 await self._settle(call_sid, "skipped", error="profile no longer analyses calls")
                 return
             transcript = transcript_text(turns)
-            if not transcript:
-                await self._settle(call_sid, "skipped", error="nothing was said")
+            if not any(t.speaker == "caller" and t.text.strip() for t in turns):
+                await self._settle(call_sid, "skipped", error="the caller said nothing")
                 return
             spec = profile.analysis
             model = spec.model or self.settings.analysis_model

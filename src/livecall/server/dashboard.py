@@ -39,6 +39,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.templating import Jinja2Templates
 
 from livecall.live_feed import LiveFeed
+from livecall.outcomes import memory
+from livecall.outcomes.analysis import analyses_for, analysis_for
 from livecall.server.api import (
     SID_PATTERN,
     CallDetail,
@@ -658,6 +660,11 @@ def build_dashboard_router(
                 page = await repo.list_calls(number=number, status=status, limit=50)
         except _Unavailable:
             return unavailable(request, session)
+        try:
+            with _database():
+                analyses = await analyses_for(repo.sessions, [c.call_sid for c in page.items])
+        except _Unavailable:
+            return unavailable(request, session)
         filters = {
             "since": start.isoformat() if start else "",
             "until": end.isoformat() if end else "",
@@ -676,6 +683,7 @@ def build_dashboard_router(
             filters=filters,
             filter_query={k: v for k, v in filters.items() if v},
             error=error,
+            analyses=analyses,
         )
 
     @router.get("/calls/{sid}")
@@ -688,6 +696,7 @@ def build_dashboard_router(
         try:
             with _database():
                 call = await repo.get_call(sid)
+                analysis = await analysis_for(repo.sessions, sid) if call is not None else None
         except _Unavailable:
             return unavailable(request, session)
         if call is None:
@@ -699,7 +708,11 @@ def build_dashboard_router(
                 "custom_parameters": call.custom_parameters or {},
                 "turns": [TurnOut.model_validate(t) for t in call.turns],
                 "events": [EventOut.model_validate(e) for e in call.events],
+                "analysis": analysis,
             }
+        )
+        caller_number = memory.normalize_number(
+            memory.remote_number(call.direction, call.from_number, call.to_number)
         )
         timeline: list[dict[str, Any]] = []
         for turn in detail.turns:
@@ -735,7 +748,28 @@ def build_dashboard_router(
                 "max": max(latencies) if latencies else None,
             },
             call_data=data,
+            caller_number=caller_number,
+            forgotten=request.query_params.get("forgotten"),
         )
+
+    @router.post("/callers/{number}/memory/delete")
+    async def forget_caller(request: Request, number: str) -> Response:
+        """Erase what the agents remember of a number; back to the page it came from."""
+        session = require(request)
+        form = await read_form(request)
+        check_post(request, session, form)
+        normalized = memory.normalize_number(number)
+        if normalized is None:
+            raise HTTPException(400, "not an E.164 phone number")
+        try:
+            with _database():
+                erased = await memory.forget(repo.sessions, normalized)
+        except _Unavailable:
+            return unavailable(request, session)
+        log.info("dashboard.memory_deleted", calls=erased)
+        back = form.get("call_sid", "")
+        target = f"/calls/{back}?forgotten={erased}" if _SID_RE.match(back) else "/"
+        return RedirectResponse(target, status_code=303)
 
     @router.get("/calls/{sid}/recording")
     async def call_recording(request: Request, sid: str) -> Response:

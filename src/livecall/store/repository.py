@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
-from livecall.store.models import Call, CallEvent, Turn
+from livecall.store.models import Call, CallAnalysis, CallerMemory, CallEvent, Turn
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -245,6 +245,8 @@ class Repository:
             # explicit, in case a SQLite connection was opened without foreign keys
             await session.execute(delete(Turn).where(Turn.call_sid == call_sid))
             await session.execute(delete(CallEvent).where(CallEvent.call_sid == call_sid))
+            await session.execute(delete(CallAnalysis).where(CallAnalysis.call_sid == call_sid))
+            await session.execute(delete(CallerMemory).where(CallerMemory.call_sid == call_sid))
             result = await session.execute(delete(Call).where(Call.call_sid == call_sid))
             return bool(getattr(result, "rowcount", 0))
 
