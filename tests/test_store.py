@@ -592,7 +592,13 @@ async def test_migrations_upgrade_and_downgrade(database: Database) -> None:
 
         async with engine.connect() as conn:
             assert await conn.run_sync(diff) == []  # migrations build exactly the models
-            assert await conn.run_sync(tables) == {"calls", "turns", "call_events"}
+            assert await conn.run_sync(tables) == {
+                "calls",
+                "turns",
+                "call_events",
+                "call_analyses",
+                "caller_memory",
+            }
         await db.downgrade(engine, "base")
         assert await db.current_revision(engine) is None
         async with engine.connect() as conn:
