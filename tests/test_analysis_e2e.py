@@ -11,6 +11,7 @@ number and an anonymous caller get nothing, and deleting the number's memory (AP
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -310,3 +311,33 @@ async def test_a_profile_without_analysis_sends_nothing_to_gemini(
         record = (await client.get(f"/api/calls/{result.call_sid}")).json()
     assert record["status"] == "completed" and record["analysis"] is None
     assert stack.gemini.text.requests == []
+
+
+async def test_a_database_that_never_answers_delays_the_call_by_the_time_box_only(
+    make_stack: Any, tmp_path: Path
+) -> None:
+    """Memory is read at the call's start; a hung database costs MEMORY_TIMEOUT, no more."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts, then never says a word (a hung PostgreSQL)
+
+    blackhole = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = blackhole.sockets[0].getsockname()[1]
+    try:
+        stack = await start(
+            make_stack, tmp_path, database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x",
+            memory_timeout_s=0.3,
+        )  # fmt: skip
+        script = [WaitForAgentAudio(min_heard_ms=300, timeout=15), HangUp()]
+        result = await stack.caller(script, from_=CALLER, to=TO).run()
+        assert result.script_errors == []
+        [session] = stack.gemini.sessions
+        assert instruction(session) == BISTRO["system_prompt"]  # went on without memory
+        waited = session.opened_at - result.stream_started
+        assert 0.3 <= waited < 1.5, waited
+    finally:
+        for writer in held:
+            writer.close()
+        blackhole.close()
+        await blackhole.wait_closed()
