@@ -286,14 +286,14 @@ class AnalysisWorker:
         profiles: Callable[[], ProfileSet],
         generate: Generate,
         *,
-        flush: Callable[[], Awaitable[bool]] | None = None,
+        written: Callable[[], Awaitable[Any]] | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.sessions = sessions
         self.settings = settings
         self.profiles = profiles
         self.generate = generate
-        self.flush = flush
+        self.written = written
         self.rng = rng
         self.on_settled: list[Listener] = []
         self._wake = asyncio.Event()
@@ -319,11 +319,13 @@ class AnalysisWorker:
             self._wake.clear()
             wait = self.settings.analysis_poll_interval_s
             try:
-                if self._poked and self.flush is not None:
+                if self._poked:
                     self._poked = False
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(5.0):
-                            await self.flush()  # the ended call's record, before we look
+                    if self.written is not None and self._analysing():
+                        # the ended call's record first (on the store's own schedule)
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(5.0):
+                                await self.written()
                 next_due = await self.run_once()
                 if next_due is not None:
                     wait = min(wait, max(0.0, (next_due - datetime.now(UTC)).total_seconds()))

@@ -263,7 +263,7 @@ def create_app(
         settings,
         lambda: state.profiles.current if state.profiles is not None else _no_profiles(settings),
         sdk_generate(lambda: client_for(settings)),
-        flush=state.store.flush,
+        written=state.store.drained,
     )
 
     @asynccontextmanager

@@ -23,6 +23,9 @@ or expired handles) are scripted in the `Scenario`. Everything a session did is 
 `SessionRecord` (`FakeGeminiServer.sessions`) so tests can assert on it, and
 `FakeGeminiServer.wait_for` waits on any condition over those records without sleeping.
 
+The same port answers ``POST /{version}/models/{model}:generateContent`` (post-call analysis):
+see `livecall.sim.gemini_text` (`FakeGeminiServer.text`).
+
 Run standalone with ``python -m livecall.sim.gemini --port 8765``.
 """
 
