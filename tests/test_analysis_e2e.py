@@ -183,6 +183,21 @@ async def test_a_booking_call_is_analysed_stored_and_shown(
         listing = (await browser.get("/")).text
         row = re.search(rf'data-sid="{result.call_sid}".*?</tr>', listing, re.S)
         assert row is not None and "goal reached" in row.group(0)
+        # the caller is remembered; "Forget this caller" erases it
+        assert f"The agents remember 1 call with {CALLER}." in page
+        csrf = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+        assert csrf is not None
+        action = "/callers/%2B15551230000/memory/delete"
+        assert f'action="{action}"' in page
+        refused = await browser.post(action, data={"call_sid": result.call_sid})
+        assert refused.status_code == 403  # no CSRF token
+        forgot = await browser.post(
+            action, data={"csrf": csrf.group(1), "call_sid": result.call_sid}
+        )
+        assert forgot.status_code == 303
+        assert forgot.headers["location"] == f"/calls/{result.call_sid}?forgotten=1"
+        after = (await browser.get(forgot.headers["location"])).text
+        assert 'id="forgotten"' in after and 'id="remembered"' not in after
 
 
 async def test_an_answer_outside_the_schema_is_retried_then_the_analysis_fails(

@@ -16,13 +16,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from livecall.store.models import CallerMemory
 
 __all__ = [
     "MemoryEntry",
+    "count",
     "forget",
     "memory_instruction",
     "normalize_number",
@@ -142,6 +143,15 @@ async def recall(
     async with sessions() as session:
         rows = (await session.scalars(query)).all()
     return [MemoryEntry(r.call_sid, r.call_started_at, r.summary, dict(r.fields)) for r in rows]
+
+
+async def count(sessions: async_sessionmaker[AsyncSession], number: str) -> int:
+    """How many calls are remembered of `number` (every profile)."""
+    async with sessions() as session:
+        total = await session.scalar(
+            select(func.count()).select_from(CallerMemory).where(CallerMemory.number == number)
+        )
+        return int(total or 0)
 
 
 async def forget(sessions: async_sessionmaker[AsyncSession], number: str) -> int:

@@ -697,6 +697,16 @@ def build_dashboard_router(
             with _database():
                 call = await repo.get_call(sid)
                 analysis = await analysis_for(repo.sessions, sid) if call is not None else None
+                caller_number = (
+                    memory.normalize_number(
+                        memory.remote_number(call.direction, call.from_number, call.to_number)
+                    )
+                    if call is not None
+                    else None
+                )
+                remembered = (
+                    await memory.count(repo.sessions, caller_number) if caller_number else 0
+                )
         except _Unavailable:
             return unavailable(request, session)
         if call is None:
@@ -711,9 +721,8 @@ def build_dashboard_router(
                 "analysis": analysis,
             }
         )
-        caller_number = memory.normalize_number(
-            memory.remote_number(call.direction, call.from_number, call.to_number)
-        )
+
+        forgotten = request.query_params.get("forgotten", "")[:6]  # after "Forget this caller"
         timeline: list[dict[str, Any]] = []
         for turn in detail.turns:
             heard, cut = _unheard(turn)
@@ -748,8 +757,9 @@ def build_dashboard_router(
                 "max": max(latencies) if latencies else None,
             },
             call_data=data,
-            caller_number=caller_number,
-            forgotten=request.query_params.get("forgotten"),
+            caller_number=caller_number if remembered else None,
+            remembered=remembered,
+            forgotten=forgotten if forgotten.isdigit() else None,
         )
 
     @router.post("/callers/{number}/memory/delete")
