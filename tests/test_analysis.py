@@ -5,6 +5,7 @@ Gemini answering through the real SDK."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from livecall.agent.gemini import _client
+from livecall.agent.gemini import GeminiLink, LiveOptions, _client
 from livecall.agent.profiles import AgentProfile, AnalysisSettings, ProfileError, ProfileSet
 from livecall.outcomes import memory
 from livecall.outcomes.analysis import (
@@ -356,3 +357,45 @@ async def _statuses(repo: Repository) -> list[str]:
     async with repo.sessions() as session:
         rows = await session.scalars(select(CallAnalysis).order_by(CallAnalysis.call_sid))
         return [r.status for r in rows]
+
+
+# --------------------------------------------------------------------------- the fake's door
+
+
+async def _raw_post(fake: FakeGeminiServer, path: str, body: bytes, headers: str = "") -> bytes:
+    """One HTTP request over TLS, written a byte at a time (the sniffer must wait)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", fake.port, ssl=fake.client_ssl_context(), server_hostname="127.0.0.1"
+    )
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    for i in range(0, 12):  # the start, byte by byte, then the rest
+        writer.write(request[i : i + 1])
+        await writer.drain()
+    writer.write(request[12:])
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+async def test_the_fake_answers_http_beside_live_sessions_on_one_port() -> None:
+    body = b'{"contents": [{"role": "user", "parts": [{"text": "caller: hi"}]}]}'
+    path = "/v1beta/models/gemini-3.5-flash:generateContent"
+    async with FakeGeminiServer(api_key="right") as fake:
+        assert b"403 Forbidden" in await _raw_post(fake, path, body)
+        assert b"API key not valid" in await _raw_post(fake, path, body, "x-goog-api-key: no\r\n")
+        unknown = "/v1beta/models/gemini-0:generateContent"
+        assert b"404 Not Found" in await _raw_post(fake, unknown, body, "x-goog-api-key: right\r\n")
+        ok = await _raw_post(fake, path, body, "x-goog-api-key: right\r\n")
+        assert ok.startswith(b"HTTP/1.1 200 OK") and b'"candidates"' in ok
+        assert [r.status for r in fake.text.requests] == [403, 400, 404, 200]
+        assert fake.text.requests[3].text == "caller: hi"
+        # and the Live socket on the same port still opens through the SDK
+        client = _client("right", False, None, None, fake.base_url, None, fake.ca_file)
+        link = GeminiLink(client, LiveOptions(model="gemini-3.8-live", system_prompt="hi"))
+        await link.connect()
+        await link.close()
+        assert fake.sessions[0].setup_completed
