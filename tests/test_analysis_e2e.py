@@ -243,7 +243,7 @@ async def test_a_slow_analysis_never_holds_the_call(
     make_stack: Any, tmp_path: Path, call_over: Any
 ) -> None:
     stack = await start(make_stack, tmp_path)
-    stack.gemini.text.fail_next(TextFault("slow", delay_s=4.0))
+    stack.gemini.text.fail_next(TextFault("slow", delay_s=8.0))
     result = await quick_call(stack)
     await call_over(stack, timeout=3)  # the call is over, records written...
     text = stack.gemini.text
@@ -253,6 +253,10 @@ async def test_a_slow_analysis_never_holds_the_call(
         record = (await client.get(f"/api/calls/{result.call_sid}")).json()
     assert record["status"] == "completed" and record["analysis"]["status"] == "pending"
     assert not stack.registry.active
+    # nor the next call's analysis: it is done while the slow one still waits
+    second = await quick_call(stack, from_=OTHER)
+    await analysis_when(stack, second.call_sid, "done")
+    assert text.requests[0].status == 0
     await analysis_when(stack, result.call_sid, "done")
 
 

@@ -58,7 +58,6 @@ LOOKBACK = timedelta(days=1)  # calls that started longer ago are never picked u
 MAX_DELAY_S = 600.0
 MAX_TRANSCRIPT_CHARS = 100_000
 CONCURRENCY = 4  # analyses in flight per process
-BATCH = 20
 MEMORY_PRUNE_EVERY_S = 3600.0
 TERMINAL = ("done", "failed", "skipped")
 
@@ -298,7 +297,7 @@ class AnalysisWorker:
         self.on_settled: list[Listener] = []
         self._wake = asyncio.Event()
         self._poked = False
-        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._inflight: set[asyncio.Task[None]] = set()
         self._last_prune: float | None = None
         self._healthy = True
 
@@ -313,7 +312,18 @@ class AnalysisWorker:
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Until cancelled. A database outage is logged and waited out, never raised."""
+        """Until cancelled. A database outage is logged and waited out, never raised.
+
+        Attempts run beside the loop (at most `CONCURRENCY`), so a slow analysis never holds
+        up the next call's. Cancelled mid-attempt, a claim simply runs out and is retried.
+        """
+        try:
+            await self._loop()
+        finally:
+            for task in list(self._inflight):
+                task.cancel()
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
@@ -326,7 +336,7 @@ class AnalysisWorker:
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(5.0):
                                 await self.written()
-                next_due = await self.run_once()
+                next_due = await self.run_once(wait=False)
                 if next_due is not None:
                     wait = min(wait, max(0.0, (next_due - datetime.now(UTC)).total_seconds()))
                 await self._maybe_prune(loop.time())
@@ -342,25 +352,34 @@ class AnalysisWorker:
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
 
-    async def run_once(self) -> datetime | None:
-        """One pass: queue new calls, run what is due; the next retry time, if any.
-
-        Without any profile analysing calls it does not touch the database at all.
+    async def run_once(self, *, wait: bool = True) -> datetime | None:
+        """One pass: queue new calls, start what is due (and with `wait`, see it through);
+        the next retry time, if any. Without any profile analysing calls it does not touch
+        the database at all.
         """
         if not self._analysing():
             return None
         await self.enqueue()
-        due = await self._due()
-        if due:
-            async with asyncio.TaskGroup() as group:
-                for call_sid, attempts in due:
-                    group.create_task(self._attempt(call_sid, attempts))
+        started = []
+        for call_sid, attempt in await self._due(CONCURRENCY - len(self._inflight)):
+            task = asyncio.create_task(
+                self._attempt(call_sid, attempt), name=f"analysis:{call_sid}"
+            )
+            self._inflight.add(task)
+            task.add_done_callback(self._finished)
+            started.append(task)
+        if wait and started:
+            await asyncio.wait(started)
         async with self.sessions() as session:
             return await session.scalar(
                 select(func.min(CallAnalysis.next_attempt_at)).where(
                     CallAnalysis.status == "pending"
                 )
             )
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()  # a slot is free
 
     def _analysing(self) -> list[str]:
         return [p.name for p in self.profiles().profiles if p.analysis.enabled]
@@ -406,8 +425,10 @@ class AnalysisWorker:
             )
         return len(rows)
 
-    async def _due(self) -> list[tuple[str, int]]:
+    async def _due(self, slots: int) -> list[tuple[str, int]]:
         """Claim what is due: attempts+1 and a lease, only if nobody else claimed it first."""
+        if slots <= 0:
+            return []
         now = datetime.now(UTC)
         lease = timedelta(seconds=self.settings.analysis_timeout_s + 30)
         async with self.sessions() as session:
@@ -416,7 +437,7 @@ class AnalysisWorker:
                     select(CallAnalysis.call_sid, CallAnalysis.attempts)
                     .where(CallAnalysis.status == "pending", CallAnalysis.next_attempt_at <= now)
                     .order_by(CallAnalysis.next_attempt_at)
-                    .limit(BATCH)
+                    .limit(slots)
                 )
             ).all()
         claimed: list[tuple[str, int]] = []
@@ -440,38 +461,43 @@ class AnalysisWorker:
     # --- one attempt ------------------------------------------------------------------------
 
     async def _attempt(self, call_sid: str, attempt: int) -> None:
-        async with self._slots:
-            async with self.sessions() as session:
-                call = await session.get(Call, call_sid)
-                turns = (
-                    await session.scalars(
-                        select(Turn).where(Turn.call_sid == call_sid).order_by(Turn.idx)
-                    )
-                ).all()
-            profile = self.profiles().get(call.profile or "") if call is not None else None
-            if call is None or profile is None or not profile.analysis.enabled:
-                await self._settle(call_sid, "skipped", error="profile no longer analyses calls")
-                return
-            transcript = transcript_text(turns)
-            if not any(t.speaker == "caller" and t.text.strip() for t in turns):
-                await self._settle(call_sid, "skipped", error="the caller said nothing")
-                return
-            spec = profile.analysis
-            model = spec.model or self.settings.analysis_model
-            schema = response_schema(spec)
-            system, content = build_prompt(spec, transcript)
-            try:
-                async with asyncio.timeout(self.settings.analysis_timeout_s):
-                    text = await self.generate(
-                        model, system, content, schema, self.settings.analysis_timeout_s
-                    )
-                result = parse_output(text, schema)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await self._failed_attempt(call_sid, attempt, model, describe_error(exc))
-                return
-            await self._done(call, profile, model, result, attempt)
+        try:
+            await self._try(call_sid, attempt)
+        except Exception as exc:  # the database went away: the claim runs out, then a retry
+            log.warning("analysis.attempt_error", call_sid=call_sid, error=describe_error(exc))
+
+    async def _try(self, call_sid: str, attempt: int) -> None:
+        async with self.sessions() as session:
+            call = await session.get(Call, call_sid)
+            turns = (
+                await session.scalars(
+                    select(Turn).where(Turn.call_sid == call_sid).order_by(Turn.idx)
+                )
+            ).all()
+        profile = self.profiles().get(call.profile or "") if call is not None else None
+        if call is None or profile is None or not profile.analysis.enabled:
+            await self._settle(call_sid, "skipped", error="profile no longer analyses calls")
+            return
+        transcript = transcript_text(turns)
+        if not any(t.speaker == "caller" and t.text.strip() for t in turns):
+            await self._settle(call_sid, "skipped", error="the caller said nothing")
+            return
+        spec = profile.analysis
+        model = spec.model or self.settings.analysis_model
+        schema = response_schema(spec)
+        system, content = build_prompt(spec, transcript)
+        try:
+            async with asyncio.timeout(self.settings.analysis_timeout_s):
+                text = await self.generate(
+                    model, system, content, schema, self.settings.analysis_timeout_s
+                )
+            result = parse_output(text, schema)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._failed_attempt(call_sid, attempt, model, describe_error(exc))
+            return
+        await self._done(call, profile, model, result, attempt)
 
     async def _failed_attempt(self, call_sid: str, attempt: int, model: str, error: str) -> None:
         if attempt >= self.settings.analysis_max_attempts:
