@@ -239,6 +239,21 @@ async def test_gemini_failing_every_time_ends_in_the_failed_state(
     assert analysis["error"] == "Gemini error 500 INTERNAL" and analysis["attempts"] == 2
 
 
+async def test_a_refusal_that_cannot_change_is_not_retried(
+    make_stack: Any, tmp_path: Path, call_over: Any
+) -> None:
+    unknown = {**BISTRO, "analysis": {**BISTRO["analysis"], "model": "gemini-0-nonexistent"}}
+    stack = await start(
+        make_stack, tmp_path, profiles_file=write_profiles(tmp_path / "p.yaml", unknown)
+    )
+    result = await quick_call(stack)
+    await call_over(stack)
+    analysis = await analysis_when(stack, result.call_sid, "failed")
+    assert analysis["error"] == "Gemini error 404 NOT_FOUND" and analysis["attempts"] == 1
+    assert analysis["model"] == "gemini-0-nonexistent"
+    assert [r.status for r in stack.gemini.text.requests] == [404]
+
+
 async def test_a_slow_analysis_never_holds_the_call(
     make_stack: Any, tmp_path: Path, call_over: Any
 ) -> None:

@@ -60,6 +60,8 @@ MAX_TRANSCRIPT_CHARS = 100_000
 CONCURRENCY = 4  # analyses in flight per process
 MEMORY_PRUNE_EVERY_S = 3600.0
 TERMINAL = ("done", "failed", "skipped")
+# refusals that the same request cannot overcome (bad request or schema, key, unknown model)
+PERMANENT_CODES = frozenset({400, 401, 403, 404})
 
 
 class InvalidOutput(ValueError):
@@ -495,12 +497,15 @@ class AnalysisWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._failed_attempt(call_sid, attempt, model, describe_error(exc))
+            final = isinstance(exc, genai_errors.APIError) and exc.code in PERMANENT_CODES
+            await self._failed_attempt(call_sid, attempt, model, describe_error(exc), final=final)
             return
         await self._done(call, profile, model, result, attempt)
 
-    async def _failed_attempt(self, call_sid: str, attempt: int, model: str, error: str) -> None:
-        if attempt >= self.settings.analysis_max_attempts:
+    async def _failed_attempt(
+        self, call_sid: str, attempt: int, model: str, error: str, *, final: bool = False
+    ) -> None:
+        if final or attempt >= self.settings.analysis_max_attempts:
             log.warning("analysis.failed", call_sid=call_sid, attempts=attempt, error=error)
             await self._settle(call_sid, "failed", error=error, model=model)
             return
