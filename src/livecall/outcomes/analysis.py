@@ -8,10 +8,15 @@ the same schema (`jsonschema`); an answer that does not fit counts as a failed a
 Never on a call's path: `AnalysisWorker` runs beside the server. The database is the queue:
 each ended call of an analysing profile gets a `call_analyses` row (`pending`), attempts are
 claimed with a lease (several instances never analyse a call twice at once, a crashed one's
-claim runs out), retried with capped, jittered exponential backoff, and end `done`, `failed`
-(with the error, never transcript text) or `skipped` (nothing was said). Pending work
-survives restarts. When a profile also has memory on, a `done` analysis is remembered for the
-caller's number (`livecall.outcomes.memory`).
+claim runs out), retried with capped, jittered exponential backoff (a refusal the request
+cannot overcome, 400/401/403/404, is not retried), and end `done`, `failed` (with the error,
+never transcript text) or `skipped` (the caller said nothing). Pending work survives
+restarts. When a profile also has memory on, a `done` analysis is remembered for the caller's
+number (`livecall.outcomes.memory`).
+
+For the end-of-call webhook: `analysis_for(sessions, call_sid)` (or
+`AppState.analysis.analysis_for(call_sid)`) gives a call's analysis as a dict, its `status` in
+`TERMINAL` once final; `AnalysisWorker.on_settled` listeners hear each one as it becomes final.
 
 The pure parts (schema, prompt, output check, backoff) are plain functions, unit tested.
 """
@@ -40,15 +45,20 @@ from livecall.settings import Settings
 from livecall.store.models import Call, CallAnalysis, CallerMemory, Turn
 
 __all__ = [
+    "TERMINAL",
     "AnalysisResult",
     "AnalysisWorker",
+    "EndNotifier",
     "InvalidOutput",
+    "analyses_for",
     "analysis_for",
     "as_dict",
     "build_prompt",
+    "describe_error",
     "parse_output",
     "response_schema",
     "retry_delay",
+    "sdk_generate",
     "transcript_text",
 ]
 
@@ -59,7 +69,7 @@ MAX_DELAY_S = 600.0
 MAX_TRANSCRIPT_CHARS = 100_000
 CONCURRENCY = 4  # analyses in flight per process
 MEMORY_PRUNE_EVERY_S = 3600.0
-TERMINAL = ("done", "failed", "skipped")
+TERMINAL = ("done", "failed", "skipped")  # final states; `pending` is the only other
 # refusals that the same request cannot overcome (bad request or schema, key, unknown model)
 PERMANENT_CODES = frozenset({400, 401, 403, 404})
 
