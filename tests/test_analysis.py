@@ -399,3 +399,35 @@ async def test_the_fake_answers_http_beside_live_sessions_on_one_port() -> None:
         await link.connect()
         await link.close()
         assert fake.sessions[0].setup_completed
+
+
+def test_the_remembered_party_is_the_other_end_of_the_call() -> None:
+    assert memory.remote_number("inbound", "+15550001111", "+15559990000") == "+15550001111"
+    assert memory.remote_number("outbound-api", "+15559990000", "+15550001111") == "+15550001111"
+    assert memory.remote_number(None, None, "+15559990000") == ""
+
+
+async def test_recall_is_bounded_by_count_age_and_profile(engine: AsyncEngine) -> None:
+    repo = Repository(db.make_sessionmaker(engine))
+    now = datetime.now(UTC)
+    ages = {"CA10": 1, "CA11": 5, "CA12": 10, "CA13": 20, "CA14": 200}
+    for sid in ages:
+        await seed(repo, sid, "+15551230000")
+    async with repo.sessions.begin() as session:
+        for sid, days in ages.items():
+            session.add(
+                CallerMemory(
+                    call_sid=sid, number="+15551230000", profile="bistro", summary=sid,
+                    fields={}, call_started_at=now - timedelta(days=days),
+                )
+            )  # fmt: skip
+
+    async def recalled(**bounds: Any) -> list[str]:
+        entries = await memory.recall(repo.sessions, "+15551230000", "bistro", **bounds)
+        return [e.summary for e in entries]
+
+    assert await recalled(max_calls=3, max_age_days=90) == ["CA10", "CA11", "CA12"]
+    assert await recalled(max_calls=10, max_age_days=90) == ["CA10", "CA11", "CA12", "CA13"]
+    assert await recalled(max_calls=10, max_age_days=7) == ["CA10", "CA11"]
+    assert await recalled(max_calls=10, max_age_days=90, retention_days=3) == ["CA10"]
+    assert await memory.count(repo.sessions, "+15551230000") == 5
