@@ -258,7 +258,8 @@ async def test_a_slow_analysis_never_holds_the_call(
     make_stack: Any, tmp_path: Path, call_over: Any
 ) -> None:
     stack = await start(make_stack, tmp_path)
-    stack.gemini.text.fail_next(TextFault("slow", delay_s=8.0))
+    release = asyncio.Event()  # the first analysis answers only when the test says so
+    stack.gemini.text.fail_next(TextFault("slow", delay_s=60.0, release=release))
     result = await quick_call(stack)
     await call_over(stack, timeout=3)  # the call is over, records written...
     text = stack.gemini.text
@@ -272,6 +273,7 @@ async def test_a_slow_analysis_never_holds_the_call(
     second = await quick_call(stack, from_=OTHER)
     await analysis_when(stack, second.call_sid, "done")
     assert text.requests[0].status == 0
+    release.set()
     await analysis_when(stack, result.call_sid, "done")
 
 

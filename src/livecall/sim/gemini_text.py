@@ -54,13 +54,15 @@ class TextFault:
 
     ``http``: that status with Google's error JSON; ``invalid_json``: 200 whose text is not
     JSON; ``off_schema``: 200 with JSON that misses the schema; ``slow``: the good answer after
-    `delay_s`. `times` requests are affected (None: every one from now on).
+    `delay_s` (or once `release` is set). `times` requests are affected (None: all from now).
     """
 
     kind: Literal["http", "invalid_json", "off_schema", "slow"] = "http"
     status: int = 500
     delay_s: float = 0.0
     times: int | None = 1
+    release: asyncio.Event | None = None
+    """For ``slow``: answer as soon as this is set (still after `delay_s` at the latest)."""
 
 
 @dataclass(slots=True)
@@ -357,7 +359,11 @@ class FakeTextModel:
         }
         rec, fault, status, payload = self.respond(method, target, headers, body)
         if fault is not None and fault.kind == "slow":
-            await asyncio.sleep(fault.delay_s)
+            if fault.release is None:
+                await asyncio.sleep(fault.delay_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fault.release.wait(), fault.delay_s)
         rec.status = status
         data = orjson.dumps(payload)
         reason = HTTPStatus(status).phrase
