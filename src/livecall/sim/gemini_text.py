@@ -37,6 +37,7 @@ DEFAULT_TEXT_MODELS = frozenset(
 )
 SIM_MODEL_PREFIX = "sim-"
 MAX_BODY = 8 * 2**20
+OPEN_TIMEOUT_S = 10.0
 _PATH = re.compile(r"^/(?P<v>v1|v1beta|v1alpha)/models/(?P<model>[^/:]+):generateContent$")
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -393,9 +394,16 @@ class Sniffer(asyncio.Protocol):
         self.head: bytes | None = None
         self.length = 0
         self.done = False
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # a client that never says anything is dropped, as websockets' open_timeout would
+        self.timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT_S, self._undecided)
+
+    def _undecided(self) -> None:
+        if not self.done and self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -410,6 +418,9 @@ class Sniffer(asyncio.Protocol):
             self.ws.connection_made(self.transport)
             self.ws.data_received(bytes(self.buffer))
             self.done = True
+            self.buffer.clear()
+            if self.timer is not None:
+                self.timer.cancel()
             return
         if self.head is None:
             end = self.buffer.find(b"\r\n\r\n")
@@ -432,5 +443,6 @@ class Sniffer(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        with contextlib.suppress(Exception):
-            self.buffer.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.buffer.clear()
