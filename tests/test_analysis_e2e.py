@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
+import structlog.testing
 import yaml
 
 from livecall.sim.clips import load_clip
@@ -205,9 +207,13 @@ async def test_an_answer_outside_the_schema_is_retried_then_the_analysis_fails(
 ) -> None:
     stack = await start(make_stack, tmp_path, analysis_max_attempts=3)
     stack.gemini.text.fail_next(TextFault("off_schema", times=2), TextFault("invalid_json"))
-    result = await quick_call(stack)
-    await call_over(stack)
-    analysis = await analysis_when(stack, result.call_sid, "failed")
+    with structlog.testing.capture_logs() as logs:
+        result = await quick_call(stack)
+        await call_over(stack)
+        analysis = await analysis_when(stack, result.call_sid, "failed")
+    ours = [e for e in logs if str(e["event"]).startswith(("analysis.", "memory."))]
+    assert [e["event"] for e in ours] == ["analysis.retry", "analysis.retry", "analysis.failed"]
+    assert not [e for e in ours if "Sundays" in repr(e)]  # no transcript text in our logs
     assert analysis["attempts"] == 3 and len(stack.gemini.text.requests) == 3
     assert analysis["error"].startswith("invalid output: answer is not JSON")
     assert analysis["summary"] is None and analysis["fields"] is None
