@@ -622,6 +622,8 @@ async def test_migrations_upgrade_and_downgrade(database: Database) -> None:
                 "call_events",
                 "webhook_outbox",
                 "deleted_calls",
+                "call_analyses",
+                "caller_memory",
             }
         await db.downgrade(engine, "base")
         assert await db.current_revision(engine) is None

@@ -314,6 +314,42 @@ class Settings(BaseSettings):
         description="migrate the call records schema on start (else refuse an old schema)",
     )
 
+    # --- post-call analysis and caller memory (livecall.outcomes; switched on per profile)
+    analysis_model: str = Field(
+        "gemini-3.5-flash",
+        validation_alias="ANALYSIS_MODEL",
+        description="Gemini text model for post-call analysis (a profile's analysis.model wins)",
+    )
+    analysis_max_attempts: int = Field(
+        5,
+        ge=1,
+        le=50,
+        validation_alias="ANALYSIS_MAX_ATTEMPTS",
+        description="tries per call before its analysis is marked failed",
+    )
+    analysis_retry_delay_s: float = Field(
+        5.0,
+        gt=0,
+        validation_alias="ANALYSIS_RETRY_DELAY",
+        description="wait before the first retry; doubles per attempt (with jitter, max 10 min)",
+    )
+    analysis_timeout_s: float = Field(
+        60.0, gt=0, validation_alias="ANALYSIS_TIMEOUT", description="longest one attempt may take"
+    )
+    analysis_poll_interval_s: float = Field(
+        10.0,
+        gt=0,
+        validation_alias="ANALYSIS_POLL_INTERVAL",
+        description="how often the worker looks in the database for calls to analyse "
+        "(calls ending here wake it at once)",
+    )
+    memory_timeout_s: float = Field(
+        0.3,
+        gt=0,
+        validation_alias="MEMORY_TIMEOUT",
+        description="longest a call's start waits for the caller's memory before going on without",
+    )
+
     @field_validator("outbound_allowed_destinations", mode="before")
     @classmethod
     def _split_destinations(cls, value: object) -> object:

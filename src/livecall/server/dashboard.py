@@ -42,6 +42,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.templating import Jinja2Templates
 
 from livecall.live_feed import LiveFeed
+from livecall.outcomes import memory
+from livecall.outcomes.analysis import analyses_for, analysis_for
 from livecall.server.access import LocalAccess
 from livecall.server.api import (
     SID_PATTERN,
@@ -708,6 +710,11 @@ def build_dashboard_router(
                 page = await repo.list_calls(number=number, status=status, limit=50)
         except _Unavailable:
             return unavailable(request, session)
+        try:
+            with _database():
+                analyses = await analyses_for(repo.sessions, [c.call_sid for c in page.items])
+        except _Unavailable:
+            return unavailable(request, session)
         filters = {
             "since": start.isoformat() if start else "",
             "until": end.isoformat() if end else "",
@@ -726,6 +733,7 @@ def build_dashboard_router(
             filters=filters,
             filter_query={k: v for k, v in filters.items() if v},
             error=error,
+            analyses=analyses,
         )
 
     @router.get("/calls/{sid}")
@@ -738,6 +746,17 @@ def build_dashboard_router(
         try:
             with _database():
                 call = await repo.get_call(sid)
+                analysis = await analysis_for(repo.sessions, sid) if call is not None else None
+                caller_number = (
+                    memory.normalize_number(
+                        memory.remote_number(call.direction, call.from_number, call.to_number)
+                    )
+                    if call is not None
+                    else None
+                )
+                remembered = (
+                    await memory.count(repo.sessions, caller_number) if caller_number else 0
+                )
         except _Unavailable:
             return unavailable(request, session)
         if call is None:
@@ -749,8 +768,11 @@ def build_dashboard_router(
                 "custom_parameters": call.custom_parameters or {},
                 "turns": [TurnOut.model_validate(t) for t in call.turns],
                 "events": [EventOut.model_validate(e) for e in call.events],
+                "analysis": analysis,
             }
         )
+
+        forgotten = request.query_params.get("forgotten", "")[:6]  # after "Forget this caller"
         timeline: list[dict[str, Any]] = []
         for turn in detail.turns:
             heard, cut = _unheard(turn)
@@ -788,6 +810,9 @@ def build_dashboard_router(
             call_data=data,
             deliveries=deliveries,
             webhooks_on=getattr(state, "webhooks", None) is not None,
+            caller_number=caller_number if remembered else None,
+            remembered=remembered,
+            forgotten=forgotten if forgotten.isdigit() else None,
         )
 
     @router.post("/calls/{sid}/webhook/retry")
@@ -813,6 +838,25 @@ def build_dashboard_router(
                 media_type="application/json",
             )
         return RedirectResponse(f"/calls/{sid}#webhooks", status_code=303)
+
+    @router.post("/callers/{number}/memory/delete")
+    async def forget_caller(request: Request, number: str) -> Response:
+        """Erase what the agents remember of a number; back to the page it came from."""
+        session = require(request)
+        form = await read_form(request)
+        check_post(request, session, form)
+        normalized = memory.normalize_number(number)
+        if normalized is None:
+            raise HTTPException(400, "not an E.164 phone number")
+        try:
+            with _database():
+                erased = await memory.forget(repo.sessions, normalized)
+        except _Unavailable:
+            return unavailable(request, session)
+        log.info("dashboard.memory_deleted", calls=erased)
+        back = form.get("call_sid", "")
+        target = f"/calls/{back}?forgotten={erased}" if _SID_RE.match(back) else "/"
+        return RedirectResponse(target, status_code=303)
 
     @router.get("/calls/{sid}/recording")
     async def call_recording(request: Request, sid: str) -> Response:

@@ -221,6 +221,7 @@ def build_outbound_api_router(state: AppState) -> APIRouter:
         shown = reason.replace(to, masked) if to else reason  # Twilio's errors quote the number
         log.warning("outbound.refused", status=status, reason=shown, to=masked)
         return HTTPException(status, reason, headers=headers or None)
+
     tokens = twilio_stream_tokens(state.stream_secret)
 
     @router.post(

@@ -390,7 +390,7 @@ async def _run_call(
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(previous.task), 5.0)
     params = start.custom_parameters
-    options, live = state.call_setup(params)
+    options, live = await state.call_setup(params)
     client = client_for(state.settings)
 
     def link_factory(handle: str | None) -> GeminiLink:

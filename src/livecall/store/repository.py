@@ -33,7 +33,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
-from livecall.store.models import Call, CallEvent, DeletedCall, Turn, WebhookDelivery
+from livecall.store.models import (
+    Call,
+    CallAnalysis,
+    CallerMemory,
+    CallEvent,
+    DeletedCall,
+    Turn,
+    WebhookDelivery,
+)
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -303,6 +311,8 @@ class Repository:
             await session.execute(  # a pending webhook holds the transcript too
                 delete(WebhookDelivery).where(WebhookDelivery.call_sid == call_sid)
             )
+            await session.execute(delete(CallAnalysis).where(CallAnalysis.call_sid == call_sid))
+            await session.execute(delete(CallerMemory).where(CallerMemory.call_sid == call_sid))
             result = await session.execute(delete(Call).where(Call.call_sid == call_sid))
             return bool(getattr(result, "rowcount", 0))
 
