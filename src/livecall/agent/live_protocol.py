@@ -40,6 +40,7 @@ __all__ = [
     "parse_server_message",
     "text_message",
     "tool_response_message",
+    "turn_complete_message",
 ]
 
 
@@ -173,6 +174,11 @@ def client_text_turn_message(text: str, *, turn_complete: bool = True) -> str:
             }
         }
     ).decode()
+
+
+def turn_complete_message() -> str:
+    """`clientContent` with no new turns that completes the one left open (`turnComplete`)."""
+    return '{"clientContent":{"turnComplete":true}}'
 
 
 def tool_response_message(responses: list[dict[str, Any]]) -> str:

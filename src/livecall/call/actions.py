@@ -22,6 +22,7 @@ from livecall.agent.gemini import GeminiClosed
 from livecall.agent.live_protocol import FunctionCall
 from livecall.audio.dtmf import generate_dtmf
 from livecall.audio.g711 import ulaw_encode
+from livecall.call.bridge import GREETING_PROMPT  # a deferred greeting sounds alike
 from livecall.records import CallEventRecord
 from livecall.telephony.twilio_rest import TwilioCallError
 
@@ -42,8 +43,6 @@ __all__ = [
 
 log = structlog.get_logger("livecall.actions")
 
-# Same words the bridge uses for its own greeting turn, so a deferred greeting sounds alike.
-GREETING_PROMPT = "The phone call has just been answered. Greet the caller now, saying: "
 # Twilio's AnsweredBy values that mean "not a person" (DetectMessageEnd sends the *_end_* ones
 # once the greeting is over and the beep has sounded; machine_start only without it).
 MACHINE_VERDICTS = frozenset(
