@@ -233,6 +233,10 @@ class AgentProfile(_Strict):
     max_call_duration_s: float = Field(gt=0)
     voicemail_message: str | None = None
     on_failure: str = "hangup"
+    # what the caller hears when the agent hangs up without a word: the model is asked to say
+    # this line; unset (or when it still says nothing), a recorded "Thank you for calling,
+    # goodbye!" plays
+    goodbye_line: str | None = None
 
     @field_validator("name")
     @classmethod

@@ -17,6 +17,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -48,7 +49,7 @@ from livecall.records import (
 )
 from livecall.telephony import twilio as tw
 
-__all__ = ["CallBridge", "CallOptions", "CarrierClosed", "CarrierSocket"]
+__all__ = ["SPOKE_BEFORE_TOOL", "CallBridge", "CallOptions", "CarrierClosed", "CarrierSocket"]
 
 log = structlog.get_logger("livecall.call")
 
@@ -67,6 +68,9 @@ FAILURE_WINDOW_S = 60.0  # more than reconnect_attempts session losses in this w
 # client content would cut that answer off), the turn is completed.
 SEED_RELEASE_QUIET_MS = 1000.0
 GREETING_PROMPT = "The phone call has just been answered. Greet the caller now, saying: "
+# In a tool handler: had the agent spoken in the turn in which it made the call? (An
+# `end_call` before any word needs the model's goodbye, or a recorded one, before hanging up.)
+SPOKE_BEFORE_TOOL: ContextVar[bool] = ContextVar("spoke_before_tool", default=True)
 
 
 class CarrierClosed(Exception):
@@ -956,11 +960,13 @@ class CallBridge:
     # ------------------------------------------------------------------ tools
     def _start_tool(self, call: lp.FunctionCall) -> None:
         self._event("tool_call", id=call.id, name=call.name, args=call.args)
+        spoke = self.turns.agent_turn_open  # agent audio already in this turn
         self._tool_tasks[call.id] = asyncio.create_task(
-            self._run_tool(call), name=f"tool:{call.name}:{self.call_sid}"
+            self._run_tool(call, spoke), name=f"tool:{call.name}:{self.call_sid}"
         )
 
-    async def _run_tool(self, call: lp.FunctionCall) -> None:
+    async def _run_tool(self, call: lp.FunctionCall, spoke: bool = True) -> None:
+        SPOKE_BEFORE_TOOL.set(spoke)  # this task's own context: seen by its handler only
         started = time.monotonic()
         handler = self.options.tool_handler
         try:
@@ -983,7 +989,11 @@ class CallBridge:
             await self.link.send_tool_responses(
                 [
                     function_response(
-                        call.id, call.name, result, non_blocking=self.options.non_blocking_tools
+                        call.id,
+                        call.name,
+                        result,
+                        non_blocking=self.options.non_blocking_tools,
+                        spoke_first=spoke,
                     )
                 ]
             )
