@@ -161,6 +161,8 @@ def _client(
     if ctx is not None:
         http_options.async_client_args = {"ssl": ctx}
     if vertexai:
+        if api_key and not project:  # Vertex AI express mode: an API key, no project
+            return genai.Client(vertexai=True, api_key=api_key, http_options=http_options)
         return genai.Client(
             vertexai=True, project=project, location=location, http_options=http_options
         )

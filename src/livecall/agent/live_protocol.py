@@ -231,7 +231,12 @@ def _usage(raw: dict[str, Any] | None) -> Usage | None:
         return None
     return Usage(
         prompt_tokens=int(_get(raw, "promptTokenCount", "prompt_token_count") or 0),
-        response_tokens=int(_get(raw, "responseTokenCount", "response_token_count") or 0),
+        # Vertex AI names the output side "candidates" (the Developer API: "response")
+        response_tokens=int(
+            _get(raw, "responseTokenCount", "response_token_count")
+            or _get(raw, "candidatesTokenCount", "candidates_token_count")
+            or 0
+        ),
         total_tokens=int(_get(raw, "totalTokenCount", "total_token_count") or 0),
     )
 

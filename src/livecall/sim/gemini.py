@@ -252,6 +252,8 @@ class Scenario:
     exclusive_resume: bool = False
     """Refuse (1008) to resume a conversation that another live session is carrying on."""
     refuse_resume: bool = False
+    refuse_resume_code: int = CLOSE_POLICY
+    """The close code of a refused resumption (gemini-3.8-live after its 58:00 close: 1007)."""
     handle_ttl: float | None = 7200.0
     # --- model behaviour
     hold_after_partial_content: bool = False
@@ -1999,7 +2001,7 @@ class FakeGeminiServer:
         if sc.handle_ttl is not None and time.monotonic() - info.issued_at > sc.handle_ttl:
             raise _Violation(CLOSE_POLICY, "Session resumption handle has expired.")
         if sc.refuse_resume:
-            raise _Violation(CLOSE_POLICY, "Session resumption is not available.")
+            raise _Violation(sc.refuse_resume_code, "Session resumption is not available.")
         if sc.exclusive_resume and self._live_chains.get(info.chain):
             raise _Violation(CLOSE_POLICY, "The session to resume is still in use.")
         return info.state.snapshot()
