@@ -784,9 +784,7 @@ class CallBridge:
         self._event("error", where="call", error=f"{reason}: ending the call")
         apology = self.options.apology_ulaw
         if apology:
-            with contextlib.suppress(Exception):
-                if self.turns.agent_turn_open or self.playout.has_pending():
-                    await self._barge_in()  # the apology is not queued behind a half answer
+            with contextlib.suppress(Exception):  # after what was already sent, as sent
                 await self.play_ulaw(apology)
                 await self.wait_heard(timeout=len(apology) / 8000 + 3.0)
         self._end(reason, failed=True)
