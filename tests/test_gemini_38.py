@@ -169,3 +169,20 @@ async def test_58_minute_close_and_refused_resumption_in_compressed_time(
     call = await stack.app.state.livecall.store.repo.get_call(result.call_sid)
     assert call is not None and (call.status, call.end_reason) == ("completed", "caller_stop")
     assert leftover_tasks(result.call_sid) == []
+
+
+def test_vertex_takes_an_api_key_alone_and_non_blocking_is_on_by_default(tmp_path: Any) -> None:
+    """Vertex AI express mode counts as credentials; tools are NON_BLOCKING there too."""
+    from livecall.server.app import create_app
+    from livecall.settings import Settings
+
+    def settings(**values: Any) -> Settings:
+        return Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/c.db", **values)
+
+    vertex = settings(gemini_use_vertexai=True, gemini_api_key="k" * 20)
+    assert vertex.has_gemini_credentials()
+    assert not settings(gemini_use_vertexai=True).has_gemini_credentials()
+    assert create_app(vertex).state.livecall.non_blocking_tools() is True
+    off = settings(gemini_use_vertexai=True, gemini_non_blocking_tools=False)
+    assert create_app(off).state.livecall.non_blocking_tools() is False
+    assert lp.turn_complete_message() == '{"clientContent":{"turnComplete":true}}'

@@ -140,3 +140,15 @@ async def test_transfer_line_is_heard_before_the_transfer(
     assert transfer.data["ok"] is True and transfer.data["line_heard"] is True
     if order == "call_then_speak":
         assert session.tool_responses[0].scheduling == "WHEN_IDLE"
+
+
+def test_call_control_answers_let_the_model_speak_only_when_it_has_not() -> None:
+    """SILENT after a goodbye already said; WHEN_IDLE when the call came before any word."""
+    from livecall.agent.tools import function_response
+
+    for name in ("end_call", "transfer_call"):
+        spoke = function_response("fc-1", name, {"result": "ok"}, spoke_first=True)
+        silent = function_response("fc-2", name, {"result": "ok"}, spoke_first=False)
+        assert (spoke["scheduling"], silent["scheduling"]) == ("SILENT", "WHEN_IDLE")
+    lookup = function_response("fc-3", "lookup", {}, spoke_first=True)
+    assert lookup["scheduling"] == "WHEN_IDLE"
