@@ -145,8 +145,8 @@ class Settings(BaseSettings):
     gemini_non_blocking_tools: bool | None = Field(
         None,
         validation_alias="GEMINI_NON_BLOCKING_TOOLS",
-        description="declare tools NON_BLOCKING (the model keeps talking while one runs); "
-        "unset: on for the Gemini Developer API, off for Vertex AI",
+        description="declare tools NON_BLOCKING (the model keeps talking while one runs) and "
+        "answer them with a `scheduling`; unset: on (Developer API and Vertex AI alike)",
     )
     gemini_reconnect_attempts: int = Field(5, validation_alias="GEMINI_RECONNECT_ATTEMPTS")
     gemini_stall_timeout_s: float = Field(
@@ -474,8 +474,9 @@ class Settings(BaseSettings):
         return self.system_prompt
 
     def has_gemini_credentials(self) -> bool:
-        if self.gemini_use_vertexai:
-            return bool(self.gemini_project and self.gemini_location)
+        if self.gemini_use_vertexai:  # a project, or an API key (Vertex AI express mode)
+            key = self.gemini_api_key.get_secret_value() if self.gemini_api_key else ""
+            return bool(self.gemini_project and self.gemini_location) or bool(key)
         return self.gemini_api_key is not None and bool(self.gemini_api_key.get_secret_value())
 
 

@@ -357,6 +357,10 @@ class AgentProfile(_Strict):
     webhook_url: str | None = None
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
+    # what the caller hears when the agent hangs up without a word: the model is asked to say
+    # this line; unset (or when it still says nothing), a recorded "Thank you for calling,
+    # goodbye!" plays
+    goodbye_line: str | None = None
 
     @field_validator("name")
     @classmethod

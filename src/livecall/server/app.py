@@ -124,9 +124,14 @@ class AppState:
         return source
 
     def non_blocking_tools(self) -> bool:
-        """NON_BLOCKING tool declarations where the API takes them (the Developer API)."""
+        """NON_BLOCKING tool declarations and response `scheduling`, on both APIs.
+
+        Vertex AI takes both like the Developer API (the SDK sends `behavior` to either),
+        and 3.8 models treat tools as non-blocking anyway: without `scheduling` the server
+        applies WHEN_IDLE and the model speaks again after `end_call`/`transfer_call`.
+        """
         configured = self.settings.gemini_non_blocking_tools
-        return (not self.settings.gemini_use_vertexai) if configured is None else configured
+        return True if configured is None else configured
 
     def match_profile(self, params: dict[str, str]) -> AgentProfile:
         """The profile for a call: its `profile` parameter, else our number, else the default.
