@@ -618,8 +618,8 @@ class CallBridge:
                 self._event("reconnect", code=exc.code, reason=exc.reason, during="switch")
                 await link.close()
                 if attempt < attempts:
-                    await asyncio.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, self.options.backoff_max_s)
+                    pause, delay = backoff_step(delay, self.options.backoff_max_s)
+                    await asyncio.sleep(pause)
                 continue
             if self.sessions > 1:
                 if why != "go_away":  # a planned rotation is counted in `rotations`
