@@ -31,6 +31,10 @@ __all__ = ["fake_rest", "make_stack"]  # fixtures, used by name
 
 pytestmark = pytest.mark.timeout(60)
 
+# Each line sent as fast as it is made: the carrier queues it, so a busy test machine cannot
+# starve the caller's playout and split the line with gaps (what is heard is the point here).
+UNHURRIED: dict[str, Any] = {"greeting": None, "rate": None, "pause_prob": 0.0}
+
 TRANSFER_PROFILE = profiles_yaml(
     tools=["end_call", "transfer_call"], transfer_targets={"manager": MANAGER}
 )
@@ -58,7 +62,7 @@ def _hangup(record: Any) -> dict[str, Any]:
 
 async def _end_call(make_stack: Any, fake: Any, fault: ToolCallFault, **scenario: Any) -> Any:
     stack = await make_stack(
-        Scenario(seed=11, greeting=None, tool_calls=[fault], **scenario),
+        Scenario(seed=11, tool_calls=[fault], **UNHURRIED, **scenario),
         profiles_yaml(tools=["end_call"]),
     )
     sid = "CA" + secrets.token_hex(16)
@@ -124,7 +128,8 @@ async def test_transfer_line_is_heard_before_the_transfer(
         fault = ToolCallFault(1, name="transfer_call", args=args, say_first="one_moment")
     else:
         fault = ToolCallFault(1, name="transfer_call", args=args, reply="one_moment")
-    stack = await make_stack(Scenario(seed=12, greeting=None, tool_calls=[fault]), TRANSFER_PROFILE)
+    scenario = Scenario(seed=12, tool_calls=[fault], **UNHURRIED)
+    stack = await make_stack(scenario, TRANSFER_PROFILE)
     sid = "CA" + secrets.token_hex(16)
     rest_call = live_call(fake, sid)
     from test_tools_e2e import say

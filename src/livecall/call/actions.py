@@ -163,10 +163,10 @@ class BridgeActions:
         if self.control is not None:
             self.spawn(self._rest_hangup(), "hangup")
 
-    async def _model_line(self, timeout: float) -> bool:  # noqa: ASYNC109
-        """After a call-control answer: the model's own line, begun and heard in time?"""
+    async def _model_line(self, timeout: float, before: int) -> bool:  # noqa: ASYNC109
+        """After a call-control answer: the model's own line (an agent turn begun since the
+        count was `before`), begun and heard in time?"""
         deadline = time.monotonic() + timeout
-        before = self.bridge.turns.agent_turn_index
         if not await self._wait_new_agent_turn(before, min(LINE_START_S, timeout)):
             return False
         return await self._let_agent_finish(max(0.5, deadline - time.monotonic()))
@@ -177,21 +177,22 @@ class BridgeActions:
             return False
         return await self.bridge.wait_heard(len(ulaw) / 8000 + 3.0)
 
-    async def _say_goodbye(self) -> tuple[bool, str]:
+    async def _say_goodbye(self, before: int) -> tuple[bool, str]:
         """The goodbye the model did not say before `end_call`: (heard, by whom)."""
-        if await self._model_line(LINE_TOTAL_S):
+        if await self._model_line(LINE_TOTAL_S, before):
             return True, "agent"
         line = self.profile.goodbye_line
+        before = self.bridge.turns.agent_turns_started
         asked = bool(line) and await self._send_turn(f"(Say this to the caller now: {line})", 1.0)
-        if asked and await self._model_line(LINE_TOTAL_S):
+        if asked and await self._model_line(LINE_TOTAL_S, before):
             return True, "agent"
         return await self._recorded_line(goodbye_ulaw()), "recorded"
 
-    async def _goodbye_then_hang_up(self, reason: str, spoke: bool) -> None:
+    async def _goodbye_then_hang_up(self, reason: str, spoke: bool, before: int) -> None:
         if spoke:  # the goodbye came first: let it play out
             heard, by = await self._let_agent_finish(self.goodbye_timeout_s), "agent"
         else:
-            heard, by = await self._say_goodbye()
+            heard, by = await self._say_goodbye(before)
         self.log.info("call.agent_hangup", reason=reason, goodbye_heard=heard, goodbye_by=by)
         self._record("hangup", by="agent", reason=reason, goodbye_heard=heard, goodbye_by=by)
         self._hang_up("agent_hangup")
@@ -207,7 +208,8 @@ class BridgeActions:
         spoke = SPOKE_BEFORE_TOOL.get()
         if not self._ending:
             self._ending = True
-            self.spawn(self._goodbye_then_hang_up(reason, spoke), "goodbye")
+            before = self.bridge.turns.agent_turns_started  # before the answer goes out
+            self.spawn(self._goodbye_then_hang_up(reason, spoke, before), "goodbye")
         if spoke:
             return {"result": "ok", "detail": "the call is ending"}
         return {
@@ -222,7 +224,8 @@ class BridgeActions:
                 "credentials); offer to take a message instead"
             }
         if not SPOKE_BEFORE_TOOL.get():  # decide, call, then speak: answer so it may speak
-            self.spawn(self._handoff_then_transfer(target_name, number), "handoff")
+            before = self.bridge.turns.agent_turns_started
+            self.spawn(self._handoff_then_transfer(target_name, number, before), "handoff")
             return {
                 "result": "transferring",
                 "target": target_name,
@@ -232,8 +235,8 @@ class BridgeActions:
         heard = await self._let_agent_finish(self.goodbye_timeout_s)
         return await self._transfer_now(target_name, number, heard)
 
-    async def _handoff_then_transfer(self, target_name: str, number: str) -> None:
-        heard = await self._model_line(LINE_TOTAL_S)
+    async def _handoff_then_transfer(self, target_name: str, number: str, before: int) -> None:
+        heard = await self._model_line(LINE_TOTAL_S, before)
         if not heard:
             heard = await self._recorded_line(handoff_ulaw())
         # the REST transfer must outlive the call's end (which it causes): its own task
@@ -303,12 +306,15 @@ class BridgeActions:
             return False
         return True
 
-    async def _wait_new_agent_turn(self, before: int | None, timeout: float) -> bool:  # noqa: ASYNC109
+    async def _wait_new_agent_turn(self, before: int, timeout: float) -> bool:  # noqa: ASYNC109
+        """Has an agent turn begun since `turns.agent_turns_started` was `before`?
+
+        Counted, not looked at: a short line can open and close between two looks.
+        """
         turns = self.bridge.turns
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            index = turns.agent_turn_index
-            if index is not None and index != before:
+            if turns.agent_turns_started > before:
                 return True
             await asyncio.sleep(0.05)
         return False
@@ -321,7 +327,7 @@ class BridgeActions:
             self._record("voicemail", left=False)
             self._hang_up("answering_machine")
             return
-        before = self.bridge.turns.agent_turn_index
+        before = self.bridge.turns.agent_turns_started
         spoke = await self._send_turn(voicemail_prompt(message))
         spoke = spoke and await self._wait_new_agent_turn(before, 10.0)
         heard = spoke and await self._let_agent_finish(max(30.0, len(message) / 8))

@@ -84,6 +84,7 @@ class TurnTracker:
         self._last_agent_start_ms = float("-inf")
         # metrics
         self.turns = 0
+        self.agent_turns_started = 0  # a turn that opens and closes between two looks counts
         self.interruptions = 0
         self.latencies_ms: list[float] = []
 
@@ -131,6 +132,7 @@ class TurnTracker:
         self._last_agent_start_ms = now_ms
         self._onset_since_agent = None
         self._agent = _AgentTurn(self._take_index(), now_ms, latency)
+        self.agent_turns_started += 1
         return self._agent
 
     @property
