@@ -283,6 +283,11 @@ class Settings(BaseSettings):
         validation_alias="LIVECALL_CALLS_TOKEN",
         description="bearer token that may place outbound calls (LIVECALL_API_TOKEN only reads)",
     )
+    business_timezone: str = Field(
+        "UTC",
+        validation_alias="BUSINESS_TIMEZONE",
+        description="IANA zone (e.g. America/New_York) for the dashboard's dates, days and charts",
+    )
 
     @field_validator("outbound_allowed_destinations", mode="before")
     @classmethod
@@ -373,6 +378,19 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("CALL_WEBHOOK_URL must be an absolute http(s) URL")
         return value
+
+    @field_validator("business_timezone")
+    @classmethod
+    def _timezone_is_known(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value.strip())
+        except (ZoneInfoNotFoundError, ValueError) as error:
+            raise ValueError(
+                f"BUSINESS_TIMEZONE must be an IANA zone name like Europe/Paris, not {value!r}"
+            ) from error
+        return value.strip()
 
     @field_validator("public_url")
     @classmethod

@@ -410,6 +410,14 @@ def _profile_names(state: AppState, settings: Settings) -> list[str]:
 # --- the live feed as server-sent events ----------------------------------------------------
 
 
+def _with_partials(state: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A call's finished turns and, after them, the lines still being spoken."""
+    done = list(state.get("turns") or ())
+    finished = {t.get("index") for t in done}
+    partials = [p for i, p in (state.get("partials") or {}).items() if i not in finished]
+    return sorted(done + partials, key=lambda t: t.get("index") or 0)
+
+
 def live_snapshot(feed: LiveFeed | None, registry: CallRegistry) -> list[dict[str, Any]]:
     """Every call in progress: the registry says which, the feed what was said so far."""
     now = time.monotonic()
@@ -423,7 +431,7 @@ def live_snapshot(feed: LiveFeed | None, registry: CallRegistry) -> list[dict[st
                 "stream_sid": active.stream_sid,
                 "elapsed_s": round(now - active.started, 1),
                 "info": state.get("info") or {},
-                "turns": list(state.get("turns") or ()),
+                "turns": _with_partials(state),
             }
         )
     for sid, state in list(known.items()):
@@ -434,7 +442,7 @@ def live_snapshot(feed: LiveFeed | None, registry: CallRegistry) -> list[dict[st
                     "stream_sid": (state.get("info") or {}).get("stream_sid"),
                     "elapsed_s": None,
                     "info": state.get("info") or {},
-                    "turns": list(state.get("turns") or ()),
+                    "turns": _with_partials(state),
                 }
             )
     return calls

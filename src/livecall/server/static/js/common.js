@@ -39,10 +39,11 @@
 
   /** Fill a transcript line (cloned from #turn-template) from a live-feed turn. */
   function fillTurn(li, turn) {
-    li.className = `turn ${turn.speaker}${turn.interrupted ? " interrupted" : ""}`;
+    li.className = `turn ${turn.speaker}${turn.interrupted ? " interrupted" : ""}${turn.partial ? " partial" : ""}`;
     li.dataset.index = String(turn.index);
     li.querySelector(".at").textContent = offset(turn.start_ms);
     li.querySelector(".speaker").textContent = turn.speaker;
+    if (turn.partial) li.setAttribute("aria-busy", "true"); else li.removeAttribute("aria-busy");
     const shown = turn.interrupted && turn.heard_text ? turn.heard_text : turn.text;
     li.querySelector(".text").textContent = shown || "…";
     li.querySelector(".badge.cut").hidden = !turn.interrupted;
@@ -54,10 +55,12 @@
     return li;
   }
 
-  /** Add or replace the line for `turn` in a transcript list, kept in turn order. */
+  /** Add or replace the line for `turn` in a transcript list, kept in turn order.
+   *  A partial line (words so far) is replaced in place; it never replaces a final one. */
   function upsertTurn(list, turn) {
     const template = document.getElementById("turn-template");
     const existing = list.querySelector(`li[data-index="${Number(turn.index)}"]`);
+    if (existing && turn.partial && !existing.classList.contains("partial")) return existing;
     const li = existing || template.content.firstElementChild.cloneNode(true);
     fillTurn(li, turn);
     if (!existing) {

@@ -1,5 +1,6 @@
-// Live calls: one card per call in progress, its transcript growing as turns complete
-// (server-sent events from /live/events), with an end-call button.
+// Live calls: one card per call in progress, its transcript growing word by word as Gemini
+// transcribes (server-sent events from /live/events: `partial` lines are replaced in place,
+// then by the finished `turn`), with an end-call button.
 "use strict";
 (function () {
   const lc = window.livecall;
@@ -114,6 +115,7 @@
   });
   on("call_started", (msg) => ensureCard(msg.call_sid, msg.info, 0));
   on("turn", (msg) => addTurn(ensureCard(msg.call_sid, null, 0), msg.turn));
+  on("partial", (msg) => addTurn(ensureCard(msg.call_sid, null, 0), msg.turn));
   on("call_ended", (msg) => markEnded(msg.call_sid, msg.summary));
   window.addEventListener("pagehide", () => events.close());
   refresh();

@@ -213,12 +213,14 @@ events.addEventListener("snapshot", (e) => {
     if (c.call_sid === lastSid) for (const turn of c.turns) lc.upsertTurn(transcript, turn);
   }
 });
-events.addEventListener("turn", (e) => {
-  const msg = JSON.parse(e.data);
-  if (!mine(msg)) return;
-  lc.upsertTurn(transcript, msg.turn);
-  $("softphone-waiting").hidden = true;
-});
+for (const kind of ["turn", "partial"]) {
+  events.addEventListener(kind, (e) => {
+    const msg = JSON.parse(e.data);
+    if (!mine(msg)) return;
+    lc.upsertTurn(transcript, msg.turn);
+    $("softphone-waiting").hidden = true;
+  });
+}
 events.addEventListener("call_ended", (e) => {
   const msg = JSON.parse(e.data);
   if (mine(msg) && msg.summary) wire(`call ended: ${msg.summary.end_reason.replaceAll("_", " ")}`);
