@@ -22,7 +22,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
-from livecall.store.models import Call, CallEvent, Turn, WebhookDelivery
+from livecall.store import search
+from livecall.store.models import Call, CallEvent, SearchDoc, Turn, WebhookDelivery
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -65,6 +66,7 @@ _TURN_FIELDS = (
     "barge_in_stop_ms",
 )
 _EVENT_FIELDS = ("at_ms", "kind", "name", "duration_ms", "data")
+_DIGIT_FIELDS = ("from_rdigits", "to_rdigits")
 
 
 class InvalidCursor(ValueError):
@@ -173,6 +175,8 @@ class Repository:
                 starts[sid]["started_at"] = _ts(op["started_at"])
                 starts[sid]["direction"] = op.get("direction") or "inbound"
                 starts[sid]["custom_parameters"] = op.get("custom_parameters") or {}
+                starts[sid]["from_rdigits"] = search.rdigits(op.get("from_number"))
+                starts[sid]["to_rdigits"] = search.rdigits(op.get("to_number"))
             elif kind == "turn":
                 row = {"call_sid": sid, "idx": op["idx"], **{k: op.get(k) for k in _TURN_FIELDS}}
                 row["text"] = row["text"] or ""
@@ -196,7 +200,7 @@ class Repository:
                 stmt = insert(Call)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=[Call.call_sid],
-                    set_={k: stmt.excluded[k] for k in _START_FIELDS},
+                    set_={k: stmt.excluded[k] for k in (*_START_FIELDS, *_DIGIT_FIELDS)},
                 )
                 await session.execute(stmt, list(starts.values()))
             # A turn or event for a call we never saw start (should not happen, but a lost
@@ -212,6 +216,11 @@ class Repository:
                     set_={k: stmt.excluded[k] for k in _TURN_FIELDS},
                 )
                 await session.execute(stmt, list(turns.values()))
+                docs = (
+                    search.turn_doc(t["call_sid"], t["speaker"], t["idx"], t["text"])
+                    for t in turns.values()
+                )
+                await search.index_docs(session, docs)
             if events:
                 stmt = insert(CallEvent).on_conflict_do_nothing(
                     index_elements=[CallEvent.call_sid, CallEvent.seq]
@@ -254,6 +263,7 @@ class Repository:
             # explicit, in case a SQLite connection was opened without foreign keys
             await session.execute(delete(Turn).where(Turn.call_sid == call_sid))
             await session.execute(delete(CallEvent).where(CallEvent.call_sid == call_sid))
+            await session.execute(delete(SearchDoc).where(SearchDoc.call_sid == call_sid))
             await session.execute(  # a pending webhook holds the transcript too
                 delete(WebhookDelivery).where(WebhookDelivery.call_sid == call_sid)
             )
@@ -278,8 +288,11 @@ class Repository:
         until: datetime | None,
         number: str | None,
         status: str | None,
+        number_ends: str | None = None,
     ) -> list[ColumnElement[bool]]:
         where: list[ColumnElement[bool]] = []
+        if number_ends:
+            where.append(search.number_suffix(number_ends))
         if since is not None:
             where.append(Call.started_at >= since)
         if until is not None:
@@ -300,9 +313,12 @@ class Repository:
         limit: int = 50,
         cursor: str | None = None,
         offset: int | None = None,
+        number_ends: str | None = None,
     ) -> CallPage:
-        """Newest calls first. Page with `cursor` (stable under inserts) or `offset`."""
-        where = self._filters(since, until, number, status)
+        """Newest calls first. Page with `cursor` (stable under inserts) or `offset`.
+
+        `number` is an exact number; `number_ends` any tail of one, in any format."""
+        where = self._filters(since, until, number, status, number_ends)
         query: Select[tuple[Call]] = select(Call).where(*where)
         if cursor:
             stamp, sid = decode_cursor(cursor)
@@ -324,6 +340,56 @@ class Repository:
             last = rows[-1]
             next_cursor = encode_cursor(last.started_at, last.call_sid)
         return CallPage(items=rows, total=int(total or 0), next_cursor=next_cursor)
+
+    async def search(
+        self,
+        query: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        status: str | None = None,
+        limit: int = 50,
+    ) -> list[search.SearchHit]:
+        """Calls (newest first) with a line holding every word of `query`, each with its first
+        matching line; a query that is a number matches calls whose number ends with it."""
+        if search.looks_like_number(query):
+            page = await self.list_calls(
+                since=since, until=until, status=status, number_ends=query, limit=limit
+            )
+            return [search.SearchHit(call) for call in page.items]
+        terms = search.search_terms(query)
+        if not terms:
+            return []
+        where = self._filters(since, until, None, status)
+        async with self.sessions() as session:
+            dialect = session.get_bind().dialect.name
+            rows = await session.execute(
+                select(SearchDoc.call_sid, SearchDoc.source, SearchDoc.ref, SearchDoc.text)
+                .join(Call, Call.call_sid == SearchDoc.call_sid)
+                .where(search.text_matches(dialect, terms), *where)
+                .order_by(Call.started_at.desc(), Call.call_sid.desc(), SearchDoc.id)
+                .limit(limit * 20)
+            )
+            hits: dict[str, search.SearchHit] = {}
+            for sid, source, ref, line in rows:
+                hit = hits.get(sid)
+                if hit is None:
+                    if len(hits) >= limit:
+                        continue
+                    hit = hits[sid] = search.SearchHit(None, source, ref, line)  # type: ignore[arg-type]
+                hit.matches += 1
+            if not hits:
+                return []
+            calls = {
+                c.call_sid: c
+                for c in (await session.scalars(select(Call).where(Call.call_sid.in_(hits)))).all()
+            }
+        out = []
+        for sid, hit in hits.items():
+            if sid in calls:
+                hit.call = calls[sid]
+                out.append(hit)
+        return out
 
     async def get_call(self, call_sid: str) -> Call | None:
         """A call with its transcript (turns by index) and events (by sequence)."""
