@@ -362,10 +362,12 @@ async def test_calls_list_filters_search_and_pages(client: httpx.AsyncClient) ->
     assert page.status_code == 200
     assert page.text.count('<tr data-href="/calls/') == 8
     assert f'href="/calls/{SID}"' in page.text
-    assert "front-desk" in page.text and "caller stop" in page.text
+    assert "front-desk" in page.text and "The caller hung up" in page.text
 
     by_number = await client.get("/", params={"q": "+1 555-000-1222"})  # punctuation ignored
     assert by_number.text.count("<tr data-href=") == 3  # i = 1, 3, 5
+    by_tail = await client.get("/", params={"q": "1222"})  # the last digits are enough
+    assert by_tail.text.count("<tr data-href=") == 3
     failed = await client.get("/", params={"status": "failed"})
     assert failed.text.count("<tr data-href=") == 1
     today = TODAY.date().isoformat()
@@ -431,10 +433,17 @@ async def test_stats_page_has_per_day_data_for_the_charts(client: httpx.AsyncCli
     assert sum(d["calls"] for d in data["days"]) == 8
     assert data["overall"]["first_audio_latency_ms"]["count"] == 8
     assert len(data["durations"]) == 8
+    assert sum(data["hours"]) == 8 and sum(data["weekdays"]) == 8
+    assert sum(data["outcomes"].values()) == 8
     assert "vendor/chart.umd.min.js" in page.text
-    # a huge range is cut to the last 92 days
+    assert 'id="range-cut"' not in page.text and "at most 92 days" in page.text
+    # a huge range is cut to the last 92 days, and the page says so
     wide = await client.get("/stats", params={"since": "2000-01-01"})
     assert len(json_island(wide.text, "stats-data")["days"]) == 92
+    assert 'id="range-cut"' in wide.text and "showing the last 92" in wide.text
+    # an empty range says so instead of drawing empty charts
+    empty = await client.get("/stats", params={"since": "2001-01-01", "until": "2001-01-07"})
+    assert 'id="stats-empty"' in empty.text and 'id="chart-hours"' not in empty.text
 
 
 async def test_softphone_page_offers_the_profiles(client: httpx.AsyncClient) -> None:
@@ -489,7 +498,7 @@ async def test_live_page_shows_calls_in_progress(env: Env, client: httpx.AsyncCl
     assert f'<article class="live-call card" data-sid="{"CA" + "7" * 32}"' in page.text
     assert "Is anyone there?" in page.text and "+15557770000" in page.text
     assert 'data-elapsed="42' in page.text
-    assert '<span class="count" id="live-count" >1</span>' in page.text
+    assert re.search(r'id="live-count" >.*calls now: </span>1</span>', page.text)
 
 
 async def test_end_call_needs_the_csrf_token_and_same_origin(

@@ -47,6 +47,7 @@ __all__ = [
     "callbacks",
     "callers_who_spoke",
     "mark_handled",
+    "needs_callback",
     "outcome_case",
     "outcome_of",
     "repeat_callers",
@@ -273,6 +274,13 @@ def _needs_callback(short_s: float) -> ColumnElement[bool]:
             func.coalesce(Call.duration_s, 0.0) < short_s,
         ),
     )
+
+
+def needs_callback(call: Call, short_s: float = SHORT_S) -> bool:
+    """The same rule as the list's, for one call already loaded."""
+    if call.direction != "inbound" or call.status == "in_progress":
+        return False
+    return call.status == "failed" or (call.duration_s or 0.0) < short_s
 
 
 @dataclass(slots=True)

@@ -13,21 +13,23 @@ session redirect to /login; data endpoints answer 401. The softphone socket chec
 cookie and the origin before accepting, then runs exactly the Twilio bridge path.
 
 Modules: `auth` (sessions, CSRF, login throttle, login/logout), `core` (the shared context
-and checks), `pages` (calls, search, a call, stats, call backs), `live` (the live page and its
-event stream), `softphone` (its page and socket). Handlers are module-level functions; this
+and checks), `words` (the owner's words and clock), `pages` (calls, search, a call, stats),
+`callbacks` ("needs a call back"), `live` (the live page and its event stream), `softphone`
+(its page and socket). Handlers are module-level functions; this
 module builds the router that binds them to one `Dashboard`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends
 from starlette.requests import HTTPConnection
 from starlette.templating import Jinja2Templates
 
 from livecall.live_feed import LiveFeed
-from livecall.server.dashboard import auth, live, pages, softphone
+from livecall.server.dashboard import auth, callbacks, live, pages, softphone
 from livecall.server.dashboard.auth import (
     DEFAULT_SESSION_TTL_S,
     SESSION_COOKIE,
@@ -44,10 +46,10 @@ from livecall.server.dashboard.core import (
     _fmt_duration,
     _fmt_ms,
     _fmt_offset,
-    _fmt_time,
     _latency_class,
 )
 from livecall.server.dashboard.live import live_events, live_snapshot
+from livecall.server.dashboard.words import end_reason_words, fmt_when, outcome_words
 from livecall.settings import Settings
 from livecall.store.recordings import RecordingStore
 from livecall.store.writer import CallStore
@@ -91,14 +93,18 @@ def build_dashboard_router(
             "LIVECALL_API_TOKEN is not set: the dashboard is off (set a token, or "
             "LIVECALL_API_LOCAL_ONLY=true to serve loopback clients only)"
         )
+    zone = ZoneInfo(settings.business_timezone)
     templates = Jinja2Templates(directory=str(TEMPLATE_DIR))
     templates.env.filters.update(
         duration=_fmt_duration,
         offset=_fmt_offset,
         ms=_fmt_ms,
         latency_class=_latency_class,
-        when=_fmt_time,
+        when=lambda value: fmt_when(value, zone),
+        when_s=lambda value: fmt_when(value, zone, seconds=True),
         event_summary=_event_summary,
+        outcome_words=outcome_words,
+        end_reason_words=end_reason_words,
     )
     dash = Dashboard(
         state=state,
@@ -124,6 +130,8 @@ def build_dashboard_router(
     router.add_api_route("/calls/{sid}/webhook/retry", pages.retry_webhook, methods=post)
     router.add_api_route("/calls/{sid}/recording", pages.call_recording, methods=get)
     router.add_api_route("/stats", pages.stats_page, methods=get)
+    router.add_api_route("/callbacks", callbacks.callbacks_page, methods=get)
+    router.add_api_route("/callbacks/{sid}/handled", callbacks.mark_handled, methods=post)
     router.add_api_route("/live", live.live_page, methods=get)
     router.add_api_route("/live/events", live.live_stream, methods=get)
     router.add_api_route("/live/{sid}/end", live.end_call, methods=post)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -41,6 +42,7 @@ from livecall.server.dashboard.auth import (
 )
 from livecall.server.forwarded import TrustedProxies
 from livecall.settings import Settings
+from livecall.store import owner
 from livecall.store.recordings import RecordingStore
 from livecall.store.repository import Repository
 from livecall.store.writer import CallStore
@@ -54,6 +56,7 @@ HERE = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR = HERE / "templates"
 STATIC_DIR = HERE / "static"
 
+COUNT_TTL_S = 5.0
 END_REASON = "operator_hangup"  # what a call ended from the live page records as end_reason
 MAX_FORM_BYTES = 8192
 _SID_RE = re.compile(SID_PATTERN)
@@ -211,6 +214,9 @@ class Dashboard:
     trusted: TrustedProxies = field(init=False)
     local: LocalAccess = field(init=False)
 
+    callbacks_waiting: int | None = field(default=None, init=False)  # the nav's count
+    _counted_at: float = field(default=-1e9, init=False)
+
     def __post_init__(self) -> None:
         self.trusted = TrustedProxies(self.settings.trusted_proxies)
         admin_socket = str(self.settings.admin_socket) if self.settings.admin_socket else None
@@ -224,6 +230,18 @@ class Dashboard:
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.settings.business_timezone)
+
+    async def count_callbacks(self, *, fresh: bool = False) -> None:
+        """Keeps the nav's "needs a call back" count, asking the database at most every
+        `COUNT_TTL_S` (a database that is down leaves the count out, never the page)."""
+        now = time.monotonic()
+        if not fresh and now - self._counted_at < COUNT_TTL_S:
+            return
+        self._counted_at = now
+        try:
+            self.callbacks_waiting = await owner.callback_count(self.repo.sessions)
+        except (SQLAlchemyError, OSError):
+            self.callbacks_waiting = None
 
     def current(self, request: Request | WebSocket) -> Session | None:
         if not self.token and not self.local.is_local(request.scope, request.headers):
@@ -275,6 +293,8 @@ class Dashboard:
             signed_in=session is not None,
             live_count=len(self.state.registry.active),
             token_login=bool(self.token),
+            callbacks_waiting=self.callbacks_waiting if session is not None else None,
+            zone_name=self.settings.business_timezone,
         )
         return self.templates.TemplateResponse(
             request, name, context, status_code=status_code, headers=_PAGE_HEADERS
@@ -294,9 +314,12 @@ class Dashboard:
         return self.render(request, "error.html", session, 404, title="Not found", message=what)
 
 
-def ctx(conn: HTTPConnection) -> Dashboard:
+async def ctx(conn: HTTPConnection) -> Dashboard:
     """The dependency every handler takes: the dashboard its router bound to the request."""
-    return conn.state.livecall_dashboard  # type: ignore[no-any-return]
+    dash: Dashboard = conn.state.livecall_dashboard
+    if conn.scope["type"] == "http" and conn.scope.get("method") == "GET":
+        await dash.count_callbacks()
+    return dash
 
 
 Ctx = Annotated[Dashboard, Depends(ctx)]

@@ -4,7 +4,8 @@ recording, its webhook deliveries, and the statistics."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
@@ -20,18 +21,37 @@ from livecall.server.dashboard.core import (
     _database,
     _day,
     _json,
-    _midnight,
     _Unavailable,
     _unheard,
     _webhook_deliveries,
     log,
 )
+from livecall.server.dashboard.words import (
+    dial_number,
+    end_reason_words,
+    fmt_day,
+    local_midnight,
+    local_today,
+)
+from livecall.store import owner, search
 from livecall.store.repository import InvalidCursor
 
 MAX_STATS_DAYS = 92
 HISTOGRAM_CALLS = 2000  # the duration histogram looks at this many most recent calls at most
 _CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
-_NUMBER_JUNK = re.compile(r"[\s().-]")
+SEARCH_LIMIT = 50
+
+
+@dataclass(slots=True)
+class Row:
+    """One call as the list shows it: the record, its outcome and, for a search, the line."""
+
+    call: CallOut
+    outcome: str
+    ended: str
+    match_source: str | None = None
+    match: list[tuple[str, bool]] | None = None
+    matches: int = 0
 
 
 async def calls_page(
@@ -43,32 +63,54 @@ async def calls_page(
     status: str | None = None,
     cursor: str | None = None,
 ) -> Response:
+    """The calls, newest first; dates are the business's days. With `q`: a call SID opens
+    the call, a number finds calls from or to any number ending with it, words search
+    everything said (and, with analysis, summaries and extracted fields)."""
     session = dash.current(request)
     if session is None:
         return dash.login_redirect(request)
-    query = (q or "").strip()[:64]
+    query = (q or "").strip()[:100]
     if _CALL_SID.match(query):  # a pasted call SID: straight to its page
         return RedirectResponse(f"/calls/{query}", status_code=303)
-    number = _NUMBER_JUNK.sub("", query) or None
+    zone = dash.zone
     start, end = _day(since), _day(until)
+    lo = local_midnight(start, zone) if start else None
+    hi = local_midnight(end + timedelta(days=1), zone) if end else None
     status = status if status in ("in_progress", "completed", "failed") else None
     error = None
+    hits: list[search.SearchHit] | None = None
+    next_cursor = None
     try:
         with _database():
-            page = await dash.repo.list_calls(
-                since=_midnight(start) if start else None,
-                until=_midnight(end + timedelta(days=1)) if end else None,
-                number=number,
-                status=status,
-                limit=50,
-                cursor=cursor or None,
-            )
-    except InvalidCursor:
-        error = "That page link is no longer valid; showing the newest calls."
-        with _database():
-            page = await dash.repo.list_calls(number=number, status=status, limit=50)
+            if query:
+                hits = await dash.repo.search(
+                    query, since=lo, until=hi, status=status, limit=SEARCH_LIMIT
+                )
+                calls = [h.call for h in hits]
+                total = len(hits)
+            else:
+                try:
+                    page = await dash.repo.list_calls(
+                        since=lo, until=hi, status=status, limit=50, cursor=cursor or None
+                    )
+                except InvalidCursor:
+                    error = "That page link is no longer valid; showing the newest calls."
+                    page = await dash.repo.list_calls(status=status, limit=50)
+                calls, total, next_cursor = page.items, page.total, page.next_cursor
+            spoke = await owner.callers_who_spoke(dash.repo.sessions, [c.call_sid for c in calls])
     except _Unavailable:
         return dash.unavailable(request, session)
+    terms = search.search_terms(query) if query and not search.looks_like_number(query) else []
+    rows = []
+    for i, call in enumerate(calls):
+        kind = owner.outcome_of(call.status, call.duration_s, call.call_sid in spoke)
+        row = Row(CallOut.of(call), kind, end_reason_words(call.end_reason, kind))
+        hit = hits[i] if hits is not None else None
+        if hit is not None and hit.text:
+            row.match_source = _source_words(hit.source)
+            row.match = search.highlight(search.snippet(hit.text, terms), terms)
+            row.matches = hit.matches
+        rows.append(row)
     filters = {
         "since": start.isoformat() if start else "",
         "until": end.isoformat() if end else "",
@@ -80,14 +122,24 @@ async def calls_page(
         "calls.html",
         session,
         nav="calls",
-        calls=[CallOut.of(c) for c in page.items],
-        total=page.total,
-        next_cursor=page.next_cursor,
+        rows=rows,
+        total=total,
+        searching=bool(query),
+        search_limit=SEARCH_LIMIT,
+        next_cursor=next_cursor,
         paged=bool(cursor),
         filters=filters,
         filter_query={k: v for k, v in filters.items() if v},
         error=error,
     )
+
+
+def _source_words(source: str | None) -> str:
+    if source is None:
+        return ""
+    if source.startswith("field:"):
+        return source.removeprefix("field:").replace("_", " ")
+    return {"caller": "Caller", "agent": "Agent", "summary": "Summary"}.get(source, source)
 
 
 async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
@@ -126,6 +178,10 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
         t.first_audio_latency_ms for t in detail.turns if t.first_audio_latency_ms is not None
     ]
     deliveries = await _webhook_deliveries(dash.state, sid)
+    remote = call.to_number if call.direction == "outbound" else call.from_number
+    spoke = any(t.speaker == "caller" and t.text for t in detail.turns)
+    outcome = owner.outcome_of(call.status, call.duration_s, spoke)
+    params = call.custom_parameters or {}
     data = {
         "call_sid": detail.call_sid,
         "has_recording": detail.has_recording,
@@ -139,6 +195,13 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
         session,
         nav="calls",
         call=detail,
+        caller_label=remote or "Unknown number",
+        caller_name=str(params.get("caller_name") or params.get("CallerName") or "")[:80],
+        outcome=outcome,
+        ended_words=end_reason_words(call.end_reason, outcome),
+        callback=owner.needs_callback(call),
+        handled_at=call.callback_handled_at,
+        dial=dial_number(remote),
         timeline=timeline,
         live=sid in dash.state.registry.active,
         latency_summary={
@@ -208,34 +271,59 @@ async def stats_page(
     since: str | None = None,
     until: str | None = None,
 ) -> Response:
+    """The owner's statistics for a range of the business's days (at most `MAX_STATS_DAYS`,
+    said on the page when a range is cut): calls by day, hour and weekday, answered against
+    missed, outcomes, repeat callers and the busiest times; the engineer's figures below."""
     session = dash.current(request)
     if session is None:
         return dash.login_redirect(request)
-    today = datetime.now(UTC).date()
+    zone = dash.zone
+    today = local_today(zone)
     end = _day(until) or today
     start = _day(since) or end - timedelta(days=13)
     if start > end:
         start, end = end, start
-    start = max(start, end - timedelta(days=MAX_STATS_DAYS - 1))
-    lo, hi = _midnight(start), _midnight(end + timedelta(days=1))
+    asked = (end - start).days + 1
+    cut = asked > MAX_STATS_DAYS
+    if cut:
+        start = end - timedelta(days=MAX_STATS_DAYS - 1)
+    lo, hi = owner.local_range(start, end, zone)
     try:
         with _database():
+            seen = await owner.activity(dash.repo.sessions, start, end, zone)
+            repeats, repeat_top = await owner.repeat_callers(dash.repo.sessions, lo, hi)
             overall = StatsOut.of(await dash.repo.stats(since=lo, until=hi))
-            days = []
-            day = start
-            while day <= end:
-                s = StatsOut.of(
-                    await dash.repo.stats(since=_midnight(day), until=_midnight(day) + timedelta(1))
-                )
-                days.append({"day": day.isoformat(), **s.model_dump()})
-                day += timedelta(days=1)
             recent = await dash.repo.list_calls(since=lo, until=hi, limit=HISTOGRAM_CALLS)
     except _Unavailable:
         return dash.unavailable(request, session)
     durations = [c.duration_s for c in recent.items if c.duration_s is not None]
+    days = [
+        {
+            "day": d.day.isoformat(),
+            "label": fmt_day(d.day),
+            "calls": d.calls,
+            "answered": d.answered,
+            "missed": d.missed,
+            "mean_duration_s": d.duration_s / d.calls if d.calls else None,
+            "mean_latency_ms": d.mean_latency_ms,
+        }
+        for d in seen.days.values()
+    ]
+    answered = seen.outcomes.get("answered", 0)
+    missed = seen.outcomes.get("abandoned", 0) + seen.outcomes.get("failed", 0)
+    busiest = [
+        {"weekday": WEEKDAYS[wd], "hour": h, "label": _hour_label(h), "calls": n}
+        for wd, h, n in seen.busiest(3)
+    ]
     data = {
+        "zone": dash.settings.business_timezone,
         "overall": overall.model_dump(),
         "days": days,
+        "hours": seen.hours,
+        "hour_labels": [_hour_label(h) for h in range(24)],
+        "weekdays": seen.weekdays,
+        "weekday_labels": list(WEEKDAYS),
+        "outcomes": seen.outcomes,
         "durations": durations,
         "durations_sampled": recent.total > len(recent.items),
     }
@@ -245,12 +333,34 @@ async def stats_page(
         session,
         nav="stats",
         stats=overall,
+        calls=seen.calls,
+        answered=answered,
+        missed=missed,
+        outcomes=seen.outcomes,
+        repeats=repeats,
+        repeat_top=repeat_top,
+        busiest=busiest,
+        days=days,
+        hours=seen.hours,
+        weekdays=list(zip(WEEKDAYS, seen.weekdays, strict=True)),
         since=start.isoformat(),
         until=end.isoformat(),
+        since_label=fmt_day(start),
+        until_label=fmt_day(end),
+        cut=cut,
+        asked_days=asked,
+        max_days=MAX_STATS_DAYS,
         stats_data=data,
         sampled=data["durations_sampled"],
         histogram_calls=HISTOGRAM_CALLS,
     )
+
+
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+def _hour_label(hour: int) -> str:
+    return f"{hour:02d}:00"
 
 
 STATIC_ROOT = STATIC_DIR.resolve()

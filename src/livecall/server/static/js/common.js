@@ -1,4 +1,5 @@
-// Shared by every dashboard page: local times, number formats, transcript lines, CSRF posts.
+// Shared by every dashboard page: number formats, transcript lines, CSRF posts, nav counts,
+// and what happens when the session is gone (back to the login page, then to this page).
 "use strict";
 (function () {
   const csrfToken = () => {
@@ -71,22 +72,42 @@
     return li;
   }
 
-  /** POST with the session's CSRF token; the cookie goes along (same origin only). */
-  function post(url) {
+  /** POST (a form body if given) with the session's CSRF token; the cookie goes along. */
+  function post(url, body) {
     return fetch(url, {
       method: "POST",
       credentials: "same-origin",
       headers: { "X-CSRF-Token": csrfToken(), Accept: "application/json" },
+      body: body || undefined,
     });
   }
 
-  function setLiveCount(n) {
-    const badge = document.getElementById("live-count");
-    if (!badge) return;
-    badge.textContent = String(n);
-    badge.hidden = n === 0;
+  /** The login page, coming back to this page afterwards. */
+  function toLogin() {
+    const here = location.pathname + location.search;
+    location.assign(`/login?next=${encodeURIComponent(here)}`);
   }
 
-  window.livecall = { csrfToken, localTimes, offset, ms, latencyClass, fillTurn, upsertTurn, post, setLiveCount };
+  /** A 401 means signed out (elsewhere, or the session ran out): go and sign in again. */
+  function signedOut(response) {
+    if (response.status !== 401) return false;
+    toLogin();
+    return true;
+  }
+
+  /** Sets a nav count badge (its hidden label stays for screen readers). */
+  function setCount(id, n) {
+    const badge = document.getElementById(id);
+    if (!badge || n === null || n === undefined) return;
+    badge.lastChild.textContent = String(n);
+    badge.hidden = !n;
+  }
+
+  const setLiveCount = (n) => setCount("live-count", n);
+
+  window.livecall = {
+    csrfToken, localTimes, offset, ms, latencyClass, fillTurn, upsertTurn, post, toLogin,
+    signedOut, setCount, setLiveCount,
+  };
   localTimes(document);
 })();
