@@ -28,6 +28,7 @@ async def callbacks_page(dash: Ctx, request: Request, show: str | None = None) -
     try:
         with _database():
             items = await owner.callbacks(dash.repo.sessions, handled=handled)
+        await dash.count_callbacks(fresh=True)  # this page and its nav count agree
     except _Unavailable:
         return dash.unavailable(request, session)
     rows = []
