@@ -303,7 +303,9 @@ async def test_caller_words_reach_the_live_page_within_a_second(owner: Owner, wi
         assert seen["partial"], "the caller's words came only with the finished turn"
         assert seen["at"] / 1000 - spoken < 1.0, "the words took more than a second"
         await expect_(card.locator("li.turn.agent")).to_contain_text("noon", timeout=WAIT_MS)
-        await owner.shot(page, "live", width)
+        assert await audit(page) == []  # with a call on it
+        await fits(page)
+        await owner.shot(page, "live-call", width)
         page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
         await card.get_by_role("button", name="End call").click()
         await asyncio.wait_for(task, 15)
