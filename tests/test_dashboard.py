@@ -605,3 +605,63 @@ def test_softphone_socket_wants_a_session_and_our_origin(tmp_path: Path) -> None
             with pytest.raises(WebSocketDisconnect) as bad_start:
                 ws.receive_text()
             assert bad_start.value.code == 1008
+
+
+# --- the owner's pages (#16) -------------------------------------------------------------------
+
+
+async def test_search_shows_the_matching_line(client: httpx.AsyncClient) -> None:
+    await sign_in(client)
+    page = await client.get("/", params={"q": "kitchen closes"})
+    assert page.status_code == 200
+    assert page.text.count('<tr data-href="/calls/') == 8  # every seeded call said it
+    assert "<mark>kitchen</mark> <mark>closes</mark>" in page.text
+    assert '<span class="match-source">Agent:</span>' in page.text
+    assert "8 calls found" in page.text
+    nothing = await client.get("/", params={"q": "pizza"})
+    assert "<tr data-href=" not in nothing.text and "0 calls found" in nothing.text
+    hostile = await client.get("/", params={"q": '<script>alert(1)</script> " OR NEAR('})
+    assert hostile.status_code == 200 and "<script>alert" not in hostile.text
+
+
+async def test_call_backs_list_and_the_handled_mark(env: Env, client: httpx.AsyncClient) -> None:
+    signed_out = await client.get("/callbacks")
+    assert signed_out.status_code == 303 and signed_out.headers["location"].startswith("/login")
+    assert (await client.post(f"/callbacks/{SID}/handled")).status_code == 401
+    csrf = await sign_in(client)
+    page = await client.get("/callbacks")
+    assert page.status_code == 200
+    assert page.text.count('<li class="card callback"') == 8  # all seeded calls last 9 s
+    assert 'href="tel:+15550001111"' in page.text
+    assert re.search(r'id="callback-count" >.*waiting: </span>8</span>', page.text)
+
+    target = f"/callbacks/{SID}/handled"
+    assert (await client.post(target, data={"handled": "1"})).status_code == 403
+    cross = await client.post(
+        target, data={"csrf": csrf}, headers={"Origin": "https://evil.example"}
+    )
+    assert cross.status_code == 403
+    done = await client.post(target, data={"csrf": csrf, "next": "//evil.example/"})
+    assert done.status_code == 303 and done.headers["location"] == "/"  # never off-site
+    page = await client.get("/callbacks")
+    assert page.text.count('<li class="card callback"') == 7 and SID not in page.text
+    handled = await client.get("/callbacks", params={"show": "handled"})
+    assert f'data-sid="{SID}"' in handled.text
+    undo = await client.post(
+        target,
+        data={"handled": "0"},
+        headers={"X-CSRF-Token": csrf, "Accept": "application/json"},
+    )
+    assert undo.json() == {"call_sid": SID, "handled": False, "waiting": 8}
+    missing = await client.post(
+        "/callbacks/CA" + "9" * 32 + "/handled", headers={"X-CSRF-Token": csrf}
+    )
+    assert missing.status_code == 404
+
+
+async def test_call_page_heading_is_the_caller(client: httpx.AsyncClient) -> None:
+    await sign_in(client)
+    html = (await client.get(f"/calls/{SID}")).text
+    assert re.search(r'<h1><span class="caller-number">\+15550001111</span>', html)
+    assert '<details class="card technical" id="technical">' in html  # collapsed
+    assert "The caller hung up" in html and "Needs a call back" in html

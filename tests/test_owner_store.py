@@ -266,3 +266,22 @@ async def test_repeat_callers(store: CallStore) -> None:
     )
     assert total == 2
     assert [(r["number"], r["calls"]) for r in top] == [("+15550000001", 3), ("+15550000002", 2)]
+
+
+async def test_another_reason_to_call_back_is_one_line(store: CallStore) -> None:
+    """What post-call analysis does: its flagged calls join the list through FLAG_SOURCES."""
+    make_call(store, "CAlong", lines=(("caller", "Please ring me back about the cake"),))
+    make_call(store, "CAfine", lines=(("caller", "Thanks, bye"),), started=T0 + timedelta(1))
+    await store.flush()
+    async with store.repo.sessions.begin() as session:
+        await search.index_docs(session, search.analysis_docs("CAlong", "Wants a call back", {}))
+    assert await owner.callbacks(store.repo.sessions) == []  # both a minute long, answered
+    owner.FLAG_SOURCES["the analysis"] = lambda: select(SearchDoc.call_sid).where(
+        SearchDoc.source == "summary", SearchDoc.text.contains("call back")
+    )
+    try:
+        (flagged,) = await owner.callbacks(store.repo.sessions)
+        assert flagged.call.call_sid == "CAlong" and flagged.reason == "Flagged by the analysis"
+        assert await owner.callback_count(store.repo.sessions) == 1
+    finally:
+        del owner.FLAG_SOURCES["the analysis"]

@@ -12,7 +12,7 @@ Python (`LocalActivity`): right across DST changes and for zones 30 or 45 minute
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -33,11 +33,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.sql import Select
 
 from livecall.store.models import Call, CallEvent, Turn
 
 __all__ = [
     "ABANDON_S",
+    "FLAG_SOURCES",
     "OUTCOMES",
     "SHORT_S",
     "Callback",
@@ -265,6 +267,12 @@ async def repeat_callers(
 # --- needs a call back ------------------------------------------------------------------------
 
 
+# More reasons to call back, each a query of call SIDs: post-call analysis adds its flagged
+# calls with one line, e.g.
+#   owner.FLAG_SOURCES["analysis"] = lambda: select(CallAnalysis.call_sid).where(...)
+FLAG_SOURCES: dict[str, Callable[[], Select[tuple[str]]]] = {}
+
+
 def _needs_callback(short_s: float) -> ColumnElement[bool]:
     return and_(
         Call.direction == "inbound",
@@ -272,6 +280,7 @@ def _needs_callback(short_s: float) -> ColumnElement[bool]:
         or_(
             Call.status == "failed",
             func.coalesce(Call.duration_s, 0.0) < short_s,
+            *(Call.call_sid.in_(source()) for source in FLAG_SOURCES.values()),
         ),
     )
 
@@ -363,11 +372,20 @@ async def callbacks(
                 )
             ).all()
         )
+        flags: dict[str, set[str]] = {}
+        for name, source in FLAG_SOURCES.items():
+            flagged_here = select(Call.call_sid).where(
+                Call.call_sid.in_(sids), Call.call_sid.in_(source())
+            )
+            flags[name] = set((await session.scalars(flagged_here)).all())
     out = []
     for call in calls:
         said = lines.get((call.call_sid, "caller"), "")
         kind = outcome_of(call.status, call.duration_s, bool(said))
-        if kind == "failed":
+        flagged = [name for name, marked in flags.items() if call.call_sid in marked]
+        if flagged and kind == "answered" and (call.duration_s or 0.0) >= short_s:
+            reason = f"Flagged by {', '.join(flagged)}"
+        elif kind == "failed":
             reason = "The call failed"
         elif kind == "abandoned":
             reason = "Hung up during the greeting"
@@ -402,7 +420,3 @@ async def mark_handled(
             .values(callback_handled_at=datetime.now(UTC) if handled else None)
         )
         return bool(getattr(result, "rowcount", 0))
-
-
-def weekday_names() -> Sequence[str]:
-    return ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
