@@ -36,6 +36,7 @@ from livecall.server.dashboard import (
     build_dashboard_router,
     live_events,
 )
+from livecall.server.dashboard.core import COUNT_TIMEOUT_S
 from livecall.server.registry import ActiveCall, CallRegistry
 from livecall.settings import Settings
 from livecall.store.recordings import LocalRecordingStore
@@ -464,7 +465,41 @@ async def test_database_down_is_a_503_page(tmp_path: Path) -> None:
         await client.post("/login", data={"token": TOKEN})
         response = await client.get("/")
         assert response.status_code == 503 and "not answering" in response.text
+        # pages that need no records still work, without the call-back count
+        live = await client.get("/live")
+        assert live.status_code == 200 and 'id="callback-count" hidden' in live.text
     await store.close()
+
+
+async def test_a_hung_database_does_not_hold_the_live_page(tmp_path: Path) -> None:
+    """The nav's count waits at most COUNT_TIMEOUT_S for a database that accepts connections
+    and never answers; the live page needs no records and comes at once."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = make_settings(tmp_path)
+    hung = settings.model_copy(
+        update={"database_url": SecretStr(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x")}
+    )
+    store = CallStore(hung)
+    app = make_app(store, settings, LiveFeed(), make_state())
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+            await client.post("/login", data={"token": TOKEN})
+            started = time.monotonic()
+            live = await client.get("/live")
+            assert live.status_code == 200 and 'id="callback-count" hidden' in live.text
+            assert time.monotonic() - started < COUNT_TIMEOUT_S + 1.0
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await store.close()
 
 
 async def test_static_files_and_no_way_out_of_them(client: httpx.AsyncClient) -> None:

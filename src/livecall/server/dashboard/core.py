@@ -9,6 +9,7 @@ mount one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -57,6 +58,7 @@ TEMPLATE_DIR = HERE / "templates"
 STATIC_DIR = HERE / "static"
 
 COUNT_TTL_S = 5.0
+COUNT_TIMEOUT_S = 1.0
 END_REASON = "operator_hangup"  # what a call ended from the live page records as end_reason
 MAX_FORM_BYTES = 8192
 _SID_RE = re.compile(SID_PATTERN)
@@ -238,9 +240,11 @@ class Dashboard:
         if not fresh and now - self._counted_at < COUNT_TTL_S:
             return
         self._counted_at = now
-        try:
-            self.callbacks_waiting = await owner.callback_count(self.repo.sessions)
-        except (SQLAlchemyError, OSError):
+        try:  # a slow database must not hold up pages that do not need it (live, softphone)
+            self.callbacks_waiting = await asyncio.wait_for(
+                owner.callback_count(self.repo.sessions), COUNT_TIMEOUT_S
+            )
+        except (SQLAlchemyError, OSError, TimeoutError):
             self.callbacks_waiting = None
 
     def current(self, request: Request | WebSocket) -> Session | None:
