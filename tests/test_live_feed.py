@@ -7,7 +7,7 @@ import asyncio
 import os
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -92,13 +92,16 @@ def test_a_remote_instance_s_messages_are_shown_and_forgotten_at_the_end() -> No
     queue = feed.subscribe()
     sent: list[dict[str, Any]] = []
     feed.relay = sent.append
-    feed.receive({"type": "call_started", "call_sid": SID, "info": {"from_number": "+1555"}})
+    started = (datetime.now(UTC) - timedelta(seconds=42)).isoformat()
+    info = {"from_number": "+1555", "started_at": started}
+    feed.receive({"type": "call_started", "call_sid": SID, "info": info})
     feed.receive({"type": "partial", "call_sid": SID, "turn": {"index": 0, "text": "Hi"}})
     feed.receive({"type": "bogus", "call_sid": SID})
     assert sent == []  # never echoed back to the cluster
     assert [m["type"] for m in drain(queue)] == ["call_started", "partial"]
     (call,) = live_snapshot(feed, CallRegistry(10))
     assert call["info"]["from_number"] == "+1555" and call["turns"][0]["text"] == "Hi"
+    assert 41 <= call["elapsed_s"] < 60  # the timer of a call held elsewhere starts right
     feed.receive({"type": "call_ended", "call_sid": SID, "summary": {}})
     assert live_snapshot(feed, CallRegistry(10)) == []
 

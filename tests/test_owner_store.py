@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 import test_store
 from livecall.records import CallEventRecord, CallInfo, CallSummary, TurnRecord
@@ -285,3 +285,27 @@ async def test_another_reason_to_call_back_is_one_line(store: CallStore) -> None
         assert await owner.callback_count(store.repo.sessions) == 1
     finally:
         del owner.FLAG_SOURCES["the analysis"]
+
+
+async def test_a_quarter_s_stats_take_two_queries(store: CallStore) -> None:
+    """Days, hours, weekdays and outcomes for 92 days come from two GROUP BY queries, not
+    several queries per day."""
+    for i in range(30):
+        make_call(store, f"CA{i:03d}", started=T0 - timedelta(days=i * 3, minutes=i))
+    await store.flush()
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    engine = store.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        seen = await owner.activity(
+            store.repo.sessions, date(2025, 12, 2), date(2026, 3, 3), ZoneInfo("UTC")
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(seen.days) == 92 and seen.calls == 30
+    assert len([s for s in statements if "GROUP BY" in s.upper()]) == 2
+    assert len(statements) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
@@ -30,6 +31,17 @@ def _with_partials(state: Mapping[str, Any]) -> list[dict[str, Any]]:
     return sorted(done + partials, key=lambda t: t.get("index") or 0)
 
 
+def _elapsed(started_at: Any) -> float | None:
+    """Seconds since a call (held by another instance) started, from its info's start time."""
+    try:
+        started = datetime.fromisoformat(str(started_at))
+    except ValueError:
+        return None
+    if started.tzinfo is None:
+        started = started.replace(tzinfo=UTC)
+    return round(max(0.0, (datetime.now(UTC) - started).total_seconds()), 1)
+
+
 def live_snapshot(feed: LiveFeed | None, registry: CallRegistry) -> list[dict[str, Any]]:
     """Every call in progress: the registry says which, the feed what was said so far."""
     now = time.monotonic()
@@ -52,7 +64,7 @@ def live_snapshot(feed: LiveFeed | None, registry: CallRegistry) -> list[dict[st
                 {
                     "call_sid": sid,
                     "stream_sid": (state.get("info") or {}).get("stream_sid"),
-                    "elapsed_s": None,
+                    "elapsed_s": _elapsed((state.get("info") or {}).get("started_at")),
                     "info": state.get("info") or {},
                     "turns": _with_partials(state),
                 }

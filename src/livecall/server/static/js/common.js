@@ -7,19 +7,6 @@
     return meta ? meta.content : "";
   };
 
-  /** Server times are UTC; show them in the viewer's zone, keep UTC in the tooltip. */
-  function localTimes(root) {
-    for (const el of root.querySelectorAll("time[data-local]")) {
-      const when = new Date(el.dateTime);
-      if (Number.isNaN(when.getTime())) continue;
-      el.title = el.textContent;
-      el.textContent = when.toLocaleString(undefined, {
-        year: "numeric", month: "short", day: "numeric",
-        hour: "2-digit", minute: "2-digit", second: "2-digit",
-      });
-    }
-  }
-
   /** Milliseconds since the stream started, as the player shows it: m:ss.t */
   function offset(ms) {
     if (ms === null || ms === undefined) return "–";
@@ -106,8 +93,7 @@
   const setLiveCount = (n) => setCount("live-count", n);
 
   window.livecall = {
-    csrfToken, localTimes, offset, ms, latencyClass, fillTurn, upsertTurn, post, toLogin,
+    csrfToken, offset, ms, latencyClass, fillTurn, upsertTurn, post, toLogin,
     signedOut, setCount, setLiveCount,
   };
-  localTimes(document);
 })();
