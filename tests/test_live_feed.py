@@ -14,7 +14,7 @@ import pytest
 
 from livecall.call.turns import TurnTracker
 from livecall.cluster import ClusterRegistry
-from livecall.live_feed import FanOut, LiveFeed, live_partial
+from livecall.live_feed import REMOTE_STALE_S, FanOut, LiveFeed, live_partial
 from livecall.metrics import Metrics
 from livecall.records import CallInfo, CallSummary
 from livecall.server.dashboard import live_snapshot
@@ -104,6 +104,12 @@ def test_a_remote_instance_s_messages_are_shown_and_forgotten_at_the_end() -> No
     assert 41 <= call["elapsed_s"] < 60  # the timer of a call held elsewhere starts right
     feed.receive({"type": "call_ended", "call_sid": SID, "summary": {}})
     assert live_snapshot(feed, CallRegistry(10)) == []
+    # an instance that died mid-call never says the call ended: it is forgotten in time
+    feed.receive({"type": "call_started", "call_sid": SID, "info": info})
+    feed.calls[SID]["seen"] -= REMOTE_STALE_S + 1
+    other = "CA" + "3" * 32
+    feed.receive({"type": "call_started", "call_sid": other, "info": info})
+    assert [c["call_sid"] for c in live_snapshot(feed, CallRegistry(10))] == [other]
 
 
 @pytest.mark.redis

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["FanOut", "LiveFeed", "forward_partial", "live_partial"]
 
 MAX_REMOTE_CALLS = 500  # another instance's calls kept for the snapshot, at most
+# another instance's call not heard of for this long is forgotten (that instance died mid-call)
+REMOTE_STALE_S = 2 * 3600.0
 
 
 def _plain(value: Any) -> dict[str, Any]:
@@ -94,10 +97,18 @@ class LiveFeed:
         ):
             return
         message = {**message, "remote": True}
+        now = time.monotonic()
         remote = [sid for sid, c in self.calls.items() if c.get("remote")]
+        for sid in remote:
+            if now - self.calls[sid].get("seen", now) > REMOTE_STALE_S:
+                self.calls.pop(sid, None)
+        remote = [sid for sid in remote if sid in self.calls]
         if message["type"] == "call_started" and len(remote) >= MAX_REMOTE_CALLS:
-            self.calls.pop(remote[0], None)  # an instance died mid-call long ago: forget it
+            self.calls.pop(remote[0], None)  # the oldest: its instance most likely died
         self.apply(message)
+        state = self.calls.get(message.get("call_sid"))  # type: ignore[arg-type]
+        if state is not None:
+            state["seen"] = now
         self.publish(message, relay=False)
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
