@@ -285,7 +285,7 @@ async def test_live_page_shows_a_call_in_progress_and_ends_it(site: Site) -> Non
         page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))  # "End…?"
         await card.get_by_role("button", name="End call").click()
         ended = page.locator(f'#ended-calls article[data-sid="{caller.call_sid}"]')
-        await expect_(ended).to_contain_text("operator hangup", timeout=WAIT_MS)
+        await expect_(ended).to_contain_text("Ended from the dashboard", timeout=WAIT_MS)
         result = await asyncio.wait_for(task, 15)
     finally:
         if not task.done():

@@ -470,6 +470,22 @@ async def test_every_page_fits_and_passes_an_accessibility_audit(owner: Owner, w
         if found:
             problems[name] = found
         await owner.shot(page, name, width)
+    # the keyboard's focus is always visible
+    await page.goto("/")
+    for _ in range(3):
+        await page.keyboard.press("Tab")
+        outline = await page.evaluate(
+            "() => { const s = getComputedStyle(document.activeElement);"
+            " return [s.outlineStyle, parseFloat(s.outlineWidth)]; }"
+        )
+        assert outline[0] != "none" and outline[1] >= 2, outline
+    # and the dark theme keeps its contrast too
+    await page.emulate_media(color_scheme="dark")
+    for name in ("calls", "call", "stats"):
+        await page.goto(pages[name])
+        if found := await audit(page):
+            problems[f"{name} (dark)"] = found
+    await page.emulate_media(color_scheme="light")
     # the login page, signed out
     fresh = await page.context.browser.new_context(  # type: ignore[union-attr]
         base_url=owner.stack.base_url,

@@ -20,6 +20,7 @@ from livecall.server.dashboard.core import (
     _json,
     log,
 )
+from livecall.server.dashboard.words import end_reason_words
 from livecall.server.registry import CallRegistry
 
 
@@ -116,6 +117,9 @@ async def live_events(
             if message.get("type") == "gap":
                 yield _sse("snapshot", {"calls": live_snapshot(feed, registry)})
             else:
+                if message.get("type") == "call_ended":  # why, in the owner's words
+                    reason = (message.get("summary") or {}).get("end_reason")
+                    message = {**message, "ended_words": end_reason_words(reason)}
                 yield _sse(str(message.get("type", "message")), message)
     finally:
         if queue is not None and feed is not None:
