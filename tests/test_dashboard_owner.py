@@ -349,6 +349,12 @@ async def test_days_and_times_are_the_business_s(owner: Owner, width: str) -> No
     await expect_(page.locator("tr.call-row")).to_have_count(4)
     await page.goto("/?since=2026-03-03&until=2026-03-03")
     await expect_(page.locator("tr.call-row")).to_have_count(0)
+    # the missed ones, by outcome
+    await page.goto("/?since=2026-03-02&until=2026-03-02")
+    await page.select_option("select[name=outcome]", "abandoned")
+    await page.get_by_role("button", name="Search").click()
+    await expect_(page.locator("tr.call-row")).to_have_count(1)
+    await expect_(page.locator("tr.call-row")).to_contain_text("+15550109911")
     await page.goto("/stats?since=2026-03-01&until=2026-03-03")
     table = page.locator("#chart-calls-title + .chart-box + details table")
     await expect_(table.locator("tr", has_text="Mon 2 Mar")).to_contain_text("4")

@@ -177,6 +177,8 @@ async def test_outcomes_name_abandoned_and_failed_calls(store: CallStore) -> Non
     async with store.repo.sessions() as session:
         rows = dict((await session.execute(select(Call.call_sid, owner.outcome_case()))).all())
     assert rows == {"CA1": "answered", "CA2": "abandoned", "CA3": "failed", "CA4": "answered"}
+    abandoned = await store.repo.list_calls(outcome="abandoned")
+    assert [c.call_sid for c in abandoned.items] == ["CA2"] and abandoned.total == 1
     assert await owner.callers_who_spoke(store.repo.sessions, ["CA1", "CA2"]) == {"CA1"}
 
 

@@ -289,8 +289,13 @@ class Repository:
         number: str | None,
         status: str | None,
         number_ends: str | None = None,
+        outcome: str | None = None,
     ) -> list[ColumnElement[bool]]:
         where: list[ColumnElement[bool]] = []
+        if outcome:
+            from livecall.store.owner import outcome_case
+
+            where.append(outcome_case() == outcome)
         if number_ends:
             where.append(search.number_suffix(number_ends))
         if since is not None:
@@ -314,11 +319,12 @@ class Repository:
         cursor: str | None = None,
         offset: int | None = None,
         number_ends: str | None = None,
+        outcome: str | None = None,
     ) -> CallPage:
         """Newest calls first. Page with `cursor` (stable under inserts) or `offset`.
 
         `number` is an exact number; `number_ends` any tail of one, in any format."""
-        where = self._filters(since, until, number, status, number_ends)
+        where = self._filters(since, until, number, status, number_ends, outcome)
         query: Select[tuple[Call]] = select(Call).where(*where)
         if cursor:
             stamp, sid = decode_cursor(cursor)
@@ -349,18 +355,24 @@ class Repository:
         until: datetime | None = None,
         status: str | None = None,
         limit: int = 50,
+        outcome: str | None = None,
     ) -> list[search.SearchHit]:
         """Calls (newest first) with a line holding every word of `query`, each with its first
         matching line; a query that is a number matches calls whose number ends with it."""
         if search.looks_like_number(query):
             page = await self.list_calls(
-                since=since, until=until, status=status, number_ends=query, limit=limit
+                since=since,
+                until=until,
+                status=status,
+                number_ends=query,
+                limit=limit,
+                outcome=outcome,
             )
             return [search.SearchHit(call) for call in page.items]
         terms = search.search_terms(query)
         if not terms:
             return []
-        where = self._filters(since, until, None, status)
+        where = self._filters(since, until, None, status, outcome=outcome)
         async with self.sessions() as session:
             dialect = session.get_bind().dialect.name
             rows = await session.execute(

@@ -62,6 +62,7 @@ async def calls_page(
     q: str | None = None,
     status: str | None = None,
     cursor: str | None = None,
+    outcome: str | None = None,
 ) -> Response:
     """The calls, newest first; dates are the business's days. With `q`: a call SID opens
     the call, a number finds calls from or to any number ending with it, words search
@@ -77,6 +78,7 @@ async def calls_page(
     lo = local_midnight(start, zone) if start else None
     hi = local_midnight(end + timedelta(days=1), zone) if end else None
     status = status if status in ("in_progress", "completed", "failed") else None
+    outcome = outcome if outcome in owner.OUTCOMES else None
     error = None
     hits: list[search.SearchHit] | None = None
     next_cursor = None
@@ -84,18 +86,23 @@ async def calls_page(
         with _database():
             if query:
                 hits = await dash.repo.search(
-                    query, since=lo, until=hi, status=status, limit=SEARCH_LIMIT
+                    query, since=lo, until=hi, status=status, outcome=outcome, limit=SEARCH_LIMIT
                 )
                 calls = [h.call for h in hits]
                 total = len(hits)
             else:
                 try:
                     page = await dash.repo.list_calls(
-                        since=lo, until=hi, status=status, limit=50, cursor=cursor or None
+                        since=lo,
+                        until=hi,
+                        status=status,
+                        outcome=outcome,
+                        limit=50,
+                        cursor=cursor or None,
                     )
                 except InvalidCursor:
                     error = "That page link is no longer valid; showing the newest calls."
-                    page = await dash.repo.list_calls(status=status, limit=50)
+                    page = await dash.repo.list_calls(status=status, outcome=outcome, limit=50)
                 calls, total, next_cursor = page.items, page.total, page.next_cursor
             spoke = await owner.callers_who_spoke(dash.repo.sessions, [c.call_sid for c in calls])
     except _Unavailable:
@@ -116,6 +123,7 @@ async def calls_page(
         "until": end.isoformat() if end else "",
         "q": query,
         "status": status or "",
+        "outcome": outcome or "",
     }
     return dash.render(
         request,
