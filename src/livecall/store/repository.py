@@ -382,26 +382,23 @@ class Repository:
                 .order_by(Call.started_at.desc(), Call.call_sid.desc(), SearchDoc.id)
                 .limit(limit * 20)
             )
-            hits: dict[str, search.SearchHit] = {}
+            first: dict[str, tuple[str, int, str]] = {}  # call -> its first matching line
+            matches: dict[str, int] = {}
             for sid, source, ref, line in rows:
-                hit = hits.get(sid)
-                if hit is None:
-                    if len(hits) >= limit:
+                if sid not in first:
+                    if len(first) >= limit:
                         continue
-                    hit = hits[sid] = search.SearchHit(None, source, ref, line)  # type: ignore[arg-type]
-                hit.matches += 1
-            if not hits:
+                    first[sid] = (source, ref, line)
+                matches[sid] = matches.get(sid, 0) + 1
+            if not first:
                 return []
-            calls = {
-                c.call_sid: c
-                for c in (await session.scalars(select(Call).where(Call.call_sid.in_(hits)))).all()
-            }
-        out = []
-        for sid, hit in hits.items():
-            if sid in calls:
-                hit.call = calls[sid]
-                out.append(hit)
-        return out
+            found = await session.scalars(select(Call).where(Call.call_sid.in_(first)))
+            calls = {c.call_sid: c for c in found.all()}
+        return [
+            search.SearchHit(calls[sid], *first[sid], matches=matches[sid])
+            for sid in first
+            if sid in calls
+        ]
 
     async def get_call(self, call_sid: str) -> Call | None:
         """A call with its transcript (turns by index) and events (by sequence)."""
