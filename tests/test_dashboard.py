@@ -137,6 +137,7 @@ def make_state() -> Any:
     return SimpleNamespace(
         registry=CallRegistry(10),
         extras={"profiles": SimpleNamespace(names=["front-desk", "after-hours"])},
+        stream_secret=b"dashboard-test-stream-secret-0123456789",
     )
 
 
@@ -640,6 +641,69 @@ def test_softphone_socket_wants_a_session_and_our_origin(tmp_path: Path) -> None
             with pytest.raises(WebSocketDisconnect) as bad_start:
                 ws.receive_text()
             assert bad_start.value.code == 1008
+
+
+def _softphone_start(call_sid: str, token: str | None) -> str:
+    sid = "MZ" + "d" * 32
+    params = {"profile": "front-desk"} | ({"lc_token": token} if token is not None else {})
+    return orjson.dumps(
+        {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": sid,
+            "start": {
+                "streamSid": sid,
+                "callSid": call_sid,
+                "tracks": ["inbound"],
+                "customParameters": params,
+            },
+        }
+    ).decode()
+
+
+def test_softphone_calls_need_a_token_minted_for_this_session(tmp_path: Path) -> None:
+    """The softphone's own short-lived token: from `POST /softphone/token` (session + CSRF),
+    bound to the CallSid the server chose and to the session; a `start` without it, with a
+    forged one, another call's or another session's is closed before any call starts."""
+    settings = make_settings(tmp_path)
+    no_store: Any = SimpleNamespace(repo=None)
+    state = make_state()
+    app = make_app(no_store, settings, LiveFeed(), state)
+
+    def mint(client: TestClient) -> tuple[str, str]:
+        page = client.get("/softphone")
+        csrf = re.search(r'<meta name="csrf-token" content="([^"]+)">', page.text)
+        assert csrf
+        assert client.post("/softphone/token", headers={"Origin": BASE}).status_code == 403
+        answer = client.post(
+            "/softphone/token", headers={"Origin": BASE, "X-CSRF-Token": csrf.group(1)}
+        )
+        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+        body = answer.json()
+        assert re.fullmatch(r"CA[0-9a-f]{32}", body["callSid"])
+        assert TOKEN not in answer.text  # never the API token
+        return body["callSid"], body["token"]
+
+    with TestClient(app, base_url=BASE) as client, TestClient(app, base_url=BASE) as other:
+        assert client.post("/softphone/token", headers={"Origin": BASE}).status_code == 401
+        for c in (client, other):
+            assert (
+                c.post("/login", data={"token": TOKEN}, follow_redirects=False).status_code == 303
+            )
+        call_sid, token = mint(client)
+        _, other_token = mint(other)  # the same login in another browser: another session
+        for sid, tok in (
+            (call_sid, None),
+            (call_sid, "v1.9999999999.-.forged"),
+            ("CA" + "e" * 32, token),  # another CallSid
+            (call_sid, other_token),  # another session's token
+        ):
+            with client.websocket_connect("/ws/softphone", headers={"Origin": BASE}) as ws:
+                ws.send_text(_softphone_start(sid, tok))
+                with pytest.raises(WebSocketDisconnect) as refused:
+                    ws.receive_text()
+                assert refused.value.code == 1008
+        assert state.registry.active == {}
 
 
 # --- the owner's pages (#16) -------------------------------------------------------------------

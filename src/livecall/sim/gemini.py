@@ -23,6 +23,9 @@ or expired handles) are scripted in the `Scenario`. Everything a session did is 
 `SessionRecord` (`FakeGeminiServer.sessions`) so tests can assert on it, and
 `FakeGeminiServer.wait_for` waits on any condition over those records without sleeping.
 
+The same port answers ``POST /{version}/models/{model}:generateContent`` (post-call analysis):
+see `livecall.sim.gemini_text` (`FakeGeminiServer.text`).
+
 Run standalone with ``python -m livecall.sim.gemini --port 8765``.
 """
 
@@ -60,6 +63,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from livecall.sim.clips import AGENT_CLIPS, CALLER_CLIPS, Clip, load_clip
+from livecall.sim.gemini_text import FakeTextModel, Sniffer
 from livecall.sim.tls import TestCA
 
 __all__ = [
@@ -1781,6 +1785,8 @@ class FakeGeminiServer:
         self._live_chains: dict[int, int] = {}
         self._next_chain = 0
         self._fires: dict[int, tuple[Any, int]] = {}
+        # generateContent on the same port (post-call analysis): see `livecall.sim.gemini_text`
+        self.text = FakeTextModel(api_key=api_key)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -1800,6 +1806,7 @@ class FakeGeminiServer:
             self.port,
             ssl=ssl_ctx,
             process_request=self._process_request,
+            create_connection=self._connection,  # type: ignore[arg-type]
             compression="deflate" if self.compression else None,
             max_size=16 * 2**20,
             logger=logging.getLogger("livecall.sim.gemini.ws"),
@@ -1809,7 +1816,12 @@ class FakeGeminiServer:
         log.info("fake Gemini Live listening on %s", self.base_url)
         return self
 
+    def _connection(self, *args: Any, **kwargs: Any) -> Sniffer:
+        """Each connection: an HTTP generateContent request, or the Live WebSocket."""
+        return Sniffer(ServerConnection(*args, **kwargs), self.text)
+
     async def stop(self) -> None:
+        self.text.close()
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()

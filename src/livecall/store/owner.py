@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql import Select
 
-from livecall.store.models import Call, CallEvent, Turn
+from livecall.store.models import Call, CallAnalysis, CallEvent, Turn
 
 __all__ = [
     "ABANDON_S",
@@ -267,10 +267,14 @@ async def repeat_callers(
 # --- needs a call back ------------------------------------------------------------------------
 
 
-# More reasons to call back, each a query of call SIDs: post-call analysis adds its flagged
-# calls with one line, e.g.
-#   owner.FLAG_SOURCES["analysis"] = lambda: select(CallAnalysis.call_sid).where(...)
-FLAG_SOURCES: dict[str, Callable[[], Select[tuple[str]]]] = {}
+# More reasons to call back, each a query of call SIDs (one line each): post-call analysis
+# flags the calls that missed their goal.
+FLAG_SOURCES: dict[str, Callable[[], Select[tuple[str]]]] = {
+    # post-call analysis said the call did not reach its goal
+    "the call's analysis": lambda: select(CallAnalysis.call_sid).where(
+        CallAnalysis.status == "done", CallAnalysis.success.is_(False)
+    ),
+}
 
 
 def _needs_callback(short_s: float) -> ColumnElement[bool]:

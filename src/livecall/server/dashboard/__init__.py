@@ -10,7 +10,9 @@ Security: one login with `LIVECALL_API_TOKEN` gives an HMAC-signed session cooki
 SameSite=Strict, Secure over https) that never contains the token. State-changing requests
 also need a CSRF token bound to the session and a same-origin `Origin`. Pages without a
 session redirect to /login; data endpoints answer 401. The softphone socket checks the
-cookie and the origin before accepting, then runs exactly the Twilio bridge path.
+cookie and the origin before accepting, and its `start` must carry a one-minute stream token
+that `POST /softphone/token` minted for this session and a server-chosen CallSid (never the
+API token in the page); then it runs exactly the Twilio bridge path.
 
 Modules: `auth` (sessions, CSRF, login throttle, login/logout), `core` (the shared context
 and checks), `words` (the owner's words and clock), `pages` (calls, search, a call, stats),
@@ -115,6 +117,7 @@ def build_dashboard_router(
         token=token,
         sessions=Sessions.for_token(token or None, session_ttl_s),
         templates=templates,
+        softphone_tokens=softphone.softphone_tokens(state.stream_secret),
     )
 
     def bind(conn: HTTPConnection) -> None:
@@ -129,6 +132,7 @@ def build_dashboard_router(
     router.add_api_route("/calls/{sid}", pages.call_page, methods=get)
     router.add_api_route("/calls/{sid}/webhook/retry", pages.retry_webhook, methods=post)
     router.add_api_route("/calls/{sid}/recording", pages.call_recording, methods=get)
+    router.add_api_route("/callers/{number}/memory/delete", pages.forget_caller, methods=post)
     router.add_api_route("/stats", pages.stats_page, methods=get)
     router.add_api_route("/callbacks", callbacks.callbacks_page, methods=get)
     router.add_api_route("/callbacks/{sid}/handled", callbacks.mark_handled, methods=post)
@@ -136,6 +140,7 @@ def build_dashboard_router(
     router.add_api_route("/live/events", live.live_stream, methods=get)
     router.add_api_route("/live/{sid}/end", live.end_call, methods=post)
     router.add_api_route("/softphone", softphone.softphone_page, methods=get)
+    router.add_api_route("/softphone/token", softphone.softphone_token, methods=post)
     router.add_api_websocket_route("/ws/softphone", softphone.softphone_socket)
     router.add_api_route("/static/{path:path}", pages.static, methods=get)
     return router

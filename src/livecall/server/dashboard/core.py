@@ -47,6 +47,7 @@ from livecall.store import owner
 from livecall.store.recordings import RecordingStore
 from livecall.store.repository import Repository
 from livecall.store.writer import CallStore
+from livecall.telephony.stream_token import StreamTokens
 
 if TYPE_CHECKING:
     from livecall.server.app import AppState
@@ -212,6 +213,7 @@ class Dashboard:
     token: str
     sessions: Sessions
     templates: Jinja2Templates
+    softphone_tokens: StreamTokens
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     trusted: TrustedProxies = field(init=False)
     local: LocalAccess = field(init=False)
@@ -238,6 +240,8 @@ class Dashboard:
         `COUNT_TTL_S` (a database that is down leaves the count out, never the page)."""
         now = time.monotonic()
         if not fresh and now - self._counted_at < COUNT_TTL_S:
+            return
+        if getattr(self.store, "repo", None) is None:  # no records kept: nothing to count
             return
         self._counted_at = now
         try:  # a slow database must not hold up pages that do not need it (live, softphone)

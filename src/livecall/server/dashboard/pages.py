@@ -12,6 +12,8 @@ from fastapi import HTTPException, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
+from livecall.outcomes import memory
+from livecall.outcomes.analysis import analyses_for, analysis_for
 from livecall.server.api import CallDetail, CallOut, EventOut, StatsOut, TurnOut, _columns
 from livecall.server.dashboard.core import (
     _QUIET_EVENTS,
@@ -104,7 +106,9 @@ async def calls_page(
                     error = "That page link is no longer valid; showing the newest calls."
                     page = await dash.repo.list_calls(status=status, outcome=outcome, limit=50)
                 calls, total, next_cursor = page.items, page.total, page.next_cursor
-            spoke = await owner.callers_who_spoke(dash.repo.sessions, [c.call_sid for c in calls])
+            sids = [c.call_sid for c in calls]
+            spoke = await owner.callers_who_spoke(dash.repo.sessions, sids)
+            analyses = await analyses_for(dash.repo.sessions, sids)
     except _Unavailable:
         return dash.unavailable(request, session)
     terms = search.search_terms(query) if query and not search.looks_like_number(query) else []
@@ -139,6 +143,7 @@ async def calls_page(
         filters=filters,
         filter_query={k: v for k, v in filters.items() if v},
         error=error,
+        analyses=analyses,
     )
 
 
@@ -159,6 +164,17 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
     try:
         with _database():
             call = await dash.repo.get_call(sid)
+            analysis = await analysis_for(dash.repo.sessions, sid) if call is not None else None
+            caller_number = (
+                memory.normalize_number(
+                    memory.remote_number(call.direction, call.from_number, call.to_number)
+                )
+                if call is not None
+                else None
+            )
+            remembered = (
+                await memory.count(dash.repo.sessions, caller_number) if caller_number else 0
+            )
     except _Unavailable:
         return dash.unavailable(request, session)
     if call is None:
@@ -170,8 +186,10 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
             "custom_parameters": call.custom_parameters or {},
             "turns": [TurnOut.model_validate(t) for t in call.turns],
             "events": [EventOut.model_validate(e) for e in call.events],
+            "analysis": analysis,
         }
     )
+    forgotten = request.query_params.get("forgotten", "")[:6]  # after "Forget this caller"
     timeline: list[dict[str, Any]] = []
     for turn in detail.turns:
         heard, cut = _unheard(turn)
@@ -190,6 +208,9 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
     spoke = any(t.speaker == "caller" and t.text for t in detail.turns)
     outcome = owner.outcome_of(call.status, call.duration_s, spoke)
     params = call.custom_parameters or {}
+    fields = (analysis or {}).get("fields") or {}
+    known = params.get("caller_name") or params.get("CallerName")
+    known = known or fields.get("caller_name") or fields.get("name")  # the analysis heard it
     data = {
         "call_sid": detail.call_sid,
         "has_recording": detail.has_recording,
@@ -204,7 +225,7 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
         nav="calls",
         call=detail,
         caller_label=remote or "Unknown number",
-        caller_name=str(params.get("caller_name") or params.get("CallerName") or "")[:80],
+        caller_name=str(known or "")[:80],
         outcome=outcome,
         ended_words=end_reason_words(call.end_reason, outcome),
         callback=owner.needs_callback(call),
@@ -220,7 +241,29 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
         call_data=data,
         deliveries=deliveries,
         webhooks_on=getattr(dash.state, "webhooks", None) is not None,
+        caller_number=caller_number if remembered else None,
+        remembered=remembered,
+        forgotten=forgotten if forgotten.isdigit() else None,
     )
+
+
+async def forget_caller(dash: Ctx, request: Request, number: str) -> Response:
+    """Erase what the agents remember of a number; back to the page it came from."""
+    session = dash.require(request)
+    form = await dash.read_form(request)
+    dash.check_post(request, session, form)
+    normalized = memory.normalize_number(number)
+    if normalized is None:
+        raise HTTPException(400, "not an E.164 phone number")
+    try:
+        with _database():
+            erased = await memory.forget(dash.repo.sessions, normalized)
+    except _Unavailable:
+        return dash.unavailable(request, session)
+    log.info("dashboard.memory_deleted", calls=erased)
+    back = form.get("call_sid", "")
+    target = f"/calls/{back}?forgotten={erased}" if _SID_RE.match(back) else "/"
+    return RedirectResponse(target, status_code=303)
 
 
 async def retry_webhook(dash: Ctx, request: Request, sid: str) -> Response:

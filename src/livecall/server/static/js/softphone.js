@@ -61,7 +61,8 @@ function fromBase64(text) {
 class Call {
   constructor(profile) {
     this.profile = profile;
-    this.callSid = `CA${randomHex(16)}`;
+    this.callSid = null; // the server names the call when it hands out its token
+    this.token = null;
     this.streamSid = `MZ${randomHex(16)}`;
     this.seq = 0;
     this.chunk = 0;
@@ -128,6 +129,19 @@ class Call {
     this.node.port.onmessage = (event) => this.fromWorklet(event.data);
     await this.ctx.resume();
 
+    // A short-lived token for this one call, minted from the signed-in session (the page
+    // never holds an API token); the `start` below carries it like Twilio's <Parameter>s.
+    let answer;
+    try {
+      answer = await lc.post("/softphone/token");
+    } catch {
+      throw new Error(SERVER_DOWN);
+    }
+    if (lc.signedOut(answer)) throw new Error("signed out: taking you to the login page");
+    if (!answer.ok) throw new Error(`no call token (HTTP ${answer.status}): sign in again`);
+    ({ callSid: this.callSid, token: this.token } = await answer.json());
+    lastSid = this.callSid;
+
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     this.ws = new WebSocket(`${scheme}://${location.host}/ws/softphone`);
     this.ws.onopen = () => this.opened();
@@ -151,7 +165,7 @@ class Call {
         streamSid: this.streamSid,
         callSid: this.callSid,
         tracks: ["inbound"],
-        customParameters: { profile: this.profile, from: "softphone" },
+        customParameters: { profile: this.profile, from: "softphone", lc_token: this.token },
         mediaFormat: { encoding: "audio/x-mulaw", sampleRate: 8000, channels: 1 },
       },
     });
@@ -273,7 +287,7 @@ callButton.addEventListener("click", async () => {
   muteButton.textContent = "Mute";
   if (!(await serverReady())) return;
   call = new Call($("profile").value);
-  lastSid = call.callSid;
+  lastSid = null;
   transcript.replaceChildren();
   $("softphone-waiting").hidden = false;
   setState("connecting", "Connecting…");

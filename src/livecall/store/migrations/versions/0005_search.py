@@ -1,10 +1,11 @@
 """search and call backs: searchable lines with a full-text index, numbers' digits, handled mark
 
 SQLite gets an FTS5 table over `search_docs` kept in step by triggers; PostgreSQL a GIN index
-on `to_tsvector('simple', text)`. Existing calls are indexed here (their turns, their numbers).
+on `to_tsvector('simple', text)`. Existing calls are indexed here (their turns, their numbers,
+their analyses' summaries and fields).
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-01 00:00:00
 """
 
@@ -16,8 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-# the lead re-chains this after 0004 (analysis) at merge time
-down_revision: str | Sequence[str] | None = "0003"
+down_revision: str | Sequence[str] | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -80,6 +80,34 @@ def upgrade() -> None:
         "INSERT INTO search_docs (call_sid, source, ref, text) "
         "SELECT call_sid, speaker, idx, text FROM turns WHERE text <> ''"
     )
+    # and every finished analysis: its summary and extracted fields (store.search.analysis_docs)
+    from livecall.store.search import analysis_docs
+
+    analyses = sa.table(
+        "call_analyses",
+        sa.column("call_sid", sa.String),
+        sa.column("status", sa.String),
+        sa.column("summary", sa.Text),
+        sa.column("fields", sa.JSON),
+    )
+    docs = []
+    for sid, summary, fields in bind.execute(
+        sa.select(analyses.c.call_sid, analyses.c.summary, analyses.c.fields).where(
+            analyses.c.status == "done"
+        )
+    ):
+        docs += analysis_docs(sid, summary, fields if isinstance(fields, dict) else None)
+    if docs:
+        op.bulk_insert(
+            sa.table(
+                "search_docs",
+                sa.column("call_sid", sa.String),
+                sa.column("source", sa.String),
+                sa.column("ref", sa.Integer),
+                sa.column("text", sa.Text),
+            ),
+            docs,
+        )
     calls = sa.table(
         "calls",
         sa.column("call_sid", sa.String),
