@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 
 import test_store
 from livecall.records import CallEventRecord, CallInfo, CallSummary, TurnRecord
@@ -311,3 +311,52 @@ async def test_a_quarter_s_stats_take_two_queries(store: CallStore) -> None:
     assert len(seen.days) == 92 and seen.calls == 30
     assert len([s for s in statements if "GROUP BY" in s.upper()]) == 2
     assert len(statements) == 2
+
+
+async def test_the_migration_indexes_what_is_already_there(database: Any) -> None:
+    """Calls recorded before 0005 (turns, numbers, finished analyses) are searchable after it."""
+    from livecall.store import db
+    from livecall.store.repository import Repository
+
+    engine = database.engine()
+    try:
+        await db.upgrade(engine, "0004")
+        started = T0.replace(tzinfo=None) if database.kind == "sqlite" else T0
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO calls (call_sid, from_number, direction, status, started_at,"
+                    " gemini_sessions, prompt_tokens, response_tokens, total_tokens, turn_count,"
+                    " interruptions, frames_in, frames_out, frames_missing, custom_parameters)"
+                    " VALUES ('CAold', '+1 (555) 010-2030', 'inbound', 'completed', :t,"
+                    " 1, 0, 0, 0, 1, 0, 0, 0, 0, '{}')"
+                ),
+                {"t": started},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO turns (call_sid, idx, speaker, text, start_ms, interrupted)"
+                    " VALUES ('CAold', 0, 'caller', 'Table for Abernathy please', 0, false)"
+                )
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO call_analyses (call_sid, status, attempts, next_attempt_at,"
+                    " summary, fields, created_at)"
+                    " VALUES ('CAold', 'done', 1, :t, 'Booked a birthday dinner',"
+                    " :fields, :t)"
+                ),
+                {"t": started, "fields": '{"party_size": 6}'},
+            )
+        await db.upgrade(engine)
+        repo = Repository(db.make_sessionmaker(engine))
+        for query, source in (
+            ("abernathy", "caller"),
+            ("birthday", "summary"),
+            ("party", "field:party_size"),
+        ):
+            (hit,) = await repo.search(query)
+            assert (hit.call.call_sid, hit.source) == ("CAold", source), query
+        assert [h.call.call_sid for h in await repo.search("2030")] == ["CAold"]
+    finally:
+        await engine.dispose()
