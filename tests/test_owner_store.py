@@ -245,6 +245,7 @@ async def test_the_call_back_list(store: CallStore) -> None:
     assert greet.outcome == "abandoned" and greet.reason == "Hung up during the greeting"
     assert greet.heard == "Hello, Bella's, how can" and greet.said == ""
     assert failed.outcome == "failed" and "apology" in failed.heard
+    assert greet.heard_quoted and not failed.heard_quoted
     assert failed.said == "Is anyone there?"
     assert short.outcome == "answered" and short.reason.startswith("Very short")
     assert await owner.callback_count(sessions) == 3

@@ -303,6 +303,7 @@ class Callback:
     reason: str  # why it is listed, in the owner's words
     heard: str  # what the caller heard before the call ended
     said: str  # the caller's last words, if any
+    heard_quoted: bool = True  # `heard` is the agent's words (else a description)
 
 
 def _heard(call: Call, agent_text: str | None, apology: bool) -> str:
@@ -396,8 +397,9 @@ async def callbacks(
         else:
             reason = f"Very short call (under {short_s:.0f} s)"
         apology = call.end_reason == "gemini_failed" and call.call_sid in apologised
-        heard = _heard(call, lines.get((call.call_sid, "agent")), apology)
-        out.append(Callback(call, kind, reason, heard, said))
+        agent_words = lines.get((call.call_sid, "agent"))
+        heard = _heard(call, agent_words, apology)
+        out.append(Callback(call, kind, reason, heard, said, heard_quoted=bool(agent_words)))
     return out
 
 
