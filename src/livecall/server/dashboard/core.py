@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qsl, quote
@@ -94,10 +94,6 @@ def _day(value: str | None) -> date | None:
         return None
 
 
-def _midnight(day: date) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=UTC)
-
-
 def _fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "–"
@@ -124,10 +120,6 @@ def _latency_class(ms: float | None) -> str:
     if ms is None:
         return ""
     return "fast" if ms < 800 else "ok" if ms < 1500 else "slow"
-
-
-def _fmt_time(value: datetime | None) -> str:
-    return "–" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _unheard(turn: TurnOut) -> tuple[str, str]:

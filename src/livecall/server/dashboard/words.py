@@ -3,7 +3,7 @@ the business's clock. Pure functions, used by the templates."""
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
 __all__ = [
@@ -76,10 +76,6 @@ def local_midnight(day: date, zone: ZoneInfo) -> datetime:
 
 def local_today(zone: ZoneInfo, now: datetime | None = None) -> date:
     return (now or datetime.now(UTC)).astimezone(zone).date()
-
-
-def day_after(day: date) -> date:
-    return day + timedelta(days=1)
 
 
 def dial_number(number: str | None) -> str | None:
