@@ -526,13 +526,14 @@ async def test_live_page_is_honest_about_the_connection(owner: Owner) -> None:
             await route.abort("connectionrefused")
 
     await page.route("**/live/events", stream)
+    await page.clock.install()  # the page's timers run when the test says, not by the wall
     await page.goto("/live")
     card = page.locator(f'article[data-sid="{sid}"]')
     await expect_(card).to_be_visible()
     await expect_(page.locator("#live-status")).to_have_attribute("data-state", "reconnecting")
     await expect_(card.locator(".state")).to_have_text("unknown")
     shown = await card.locator(".elapsed").text_content()
-    await page.wait_for_timeout(2200)  # two timer ticks: the clock must not move
+    await page.clock.run_for(5000)  # five timer ticks: the call's clock must not move
     assert await card.locator(".elapsed").text_content() == shown
     await owner.shot(page, "live-disconnected", "phone")
     await page.unroute("**/live/events")
