@@ -338,6 +338,12 @@ class MetricsObserver:
         m.calls.labels(end_reason=_label(summary.end_reason), status=_label(summary.status)).inc()
         self.inner.call_ended(summary)
 
+    def partial(self, lines: list[TurnRecord]) -> None:
+        """Words so far, for the live page: nothing to count, passed on."""
+        partial = getattr(self.inner, "partial", None)
+        if partial is not None:
+            partial(lines)
+
 
 _default: Metrics | None = None
 

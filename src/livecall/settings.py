@@ -313,6 +313,11 @@ class Settings(BaseSettings):
         validation_alias="AUTO_MIGRATE",
         description="migrate the call records schema on start (else refuse an old schema)",
     )
+    business_timezone: str = Field(
+        "UTC",
+        validation_alias="BUSINESS_TIMEZONE",
+        description="IANA zone (e.g. America/New_York) for the dashboard's dates, days and charts",
+    )
 
     # --- post-call analysis and caller memory (livecall.outcomes; switched on per profile)
     analysis_model: str = Field(
@@ -439,6 +444,19 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("CALL_WEBHOOK_URL must be an absolute http(s) URL")
         return value
+
+    @field_validator("business_timezone")
+    @classmethod
+    def _timezone_is_known(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value.strip())
+        except (ZoneInfoNotFoundError, ValueError) as error:
+            raise ValueError(
+                f"BUSINESS_TIMEZONE must be an IANA zone name like Europe/Paris, not {value!r}"
+            ) from error
+        return value.strip()
 
     @field_validator("public_url")
     @classmethod

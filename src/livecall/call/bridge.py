@@ -40,6 +40,7 @@ from livecall.call.backoff import backoff_step
 from livecall.call.playout import PlayoutTracker
 from livecall.call.rotation import rotation_ready
 from livecall.call.turns import TurnTracker
+from livecall.live_feed import live_partial
 from livecall.privacy import keypad, transcript_fields
 from livecall.records import (
     CallEventRecord,
@@ -825,8 +826,10 @@ class CallBridge:
         elif isinstance(event, lp.AgentTranscript):
             if not self._discarding_turn:
                 self.turns.agent_transcript(self.now_ms(), event.text)
+                live_partial(self.observer, self.turns)  # words to the live page now
         elif isinstance(event, lp.CallerTranscript):
             self.turns.caller_transcript(self.now_ms(), event.text)
+            live_partial(self.observer, self.turns)
             if not self.turns.agent_turn_open:
                 self._expect_reply_at = self.now_ms()
         elif isinstance(event, lp.Interrupted):

@@ -227,6 +227,38 @@ class TurnTracker:
             )
         )
 
+    def open_lines(self) -> list[TurnRecord]:
+        """The turns still being spoken, with their words so far (for the live page).
+
+        Partial records: the index is the one the finished turn will have, so a watcher can
+        replace the line in place when `drain` hands out the final record.
+        """
+        lines: list[TurnRecord] = []
+        for caller in (self._pending_caller, self._caller):
+            if caller is not None and caller.text:
+                lines.append(
+                    TurnRecord(
+                        call_sid=self.call_sid,
+                        index=caller.index,
+                        speaker="caller",
+                        text="".join(caller.text).strip(),
+                        start_ms=round(caller.start_ms),
+                    )
+                )
+        agent = self._agent
+        if agent is not None and agent.pieces:
+            lines.append(
+                TurnRecord(
+                    call_sid=self.call_sid,
+                    index=agent.index,
+                    speaker="agent",
+                    text="".join(p.text for p in agent.pieces).strip(),
+                    start_ms=round(agent.start_ms),
+                    interrupted=agent.interrupted,
+                )
+            )
+        return lines
+
     def drain(self) -> list[TurnRecord]:
         done, self.done = self.done, []
         return done

@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from livecall.agent.profiles import AgentProfile, AnalysisSettings, ProfileSet
 from livecall.outcomes import memory
 from livecall.settings import Settings
+from livecall.store import search
 from livecall.store.models import Call, CallAnalysis, CallerMemory, Turn
 
 __all__ = [
@@ -557,6 +558,9 @@ class AnalysisWorker:
                     completed_at=datetime.now(UTC),
                 )
             )
+            # the summary and the extracted fields become searchable on the dashboard
+            docs = search.analysis_docs(call.call_sid, result.summary, result.fields)
+            await search.index_docs(session, docs)
             if remember:
                 insert = _insert_for(session)
                 await session.execute(

@@ -28,7 +28,7 @@ from livecall.agent.tools import function_declarations
 from livecall.assets import apology_ulaw
 from livecall.audio.recording import StereoRecorder
 from livecall.call.bridge import CallOptions
-from livecall.cluster import LiveCalls, LocalRegistry, create_cluster
+from livecall.cluster import ClusterRegistry, LiveCalls, LocalRegistry, create_cluster
 from livecall.live_feed import FanOut, LiveFeed
 from livecall.log import register_secret
 from livecall.metrics import Metrics, build_metrics_router
@@ -324,6 +324,9 @@ def create_app(
         ),
     )
     cluster.on_control = state.on_control
+    if isinstance(cluster, ClusterRegistry):  # every instance's live page shows every call
+        state.feed.relay = cluster.publish_live
+        cluster.on_live = state.feed.receive
     state.analysis = AnalysisWorker(
         state.store.repo.sessions,
         settings,

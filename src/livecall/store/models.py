@@ -110,6 +110,12 @@ class Call(Base):
     frames_missing: Mapped[int] = mapped_column(Integer, default=0)
     recording_key: Mapped[str | None] = mapped_column(Text)
     custom_parameters: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # the numbers' digits reversed ("+1 (555) 010-2030" -> "0302010555 1" without the space),
+    # so "ends with" is a prefix range an index can answer (see store.search)
+    from_rdigits: Mapped[str | None] = mapped_column(String(32))
+    to_rdigits: Mapped[str | None] = mapped_column(String(32))
+    # "Needs a call back": when someone marked the call handled (None: not yet)
+    callback_handled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     turns: Mapped[list[Turn]] = relationship(
         back_populates="call",
@@ -130,6 +136,8 @@ class Call(Base):
         Index("ix_calls_from_number", "from_number"),
         Index("ix_calls_to_number", "to_number"),
         Index("ix_calls_status", "status"),
+        Index("ix_calls_from_rdigits", "from_rdigits"),
+        Index("ix_calls_to_rdigits", "to_rdigits"),
     )
 
 
@@ -292,3 +300,25 @@ class CallerMemory(Base):
     __table_args__ = (
         Index("ix_caller_memory_number_profile", "number", "profile", "call_started_at"),
     )
+
+
+class SearchDoc(Base):
+    """One searchable line of a call: a transcript turn now; a summary or an extracted field
+    once post-call analysis writes them (`store.search.analysis_docs`).
+
+    Full-text indexed outside the models (migration 0005): an FTS5 table `search_fts` kept in
+    step by triggers on SQLite, a GIN index on `to_tsvector('simple', text)` on PostgreSQL.
+    """
+
+    __tablename__ = "search_docs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    call_sid: Mapped[str] = mapped_column(
+        String(SID_LENGTH), ForeignKey("calls.call_sid", ondelete="CASCADE")
+    )
+    # caller | agent (a turn, ref = its index) | summary | field:<name> (ref 0)
+    source: Mapped[str] = mapped_column(String(64))
+    ref: Mapped[int] = mapped_column(Integer, default=0)
+    text: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (UniqueConstraint("call_sid", "source", "ref"),)
