@@ -321,13 +321,15 @@ async def test_openapi_schema(client: httpx.AsyncClient) -> None:
         "/api/calls",
         "/api/calls/{sid}",
         "/api/calls/{sid}/recording",
+        "/api/callers/{number}/memory",
         "/api/stats",
     }
     assert set(paths["/api/calls/{sid}"]) == {"get", "delete"}
+    assert set(paths["/api/callers/{number}/memory"]) == {"delete"}
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
     assert paths["/api/calls"]["get"]["security"] == [{"HTTPBearer": []}]
     detail = schema["components"]["schemas"]["CallDetail"]["properties"]
-    assert {"turns", "events", "custom_parameters"} <= set(detail)
+    assert {"turns", "events", "custom_parameters", "analysis"} <= set(detail)
     params = {p["name"] for p in paths["/api/calls"]["get"]["parameters"]}
     assert params == {"since", "until", "number", "status", "limit", "cursor", "offset"}
 
@@ -368,7 +370,7 @@ def test_api_has_no_server_errors(
     if mode is GenerationMode.POSITIVE:
         checks.append(response_schema_conformance)
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert len(operations) == 5
+    assert len(operations) == 6
     strategies = [operation.as_strategy(generation_mode=mode) for operation in operations]
     if mode is GenerationMode.POSITIVE:  # a call that exists, for the detail's 200 response
         strategies += [

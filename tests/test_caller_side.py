@@ -105,6 +105,7 @@ class RawTwilioSocket:
         self.rcvbuf = rcvbuf
         self.sndbuf = sndbuf
         self.stream_sid = "MZ" + "5" * 32
+        self.stack = stack
         self.seq = 0
         self.messages: list[dict[str, Any]] = []
         self.closed = False
@@ -173,7 +174,9 @@ class RawTwilioSocket:
                     "streamSid": self.stream_sid,
                     "callSid": call_sid,
                     "tracks": ["inbound"],
-                    "customParameters": {},
+                    "customParameters": {
+                        "lc_token": self.stack.stream_token(call_sid, "AC" + "6" * 32)
+                    },
                     "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
                 },
             }

@@ -36,6 +36,7 @@ from livecall.server.dashboard import (
     build_dashboard_router,
     live_events,
 )
+from livecall.server.dashboard.core import COUNT_TIMEOUT_S
 from livecall.server.registry import ActiveCall, CallRegistry
 from livecall.settings import Settings
 from livecall.store.recordings import LocalRecordingStore
@@ -136,6 +137,7 @@ def make_state() -> Any:
     return SimpleNamespace(
         registry=CallRegistry(10),
         extras={"profiles": SimpleNamespace(names=["front-desk", "after-hours"])},
+        stream_secret=b"dashboard-test-stream-secret-0123456789",
     )
 
 
@@ -362,10 +364,12 @@ async def test_calls_list_filters_search_and_pages(client: httpx.AsyncClient) ->
     assert page.status_code == 200
     assert page.text.count('<tr data-href="/calls/') == 8
     assert f'href="/calls/{SID}"' in page.text
-    assert "front-desk" in page.text and "caller stop" in page.text
+    assert "front-desk" in page.text and "The caller hung up" in page.text
 
     by_number = await client.get("/", params={"q": "+1 555-000-1222"})  # punctuation ignored
     assert by_number.text.count("<tr data-href=") == 3  # i = 1, 3, 5
+    by_tail = await client.get("/", params={"q": "1222"})  # the last digits are enough
+    assert by_tail.text.count("<tr data-href=") == 3
     failed = await client.get("/", params={"status": "failed"})
     assert failed.text.count("<tr data-href=") == 1
     today = TODAY.date().isoformat()
@@ -431,10 +435,17 @@ async def test_stats_page_has_per_day_data_for_the_charts(client: httpx.AsyncCli
     assert sum(d["calls"] for d in data["days"]) == 8
     assert data["overall"]["first_audio_latency_ms"]["count"] == 8
     assert len(data["durations"]) == 8
+    assert sum(data["hours"]) == 8 and sum(data["weekdays"]) == 8
+    assert sum(data["outcomes"].values()) == 8
     assert "vendor/chart.umd.min.js" in page.text
-    # a huge range is cut to the last 92 days
+    assert 'id="range-cut"' not in page.text and "at most 92 days" in page.text
+    # a huge range is cut to the last 92 days, and the page says so
     wide = await client.get("/stats", params={"since": "2000-01-01"})
     assert len(json_island(wide.text, "stats-data")["days"]) == 92
+    assert 'id="range-cut"' in wide.text and "showing the last 92" in wide.text
+    # an empty range says so instead of drawing empty charts
+    empty = await client.get("/stats", params={"since": "2001-01-01", "until": "2001-01-07"})
+    assert 'id="stats-empty"' in empty.text and 'id="chart-hours"' not in empty.text
 
 
 async def test_softphone_page_offers_the_profiles(client: httpx.AsyncClient) -> None:
@@ -455,7 +466,41 @@ async def test_database_down_is_a_503_page(tmp_path: Path) -> None:
         await client.post("/login", data={"token": TOKEN})
         response = await client.get("/")
         assert response.status_code == 503 and "not answering" in response.text
+        # pages that need no records still work, without the call-back count
+        live = await client.get("/live")
+        assert live.status_code == 200 and 'id="callback-count" hidden' in live.text
     await store.close()
+
+
+async def test_a_hung_database_does_not_hold_the_live_page(tmp_path: Path) -> None:
+    """The nav's count waits at most COUNT_TIMEOUT_S for a database that accepts connections
+    and never answers; the live page needs no records and comes at once."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = make_settings(tmp_path)
+    hung = settings.model_copy(
+        update={"database_url": SecretStr(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x")}
+    )
+    store = CallStore(hung)
+    app = make_app(store, settings, LiveFeed(), make_state())
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+            await client.post("/login", data={"token": TOKEN})
+            started = time.monotonic()
+            live = await client.get("/live")
+            assert live.status_code == 200 and 'id="callback-count" hidden' in live.text
+            assert time.monotonic() - started < COUNT_TIMEOUT_S + 1.0
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await store.close()
 
 
 async def test_static_files_and_no_way_out_of_them(client: httpx.AsyncClient) -> None:
@@ -489,7 +534,7 @@ async def test_live_page_shows_calls_in_progress(env: Env, client: httpx.AsyncCl
     assert f'<article class="live-call card" data-sid="{"CA" + "7" * 32}"' in page.text
     assert "Is anyone there?" in page.text and "+15557770000" in page.text
     assert 'data-elapsed="42' in page.text
-    assert '<span class="count" id="live-count" >1</span>' in page.text
+    assert re.search(r'id="live-count" >.*calls now: </span>1</span>', page.text)
 
 
 async def test_end_call_needs_the_csrf_token_and_same_origin(
@@ -596,3 +641,126 @@ def test_softphone_socket_wants_a_session_and_our_origin(tmp_path: Path) -> None
             with pytest.raises(WebSocketDisconnect) as bad_start:
                 ws.receive_text()
             assert bad_start.value.code == 1008
+
+
+def _softphone_start(call_sid: str, token: str | None) -> str:
+    sid = "MZ" + "d" * 32
+    params = {"profile": "front-desk"} | ({"lc_token": token} if token is not None else {})
+    return orjson.dumps(
+        {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": sid,
+            "start": {
+                "streamSid": sid,
+                "callSid": call_sid,
+                "tracks": ["inbound"],
+                "customParameters": params,
+            },
+        }
+    ).decode()
+
+
+def test_softphone_calls_need_a_token_minted_for_this_session(tmp_path: Path) -> None:
+    """The softphone's own short-lived token: from `POST /softphone/token` (session + CSRF),
+    bound to the CallSid the server chose and to the session; a `start` without it, with a
+    forged one, another call's or another session's is closed before any call starts."""
+    settings = make_settings(tmp_path)
+    no_store: Any = SimpleNamespace(repo=None)
+    state = make_state()
+    app = make_app(no_store, settings, LiveFeed(), state)
+
+    def mint(client: TestClient) -> tuple[str, str]:
+        page = client.get("/softphone")
+        csrf = re.search(r'<meta name="csrf-token" content="([^"]+)">', page.text)
+        assert csrf
+        assert client.post("/softphone/token", headers={"Origin": BASE}).status_code == 403
+        answer = client.post(
+            "/softphone/token", headers={"Origin": BASE, "X-CSRF-Token": csrf.group(1)}
+        )
+        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+        body = answer.json()
+        assert re.fullmatch(r"CA[0-9a-f]{32}", body["callSid"])
+        assert TOKEN not in answer.text  # never the API token
+        return body["callSid"], body["token"]
+
+    with TestClient(app, base_url=BASE) as client, TestClient(app, base_url=BASE) as other:
+        assert client.post("/softphone/token", headers={"Origin": BASE}).status_code == 401
+        for c in (client, other):
+            assert (
+                c.post("/login", data={"token": TOKEN}, follow_redirects=False).status_code == 303
+            )
+        call_sid, token = mint(client)
+        _, other_token = mint(other)  # the same login in another browser: another session
+        for sid, tok in (
+            (call_sid, None),
+            (call_sid, "v1.9999999999.-.forged"),
+            ("CA" + "e" * 32, token),  # another CallSid
+            (call_sid, other_token),  # another session's token
+        ):
+            with client.websocket_connect("/ws/softphone", headers={"Origin": BASE}) as ws:
+                ws.send_text(_softphone_start(sid, tok))
+                with pytest.raises(WebSocketDisconnect) as refused:
+                    ws.receive_text()
+                assert refused.value.code == 1008
+        assert state.registry.active == {}
+
+
+# --- the owner's pages (#16) -------------------------------------------------------------------
+
+
+async def test_search_shows_the_matching_line(client: httpx.AsyncClient) -> None:
+    await sign_in(client)
+    page = await client.get("/", params={"q": "kitchen closes"})
+    assert page.status_code == 200
+    assert page.text.count('<tr data-href="/calls/') == 8  # every seeded call said it
+    assert "<mark>kitchen</mark> <mark>closes</mark>" in page.text
+    assert '<span class="match-source">Agent:</span>' in page.text
+    assert "8 calls found" in page.text
+    nothing = await client.get("/", params={"q": "pizza"})
+    assert "<tr data-href=" not in nothing.text and "0 calls found" in nothing.text
+    hostile = await client.get("/", params={"q": '<script>alert(1)</script> " OR NEAR('})
+    assert hostile.status_code == 200 and "<script>alert" not in hostile.text
+
+
+async def test_call_backs_list_and_the_handled_mark(env: Env, client: httpx.AsyncClient) -> None:
+    signed_out = await client.get("/callbacks")
+    assert signed_out.status_code == 303 and signed_out.headers["location"].startswith("/login")
+    assert (await client.post(f"/callbacks/{SID}/handled")).status_code == 401
+    csrf = await sign_in(client)
+    page = await client.get("/callbacks")
+    assert page.status_code == 200
+    assert page.text.count('<li class="card callback"') == 8  # all seeded calls last 9 s
+    assert 'href="tel:+15550001111"' in page.text
+    assert re.search(r'id="callback-count" >.*waiting: </span>8</span>', page.text)
+
+    target = f"/callbacks/{SID}/handled"
+    assert (await client.post(target, data={"handled": "1"})).status_code == 403
+    cross = await client.post(
+        target, data={"csrf": csrf}, headers={"Origin": "https://evil.example"}
+    )
+    assert cross.status_code == 403
+    done = await client.post(target, data={"csrf": csrf, "next": "//evil.example/"})
+    assert done.status_code == 303 and done.headers["location"] == "/"  # never off-site
+    page = await client.get("/callbacks")
+    assert page.text.count('<li class="card callback"') == 7 and SID not in page.text
+    handled = await client.get("/callbacks", params={"show": "handled"})
+    assert f'data-sid="{SID}"' in handled.text
+    undo = await client.post(
+        target,
+        data={"handled": "0"},
+        headers={"X-CSRF-Token": csrf, "Accept": "application/json"},
+    )
+    assert undo.json() == {"call_sid": SID, "handled": False, "waiting": 8}
+    missing = await client.post(
+        "/callbacks/CA" + "9" * 32 + "/handled", headers={"X-CSRF-Token": csrf}
+    )
+    assert missing.status_code == 404
+
+
+async def test_call_page_heading_is_the_caller(client: httpx.AsyncClient) -> None:
+    await sign_in(client)
+    html = (await client.get(f"/calls/{SID}")).text
+    assert re.search(r'<h1><span class="caller-number">\+15550001111</span>', html)
+    assert '<details class="card technical" id="technical">' in html  # collapsed
+    assert "The caller hung up" in html and "Needs a call back" in html

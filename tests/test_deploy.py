@@ -229,6 +229,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     env = no_credentials_env(tmp_path)
     env.update(
         GEMINI_API_KEY="placeholder-not-a-real-key",
+        TWILIO_AUTH_TOKEN="placeholder-auth-token",  # serve refuses to start without one
         PORT=str(port),
         LIVECALL_HOST="127.0.0.1",
         LOG_FORMAT="json",

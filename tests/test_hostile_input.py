@@ -48,6 +48,7 @@ from livecall.telephony.twilio import TwilioSignature
 
 FAST = {"vad_silence_duration_ms": 300}
 FUZZ_FRAMES = 100_000
+ACCOUNT = "AC" + "4" * 32
 START_OK = '{"event":"connected","protocol":"Call","version":"1.0.0"}'
 
 
@@ -61,18 +62,20 @@ def say(name: str) -> Say:
     return Say(pcm, rate=rate, label=name)
 
 
-def start_message(stream_sid: str, call_sid: str) -> str:
+def start_message(stream_sid: str, call_sid: str, stack: LocalStack) -> str:
+    """A `start` as Twilio sends it, carrying the stream token the server's TwiML would give."""
+    token = stack.stream_token(call_sid, ACCOUNT)
     return orjson.dumps(
         {
             "event": "start",
             "sequenceNumber": "1",
             "streamSid": stream_sid,
             "start": {
-                "accountSid": "AC" + "4" * 32,
+                "accountSid": ACCOUNT,
                 "streamSid": stream_sid,
                 "callSid": call_sid,
                 "tracks": ["inbound"],
-                "customParameters": {},
+                "customParameters": {"lc_token": token},
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
             },
         }
@@ -163,7 +166,7 @@ async def test_100k_hostile_frames_on_one_stream_leave_a_concurrent_call_untouch
     fuzz_sid, fuzz_call = "MZ" + "a" * 32, "CA" + "a" * 32
     ws = await connect(stack)
     await ws.send(START_OK)
-    await ws.send(start_message(fuzz_sid, fuzz_call))
+    await ws.send(start_message(fuzz_sid, fuzz_call, stack))
     listener = Listener(ws)
     await gemini.wait_for(lambda: gemini.sessions and gemini.sessions[0].setup_completed, 10)
     fuzz_session = gemini.sessions[0]
@@ -297,7 +300,7 @@ async def test_one_frame_with_an_absurd_chunk_number_does_not_deafen_the_call(
     ws = await connect(stack)
     sid, call_sid = "MZ" + "b" * 32, "CA" + "b" * 32
     await ws.send(START_OK)
-    await ws.send(start_message(sid, call_sid))
+    await ws.send(start_message(sid, call_sid, stack))
     listener = Listener(ws)
     frames = list(utterance_frames("yes"))
     silence = b"\xff" * 160
@@ -335,7 +338,7 @@ async def test_a_call_with_absurd_counters_does_not_stop_the_records_of_other_ca
     ws = await connect(stack)
     sid, call_sid = "MZ" + "9" * 32, "CA" + "9" * 32
     await ws.send(START_OK)
-    await ws.send(start_message(sid, call_sid))
+    await ws.send(start_message(sid, call_sid, stack))
     listener = Listener(ws)
     await stack.gemini.wait_for(lambda: stack.gemini.sessions, 10)
     await ws.send(_media(sid, "1" + "0" * 30, 0, b"\xff" * 160))
@@ -370,7 +373,7 @@ async def test_an_out_of_range_timestamp_does_not_blow_up_the_recording(
     ws = await connect(stack)
     sid, call_sid = "MZ" + "c" * 32, "CA" + "c" * 32
     await ws.send(START_OK)
-    await ws.send(start_message(sid, call_sid))
+    await ws.send(start_message(sid, call_sid, stack))
     listener = Listener(ws)
     silence = b"\xff" * 160
     n = 0
@@ -469,7 +472,7 @@ async def test_frames_only_the_connection_can_refuse_end_the_call_cleanly(
     ws = await connect(stack)
     sid, call_sid = "MZ" + "e" * 32, "CA" + "e" * 32
     await ws.send(START_OK)
-    await ws.send(start_message(sid, call_sid))
+    await ws.send(start_message(sid, call_sid, stack))
     await stack.gemini.wait_for(lambda: stack.gemini.sessions, 10)
     with pytest.raises(websockets.ConnectionClosed):
         if frame == "over-1MiB":
@@ -513,7 +516,7 @@ async def test_unsigned_traffic_never_opens_a_gemini_session(make_stack) -> None
         with pytest.raises(websockets.InvalidStatus) as refused:
             ws = await connect(stack, additional_headers=headers)
             await ws.send(START_OK)
-            await ws.send(start_message("MZ" + "f" * 32, "CA" + "f" * 32))
+            await ws.send(start_message("MZ" + "f" * 32, "CA" + "f" * 32, stack))
             for frame in utterance_frames("yes", silence_ms=100):
                 await ws.send(_media("MZ" + "f" * 32, 1, 0, frame))
         assert refused.value.response.status_code == 403
@@ -674,6 +677,7 @@ async def test_no_secret_in_any_log_line_or_answer(capture_logs, secret_stack, c
         refused = await SimulatedCaller(
             stack.base_url,
             auth_token=SECRET_TWILIO,
+            account_sid=ACCOUNT_SID,
             seed=72,
             timeout=30,
             script=[Pause(200), say("yes"), Pause(15_000)],

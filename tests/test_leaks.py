@@ -330,3 +330,24 @@ async def test_docs_public_serves_them_to_anyone(make_stack: Any) -> None:
         assert (await http.get("/docs")).status_code == 200
         assert (await http.get("/openapi.json")).status_code == 200
         assert (await http.get("/metrics")).status_code == 401
+
+
+def test_uvicorn_s_own_logging_config_cannot_route_around_the_redaction(capture_logs) -> None:
+    """A uvicorn.Config made without log_config=None (a library, a simulator) installs
+    uvicorn's logging config: handlers of its own that do not propagate. Configuring
+    livecall's logging puts every uvicorn record back through the redacting root handler."""
+    import logging.config
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    logging.config.dictConfig(LOGGING_CONFIG)
+    error_log = logging.getLogger("uvicorn.error")
+    assert error_log.handlers or not logging.getLogger("uvicorn").propagate
+    logs = capture_logs("json", (TEST_AUTH_TOKEN,))
+    try:
+        raise RuntimeError(f"could not connect: {TEST_AUTH_TOKEN}")
+    except RuntimeError:
+        error_log.exception("Exception in ASGI application")
+    text = logs.getvalue()
+    assert "Exception in ASGI application" in text and "Traceback" in text
+    assert TEST_AUTH_TOKEN not in text

@@ -201,6 +201,7 @@ async def test_outbound_call_without_answering_machine_detection(
     assert created.create_params["TimeLimit"] == "600"
     url, parameters = stream_of(created.twiml or "")
     assert url == stack.base_url.replace("http://", "ws://") + "/ws/twilio"
+    assert parameters.pop("lc_token").startswith("v1.")  # the stream's credential
     assert parameters == {
         "profile": "outreach",
         "direction": "outbound-api",

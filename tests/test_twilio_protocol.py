@@ -483,12 +483,28 @@ def test_websocket_upgrade_signature_is_over_the_bare_url() -> None:
     assert not sig.validate_websocket(url, None)
 
 
-def test_shared_key_algorithm_is_passed_through() -> None:
-    sig = TwilioSignature(TOKEN)
-    signature = sig.sign(URL, FORM, algorithm=HMAC_SHA256)
-    assert sig.validate_webhook(URL, FORM, signature, algorithm=HMAC_SHA256)
-    assert not sig.validate_webhook(URL, FORM, signature)
-    assert not sig.validate_webhook(URL, FORM, signature, algorithm="HMAC_MD5")
+def test_webhook_rules_shared_key_signatures() -> None:
+    header = "key=webhooks_sharedkey_01abc,algorithm=HMAC_SHA256"
+    sig = TwilioSignature(TOKEN, shared_key="shared-secret")
+    signature = TwilioSignature("shared-secret").sign(URL, FORM, algorithm=HMAC_SHA256)
+    assert sig.validate_webhook(URL, FORM, signature, settings_header=header)
+    assert not sig.validate_webhook(URL, FORM, signature)  # no header: the auth token, SHA1
+    assert not sig.validate_webhook(
+        URL, FORM, signature, settings_header="key=x,algorithm=HMAC_SHA1"
+    )
+    assert not sig.validate_webhook(URL, FORM, signature, settings_header="algorithm=HMAC_MD5")
+    # signed with the auth token but claiming a rule: only the shared key is tried
+    by_token = sig.sign(URL, FORM, algorithm=HMAC_SHA256)
+    assert not sig.validate_webhook(URL, FORM, by_token, settings_header=header)
+    # a rule's header and no shared key configured: refused, never checked with the token
+    assert not TwilioSignature(TOKEN).validate_webhook(URL, FORM, by_token, settings_header=header)
+    assert sig.validate_websocket(
+        "wss://voice.example.com/ws/twilio",
+        TwilioSignature("shared-secret").sign(
+            "wss://voice.example.com/ws/twilio", algorithm=HMAC_SHA256
+        ),
+        settings_header=header,
+    )
 
 
 def test_the_token_never_shows() -> None:

@@ -35,6 +35,11 @@ REDIS_SECRET="${REDIS_SECRET:-}"           # e.g. livecall-redis-url:latest (Mem
 NETWORK="${NETWORK:-}"
 SUBNET="${SUBNET:-}"
 PUBLIC_URL="${PUBLIC_URL:-}"               # set if a custom domain fronts the service
+# Persistent storage for the call records spool and the recordings (a Filestore share, NFS):
+# Cloud Run's own filesystem is in memory and dies with the instance, so without it records
+# spooled during a database outage are lost with an instance that is killed.
+NFS_SERVER="${NFS_SERVER:-}"               # e.g. 10.0.0.2 (Filestore IP, reached via NETWORK)
+NFS_PATH="${NFS_PATH:-/livecall}"
 
 if [[ -z "${PROJECT}" ]]; then
   echo "deploy.sh: set PROJECT (or 'gcloud config set project …')" >&2
@@ -54,6 +59,11 @@ secrets="GEMINI_API_KEY=${GEMINI_SECRET},TWILIO_AUTH_TOKEN=${TWILIO_SECRET}"
 secrets+=",LIVECALL_API_TOKEN=${API_TOKEN_SECRET},DATABASE_URL=${DATABASE_SECRET}"
 if [[ -n "${REDIS_SECRET}" ]]; then
   secrets+=",REDIS_URL=${REDIS_SECRET}"
+fi
+
+env_vars="LOG_FORMAT=json,MAX_CONCURRENT_CALLS=${MAX_CALLS},LIVECALL_WORKERS=${WORKERS}"
+if [[ -n "${NFS_SERVER}" ]]; then
+  env_vars+=",SPOOL_DIR=/data/spool,RECORDINGS_DIR=/data/recordings"
 fi
 
 args=(
@@ -82,9 +92,19 @@ args=(
   --cpu-boost
   --execution-environment gen2
   --set-secrets "${secrets}"
-  --set-env-vars "LOG_FORMAT=json,MAX_CONCURRENT_CALLS=${MAX_CALLS},LIVECALL_WORKERS=${WORKERS}"
+  --set-env-vars "${env_vars}"
   --allow-unauthenticated  # Twilio must reach /twiml; every request is signature-checked
 )
+if [[ -n "${NFS_SERVER}" ]]; then
+  # spool and recordings on the share (SPOOL_DIR and RECORDINGS_DIR point into it above)
+  args+=(
+    --add-volume "name=livecall-data,type=nfs,location=${NFS_SERVER}:${NFS_PATH}"
+    --add-volume-mount "volume=livecall-data,mount-path=/data"
+  )
+else
+  echo "deploy.sh: no NFS_SERVER: the records spool and recordings live in the instance's" \
+    "memory and die with it (set NFS_SERVER=<Filestore IP> to keep them)" >&2
+fi
 if [[ -n "${SERVICE_ACCOUNT}" ]]; then
   args+=(--service-account "${SERVICE_ACCOUNT}")
 fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -65,9 +66,11 @@ def uvicorn_config(
         ws_max_size=ws_max_size,
         ws_ping_interval=20.0,
         ws_ping_timeout=60.0,
-        proxy_headers=False,
         log_config=None,
         access_log=False,
+        # X-Forwarded-* are believed from TRUSTED_PROXIES only (server/forwarded.py); uvicorn's
+        # own default would rewrite scheme and client address for any loopback peer first
+        proxy_headers=False,
         lifespan="on",
         **kw,  # type: ignore[arg-type]
     )
@@ -94,9 +97,42 @@ def _admin_socket(path: Path) -> object:
     return sock
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_problem(settings: object, host: str) -> str | None:
+    """Why `serve` must not start as configured (fail closed), else None."""
+    if getattr(settings, "twilio_auth_token", None) is not None:
+        return None
+    if not getattr(settings, "insecure_dev", False):
+        return (
+            "TWILIO_AUTH_TOKEN is not set, so nothing could tell Twilio's requests from anyone "
+            "else's. Set TWILIO_AUTH_TOKEN (the account's auth token). On a development "
+            "machine only, --insecure-dev (or LIVECALL_INSECURE_DEV=true) runs without it, "
+            "on loopback."
+        )
+    if not _is_loopback(host):
+        return (
+            f"--insecure-dev serves unsigned Twilio requests, so it binds loopback only; "
+            f"refusing --host {host}. Use 127.0.0.1 (and a tunnel), or set TWILIO_AUTH_TOKEN."
+        )
+    return None
+
+
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="interface to bind (default 0.0.0.0)")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="interface to bind (default 0.0.0.0; 127.0.0.1 with --insecure-dev)"),
+    ] = None,
     port: Annotated[int | None, typer.Option(help="port (default $PORT or 8080)")] = None,
     workers: Annotated[
         int,
@@ -113,13 +149,26 @@ def serve(
             help="with --workers: 'reuseport' (a socket each, kernel-balanced) or 'shared'",
         ),
     ] = "reuseport",
+    insecure_dev: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-dev",
+            help="development only: run without TWILIO_AUTH_TOKEN (unsigned Twilio requests "
+            "accepted, loopback only, a warning on every call)",
+        ),
+    ] = False,
 ) -> None:
     """Run the server Twilio calls: POST /twiml and the /ws/twilio media stream."""
     from livecall.log import configure_logging
     from livecall.settings import Settings
 
     settings = Settings()
+    if insecure_dev:
+        settings = settings.model_copy(update={"insecure_dev": True})
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+    unsigned = settings.insecure_dev and settings.twilio_auth_token is None
+    if host is None and unsigned and "host" not in settings.model_fields_set:
+        host = "127.0.0.1"  # unsigned requests: never reachable from another machine
     if not settings.has_gemini_credentials():
         console.print(
             "[red]No Gemini credentials.[/red] Set [bold]GEMINI_API_KEY[/bold] (Gemini Developer "
@@ -128,15 +177,22 @@ def serve(
             "To see livecall work without any key, run [bold]livecall demo[/bold]."
         )
         raise typer.Exit(2)
+    bind = host or settings.host
+    problem = insecure_problem(settings, bind)
+    if problem is not None:
+        console.print(f"[red]Not starting.[/red] {problem}")
+        raise typer.Exit(2)
     if workers > 1:
         from livecall.server.workers import run_workers
 
         if worker_socket not in ("reuseport", "shared"):
             raise typer.BadParameter("--worker-socket is 'reuseport' or 'shared'")
+        if settings.insecure_dev:
+            os.environ["LIVECALL_INSECURE_DEV"] = "true"  # the workers check it again
         raise typer.Exit(
             run_workers(
                 workers,
-                host or settings.host,
+                bind,
                 port or settings.port,
                 mode=worker_socket,  # type: ignore[arg-type]
                 max_calls=settings.max_concurrent_calls,
@@ -152,7 +208,7 @@ def serve(
     app_obj = create_app(settings)
     config = uvicorn_config(
         app_obj,
-        host or settings.host,
+        bind,
         port or settings.port,
         request_timeout_s=settings.request_timeout_s,
         ws_max_size=settings.ws_max_size,
@@ -165,7 +221,7 @@ def serve(
         drain=state.drain,
         lag_monitor=LoopLagMonitor(state.metrics),
     )
-    listen = _worker_listen_socket(host or settings.host, port or settings.port)
+    listen = _worker_listen_socket(bind, port or settings.port)
     if settings.admin_socket is None and listen is None:
         server.run()
         return

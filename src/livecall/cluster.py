@@ -57,6 +57,7 @@ ACTIONS = frozenset({"end", "transfer"})
 #: `on_control(call_sid, action, args)`: True/None = done, False = not done (call gone, refused).
 ControlHandler = Callable[[str, str, dict[str, Any]], Awaitable[bool | None] | bool | None]
 
+LIVE_QUEUE = 1000  # live-feed messages waiting for Redis, at most
 _REFRESH_CHUNK = 200  # calls per heartbeat script run: keeps each Redis step short
 
 # KEYS: calls index, then one hash key per call. ARGV: instance, ttl_ms, now, then per call
@@ -239,6 +240,9 @@ class ClusterRegistry:
         self._first_listen = asyncio.Event()
         self._stopping = False
         self._started_at = _now_iso()
+        # the live feed across instances: this process's messages out, others' in
+        self.on_live: Callable[[dict[str, Any]], None] | None = None
+        self._live_out: asyncio.Queue[str] = asyncio.Queue(LIVE_QUEUE)
 
     # ------------------------------------------------------------------ keys
     def _call_key(self, call_sid: str) -> str:
@@ -260,6 +264,10 @@ class ClusterRegistry:
 
     def _ack_channel(self, instance_id: str) -> str:
         return f"{self.prefix}:ack:{instance_id}"
+
+    @property
+    def live_channel(self) -> str:
+        return f"{self.prefix}:live"
 
     @property
     def _ttl_ms(self) -> int:
@@ -323,6 +331,7 @@ class ClusterRegistry:
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat:{self.instance_id}"),
             asyncio.create_task(self._listen_loop(), name=f"control:{self.instance_id}"),
+            asyncio.create_task(self._live_loop(), name=f"live:{self.instance_id}"),
         ]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.op_timeout_s):
@@ -575,6 +584,49 @@ class ClusterRegistry:
             except Exception as exc:
                 self._failed("ack", exc)
 
+    def publish_live(self, message: dict[str, Any]) -> None:
+        """A live-feed message for the other instances' live pages; never blocks or raises.
+
+        Queued (bounded: with Redis slow or gone, the oldest are dropped) and sent in order by
+        one task, so partial lines reach other instances as fast as Redis allows.
+        """
+        if self._redis is None:
+            return
+        raw = json.dumps({"from": self.instance_id, "message": message}, default=str)
+        if self._live_out.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._live_out.get_nowait()
+        self._live_out.put_nowait(raw)
+
+    def _on_live_message(self, raw: str) -> None:
+        if self.on_live is None:
+            return
+        try:
+            msg = json.loads(raw)
+            if msg.get("from") == self.instance_id:
+                return
+            message = msg["message"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return
+        try:
+            self.on_live(message)
+        except Exception:
+            log.exception("cluster.live_message_failed")
+
+    async def _live_loop(self) -> None:
+        while not self._cancelled():
+            raw = await self._live_out.get()
+            try:
+                async with asyncio.timeout(self.op_timeout_s):
+                    await self._redis.publish(self.live_channel, raw)
+                self._ok()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._cancelled():
+                    raise asyncio.CancelledError from exc
+                self._failed("live", exc)
+
     def _on_ack_message(self, raw: str) -> None:
         try:
             msg = json.loads(raw)
@@ -643,7 +695,7 @@ class ClusterRegistry:
         while not self._cancelled():
             pubsub = self._pubsub_redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(control, ack)
+                await pubsub.subscribe(control, ack, self.live_channel)
                 self._subscribed.set()
                 self._first_listen.set()
                 backoff = 0.1
@@ -656,6 +708,8 @@ class ClusterRegistry:
                         continue
                     if msg["channel"] == ack:
                         self._on_ack_message(msg["data"])
+                    elif msg["channel"] == self.live_channel:
+                        self._on_live_message(msg["data"])
                     else:
                         task = asyncio.create_task(self._on_control_message(msg["data"]))
                         self._handlers.add(task)

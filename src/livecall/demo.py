@@ -3,18 +3,23 @@
 The real livecall server runs on loopback between a simulated Gemini Live (over TLS, driven
 by the real SDK) and a simulated Twilio caller who books a table, talks over the agent's
 long answer, and hangs up after the confirmation. The conversation is printed as it happens
-and the caller's side is written to a WAV file, so a newcomer sees (and hears) the product.
+and the caller's side is written to a WAV file, so a newcomer sees (and hears) the product;
+then the post-call analysis (summary, the booking's details, success) is printed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import tempfile
 import time
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 from rich.console import Console
 
 from livecall.log import configure_logging
@@ -80,6 +85,44 @@ class PrintingObserver:
         )
 
 
+# The demo's agent: a restaurant whose calls are analysed afterwards (summary, the booking's
+# details, whether a table was booked) and whose callers are remembered.
+DEMO_PROFILE: dict[str, Any] = {
+    "name": "bella-vista",
+    "default": True,
+    "analysis": {
+        "enabled": True,
+        "goal": "A table is booked with a name, a party size and a time.",
+        "fields": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "description": "the name of the booking"},
+                "party_size": {"type": "integer"},
+                "time": {"type": "string"},
+                "callback_number": {"type": ["string", "null"]},
+            },
+            "required": ["name", "party_size", "time"],
+        },
+    },
+    "memory": {"enabled": True, "max_calls": 3, "max_age_days": 90},
+}
+
+
+def _print_analysis(analysis: dict[str, Any] | None) -> None:
+    console.print("[bold]Post-call analysis[/bold] (after the call, off its path)")
+    if analysis is None:
+        console.print("  [red]no analysis arrived[/red]")
+        return
+    if analysis["status"] != "done":
+        console.print(f"  {analysis['status']}: {analysis.get('error') or ''}")
+        return
+    console.print(f"  summary: {analysis['summary']}")
+    for key, value in (analysis.get("fields") or {}).items():
+        console.print(f"  {key.replace('_', ' ')}: {value}")
+    verdict = "goal reached" if analysis["success"] else "goal not reached"
+    console.print(f"  {verdict}: {analysis['success_reason']}  [dim]({analysis['model']})[/dim]")
+
+
 def _write_wav(path: Path, pcm: np.ndarray, rate: int = 8000) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as w:
@@ -109,20 +152,40 @@ async def run_demo(out: Path, *, verbose: bool = False) -> int:
         "[bold]livecall demo[/bold]: a simulated caller rings a livecall server; "
         "the agent runs on a simulated Gemini Live (no keys, no network).\n"
     )
-    async with LocalStack(
-        scenario=Scenario(),
-        settings_overrides={
-            "vad_silence_duration_ms": 400,
-            "recording_link_secret": secrets.token_hex(16),  # the webhook's recording link
-        },
-        observer_factory=lambda _sid: observer,
-    ) as stack:
-        result = await stack.caller(script, from_="+15551230000", to="+15559870000").run()
-        state = stack.app.state.livecall  # type: ignore[union-attr]
-        await state.registry.wait_idle(10)
-        await state.store.flush()
-        assert stack.settings is not None
-        webhook = await stored_call_webhook(state.store.repo, stack.settings, result.call_sid)
+    settled: dict[str, dict[str, Any]] = {}
+    analysed = asyncio.Event()
+
+    def on_settled(call_sid: str, analysis: dict[str, Any]) -> None:
+        settled[call_sid] = analysis
+        analysed.set()
+
+    with tempfile.TemporaryDirectory(prefix="livecall-demo-") as home:
+        profiles = Path(home) / "profiles.yaml"
+        profiles.write_text(yaml.safe_dump({"profiles": [DEMO_PROFILE]}, sort_keys=False))
+        async with LocalStack(
+            scenario=Scenario(),
+            settings_overrides={
+                "vad_silence_duration_ms": 400,
+                "profiles_file": profiles,
+                "recording_link_secret": secrets.token_hex(16),  # the webhook's recording link
+            },
+            observer_factory=lambda _sid: observer,
+        ) as stack:
+            assert stack.app is not None and stack.settings is not None
+            state = stack.app.state.livecall
+            state.analysis.on_settled.append(on_settled)
+            result = await stack.caller(script, from_="+15551230000", to="+15559870000").run()
+            try:
+                async with asyncio.timeout(20):
+                    await analysed.wait()
+            except TimeoutError:
+                pass
+            await state.registry.wait_idle(10)
+            await state.store.flush()
+            analysis = settled.get(result.call_sid)
+            webhook = await stored_call_webhook(
+                state.store.repo, stack.settings, result.call_sid, analysis=analysis
+            )
     console.print()
     recording = out / "caller-heard.wav"
     _write_wav(recording, result.heard_pcm())
@@ -141,6 +204,8 @@ async def run_demo(out: Path, *, verbose: bool = False) -> int:
         f"clears {len(result.clears)}, protocol errors {len(result.protocol_errors)}"
     )
     console.print(f"  what the caller heard: {recording}")
+    console.print()
+    _print_analysis(analysis)
     if webhook is not None:
         console.print()
         console.print(
@@ -154,6 +219,8 @@ async def run_demo(out: Path, *, verbose: bool = False) -> int:
         and not result.protocol_errors
         and len(result.response_latencies_ms) >= 2
         and len(result.clears) >= 1
+        and analysis is not None
+        and analysis["status"] == "done"
     )
     if not ok:
         console.print("[red]the demo call did not go as expected[/red]")

@@ -2,18 +2,33 @@
 
 Each call's observer is a `FanOut` of the store's writer and this feed. Subscribers get
 bounded queues: a slow browser loses updates (and is told so), it never slows a call.
+
+Words arrive as Gemini transcribes them, not when a turn completes: the bridge calls
+`live_partial` on every transcription, and the feed publishes a `partial` line (same turn
+index as the final one, which replaces it in place). With a cluster, every message also goes
+out through `relay` (Redis) and other instances' messages come in through `receive`, so any
+instance's live page shows every instance's calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from livecall.records import CallEventRecord, CallInfo, CallObserver, CallSummary, TurnRecord
 
-__all__ = ["FanOut", "LiveFeed"]
+if TYPE_CHECKING:
+    from livecall.call.turns import TurnTracker
+
+__all__ = ["FanOut", "LiveFeed", "forward_partial", "live_partial"]
+
+MAX_REMOTE_CALLS = 500  # another instance's calls kept for the snapshot, at most
+# another instance's call not heard of for this long is forgotten (that instance died mid-call)
+REMOTE_STALE_S = 2 * 3600.0
 
 
 def _plain(value: Any) -> dict[str, Any]:
@@ -24,11 +39,77 @@ def _plain(value: Any) -> dict[str, Any]:
     return out
 
 
+def forward_partial(observer: Any, lines: list[TurnRecord]) -> None:
+    """Hands partial lines to `observer` if it takes them (wrappers pass them on)."""
+    partial = getattr(observer, "partial", None)
+    if partial is not None:
+        partial(lines)
+
+
+def live_partial(observer: Any, turns: TurnTracker) -> None:
+    """The bridge's hook after each transcription: the open turns' words so far, to watchers."""
+    if getattr(observer, "partial", None) is not None:
+        forward_partial(observer, turns.open_lines())
+
+
 class LiveFeed:
     def __init__(self, queue_size: int = 256) -> None:
         self.queue_size = queue_size
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         self.calls: dict[str, dict[str, Any]] = {}  # call_sid -> info + turns so far
+        # other instances get this process's messages through here (the cluster sets it)
+        self.relay: Callable[[dict[str, Any]], None] | None = None
+
+    def apply(self, message: dict[str, Any]) -> None:
+        """Keeps `calls` (what a new watcher's snapshot shows) up to date with a message."""
+        kind, sid = message.get("type"), message.get("call_sid")
+        if not isinstance(sid, str):
+            return
+        if kind == "call_started":
+            self.calls[sid] = {
+                "info": message.get("info") or {},
+                "turns": [],
+                "partials": {},
+                "remote": bool(message.get("remote")),
+            }
+            return
+        state = self.calls.get(sid)
+        if state is None:
+            return
+        if kind == "turn":
+            turn = message.get("turn") or {}
+            state["turns"].append(turn)
+            state["partials"].pop(turn.get("index"), None)
+        elif kind == "partial":
+            turn = message.get("turn") or {}
+            state["partials"][turn.get("index")] = turn
+        elif kind == "call_ended":
+            self.calls.pop(sid, None)
+
+    def receive(self, message: dict[str, Any]) -> None:
+        """A message from another instance: kept for snapshots and passed to watchers here."""
+        if not isinstance(message, dict) or message.get("type") not in (
+            "call_started",
+            "turn",
+            "partial",
+            "event",
+            "call_ended",
+        ):
+            return
+        message = {**message, "remote": True}
+        now = time.monotonic()
+        remote = [sid for sid, c in self.calls.items() if c.get("remote")]
+        for sid in remote:
+            if now - self.calls[sid].get("seen", now) > REMOTE_STALE_S:
+                self.calls.pop(sid, None)
+        remote = [sid for sid in remote if sid in self.calls]
+        if message["type"] == "call_started" and len(remote) >= MAX_REMOTE_CALLS:
+            self.calls.pop(remote[0], None)  # the oldest: its instance most likely died
+        self.apply(message)
+        state = self.calls.get(message.get("call_sid"))  # type: ignore[arg-type]
+        if state is not None:
+            state["seen"] = now
+        self.publish(message, relay=False)
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.queue_size)
@@ -38,7 +119,14 @@ class LiveFeed:
     def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self._subscribers.discard(queue)
 
-    def publish(self, message: dict[str, Any]) -> None:
+    def publish(self, message: dict[str, Any], *, relay: bool = True) -> None:
+        if relay and self.relay is not None:
+            try:
+                self.relay(message)
+            except Exception:  # the cluster's trouble must not reach the call
+                import structlog
+
+                structlog.get_logger("livecall.live").exception("live.relay_failed")
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(message)
@@ -58,29 +146,35 @@ class _FeedObserver:
     def __init__(self, feed: LiveFeed, call_sid: str) -> None:
         self.feed = feed
         self.call_sid = call_sid
+        self._shown: dict[int, str] = {}  # turn index -> partial text last published
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self.feed.apply(message)
+        self.feed.publish(message)
 
     def call_started(self, info: CallInfo) -> None:
-        state = {"info": _plain(info), "turns": []}
-        self.feed.calls[self.call_sid] = state
-        self.feed.publish(
-            {"type": "call_started", "call_sid": self.call_sid, "info": state["info"]}
-        )
+        self._send({"type": "call_started", "call_sid": self.call_sid, "info": _plain(info)})
+
+    def partial(self, lines: list[TurnRecord]) -> None:
+        """Open turns' words so far; only lines whose text changed are published."""
+        for line in lines:
+            if not line.text or self._shown.get(line.index) == line.text:
+                continue
+            self._shown[line.index] = line.text
+            data = _plain(line)
+            data["partial"] = True
+            self._send({"type": "partial", "call_sid": self.call_sid, "turn": data})
 
     def turn(self, turn: TurnRecord) -> None:
-        data = _plain(turn)
-        state = self.feed.calls.get(self.call_sid)
-        if state is not None:
-            state["turns"].append(data)
-        self.feed.publish({"type": "turn", "call_sid": self.call_sid, "turn": data})
+        self._shown.pop(turn.index, None)
+        self._send({"type": "turn", "call_sid": self.call_sid, "turn": _plain(turn)})
 
     def event(self, event: CallEventRecord) -> None:
         self.feed.publish({"type": "event", "call_sid": self.call_sid, "event": _plain(event)})
 
     def call_ended(self, summary: CallSummary) -> None:
-        self.feed.calls.pop(self.call_sid, None)
-        self.feed.publish(
-            {"type": "call_ended", "call_sid": self.call_sid, "summary": _plain(summary)}
-        )
+        self._shown.clear()
+        self._send({"type": "call_ended", "call_sid": self.call_sid, "summary": _plain(summary)})
 
 
 class FanOut:
@@ -91,14 +185,7 @@ class FanOut:
 
     def _each(self, method: str, value: Any) -> None:
         for observer in self.observers:
-            try:
-                getattr(observer, method)(value)
-            except Exception:  # an observer's bug must not reach the call
-                import structlog
-
-                structlog.get_logger("livecall.records").exception(
-                    "observer.failed", observer=type(observer).__name__, method=method
-                )
+            self._each_one(observer, method, value)
 
     def call_started(self, info: CallInfo) -> None:
         self._each("call_started", info)
@@ -111,3 +198,18 @@ class FanOut:
 
     def call_ended(self, summary: CallSummary) -> None:
         self._each("call_ended", summary)
+
+    def partial(self, lines: list[TurnRecord]) -> None:
+        for observer in self.observers:
+            if getattr(observer, "partial", None) is not None:
+                self._each_one(observer, "partial", lines)
+
+    def _each_one(self, observer: Any, method: str, value: Any) -> None:
+        try:
+            getattr(observer, method)(value)
+        except Exception:  # an observer's bug must not reach the call
+            import structlog
+
+            structlog.get_logger("livecall.records").exception(
+                "observer.failed", observer=type(observer).__name__, method=method
+            )

@@ -123,6 +123,13 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # uvicorn's own logging config (any uvicorn.Config made without log_config=None) gives
+    # its loggers handlers of their own that do not propagate: a traceback logged there would
+    # bypass the redaction above. Every record goes through the root handler instead.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        named = logging.getLogger(name)
+        named.handlers.clear()
+        named.propagate = True
     # websockets logs every frame at debug; keep it quiet unless asked for.
     logging.getLogger("websockets").setLevel(max(numeric, logging.INFO))
     logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))

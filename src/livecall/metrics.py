@@ -186,6 +186,36 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # call records (livecall.store): the database, and the spool that stands in for it
+        self.records_database_up = Gauge(
+            "livecall_records_database_up",
+            "1 while the call records database takes writes, 0 while records are spooled.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.records_spool_bytes = Gauge(
+            "livecall_records_spool_bytes",
+            "Bytes of call records waiting in spool files for the database.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.records_spool_full = Gauge(
+            "livecall_records_spool_full",
+            "Alarm: 1 while the spool refuses records (SPOOL_MAX_BYTES reached or disk error).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.records_lost = Counter(
+            "livecall_records_lost_total",
+            "Call records dropped because neither the database nor the spool took them.",
+            registry=r,
+        )
+        self.calls_unrecorded = Counter(
+            "livecall_calls_unrecorded_total",
+            "Calls taken while their records could not be kept (schema not ready, spool full).",
+            ["reason"],
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "livecall_event_loop_lag_seconds",
             "How late the event loop ran a timer (sampled every 50 ms by LoopLagMonitor).",
@@ -342,6 +372,12 @@ class MetricsObserver:
             m.gemini_sessions_active.dec()
         m.calls.labels(end_reason=_label(summary.end_reason), status=_label(summary.status)).inc()
         self.inner.call_ended(summary)
+
+    def partial(self, lines: list[TurnRecord]) -> None:
+        """Words so far, for the live page: nothing to count, passed on."""
+        partial = getattr(self.inner, "partial", None)
+        if partial is not None:
+            partial(lines)
 
 
 class LoopLagMonitor:

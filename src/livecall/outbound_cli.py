@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Annotated
 
 import typer
@@ -40,6 +41,7 @@ def call_command(
     from livecall.agent.profiles import ProfileError, ProfileSet
     from livecall.log import configure_logging
     from livecall.server.outbound import OutboundError, destination_policy, place_outbound_call
+    from livecall.server.twilio_routes import stream_secret_of, twilio_stream_tokens
     from livecall.settings import Settings
     from livecall.telephony.twilio_rest import TwilioCallControl, TwilioCallError
 
@@ -68,6 +70,8 @@ def call_command(
         raise typer.Exit(2) from None
 
     assert settings.twilio_account_sid is not None and settings.public_url is not None
+    stream_secret = stream_secret_of(settings)  # the server checks the token with the same
+    assert stream_secret is not None  # (the auth token, or STREAM_TOKEN_SECRET when set)
     control = TwilioCallControl(
         settings.twilio_account_sid, token, settings.twilio_api_base_url or None
     )
@@ -83,6 +87,9 @@ def call_command(
                 machine_detection=amd,
                 from_=from_,
                 default_caller_id=settings.twilio_caller_id,
+                stream_token=twilio_stream_tokens(stream_secret).for_outbound(
+                    settings.twilio_account_sid or "", time.time()
+                ),
             )
         )
     except (OutboundError, TwilioCallError, ValueError) as exc:

@@ -145,8 +145,8 @@ class Settings(BaseSettings):
     gemini_non_blocking_tools: bool | None = Field(
         None,
         validation_alias="GEMINI_NON_BLOCKING_TOOLS",
-        description="declare tools NON_BLOCKING (the model keeps talking while one runs); "
-        "unset: on for the Gemini Developer API, off for Vertex AI",
+        description="declare tools NON_BLOCKING (the model keeps talking while one runs) and "
+        "answer them with a `scheduling`; unset: on (Developer API and Vertex AI alike)",
     )
     gemini_reconnect_attempts: int = Field(5, validation_alias="GEMINI_RECONNECT_ATTEMPTS")
     gemini_stall_timeout_s: float = Field(
@@ -189,6 +189,24 @@ class Settings(BaseSettings):
         validation_alias="OUTBOUND_MAX_CONCURRENT",
         description="outbound calls ringing or in progress at once (per instance)",
     )
+    stream_token_secret: SecretStr | None = Field(
+        None,
+        validation_alias="STREAM_TOKEN_SECRET",
+        description="key material for the per-call stream tokens (default: derived from "
+        "TWILIO_AUTH_TOKEN); set it on every instance so any one can check another's tokens",
+    )
+    twilio_webhook_shared_key: SecretStr | None = Field(
+        None,
+        validation_alias="TWILIO_WEBHOOK_SHARED_KEY",
+        description="the SharedKey secret of a Twilio Webhook Rule: requests carrying "
+        "X-Twilio-Webhooks-Signature-Settings are checked with it and the named algorithm",
+    )
+    insecure_dev: bool = Field(
+        False,
+        validation_alias="LIVECALL_INSECURE_DEV",
+        description="development only: without TWILIO_AUTH_TOKEN accept unsigned Twilio "
+        "requests (serve binds loopback only and warns on every call)",
+    )
 
     # --- calls
     max_concurrent_calls: int = Field(500, validation_alias="MAX_CONCURRENT_CALLS")
@@ -214,8 +232,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         8.0,
         validation_alias="DRAIN_TIMEOUT",
-        description="on SIGTERM, how long calls may go on before they are ended with a goodbye "
-        "(Cloud Run allows ~10 s; on Kubernetes match terminationGracePeriodSeconds)",
+        description="on SIGTERM, when every call must have ended: calls go on until 8 s before "
+        "it, then hear a goodbye (Cloud Run allows ~10 s; on Kubernetes match "
+        "terminationGracePeriodSeconds)",
     )
     profiles_reload_interval_s: float = Field(
         1.0,
@@ -282,6 +301,58 @@ class Settings(BaseSettings):
         None,
         validation_alias="LIVECALL_CALLS_TOKEN",
         description="bearer token that may place outbound calls (LIVECALL_API_TOKEN only reads)",
+    )
+    spool_max_bytes: int = Field(
+        512 * 1024 * 1024,
+        gt=0,
+        validation_alias="SPOOL_MAX_BYTES",
+        description="bytes of call records the spool may hold while the database is away",
+    )
+    auto_migrate: bool = Field(
+        True,
+        validation_alias="AUTO_MIGRATE",
+        description="migrate the call records schema on start (else refuse an old schema)",
+    )
+    business_timezone: str = Field(
+        "UTC",
+        validation_alias="BUSINESS_TIMEZONE",
+        description="IANA zone (e.g. America/New_York) for the dashboard's dates, days and charts",
+    )
+
+    # --- post-call analysis and caller memory (livecall.outcomes; switched on per profile)
+    analysis_model: str = Field(
+        "gemini-3.5-flash",
+        validation_alias="ANALYSIS_MODEL",
+        description="Gemini text model for post-call analysis (a profile's analysis.model wins)",
+    )
+    analysis_max_attempts: int = Field(
+        5,
+        ge=1,
+        le=50,
+        validation_alias="ANALYSIS_MAX_ATTEMPTS",
+        description="tries per call before its analysis is marked failed",
+    )
+    analysis_retry_delay_s: float = Field(
+        5.0,
+        gt=0,
+        validation_alias="ANALYSIS_RETRY_DELAY",
+        description="wait before the first retry; doubles per attempt (with jitter, max 10 min)",
+    )
+    analysis_timeout_s: float = Field(
+        60.0, gt=0, validation_alias="ANALYSIS_TIMEOUT", description="longest one attempt may take"
+    )
+    analysis_poll_interval_s: float = Field(
+        10.0,
+        gt=0,
+        validation_alias="ANALYSIS_POLL_INTERVAL",
+        description="how often the worker looks in the database for calls to analyse "
+        "(calls ending here wake it at once)",
+    )
+    memory_timeout_s: float = Field(
+        0.3,
+        gt=0,
+        validation_alias="MEMORY_TIMEOUT",
+        description="longest a call's start waits for the caller's memory before going on without",
     )
 
     @field_validator("outbound_allowed_destinations", mode="before")
@@ -374,6 +445,19 @@ class Settings(BaseSettings):
             raise ValueError("CALL_WEBHOOK_URL must be an absolute http(s) URL")
         return value
 
+    @field_validator("business_timezone")
+    @classmethod
+    def _timezone_is_known(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value.strip())
+        except (ZoneInfoNotFoundError, ValueError) as error:
+            raise ValueError(
+                f"BUSINESS_TIMEZONE must be an IANA zone name like Europe/Paris, not {value!r}"
+            ) from error
+        return value.strip()
+
     @field_validator("public_url")
     @classmethod
     def _public_url_is_absolute(cls, value: str | None) -> str | None:
@@ -408,8 +492,9 @@ class Settings(BaseSettings):
         return self.system_prompt
 
     def has_gemini_credentials(self) -> bool:
-        if self.gemini_use_vertexai:
-            return bool(self.gemini_project and self.gemini_location)
+        if self.gemini_use_vertexai:  # a project, or an API key (Vertex AI express mode)
+            key = self.gemini_api_key.get_secret_value() if self.gemini_api_key else ""
+            return bool(self.gemini_project and self.gemini_location) or bool(key)
         return self.gemini_api_key is not None and bool(self.gemini_api_key.get_secret_value())
 
 

@@ -291,6 +291,12 @@ class TracingObserver:
                     context.detach(token)
         self.inner.call_ended(summary)
 
+    def partial(self, lines: list[TurnRecord]) -> None:
+        """Words so far, for the live page: not traced, passed on."""
+        partial = getattr(self.inner, "partial", None)
+        if partial is not None:
+            partial(lines)
+
 
 def traced(observer: CallObserver) -> CallObserver:
     """`observer` wrapped in a `TracingObserver` when tracing is on, else `observer` itself."""

@@ -164,6 +164,8 @@ def _client(
     if ctx is not None:
         http_options.async_client_args = {"ssl": ctx}
     if vertexai:
+        if api_key and not project:  # Vertex AI express mode: an API key, no project
+            return genai.Client(vertexai=True, api_key=api_key, http_options=http_options)
         return genai.Client(
             vertexai=True, project=project, location=location, http_options=http_options
         )
@@ -249,6 +251,10 @@ class GeminiLink:
 
     async def send_client_turn(self, text: str, *, turn_complete: bool = True) -> None:
         await self._send(lp.client_text_turn_message(text, turn_complete=turn_complete))
+
+    async def send_turn_complete(self) -> None:
+        """Completes the client turn left open by partial content (answers what came since)."""
+        await self._send(lp.turn_complete_message())
 
     async def send_tool_responses(self, responses: list[dict[str, Any]]) -> None:
         await self._send(lp.tool_response_message(responses))

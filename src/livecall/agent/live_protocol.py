@@ -40,6 +40,7 @@ __all__ = [
     "parse_server_message",
     "text_message",
     "tool_response_message",
+    "turn_complete_message",
 ]
 
 
@@ -175,6 +176,11 @@ def client_text_turn_message(text: str, *, turn_complete: bool = True) -> str:
     ).decode()
 
 
+def turn_complete_message() -> str:
+    """`clientContent` with no new turns that completes the one left open (`turnComplete`)."""
+    return '{"clientContent":{"turnComplete":true}}'
+
+
 def tool_response_message(responses: list[dict[str, Any]]) -> str:
     """`responses`: [{"id", "name", "response": {...}}, ...] (optionally "scheduling")."""
     return orjson.dumps({"toolResponse": {"functionResponses": responses}}).decode()
@@ -225,7 +231,12 @@ def _usage(raw: dict[str, Any] | None) -> Usage | None:
         return None
     return Usage(
         prompt_tokens=int(_get(raw, "promptTokenCount", "prompt_token_count") or 0),
-        response_tokens=int(_get(raw, "responseTokenCount", "response_token_count") or 0),
+        # Vertex AI names the output side "candidates" (the Developer API: "response")
+        response_tokens=int(
+            _get(raw, "responseTokenCount", "response_token_count")
+            or _get(raw, "candidatesTokenCount", "candidates_token_count")
+            or 0
+        ),
         total_tokens=int(_get(raw, "totalTokenCount", "total_token_count") or 0),
     )
 

@@ -26,6 +26,11 @@ File shape::
           timeout_s: 2.5
           fallback: local
         google_search: false # Gemini's built-in Google Search grounding
+        analysis:        # after the call: summary, fields, success (off by default)
+          enabled: true
+          goal: A table is booked with a name, party size and time.
+          fields: {type: object, properties: {name: {type: string}, party_size: {type: integer}}}
+        memory: {enabled: true, max_calls: 3, max_age_days: 90}   # needs analysis
         http_tools:
           - name: check_order
             description: Look up the status of an order by its number.
@@ -70,8 +75,10 @@ __all__ = [
     "BUILTIN_TOOLS",
     "ENV_REF",
     "AgentProfile",
+    "AnalysisSettings",
     "HttpToolSpec",
     "KnowledgeSettings",
+    "MemorySettings",
     "ProfileError",
     "ProfileRegistry",
     "ProfileSet",
@@ -128,6 +135,46 @@ class VadSettings(_Strict):
     end_sensitivity: Literal["high", "low"] | None = None
     prefix_padding_ms: int | None = Field(None, ge=0, le=10_000)
     silence_duration_ms: int | None = Field(None, ge=0, le=10_000)
+
+
+def _empty_object_schema() -> dict[str, Any]:
+    return {"type": "object", "properties": {}}
+
+
+class AnalysisSettings(_Strict):
+    """Post-call analysis (`livecall.outcomes.analysis`): off unless `enabled`.
+
+    `fields` is a JSON Schema (type: object) of what to extract from the call, e.g. name,
+    party size, time, callback number; `goal` is what a successful call achieves, judged
+    afterwards; `model` defaults to ANALYSIS_MODEL.
+    """
+
+    enabled: bool = False
+    model: str | None = Field(None, min_length=1)
+    goal: str | None = Field(None, min_length=1, max_length=2000)
+    fields: dict[str, Any] = Field(default_factory=_empty_object_schema)
+
+    @field_validator("fields")
+    @classmethod
+    def _fields_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from jsonschema import Draft202012Validator, SchemaError
+
+        if value.get("type") != "object":
+            raise ValueError("must be a JSON schema with type: object")
+        try:
+            Draft202012Validator.check_schema(value)
+        except SchemaError as exc:
+            where = "/".join(str(p) for p in exc.path) or "(top)"
+            raise ValueError(f"not a valid JSON schema at {where}: {exc.message}") from None
+        return value
+
+
+class MemorySettings(_Strict):
+    """Caller memory (`livecall.outcomes.memory`): opt-in; needs analysis (its summaries)."""
+
+    enabled: bool = False
+    max_calls: int = Field(3, ge=1, le=20)
+    max_age_days: float = Field(90.0, gt=0, le=3650)
 
 
 def _to_gemini_schema(schema: dict[str, Any], *, strict: bool = False) -> types.Schema:
@@ -308,6 +355,12 @@ class AgentProfile(_Strict):
     on_failure: str = "hangup"
     # end-of-call webhook for this profile's calls (default: CALL_WEBHOOK_URL)
     webhook_url: str | None = None
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+    # what the caller hears when the agent hangs up without a word: the model is asked to say
+    # this line; unset (or when it still says nothing), a recorded "Thank you for calling,
+    # goodbye!" plays
+    goodbye_line: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -356,6 +409,8 @@ class AgentProfile(_Strict):
                 f"on_failure: {self.on_failure!r} is neither 'hangup' nor a transfer target "
                 f"({', '.join(self.transfer_targets) or 'none defined'})"
             )
+        if self.memory.enabled and not self.analysis.enabled:
+            problems.append("memory: enabled, but it is built from analysis: enable analysis too")
         names = [t.name for t in self.http_tools]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -409,6 +464,10 @@ def _fields_for(loc: tuple[int | str, ...]) -> list[str]:
         return list(VadSettings.model_fields)
     if loc[:1] == ("http_tools",):
         return list(HttpToolSpec.model_fields)
+    if loc[:1] == ("analysis",):
+        return list(AnalysisSettings.model_fields)
+    if loc[:1] == ("memory",):
+        return list(MemorySettings.model_fields)
     return list(AgentProfile.model_fields)
 
 

@@ -166,24 +166,34 @@ def function_declarations(
     return declarations
 
 
-def response_scheduling(name: str) -> types.FunctionResponseScheduling:
+def response_scheduling(name: str, spoke_first: bool = True) -> types.FunctionResponseScheduling:
     """When the model should react to a NON_BLOCKING tool's result.
 
-    Call-control results need no words (SILENT: the agent already said what it is doing);
-    a lookup or webhook answer is spoken once the current sentence ends (WHEN_IDLE).
+    Call-control results need no words when the agent already said what it is doing
+    (SILENT); when it called `end_call`/`transfer_call` before saying anything in that turn
+    (decide, call, then speak), the answer lets it speak its goodbye or handoff line
+    (WHEN_IDLE). A lookup or webhook answer is spoken once the current sentence ends.
     """
-    if name in ("end_call", "transfer_call"):
+    if name in ("end_call", "transfer_call") and spoke_first:
         return types.FunctionResponseScheduling.SILENT
     return types.FunctionResponseScheduling.WHEN_IDLE
 
 
 def function_response(
-    call_id: str, name: str, result: dict[str, Any], *, non_blocking: bool = True
+    call_id: str,
+    name: str,
+    result: dict[str, Any],
+    *,
+    non_blocking: bool = True,
+    spoke_first: bool = True,
 ) -> dict[str, Any]:
-    """One entry of ``toolResponse.functionResponses`` as wire JSON."""
+    """One entry of ``toolResponse.functionResponses`` as wire JSON.
+
+    `spoke_first`: the agent had spoken in the turn in which it made the call.
+    """
     response: dict[str, Any] = {"id": call_id, "name": name, "response": result}
     if non_blocking:
-        response["scheduling"] = response_scheduling(name).value
+        response["scheduling"] = response_scheduling(name, spoke_first).value
     return response
 
 

@@ -1,8 +1,12 @@
 """Recorded lines livecall plays itself, when the model cannot speak for it.
 
-`apology.ulaw` is raw G.711 μ-law at 8 kHz ("I'm sorry, we're having technical difficulties.
-Please call again later. Goodbye."), made from the simulator's speech clips by
-`scripts/make_clips.py` and resampled with livecall's own resampler.
+Raw G.711 μ-law at 8 kHz, made from the simulator's speech clips (`scripts/make_clips.py`)
+and resampled with livecall's own resampler (`OutboundTranscoder`):
+
+* `apology.ulaw`: "I'm sorry, we're having technical difficulties. Please call again later.
+  Goodbye." (Gemini cannot be had, or the call failed)
+* `goodbye.ulaw`: "Thank you for calling, goodbye!" (the agent hung up without a word)
+* `one_moment.ulaw`: "One moment, please." (the agent transfers the call without a word)
 """
 
 from __future__ import annotations
@@ -12,5 +16,17 @@ from importlib import resources
 
 
 @cache
+def _asset(name: str) -> bytes:
+    return resources.files(__package__).joinpath(name).read_bytes()
+
+
 def apology_ulaw() -> bytes:
-    return resources.files(__package__).joinpath("apology.ulaw").read_bytes()
+    return _asset("apology.ulaw")
+
+
+def goodbye_ulaw() -> bytes:
+    return _asset("goodbye.ulaw")
+
+
+def handoff_ulaw() -> bytes:
+    return _asset("one_moment.ulaw")

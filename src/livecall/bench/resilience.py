@@ -645,6 +645,9 @@ async def _fuzz_rate(seed: int, frames: int) -> dict[str, Any]:
                         "callSid": call_sid,
                         "accountSid": "AC" + "f" * 32,
                         "tracks": ["inbound"],
+                        "customParameters": {
+                            "lc_token": stack.stream_token(call_sid, "AC" + "f" * 32)
+                        },
                         "mediaFormat": {
                             "encoding": "audio/x-mulaw",
                             "sampleRate": 8000,

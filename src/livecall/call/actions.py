@@ -20,8 +20,10 @@ import structlog
 
 from livecall.agent.gemini import GeminiClosed
 from livecall.agent.live_protocol import FunctionCall
+from livecall.assets import goodbye_ulaw, handoff_ulaw
 from livecall.audio.dtmf import generate_dtmf
 from livecall.audio.g711 import ulaw_encode
+from livecall.call.bridge import GREETING_PROMPT, SPOKE_BEFORE_TOOL
 from livecall.records import CallEventRecord
 from livecall.telephony.twilio_rest import TwilioCallError
 
@@ -42,8 +44,6 @@ __all__ = [
 
 log = structlog.get_logger("livecall.actions")
 
-# Same words the bridge uses for its own greeting turn, so a deferred greeting sounds alike.
-GREETING_PROMPT = "The phone call has just been answered. Greet the caller now, saying: "
 # Twilio's AnsweredBy values that mean "not a person" (DetectMessageEnd sends the *_end_* ones
 # once the greeting is over and the beep has sounded; machine_start only without it).
 MACHINE_VERDICTS = frozenset(
@@ -54,6 +54,10 @@ DTMF_CHUNK_BYTES = 800  # 100 ms of μ-law per media message: small frames, few 
 # lookup/webhook timeout.
 CALL_CONTROL_TOOLS = frozenset({"end_call", "transfer_call", "send_dtmf"})
 CALL_CONTROL_TIMEOUT_S = 60.0
+# `end_call`/`transfer_call` before any word: how long the model gets to begin its goodbye or
+# handoff line after the answer, and to finish it, before a recorded line plays instead.
+LINE_START_S = 3.0
+LINE_TOTAL_S = 6.0
 
 
 def tool_handler(
@@ -107,6 +111,7 @@ class BridgeActions:
         # outbound calls with answering-machine detection greet only once a person answered
         self.deferred_greeting = deferred_greeting
         self.answered_by: str | None = None
+        self._ending = False
         self._background: set[asyncio.Task[Any]] = set()
         self.log = log.bind(call_sid=bridge.call_sid)
 
@@ -158,13 +163,59 @@ class BridgeActions:
         if self.control is not None:
             self.spawn(self._rest_hangup(), "hangup")
 
+    async def _model_line(self, timeout: float, before: int) -> bool:  # noqa: ASYNC109
+        """After a call-control answer: the model's own line (an agent turn begun since the
+        count was `before`), begun and heard in time?"""
+        deadline = time.monotonic() + timeout
+        if not await self._wait_new_agent_turn(before, min(LINE_START_S, timeout)):
+            return False
+        return await self._let_agent_finish(max(0.5, deadline - time.monotonic()))
+
+    async def _recorded_line(self, ulaw: bytes) -> bool:
+        """A recorded line of livecall's own, played and heard to the end."""
+        if await self.bridge.play_ulaw(ulaw) is None and self.bridge.end_reason is not None:
+            return False
+        return await self.bridge.wait_heard(len(ulaw) / 8000 + 3.0)
+
+    async def _say_goodbye(self, before: int) -> tuple[bool, str]:
+        """The goodbye the model did not say before `end_call`: (heard, by whom)."""
+        if await self._model_line(LINE_TOTAL_S, before):
+            return True, "agent"
+        line = self.profile.goodbye_line
+        before = self.bridge.turns.agent_turns_started
+        asked = bool(line) and await self._send_turn(f"(Say this to the caller now: {line})", 1.0)
+        if asked and await self._model_line(LINE_TOTAL_S, before):
+            return True, "agent"
+        return await self._recorded_line(goodbye_ulaw()), "recorded"
+
+    async def _goodbye_then_hang_up(self, reason: str, spoke: bool, before: int) -> None:
+        if spoke:  # the goodbye came first: let it play out
+            heard, by = await self._let_agent_finish(self.goodbye_timeout_s), "agent"
+        else:
+            heard, by = await self._say_goodbye(before)
+        self.log.info("call.agent_hangup", reason=reason, goodbye_heard=heard, goodbye_by=by)
+        self._record("hangup", by="agent", reason=reason, goodbye_heard=heard, goodbye_by=by)
+        self._hang_up("agent_hangup")
+
     # ------------------------------------------------------------------ CallActions
     async def end_call(self, reason: str) -> dict[str, Any]:
-        heard = await self._let_agent_finish(self.goodbye_timeout_s)
-        self.log.info("call.agent_hangup", reason=reason, goodbye_heard=heard)
-        self._record("hangup", by="agent", reason=reason, goodbye_heard=heard)
-        self._hang_up("agent_hangup")
-        return {"result": "ok", "detail": "the call is ending"}
+        """Answers at once (the model needs the answer to speak), hangs up once heard.
+
+        When the agent spoke before calling, the goodbye already sent is played out and the
+        answer is SILENT. When it called first, the answer lets it speak (WHEN_IDLE); its
+        goodbye is waited for (bounded), else asked for or played from a recording.
+        """
+        spoke = SPOKE_BEFORE_TOOL.get()
+        if not self._ending:
+            self._ending = True
+            before = self.bridge.turns.agent_turns_started  # before the answer goes out
+            self.spawn(self._goodbye_then_hang_up(reason, spoke, before), "goodbye")
+        if spoke:
+            return {"result": "ok", "detail": "the call is ending"}
+        return {
+            "result": "ok",
+            "detail": "say a short goodbye to the caller now; the call ends when you finish",
+        }
 
     async def transfer(self, target_name: str, number: str) -> dict[str, Any]:
         if self.control is None:
@@ -172,8 +223,32 @@ class BridgeActions:
                 "error": "transfers are not available on this line (no Twilio REST "
                 "credentials); offer to take a message instead"
             }
-        bridge = self.bridge
+        if not SPOKE_BEFORE_TOOL.get():  # decide, call, then speak: answer so it may speak
+            before = self.bridge.turns.agent_turns_started
+            self.spawn(self._handoff_then_transfer(target_name, number, before), "handoff")
+            return {
+                "result": "transferring",
+                "target": target_name,
+                "detail": "tell the caller in one short sentence that you are putting them "
+                "through now; the transfer follows",
+            }
         heard = await self._let_agent_finish(self.goodbye_timeout_s)
+        return await self._transfer_now(target_name, number, heard)
+
+    async def _handoff_then_transfer(self, target_name: str, number: str, before: int) -> None:
+        heard = await self._model_line(LINE_TOTAL_S, before)
+        if not heard:
+            heard = await self._recorded_line(handoff_ulaw())
+        # the REST transfer must outlive the call's end (which it causes): its own task
+        done = self.spawn(self._transfer_now(target_name, number, heard), "hangup")
+        result = await asyncio.shield(done)
+        if "error" in result and self.bridge.end_reason is None:
+            await self._send_turn(f"(The transfer did not work: {result['error']}.)", 1.0)
+
+    async def _transfer_now(self, target_name: str, number: str, heard: bool) -> dict[str, Any]:
+        """The REST transfer, once the caller heard the line (`heard`)."""
+        assert self.control is not None
+        bridge = self.bridge
         # Twilio ends the stream as soon as it takes the new TwiML; its `stop` may reach the
         # bridge before this coroutine runs again, so the reason is claimed first.
         claimed = bridge.end_reason is None
@@ -231,12 +306,15 @@ class BridgeActions:
             return False
         return True
 
-    async def _wait_new_agent_turn(self, before: int | None, timeout: float) -> bool:  # noqa: ASYNC109
+    async def _wait_new_agent_turn(self, before: int, timeout: float) -> bool:  # noqa: ASYNC109
+        """Has an agent turn begun since `turns.agent_turns_started` was `before`?
+
+        Counted, not looked at: a short line can open and close between two looks.
+        """
         turns = self.bridge.turns
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            index = turns.agent_turn_index
-            if index is not None and index != before:
+            if turns.agent_turns_started > before:
                 return True
             await asyncio.sleep(0.05)
         return False
@@ -249,7 +327,7 @@ class BridgeActions:
             self._record("voicemail", left=False)
             self._hang_up("answering_machine")
             return
-        before = self.bridge.turns.agent_turn_index
+        before = self.bridge.turns.agent_turns_started
         spoke = await self._send_turn(voicemail_prompt(message))
         spoke = spoke and await self._wait_new_agent_turn(before, 10.0)
         heard = spoke and await self._let_agent_finish(max(30.0, len(message) / 8))

@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ from livecall.call.backoff import backoff_step
 from livecall.call.playout import PlayoutTracker
 from livecall.call.rotation import rotation_ready
 from livecall.call.turns import TurnTracker
+from livecall.live_feed import live_partial
 from livecall.privacy import keypad, transcript_fields
 from livecall.records import (
     CallEventRecord,
@@ -50,7 +52,7 @@ from livecall.records import (
 )
 from livecall.telephony import twilio as tw
 
-__all__ = ["CallBridge", "CallOptions", "CarrierClosed", "CarrierSocket"]
+__all__ = ["SPOKE_BEFORE_TOOL", "CallBridge", "CallOptions", "CarrierClosed", "CarrierSocket"]
 
 log = structlog.get_logger("livecall.call")
 
@@ -63,6 +65,15 @@ PCM16K_BYTES_PER_S = 32000
 MAX_MEDIA_BYTES = 8000  # one second of 8 kHz audio: no carrier sends frames that long
 MARK_EVERY_SAMPLES = 800  # a mark per ~100 ms of agent audio (and at every turn's end)
 FAILURE_WINDOW_S = 60.0  # more than reconnect_attempts session losses in this window: give up
+# A fresh session seeded with `turnComplete: false` may wait for follow-up content (3.8): once
+# the caller has spoken since the last answer, and neither the caller nor the model has made a
+# sound for this long since (a model that does not wait has begun its answer by then: any
+# client content would cut that answer off), the turn is completed.
+SEED_RELEASE_QUIET_MS = 1000.0
+GREETING_PROMPT = "The phone call has just been answered. Greet the caller now, saying: "
+# In a tool handler: had the agent spoken in the turn in which it made the call? (An
+# `end_call` before any word needs the model's goodbye, or a recorded one, before hanging up.)
+SPOKE_BEFORE_TOOL: ContextVar[bool] = ContextVar("spoke_before_tool", default=True)
 
 
 class CarrierClosed(Exception):
@@ -174,6 +185,12 @@ class CallBridge:
             int(self.options.replay_limit_s * PCM16K_BYTES_PER_S), len
         )
         self._expect_reply_at: float | None = None
+        self._greeting_due = bool(self.options.greeting)  # until an agent turn is complete
+        self._giving_up = False
+        self._session_turns = 0  # turns the current session completed
+        self._ready_at_ms = 0.0  # when the current session became usable
+        self._seed_open = False  # a fresh session seeded with partial content waits for more
+        self._last_answered_ms = float("-inf")  # when the agent last completed a turn
         self._nudged = False
         self._stalled_link: GeminiLink | None = None
         self._heard = asyncio.Condition()
@@ -244,6 +261,17 @@ class CallBridge:
         self._end(reason)
 
     # ------------------------------------------------------------------ lifecycle
+    async def _guarded(self, name: str, work: Awaitable[None]) -> None:
+        """Runs one of the call's tasks; if it fails, the call ends `failed`, never silent."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.error("call.task_failed", task=name, error=type(exc).__name__, exc_info=True)
+            self._event("error", where=name, error=f"{type(exc).__name__}: ending the call")
+            await self._give_up(f"{name}_failed")
+
     async def run(self) -> CallSummary:
         started = datetime.now(UTC)
         structlog.contextvars.bind_contextvars(call_sid=self.call_sid)
@@ -263,9 +291,15 @@ class CallBridge:
         )
         self.log.info("call.start", profile=self.options.profile, model=self.link.options.model)
         tasks = [
-            asyncio.create_task(self._caller_pump(), name=f"caller:{self.call_sid}"),
-            asyncio.create_task(self._agent_pump(), name=f"agent:{self.call_sid}"),
-            asyncio.create_task(self._supervise(), name=f"supervise:{self.call_sid}"),
+            asyncio.create_task(
+                self._guarded("caller_pump", self._caller_pump()), name=f"caller:{self.call_sid}"
+            ),
+            asyncio.create_task(
+                self._guarded("agent_pump", self._agent_pump()), name=f"agent:{self.call_sid}"
+            ),
+            asyncio.create_task(
+                self._guarded("supervisor", self._supervise()), name=f"supervise:{self.call_sid}"
+            ),
         ]
         try:
             async with asyncio.timeout(self.options.max_duration_s):
@@ -513,27 +547,42 @@ class CallBridge:
         )
 
     async def _switch_to(self, link: GeminiLink, *, fresh: bool) -> None:
-        """Makes `link` the session: replays what the old one may have lost, then the backlog."""
+        """Makes `link` the session: replays what the old one may have lost, then the backlog.
+
+        Raises GeminiClosed when `link` dies on the way; the old session is closed either way.
+        """
         old, self.link = self.link, link
         self.sessions += 1
+        self._session_turns = 0
         self._discarding_turn = False
         self.outbound.reset()
         if self.turns.agent_turn_open:  # the old session's answer cannot continue in a new one
             self.turns.turn_complete(self.now_ms())
             self._flush_turns()
-        if fresh and self.transcript:
-            await link.send_client_turn(self._seed_text(), turn_complete=False)
-        # Audio the old session took after its last resumable snapshot is not in the handle.
-        replay = list(self._since_snapshot)
-        self._since_snapshot.clear()
-        for pcm in replay:
-            await link.send_audio(pcm)
-            self._since_snapshot.append(pcm)
-        await self._flush_pending()
+        try:
+            self._seed_open = False
+            if fresh and self.transcript:
+                await link.send_client_turn(self._seed_text(), turn_complete=False)
+                self._seed_open = True
+            # Audio the old session took after its last resumable snapshot is not in the handle.
+            replay = list(self._since_snapshot)
+            self._since_snapshot.clear()
+            for i, pcm in enumerate(replay):
+                try:
+                    await link.send_audio(pcm)
+                except GeminiClosed:
+                    self._since_snapshot.extend(replay[i:])  # still owed to the next session
+                    raise
+                self._since_snapshot.append(pcm)
+            await self._flush_pending()
+            if self._greeting_due:  # never heard yet: the greeting cue again, in this session
+                await link.send_client_turn(GREETING_PROMPT + (self.options.greeting or ""))
+        finally:
+            if old is not link:
+                await old.close()
         self._gemini_ready.set()
+        self._ready_at_ms = self.now_ms()
         self._expect_reply_at = None
-        if old is not link:
-            await old.close()
 
     async def _connect_with_recovery(self, why: str, code: int | None) -> bool:
         """(Re)connects with backoff; False when every attempt failed."""
@@ -561,7 +610,18 @@ class CallBridge:
                     pause, delay = backoff_step(delay, self.options.backoff_max_s)
                     await asyncio.sleep(pause)
                 continue
-            await self._switch_to(link, fresh=handle is None and self.sessions > 0)
+            try:
+                await self._switch_to(link, fresh=handle is None and self.sessions > 0)
+            except GeminiClosed as exc:  # lost while seeding, replaying or flushing: again
+                self.log.warning(
+                    "gemini.session_lost", code=exc.code, reason=exc.reason, during="switch"
+                )
+                self._event("reconnect", code=exc.code, reason=exc.reason, during="switch")
+                await link.close()
+                if attempt < attempts:
+                    pause, delay = backoff_step(delay, self.options.backoff_max_s)
+                    await asyncio.sleep(pause)
+                continue
             if self.sessions > 1:
                 if why != "go_away":  # a planned rotation is counted in `rotations`
                     self.reconnects += 1
@@ -585,7 +645,8 @@ class CallBridge:
             return True
         return False
 
-    async def _recover(self, why: str, code: int | None) -> bool:
+    async def _recover(self, why: str, code: int | None, lost: GeminiLink | None = None) -> bool:
+        """Replaces the session `lost` (None: the first connect); False when none can be had."""
         now = time.monotonic()
         if why != "start":  # the first connect is not a lost session
             self._failures.append(now)
@@ -596,6 +657,8 @@ class CallBridge:
             self.log.error("gemini.failing_repeatedly", failures=len(self._failures))
             return False
         async with self._session_lock:
+            if lost is not None and self.link is not lost and self._gemini_ready.is_set():
+                return True  # a rotation or another recovery already replaced it
             self._gemini_ready.clear()
             self._down_since_ms = self.now_ms()
             self._rotation_deadline = None
@@ -612,10 +675,11 @@ class CallBridge:
             old = self.link
             if not self.options.rotation_overlap or old.counter.full:
                 await old.close()  # the quota has no room for two sessions at once
-            if not await self._connect_with_recovery("go_away", None):
-                self._end("gemini_failed", failed=True)
-                return
-            self.rotations += 1
+            rotated = await self._connect_with_recovery("go_away", None)
+            if rotated:
+                self.rotations += 1
+        if not rotated:  # the apology (or the failure transfer), outside the session lock
+            await self._give_up("gemini_failed")
 
     def _rotation_ready(self) -> bool:
         """A turn boundary: nobody is speaking, no agent audio is left to play."""
@@ -637,6 +701,13 @@ class CallBridge:
                 continue
             if self._rotation_ready():
                 await self._rotate()
+                continue
+            if self._seed_open and self._seed_release_due():
+                self._seed_open = False
+                self.log.info("gemini.seed_completed")
+                with contextlib.suppress(GeminiClosed):
+                    await self.link.send_turn_complete()
+                self._expect_reply_at = self.now_ms()
                 continue
             since = self._expect_reply_at
             if since is None:
@@ -660,17 +731,20 @@ class CallBridge:
                 self._stalled_link = self.link
                 await self.link.close()
 
+    def _seed_release_due(self) -> bool:
+        """The caller spoke since the agent last answered and has been quiet a moment."""
+        last_voice = self.turns.last_voice_ms
+        if last_voice is None or last_voice <= self._last_answered_ms:
+            return False
+        if self.turns.agent_turn_open:
+            return False
+        return self.now_ms() - max(last_voice, self._ready_at_ms) >= SEED_RELEASE_QUIET_MS
+
     async def _agent_pump(self) -> None:
         if not await self._recover("start", None):
             self.log.error("gemini.unavailable")
-            await self._give_up()
+            await self._give_up("gemini_failed")
             return
-        if self.options.greeting:
-            with contextlib.suppress(GeminiClosed):
-                await self.link.send_client_turn(
-                    "The phone call has just been answered. Greet the caller now, saying: "
-                    + self.options.greeting
-                )
         while not self._ended.is_set():
             link = self.link
             try:
@@ -683,8 +757,8 @@ class CallBridge:
                 reason = "stalled" if stalled else str(exc)
                 self.log.warning("gemini.session_lost", code=code, reason=reason)
                 self._event("reconnect", code=code, reason=reason)
-                if not await self._recover("stalled" if stalled else "session_lost", code):
-                    await self._give_up()
+                if not await self._recover("stalled" if stalled else "session_lost", code, link):
+                    await self._give_up("gemini_failed")
                     return
                 continue
             for event in events:
@@ -692,23 +766,31 @@ class CallBridge:
                     break
                 await self._on_live_event(event)
 
-    async def _give_up(self) -> None:
-        """Gemini cannot be had: the caller hears an apology, never endless silence."""
+    async def _give_up(self, reason: str) -> None:
+        """The call cannot go on (Gemini cannot be had, a call task failed): the caller hears
+        the apology or is handed to a person, never endless silence; the call is `failed`."""
+        if self._giving_up or self._ended.is_set():
+            self._end(reason, failed=True)
+            return
+        self._giving_up = True
+        self._gemini_ready.clear()  # whatever the model still sends is not played over this
         transfer = self.options.failure_transfer
         if transfer is not None:
             try:
                 if await transfer():
-                    self._event("transfer", reason="gemini unavailable")
-                    self._end("gemini_failed_transferred", failed=True)
+                    self._event("transfer", reason=reason)
+                    self._end(f"{reason}_transferred", failed=True)
                     return
             except Exception:  # then the apology below, never silence
                 self.log.exception("call.failure_transfer_failed")
-        self._event("error", where="gemini", error="unavailable: ending the call")
+        self.log.error("call.failed", reason=reason)
+        self._event("error", where="call", error=f"{reason}: ending the call")
         apology = self.options.apology_ulaw
         if apology:
-            await self.play_ulaw(apology)
-            await self.wait_heard(timeout=len(apology) / 8000 + 3.0)
-        self._end("gemini_failed", failed=True)
+            with contextlib.suppress(Exception):  # after what was already sent, as sent
+                await self.play_ulaw(apology)
+                await self.wait_heard(timeout=len(apology) / 8000 + 3.0)
+        self._end(reason, failed=True)
 
     # ------------------------------------------------------------------ public controls
     async def play_ulaw(self, ulaw: bytes) -> str | None:
@@ -744,8 +826,10 @@ class CallBridge:
         elif isinstance(event, lp.AgentTranscript):
             if not self._discarding_turn:
                 self.turns.agent_transcript(self.now_ms(), event.text)
+                live_partial(self.observer, self.turns)  # words to the live page now
         elif isinstance(event, lp.CallerTranscript):
             self.turns.caller_transcript(self.now_ms(), event.text)
+            live_partial(self.observer, self.turns)
             if not self.turns.agent_turn_open:
                 self._expect_reply_at = self.now_ms()
         elif isinstance(event, lp.Interrupted):
@@ -757,7 +841,11 @@ class CallBridge:
         elif isinstance(event, lp.TurnComplete):
             if not self._discarding_turn:
                 await self._send_agent_ulaw(self.outbound.flush(), mark_now=True)
+                if self.turns.agent_turn_open:
+                    self._last_answered_ms = self.now_ms()
+                    self._greeting_due = False  # the first complete turn is the greeting
             self._discarding_turn = False
+            self._session_turns += 1
             self._add_usage(event.usage)
             self.turns.turn_complete(self.now_ms())
             self._flush_turns()
@@ -774,7 +862,10 @@ class CallBridge:
         elif isinstance(event, lp.ResumptionUpdate):
             if event.resumable and event.handle:
                 self.resumption_handle = event.handle
-                self._since_snapshot.clear()  # the snapshot holds everything up to here
+                # The handle a session sends at its setup holds only the state it resumed from,
+                # not the audio replayed to it since: that stays owed until a turn of its own.
+                if self._session_turns:
+                    self._since_snapshot.clear()  # the snapshot holds everything up to here
         elif isinstance(event, lp.GoAway):
             self.log.info("gemini.go_away", time_left_s=event.time_left_s)
             self._event("go_away", time_left_s=event.time_left_s)
@@ -813,8 +904,11 @@ class CallBridge:
         now = self.now_ms()
         samples = len(ulaw)
         if in_turn:
+            if self._giving_up:
+                return None  # the apology is playing: the model is not heard over it
             self._expect_reply_at = None
             self._nudged = False
+            self._seed_open = False  # the model speaks: it is not waiting for more content
             turn = self.turns.agent_audio(now, samples)
             turn_end = self.turns.agent_samples
         else:
@@ -869,11 +963,13 @@ class CallBridge:
     # ------------------------------------------------------------------ tools
     def _start_tool(self, call: lp.FunctionCall) -> None:
         self._event("tool_call", id=call.id, name=call.name, args=call.args)
+        spoke = self.turns.agent_turn_open  # agent audio already in this turn
         self._tool_tasks[call.id] = asyncio.create_task(
-            self._run_tool(call), name=f"tool:{call.name}:{self.call_sid}"
+            self._run_tool(call, spoke), name=f"tool:{call.name}:{self.call_sid}"
         )
 
-    async def _run_tool(self, call: lp.FunctionCall) -> None:
+    async def _run_tool(self, call: lp.FunctionCall, spoke: bool = True) -> None:
+        SPOKE_BEFORE_TOOL.set(spoke)  # this task's own context: seen by its handler only
         started = time.monotonic()
         handler = self.options.tool_handler
         try:
@@ -896,7 +992,11 @@ class CallBridge:
             await self.link.send_tool_responses(
                 [
                     function_response(
-                        call.id, call.name, result, non_blocking=self.options.non_blocking_tools
+                        call.id,
+                        call.name,
+                        result,
+                        non_blocking=self.options.non_blocking_tools,
+                        spoke_first=spoke,
                     )
                 ]
             )

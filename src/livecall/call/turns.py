@@ -84,6 +84,7 @@ class TurnTracker:
         self._last_agent_start_ms = float("-inf")
         # metrics
         self.turns = 0
+        self.agent_turns_started = 0  # a turn that opens and closes between two looks counts
         self.interruptions = 0
         self.latencies_ms: list[float] = []
 
@@ -131,6 +132,7 @@ class TurnTracker:
         self._last_agent_start_ms = now_ms
         self._onset_since_agent = None
         self._agent = _AgentTurn(self._take_index(), now_ms, latency)
+        self.agent_turns_started += 1
         return self._agent
 
     @property
@@ -224,6 +226,38 @@ class TurnTracker:
                 barge_in_stop_ms=turn.barge_in_stop_ms,
             )
         )
+
+    def open_lines(self) -> list[TurnRecord]:
+        """The turns still being spoken, with their words so far (for the live page).
+
+        Partial records: the index is the one the finished turn will have, so a watcher can
+        replace the line in place when `drain` hands out the final record.
+        """
+        lines: list[TurnRecord] = []
+        for caller in (self._pending_caller, self._caller):
+            if caller is not None and caller.text:
+                lines.append(
+                    TurnRecord(
+                        call_sid=self.call_sid,
+                        index=caller.index,
+                        speaker="caller",
+                        text="".join(caller.text).strip(),
+                        start_ms=round(caller.start_ms),
+                    )
+                )
+        agent = self._agent
+        if agent is not None and agent.pieces:
+            lines.append(
+                TurnRecord(
+                    call_sid=self.call_sid,
+                    index=agent.index,
+                    speaker="agent",
+                    text="".join(p.text for p in agent.pieces).strip(),
+                    start_ms=round(agent.start_ms),
+                    interrupted=agent.interrupted,
+                )
+            )
+        return lines
 
     def drain(self) -> list[TurnRecord]:
         done, self.done = self.done, []

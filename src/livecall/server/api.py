@@ -25,6 +25,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from livecall.outcomes import memory
+from livecall.outcomes.analysis import analysis_for
 from livecall.server.access import LocalAccess
 from livecall.server.forwarded import TrustedProxies
 from livecall.settings import Settings
@@ -120,12 +122,32 @@ class EventOut(BaseModel):
     data: dict[str, Any]
 
 
+class AnalysisOut(BaseModel):
+    """The post-call analysis (profiles with `analysis.enabled`)."""
+
+    status: str = Field(description="pending, done, failed (attempts used up) or skipped")
+    summary: str | None
+    fields: dict[str, Any] | None = Field(description="the profile's structured fields")
+    success: bool | None = Field(description="whether the profile's goal was reached")
+    success_reason: str | None
+    model: str | None
+    attempts: int
+    error: str | None = Field(description="why the last attempt failed (no transcript text)")
+    completed_at: datetime | None
+
+
 class CallDetail(CallOut):
     """A call with its transcript and events."""
 
     custom_parameters: dict[str, Any]
     turns: list[TurnOut]
     events: list[EventOut]
+    analysis: AnalysisOut | None = None
+
+
+class MemoryForgotten(BaseModel):
+    number: str = Field(description="the normalized (E.164) number")
+    calls: int = Field(description="remembered calls erased")
 
 
 class CallPageOut(BaseModel):
@@ -304,8 +326,17 @@ def calls_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
     return authorize
 
 
-def build_api_router(store: CallStore, recordings: RecordingStore, settings: Settings) -> APIRouter:
-    """The `/api` routes over `store` and `recordings`; raises `ApiDisabled` (see module doc)."""
+def build_api_router(
+    store: CallStore,
+    recordings: RecordingStore,
+    settings: Settings,
+    *,
+    is_live: Callable[[str], Awaitable[bool]] | None = None,
+) -> APIRouter:
+    """The `/api` routes over `store` and `recordings`; raises `ApiDisabled` (see module doc).
+
+    `is_live(sid)` tells a call still in progress, which DELETE refuses (409).
+    """
     authorize = bearer_auth(settings)
     router = APIRouter(
         prefix="/api", tags=["calls"], dependencies=[Depends(authorize)], responses=_ERRORS
@@ -354,6 +385,7 @@ def build_api_router(store: CallStore, recordings: RecordingStore, settings: Set
     async def get_call(sid: Sid) -> CallDetail:
         with _database():
             call = await repo.get_call(sid)
+            analysis = await analysis_for(repo.sessions, sid) if call is not None else None
         if call is None:
             raise HTTPException(404, "no such call")
         return CallDetail.model_validate(
@@ -363,6 +395,7 @@ def build_api_router(store: CallStore, recordings: RecordingStore, settings: Set
                 "custom_parameters": call.custom_parameters or {},
                 "turns": [TurnOut.model_validate(t) for t in call.turns],
                 "events": [EventOut.model_validate(e) for e in call.events],
+                "analysis": analysis,
             }
         )
 
@@ -396,16 +429,36 @@ def build_api_router(store: CallStore, recordings: RecordingStore, settings: Set
         "/calls/{sid}",
         status_code=204,
         response_class=Response,
-        responses=_NOT_FOUND,
+        responses={**_NOT_FOUND, 409: {"description": "the call is in progress: end it first"}},
         summary="Erase a call: record, transcript, events and recording",
     )
     async def delete_call(sid: Sid) -> Response:
+        """Erases the call for good: records of it still on their way (a spool replayed after
+        an outage) are dropped. A call in progress is refused: end it first."""
+        if is_live is not None and await is_live(sid):
+            raise HTTPException(409, "the call is in progress: end it first")
         with _database():
             existed = await repo.delete_call(sid)
         had_recording = await recordings.delete(sid)
         if not existed and not had_recording:
             raise HTTPException(404, "no such call")
         return Response(status_code=204)
+
+    @router.delete(
+        "/callers/{number}/memory",
+        response_model=MemoryForgotten,
+        responses={400: {"model": ErrorOut, "description": "not an E.164 number"}},
+        summary="Erase what the agents remember of a caller (every profile)",
+    )
+    async def forget_caller(
+        number: Annotated[str, Path(max_length=64, description="E.164, e.g. +15551234567")],
+    ) -> MemoryForgotten:
+        normalized = memory.normalize_number(number)
+        if normalized is None:
+            raise HTTPException(400, "not an E.164 phone number")
+        with _database():
+            erased = await memory.forget(repo.sessions, normalized)
+        return MemoryForgotten(number=normalized, calls=erased)
 
     @router.get("/stats", response_model=StatsOut, summary="Counts, durations and latencies")
     async def stats(

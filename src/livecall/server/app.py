@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -10,9 +11,10 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from livecall import __version__
-from livecall.agent.gemini import LiveOptions, SessionCounter
+from livecall.agent.gemini import LiveOptions, SessionCounter, client_for
 from livecall.agent.http_tools import HttpToolRunner
 from livecall.agent.knowledge import KnowledgeBase
 from livecall.agent.knowledge_sources import (
@@ -21,15 +23,17 @@ from livecall.agent.knowledge_sources import (
     VertexSearch,
     VertexSearchTarget,
 )
-from livecall.agent.profiles import AgentProfile, ProfileRegistry
+from livecall.agent.profiles import AgentProfile, ProfileRegistry, ProfileSet
 from livecall.agent.tools import function_declarations
 from livecall.assets import apology_ulaw
 from livecall.audio.recording import StereoRecorder
 from livecall.call.bridge import CallOptions
-from livecall.cluster import LiveCalls, LocalRegistry, create_cluster
+from livecall.cluster import ClusterRegistry, LiveCalls, LocalRegistry, create_cluster
 from livecall.live_feed import FanOut, LiveFeed
 from livecall.log import register_secret
 from livecall.metrics import Metrics, build_metrics_router
+from livecall.outcomes import memory
+from livecall.outcomes.analysis import AnalysisWorker, EndNotifier, sdk_generate
 from livecall.outcomes.webhooks import (
     WebhookService,
     build_recording_link_router,
@@ -46,7 +50,7 @@ from livecall.server.limits import EdgeLimits, EdgeMiddleware
 from livecall.server.ops import build_live_api_router, build_ops_router
 from livecall.server.outbound import build_amd_router, build_outbound_api_router
 from livecall.server.registry import CallRegistry
-from livecall.server.twilio_routes import build_twilio_router
+from livecall.server.twilio_routes import app_stream_secret, build_twilio_router
 from livecall.settings import Settings
 from livecall.store.recordings import LocalRecordingStore, RecordingStore, run_retention
 from livecall.store.writer import CallStore
@@ -80,6 +84,10 @@ class AppState:
     cluster: LiveCalls = field(default_factory=LocalRegistry)
     webhooks: WebhookService | None = None  # end-of-call webhooks (livecall.outcomes)
     drain: Drain | None = None  # set by create_app: SIGTERM and /admin/drain share it
+    # key material of the per-call stream tokens (Twilio streams, the softphone)
+    stream_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    # after the call: post-call analysis (and the caller memory built from it)
+    analysis: AnalysisWorker | None = None
 
     def knowledge_for(self, profile: AgentProfile) -> FallbackSource | None:
         """What the profile's `lookup` searches, shared by every call that searches the same.
@@ -116,9 +124,14 @@ class AppState:
         return source
 
     def non_blocking_tools(self) -> bool:
-        """NON_BLOCKING tool declarations where the API takes them (the Developer API)."""
+        """NON_BLOCKING tool declarations and response `scheduling`, on both APIs.
+
+        Vertex AI takes both like the Developer API (the SDK sends `behavior` to either),
+        and 3.8 models treat tools as non-blocking anyway: without `scheduling` the server
+        applies WHEN_IDLE and the model speaks again after `end_call`/`transfer_call`.
+        """
         configured = self.settings.gemini_non_blocking_tools
-        return (not self.settings.gemini_use_vertexai) if configured is None else configured
+        return True if configured is None else configured
 
     def match_profile(self, params: dict[str, str]) -> AgentProfile:
         """The profile for a call: its `profile` parameter, else our number, else the default.
@@ -142,7 +155,13 @@ class AppState:
             observers.append(self.observer_factory(call_sid))
         if self.webhooks is not None:  # after the store's writer: its op follows the call's end
             observers.append(self.webhooks.observer(call_sid))
+        if self.analysis is not None:
+            observers.append(EndNotifier(self.analysis))
         return traced(self.metrics.observer(FanOut(*observers)))
+
+    async def call_is_live(self, call_sid: str) -> bool:
+        """A call in progress here or (Redis reachable) on another instance."""
+        return call_sid in self.registry.active or await self.cluster.locate(call_sid) is not None
 
     async def on_control(self, call_sid: str, action: str, args: dict[str, Any]) -> bool:
         """A control request for a call this process holds, from the API of any instance."""
@@ -177,12 +196,43 @@ class AppState:
         path = await recorder.finish_async(target, fmt, end_ms=end_ms)
         return await self.recordings.put(call_sid, path)
 
-    def call_setup(self, params: dict[str, str]) -> tuple[CallOptions, LiveOptions]:
+    async def caller_memory(self, profile: AgentProfile, options: CallOptions) -> str:
+        """What the agent remembers of this caller (profile memory on), for its instruction.
+
+        Time-boxed by MEMORY_TIMEOUT: a slow or dead database costs the call at most that,
+        then it starts without. Never for anonymous, withheld or non-E.164 numbers.
+        """
+        raw = memory.remote_number(options.direction, options.from_number, options.to_number)
+        number = memory.normalize_number(raw)
+        if not profile.memory.enabled or number is None:
+            return ""
+        try:
+            async with asyncio.timeout(self.settings.memory_timeout_s):
+                entries = await memory.recall(
+                    self.store.repo.sessions,
+                    number,
+                    profile.name,
+                    max_calls=profile.memory.max_calls,
+                    max_age_days=profile.memory.max_age_days,
+                    retention_days=self.settings.retention_days,
+                )
+        except TimeoutError:
+            log.warning("memory.timeout", timeout_s=self.settings.memory_timeout_s)
+            return ""
+        except Exception as exc:
+            log.warning("memory.unavailable", error=type(exc).__name__)
+            return ""
+        if entries:
+            log.info("memory.recalled", calls=len(entries), profile=profile.name)
+        return memory.memory_instruction(entries)
+
+    async def call_setup(self, params: dict[str, str]) -> tuple[CallOptions, LiveOptions]:
         """The per-call options for a stream's `<Parameter>`s, from the matched profile.
 
         The profile itself rides along in ``options.extra["agent_profile"]`` for the tools.
         An outbound call with answering-machine detection (``amd`` parameter) greets only
         once Twilio says a person answered, so a voicemail greeting is not talked over.
+        A returning caller's memory (when the profile keeps one) joins the system prompt.
         """
         s = self.settings
         profile = self.match_profile(params)
@@ -208,9 +258,12 @@ class AppState:
         if amd:
             options.extra["deferred_greeting"] = profile.greeting
         vad = profile.vad
+        remembered = await self.caller_memory(profile, options)
         live = LiveOptions(
             model=profile.model,
-            system_prompt=profile.system_prompt,
+            system_prompt=(
+                f"{profile.system_prompt}\n\n{remembered}" if remembered else profile.system_prompt
+            ),
             voice=profile.voice,
             language=profile.language,
             function_declarations=function_declarations(
@@ -243,14 +296,19 @@ def create_app(
         prefix=settings.cluster_prefix,
         instance_info={"version": __version__, "max_calls": settings.max_concurrent_calls},
     )
+    metrics = Metrics()
     state = AppState(
         settings=settings,
+        metrics=metrics,
         registry=CallRegistry(
             settings.max_concurrent_calls,
             gemini_sessions=SessionCounter(settings.max_gemini_sessions),
         ),
-        signature=TwilioSignature(token) if token else None,
-        store=CallStore(settings),
+        signature=TwilioSignature(token, _secret(settings.twilio_webhook_shared_key))
+        if token
+        else None,
+        stream_secret=app_stream_secret(settings),
+        store=CallStore(settings, metrics=metrics),
         recordings=LocalRecordingStore(settings.recordings_dir),
         observer_factory=observer_factory,
         # a broken profiles file stops the server here, with every problem listed
@@ -266,6 +324,16 @@ def create_app(
         ),
     )
     cluster.on_control = state.on_control
+    if isinstance(cluster, ClusterRegistry):  # every instance's live page shows every call
+        state.feed.relay = cluster.publish_live
+        cluster.on_live = state.feed.receive
+    state.analysis = AnalysisWorker(
+        state.store.repo.sessions,
+        settings,
+        lambda: state.profiles.current if state.profiles is not None else _no_profiles(settings),
+        sdk_generate(lambda: client_for(settings)),
+        written=state.store.drained,
+    )
     state.webhooks = WebhookService(
         settings,
         state.store,
@@ -274,6 +342,10 @@ def create_app(
         ),
         metrics=state.metrics,
     )
+    # a call's webhook waits for its analysis, and goes out with it once it is final (done,
+    # failed or skipped: the payload's `analysis.status` says which)
+    webhooks = state.webhooks
+    state.analysis.on_settled.append(webhooks.analysis_settled)
     drain = state.drain = Drain(state.registry, settings.drain_timeout_s)
     trusted = TrustedProxies(settings.trusted_proxies)
     edge = EdgeLimits(
@@ -296,7 +368,12 @@ def create_app(
         if state.signature is None:
             log.warning(
                 "twilio.signatures_off",
-                hint="TWILIO_AUTH_TOKEN is not set: webhook and stream requests are not verified",
+                hint="TWILIO_AUTH_TOKEN is not set: Twilio's webhooks and streams are "
+                + (
+                    "NOT verified (LIVECALL_INSECURE_DEV)"
+                    if settings.insecure_dev
+                    else "refused until it is set"
+                ),
             )
         if not edge.hosts.active:
             log.warning(
@@ -308,6 +385,12 @@ def create_app(
         await state.store.start()
         if state.webhooks is not None:
             await state.webhooks.start()
+        if settings.has_gemini_credentials():
+            # the SDK client (TLS contexts, HTTP clients) made now, not by the first call
+            try:
+                client_for(settings)
+            except Exception as exc:  # the first call reports it, as before
+                log.warning("gemini.client_not_ready", error=type(exc).__name__)
         await cluster.start()  # never fails for an unreachable Redis: calls go on without it
         background: list[asyncio.Task[Any]] = []
         if settings.retention_days:
@@ -319,6 +402,8 @@ def create_app(
         # agents: profiles reloaded on edit; shared HTTP client and document indexes
         if state.profiles is not None:
             background.append(asyncio.create_task(state.profiles.run(), name="profiles"))
+        if state.analysis is not None:  # post-call work: beside the calls, never on their path
+            background.append(asyncio.create_task(state.analysis.run(), name="analysis"))
         try:
             yield
         finally:
@@ -362,7 +447,9 @@ def create_app(
     except DashboardDisabled as exc:
         log.warning("dashboard.disabled", reason=str(exc))
     try:
-        app.include_router(build_api_router(state.store, state.recordings, settings))
+        app.include_router(
+            build_api_router(state.store, state.recordings, settings, is_live=state.call_is_live)
+        )
         app.include_router(build_live_api_router(state))
         app.include_router(build_openapi_router(app, settings))
         app.include_router(build_webhook_api_router(state.webhooks, settings))
@@ -379,6 +466,14 @@ def app_from_env() -> FastAPI:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     return create_app(settings)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() or None if value is not None else None
+
+
+def _no_profiles(settings: Settings) -> ProfileSet:
+    return ProfileSet.default_from_settings(settings)
 
 
 def _call_control(settings: Settings) -> TwilioCallControl | None:

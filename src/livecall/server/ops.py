@@ -100,8 +100,11 @@ def build_ops_router(state: AppState) -> APIRouter:
 
     @router.get("/ready")
     async def ready() -> JSONResponse:
-        """Readiness: 503 while draining, so the load balancer sends new calls elsewhere."""
-        return JSONResponse(status(), status_code=503 if registry.draining else 200)
+        """Readiness: 503 while draining, or while new calls' records could not be kept
+        (schema not ready, spool full with the database away), so calls go elsewhere."""
+        unrecordable = state.store.can_record()
+        body = {**status(), "records": unrecordable or "ok"}
+        return JSONResponse(body, status_code=503 if registry.draining or unrecordable else 200)
 
     admin_token = state.settings.admin_token
     admin_socket = str(state.settings.admin_socket) if state.settings.admin_socket else None

@@ -31,10 +31,16 @@ from livecall.agent.profiles import AgentProfile, ProfileRegistry, ProfileSet
 from livecall.privacy import mask_number
 from livecall.server.api import calls_auth
 from livecall.server.outbound_limits import OutboundLimits
-from livecall.server.twilio_routes import FORBIDDEN, STREAM_PATH, signed_form
+from livecall.server.twilio_routes import (
+    FORBIDDEN,
+    STREAM_PATH,
+    signed_form,
+    twilio_stream_tokens,
+)
 from livecall.server.urls import ws_base
 from livecall.settings import Settings
 from livecall.telephony.destinations import DestinationPolicy, DestinationRefused
+from livecall.telephony.stream_token import TOKEN_PARAMETER
 from livecall.telephony.twilio_rest import TwilioCallControl, TwilioCallError
 
 if TYPE_CHECKING:
@@ -120,8 +126,12 @@ async def place_outbound_call(
     machine_detection: bool = False,
     from_: str | None = None,
     default_caller_id: str | None = None,
+    stream_token: str,
 ) -> tuple[str, AgentProfile, str]:
     """Create the call with Twilio; returns (call sid, profile, caller ID used).
+
+    `stream_token` (`twilio_stream_tokens(...).for_outbound(...)`) rides in the TwiML as a
+    `<Parameter>`: without it the call's media stream is refused.
 
     Raises `OutboundError` for a request that cannot work (unknown profile, no caller ID, a
     destination `destinations` refuses: 403) and `TwilioCallError` when Twilio refuses.
@@ -147,6 +157,7 @@ async def place_outbound_call(
     parameters = {"profile": chosen.name, "direction": "outbound-api", "from": caller_id, "to": to}
     if machine_detection:
         parameters["amd"] = "1"
+    parameters[TOKEN_PARAMETER] = stream_token
     sid = await control.create_outbound(
         to,
         caller_id,
@@ -211,6 +222,8 @@ def build_outbound_api_router(state: AppState) -> APIRouter:
         log.warning("outbound.refused", status=status, reason=shown, to=masked)
         return HTTPException(status, reason, headers=headers or None)
 
+    tokens = twilio_stream_tokens(state.stream_secret)
+
     @router.post(
         "/calls/outbound",
         status_code=201,
@@ -265,6 +278,7 @@ def build_outbound_api_router(state: AppState) -> APIRouter:
                 machine_detection=body.machine_detection,
                 from_=body.from_,
                 default_caller_id=settings.twilio_caller_id,
+                stream_token=tokens.for_outbound(settings.twilio_account_sid or "", time.time()),
             )
         except OutboundError as exc:
             limits.release()

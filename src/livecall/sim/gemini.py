@@ -23,6 +23,9 @@ or expired handles) are scripted in the `Scenario`. Everything a session did is 
 `SessionRecord` (`FakeGeminiServer.sessions`) so tests can assert on it, and
 `FakeGeminiServer.wait_for` waits on any condition over those records without sleeping.
 
+The same port answers ``POST /{version}/models/{model}:generateContent`` (post-call analysis):
+see `livecall.sim.gemini_text` (`FakeGeminiServer.text`).
+
 Run standalone with ``python -m livecall.sim.gemini --port 8765``.
 """
 
@@ -60,6 +63,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from livecall.sim.clips import AGENT_CLIPS, CALLER_CLIPS, Clip, load_clip
+from livecall.sim.gemini_text import FakeTextModel, Sniffer
 from livecall.sim.tls import TestCA
 
 __all__ = [
@@ -155,13 +159,21 @@ class GoAwayFault:
     max_fires: int | None = None  # over the server's life; None: unlimited
 
 
+ClientMessageKind = Literal["setup", "realtimeInput", "clientContent", "toolResponse", "any"]
+
+
 @dataclass(frozen=True, slots=True)
 class CloseFault:
-    """Close the connection with `code`: at `at` seconds into a session, or during a reply.
+    """Close the connection with `code`: at `at` seconds into a session, during a reply, or
+    when the session receives a given client message.
 
     `during_reply` counts model replies over the conversation (1-based, the greeting included);
-    the close comes after `after_audio` seconds of that reply's audio were sent. By default a
-    fault fires once (else a resumed session would meet the same fault again, forever).
+    the close comes after `after_audio` seconds of that reply's audio were sent.
+    `on_message` closes the session instead of acting on its `nth` client message of that kind
+    ("setup": the handshake fails, no `setupComplete`; "any": any kind after the setup).
+    `drop` cuts the TCP connection without a close frame (the client sees 1006), as a lost
+    network path or a crashed frontend does. By default a fault fires once (else a resumed
+    session would meet the same fault again, forever).
     """
 
     code: int = CLOSE_INTERNAL
@@ -171,6 +183,9 @@ class CloseFault:
     after_audio: float = 0.5
     session: int | None = None
     max_fires: int | None = 1
+    on_message: ClientMessageKind | None = None
+    nth: int = 1
+    drop: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +259,14 @@ class Scenario:
     exclusive_resume: bool = False
     """Refuse (1008) to resume a conversation that another live session is carrying on."""
     refuse_resume: bool = False
+    refuse_resume_code: int = CLOSE_POLICY
+    """The close code of a refused resumption (gemini-3.8-live after its 58:00 close: 1007)."""
     handle_ttl: float | None = 7200.0
+    # --- model behaviour
+    hold_after_partial_content: bool = False
+    """gemini-3.8-live: after `clientContent` with `turnComplete: false` the model waits for
+    follow-up content; replies to caller speech are held until a `clientContent` with
+    `turnComplete: true` (or realtime text) arrives."""
     # --- faults
     tool_calls: Sequence[ToolCallFault] = ()
     go_aways: Sequence[GoAwayFault] = ()
@@ -290,6 +312,7 @@ class ToolResponseRecord:
     response: Any
     received_at: float
     latency: float | None  # seconds since the matching toolCall was sent
+    scheduling: str | None = None  # as sent ("SILENT", "WHEN_IDLE", "INTERRUPT"), None: absent
 
 
 @dataclass(slots=True)
@@ -717,6 +740,7 @@ _CLIENT_CONTENT_FIELDS = frozenset({"turns", "turnComplete"})
 _FUNCTION_RESPONSE_FIELDS = frozenset(
     {"id", "name", "response", "willContinue", "scheduling", "parts"}
 )
+_SCHEDULING = dict(enumerate(["SCHEDULING_UNSPECIFIED", "SILENT", "WHEN_IDLE", "INTERRUPT"]))
 
 _MODALITIES = {0: "MODALITY_UNSPECIFIED", 1: "TEXT", 2: "IMAGE", 3: "AUDIO"}
 _START_SENS = dict(
@@ -946,6 +970,10 @@ class _Session:
         self.tool_sent_at: dict[str, float] = {}
         self.live_chain = False
         self.debug = log.isEnabledFor(logging.DEBUG)
+        self.message_counts: dict[str, int] = {}
+        self.closer: asyncio.Task[None] | None = None
+        self.holding = False  # 3.8: partial client content, waiting for its follow-up
+        self.held: deque[_TurnRequest] = deque()
 
     # ---- bookkeeping -----------------------------------------------------------------------
 
@@ -983,19 +1011,41 @@ class _Session:
         self.server._notify()
         return True
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: int, reason: str, *, drop: bool = False) -> None:
+        """Close with `code`; with `drop` the TCP connection is cut instead (no close frame)."""
         if self.closing:
             return
         self.closing = True
         rec = self.rec
+        if drop:
+            code, reason = 1006, "connection dropped"
         rec.close_code, rec.close_reason, rec.closed_by = code, reason, "server"
         self.event("close", code=code, reason=reason, by="server")
         current = asyncio.current_task()
         if self.turn and self.turn.task and self.turn.task is not current:
             self.turn.task.cancel()
         log.info("session %d: closing %d %s", rec.index, code, reason)
+        if drop:
+            self.ws.transport.abort()
+            return
         with contextlib.suppress(Exception):
             await self.ws.close(code, _close_reason(reason))
+
+    def close_on_message(self, kind: str) -> CloseFault | None:
+        """The `on_message` fault this client message sets off, if any (counted per kind)."""
+        count = self.message_counts[kind] = self.message_counts.get(kind, 0) + 1
+        total = self.message_counts["*"] = self.message_counts.get("*", 0) + (kind != "setup")
+        for f in self.sc.closes:
+            if f.on_message is None or not self.applies(f):
+                continue
+            if f.on_message == "any" and kind != "setup":
+                hit = total == f.nth
+            else:
+                hit = f.on_message == kind and count == f.nth
+            if hit and self.server._fire(f):
+                self.event("close_fault", on_message=kind, nth=f.nth)
+                return f
+        return None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -1005,6 +1055,8 @@ class _Session:
                 self.start_timers()
                 async for raw in self.ws:
                     self.rec.messages_received += 1
+                    if self.closing:
+                        continue  # closing: what still arrives is read and dropped
                     if not await self.dispatch(raw):
                         break
         except ConnectionClosed:
@@ -1021,6 +1073,8 @@ class _Session:
         rec = self.rec
         try:
             tasks = [*self.timers]
+            if self.closer is not None:
+                await asyncio.gather(self.closer, return_exceptions=True)
             if self.turn and self.turn.task:
                 tasks.append(self.turn.task)
             for t in tasks:
@@ -1065,7 +1119,7 @@ class _Session:
         assert fault.at is not None
         await asyncio.sleep(fault.at)
         if not self.closing and not self.stalled and self.server._fire(fault):
-            await self.close(fault.code, fault.reason)
+            await self.close(fault.code, fault.reason, drop=fault.drop)
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -1079,6 +1133,10 @@ class _Session:
         kind, body = self.decode(raw)
         if kind != "setup":
             raise _invalid("The first message of a session must be a setup message.")
+        fault = self.close_on_message(kind)
+        if fault is not None:
+            await self.close(fault.code, fault.reason, drop=fault.drop)
+            return False
         if not self.server._authorized(self.rec, self.ws.request):
             raise _invalid("API key not valid. Please pass a valid API key.")
         setup = _check_fields(_normalize(body), _SETUP_FIELDS, "setup")
@@ -1211,6 +1269,15 @@ class _Session:
     async def dispatch(self, raw: str | bytes) -> bool:
         try:
             kind, body = self.decode(raw)
+            fault = self.close_on_message(kind)
+            if fault is not None:
+                # Closed beside the reader, which drains what the client still sends: a reader
+                # stuck in the close handshake would leave the client's close frame queued
+                # behind its audio, and a real server answers at once.
+                self.closer = asyncio.create_task(
+                    self.close(fault.code, fault.reason, drop=fault.drop)
+                )
+                return True
             if kind == "realtimeInput":
                 await self.realtime_input(body)
             elif kind == "clientContent":
@@ -1338,6 +1405,7 @@ class _Session:
         self.event("text", text=text)
         if self.echo or self.stalled:
             return
+        self.release_held()
         self.conv.context_tokens += max(1, len(text) // 4)
         self.conv.remember("user", text)
         reply = self.text_reply(text)
@@ -1408,10 +1476,24 @@ class _Session:
                         self.conv.remember(str(t.get("role", "user")), p["text"])
         # "A message here will interrupt any current model generation."
         await self.interrupt()
-        if complete:
+        if not complete:
+            if self.sc.hold_after_partial_content:
+                self.holding = True  # 3.8: wait for the follow-up content
+            return
+        if (self.holding or self.held) and (self.release_held() or not text):
+            return  # the turn completed is the caller's held one: answer that
+        if text:
             reply = self.text_reply(text)
             if reply is not None:
                 self.enqueue(_TurnRequest("client_content", reply))
+
+    def release_held(self) -> bool:
+        """Follow-up content arrived: the model answers what it held; True if it held any."""
+        self.holding = False
+        held = bool(self.held)
+        while self.held:
+            self.enqueue(self.held.popleft())
+        return held
 
     async def tool_response(self, body: Any) -> None:
         content = _check_fields(_normalize(body), {"functionResponses"}, "tool_response")
@@ -1421,13 +1503,20 @@ class _Session:
         now = time.monotonic()
         for fr in responses:
             _check_fields(fr, _FUNCTION_RESPONSE_FIELDS, "tool_response.function_responses")
+            scheduling = fr.get("scheduling")
+            if scheduling is not None:
+                where = "tool_response.function_responses.scheduling"
+                scheduling = _enum(scheduling, _SCHEDULING, where)
+                fr = {**fr, "scheduling": scheduling}
             call_id = fr.get("id")
             if call_id is None and len(self.tool_waiters) == 1:
                 call_id = next(iter(self.tool_waiters))
             sent = self.tool_sent_at.get(call_id) if call_id else None
             latency = None if sent is None else now - sent
             self.rec.tool_responses.append(
-                ToolResponseRecord(call_id, fr.get("name"), fr.get("response"), now, latency)
+                ToolResponseRecord(
+                    call_id, fr.get("name"), fr.get("response"), now, latency, scheduling
+                )
             )
             self.event("tool_response", id=call_id, name=fr.get("name"), latency=latency)
             waiter = self.tool_waiters.get(call_id) if call_id else None
@@ -1486,6 +1575,10 @@ class _Session:
     def enqueue(self, req: _TurnRequest) -> None:
         if self.closing or self.stalled:
             return
+        if self.holding and req.trigger in ("speech", "activity"):
+            self.held.append(req)  # 3.8: no reply until the partial content is completed
+            self.event("reply_held", caller_turn=req.caller_turn)
+            return
         if self.turn is None:
             self.start_turn(req)
         else:
@@ -1524,8 +1617,10 @@ class _Session:
             if tool is not None:
                 if tool.say_first and not await self.speak(turn, tool.say_first, None, None):
                     return
-                await self.tool_call(turn, tool)
+                response = await self.tool_call(turn, tool)
                 reply = tool.reply or reply
+                if response.get("scheduling") == "SILENT":
+                    reply = None  # "the model does not react to the result"
                 tr.reply_clip = reply
             if reply is not None and not await self.speak(turn, reply, stall, close):
                 return
@@ -1599,7 +1694,8 @@ class _Session:
         self.pending.clear()
         self.event("stall")
 
-    async def tool_call(self, turn: _Turn, fault: ToolCallFault) -> None:
+    async def tool_call(self, turn: _Turn, fault: ToolCallFault) -> dict[str, Any]:
+        """Send the call, wait for its response (scheduling normalized to its enum name)."""
         call_id = fault.call_id or f"function-call-{self.rng.getrandbits(62)}"
         call = {"id": call_id, "name": fault.name, "args": dict(fault.args)}
         waiter: asyncio.Future[Any] = self.loop.create_future()
@@ -1611,7 +1707,8 @@ class _Session:
         self.event("tool_call", id=call_id, name=fault.name)
         try:
             if await self.send({"toolCall": {"functionCalls": [call]}}):
-                await waiter
+                return dict(await waiter)
+            return {}
         finally:
             self.tool_waiters.pop(call_id, None)
 
@@ -1692,7 +1789,7 @@ class _Session:
                 await self.send({"serverContent": {"outputTranscription": {"text": piece}}})
             sent_s = pos / _OUT_BYTES_PER_S
             if close is not None and sent_s >= close.after_audio and self.server._fire(close):
-                await self.close(close.code, close.reason)
+                await self.close(close.code, close.reason, drop=close.drop)
                 return False
             if stall is not None and stall.after_audio is not None and sent_s >= stall.after_audio:
                 if self.server._fire(stall):
@@ -1787,6 +1884,8 @@ class FakeGeminiServer:
         self._live_chains: dict[int, int] = {}
         self._next_chain = 0
         self._fires: dict[int, tuple[Any, int]] = {}
+        # generateContent on the same port (post-call analysis): see `livecall.sim.gemini_text`
+        self.text = FakeTextModel(api_key=api_key)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -1806,6 +1905,7 @@ class FakeGeminiServer:
             self.port,
             ssl=ssl_ctx,
             process_request=self._process_request,
+            create_connection=self._connection,  # type: ignore[arg-type]
             compression="deflate" if self.compression else None,
             max_size=16 * 2**20,
             logger=logging.getLogger("livecall.sim.gemini.ws"),
@@ -1815,7 +1915,12 @@ class FakeGeminiServer:
         log.info("fake Gemini Live listening on %s", self.base_url)
         return self
 
+    def _connection(self, *args: Any, **kwargs: Any) -> Sniffer:
+        """Each connection: an HTTP generateContent request, or the Live WebSocket."""
+        return Sniffer(ServerConnection(*args, **kwargs), self.text)
+
     async def stop(self) -> None:
+        self.text.close()
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
@@ -1914,7 +2019,7 @@ class FakeGeminiServer:
         if sc.handle_ttl is not None and time.monotonic() - info.issued_at > sc.handle_ttl:
             raise _Violation(CLOSE_POLICY, "Session resumption handle has expired.")
         if sc.refuse_resume:
-            raise _Violation(CLOSE_POLICY, "Session resumption is not available.")
+            raise _Violation(sc.refuse_resume_code, "Session resumption is not available.")
         if sc.exclusive_resume and self._live_chains.get(info.chain):
             raise _Violation(CLOSE_POLICY, "The session to resume is still in use.")
         return info.state.snapshot()

@@ -127,7 +127,19 @@ class LocalStack:
 
     def caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
         kwargs.setdefault("auth_token", TEST_AUTH_TOKEN)
+        if self.settings is not None and self.settings.twilio_account_sid:
+            kwargs.setdefault("account_sid", self.settings.twilio_account_sid)  # its Twilio
         return SimulatedCaller(base_url=self.base_url, script=script, **kwargs)
+
+    def stream_token(self, call_sid: str, account_sid: str) -> str:
+        """The token this server's TwiML would give a stream of that call (for raw streams)."""
+        import time
+
+        from livecall.server.twilio_routes import twilio_stream_tokens
+
+        assert self.app is not None
+        tokens = twilio_stream_tokens(self.app.state.livecall.stream_secret)
+        return tokens.for_call(call_sid, account_sid, time.time())
 
     @property
     def registry(self) -> Any:

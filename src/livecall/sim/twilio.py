@@ -42,7 +42,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from livecall.audio.g711 import ULAW_DECODE_TABLE, ulaw_decode, ulaw_encode
-from livecall.telephony.twilio import TwilioSignature
+from livecall.telephony.twilio import SIGNATURE_SETTINGS_HEADER, TwilioSignature
 
 __all__ = [
     "CallResult",
@@ -409,6 +409,7 @@ class SimulatedCaller:
         max_message_bytes: int = 1 << 20,
         webhook_timeout: float = 15.0,
         http_client: httpx.AsyncClient | None = None,
+        shared_key: str | None = None,
     ) -> None:
         if frame_ms <= 0 or (SAMPLE_RATE * frame_ms) % 1000:
             raise ValueError(f"frame_ms must give a whole number of samples, got {frame_ms}")
@@ -417,7 +418,10 @@ class SimulatedCaller:
                 raise ValueError(f"not a DTMF digit: {action.digit!r}")
         self.base_url = base_url.rstrip("/")
         self.webhook_url = self.base_url + "/" + webhook_path.lstrip("/")
-        self._signer = TwilioSignature(auth_token)
+        # A Webhook Rule's SharedKey: Twilio then signs with it, HMAC-SHA256, and says so in
+        # X-Twilio-Webhooks-Signature-Settings (webhooks and the stream upgrade alike).
+        self._signer = TwilioSignature(shared_key or auth_token)
+        self._algorithm = "HMAC_SHA256" if shared_key else None
         self.from_ = from_
         self.to = to
         self.call_sid = call_sid or _sid("CA")
@@ -561,9 +565,17 @@ class SimulatedCaller:
             "Accept": "*/*",
         }
         if self.sign:
-            headers["X-Twilio-Signature"] = self._signer.sign(url, params)
+            headers.update(self._signature_headers(url, params))
         assert self._client is not None
         return await self._client.post(url, data=params, headers=headers)
+
+    def _signature_headers(self, url: str, params: dict[str, str]) -> dict[str, str]:
+        headers = {"X-Twilio-Signature": self._signer.sign(url, params, algorithm=self._algorithm)}
+        if self._algorithm is not None:
+            headers[SIGNATURE_SETTINGS_HEADER] = (
+                f"key=webhooks_sharedkey_sim,algorithm={self._algorithm}"
+            )
+        return headers
 
     async def _webhook(self) -> bool:
         r = self.result
@@ -713,7 +725,7 @@ class SimulatedCaller:
         url = r.stream_url
         assert url is not None
         self._stream_sid = _sid("MZ")
-        headers = {"X-Twilio-Signature": self._signer.sign(url)} if self.sign else {}
+        headers = self._signature_headers(url, {}) if self.sign else {}
         try:
             self._ws = await connect(
                 url,

@@ -13,7 +13,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -93,10 +93,37 @@ def _run(connection: Connection, action: str, revision: str) -> None:
         raise ValueError(action)
 
 
+#: PostgreSQL advisory lock key ("livecall" in ASCII) held while migrating.
+MIGRATION_LOCK_KEY = 0x6C69766563616C6C
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Bring the schema up to `revision` (in one transaction where the backend allows it)."""
+    """Bring the schema up to `revision` (in one transaction where the backend allows it).
+
+    On PostgreSQL the transaction first takes an advisory lock, so instances starting together
+    migrate one after the other: the later ones find the schema at head and do nothing.
+    SQLite serializes writers itself; a loser of that race finds the schema done (see
+    `upgrade_or_confirm`).
+    """
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
         await conn.run_sync(_run, "upgrade", revision)
+
+
+async def upgrade_or_confirm(engine: AsyncEngine) -> None:
+    """`upgrade()` to head; if that fails but another process got the schema to head, fine."""
+    try:
+        await upgrade(engine)
+    except Exception:
+        try:
+            done = await current_revision(engine) == head_revision()
+        except Exception:
+            done = False
+        if not done:
+            raise
 
 
 async def downgrade(engine: AsyncEngine, revision: str) -> None:

@@ -110,6 +110,12 @@ class Call(Base):
     frames_missing: Mapped[int] = mapped_column(Integer, default=0)
     recording_key: Mapped[str | None] = mapped_column(Text)
     custom_parameters: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # the numbers' digits reversed ("+1 (555) 010-2030" -> "0302010555 1" without the space),
+    # so "ends with" is a prefix range an index can answer (see store.search)
+    from_rdigits: Mapped[str | None] = mapped_column(String(32))
+    to_rdigits: Mapped[str | None] = mapped_column(String(32))
+    # "Needs a call back": when someone marked the call handled (None: not yet)
+    callback_handled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     turns: Mapped[list[Turn]] = relationship(
         back_populates="call",
@@ -130,6 +136,8 @@ class Call(Base):
         Index("ix_calls_from_number", "from_number"),
         Index("ix_calls_to_number", "to_number"),
         Index("ix_calls_status", "status"),
+        Index("ix_calls_from_rdigits", "from_rdigits"),
+        Index("ix_calls_to_rdigits", "to_rdigits"),
     )
 
 
@@ -226,3 +234,91 @@ class WebhookDelivery(Base):
         UniqueConstraint("call_sid", "url"),
         Index("ix_webhook_outbox_status_next_attempt_at", "status", "next_attempt_at"),
     )
+
+
+class DeletedCall(Base):
+    """A tombstone: this call was erased, and records of it arriving later (a spool replayed
+    after an outage, another instance's late writes) are dropped instead of bringing it back."""
+
+    __tablename__ = "deleted_calls"
+
+    call_sid: Mapped[str] = mapped_column(String(SID_LENGTH), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+ANALYSIS_STATUSES = ("pending", "done", "failed", "skipped")
+
+
+class CallAnalysis(Base):
+    """The post-call analysis of one call (`livecall.outcomes.analysis`): its state and result.
+
+    A row is the durable to-do item as much as the result: `pending` rows are what the
+    analysis worker picks up (after `next_attempt_at`), so pending work survives a restart.
+    """
+
+    __tablename__ = "call_analyses"
+
+    call_sid: Mapped[str] = mapped_column(
+        String(SID_LENGTH), ForeignKey("calls.call_sid", ondelete="CASCADE"), primary_key=True
+    )
+    profile: Mapped[str | None] = mapped_column(String(128))
+    # pending until done, failed (attempts used up) or skipped (nothing was said)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(String(128))
+    summary: Mapped[str | None] = mapped_column(Text)
+    fields: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    success: Mapped[bool | None] = mapped_column(Boolean)
+    success_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_call_analyses_status_next", "status", "next_attempt_at"),)
+
+
+class CallerMemory(Base):
+    """What the agent may remember of one past call with a number (opt-in per profile).
+
+    Keyed by the normalized remote number and the profile, so one business never sees what a
+    caller told another; deleted with its call, per number on request, and by retention.
+    """
+
+    __tablename__ = "caller_memory"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    call_sid: Mapped[str] = mapped_column(
+        String(SID_LENGTH), ForeignKey("calls.call_sid", ondelete="CASCADE"), unique=True
+    )
+    number: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[str] = mapped_column(String(128))
+    call_started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    summary: Mapped[str] = mapped_column(Text, default="")
+    fields: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+    __table_args__ = (
+        Index("ix_caller_memory_number_profile", "number", "profile", "call_started_at"),
+    )
+
+
+class SearchDoc(Base):
+    """One searchable line of a call: a transcript turn now; a summary or an extracted field
+    once post-call analysis writes them (`store.search.analysis_docs`).
+
+    Full-text indexed outside the models (migration 0005): an FTS5 table `search_fts` kept in
+    step by triggers on SQLite, a GIN index on `to_tsvector('simple', text)` on PostgreSQL.
+    """
+
+    __tablename__ = "search_docs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    call_sid: Mapped[str] = mapped_column(
+        String(SID_LENGTH), ForeignKey("calls.call_sid", ondelete="CASCADE")
+    )
+    # caller | agent (a turn, ref = its index) | summary | field:<name> (ref 0)
+    source: Mapped[str] = mapped_column(String(64))
+    ref: Mapped[int] = mapped_column(Integer, default=0)
+    text: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (UniqueConstraint("call_sid", "source", "ref"),)

@@ -17,12 +17,33 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Select, and_, case, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
-from livecall.store.models import Call, CallEvent, Turn, WebhookDelivery
+from livecall.store import search
+from livecall.store.models import (
+    Call,
+    CallAnalysis,
+    CallerMemory,
+    CallEvent,
+    DeletedCall,
+    SearchDoc,
+    Turn,
+    WebhookDelivery,
+)
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -65,6 +86,7 @@ _TURN_FIELDS = (
     "barge_in_stop_ms",
 )
 _EVENT_FIELDS = ("at_ms", "kind", "name", "duration_ms", "data")
+_DIGIT_FIELDS = ("from_rdigits", "to_rdigits")
 
 
 class InvalidCursor(ValueError):
@@ -85,6 +107,19 @@ def _insert_for(session: AsyncSession) -> Any:
     if name == "sqlite":
         return sqlite.insert
     raise ValueError(f"call records need SQLite or PostgreSQL, not {name} (see make_engine)")
+
+
+async def _call_locks(session: AsyncSession, sids: Iterable[str], *, shared: bool) -> None:
+    """PostgreSQL: per-call advisory locks for this transaction, so that a delete and a write
+    of the same call never interleave (a write checks the tombstone, then inserts). Writes
+    share them; a delete takes its one call's lock alone. SQLite serializes writers itself."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    fn = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    await session.execute(
+        text(f"SELECT {fn}(hashtextextended(sid, 0)) FROM unnest(CAST(:sids AS text[])) AS sid"),
+        {"sids": sorted(sids)},
+    )
 
 
 def encode_cursor(started_at: datetime, call_sid: str) -> str:
@@ -153,6 +188,20 @@ class Repository:
         repeated keys inside a batch collapse to the last value, so PostgreSQL never sees one
         row touched twice by a single statement.
         """
+        async with self.sessions.begin() as session:
+            # an erased call stays erased: its records arriving late are dropped
+            sids = {op["call_sid"] for op in ops}
+            await _call_locks(session, sids, shared=True)
+            erased = set(
+                (
+                    await session.scalars(
+                        select(DeletedCall.call_sid).where(DeletedCall.call_sid.in_(sids))
+                    )
+                ).all()
+            )
+            await self._apply(session, [op for op in ops if op["call_sid"] not in erased])
+
+    async def _apply(self, session: AsyncSession, ops: Sequence[Mapping[str, Any]]) -> None:
         starts: dict[str, dict[str, Any]] = {}
         turns: dict[tuple[str, int], dict[str, Any]] = {}
         events: dict[tuple[str, int], dict[str, Any]] = {}
@@ -173,6 +222,8 @@ class Repository:
                 starts[sid]["started_at"] = _ts(op["started_at"])
                 starts[sid]["direction"] = op.get("direction") or "inbound"
                 starts[sid]["custom_parameters"] = op.get("custom_parameters") or {}
+                starts[sid]["from_rdigits"] = search.rdigits(op.get("from_number"))
+                starts[sid]["to_rdigits"] = search.rdigits(op.get("to_number"))
             elif kind == "turn":
                 row = {"call_sid": sid, "idx": op["idx"], **{k: op.get(k) for k in _TURN_FIELDS}}
                 row["text"] = row["text"] or ""
@@ -190,43 +241,47 @@ class Repository:
                 row = {k: op.get(k) for k in _END_FIELDS}
                 row["ended_at"] = _ts(op["ended_at"])
                 ends[sid] = row
-        async with self.sessions.begin() as session:
-            insert = _insert_for(session)
-            if starts:
-                stmt = insert(Call)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=[Call.call_sid],
-                    set_={k: stmt.excluded[k] for k in _START_FIELDS},
-                )
-                await session.execute(stmt, list(starts.values()))
-            # A turn or event for a call we never saw start (should not happen, but a lost
-            # start must not lose the rest): make a placeholder row so the keys hold.
-            orphans = {sid for sid, _ in turns} | {sid for sid, _ in events} | set(ends)
-            orphans -= starts.keys()
-            if orphans:
-                await self._ensure_calls(session, orphans, ends)
-            if turns:
-                stmt = insert(Turn)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=[Turn.call_sid, Turn.idx],
-                    set_={k: stmt.excluded[k] for k in _TURN_FIELDS},
-                )
-                await session.execute(stmt, list(turns.values()))
-            if events:
-                stmt = insert(CallEvent).on_conflict_do_nothing(
-                    index_elements=[CallEvent.call_sid, CallEvent.seq]
-                )
-                await session.execute(stmt, list(events.values()))
-            for sid, stamp in answered.items():
-                await session.execute(
-                    update(Call)
-                    .where(Call.call_sid == sid, Call.answered_at.is_(None))
-                    .values(answered_at=stamp)
-                )
-            for sid, values in ends.items():
-                await session.execute(update(Call).where(Call.call_sid == sid).values(**values))
-            if outbox:
-                await apply_outbox_ops(session, outbox)
+        insert = _insert_for(session)
+        if starts:
+            stmt = insert(Call)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[Call.call_sid],
+                set_={k: stmt.excluded[k] for k in (*_START_FIELDS, *_DIGIT_FIELDS)},
+            )
+            await session.execute(stmt, list(starts.values()))
+        # A turn or event for a call we never saw start (should not happen, but a lost
+        # start must not lose the rest): make a placeholder row so the keys hold.
+        orphans = {sid for sid, _ in turns} | {sid for sid, _ in events} | set(ends)
+        orphans -= starts.keys()
+        if orphans:
+            await self._ensure_calls(session, orphans, ends)
+        if turns:
+            stmt = insert(Turn)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[Turn.call_sid, Turn.idx],
+                set_={k: stmt.excluded[k] for k in _TURN_FIELDS},
+            )
+            await session.execute(stmt, list(turns.values()))
+            docs = (
+                search.turn_doc(t["call_sid"], t["speaker"], t["idx"], t["text"])
+                for t in turns.values()
+            )
+            await search.index_docs(session, docs)
+        if events:
+            stmt = insert(CallEvent).on_conflict_do_nothing(
+                index_elements=[CallEvent.call_sid, CallEvent.seq]
+            )
+            await session.execute(stmt, list(events.values()))
+        for sid, stamp in answered.items():
+            await session.execute(
+                update(Call)
+                .where(Call.call_sid == sid, Call.answered_at.is_(None))
+                .values(answered_at=stamp)
+            )
+        for sid, values in ends.items():
+            await session.execute(update(Call).where(Call.call_sid == sid).values(**values))
+        if outbox:
+            await apply_outbox_ops(session, outbox)
 
     async def _ensure_calls(
         self, session: AsyncSession, sids: Iterable[str], ends: Mapping[str, Mapping[str, Any]]
@@ -249,14 +304,26 @@ class Repository:
         await session.execute(stmt, rows)
 
     async def delete_call(self, call_sid: str) -> bool:
-        """Erase a call with its turns and events; False when there was none."""
+        """Erase a call with its turns and events, for good (a tombstone stops later writes of
+        it); False when there was no row."""
         async with self.sessions.begin() as session:
+            # waits for a batch writing this call to commit; a later one sees the tombstone
+            await _call_locks(session, {call_sid}, shared=False)
+            tombstone = _insert_for(session)(DeletedCall).on_conflict_do_nothing(
+                index_elements=[DeletedCall.call_sid]
+            )
+            await session.execute(
+                tombstone, [{"call_sid": call_sid, "deleted_at": datetime.now(UTC)}]
+            )
             # explicit, in case a SQLite connection was opened without foreign keys
             await session.execute(delete(Turn).where(Turn.call_sid == call_sid))
             await session.execute(delete(CallEvent).where(CallEvent.call_sid == call_sid))
+            await session.execute(delete(SearchDoc).where(SearchDoc.call_sid == call_sid))
             await session.execute(  # a pending webhook holds the transcript too
                 delete(WebhookDelivery).where(WebhookDelivery.call_sid == call_sid)
             )
+            await session.execute(delete(CallAnalysis).where(CallAnalysis.call_sid == call_sid))
+            await session.execute(delete(CallerMemory).where(CallerMemory.call_sid == call_sid))
             result = await session.execute(delete(Call).where(Call.call_sid == call_sid))
             return bool(getattr(result, "rowcount", 0))
 
@@ -278,8 +345,16 @@ class Repository:
         until: datetime | None,
         number: str | None,
         status: str | None,
+        number_ends: str | None = None,
+        outcome: str | None = None,
     ) -> list[ColumnElement[bool]]:
         where: list[ColumnElement[bool]] = []
+        if outcome:
+            from livecall.store.owner import outcome_case
+
+            where.append(outcome_case() == outcome)
+        if number_ends:
+            where.append(search.number_suffix(number_ends))
         if since is not None:
             where.append(Call.started_at >= since)
         if until is not None:
@@ -300,9 +375,13 @@ class Repository:
         limit: int = 50,
         cursor: str | None = None,
         offset: int | None = None,
+        number_ends: str | None = None,
+        outcome: str | None = None,
     ) -> CallPage:
-        """Newest calls first. Page with `cursor` (stable under inserts) or `offset`."""
-        where = self._filters(since, until, number, status)
+        """Newest calls first. Page with `cursor` (stable under inserts) or `offset`.
+
+        `number` is an exact number; `number_ends` any tail of one, in any format."""
+        where = self._filters(since, until, number, status, number_ends, outcome)
         query: Select[tuple[Call]] = select(Call).where(*where)
         if cursor:
             stamp, sid = decode_cursor(cursor)
@@ -324,6 +403,59 @@ class Repository:
             last = rows[-1]
             next_cursor = encode_cursor(last.started_at, last.call_sid)
         return CallPage(items=rows, total=int(total or 0), next_cursor=next_cursor)
+
+    async def search(
+        self,
+        query: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        outcome: str | None = None,
+    ) -> list[search.SearchHit]:
+        """Calls (newest first) with a line holding every word of `query`, each with its first
+        matching line; a query that is a number matches calls whose number ends with it."""
+        if search.looks_like_number(query):
+            page = await self.list_calls(
+                since=since,
+                until=until,
+                status=status,
+                number_ends=query,
+                limit=limit,
+                outcome=outcome,
+            )
+            return [search.SearchHit(call) for call in page.items]
+        terms = search.search_terms(query)
+        if not terms:
+            return []
+        where = self._filters(since, until, None, status, outcome=outcome)
+        async with self.sessions() as session:
+            dialect = session.get_bind().dialect.name
+            rows = await session.execute(
+                select(SearchDoc.call_sid, SearchDoc.source, SearchDoc.ref, SearchDoc.text)
+                .join(Call, Call.call_sid == SearchDoc.call_sid)
+                .where(search.text_matches(dialect, terms), *where)
+                .order_by(Call.started_at.desc(), Call.call_sid.desc(), SearchDoc.id)
+                .limit(limit * 20)
+            )
+            first: dict[str, tuple[str, int, str]] = {}  # call -> its first matching line
+            matches: dict[str, int] = {}
+            for sid, source, ref, line in rows:
+                if sid not in first:
+                    if len(first) >= limit:
+                        continue
+                    first[sid] = (source, ref, line)
+                matches[sid] = matches.get(sid, 0) + 1
+            if not first:
+                return []
+            found = await session.scalars(select(Call).where(Call.call_sid.in_(first)))
+            calls = {c.call_sid: c for c in found.all()}
+        return [
+            search.SearchHit(calls[sid], *first[sid], matches=matches[sid])
+            for sid in first
+            if sid in calls
+        ]
 
     async def get_call(self, call_sid: str) -> Call | None:
         """A call with its transcript (turns by index) and events (by sequence)."""

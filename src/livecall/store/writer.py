@@ -5,13 +5,18 @@ record into a plain JSON-able *op* and append it to the store's queue: O(1), no 
 never raise. One background task drains the queue in batches, each batch one transaction of
 idempotent upserts (see `Repository.apply`).
 
-When the database is slow or down, ops stay in memory; past `memory_limit` they are appended
-to a spool file (JSON lines in `settings.spool_dir`, one file per process, held under an
-`flock` so another process can tell it is alive). When the database answers again the spool
-is replayed first, then the queue, so rows land in the order they happened; replays are
-harmless because every write is keyed (call_sid / call_sid+idx / call_sid+seq). Spool files
-left by a process that died are claimed and replayed by the next one. `close()` writes what
-it can within its timeout and spools the rest, so a graceful shutdown loses nothing.
+When a write fails (the database down, or its schema missing), the queued ops and every later
+one go to the spool task instead, which appends them to this process's spool file (JSON lines
+in `settings.spool_dir`, mode 0600, held under an `flock`) and fsyncs, in a worker thread, all
+the ops gathered during the previous fsync at once. `settled(call_sid)` tells when a call's ops
+are in the database or on disk: a call's task awaits it before it ends, so a process killed
+during an outage loses nothing. When the database answers again the spool is replayed first,
+then what is queued, so rows land in the order they happened; replays are harmless because
+every write is keyed (call_sid / call_sid+idx / call_sid+seq). Spool files left by a process
+that died are claimed and replayed by the next one (or by any live process on a shared volume,
+see `_claimable`). The spool is bounded by `SPOOL_MAX_BYTES`; when it (or the disk) refuses,
+ops are held in memory up to `memory_limit`, then dropped and counted, loudly: never an
+unbounded queue. `close()` writes what it can within its timeout and spools the rest.
 
 A batch the database rejects for its *content* (integrity or data errors) is split, and the
 ops that still fail go to `rejected.jsonl` beside the spool instead of blocking every call
@@ -24,13 +29,16 @@ import asyncio
 import contextlib
 import math
 import os
+import re
+import socket
 import threading
+import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -41,6 +49,9 @@ from livecall.records import CallEventRecord, CallInfo, CallSummary, TurnRecord
 from livecall.settings import Settings
 from livecall.store import db
 from livecall.store.repository import Repository
+
+if TYPE_CHECKING:
+    from livecall.metrics import Metrics
 
 try:  # POSIX: tells a live process's spool file from an orphan
     import fcntl
@@ -54,6 +65,31 @@ Op = dict[str, Any]
 SPOOL_PREFIX = "spool-"
 SPOOL_SUFFIX = ".jsonl"
 REJECTED_FILE = "rejected.jsonl"
+# A spool file names the host that wrote it. One from this host is claimed as soon as its
+# flock is free (the writer is gone). One from another host (a shared volume) must also have
+# gone unrefreshed for FOREIGN_SPOOL_AGE_S: some network filesystems (Cloud Run's NFS) keep
+# locks per client only, so a lock alone cannot tell a live pod's spool from a dead one's.
+# Every live process refreshes its files' mtime each SPOOL_HEARTBEAT_S.
+SPOOL_HEARTBEAT_S = 15.0
+FOREIGN_SPOOL_AGE_S = 60.0
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:48] or "host"
+
+
+def _spool_host(path: Path) -> str | None:
+    """The host a spool file's name says wrote it (None: an older name without one)."""
+    parts = path.name[len(SPOOL_PREFIX) : -len(SPOOL_SUFFIX)].rsplit("-", 2)
+    return parts[0] if len(parts) == 3 else None
+
+
+def _claimable(path: Path, now: float) -> bool:
+    host = _spool_host(path)
+    if host is None or host == _HOST:
+        return True
+    try:
+        return now - path.stat().st_mtime > FOREIGN_SPOOL_AGE_S
+    except FileNotFoundError:
+        return False
+
 
 # Column widths in `models`: values are cut to fit rather than rejected by PostgreSQL.
 _WIDTHS = {
@@ -156,55 +192,78 @@ def _is_transient(error: BaseException) -> bool:
 class SpoolFile:
     """One JSON-lines file of ops waiting for the database, read back from `offset`.
 
-    Appends and reads run in worker threads (`asyncio.to_thread`); a lock keeps a late
-    append from interleaving with another.
+    Owner-only (0600): records hold phone numbers and what was said. Appends are fsynced and
+    run in worker threads (`asyncio.to_thread`); a lock keeps an append from interleaving with
+    a read. A failed append (a full disk) is cut off again, so the file never keeps half a line.
     """
 
-    def __init__(self, path: Path, handle: IO[bytes]) -> None:
+    def __init__(self, path: Path, fd: int) -> None:
         self.path = path
-        self._handle = handle
+        self._fd = fd
         self._lock = threading.Lock()
         self.offset = 0
+        self.size = os.fstat(fd).st_size
 
     @classmethod
     def create(cls, directory: Path) -> SpoolFile:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = directory / f"{SPOOL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{SPOOL_SUFFIX}"
-        handle = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+        name = f"{SPOOL_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}{SPOOL_SUFFIX}"
+        path = directory / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
         if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return cls(path, handle)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _fsync_dir(directory)  # the new name survives a crash too
+        return cls(path, fd)
 
     @classmethod
     def claim(cls, path: Path) -> SpoolFile | None:
         """Take over a spool file whose process is gone; None if it is alive or vanished."""
         try:
-            handle = path.open("ab")
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         except OSError:
             return None
         if fcntl is not None:
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                handle.close()
+                os.close(fd)
                 return None
         if not path.exists():  # replayed and removed by someone else meanwhile
-            handle.close()
+            os.close(fd)
             return None
-        return cls(path, handle)
+        return cls(path, fd)
 
-    def append(self, ops: list[Op]) -> None:
-        data = b"".join(_dumps(op) + b"\n" for op in ops)
+    def append(self, ops: list[Op], room: int | None = None) -> int:
+        """Append and fsync as many of `ops` as fit in `room` bytes; how many were written.
+
+        Raises OSError (the file as it was before) when the disk refuses.
+        """
+        lines = [_dumps(op) + b"\n" for op in ops]
+        count, total = len(lines), sum(map(len, lines))
+        if room is not None and total > room:
+            count, total = 0, 0
+            for line in lines:
+                if total + len(line) > room:
+                    break
+                count, total = count + 1, total + len(line)
+        if count == 0:
+            return 0
+        data = memoryview(b"".join(lines[:count]))
         with self._lock:
-            self._handle.write(data)
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
+            before = self.size
+            try:
+                while data:
+                    data = data[os.write(self._fd, data) :]
+                os.fsync(self._fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, before)
+                raise
+            self.size = before + total
+        return count
 
     def read(self, max_ops: int) -> tuple[list[Op], list[bytes], int]:
-        """Up to `max_ops` ops after `offset`, the unreadable lines, and the offset after them.
-
-        A torn last line (a crash mid-append) is left for later unless the file ends there.
-        """
+        """Up to `max_ops` ops after `offset`, the unreadable lines, and the offset after them."""
         ops: list[Op] = []
         bad: list[bytes] = []
         with self._lock, self.path.open("rb") as reader:
@@ -230,11 +289,25 @@ class SpoolFile:
         with self._lock:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-            self._handle.close()
+            self._close()
 
     def close(self) -> None:
         with self._lock:
-            self._handle.close()
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform lets a directory be opened
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # --- per-call writer ------------------------------------------------------------------------
@@ -280,6 +353,7 @@ class CallRecordWriter:
     def call_started(self, info: CallInfo) -> None:
         try:
             self._started_at = info.started_at
+            self._store._unrecordable(self.call_sid)
             self._store._put(
                 {
                     "op": "start",
@@ -378,12 +452,38 @@ class CallRecordWriter:
 # --- the store ------------------------------------------------------------------------------
 
 
-class CallStore:
-    """Owns the engine, the write queue, the spool and the task that drains them.
+class SchemaNotReady(RuntimeError):
+    """The database answers but its schema is not the one this version writes (AUTO_MIGRATE off)."""
 
-    `repo` answers reads (API, CLI). `migrate` (default: only for SQLite, the embedded
-    database) brings the schema to head on start; PostgreSQL deployments run
-    `livecall db upgrade` instead so several processes never race on DDL.
+
+def _unreachable(error: BaseException) -> bool:
+    """The database could not be reached at all (as opposed to refusing what we asked)."""
+    if isinstance(error, OSError | TimeoutError | ConnectionError | sa_exc.TimeoutError):
+        return True
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, sa_exc.InterfaceError | sa_exc.DisconnectionError)
+
+
+def _schema_missing(error: str) -> bool:
+    return any(s in error for s in ("no such table", "does not exist", "UndefinedTable"))
+
+
+class CallStore:
+    """Owns the engine, the write queue, the spool and the tasks that drain them.
+
+    `repo` answers reads (API, CLI). `migrate` (default: `AUTO_MIGRATE`) brings the schema
+    to head on start, under a PostgreSQL advisory lock so instances starting together take
+    turns; with it off, a reachable database on an older schema stops the start
+    (`SchemaNotReady`, naming `livecall db upgrade`).
+
+    Durability: while the database is healthy, ops wait in memory only for the next batch
+    (milliseconds). Once a write fails, they and every later op go to the spool task, which
+    appends them to this process's spool file and fsyncs, many calls' ops per fsync, in a
+    worker thread; `settled(call_sid)` waits until a call's ops are in the database or on
+    disk. The spool is bounded by `SPOOL_MAX_BYTES`: past it (or when the disk fails) ops are
+    held in memory up to `memory_limit`, then dropped and counted, with an alarm metric and an
+    error log, never kept without bound.
     """
 
     def __init__(
@@ -397,6 +497,8 @@ class CallStore:
         retry_initial_s: float = 0.5,
         retry_max_s: float = 30.0,
         write_timeout_s: float = 15.0,
+        spool_retry_s: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self._owns_engine = engine is None
@@ -407,19 +509,31 @@ class CallStore:
         )
         self.repo = Repository(db.make_sessionmaker(self.engine))
         self.spool_dir = Path(settings.spool_dir)
-        self._migrate = db.is_sqlite(str(self.engine.url)) if migrate is None else migrate
+        self.spool_max_bytes = settings.spool_max_bytes
+        self._migrate = settings.auto_migrate if migrate is None else migrate
+        self._check_schema = not self._migrate and migrate is None
         self.memory_limit = memory_limit
         self.batch_size = batch_size
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.write_timeout_s = write_timeout_s
+        self.spool_retry_s = spool_retry_s
+        self.metrics = metrics
 
-        self._pending: deque[Op] = deque()
+        self._pending: deque[Op] = deque()  # healthy: the next batches for the database
+        self._held: list[Op] = []  # for the spool task: not on disk yet (bounded)
+        self._appending = 0  # ops the spool task is appending right now
+        self._room_made = False  # a spool file was replayed and removed since the last look
         self._numberings: OrderedDict[str, _Numbering] = OrderedDict()
         self._spools: deque[SpoolFile] = deque()  # oldest first; the last may be ours
         self._own_spool: SpoolFile | None = None
+        self._spool_lock = asyncio.Lock()  # one of: an append, or the removal of a spool
+        self._unsettled: dict[str, int] = {}  # call_sid -> its ops only in memory
+        self._settle_waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._wake = asyncio.Event()
+        self._spool_wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._spool_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: list[asyncio.Future[bool]] = []  # flush(): resolved after the next pass
         self._drain_waiters: list[asyncio.Future[None]] = []  # drained(): once nothing is left
@@ -429,17 +543,23 @@ class CallStore:
         self._healthy = True
         self._retry_delay = retry_initial_s
         self._next_try = 0.0
+        self._spool_full: str | None = None  # why the spool refuses records, while it does
+        self._schema_problem: str | None = None
+        self._lost_logged_at = -math.inf
         self.written = 0
         self.spooled = 0
         self.rejected = 0
+        self.lost = 0
         self.last_error: str | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Migrate (if asked), claim orphaned spool files, start the drain task.
+        """Migrate (if asked), claim orphaned spool files, start the drain and spool tasks.
 
-        Never fails because of the database: a dead one is retried in the background.
+        Never fails because the database is unreachable: records are spooled and the
+        database retried in the background. Raises `SchemaNotReady` when it answers with an
+        older schema and migrating is off.
         """
         if self._task is not None:
             return
@@ -452,18 +572,50 @@ class CallStore:
                     self._spools.append(spool)
         except OSError as error:
             log.warning("cannot read the spool directory", error=str(error))
-        if self._migrate:
+        if self._migrate or self._check_schema:
             # the schema first, so the API can read at once; a dead database is retried later
             try:
-                await asyncio.wait_for(db.upgrade(self.engine), self.write_timeout_s)
-                self._migrate = False
+                await asyncio.wait_for(self._prepare_schema(), self.write_timeout_s * 4)
+            except SchemaNotReady:
+                raise
             except Exception as error:
-                log.warning("call records database not migrated yet", error=repr(error))
-                self._mark_down(repr(error))
+                self._schema_failed(error)
         self._task = asyncio.create_task(self._run(), name="livecall-call-store")
+        self._spool_task = asyncio.create_task(self._spool_run(), name="livecall-call-spool")
+        self._gauges()
         if self._spools:
             self._force = True
             self._wake.set()
+
+    async def _prepare_schema(self) -> None:
+        """Migrate, or check the revision; clears `_migrate`/`_check_schema` when done."""
+        if self._migrate:
+            await db.upgrade_or_confirm(self.engine)
+            self._migrate = False
+            self._schema_problem = None
+            return
+        current = await db.current_revision(self.engine)
+        head = db.head_revision()
+        if current != head:
+            raise SchemaNotReady(
+                f"the call records database is at schema revision {current or 'none'}, this "
+                f"livecall writes {head}: run `livecall db upgrade` (or set AUTO_MIGRATE=true)"
+            )
+        self._check_schema = False
+        self._schema_problem = None
+
+    def _schema_failed(self, error: BaseException) -> None:
+        """Migrating failed: unreachable (retried quietly) or refused (loud, /ready false)."""
+        if _unreachable(error):
+            log.warning("call records database unreachable at start", error=repr(error))
+        else:
+            self._schema_problem = repr(error)
+            log.error(
+                "call records schema not ready: calls are spooled, not recorded, until it is",
+                error=repr(error),
+                hint="run `livecall db upgrade`",
+            )
+        self._mark_down(repr(error))
 
     async def close(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - then it spools
         """Write everything within `timeout` seconds; spool what is left. Idempotent."""
@@ -471,6 +623,8 @@ class CallStore:
             return
         self._closing = True
         self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
@@ -481,8 +635,24 @@ class CallStore:
                     await self._task
             except Exception:  # pragma: no cover - _run handles its own errors
                 log.exception("call store task failed")
-        if self._pending:
-            await self._spool_pending()
+        if self._pending:  # not written: to the spool, ahead of anything newer
+            self._held[:0] = self._pending
+            self._pending.clear()
+        self._spool_wake.set()
+        if self._spool_task is not None:
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(self._spool_task), max(1.0, deadline - loop.time())
+                )
+            except TimeoutError:
+                self._spool_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._spool_task
+        elif self._held:  # never started: spool synchronously
+            await self._append_held()
+        if self._held:
+            self._lose(self._held, "the spool refused them at shutdown")
+            self._held = []
         for spool in self._spools:
             spool.close()  # its lock goes with it; the next start() replays it
         self._spools.clear()
@@ -557,31 +727,132 @@ class CallStore:
         self._drain_waiters.append(waiter)
         await asyncio.shield(waiter)
 
+    async def settled(self, call_sid: str, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until none of the call's records is held only in memory: each one is in the
+        database or fsynced to the spool (or, the spool refusing too, counted lost).
+
+        False when `timeout` ran out first, or at once while the spool is full and the
+        database away. A call's task awaits this before it ends, so a process killed
+        afterwards loses nothing of it.
+        """
+        if not self._unsettled.get(call_sid):
+            return True
+        if self._spool_full and not self._healthy:
+            return False  # nowhere to put them now: do not hold the call up
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._settle_waiters.setdefault(call_sid, []).append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            log.warning("call records not on disk yet", call_sid=call_sid, timeout_s=timeout)
+            waiters = self._settle_waiters.get(call_sid, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            return False
+
+    def can_record(self) -> str | None:
+        """None when a new call's records can be kept, else why not (for /ready)."""
+        if self._schema_problem:
+            return "schema"
+        if self._spool_full and not self._healthy:
+            return "spool_full"
+        return None
+
+    def _unrecordable(self, call_sid: str) -> None:
+        """A call starts while its records cannot be kept: an error for it, and a count."""
+        reason = self.can_record()
+        if reason is None:
+            return
+        log.error(
+            "call.not_recorded: this call's records cannot be kept",
+            call_sid=call_sid,
+            reason=reason,
+            error=self._schema_problem or self._spool_full,
+        )
+        if self.metrics is not None:
+            self.metrics.calls_unrecorded.labels(reason=reason).inc()
+
     def health(self) -> dict[str, Any]:
         """Numbers for /health and /metrics."""
         return {
             "healthy": self._healthy,
             "pending": len(self._pending),
+            "held": len(self._held),
             "spooled_files": len(self._spools),
+            "spool_bytes": self._spool_bytes(),
+            "spool_full": self._spool_full,
+            "schema_problem": self._schema_problem,
             "written": self.written,
             "spooled": self.spooled,
             "rejected": self.rejected,
+            "lost": self.lost,
             "last_error": self.last_error,
         }
 
+    def _gauges(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.records_database_up.set(1 if self._healthy else 0)
+        self.metrics.records_spool_bytes.set(self._spool_bytes())
+        self.metrics.records_spool_full.set(1 if self._spool_full else 0)
+
+    def _spool_bytes(self) -> int:
+        return sum(spool.size for spool in self._spools)
+
     # --- the queue --------------------------------------------------------------------------
+
+    def _spooling(self) -> bool:
+        """New ops go to the spool: the database is down, or older ops wait on disk."""
+        return not self._healthy or bool(self._spools or self._held or self._appending)
 
     def _put(self, op: Op) -> None:
         if self._closed:
             self._late(op)
             return
+        sid = op["call_sid"]
+        self._unsettled[sid] = self._unsettled.get(sid, 0) + 1
+        if self._spooling() or len(self._pending) >= self.memory_limit:
+            if len(self._held) >= self.memory_limit:
+                self._lose([op], "the spool is not keeping up")
+                return
+            self._held.append(op)
+            self._wake_soon(self._spool_wake)
+            return
         self._pending.append(op)
-        # while the database is down, only the first op (to arm the retry timer) and an
-        # overflow (to spool) need the drain task
-        if self._healthy or len(self._pending) == 1 or len(self._pending) > self.memory_limit:
-            self._wake_soon()
+        self._wake_soon(self._wake)
 
-    def _wake_soon(self) -> None:
+    def _settle(self, ops: list[Op]) -> None:
+        """These ops are safe (database or disk) or lost: wake whoever waits on their calls."""
+        for op in ops:
+            sid = op["call_sid"]
+            left = self._unsettled.get(sid, 0) - 1
+            if left > 0:
+                self._unsettled[sid] = left
+                continue
+            self._unsettled.pop(sid, None)
+            for waiter in self._settle_waiters.pop(sid, ()):
+                if not waiter.done():
+                    waiter.set_result(True)
+
+    def _lose(self, ops: list[Op], why: str) -> None:
+        """Neither the database nor the spool takes these: count them, say so loudly."""
+        self.lost += len(ops)
+        if self.metrics is not None:
+            self.metrics.records_lost.inc(len(ops))
+        loop = self._loop
+        now = loop.time() if loop is not None else math.inf
+        if now - self._lost_logged_at >= 10.0:  # loud, not a flood
+            self._lost_logged_at = now
+            log.error(
+                "call records LOST: the database is unavailable and the spool refuses them",
+                why=why,
+                lost_total=self.lost,
+                spool_dir=str(self.spool_dir),
+                spool_max_bytes=self.spool_max_bytes,
+            )
+        self._settle(ops)
+
+    def _wake_soon(self, event: asyncio.Event) -> None:
         loop = self._loop
         if loop is None:
             return  # not started: the first start() drains
@@ -590,9 +861,9 @@ class CallStore:
         except RuntimeError:
             running = None
         if running is loop:
-            self._wake.set()
+            event.set()
         else:  # an observer called from another thread
-            loop.call_soon_threadsafe(self._wake.set)
+            loop.call_soon_threadsafe(event.set)
 
     def _late(self, op: Op) -> None:
         """A record after close(): straight to a spool file of its own, so it is not lost."""
@@ -604,31 +875,145 @@ class CallStore:
         except OSError:
             log.exception("call record lost", call_sid=op.get("call_sid"))
 
+    # --- the spool task ---------------------------------------------------------------------
+
+    async def _spool_run(self) -> None:
+        """Appends held ops to the spool, all that gathered during the previous fsync at once."""
+        loop = asyncio.get_running_loop()
+        blocked_until = 0.0
+        while True:
+            if self._closing and (not self._held or loop.time() < blocked_until):
+                return
+            if not self._held or loop.time() < blocked_until:
+                self._spool_wake.clear()
+                timeout = max(0.0, blocked_until - loop.time()) if self._held else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._spool_wake.wait(), timeout)
+                if self._room_made:
+                    self._room_made = False
+                    blocked_until = 0.0  # a spool replayed and removed: try at once
+                continue
+            try:
+                if not await self._append_held():
+                    blocked_until = loop.time() + self.spool_retry_s
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the spool task die
+                log.exception("call records spool pass failed")
+                blocked_until = loop.time() + self.spool_retry_s
+
+    async def _append_held(self) -> bool:
+        """One append of everything held; False when the spool refused some (full, disk)."""
+        async with self._spool_lock:
+            ops, self._held = self._held, []
+            if not ops:
+                return True
+            error: str | None = None
+            written = 0
+            self._appending = len(ops)
+            try:
+                if self._own_spool is None:
+                    self._own_spool = await asyncio.to_thread(SpoolFile.create, self.spool_dir)
+                    self._spools.append(self._own_spool)
+                room = max(0, self.spool_max_bytes - self._spool_bytes())
+                written = await asyncio.to_thread(self._own_spool.append, ops, room)
+                if written < len(ops):
+                    error = f"SPOOL_MAX_BYTES ({self.spool_max_bytes}) reached"
+            except OSError as exc:
+                error = f"{exc.__class__.__name__}: {exc}"
+            except asyncio.CancelledError:  # close() gave up on a slow disk: still ours
+                self._held[:0] = ops
+                raise
+            finally:
+                self._appending = 0
+            self.spooled += written
+            self._settle(ops[:written])
+            rest = ops[written:]
+            if rest:  # back in front, bounded
+                self._held[:0] = rest
+                excess = len(self._held) - self.memory_limit
+                if excess > 0:
+                    dropped = self._held[-excess:]
+                    del self._held[-excess:]
+                    self._lose(dropped, error or "spool full")
+        self._spool_state(error)
+        if self._healthy:
+            self._wake.set()  # spooled behind a replay: the drain reads it on
+        return error is None
+
+    def _spool_state(self, error: str | None) -> None:
+        if error and not self._spool_full:
+            log.error(
+                "CALL RECORDS SPOOL FULL: records are held in memory (at most "
+                f"{self.memory_limit}) and dropped past that until the database or disk recovers",
+                error=error,
+                spool_dir=str(self.spool_dir),
+                spool_bytes=self._spool_bytes(),
+                spool_max_bytes=self.spool_max_bytes,
+                held=len(self._held),
+            )
+        elif not error and self._spool_full:
+            log.warning("call records spool accepts records again", held=len(self._held))
+        self._spool_full = error
+        if error and not self._healthy:  # calls waiting for their records: not now, go on
+            waiting, self._settle_waiters = self._settle_waiters, {}
+            for waiters in waiting.values():
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(False)
+        self._gauges()
+
     # --- draining ---------------------------------------------------------------------------
 
-    def _orphans(self) -> list[Path]:
+    def _orphans(self, ours: list[Path] | None = None) -> list[Path]:
+        """Spool files of processes that are gone (see `_claimable`), oldest first."""
         if not self.spool_dir.is_dir():
             return []
-        mine = {s.path for s in self._spools}
-        return sorted(
-            (p for p in self.spool_dir.glob(f"{SPOOL_PREFIX}*{SPOOL_SUFFIX}") if p not in mine),
-            key=lambda p: p.stat().st_mtime,
-        )
+        mine = set(ours) if ours is not None else {s.path for s in self._spools}
+        now = time.time()
+        found = []
+        for path in self.spool_dir.glob(f"{SPOOL_PREFIX}*{SPOOL_SUFFIX}"):
+            if path not in mine and _claimable(path, now):
+                with contextlib.suppress(FileNotFoundError):
+                    found.append((path.stat().st_mtime, path))
+        return [path for _, path in sorted(found)]
+
+    def _heartbeat(self, ours: list[Path]) -> list[SpoolFile]:
+        """Refresh our spool files' mtime (they are alive); claim the orphans (worker thread)."""
+        for path in ours:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        claimed = []
+        for path in self._orphans(ours):
+            spool = SpoolFile.claim(path)
+            if spool is not None:
+                log.info("replaying spooled call records", file=str(path))
+                claimed.append(spool)
+        return claimed
 
     def _has_work(self) -> bool:
-        return bool(self._pending or self._spools)
+        return bool(self._pending or self._spools or self._held or self._appending)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        next_beat = loop.time() + SPOOL_HEARTBEAT_S  # start() has just claimed orphans
         while True:
             now = loop.time()
             due = self._healthy or now >= self._next_try
-            overflow = not self._healthy and len(self._pending) > self.memory_limit
-            urgent = self._closing or self._force or overflow or bool(self._waiters)
+            urgent = self._closing or self._force or bool(self._waiters)
+            if now >= next_beat:
+                next_beat = now + SPOOL_HEARTBEAT_S
+                try:
+                    ours = [spool.path for spool in self._spools]
+                    self._spools.extend(await asyncio.to_thread(self._heartbeat, ours))
+                except OSError as error:
+                    log.warning("cannot read the spool directory", error=str(error))
+                if self._spools and self._healthy:
+                    self._wake.set()
             if not urgent and not (due and self._has_work()):
-                timeout = None
+                timeout = max(0.0, next_beat - now)
                 if self._has_work():  # unhealthy: wake for the next retry
-                    timeout = max(0.0, self._next_try - now)
+                    timeout = min(timeout, max(0.0, self._next_try - now))
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
@@ -638,13 +1023,14 @@ class CallStore:
             try:
                 if due or force or self._closing:
                     await self._write_all()
-                if not self._healthy and (self._closing or len(self._pending) > self.memory_limit):
-                    await self._spool_pending()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # never let the drain task die
-                log.exception("call store drain pass failed")
-                self._mark_down("drain pass failed")
+            except Exception as error:  # never let the drain task die
+                if self._migrate or self._check_schema:
+                    self._schema_failed(error)
+                else:
+                    log.exception("call store drain pass failed")
+                    self._mark_down("drain pass failed")
             done = not self._has_work()
             for waiter in waiters:
                 if not waiter.done():
@@ -658,35 +1044,52 @@ class CallStore:
                 return
 
     async def _write_all(self) -> None:
-        """Spool files first, then the queue, until everything is written or the DB fails."""
-        if self._migrate:
-            await asyncio.wait_for(db.upgrade(self.engine), self.write_timeout_s * 4)
-            self._migrate = False
-        while self._spools:
-            spool = self._spools[0]
-            while True:
-                ops, bad, offset = await asyncio.to_thread(spool.read, self.batch_size)
-                if bad:
-                    await asyncio.to_thread(self._reject_lines, bad, "unreadable spool line")
-                if ops and not await self._write(ops):
-                    return
-                spool.offset = offset
-                if not ops and not bad:
-                    break
-            if spool is self._own_spool:
-                self._own_spool = None
-            self._spools.popleft()
-            await asyncio.to_thread(spool.remove)
-            for path in await asyncio.to_thread(self._orphans):  # another process died?
-                claimed = await asyncio.to_thread(SpoolFile.claim, path)
-                if claimed is not None:
-                    self._spools.append(claimed)
+        """Spool files first, then what is held, then the queue, until done or the DB fails."""
+        if self._migrate or self._check_schema:
+            await asyncio.wait_for(self._prepare_schema(), self.write_timeout_s * 4)
+        while True:
+            while self._spools:
+                spool = self._spools[0]
+                while True:
+                    ops, bad, offset = await asyncio.to_thread(spool.read, self.batch_size)
+                    if bad:
+                        await asyncio.to_thread(self._reject_lines, bad, "unreadable spool line")
+                    if ops and not await self._write(ops):
+                        return
+                    spool.offset = offset
+                    if not ops and not bad:
+                        break
+                async with self._spool_lock:  # no append may land in a file being removed
+                    if spool.offset < spool.size:
+                        continue  # appended meanwhile: read on
+                    if spool is self._own_spool:
+                        self._own_spool = None
+                    self._spools.popleft()
+                    await asyncio.to_thread(spool.remove)
+                self._gauges()
+                self._room_made = True  # a full spool may take records again
+                self._spool_wake.set()
+                ours = [s.path for s in self._spools]
+                for path in await asyncio.to_thread(self._orphans, ours):  # a process died?
+                    claimed = await asyncio.to_thread(SpoolFile.claim, path)
+                    if claimed is not None:
+                        self._spools.append(claimed)
+            async with self._spool_lock:
+                if self._spools:
+                    continue  # the spool task made a new file meanwhile
+                # held ops the spool could not take go straight in, in order, before newer ones
+                self._pending.extendleft(reversed(self._held))
+                self._held = []
+            break
+        if self._spool_full:
+            self._spool_state(None)
         while self._pending:
             batch = [self._pending[i] for i in range(min(self.batch_size, len(self._pending)))]
             if not await self._write(batch):
                 return
             for _ in batch:
                 self._pending.popleft()
+            self._settle(batch)
 
     async def _write(self, ops: list[Op]) -> bool:
         """One batch; False (and the store marked down) when the database is unavailable."""
@@ -710,42 +1113,35 @@ class CallStore:
         if not self._healthy:
             log.info("call records database is back", spooled=self.spooled)
         self._healthy = True
+        self._schema_problem = None
         self._retry_delay = self.retry_initial_s
         self.last_error = None
+        self._gauges()
         return True
 
     def _mark_down(self, error: str) -> None:
+        """The database failed: retry later; until then every op goes to the spool."""
         if self._healthy:
             hint = None
-            if "no such table" in error or "does not exist" in error:
+            if _schema_missing(error):
                 hint = "the schema is missing: run `livecall db upgrade`"
             log.warning(
-                "call records database unavailable: keeping records", error=error, hint=hint
+                "call records database unavailable: spooling records", error=error, hint=hint
             )
+        if _schema_missing(error) and not self._schema_problem:
+            self._schema_problem = error
         self._healthy = False
         self.last_error = error
         loop = self._loop or asyncio.get_running_loop()
         self._next_try = loop.time() + self._retry_delay
         self._retry_delay = min(self.retry_max_s, self._retry_delay * 2)
+        if self._pending:  # queued for the database: to disk now, ahead of anything newer
+            self._held[:0] = self._pending
+            self._pending.clear()
+            self._spool_wake.set()
+        self._gauges()
 
     # --- files (run in worker threads) ------------------------------------------------------
-
-    async def _spool_pending(self) -> None:
-        """Move every queued op to our spool file (behind anything spooled before)."""
-        ops = list(self._pending)
-        self._pending.clear()
-        if not ops:
-            return
-        try:
-            if self._own_spool is None:
-                self._own_spool = await asyncio.to_thread(SpoolFile.create, self.spool_dir)
-                self._spools.append(self._own_spool)
-            await asyncio.to_thread(self._own_spool.append, ops)
-            self.spooled += len(ops)
-        except OSError:
-            # the disk fails too: keep them in memory rather than lose them
-            log.exception("cannot spool call records; keeping them in memory")
-            self._pending.extendleft(reversed(ops))
 
     def _reject_ops(self, ops: list[Op], reason: str) -> None:
         self._reject_lines([_dumps({"reason": reason, "op": op}, None) + b"\n" for op in ops], None)
@@ -754,7 +1150,9 @@ class CallStore:
         self.rejected += len(lines)
         if reason:
             log.error("call records rejected", reason=reason, count=len(lines))
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        with (self.spool_dir / REJECTED_FILE).open("ab") as out:
+        self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.spool_dir / REJECTED_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as out:
             for line in lines:
                 out.write(line if line.endswith(b"\n") else line + b"\n")

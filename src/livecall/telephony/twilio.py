@@ -14,6 +14,7 @@ from __future__ import annotations
 import binascii
 import enum
 import functools
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -21,11 +22,12 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import HMAC_SHA1, RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "SIGNATURE_SETTINGS_HEADER",
     "Connected",
     "Dtmf",
     "Mark",
@@ -613,21 +615,41 @@ def stream_url_for(public_url: str, path: str = "/ws/twilio") -> str:
 # --------------------------------------------------------------------------- signatures
 
 
+SIGNATURE_SETTINGS_HEADER = "X-Twilio-Webhooks-Signature-Settings"
+
+# Older twilio releases (< 9.13) take no `algorithm`: the TypeError would be caught below as an
+# invalid signature and every genuine request refused. Fail at import instead, saying why.
+if "algorithm" not in inspect.signature(RequestValidator.validate).parameters:  # pragma: no cover
+    raise ImportError("livecall needs twilio >= 9.13 (RequestValidator.validate(..., algorithm))")
+
+
 class TwilioSignature:
     """`X-Twilio-Signature` checks and signing, via `twilio.request_validator.RequestValidator`.
 
-    The auth token never appears in a repr or an exception.
+    By default Twilio signs with the account auth token and HMAC-SHA1. When a Webhook Rule
+    matches the URL, Twilio signs with that rule's SharedKey secret and the algorithm named in
+    the `X-Twilio-Webhooks-Signature-Settings` header (``key=<id>,algorithm=HMAC_SHA256``);
+    pass that header as `settings_header`. A request with the header is only ever checked
+    with the shared key (never the auth token), so a rule cannot be bypassed by dropping it
+    from the checks. Needs twilio >= 9.13 (`validate(..., algorithm)`).
+
+    No secret appears in a repr or an exception.
     """
 
-    __slots__ = ("_validator",)
+    __slots__ = ("_shared", "_validator")
 
-    def __init__(self, auth_token: str) -> None:
+    def __init__(self, auth_token: str, shared_key: str | None = None) -> None:
         if not isinstance(auth_token, str) or not auth_token:
             raise ValueError("a Twilio auth token must be a non-empty string")
         self._validator = RequestValidator(auth_token)
+        self._shared = RequestValidator(shared_key) if shared_key else None
 
     def __repr__(self) -> str:
         return "TwilioSignature(auth_token=<redacted>)"
+
+    @property
+    def has_shared_key(self) -> bool:
+        return self._shared is not None
 
     def validate_webhook(
         self,
@@ -635,26 +657,28 @@ class TwilioSignature:
         params: Mapping[str, str],
         signature: str | None,
         *,
-        algorithm: str | None = None,
+        settings_header: str | None = None,
     ) -> bool:
-        """True if `signature` signs this exact URL + POST params (with or without the port).
-
-        `algorithm` is for SharedKey signing (read it from the
-        X-Twilio-Webhooks-Signature-Settings header with
-        `twilio.request_validator.get_signature_algorithm`); default HMAC-SHA1.
-        """
+        """True if `signature` signs this exact URL + POST params (with or without the port)."""
         if not signature:
             return False
+        if settings_header:
+            if self._shared is None:
+                return False  # a Webhook Rule signed it, and we do not hold its key
+            validator = self._shared
+            algorithm = get_signature_algorithm(settings_header)
+        else:
+            validator, algorithm = self._validator, HMAC_SHA1
         try:
-            return bool(self._validator.validate(url, params, signature, algorithm))
-        except (TypeError, ValueError, AttributeError):
+            return bool(validator.validate(url, params, signature, algorithm))
+        except (TypeError, ValueError):
             return False  # malformed input is simply not a valid signature
 
     def validate_websocket(
-        self, url: str, signature: str | None, *, algorithm: str | None = None
+        self, url: str, signature: str | None, *, settings_header: str | None = None
     ) -> bool:
         """The stream upgrade's signature is over the ws(s):// URL alone, with no params."""
-        return self.validate_webhook(url, {}, signature, algorithm=algorithm)
+        return self.validate_webhook(url, {}, signature, settings_header=settings_header)
 
     def sign(
         self,

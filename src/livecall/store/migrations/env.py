@@ -15,8 +15,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
 from livecall.store.models import Base
+from livecall.store.search import include_name
 
 config = context.config
+
 target_metadata = Base.metadata
 
 
@@ -26,6 +28,7 @@ def _migrate(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_name=include_name,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -87,3 +87,10 @@
   });
   canvas.dataset.ready = String(chart.data.datasets[0].data.length);
 })();
+
+// "Forget this caller": erasing a caller's memory asks first.
+for (const form of document.querySelectorAll("form[data-confirm]")) {
+  form.addEventListener("submit", (event) => {
+    if (!window.confirm(form.dataset.confirm)) event.preventDefault();
+  });
+}

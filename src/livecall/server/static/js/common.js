@@ -1,23 +1,11 @@
-// Shared by every dashboard page: local times, number formats, transcript lines, CSRF posts.
+// Shared by every dashboard page: number formats, transcript lines, CSRF posts, nav counts,
+// and what happens when the session is gone (back to the login page, then to this page).
 "use strict";
 (function () {
   const csrfToken = () => {
     const meta = document.querySelector('meta[name="csrf-token"]');
     return meta ? meta.content : "";
   };
-
-  /** Server times are UTC; show them in the viewer's zone, keep UTC in the tooltip. */
-  function localTimes(root) {
-    for (const el of root.querySelectorAll("time[data-local]")) {
-      const when = new Date(el.dateTime);
-      if (Number.isNaN(when.getTime())) continue;
-      el.title = el.textContent;
-      el.textContent = when.toLocaleString(undefined, {
-        year: "numeric", month: "short", day: "numeric",
-        hour: "2-digit", minute: "2-digit", second: "2-digit",
-      });
-    }
-  }
 
   /** Milliseconds since the stream started, as the player shows it: m:ss.t */
   function offset(ms) {
@@ -39,10 +27,11 @@
 
   /** Fill a transcript line (cloned from #turn-template) from a live-feed turn. */
   function fillTurn(li, turn) {
-    li.className = `turn ${turn.speaker}${turn.interrupted ? " interrupted" : ""}`;
+    li.className = `turn ${turn.speaker}${turn.interrupted ? " interrupted" : ""}${turn.partial ? " partial" : ""}`;
     li.dataset.index = String(turn.index);
     li.querySelector(".at").textContent = offset(turn.start_ms);
     li.querySelector(".speaker").textContent = turn.speaker;
+    if (turn.partial) li.setAttribute("aria-busy", "true"); else li.removeAttribute("aria-busy");
     const shown = turn.interrupted && turn.heard_text ? turn.heard_text : turn.text;
     li.querySelector(".text").textContent = shown || "…";
     li.querySelector(".badge.cut").hidden = !turn.interrupted;
@@ -54,10 +43,12 @@
     return li;
   }
 
-  /** Add or replace the line for `turn` in a transcript list, kept in turn order. */
+  /** Add or replace the line for `turn` in a transcript list, kept in turn order.
+   *  A partial line (words so far) is replaced in place; it never replaces a final one. */
   function upsertTurn(list, turn) {
     const template = document.getElementById("turn-template");
     const existing = list.querySelector(`li[data-index="${Number(turn.index)}"]`);
+    if (existing && turn.partial && !existing.classList.contains("partial")) return existing;
     const li = existing || template.content.firstElementChild.cloneNode(true);
     fillTurn(li, turn);
     if (!existing) {
@@ -68,22 +59,41 @@
     return li;
   }
 
-  /** POST with the session's CSRF token; the cookie goes along (same origin only). */
-  function post(url) {
+  /** POST (a form body if given) with the session's CSRF token; the cookie goes along. */
+  function post(url, body) {
     return fetch(url, {
       method: "POST",
       credentials: "same-origin",
       headers: { "X-CSRF-Token": csrfToken(), Accept: "application/json" },
+      body: body || undefined,
     });
   }
 
-  function setLiveCount(n) {
-    const badge = document.getElementById("live-count");
-    if (!badge) return;
-    badge.textContent = String(n);
-    badge.hidden = n === 0;
+  /** The login page, coming back to this page afterwards. */
+  function toLogin() {
+    const here = location.pathname + location.search;
+    location.assign(`/login?next=${encodeURIComponent(here)}`);
   }
 
-  window.livecall = { csrfToken, localTimes, offset, ms, latencyClass, fillTurn, upsertTurn, post, setLiveCount };
-  localTimes(document);
+  /** A 401 means signed out (elsewhere, or the session ran out): go and sign in again. */
+  function signedOut(response) {
+    if (response.status !== 401) return false;
+    toLogin();
+    return true;
+  }
+
+  /** Sets a nav count badge (its hidden label stays for screen readers). */
+  function setCount(id, n) {
+    const badge = document.getElementById(id);
+    if (!badge || n === null || n === undefined) return;
+    badge.lastChild.textContent = String(n);
+    badge.hidden = !n;
+  }
+
+  const setLiveCount = (n) => setCount("live-count", n);
+
+  window.livecall = {
+    csrfToken, offset, ms, latencyClass, fillTurn, upsertTurn, post, toLogin,
+    signedOut, setCount, setLiveCount,
+  };
 })();

@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql
 
 revision: str = "0003"
 # the lead re-chains this after any 0002 at merge time
-down_revision: str | Sequence[str] | None = "0001"
+down_revision: str | Sequence[str] | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
