@@ -15,10 +15,12 @@ REGION="${REGION:-us-central1}"
 SERVICE="${SERVICE:-livecall}"
 IMAGE="${IMAGE:-${REGION}-docker.pkg.dev/${PROJECT}/livecall/livecall:latest}"
 SERVICE_ACCOUNT="${SERVICE_ACCOUNT:-}"     # runtime identity; needs secretAccessor on the secrets
-# Requests per instance. One asyncio process carries hundreds of calls; each call is one
-# WebSocket request. The benchmark (`livecall bench`, bench/) measures CPU per call-second and
-# is what justifies this figure for 2 vCPUs: re-derive it there before changing the size.
-CONCURRENCY="${CONCURRENCY:-250}"
+# Requests per instance: each call is one WebSocket request. Two vCPUs run two workers
+# (LIVECALL_WORKERS, one event loop per core), each admitting 75 calls: the per-core figure
+# measured by `livecall bench load` (docs/benchmarks.md, "Sizing"); re-derive it there
+# before changing the size.
+WORKERS="${WORKERS:-2}"
+CONCURRENCY="${CONCURRENCY:-$((75 * WORKERS + 10))}"
 # livecall's own admission limit, a little under CONCURRENCY so that a full instance still
 # answers webhooks (with "busy"), health checks and the API instead of queueing them.
 MAX_CALLS="${MAX_CALLS:-$((CONCURRENCY - 10))}"
@@ -59,7 +61,7 @@ if [[ -n "${REDIS_SECRET}" ]]; then
   secrets+=",REDIS_URL=${REDIS_SECRET}"
 fi
 
-env_vars="LOG_FORMAT=json,MAX_CONCURRENT_CALLS=${MAX_CALLS}"
+env_vars="LOG_FORMAT=json,MAX_CONCURRENT_CALLS=${MAX_CALLS},LIVECALL_WORKERS=${WORKERS}"
 if [[ -n "${NFS_SERVER}" ]]; then
   env_vars+=",SPOOL_DIR=/data/spool,RECORDINGS_DIR=/data/recordings"
 fi
@@ -75,7 +77,7 @@ args=(
   # Audio pumps, database writers and heartbeats run between and around requests: CPU must
   # never be throttled, or every call on the instance stutters.
   --no-cpu-throttling
-  --cpu 2
+  --cpu "${WORKERS}"
   --memory 2Gi
   # A warm instance answers the first ring at once (Twilio gives up on a slow webhook).
   --min-instances 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -133,6 +134,21 @@ def serve(
         typer.Option(help="interface to bind (default 0.0.0.0; 127.0.0.1 with --insecure-dev)"),
     ] = None,
     port: Annotated[int | None, typer.Option(help="port (default $PORT or 8080)")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="LIVECALL_WORKERS",
+            help="worker processes (one event loop each) behind the one port",
+        ),
+    ] = 1,
+    worker_socket: Annotated[
+        str,
+        typer.Option(
+            envvar="LIVECALL_WORKER_SOCKET",
+            help="with --workers: 'reuseport' (a socket each, kernel-balanced) or 'shared'",
+        ),
+    ] = "reuseport",
     insecure_dev: Annotated[
         bool,
         typer.Option(
@@ -166,6 +182,26 @@ def serve(
     if problem is not None:
         console.print(f"[red]Not starting.[/red] {problem}")
         raise typer.Exit(2)
+    if workers > 1:
+        from livecall.server.workers import run_workers
+
+        if worker_socket not in ("reuseport", "shared"):
+            raise typer.BadParameter("--worker-socket is 'reuseport' or 'shared'")
+        if settings.insecure_dev:
+            os.environ["LIVECALL_INSECURE_DEV"] = "true"  # the workers check it again
+        raise typer.Exit(
+            run_workers(
+                workers,
+                bind,
+                port or settings.port,
+                mode=worker_socket,  # type: ignore[arg-type]
+                max_calls=settings.max_concurrent_calls,
+                max_gemini_sessions=settings.max_gemini_sessions,
+                admin_socket=settings.admin_socket,
+                instance_id=settings.instance_id,
+            )
+        )
+    from livecall.metrics import LoopLagMonitor
     from livecall.server.app import create_app
     from livecall.server.drain import DrainingServer
 
@@ -183,15 +219,36 @@ def serve(
         state.registry,
         settings.drain_timeout_s,
         drain=state.drain,
+        lag_monitor=LoopLagMonitor(state.metrics),
     )
-    if settings.admin_socket is None:
+    listen = _worker_listen_socket(bind, port or settings.port)
+    if settings.admin_socket is None and listen is None:
         server.run()
         return
-    sockets = [config.bind_socket(), _admin_socket(settings.admin_socket)]  # type: ignore[attr-defined]
+    sockets = [listen if listen is not None else config.bind_socket()]  # type: ignore[attr-defined]
+    if settings.admin_socket is not None:
+        sockets.append(_admin_socket(settings.admin_socket))
     try:
         server.run(sockets=sockets)  # type: ignore[arg-type]
     finally:
-        settings.admin_socket.unlink(missing_ok=True)
+        if settings.admin_socket is not None:
+            settings.admin_socket.unlink(missing_ok=True)
+
+
+def _worker_listen_socket(host: str, port: int) -> object | None:
+    """In a worker of `serve --workers N`: the parent's shared socket, or our own
+    SO_REUSEPORT one; None in a single process (uvicorn binds as usual)."""
+    import os
+    import socket
+
+    from livecall.server.workers import WORKER_FD_ENV, WORKER_REUSEPORT_ENV, listen_socket
+
+    fd = os.environ.get(WORKER_FD_ENV)
+    if fd:
+        return socket.socket(fileno=int(fd))
+    if os.environ.get(WORKER_REUSEPORT_ENV) == "1":
+        return listen_socket(host, port, reuseport=True)
+    return None
 
 
 @app.command()
@@ -239,15 +296,30 @@ def bench_load(
     ramp: Annotated[float, typer.Option(help="seconds to ramp calls up")] = 5.0,
     quick: Annotated[bool, typer.Option(help="levels 10,50 held 8 s: a smoke run")] = False,
     recording: Annotated[bool, typer.Option(help="keep recordings on in the server")] = False,
+    workers: Annotated[str, typer.Option(help="livecall worker counts per level, e.g. 1,2")] = "1",
+    worker_socket: Annotated[str, typer.Option(help="reuseport or shared")] = "reuseport",
+    floor: Annotated[bool, typer.Option(help="run the null bridge too (the floor)")] = True,
+    out: Annotated[Path, typer.Option(help="folder for load.json, load.md, load.png")] = Path(
+        "bench/out"
+    ),
 ) -> None:
-    """N concurrent simulated calls against a real server; echo round trip, CPU, RSS per call."""
+    """N simulated calls against the real server and a null bridge: delay at the ear, stalls,
+    setup time, CPU and RSS per call."""
     from livecall.bench.load import QUICK_LEVELS, run_load_benchmark
 
+    counts = tuple(int(x) for x in workers.split(",") if x.strip())
+    kw = {
+        "recording": recording,
+        "workers": counts,
+        "worker_socket": worker_socket,
+        "floor": floor,
+        "out_dir": out,
+    }
     if quick:
-        run_load_benchmark(QUICK_LEVELS, 8.0, 3.0, recording=recording)
+        run_load_benchmark(QUICK_LEVELS, 8.0, 3.0, **kw)  # type: ignore[arg-type]
     else:
         parsed = tuple(int(x) for x in levels.split(",") if x.strip())
-        run_load_benchmark(parsed, hold, ramp, recording=recording)
+        run_load_benchmark(parsed, hold, ramp, **kw)  # type: ignore[arg-type]
 
 
 @bench_app.command("quality")

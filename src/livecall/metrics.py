@@ -18,6 +18,8 @@ of them (`livecall_active_calls` is a `livesum` gauge). When a worker dies, call
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import os
 import re
@@ -41,6 +43,7 @@ __all__ = [
     "ACTIVE_CALLS",
     "FRAME_BUCKETS",
     "FrameMeter",
+    "LoopLagMonitor",
     "Metrics",
     "MetricsObserver",
     "build_metrics_router",
@@ -69,6 +72,10 @@ FRAME_BUCKETS = (
 )
 #: End of the caller's speech -> first agent audio sent: hundreds of ms to seconds.
 FIRST_AUDIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+#: How late the event loop runs a timer: every ms of it is a hole in some caller's audio.
+LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+#: Stream `start` -> Gemini session ready (the SDK's connect, TLS, setup).
+SETUP_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0)
 #: Gemini `interrupted` -> Twilio `clear` sent: should be a few ms.
 BARGE_IN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -209,6 +216,30 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "livecall_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled every 50 ms by LoopLagMonitor).",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "livecall_event_loop_lag_max_seconds",
+            "The largest event-loop lag seen since the process started.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.loop_cpu_wait = Counter(
+            "livecall_event_loop_cpu_wait_seconds",
+            "Time the event-loop thread was runnable but waiting for a CPU (Linux schedstat): "
+            "lag that other processes, not this one's code, caused.",
+            registry=r,
+        )
+        self.call_setup = Histogram(
+            "livecall_call_setup_seconds",
+            "Stream start to the call's first Gemini session ready.",
+            buckets=SETUP_BUCKETS,
+            registry=r,
+        )
         if multiprocess_dir() is None:
             # CPU and memory of this process; meaningless summed across workers.
             ProcessCollector(registry=r)
@@ -300,6 +331,7 @@ class MetricsObserver:
         self.metrics = metrics
         self._started = False
         self._gemini_open = False
+        self._setup_seen = False
 
     def call_started(self, info: CallInfo) -> None:
         if not self._started:
@@ -319,6 +351,9 @@ class MetricsObserver:
         if kind == "session_started" and not self._gemini_open:
             self._gemini_open = True
             self.metrics.gemini_sessions_active.inc()
+            if not self._setup_seen:
+                self._setup_seen = True
+                self.metrics.call_setup.observe(max(0, event.at_ms) / 1000.0)
         elif kind == "reconnect":
             self.metrics.reconnect(_kind(event.data, "kind", "reason"))
         elif kind == "error":
@@ -343,6 +378,78 @@ class MetricsObserver:
         partial = getattr(self.inner, "partial", None)
         if partial is not None:
             partial(lines)
+
+
+class LoopLagMonitor:
+    """Measures how late the event loop wakes a timer, every `interval_s`, into `Metrics`.
+
+    A coroutine that holds the loop for 30 ms delays every call's next frame by as much: the
+    lag is the stall a caller hears. Costs one timer wake-up per interval.
+    """
+
+    def __init__(self, metrics: Metrics, interval_s: float = 0.05) -> None:
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.max_s = 0.0
+        self.cpu_wait_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._schedstat: str | None = None
+        self._last_wait_ns: int | None = None
+
+    def _runqueue_wait_ns(self) -> int | None:
+        """This thread's time waiting on a run queue so far (None where Linux does not say)."""
+        if self._schedstat is None:
+            return None
+        try:
+            with open(self._schedstat, "rb") as f:
+                return int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            self._schedstat = None
+            return None
+
+    def record_wait(self, total_ns: int | None) -> None:
+        """Counts the run-queue wait since the last reading (pure: tests feed it)."""
+        if total_ns is None:
+            return
+        last, self._last_wait_ns = self._last_wait_ns, total_ns
+        if last is not None and total_ns > last:
+            delta = (total_ns - last) / 1e9
+            self.cpu_wait_s += delta
+            self.metrics.loop_cpu_wait.inc(delta)
+
+    def record(self, lag_s: float) -> None:
+        """One sample (pure: tests feed it directly)."""
+        lag_s = max(0.0, lag_s)
+        self.metrics.loop_lag.observe(lag_s)
+        if lag_s > self.max_s:
+            self.max_s = lag_s
+            self.metrics.loop_lag_max.set(lag_s)
+
+    async def run(self) -> None:
+        import threading
+
+        loop = asyncio.get_running_loop()
+        interval = self.interval_s
+        path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+        self._schedstat = path  # a failed read turns it off
+        self.record_wait(self._runqueue_wait_ns())
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.record(loop.time() - due)
+            self.record_wait(self._runqueue_wait_ns())
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="loop-lag")
+        return self._task
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 _default: Metrics | None = None

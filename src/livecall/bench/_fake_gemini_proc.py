@@ -61,7 +61,9 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
     server = FakeGeminiServer(
         args.host,
         args.port,
-        scenario=Scenario(mode=args.mode, rate=None, seed=args.seed),
+        scenario=Scenario(
+            mode=args.mode, rate=None, seed=args.seed, echo_min_peak=args.echo_min_peak
+        ),
         keep_audio=False,
         ca_file=args.ca_file,
         compression=args.compression,
@@ -96,6 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mode", choices=("assistant", "echo"), default="echo")
     p.add_argument("--ca-file", default=None, help="write the test CA's PEM here")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--echo-min-peak",
+        type=int,
+        default=0,
+        help="echo mode: echo only chunks this loud (peak |sample|); 0 echoes everything",
+    )
     p.add_argument("--max-seconds", type=float, default=900.0, help="stop by itself after this")
     p.add_argument(
         "--compression", action="store_true", help="accept permessage-deflate, as a real server may"

@@ -1,26 +1,28 @@
-"""Load benchmark: how many concurrent calls one livecall process carries in real time.
+"""Load benchmark: what N concurrent callers hear, next to a floor measured in the same run.
 
-Three processes per level, so that what is measured is the server and nothing else:
+Per level, fresh processes each time, in this order: the **null bridge**
+(`livecall.bench.null_bridge`: same Twilio webhook + Media Stream on the same uvicorn stack,
+each caller frame echoed straight back, no model, no codec), then **livecall** (`livecall
+serve --workers W` exactly as deployed, for each W asked) with the **fake Gemini Live in echo
+mode** (`livecall.bench._fake_gemini_proc --echo-min-peak`: it returns only loud audio, so
+nothing but a stall can delay a probe) in a process of its own. The **callers**
+(``python -m livecall.bench.load _callers``) are a third process: N `EarCaller`s started evenly
+over `ramp_s` (a burst of arrivals), each sending a 20 ms frame on an absolute clock and,
+every `probe_interval_ms`, a one-frame 1.8 kHz probe followed by a short loud reply.
 
-* the fake Gemini Live in echo mode (`livecall.bench._fake_gemini_proc`): every 16 kHz chunk
-  comes straight back as 24 kHz model audio, and every session's frame counters are written
-  out when it stops;
-* the real server, ``livecall serve`` exactly as deployed (uvicorn, SQLite call records in a
-  temp folder, ``LOG_LEVEL=warning``; recordings off unless asked for);
-* the simulated Twilio edge (``python -m livecall.bench.load _callers``): N `SimulatedCaller`s
-  started evenly over `ramp_s`, each sending a 20 ms frame on an absolute clock and, a few times
-  a second, a one-frame 1.8 kHz probe whose echo it times (caller -> livecall -> Gemini ->
-  livecall -> caller); after `hold_s` of all N calls on the line they hang up in the same order.
+Each caller plays its received audio out in real time, 20 ms per tick, as Twilio does, and a
+probe counts when its echo is **played** (at the ear), not when it reaches the socket (kept
+too). Reported per run: ear delay p50/p99/max over probes sent in the hold window, probes
+back, playout underruns inside replies, the server's event-loop lag (its
+`livecall_event_loop_lag_seconds` histogram, scraped from /metrics), call setup (stream
+`start` -> Gemini session ready, `livecall_call_setup_seconds`) and webhook -> first agent
+audio at the ear, server CPU per call over the hold and over ramp + hold (utime+stime of the
+server's process tree from /proc, per call-second), RSS per call, and the CPU the simulators
+and other processes used, since on a shared 2-core machine they compete for the same cores.
 
-Everything is on 127.0.0.1 and every wait is bounded. Per level it reports the echo round trip
-(p50/p99/max over the hold window), probes lost, frames the caller sent that the model never got,
-echo frames the caller never heard, the caller simulator's own late clock ticks, server CPU per
-call and per frame (utime+stime from /proc over the hold window), server RSS per call (RSS at
-hold minus RSS idle after a warm-up call, / N), and the CPU the simulators used, since on a
-2-core machine they compete with the server for the same cores (that is part of the test).
-
-Run: ``python bench/load.py [--quick]`` or ``python -m livecall.bench.load``. Writes
-``bench/out/load.json`` and ``bench/out/load.png`` (the plot needs matplotlib: ``bench`` extra).
+Run: ``livecall bench load --levels 30,60,100 --ramp 2 --hold 20 --workers 1,2``. Writes
+``load.json``, ``load.md`` (the table) and ``load.png`` (the plot needs matplotlib: the
+``bench`` extra) into ``--out`` (``bench/out``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +107,92 @@ class _Snapshot:
     machine: tuple[int, int]
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the workers of `serve --workers N`)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _tree_cpu(pid: int) -> float:
+    total = 0.0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += _cpu_seconds(p)
+    return total
+
+
+def _tree_rss(pid: int) -> float:
+    total = 0.0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError, ValueError):
+            total += _rss_mb(p)
+    return total
+
+
 def _snapshot(pids: dict[str, int]) -> _Snapshot:
     cpu = {}
     for name, pid in pids.items():
         with contextlib.suppress(OSError, ValueError, IndexError):
-            cpu[name] = _cpu_seconds(pid)
+            cpu[name] = _tree_cpu(pid)
     return _Snapshot(time.monotonic(), cpu, _machine_ticks())
+
+
+def _scrape(base_url: str) -> dict[str, list[tuple[float, float]]]:
+    """The lag and setup histograms (cumulative buckets) and the max lag from /metrics."""
+    import httpx
+
+    wanted = ("livecall_event_loop_lag_seconds", "livecall_call_setup_seconds")
+    out: dict[str, list[tuple[float, float]]] = {w: [] for w in wanted}
+    out["lag_max"] = []
+    with contextlib.suppress(httpx.HTTPError):
+        body = httpx.get(base_url + "/metrics", timeout=10.0, trust_env=False).text
+        for line in body.splitlines():
+            if line.startswith("livecall_event_loop_lag_max_seconds "):
+                out["lag_max"].append((0.0, float(line.split()[-1])))
+            elif line.startswith("livecall_event_loop_cpu_wait_seconds_total "):
+                out["cpu_wait"] = [(0.0, float(line.split()[-1]))]
+            for w in wanted:
+                if line.startswith(w + "_bucket{"):
+                    le = line.split('le="', 1)[1].split('"', 1)[0]
+                    out[w].append((float(le), float(line.split()[-1])))
+    return out
+
+
+def _hist_stats(
+    a: dict[str, list[tuple[float, float]]], b: dict[str, list[tuple[float, float]]], name: str
+) -> dict[str, float | None]:
+    """p50/p99 (linear within a bucket) and the top non-empty bucket's bound, in ms, of
+    what was observed between scrapes `a` and `b`."""
+    before = dict(a.get(name, []))
+    cum = [(le, n - before.get(le, 0.0)) for le, n in b.get(name, [])]
+    total = cum[-1][1] if cum else 0.0
+    if total <= 0:
+        return {"p50": None, "p99": None, "max_le": None, "n": 0}
+
+    def q(f: float) -> float:
+        prev_le, prev_n = 0.0, 0.0
+        for le, n in cum:
+            if n >= f * total:
+                if le == float("inf"):
+                    return prev_le * 1000
+                share = (f * total - prev_n) / max(1e-9, n - prev_n)
+                return 1000 * (prev_le + share * (le - prev_le))
+            prev_le, prev_n = le, n
+        return prev_le * 1000
+
+    top = next((le for le, n in cum if n >= total), float("inf"))
+    return {
+        "p50": round(q(0.5), 1),
+        "p99": round(q(0.99), 1),
+        "max_le": None if top == float("inf") else round(top * 1000, 1),
+        "n": int(total),
+    }
 
 
 # --------------------------------------------------------------------------- child processes
@@ -282,6 +364,11 @@ class LevelConfig:
     seed: int = 1
     server_log_level: str = "warning"
     gemini_compression: bool = False  # the fake accepts permessage-deflate (the SDK offers it)
+    target: str = "livecall"  # or "null": the null bridge (the floor)
+    workers: int = 1
+    worker_socket: str = "reuseport"
+    echo_min_peak: int = 1000  # the echo model returns only loud audio
+    null_ws: str = "auto"  # the null bridge's uvicorn WebSocket implementation
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -297,9 +384,29 @@ def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
+def _start_null(cfg: LevelConfig, work: Path, env_base: dict[str, str]) -> tuple[_Child, int]:
+    port = _free_port()
+    server = _Child(
+        "null-bridge",
+        [
+            *[sys.executable, "-m", "livecall.bench.null_bridge"],
+            *["--port", str(port), "--ws", cfg.null_ws],
+        ],
+        env=env_base,
+        cwd=work,
+        log=work / "server.log",
+        pipe_stdout=False,
+    )
+    _wait_healthy(f"http://127.0.0.1:{port}", server, 60)
+    return server, port
+
+
 def _start_stack(
     n: int, cfg: LevelConfig, work: Path, env_base: dict[str, str]
-) -> tuple[_Child, _Child, int]:
+) -> tuple[_Child | None, _Child, int]:
+    if cfg.target == "null":
+        null, port = _start_null(cfg, work, env_base)
+        return None, null, port
     fake = _Child(
         "fake-gemini",
         [
@@ -313,6 +420,8 @@ def _start_stack(
             "--ca-file",
             str(work / "ca.pem"),
             "--uvloop",
+            "--echo-min-peak",
+            str(cfg.echo_min_peak),
             "--max-seconds",
             str(3 * cfg.ramp_s + cfg.hold_s + 300),
             *(["--compression"] if cfg.gemini_compression else []),
@@ -347,13 +456,21 @@ def _start_stack(
     )
     server = _Child(
         "livecall-serve",
-        [sys.executable, "-m", "livecall.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            *[sys.executable, "-m", "livecall.cli", "serve", "--host", "127.0.0.1"],
+            *["--port", str(port), "--workers", str(cfg.workers)],
+            *["--worker-socket", cfg.worker_socket],
+        ],
         env=env,
         cwd=work,
         log=work / "server.log",
         pipe_stdout=False,
     )
-    _wait_healthy(f"http://127.0.0.1:{port}", server, 60)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", server, 60)
+    except BaseException:
+        fake.stop()
+        raise
     return fake, server, port
 
 
@@ -386,7 +503,7 @@ def _run_level(
     spy: subprocess.Popen[bytes] | None = None
     try:
         fake, server, port = _start_stack(n, cfg, work, env_base)
-        children += [fake, server]
+        children += [c for c in (fake, server) if c is not None]
         spec["base_url"] = f"http://127.0.0.1:{port}"
         spec_path = work / "callers-spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -397,9 +514,14 @@ def _run_level(
         children.append(callers)
         warm = json.loads(callers.wait_line("WARM_DONE", 60).split(" ", 1)[1])
         time.sleep(1.0)  # let the warm-up call's teardown (records, logs) finish
-        idle_rss = _rss_mb(server.pid)
-        pids = {"server": server.pid, "fake": fake.pid, "callers": callers.pid}
+        idle_rss = _tree_rss(server.pid)
+        pids = {"server": server.pid, "callers": callers.pid}
+        if fake is not None:
+            pids["fake"] = fake.pid
+        base = f"http://127.0.0.1:{port}"
+        m_go = _scrape(base)
         t0 = time.monotonic() + 0.5
+        s_go = _snapshot(pids)
         callers.send(f"GO {t0!r}")
         hold_start = t0 + cfg.ramp_s + cfg.settle_s
         hold_end = hold_start + cfg.hold_s
@@ -409,19 +531,27 @@ def _run_level(
                 server.pid, cfg.hold_s, profile_rate, profile_out, work, profile_native
             )
         s0 = _snapshot(pids)
+        m0 = _scrape(base)
+        worker_cpu0 = {p: _cpu_seconds(p) for p in _tree(server.pid)[1:]}
         while True:
             now = time.monotonic()
             if now >= hold_end:
                 break
-            samples.append((now, _rss_mb(server.pid)))
+            samples.append((now, _tree_rss(server.pid)))
             time.sleep(min(0.5, hold_end - now))
         s1 = _snapshot(pids)
-        samples.append((s1.t, _rss_mb(server.pid)))
+        m1 = _scrape(base)
+        worker_cpu = [
+            round(_cpu_seconds(p) - c0, 2)
+            for p, c0 in worker_cpu0.items()
+            if Path(f"/proc/{p}").exists()
+        ]
+        samples.append((s1.t, _tree_rss(server.pid)))
         callers.wait_line("DONE", cfg.ramp_s * 2 + cfg.settle_s + 90)
         if spy is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 spy.wait(30)
-        after_rss = _rss_mb(server.pid)
+        after_rss = _tree_rss(server.pid)
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
@@ -442,7 +572,29 @@ def _run_level(
                     shutil.copyfile(work / name, logs_to / name)
     server_log = (work / "server.log").read_text("utf-8", "replace")
     calls = json.loads(results_path.read_text())
-    fake_stats = json.loads((work / "fake-stats.json").read_text())
+    stats_path = work / "fake-stats.json"
+    fake_stats = json.loads(stats_path.read_text()) if stats_path.exists() else {"sessions": []}
+    extra = {
+        "target": cfg.target,
+        "workers": cfg.workers,
+        "worker_socket": cfg.worker_socket if cfg.workers > 1 else None,
+        "worker_cpu_s_in_hold": worker_cpu,
+        "lag_ms_hold": _hist_stats(m0, m1, "livecall_event_loop_lag_seconds"),
+        "lag_ms_ramp_and_hold": _hist_stats(m_go, m1, "livecall_event_loop_lag_seconds"),
+        "lag_max_ms_since_start": round(1000 * max((v for _, v in m1["lag_max"]), default=0), 1),
+        "setup_ms": _hist_stats(m_go, m1, "livecall_call_setup_seconds"),
+        # share of the hold the server's loop thread(s) waited for a CPU, summed over workers
+        "cpu_wait_pct_of_hold": round(
+            100
+            * (
+                sum(v for _, v in m1.get("cpu_wait", []))
+                - sum(v for _, v in m0.get("cpu_wait", []))
+            )
+            / max(1e-9, hold_end - hold_start),
+            1,
+        ),
+        "s_go": s_go,
+    }
     return _summarize_level(
         n,
         cfg,
@@ -458,7 +610,53 @@ def _run_level(
         hold_start,
         hold_end,
         server_log,
+        extra,
     )
+
+
+def _ear_figures(
+    calls: list[dict[str, Any]], hold_start: float, hold_end: float, t0: float
+) -> dict[str, Any]:
+    """At the ear: probe delay over the hold (by send time) and over the whole call, probes
+    back, reply underruns, webhook -> first agent audio, and call-seconds since GO."""
+    ear_hold: list[float] = []
+    ear_all: list[float] = []
+    sock_hold: list[float] = []
+    sent_hold = back_hold = 0
+    under_hold = under_all = replies = 0
+    first_audio: list[float] = []
+    call_seconds = 0.0
+    for c in calls:
+        sent_hold += sum(1 for t in c.get("probes_sent_at", []) if hold_start <= t <= hold_end)
+        for sent, _heard, ms in c.get("ear", []):
+            ear_all.append(ms)
+            if hold_start <= sent <= hold_end:
+                ear_hold.append(ms)
+                back_hold += 1
+        for t_arr, ms in c.get("socket", []):
+            if hold_start <= t_arr - ms / 1000.0 <= hold_end:
+                sock_hold.append(ms)
+        under = c.get("underruns", [])
+        under_all += len(under)
+        under_hold += sum(1 for t in under if hold_start <= t <= hold_end + 1.0)
+        replies += c.get("replies_heard", 0)
+        if c.get("first_audio_at") is not None and c.get("webhook_at") is not None:
+            first_audio.append(1000.0 * (c["first_audio_at"] - c["webhook_at"]))
+        if c.get("stream_started") is not None:
+            end = c.get("ended") or hold_end
+            call_seconds += max(0.0, min(end, hold_end) - max(c["stream_started"], t0))
+    return {
+        "ear_ms": _percentiles(ear_hold),
+        "ear_ms_whole_call": _percentiles(ear_all),
+        "socket_ms": _percentiles(sock_hold),
+        "probes_sent_hold": sent_hold,
+        "probes_back_hold": back_hold,
+        "underruns_hold": under_hold,
+        "underruns_whole_call": under_all,
+        "replies_heard": replies,
+        "webhook_to_first_audio_ms": _percentiles(first_audio),
+        "call_seconds": call_seconds,
+    }
 
 
 def _py_spy() -> str:
@@ -510,6 +708,7 @@ def _summarize_level(
     hold_start: float,
     hold_end: float,
     server_log: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     calls = callers["calls"]
     hold_rtts: list[float] = []
@@ -558,7 +757,7 @@ def _summarize_level(
         problems.append(f"p99 {lat['p99']} ms > {TARGET_P99_MS:g} ms")
     if probes_lost:
         problems.append(f"{probes_lost} probe(s) lost")
-    if frames_lost_in > 0:
+    if frames_lost_in > 0 and (extra or {}).get("target") != "null":  # the null bridge has no model
         problems.append(f"{frames_lost_in} caller frame(s) never reached the model")
     late = sum(c["clock_late_ticks"] for c in calls)
     notes = []
@@ -567,7 +766,22 @@ def _summarize_level(
             f"the model got {frames_extra_in} more frame(s) than the callers sent "
             f"({frames_extra_in / max(1, connected):.1f} per call): audio sent twice"
         )
+    extra = dict(extra or {})
+    s_go = extra.pop("s_go", None)
+    ear = _ear_figures(calls, hold_start, hold_end, t0)
+    if s_go is not None:
+        server_cpu_all = s1.cpu.get("server", 0.0) - s_go.cpu.get("server", 0.0)
+        ear["server_cpu_pct_core_per_call_ramp_and_hold"] = round(
+            100 * server_cpu_all / max(1e-9, ear.pop("call_seconds")), 3
+        )
+    else:
+        ear.pop("call_seconds")
+    missing = ear["probes_sent_hold"] - ear["probes_back_hold"]
+    if missing > 0:
+        problems.append(f"{missing} probe(s) sent in the hold never heard")
     return {
+        **extra,
+        **ear,
         "calls": n,
         "connected": connected,
         "active_in_hold": active,
@@ -637,18 +851,24 @@ def run_load_benchmark(
     recording: bool = False,
     gemini_compression: bool = False,
     callers_uvloop: bool = False,
+    workers: Sequence[int] = (1,),
+    worker_socket: str = "reuseport",
+    floor: bool = True,
+    null_ws: str = "auto",
     stop_after_failures: int | None = None,
     out_dir: Path | str = Path("bench/out"),
     plot: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Run every level in turn (fresh processes each) and write load.json (+ load.png).
+    """Run every level in turn and write load.json (+ load.png). Per level, in this order and
+    each with fresh processes: the null bridge (the floor, unless `floor` is off), then
+    livecall with each worker count in `workers`.
 
-    `stop_after_failures`: skip the remaining levels after this many consecutive levels missed
-    real time (None: run them all). Returns what load.json holds.
+    `stop_after_failures`: skip the remaining levels after this many consecutive levels where
+    single-worker livecall missed real time (None: run them all).
     """
-    if probe_interval_ms % FRAME_MS or probe_interval_ms < 2 * FRAME_MS:
-        raise ValueError("probe_interval_ms must be a multiple of 20 ms, at least 40")
+    if probe_interval_ms % FRAME_MS or probe_interval_ms < 6 * FRAME_MS:
+        raise ValueError("probe_interval_ms must be a multiple of 20 ms, at least 120")
     cfg = LevelConfig(
         hold_s=hold_s,
         ramp_s=ramp_s,
@@ -656,6 +876,8 @@ def run_load_benchmark(
         recording=recording,
         callers_uvloop=callers_uvloop,
         gemini_compression=gemini_compression,
+        worker_socket=worker_socket,
+        null_ws=null_ws,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -663,7 +885,11 @@ def run_load_benchmark(
         "benchmark": "load",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "code": _code_version(),
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        },
         "config": asdict(cfg),
         "target": {
             "echo_rtt_p99_ms": TARGET_P99_MS,
@@ -672,24 +898,45 @@ def run_load_benchmark(
         },
         "levels": [],
     }
+    runs: list[tuple[str, int]] = ([("null", 1)] if floor else []) + [
+        ("livecall", w) for w in workers
+    ]
     failures = 0
     for n in levels:
-        if not quiet:
-            print(f"# level {n} calls: ramp {ramp_s:g} s, hold {hold_s:g} s ...", flush=True)
-        with tempfile.TemporaryDirectory(prefix=f"livecall-load-{n}-") as tmp:
-            try:
-                level = _run_level(n, cfg, Path(tmp), logs_to=out / "logs" / f"level-{n}")
-            except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
-                level = {"calls": n, "holds_real_time": False, "problems": [f"run failed: {exc}"]}
-        report["levels"].append(level)
-        if not quiet:
-            print(_one_line(level), flush=True)
-        failures = 0 if level.get("holds_real_time") else failures + 1
+        for target, w in runs:
+            name = "null bridge" if target == "null" else f"livecall x{w}"
+            if not quiet:
+                print(f"# {n} calls, {name}: ramp {ramp_s:g} s, hold {hold_s:g} s", flush=True)
+            run_cfg = replace(cfg, target=target, workers=w)
+            tag = f"level-{n}-{target}-{w}"
+            with tempfile.TemporaryDirectory(prefix=f"livecall-load-{n}-") as tmp:
+                try:
+                    level = _run_level(n, run_cfg, Path(tmp), logs_to=out / "logs" / tag)
+                except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
+                    level = {
+                        "calls": n,
+                        "target": target,
+                        "workers": w,
+                        "holds_real_time": False,
+                        "problems": [f"run failed: {exc}"],
+                    }
+            report["levels"].append(level)
+            if not quiet:
+                print(_one_line(level), flush=True)
+        main = _find(report, n, "livecall", min(workers)) if workers else None
+        failures = 0 if main and main.get("holds_real_time") else failures + 1
         if stop_after_failures is not None and failures >= stop_after_failures:
             break
-    ok = [lv["calls"] for lv in report["levels"] if lv.get("holds_real_time")]
+    ok = [
+        lv["calls"]
+        for lv in report["levels"]
+        if lv.get("target") == "livecall"
+        and lv.get("workers") == min(workers, default=1)
+        and lv.get("holds_real_time")
+    ]
     report["max_calls_real_time"] = max(ok) if ok else 0
     (out / "load.json").write_text(json.dumps(report, indent=2))
+    (out / "load.md").write_text(markdown_table(report) + "\n")
     if plot:
         try:
             _plot(report, out / "load.png")
@@ -703,79 +950,118 @@ def run_load_benchmark(
     return report
 
 
+def _find(report: dict[str, Any], n: int, target: str, workers: int) -> dict[str, Any] | None:
+    for lv in report["levels"]:
+        if lv["calls"] == n and lv.get("target") == target and lv.get("workers", 1) == workers:
+            return lv
+    return None
+
+
+def _name(lv: dict[str, Any]) -> str:
+    if lv.get("target") == "null":
+        return "null bridge"
+    return f"livecall x{lv.get('workers', 1)}"
+
+
 def _one_line(lv: dict[str, Any]) -> str:
-    if "echo_rtt_ms" not in lv:
-        return f"  {lv['calls']} calls: {'; '.join(lv['problems'])}"
-    r = lv["echo_rtt_ms"]
+    if "ear_ms" not in lv:
+        return f"  {lv['calls']} calls, {_name(lv)}: {'; '.join(lv['problems'])}"
+    e = lv["ear_ms"]
+    lag = lv["lag_ms_hold"]
     return (
-        f"  {lv['calls']} calls: rtt p50 {r['p50']} p99 {r['p99']} max {r['max']} ms, "
-        f"lost {lv['probes_lost']} probes / {lv['frames_lost_to_model']} frames, "
-        f"server {lv['server_cpu_pct_of_core']}% core, {lv['server_rss_mb_per_call']} MB/call"
-        f" -> {'OK' if lv['holds_real_time'] else 'MISS: ' + '; '.join(lv['problems'])}"
+        f"  {lv['calls']} calls, {_name(lv)}: ear p50 {e['p50']} p99 {e['p99']} max {e['max']}"
+        f" ms, back {lv['probes_back_hold']}/{lv['probes_sent_hold']}, lag p99 {lag['p99']} ms,"
+        f" underruns {lv['underruns_hold']}, server {lv['server_cpu_pct_of_core']}% core"
+        f" ({lv['server_cpu_pct_core_per_call']}%/call), {lv['server_rss_mb_per_call']} MB/call"
     )
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def load_table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The comparison table (header, rows): each livecall run next to the same level's floor."""
+    cols = [
+        "calls",
+        "server",
+        "ear p50/p99/max ms",
+        "floor p50/p99 ms",
+        "socket p99 ms",
+        "probes back",
+        "lag p99 / max≤ ms",
+        "CPU wait %",
+        "underruns",
+        "setup p50/p99 ms",
+        "webhook→audio p50/p99 ms",
+        "CPU %/call hold (ramp+hold)",
+        "RSS MB/call",
+        "others %core",
+    ]
+    rows: list[list[str]] = []
+    for lv in report["levels"]:
+        if "ear_ms" not in lv:
+            rows.append([str(lv["calls"]), _name(lv), "FAILED: " + "; ".join(lv["problems"])])
+            continue
+        e, lag = lv["ear_ms"], lv["lag_ms_hold"]
+        fl = _find(report, lv["calls"], "null", 1)
+        floor = fl["ear_ms"] if fl and "ear_ms" in fl else {}
+        setup, first = lv["setup_ms"], lv["webhook_to_first_audio_ms"]
+        workers = lv.get("worker_cpu_s_in_hold") or []
+        split = f" [{'/'.join(_fmt(w) for w in workers)} s]" if len(workers) > 1 else ""
+        rows.append(
+            [
+                str(lv["calls"]),
+                _name(lv) + (f" ({lv['worker_socket']})" if lv.get("worker_socket") else ""),
+                f"{_fmt(e['p50'])}/{_fmt(e['p99'])}/{_fmt(e['max'])}",
+                f"{_fmt(floor.get('p50'))}/{_fmt(floor.get('p99'))}",
+                _fmt(lv["socket_ms"]["p99"]),
+                f"{lv['probes_back_hold']}/{lv['probes_sent_hold']}",
+                f"{_fmt(lag['p99'])} / {_fmt(lag['max_le'])}",
+                _fmt(lv.get("cpu_wait_pct_of_hold")),
+                str(lv["underruns_hold"]),
+                f"{_fmt(setup['p50'])}/{_fmt(setup['p99'])}",
+                f"{_fmt(first['p50'])}/{_fmt(first['p99'])}",
+                f"{lv['server_cpu_pct_core_per_call']}"
+                f" ({lv.get('server_cpu_pct_core_per_call_ramp_and_hold', '-')}){split}",
+                str(lv["server_rss_mb_per_call"]),
+                _fmt(lv.get("other_cpu_pct_of_core")),
+            ]
+        )
+    return cols, rows
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    cols, rows = load_table_rows(report)
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(r + [""] * (len(cols) - len(r))) + " |" for r in rows]
+    return "\n".join(out)
 
 
 def print_load_table(report: dict[str, Any]) -> None:
-    """The levels as one table (rich), plus the verdict."""
+    """The runs as one table (rich), plus the verdict; also written as load.md."""
     from rich.console import Console
     from rich.table import Table
 
+    cfg = report["config"]
     t = Table(
-        title=f"livecall load ({report['code']}, {report['machine']['cpus']} cores; "
-        f"hold {report['config']['hold_s']:g} s)"
+        title=f"livecall load at the ear ({report['code']}, {report['machine']['cpus']} cores; "
+        f"ramp {cfg['ramp_s']:g} s, hold {cfg['hold_s']:g} s)"
     )
-    cols = (
-        "calls",
-        "rtt p50",
-        "p99",
-        "max",
-        "probes lost",
-        "frames lost/+dup",
-        "late ticks",
-        "unheard/call",
-        "srv %core",
-        "%core/call",
-        "µs/frame",
-        "MB/call",
-        "fake %",
-        "callers %",
-        "others %",
-        "real time",
-    )
+    cols, rows = load_table_rows(report)
     for c in cols:
         t.add_column(c, justify="right")
-    for lv in report["levels"]:
-        if "echo_rtt_ms" not in lv:
-            t.add_row(str(lv["calls"]), *["-"] * (len(cols) - 2), "FAILED")
-            continue
-        r = lv["echo_rtt_ms"]
-        t.add_row(
-            str(lv["calls"]),
-            str(r["p50"]),
-            str(r["p99"]),
-            str(r["max"]),
-            f"{lv['probes_lost']}/{lv['probes_sent']}",
-            f"{lv['frames_lost_to_model']}/+{lv['frames_extra_at_model']}",
-            str(lv["caller_clock_late_ticks"]),
-            str(lv["echo_frames_unheard_per_call"]),
-            str(lv["server_cpu_pct_of_core"]),
-            str(lv["server_cpu_pct_core_per_call"]),
-            str(lv["server_cpu_us_per_frame"]),
-            str(lv["server_rss_mb_per_call"]),
-            str(lv["fake_cpu_pct_of_core"]),
-            str(lv["callers_cpu_pct_of_core"]),
-            str(lv.get("other_cpu_pct_of_core", "-")),
-            "yes" if lv["holds_real_time"] else "NO",
-        )
-    console = Console(width=max(170, Console().width))
+    for r in rows:
+        t.add_row(*(r + ["-"] * (len(cols) - len(r))))
+    console = Console(width=max(200, Console().width))
     console.print(t)
     console.print(
-        f"largest N holding real time (p99 ≤ {TARGET_P99_MS:g} ms, 0 lost): "
+        f"largest N holding real time (ear p99 ≤ {TARGET_P99_MS:g} ms, every probe back): "
         f"[bold]{report['max_calls_real_time']}[/bold]"
     )
     for lv in report["levels"]:
         for line in [*lv.get("problems", []), *lv.get("notes", [])]:
-            console.print(f"  {lv['calls']} calls: {line}")
+            console.print(f"  {lv['calls']} calls, {_name(lv)}: {line}")
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -784,51 +1070,51 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = [lv for lv in report["levels"] if "echo_rtt_ms" in lv]
-    x = [lv["calls"] for lv in levels]
-    fig, ax = plt.subplots(figsize=(8, 5.4), dpi=110)
-    ax.plot(x, [lv["echo_rtt_ms"]["p50"] for lv in levels], "o-", label="echo RTT p50")
-    ax.plot(x, [lv["echo_rtt_ms"]["p99"] for lv in levels], "s-", label="echo RTT p99")
-    ax.axhline(TARGET_P99_MS, color="red", ls="--", lw=1, label=f"p99 target {TARGET_P99_MS:g} ms")
-    for lv in levels:
-        if not lv["holds_real_time"]:
-            ax.annotate(
-                "miss",
-                (lv["calls"], lv["echo_rtt_ms"]["p99"] or 0),
-                color="red",
-                textcoords="offset points",
-                xytext=(4, 6),
-                fontsize=8,
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5), dpi=110)
+    series: dict[str, list[dict[str, Any]]] = {}
+    for lv in report["levels"]:
+        if "ear_ms" in lv and lv["ear_ms"]["p99"] is not None:
+            series.setdefault(_name(lv), []).append(lv)
+    styles = {"null bridge": "k", "livecall x1": "tab:blue", "livecall x2": "tab:orange"}
+    for name, lvs in series.items():
+        x = [lv["calls"] for lv in lvs]
+        c = styles.get(name)
+        ax.plot(x, [lv["ear_ms"]["p50"] for lv in lvs], "o--", color=c, label=f"{name} p50")
+        ax.plot(x, [lv["ear_ms"]["p99"] for lv in lvs], "s-", color=c, label=f"{name} p99")
+        if name != "null bridge":
+            ax2.plot(
+                x,
+                [lv["server_cpu_pct_core_per_call"] for lv in lvs],
+                "^-",
+                color=c,
+                label=f"{name}: hold",
             )
+            ax2.plot(
+                x,
+                [lv.get("server_cpu_pct_core_per_call_ramp_and_hold") for lv in lvs],
+                "v:",
+                color=c,
+                label=f"{name}: ramp + hold",
+            )
+    ax.axhline(TARGET_P99_MS, color="red", ls="--", lw=1, label=f"target {TARGET_P99_MS:g} ms")
     ax.set_yscale("log")
     ax.set_xlabel("concurrent calls")
-    ax.set_ylabel("caller -> livecall -> Gemini -> caller round trip (ms)")
-    ax2 = ax.twinx()
-    ax2.plot(
-        x,
-        [lv["server_cpu_pct_core_per_call"] for lv in levels],
-        "^:",
-        color="tab:green",
-        label="server CPU per call (% of a core)",
-    )
-    ax2.set_ylabel("server CPU per call (% of one core)", color="tab:green")
+    ax.set_ylabel("probe sent -> its echo played at the caller's ear (ms)")
+    ax.set_title("at the ear (hold window)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax2.set_xlabel("concurrent calls")
+    ax2.set_ylabel("server CPU per call (% of one core)")
     ax2.set_ylim(bottom=0)
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(
-        lines[0] + lines2[0],
-        lines[1] + lines2[1],
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.14),
-        ncol=2,
-        fontsize=8,
-    )
-    ax.set_title(
-        f"livecall load, {report['machine']['cpus']} cores shared with both simulators"
-        f" ({report['code']})",
+    ax2.set_title("server CPU per call", fontsize=9)
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=7)
+    cfg = report["config"]
+    fig.suptitle(
+        f"livecall vs null bridge, {report['machine']['cpus']} cores shared with the simulators;"
+        f" ramp {cfg['ramp_s']:g} s, hold {cfg['hold_s']:g} s ({report['code']})",
         fontsize=9,
     )
-    ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -968,22 +1254,13 @@ def _print_profile(result: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- callers process
 
 
-def _caller_script(i: int, duration_s: float, probe_ms: int, seed: int) -> list[Any]:
-    """Probes every `probe_ms` (random phase per call) over `duration_s`, then a quiet tail so
-    the last probe's echo is back before the hang-up."""
-    from livecall.sim.twilio import Pause, Probe
+def _call_summary(r: Any, caller: Any = None) -> dict[str, Any]:
+    from livecall.bench.ear import ear_summary
 
-    rng = random.Random(seed * 100_003 + i)
-    script: list[Any] = [Pause(FRAME_MS * rng.randrange(probe_ms // FRAME_MS))]
-    for _ in range(max(1, int(duration_s * 1000 // probe_ms))):
-        script += [Probe(), Pause(probe_ms - FRAME_MS)]
-    script.append(Pause(400))
-    return script
-
-
-def _call_summary(r: Any) -> dict[str, Any]:
     heard = [e.t for e in r.timeline if e.kind == "probe_heard"]
     return {
+        **(ear_summary(caller) if caller is not None else {}),
+        "probes_sent_at": [round(e.t, 4) for e in r.timeline if e.kind == "probe_sent"],
         "call_sid": r.call_sid,
         "webhook_status": r.webhook_status,
         "stream_started": r.stream_started,
@@ -1006,7 +1283,7 @@ def _call_summary(r: Any) -> dict[str, Any]:
 async def _drive_callers(spec: dict[str, Any]) -> dict[str, Any] | None:
     import httpx
 
-    from livecall.sim.twilio import Pause, Probe, SimulatedCaller
+    from livecall.bench.ear import EarCaller, ear_script
 
     loop = asyncio.get_running_loop()
     n = int(spec["n"])
@@ -1014,12 +1291,12 @@ async def _drive_callers(spec: dict[str, Any]) -> dict[str, Any] | None:
     probe_ms = int(spec["probe_interval_ms"])
     limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
     async with httpx.AsyncClient(timeout=30.0, trust_env=False, limits=limits) as http:
-        warm = SimulatedCaller(
+        warm = EarCaller(
             spec["base_url"],
             auth_token=spec["auth_token"],
             http_client=http,
             timeout=30.0,
-            script=[Pause(1000), Probe(), Pause(500), Probe(), Pause(500)],
+            script=ear_script(1.0, 240, 0),
         )
         w = await warm.run()
         print(
@@ -1031,14 +1308,15 @@ async def _drive_callers(spec: dict[str, Any]) -> dict[str, Any] | None:
             return None
         t0 = float(line.split()[1])
         duration = ramp + settle + hold
+        rng = random.Random(int(spec["seed"]))
         callers = [
-            SimulatedCaller(
+            EarCaller(
                 spec["base_url"],
                 auth_token=spec["auth_token"],
                 http_client=http,
                 timeout=duration + 60.0,
                 seed=i,
-                script=_caller_script(i, duration, probe_ms, int(spec["seed"])),
+                script=ear_script(duration, probe_ms, rng.randrange(probe_ms // FRAME_MS)),
             )
             for i in range(n)
         ]
@@ -1064,11 +1342,11 @@ async def _drive_callers(spec: dict[str, Any]) -> dict[str, Any] | None:
         at_start, at_end = await asyncio.gather(count_at(hold_start), count_at(hold_start + hold))
         results = await asyncio.gather(*tasks, return_exceptions=True)
     calls = []
-    for r in results:
+    for r, caller in zip(results, callers, strict=True):
         if isinstance(r, BaseException):
             calls.append({**_call_summary(_EmptyResult()), "script_errors": [repr(r)]})
         else:
-            calls.append(_call_summary(r))
+            calls.append(_call_summary(r, caller))
     return {"calls": calls, "active_at_hold_start": at_start, "active_at_hold_end": at_end}
 
 
@@ -1125,6 +1403,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="let the Gemini link negotiate permessage-deflate",
     )
     p.add_argument("--stop-after-failures", type=int, default=None)
+    p.add_argument(
+        "--workers",
+        type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+        default=[1],
+        help="livecall worker counts to run per level, e.g. 1,2 (default 1)",
+    )
+    p.add_argument("--worker-socket", choices=("reuseport", "shared"), default="reuseport")
+    p.add_argument("--no-floor", action="store_true", help="skip the null bridge runs")
+    p.add_argument(
+        "--null-ws",
+        default="auto",
+        choices=("auto", "websockets", "websockets-sansio", "wsproto"),
+        help="the null bridge's uvicorn WebSocket implementation (a stack-cost comparison)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument(
         "--profile",
@@ -1150,6 +1442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         recording=a.recording,
         gemini_compression=a.gemini_compression,
         stop_after_failures=a.stop_after_failures,
+        workers=a.workers,
+        worker_socket=a.worker_socket,
+        floor=not a.no_floor,
+        null_ws=a.null_ws,
         out_dir=a.out,
     )
     return 0 if report["levels"] else 1

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 import uvicorn
 
+from livecall.metrics import LoopLagMonitor
 from livecall.server.registry import CallRegistry
 
 log = structlog.get_logger("livecall.drain")
@@ -104,17 +105,25 @@ class DrainingServer(uvicorn.Server):
         registry: CallRegistry,
         deadline_s: float,
         drain: Drain | None = None,
+        lag_monitor: LoopLagMonitor | None = None,
     ) -> None:
         super().__init__(config)
         self.registry = registry
         self.deadline_s = deadline_s
         self.drain = drain or Drain(registry, deadline_s)
+        self.lag_monitor = lag_monitor
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets=sockets)
+        if self.lag_monitor is not None:
+            self.lag_monitor.start()
+        try:
+            await super().serve(sockets=sockets)
+        finally:
+            if self.lag_monitor is not None:
+                await self.lag_monitor.stop()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if sig != signal.SIGTERM or self._drain_task is not None or self._loop is None:

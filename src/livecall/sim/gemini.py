@@ -217,6 +217,9 @@ class Scenario:
     a new scenario applies to sessions opened afterwards)."""
 
     mode: Literal["assistant", "echo"] = "assistant"
+    echo_min_peak: int = 0
+    """Echo mode: a chunk whose peak |sample| is below this is not echoed (0: echo all), so a
+    load test's silence never queues ahead of its probes at the caller's ear."""
     # --- what the agent answers
     replies: Mapping[str, str | None] = field(default_factory=lambda: dict(DEFAULT_REPLIES))
     """Caller clip name -> agent clip name (`UNKNOWN` for unrecognized speech; None: no reply)."""
@@ -1356,7 +1359,10 @@ class _Session:
             return
         samples = np.frombuffer(pcm, "<i2")
         if self.echo:
-            if not self.stalled:
+            floor = self.sc.echo_min_peak
+            if not self.stalled and (
+                not floor or max(int(samples.max()), -int(samples.min())) >= floor
+            ):
                 await self.echo_back(samples, rate)
             if self.server.keep_audio:
                 rec.received_audio += self.to_input_rate(samples, rate).tobytes()
