@@ -50,16 +50,31 @@ class TwilioCallError(RuntimeError):
         self.code = code
 
 
-def transfer_twiml(target: str, say: str | None = None, caller_id: str | None = None) -> str:
-    """TwiML that (optionally) says something, then dials a number or a ``sip:`` address."""
+def transfer_twiml(
+    target: str,
+    say: str | None = None,
+    caller_id: str | None = None,
+    *,
+    whisper_url: str | None = None,
+    after: str | None = None,
+) -> str:
+    """TwiML that (optionally) says something, then dials a number or a ``sip:`` address.
+
+    With `whisper_url` (a warm transfer) Twilio fetches that URL when the callee answers and
+    plays what it returns to the callee alone before bridging (``<Number url>``/``<Sip url>``);
+    `after` is said to the caller when the ``<Dial>`` ends unanswered, busy or declined.
+    """
     response = VoiceResponse()
     if say:
         response.say(say)
     dial = response.dial(caller_id=caller_id) if caller_id else response.dial()
+    noun = {"url": whisper_url, "method": "POST"} if whisper_url else {}
     if _SIP.match(target):
-        dial.sip(target)
+        dial.sip(target, **noun)
     else:
-        dial.number(target)
+        dial.number(target, **noun)
+    if after:
+        response.say(after)
     return str(response)
 
 
@@ -147,17 +162,24 @@ class TwilioCallControl:
         return done
 
     async def transfer(
-        self, call_sid: str, target: str, say: str | None = None, *, caller_id: str | None = None
+        self,
+        call_sid: str,
+        target: str,
+        say: str | None = None,
+        *,
+        caller_id: str | None = None,
+        whisper_url: str | None = None,
+        after: str | None = None,
     ) -> bool:
         """Redirect the call to new TwiML that dials `target` (E.164 or ``sip:``).
 
         Returns False if the call had already ended. The stream to livecall ends when Twilio
         leaves the ``<Connect>``, which is how the bridge learns the transfer took effect.
         """
-        twiml = transfer_twiml(target, say, caller_id)
+        twiml = transfer_twiml(target, say, caller_id, whisper_url=whisper_url, after=after)
         done = await self._update(call_sid, "transfer", twiml=twiml)
         if done:
-            log.info("twilio.transfer", call_sid=call_sid, target=target)
+            log.info("twilio.transfer", call_sid=call_sid, target=target, warm=bool(whisper_url))
         return done
 
     async def create_outbound(
