@@ -21,6 +21,7 @@ import pytest
 from livecall.agent.profiles import AgentProfile, ProfileError, ProfileSet
 from livecall.agent.tools import function_declarations
 from livecall.cluster import ClusterRegistry, LocalRegistry
+from livecall.server.twilio_routes import whispers_of
 from livecall.sim.gemini import Scenario, ToolCallFault
 from livecall.telephony.twilio_rest import transfer_twiml
 from livecall.telephony.whisper import (
@@ -122,6 +123,15 @@ async def test_a_briefing_is_answered_once_by_whichever_instance_twilio_reaches(
         await two.stop()
 
 
+async def test_without_redis_a_briefing_is_kept_here() -> None:
+    """REDIS_URL set but Redis away: the briefing is still answered, once, from memory."""
+    away = ClusterRegistry("redis://127.0.0.1:1/0", op_timeout_s=0.2)  # never started
+    whispers = Whispers(away)
+    token = await whispers.put("briefing")
+    assert await whispers.take(token) == "briefing"
+    assert await whispers.take(token) is None
+
+
 def test_summary_is_declared_only_for_warm_transfers(tmp_path: Path) -> None:
     def params(profile: AgentProfile) -> dict[str, Any]:
         [decl] = [d for d in function_declarations(profile) if d.name == "transfer_call"]
@@ -207,11 +217,12 @@ async def test_warm_transfer_briefs_the_callee_with_the_model_s_summary(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(("target", "noun"), [("manager", "Number"), ("support", "Sip")])
 async def test_warm_transfer_without_a_summary_briefs_with_line_and_number(
-    make_stack: Any, fake_rest: Any, audio: Any
+    target: str, noun: str, make_stack: Any, fake_rest: Any, audio: Any
 ) -> None:
     fake, _ = fake_rest
-    fault = ToolCallFault(1, name="transfer_call", args={"target": "manager"}, reply="one_moment")
+    fault = ToolCallFault(1, name="transfer_call", args={"target": target}, reply="one_moment")
     stack = await make_stack(Scenario(seed=42, tool_calls=[fault], **UNHURRIED), WARM_PROFILE)
     sid = "CA" + secrets.token_hex(16)
     rest_call = live_call(fake, sid)
@@ -222,10 +233,30 @@ async def test_warm_transfer_without_a_summary_briefs_with_line_and_number(
 
     assert heard_whole(result, audio, "one_moment")  # decide, call, then speak: still heard
     assert session.tool_responses[0].scheduling == "WHEN_IDLE"
-    assert _dialled(rest_call.twiml_history[0]).get("url")
+    dialled = ET.fromstring(rest_call.twiml_history[0]).find(f"Dial/{noun}")
+    assert dialled is not None and dialled.get("url")
     [whisper] = fake.whispers
-    assert whisper.said == [fallback_summary("agent", rest_call.from_, "manager")]
+    assert whisper.said == [fallback_summary("agent", rest_call.from_, target)]
+    assert "1 5 5 5 0 0 0 1 1 1 1" in whisper.said[0]  # the caller's number, digit by digit
     assert record.end_reason == "transferred"
+
+
+@pytest.mark.timeout(30)
+async def test_an_unsigned_whisper_request_is_refused_and_does_not_spend_the_token(
+    make_stack: Any, fake_rest: Any
+) -> None:
+    fake, _ = fake_rest
+    stack = await make_stack(Scenario(seed=44), WARM_PROFILE)
+    token = await whispers_of(stack.app.state.livecall).put(SUMMARY)
+    url = f"{stack.base_url}{WHISPER_PATH}/{token}"
+    call = live_call(fake, "CA" + secrets.token_hex(16))
+
+    unsigned = await fake.fetch_whisper(call, MANAGER, url, signed=False)
+    assert (unsigned.status_code, unsigned.twiml) == (403, None)
+    forged = await fake.fetch_whisper(call, MANAGER, url.replace(token, token[::-1]))
+    assert forged.status_code == 404  # signed, but no such token
+    signed = await fake.fetch_whisper(call, MANAGER, url)
+    assert (signed.status_code, signed.said) == (200, [SUMMARY])
 
 
 @pytest.mark.timeout(60)
