@@ -25,8 +25,10 @@ from livecall.server.twilio_routes import whispers_of
 from livecall.sim.gemini import Scenario, ToolCallFault
 from livecall.telephony.twilio_rest import transfer_twiml
 from livecall.telephony.whisper import (
+    TRANSFER_ENDED_PATH,
     WHISPER_PATH,
     Whispers,
+    after_dial_twiml,
     clean_summary,
     fallback_summary,
     whisper_twiml,
@@ -40,11 +42,12 @@ __all__ = ["capture_logs", "fake_rest", "make_stack"]  # fixtures, used by name
 
 SUMMARY = "Dana Whitfield wants to move her Friday booking for six to Saturday at eight."
 HOLD = "Please hold while I connect you."
+NO_ANSWER = "Sorry, the manager could not take your call. Please call again after five."
 REDIS_URL = os.environ.get("LIVECALL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 WARM_PROFILE = profiles_yaml(
     tools=["end_call", "transfer_call"],
     transfer_targets={"manager": MANAGER, "support": "sip:help@pbx.example.com"},
-    transfer={"mode": "warm", "hold_message": HOLD},
+    transfer={"mode": "warm", "hold_message": HOLD, "no_answer_message": NO_ANSWER},
 )
 
 
@@ -60,8 +63,11 @@ def _profile(tmp_path: Path, **extra: Any) -> AgentProfile:
 
 def test_warm_transfer_twiml_holds_the_caller_and_points_the_callee_at_the_whisper() -> None:
     url = "https://calls.example.com/twilio/whisper/tok"
-    root = ET.fromstring(transfer_twiml(MANAGER, HOLD, whisper_url=url, after="Sorry."))
-    assert [child.tag for child in root] == ["Say", "Dial", "Say"]  # hold, dial, declined
+    action = "https://calls.example.com/twilio/transfer-ended?profile=agent"
+    root = ET.fromstring(transfer_twiml(MANAGER, HOLD, whisper_url=url, dial_action=action))
+    assert [child.tag for child in root] == ["Say", "Dial"]  # the hold line, then the dial
+    dial = root.find("Dial")
+    assert dial is not None and (dial.get("action"), dial.get("method")) == (action, "POST")
     number = root.find("Dial/Number")
     assert number is not None and number.text == MANAGER
     assert (number.get("url"), number.get("method")) == (url, "POST")
@@ -88,6 +94,16 @@ def test_summary_is_one_bounded_line_and_the_fallback_says_nothing_from_the_call
     assert unknown == "Transfer from the x line: a caller asked for manager."
     said = ET.fromstring(whisper_twiml("<b>&")).findtext("Say")
     assert said == "<b>&"  # escaped in the XML, intact when spoken
+
+
+def test_after_the_dial_the_caller_hears_sorry_only_when_no_one_took_the_call() -> None:
+    def verbs(status: str) -> list[tuple[str, str | None]]:
+        return [(c.tag, c.text) for c in ET.fromstring(after_dial_twiml(status, "Sorry."))]
+
+    assert verbs("completed") == [("Hangup", None)]  # after a conversation: nothing more
+    for status in ("no-answer", "busy", "failed", "canceled", ""):
+        assert verbs(status) == [("Say", "Sorry."), ("Hangup", None)]
+    assert [c.tag for c in ET.fromstring(after_dial_twiml("busy", None))] == ["Hangup"]
 
 
 async def test_whispers_answer_a_token_once_and_not_after_it_expires() -> None:
@@ -200,6 +216,13 @@ async def test_warm_transfer_briefs_the_callee_with_the_model_s_summary(
     assert (again.status_code, again.twiml) == (404, None)
     unsigned = await fake.fetch_whisper(rest_call, MANAGER, url, signed=False)
     assert unsigned.status_code == 403
+    # the conversation with the manager ends: the caller's leg hangs up, no "sorry"
+    dial = ET.fromstring(twiml).find("Dial")
+    assert dial is not None and (dial.get("action") or "").startswith(
+        stack.base_url + TRANSFER_ENDED_PATH
+    )
+    ended = await fake.end_dial(rest_call, "completed")
+    assert (ended.status_code, ended.verbs) == (200, ["Hangup"])
     assert record.end_reason == "transferred"
     transfer = next(e for e in record.events if e.kind == "transfer")
     assert transfer.data == {
@@ -239,6 +262,10 @@ async def test_warm_transfer_without_a_summary_briefs_with_line_and_number(
     assert whisper.said == [fallback_summary("agent", rest_call.from_, target)]
     assert "1 5 5 5 0 0 0 1 1 1 1" in whisper.said[0]  # the caller's number, digit by digit
     assert record.end_reason == "transferred"
+    # no one took it: the caller is told so (the profile's message), then the call ends
+    ended = await fake.end_dial(rest_call, "no-answer")
+    assert ended.status_code == 200
+    assert (ended.verbs, ended.said) == (["Say", "Hangup"], [NO_ANSWER])
 
 
 @pytest.mark.timeout(30)
@@ -276,5 +303,7 @@ async def test_cold_transfer_dials_without_a_whisper(make_stack: Any, fake_rest:
     [twiml] = rest_call.twiml_history
     assert [child.tag for child in ET.fromstring(twiml)] == ["Dial"]
     assert _dialled(twiml).get("url") is None and fake.whispers == []
+    dial = ET.fromstring(twiml).find("Dial")
+    assert dial is not None and dial.get("action") is None
     transfer = next(e for e in record.events if e.kind == "transfer")
     assert "warm" not in transfer.data and record.end_reason == "transferred"

@@ -277,7 +277,7 @@ class BridgeActions:
                 number,
                 plan.say,
                 whisper_url=plan.whisper_url,
-                after=plan.after,
+                dial_action=plan.dial_action,
             )
         except TwilioCallError as exc:
             if claimed and bridge.end_reason == "transferred":

@@ -45,7 +45,14 @@ from livecall.telephony.stream_token import (
     StreamTokens,
     derive_key,
 )
-from livecall.telephony.whisper import WHISPER_PATH, WarmTransfer, Whispers, whisper_twiml
+from livecall.telephony.whisper import (
+    TRANSFER_ENDED_PATH,
+    WHISPER_PATH,
+    WarmTransfer,
+    Whispers,
+    after_dial_twiml,
+    whisper_twiml,
+)
 
 if TYPE_CHECKING:
     from livecall.server.app import AppState
@@ -192,6 +199,23 @@ def build_twilio_router(state: AppState) -> APIRouter:
             return Response("unknown or used whisper", status_code=404, media_type="text/plain")
         log.info("twilio.whisper", call_sid=params.get("CallSid", "")[:64] or None)
         return Response(whisper_twiml(text), media_type=XML)
+
+    @router.post(TRANSFER_ENDED_PATH, include_in_schema=False)
+    async def transfer_ended(request: Request) -> Response:
+        """A warm transfer's `<Dial>` ended: hang up, or tell the caller no one took it."""
+        params = await signed_form(state, request, "twilio.transfer_ended_rejected")
+        if params is None:
+            return FORBIDDEN()
+        profile = state.match_profile({"profile": request.query_params.get("profile", "")})
+        status = params.get("DialCallStatus", "")
+        log.info(
+            "twilio.transfer_ended",
+            call_sid=params.get("CallSid", "")[:64] or None,
+            dial_status=status[:32],
+        )
+        return Response(
+            after_dial_twiml(status, profile.transfer.no_answer_message), media_type=XML
+        )
 
     @router.websocket(STREAM_PATH)
     async def media_stream(ws: WebSocket) -> None:
@@ -473,7 +497,6 @@ async def _run_call(
             profile.name,
             caller,
             profile.transfer.hold_message,
-            profile.transfer.no_answer_message,
         )
     options.extra["actions"] = actions
     entry = ActiveCall(

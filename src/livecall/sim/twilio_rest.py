@@ -8,7 +8,8 @@ call's status and TwiML history for assertions, runs test hooks when a call is c
 redirected, and plays the part of the far end: `end_call` (the callee hangs up) and
 `mark_answered_by` (answering-machine detection delivers its verdict to the app); a redirect
 that dials a `<Number url>` (a warm transfer) has its callee answer: the fake fetches that
-URL, signed like Twilio, and keeps what the callee heard (`whispers`).
+URL, signed like Twilio, and keeps what the callee heard (`whispers`); `end_dial` ends that
+`<Dial>` and asks its `action` what the caller hears next (`dial_ends`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ __all__ = [
     "FakeCall",
     "FakeTwilioState",
     "RecordedRequest",
-    "Whisper",
+    "TwimlFetch",
     "build_fake_twilio_rest",
     "serve_fake_twilio_rest",
 ]
@@ -188,8 +189,9 @@ class Callback:
 
 
 @dataclass
-class Whisper:
-    """A warm transfer's callee answering: the URL Twilio fetched, and what the callee heard."""
+class TwimlFetch:
+    """TwiML the fake asked the app for mid-call (a warm transfer's whisper, a `<Dial>`'s
+    action), and what it got: what the callee, or the caller, heard next."""
 
     url: str
     target: str
@@ -199,8 +201,17 @@ class Whisper:
     error: str | None = None
 
     @property
+    def verbs(self) -> list[str]:
+        if not self.twiml:
+            return []
+        try:
+            return [child.tag for child in ET.fromstring(self.twiml)]
+        except ET.ParseError:
+            return []
+
+    @property
     def said(self) -> list[str]:
-        """The text of each `<Say>` in the answer (what the callee heard)."""
+        """The text of each `<Say>` in the answer."""
         if not self.twiml:
             return []
         try:
@@ -234,7 +245,8 @@ class FakeTwilioState:
         self.calls: dict[str, FakeCall] = {}
         self.requests: list[RecordedRequest] = []
         self.callbacks: list[Callback] = []
-        self.whispers: list[Whisper] = []  # warm transfers' callees answering, in order
+        self.whispers: list[TwimlFetch] = []  # warm transfers' callees answering, in order
+        self.dial_ends: list[TwimlFetch] = []  # `<Dial action>`s asked when a dial ended
         self.hook_errors: list[BaseException] = []
         self.on_create: Hook | None = None  # on_create(call)
         self.on_update: Hook | None = None  # on_update(call, twiml_or_None)
@@ -336,9 +348,25 @@ class FakeTwilioState:
             log.warning("fake_twilio.callback_failed", url=url, error=record.error)
         return record
 
+    async def _fetch_twiml(self, record: TwimlFetch, *, signed: bool) -> TwimlFetch:
+        headers = {}
+        if signed:
+            signature = RequestValidator(self.auth_token).compute_signature(record.url, record.form)
+            headers["X-Twilio-Signature"] = signature
+        if self.http is None:
+            self.http = httpx.AsyncClient(timeout=10)
+        try:
+            response = await self.http.post(record.url, data=record.form, headers=headers)
+            record.status_code = response.status_code
+            if response.status_code == 200:
+                record.twiml = response.text
+        except httpx.HTTPError as exc:
+            record.error = f"{type(exc).__name__}: {exc}"
+        return record
+
     async def fetch_whisper(
         self, call: FakeCall, target: str, url: str, *, signed: bool = True
-    ) -> Whisper:
+    ) -> TwimlFetch:
         """The dialled party answers: fetch the `<Number url>` like Twilio (a signed POST
         about the new leg) and keep what came back. Unsigned, to test that it is refused."""
         form = {
@@ -351,21 +379,33 @@ class FakeTwilioState:
             "From": call.from_,
             "To": target,
         }
-        record = Whisper(url, target, form)
-        headers = {}
-        if signed:
-            signature = RequestValidator(self.auth_token).compute_signature(url, form)
-            headers["X-Twilio-Signature"] = signature
-        if self.http is None:
-            self.http = httpx.AsyncClient(timeout=10)
-        try:
-            response = await self.http.post(url, data=form, headers=headers)
-            record.status_code = response.status_code
-            if response.status_code == 200:
-                record.twiml = response.text
-        except httpx.HTTPError as exc:
-            record.error = f"{type(exc).__name__}: {exc}"
+        record = await self._fetch_twiml(TwimlFetch(url, target, form), signed=signed)
         self.whispers.append(record)
+        return record
+
+    async def end_dial(self, call: FakeCall, dial_status: str = "completed") -> TwimlFetch:
+        """The call's current `<Dial>` ends (``completed`` after a conversation, ``no-answer``,
+        ``busy``, ``failed``…): POST its `action` like Twilio and keep the caller's next TwiML."""
+        root = ET.fromstring(call.twiml or "<Response/>")
+        dial = root.find("Dial")
+        if dial is None or not dial.get("action"):
+            raise ValueError("the call's TwiML has no <Dial action>")
+        target = next(((noun.text or "").strip() for noun in dial), "")
+        form = {
+            "AccountSid": call.account_sid,
+            "ApiVersion": "2010-04-01",
+            "CallSid": call.sid,
+            "CallStatus": "in-progress",
+            "DialCallStatus": dial_status,
+            "DialCallSid": "CA" + secrets.token_hex(16),
+            "DialCallDuration": "42" if dial_status == "completed" else "0",
+            "From": call.from_,
+            "To": call.to,
+        }
+        record = await self._fetch_twiml(
+            TwimlFetch(dial.get("action", ""), target, form), signed=True
+        )
+        self.dial_ends.append(record)
         return record
 
     # ---------------------------------------------------- playing the far end

@@ -15,18 +15,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import quote
 
 from twilio.twiml.voice_response import VoiceResponse
 
 from livecall.log import get_logger
 
 __all__ = [
+    "TRANSFER_ENDED_PATH",
     "WHISPER_PATH",
     "WHISPER_TTL_S",
     "SharedStash",
     "TransferPlan",
     "WarmTransfer",
     "Whispers",
+    "after_dial_twiml",
     "clean_summary",
     "fallback_summary",
     "whisper_twiml",
@@ -35,6 +38,9 @@ __all__ = [
 log = get_logger("livecall.whisper")
 
 WHISPER_PATH = "/twilio/whisper"
+TRANSFER_ENDED_PATH = "/twilio/transfer-ended"
+#: `DialCallStatus` of a `<Dial>` whose callee took the call (and has now hung up).
+CONNECTED = frozenset({"completed", "answered"})
 #: Ringing plus answering: long enough for a person to pick up, short enough to be useless later.
 WHISPER_TTL_S = 120.0
 MAX_SUMMARY_CHARS = 400
@@ -70,6 +76,17 @@ def whisper_twiml(text: str) -> str:
     """What the callee hears before being bridged: the briefing, said once."""
     response = VoiceResponse()
     response.say(text)
+    return str(response)
+
+
+def after_dial_twiml(dial_status: str, no_answer_message: str | None) -> str:
+    """The caller's TwiML once a warm transfer's `<Dial>` ends (its `action`): hang up after a
+    conversation; say `no_answer_message` first when no one took the call (no answer, busy,
+    failed, or the callee hung up on the briefing)."""
+    response = VoiceResponse()
+    if dial_status not in CONNECTED and no_answer_message:
+        response.say(no_answer_message)
+    response.hangup()
     return str(response)
 
 
@@ -131,7 +148,7 @@ class TransferPlan:
 
     say: str | None = None
     whisper_url: str | None = None
-    after: str | None = None
+    dial_action: str | None = None
 
 
 @dataclass
@@ -143,7 +160,6 @@ class WarmTransfer:
     profile_name: str
     caller_number: str | None
     hold_message: str | None
-    no_answer_message: str | None
 
     async def plan(self, target: str, summary: str | None) -> TransferPlan:
         text = clean_summary(summary) or fallback_summary(
@@ -151,8 +167,9 @@ class WarmTransfer:
         )
         token = await self.whispers.put(text)
         log.info("transfer.whisper_ready", target=target, from_model=bool(clean_summary(summary)))
+        base = self.public_base.rstrip("/")
         return TransferPlan(
             say=self.hold_message,
-            whisper_url=f"{self.public_base.rstrip('/')}{WHISPER_PATH}/{token}",
-            after=self.no_answer_message,
+            whisper_url=f"{base}{WHISPER_PATH}/{token}",
+            dial_action=f"{base}{TRANSFER_ENDED_PATH}?profile={quote(self.profile_name)}",
         )
