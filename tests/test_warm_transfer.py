@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from livecall.agent.profiles import AgentProfile, ProfileError, ProfileSet
@@ -284,6 +285,10 @@ async def test_an_unsigned_whisper_request_is_refused_and_does_not_spend_the_tok
     assert forged.status_code == 404  # signed, but no such token
     signed = await fake.fetch_whisper(call, MANAGER, url)
     assert (signed.status_code, signed.said) == (200, [SUMMARY])
+    async with httpx.AsyncClient() as client:  # the dial's action is Twilio's door too
+        form = {"CallSid": call.sid, "DialCallStatus": "completed"}
+        ended = await client.post(f"{stack.base_url}{TRANSFER_ENDED_PATH}", data=form)
+    assert ended.status_code == 403
 
 
 @pytest.mark.timeout(60)
