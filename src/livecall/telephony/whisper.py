@@ -162,11 +162,11 @@ class WarmTransfer:
     hold_message: str | None
 
     async def plan(self, target: str, summary: str | None) -> TransferPlan:
-        text = clean_summary(summary) or fallback_summary(
-            self.profile_name, self.caller_number, target
-        )
+        """Mints this transfer's briefing; the TwiML gets only its URL and the dial's action."""
+        briefing = clean_summary(summary)
+        text = briefing or fallback_summary(self.profile_name, self.caller_number, target)
         token = await self.whispers.put(text)
-        log.info("transfer.whisper_ready", target=target, from_model=bool(clean_summary(summary)))
+        log.info("transfer.whisper_ready", target=target, from_model=briefing is not None)
         base = self.public_base.rstrip("/")
         return TransferPlan(
             say=self.hold_message,
