@@ -32,13 +32,17 @@ class FakeActions:
         self.transfer_started = asyncio.Event()
         self.transfer_cancelled = asyncio.Event()
         self.hang_transfer = False
+        self.summaries: list[str | None] = []
 
     async def end_call(self, reason: str) -> dict[str, Any]:
         self.calls.append(("end_call", reason))
         return {"result": "ok"}
 
-    async def transfer(self, target_name: str, number: str) -> dict[str, Any]:
+    async def transfer(
+        self, target_name: str, number: str, summary: str | None = None
+    ) -> dict[str, Any]:
         self.calls.append(("transfer", (target_name, number)))
+        self.summaries.append(summary)
         self.transfer_started.set()
         if self.hang_transfer:
             try:

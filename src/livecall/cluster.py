@@ -115,6 +115,8 @@ class LiveCalls(Protocol):
     async def request(
         self, call_sid: str, action: str, *, ack_timeout: float | None = 2.0, **args: Any
     ) -> bool: ...
+    async def stash(self, key: str, value: str, ttl_s: float) -> bool: ...
+    async def take(self, key: str) -> str | None: ...
 
 
 @dataclass(slots=True)
@@ -198,6 +200,13 @@ class LocalRegistry:
         if call_sid not in self._calls:
             return False
         return await _run_handler(self.on_control, call_sid, action, args)
+
+    async def stash(self, key: str, value: str, ttl_s: float) -> bool:
+        """No shared store without Redis: nothing is kept (the caller keeps its own copy)."""
+        return False
+
+    async def take(self, key: str) -> str | None:
+        raise LookupError("no shared store without Redis")
 
 
 class ClusterRegistry:
@@ -427,6 +436,38 @@ class ClusterRegistry:
 
     def local_calls(self) -> list[str]:
         return list(self._calls)
+
+    # ------------------------------------------------------------------ one-shot values
+    def _stash_key(self, key: str) -> str:
+        return f"{self.prefix}:stash:{key}"
+
+    async def stash(self, key: str, value: str, ttl_s: float) -> bool:
+        """Keeps `value` for `ttl_s` where any instance can `take` it once; False when Redis
+        did not take it (the caller keeps its own copy). Never raises."""
+        if self._redis is None or not self._healthy:
+            return False
+        try:
+            async with asyncio.timeout(self.op_timeout_s):
+                await self._redis.set(self._stash_key(key), value, px=max(1, int(ttl_s * 1000)))
+            self._ok()
+        except Exception as exc:
+            self._failed("stash", exc)
+            return False
+        return True
+
+    async def take(self, key: str) -> str | None:
+        """The value stashed under `key`, removed in the same step (GETDEL: once, whichever
+        instance asks first); None when absent. Raises LookupError when Redis cannot say."""
+        if self._redis is None:
+            raise LookupError("not connected to Redis")
+        try:
+            async with asyncio.timeout(self.op_timeout_s):
+                value = await self._redis.getdel(self._stash_key(key))
+            self._ok()
+        except Exception as exc:
+            self._failed("take", exc)
+            raise LookupError("Redis did not answer") from None
+        return None if value is None else str(value)
 
     # ------------------------------------------------------------------ every instance's calls
     async def list_calls(self) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ File shape::
         greeting: "Thanks for calling Rosa's, how can I help?"
         tools: [end_call, transfer_call, lookup]
         transfer_targets: {manager: "+15551239999", support: "sip:help@pbx.example.com"}
+        transfer: {mode: warm, hold_message: "Please hold while I connect you."}  # default cold
         knowledge_dir: docs/front-desk
         webhook_url: https://crm.example.com/hooks/calls   # end-of-call report (CALL_WEBHOOK_URL)
         knowledge:           # optional: lookup through Vertex AI Search, local index as fallback
@@ -82,6 +83,7 @@ __all__ = [
     "ProfileError",
     "ProfileRegistry",
     "ProfileSet",
+    "TransferSettings",
     "VadSettings",
     "VertexSearchSettings",
 ]
@@ -326,6 +328,26 @@ class KnowledgeSettings(_Strict):
         return self
 
 
+class TransferSettings(_Strict):
+    """How `transfer_call` hands the caller over.
+
+    `cold` (the default) dials the target at once. `warm` briefs the person who answers first:
+    they hear the agent's summary (or a fallback naming the line and the caller's number)
+    before the caller is connected; the caller hears `hold_message`, then ringing, and
+    `no_answer_message` if no one takes the call.
+    """
+
+    mode: Literal["cold", "warm"] = "cold"
+    hold_message: str | None = Field(
+        "Please hold while I connect you.", min_length=1, max_length=300
+    )
+    no_answer_message: str | None = Field(
+        "Sorry, no one could take your call right now. Please try again later. Goodbye.",
+        min_length=1,
+        max_length=300,
+    )
+
+
 class AgentProfile(_Strict):
     """Everything that makes one agent: its voice, its words and what it is allowed to do.
 
@@ -361,6 +383,8 @@ class AgentProfile(_Strict):
     # this line; unset (or when it still says nothing), a recorded "Thank you for calling,
     # goodbye!" plays
     goodbye_line: str | None = None
+    # cold (dial at once) or warm (the person answering is briefed first)
+    transfer: TransferSettings = Field(default_factory=TransferSettings)
 
     @field_validator("name")
     @classmethod

@@ -50,7 +50,9 @@ class CallActions(Protocol):
 
     async def end_call(self, reason: str) -> dict[str, Any]: ...
 
-    async def transfer(self, target_name: str, number: str) -> dict[str, Any]: ...
+    async def transfer(
+        self, target_name: str, number: str, summary: str | None = None
+    ) -> dict[str, Any]: ...
 
     async def send_dtmf(self, digits: str) -> dict[str, Any]: ...
 
@@ -81,6 +83,21 @@ def _builtin_declaration(name: str, profile: AgentProfile) -> types.FunctionDecl
         )
     if name == "transfer_call":
         targets = list(profile.transfer_targets)
+        properties = {
+            "target": types.Schema(
+                type=string,
+                enum=targets,
+                description="Who to transfer to, one of the available targets.",
+            )
+        }
+        if profile.transfer.mode == "warm":
+            properties["summary"] = types.Schema(
+                type=string,
+                description=(
+                    "A one- or two-sentence briefing for the person you transfer to: who is "
+                    "calling and what they need. They hear it before the caller is connected."
+                ),
+            )
         return types.FunctionDeclaration(
             name="transfer_call",
             description=(
@@ -89,16 +106,7 @@ def _builtin_declaration(name: str, profile: AgentProfile) -> types.FunctionDecl
                 "transferring them before calling this; the call leaves you once it connects. "
                 f"Available targets: {', '.join(targets)}."
             ),
-            parameters=_obj(
-                {
-                    "target": types.Schema(
-                        type=string,
-                        enum=targets,
-                        description="Who to transfer to, one of the available targets.",
-                    )
-                },
-                ["target"],
-            ),
+            parameters=_obj(properties, ["target"]),
         )
     if name == "send_dtmf":
         return types.FunctionDeclaration(
@@ -379,7 +387,7 @@ class ToolRunner:
             number = self.profile.transfer_targets.get(target)
             if number is None:
                 return {"error": f"unknown transfer target {target!r}"}
-            return await self.actions.transfer(target, number)
+            return await self.actions.transfer(target, number, summary=args.get("summary"))
         if name == "send_dtmf":
             return await self.actions.send_dtmf(args["digits"])
         if name == "lookup":

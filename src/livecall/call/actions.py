@@ -26,12 +26,14 @@ from livecall.audio.g711 import ulaw_encode
 from livecall.call.bridge import GREETING_PROMPT, SPOKE_BEFORE_TOOL
 from livecall.records import CallEventRecord
 from livecall.telephony.twilio_rest import TwilioCallError
+from livecall.telephony.whisper import TransferPlan
 
 if TYPE_CHECKING:
     from livecall.agent.profiles import AgentProfile
     from livecall.agent.tools import ToolRunner
     from livecall.call.bridge import CallBridge
     from livecall.telephony.twilio_rest import TwilioCallControl
+    from livecall.telephony.whisper import WarmTransfer
 
 __all__ = [
     "CALL_CONTROL_TOOLS",
@@ -217,7 +219,16 @@ class BridgeActions:
             "detail": "say a short goodbye to the caller now; the call ends when you finish",
         }
 
-    async def transfer(self, target_name: str, number: str) -> dict[str, Any]:
+    # set by the Twilio route when the profile transfers warm (the callee is briefed first)
+    warm: WarmTransfer | None = None
+
+    async def transfer(
+        self, target_name: str, number: str, summary: str | None = None
+    ) -> dict[str, Any]:
+        """Moves the caller to `number` once the handoff line was heard (either order).
+
+        Warm (`self.warm`): the person answering first hears `summary`, or a fallback.
+        """
         if self.control is None:
             return {
                 "error": "transfers are not available on this line (no Twilio REST "
@@ -225,7 +236,8 @@ class BridgeActions:
             }
         if not SPOKE_BEFORE_TOOL.get():  # decide, call, then speak: answer so it may speak
             before = self.bridge.turns.agent_turns_started
-            self.spawn(self._handoff_then_transfer(target_name, number, before), "handoff")
+            handoff = self._handoff_then_transfer(target_name, number, before, summary)
+            self.spawn(handoff, "handoff")
             return {
                 "result": "transferring",
                 "target": target_name,
@@ -233,29 +245,40 @@ class BridgeActions:
                 "through now; the transfer follows",
             }
         heard = await self._let_agent_finish(self.goodbye_timeout_s)
-        return await self._transfer_now(target_name, number, heard)
+        return await self._transfer_now(target_name, number, heard, summary)
 
-    async def _handoff_then_transfer(self, target_name: str, number: str, before: int) -> None:
+    async def _handoff_then_transfer(
+        self, target_name: str, number: str, before: int, summary: str | None = None
+    ) -> None:
         heard = await self._model_line(LINE_TOTAL_S, before)
         if not heard:
             heard = await self._recorded_line(handoff_ulaw())
         # the REST transfer must outlive the call's end (which it causes): its own task
-        done = self.spawn(self._transfer_now(target_name, number, heard), "hangup")
+        done = self.spawn(self._transfer_now(target_name, number, heard, summary), "hangup")
         result = await asyncio.shield(done)
         if "error" in result and self.bridge.end_reason is None:
             await self._send_turn(f"(The transfer did not work: {result['error']}.)", 1.0)
 
-    async def _transfer_now(self, target_name: str, number: str, heard: bool) -> dict[str, Any]:
+    async def _transfer_now(
+        self, target_name: str, number: str, heard: bool, summary: str | None = None
+    ) -> dict[str, Any]:
         """The REST transfer, once the caller heard the line (`heard`)."""
         assert self.control is not None
         bridge = self.bridge
+        plan = TransferPlan() if self.warm is None else await self.warm.plan(target_name, summary)
         # Twilio ends the stream as soon as it takes the new TwiML; its `stop` may reach the
         # bridge before this coroutine runs again, so the reason is claimed first.
         claimed = bridge.end_reason is None
         if claimed:
             bridge.end_reason = "transferred"
         try:
-            done = await self.control.transfer(bridge.call_sid, number)
+            done = await self.control.transfer(
+                bridge.call_sid,
+                number,
+                plan.say,
+                whisper_url=plan.whisper_url,
+                dial_action=plan.dial_action,
+            )
         except TwilioCallError as exc:
             if claimed and bridge.end_reason == "transferred":
                 bridge.end_reason = None
@@ -264,8 +287,11 @@ class BridgeActions:
             return {"error": f"the transfer to {target_name} failed; apologise and offer help"}
         if not done:
             return {"error": "the call has already ended"}
-        self.log.info("call.transferred", target=target_name, line_heard=heard)
-        self._record("transfer", target=target_name, number=number, ok=True, line_heard=heard)
+        warm = {"warm": True} if plan.whisper_url else {}
+        self.log.info("call.transferred", target=target_name, line_heard=heard, **warm)
+        self._record(
+            "transfer", target=target_name, number=number, ok=True, line_heard=heard, **warm
+        )
         bridge.end("transferred")
         return {"result": "transferred", "target": target_name}
 

@@ -45,6 +45,14 @@ from livecall.telephony.stream_token import (
     StreamTokens,
     derive_key,
 )
+from livecall.telephony.whisper import (
+    TRANSFER_ENDED_PATH,
+    WHISPER_PATH,
+    WarmTransfer,
+    Whispers,
+    after_dial_twiml,
+    whisper_twiml,
+)
 
 if TYPE_CHECKING:
     from livecall.server.app import AppState
@@ -179,6 +187,36 @@ def build_twilio_router(state: AppState) -> APIRouter:
         log.info("twilio.webhook", call_sid=call_sid, to=params.get("To"))
         return Response(twiml, media_type=XML)
 
+    @router.post(WHISPER_PATH + "/{token}", include_in_schema=False)
+    async def whisper(token: str, request: Request) -> Response:
+        """A warm transfer's callee answered: Twilio asks what to play them (signed, once)."""
+        params = await signed_form(state, request, "twilio.whisper_rejected")
+        if params is None:
+            return FORBIDDEN()
+        text = await whispers_of(state).take(token)
+        if text is None:
+            log.warning("twilio.whisper_unknown", call_sid=params.get("CallSid", "")[:64] or None)
+            return Response("unknown or used whisper", status_code=404, media_type="text/plain")
+        log.info("twilio.whisper", call_sid=params.get("CallSid", "")[:64] or None)
+        return Response(whisper_twiml(text), media_type=XML)
+
+    @router.post(TRANSFER_ENDED_PATH, include_in_schema=False)
+    async def transfer_ended(request: Request) -> Response:
+        """A warm transfer's `<Dial>` ended: hang up, or tell the caller no one took it."""
+        params = await signed_form(state, request, "twilio.transfer_ended_rejected")
+        if params is None:
+            return FORBIDDEN()
+        profile = state.match_profile({"profile": request.query_params.get("profile", "")})
+        status = params.get("DialCallStatus", "")
+        log.info(
+            "twilio.transfer_ended",
+            call_sid=params.get("CallSid", "")[:64] or None,
+            dial_status=status[:32],
+        )
+        return Response(
+            after_dial_twiml(status, profile.transfer.no_answer_message), media_type=XML
+        )
+
     @router.websocket(STREAM_PATH)
     async def media_stream(ws: WebSocket) -> None:
         if not _signed_upgrade(state, ws, trusted):
@@ -208,6 +246,15 @@ def build_twilio_router(state: AppState) -> APIRouter:
         )
 
     return router
+
+
+def whispers_of(state: AppState) -> Whispers:
+    """This app's warm-transfer briefings (shared through the cluster store with Redis)."""
+    whispers = state.extras.get("whispers")
+    if whispers is None:
+        whispers = state.extras["whispers"] = Whispers(state.cluster)
+    assert isinstance(whispers, Whispers)
+    return whispers
 
 
 def FORBIDDEN(reason: str = "invalid Twilio signature") -> Response:
@@ -438,6 +485,19 @@ async def _run_call(
             return await control.transfer(start.call_sid, number, say=line)
 
         options.failure_transfer = failure_transfer
+    if profile.transfer.mode == "warm" and control is not None:
+        trusted = TrustedProxies(state.settings.trusted_proxies)
+        ws = carrier.ws
+        caller = options.to_number if options.direction == "outbound" else options.from_number
+        actions.warm = WarmTransfer(
+            whispers_of(state),
+            public_base(
+                ws.url, ws.headers, state.settings.public_url, peer=_peer(ws), trusted=trusted
+            ),
+            profile.name,
+            caller,
+            profile.transfer.hold_message,
+        )
     options.extra["actions"] = actions
     entry = ActiveCall(
         start.call_sid,

@@ -6,7 +6,10 @@ shapes: a Call resource as JSON, ``201`` on create, Basic auth with error 20003,
 20404 for a call that has already ended. `FakeTwilioState` records every request and every
 call's status and TwiML history for assertions, runs test hooks when a call is created or
 redirected, and plays the part of the far end: `end_call` (the callee hangs up) and
-`mark_answered_by` (answering-machine detection delivers its verdict to the app).
+`mark_answered_by` (answering-machine detection delivers its verdict to the app); a redirect
+that dials a `<Number url>` (a warm transfer) has its callee answer: the fake fetches that
+URL, signed like Twilio, and keeps what the callee heard (`whispers`); `end_dial` ends that
+`<Dial>` and asks its `action` what the caller hears next (`dial_ends`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "FakeCall",
     "FakeTwilioState",
     "RecordedRequest",
+    "TwimlFetch",
     "build_fake_twilio_rest",
     "serve_fake_twilio_rest",
 ]
@@ -184,6 +188,54 @@ class Callback:
     error: str | None = None
 
 
+@dataclass
+class TwimlFetch:
+    """TwiML the fake asked the app for mid-call (a warm transfer's whisper, a `<Dial>`'s
+    action), and what it got: what the callee, or the caller, heard next."""
+
+    url: str
+    target: str
+    form: dict[str, str]
+    status_code: int | None = None
+    twiml: str | None = None
+    error: str | None = None
+
+    @property
+    def verbs(self) -> list[str]:
+        if not self.twiml:
+            return []
+        try:
+            return [child.tag for child in ET.fromstring(self.twiml)]
+        except ET.ParseError:
+            return []
+
+    @property
+    def said(self) -> list[str]:
+        """The text of each `<Say>` in the answer."""
+        if not self.twiml:
+            return []
+        try:
+            root = ET.fromstring(self.twiml)
+        except ET.ParseError:
+            return []
+        return [say.text or "" for say in root.iter("Say")]
+
+
+def whisper_targets(twiml: str) -> list[tuple[str, str]]:
+    """(target, url) of each `<Dial>`ed `<Number url>`/`<Sip url>` in `twiml`."""
+    try:
+        root = ET.fromstring(twiml)
+    except ET.ParseError:
+        return []
+    found = []
+    for dial in root.iter("Dial"):
+        for noun in list(dial):
+            url = noun.get("url")
+            if noun.tag in ("Number", "Sip") and url:
+                found.append(((noun.text or "").strip(), url))
+    return found
+
+
 class FakeTwilioState:
     """What the fake knows and did; also how a test plays the far end of a call."""
 
@@ -193,6 +245,8 @@ class FakeTwilioState:
         self.calls: dict[str, FakeCall] = {}
         self.requests: list[RecordedRequest] = []
         self.callbacks: list[Callback] = []
+        self.whispers: list[TwimlFetch] = []  # warm transfers' callees answering, in order
+        self.dial_ends: list[TwimlFetch] = []  # `<Dial action>`s asked when a dial ended
         self.hook_errors: list[BaseException] = []
         self.on_create: Hook | None = None  # on_create(call)
         self.on_update: Hook | None = None  # on_update(call, twiml_or_None)
@@ -292,6 +346,66 @@ class FakeTwilioState:
         except httpx.HTTPError as exc:
             record.error = f"{type(exc).__name__}: {exc}"
             log.warning("fake_twilio.callback_failed", url=url, error=record.error)
+        return record
+
+    async def _fetch_twiml(self, record: TwimlFetch, *, signed: bool) -> TwimlFetch:
+        headers = {}
+        if signed:
+            signature = RequestValidator(self.auth_token).compute_signature(record.url, record.form)
+            headers["X-Twilio-Signature"] = signature
+        if self.http is None:
+            self.http = httpx.AsyncClient(timeout=10)
+        try:
+            response = await self.http.post(record.url, data=record.form, headers=headers)
+            record.status_code = response.status_code
+            if response.status_code == 200:
+                record.twiml = response.text
+        except httpx.HTTPError as exc:
+            record.error = f"{type(exc).__name__}: {exc}"
+        return record
+
+    async def fetch_whisper(
+        self, call: FakeCall, target: str, url: str, *, signed: bool = True
+    ) -> TwimlFetch:
+        """The dialled party answers: fetch the `<Number url>` like Twilio (a signed POST
+        about the new leg) and keep what came back. Unsigned, to test that it is refused."""
+        form = {
+            "AccountSid": call.account_sid,
+            "ApiVersion": "2010-04-01",
+            "CallSid": "CA" + secrets.token_hex(16),
+            "ParentCallSid": call.sid,
+            "CallStatus": "in-progress",
+            "Direction": "outbound-dial",
+            "From": call.from_,
+            "To": target,
+        }
+        record = await self._fetch_twiml(TwimlFetch(url, target, form), signed=signed)
+        self.whispers.append(record)
+        return record
+
+    async def end_dial(self, call: FakeCall, dial_status: str = "completed") -> TwimlFetch:
+        """The call's current `<Dial>` ends (``completed`` after a conversation, ``no-answer``,
+        ``busy``, ``failed``…): POST its `action` like Twilio and keep the caller's next TwiML."""
+        root = ET.fromstring(call.twiml or "<Response/>")
+        dial = root.find("Dial")
+        if dial is None or not dial.get("action"):
+            raise ValueError("the call's TwiML has no <Dial action>")
+        target = next(((noun.text or "").strip() for noun in dial), "")
+        form = {
+            "AccountSid": call.account_sid,
+            "ApiVersion": "2010-04-01",
+            "CallSid": call.sid,
+            "CallStatus": "in-progress",
+            "DialCallStatus": dial_status,
+            "DialCallSid": "CA" + secrets.token_hex(16),
+            "DialCallDuration": "42" if dial_status == "completed" else "0",
+            "From": call.from_,
+            "To": call.to,
+        }
+        record = await self._fetch_twiml(
+            TwimlFetch(dial.get("action", ""), target, form), signed=True
+        )
+        self.dial_ends.append(record)
         return record
 
     # ---------------------------------------------------- playing the far end
@@ -466,6 +580,8 @@ def build_fake_twilio_rest(account_sid: str, auth_token: str) -> tuple[FastAPI, 
             call.twiml_history.append(twiml)
             call.date_updated = _now()
             state._run_hook(state.on_update, "on_update", call, twiml)
+            for target, whisper_url in whisper_targets(twiml):  # the callee picks up
+                state._spawn(state.fetch_whisper(call, target, whisper_url), "whisper")
             if _has_hangup(twiml):
                 state._set_status(call, "completed")
         elif url:

@@ -50,16 +50,36 @@ class TwilioCallError(RuntimeError):
         self.code = code
 
 
-def transfer_twiml(target: str, say: str | None = None, caller_id: str | None = None) -> str:
-    """TwiML that (optionally) says something, then dials a number or a ``sip:`` address."""
+def transfer_twiml(
+    target: str,
+    say: str | None = None,
+    caller_id: str | None = None,
+    *,
+    whisper_url: str | None = None,
+    dial_action: str | None = None,
+) -> str:
+    """TwiML that (optionally) says something, then dials a number or a ``sip:`` address.
+
+    With `whisper_url` (a warm transfer) Twilio fetches that URL when the callee answers and
+    plays what it returns to the callee alone before bridging (``<Number url>``/``<Sip url>``).
+    `dial_action` is where Twilio asks what the caller hears once the ``<Dial>`` ends
+    (``DialCallStatus``): without it a caller still on the line would fall through to
+    whatever follows, after a conversation as much as after no answer.
+    """
     response = VoiceResponse()
     if say:
         response.say(say)
-    dial = response.dial(caller_id=caller_id) if caller_id else response.dial()
+    dial_attrs: dict[str, str] = {}
+    if caller_id:
+        dial_attrs["caller_id"] = caller_id
+    if dial_action:
+        dial_attrs |= {"action": dial_action, "method": "POST"}
+    dial = response.dial(**dial_attrs)
+    noun = {"url": whisper_url, "method": "POST"} if whisper_url else {}
     if _SIP.match(target):
-        dial.sip(target)
+        dial.sip(target, **noun)
     else:
-        dial.number(target)
+        dial.number(target, **noun)
     return str(response)
 
 
@@ -147,17 +167,26 @@ class TwilioCallControl:
         return done
 
     async def transfer(
-        self, call_sid: str, target: str, say: str | None = None, *, caller_id: str | None = None
+        self,
+        call_sid: str,
+        target: str,
+        say: str | None = None,
+        *,
+        caller_id: str | None = None,
+        whisper_url: str | None = None,
+        dial_action: str | None = None,
     ) -> bool:
         """Redirect the call to new TwiML that dials `target` (E.164 or ``sip:``).
 
         Returns False if the call had already ended. The stream to livecall ends when Twilio
         leaves the ``<Connect>``, which is how the bridge learns the transfer took effect.
         """
-        twiml = transfer_twiml(target, say, caller_id)
+        twiml = transfer_twiml(
+            target, say, caller_id, whisper_url=whisper_url, dial_action=dial_action
+        )
         done = await self._update(call_sid, "transfer", twiml=twiml)
         if done:
-            log.info("twilio.transfer", call_sid=call_sid, target=target)
+            log.info("twilio.transfer", call_sid=call_sid, target=target, warm=bool(whisper_url))
         return done
 
     async def create_outbound(

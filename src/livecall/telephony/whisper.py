@@ -1,0 +1,175 @@
+"""Warm transfers: what the person answering a transfer hears before the caller is connected.
+
+The briefing (the agent's `summary`, else a fallback naming the line and the caller's number,
+never transcript text) is kept here, behind an unguessable, short-lived, single-use token:
+Twilio fetches ``/twilio/whisper/{token}`` when the callee answers (``<Number url>``), and
+the URL is all it and its logs ever see. With Redis the briefing is also stashed in the
+cluster store, so whichever instance Twilio reaches can answer, once.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+from urllib.parse import quote
+
+from twilio.twiml.voice_response import VoiceResponse
+
+from livecall.log import get_logger
+
+__all__ = [
+    "TRANSFER_ENDED_PATH",
+    "WHISPER_PATH",
+    "WHISPER_TTL_S",
+    "SharedStash",
+    "TransferPlan",
+    "WarmTransfer",
+    "Whispers",
+    "after_dial_twiml",
+    "clean_summary",
+    "fallback_summary",
+    "whisper_twiml",
+]
+
+log = get_logger("livecall.whisper")
+
+WHISPER_PATH = "/twilio/whisper"
+TRANSFER_ENDED_PATH = "/twilio/transfer-ended"
+#: `DialCallStatus` of a `<Dial>` whose callee took the call (and has now hung up).
+CONNECTED = frozenset({"completed", "answered"})
+#: Ringing plus answering: long enough for a person to pick up, short enough to be useless later.
+WHISPER_TTL_S = 120.0
+MAX_SUMMARY_CHARS = 400
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+class SharedStash(Protocol):
+    """The cluster store's one-shot values (`livecall.cluster`)."""
+
+    async def stash(self, key: str, value: str, ttl_s: float) -> bool: ...
+    async def take(self, key: str) -> str | None: ...
+
+
+def clean_summary(text: str | None) -> str | None:
+    """The model's briefing as one spoken line (controls out, bounded); None when empty."""
+    if not text:
+        return None
+    line = " ".join(_CONTROL.sub(" ", text).split())
+    if len(line) > MAX_SUMMARY_CHARS:
+        line = line[:MAX_SUMMARY_CHARS].rsplit(" ", 1)[0] + "…"
+    return line or None
+
+
+def fallback_summary(profile_name: str, caller_number: str | None, target: str) -> str:
+    """A briefing that needs nothing said on the call: the line, the number, the target."""
+    digits = "".join(c for c in caller_number or "" if c.isdigit())
+    who = f"a caller from {' '.join(digits)}" if digits else "a caller"
+    return f"Transfer from the {profile_name} line: {who} asked for {target}."
+
+
+def whisper_twiml(text: str) -> str:
+    """What the callee hears before being bridged: the briefing, said once."""
+    response = VoiceResponse()
+    response.say(text)
+    return str(response)
+
+
+def after_dial_twiml(dial_status: str, no_answer_message: str | None) -> str:
+    """The caller's TwiML once a warm transfer's `<Dial>` ends (its `action`): hang up after a
+    conversation; say `no_answer_message` first when no one took the call (no answer, busy,
+    failed, or the callee hung up on the briefing)."""
+    response = VoiceResponse()
+    if dial_status not in CONNECTED and no_answer_message:
+        response.say(no_answer_message)
+    response.hangup()
+    return str(response)
+
+
+@dataclass
+class _Held:
+    text: str
+    expires: float
+    shared: bool
+
+
+@dataclass
+class Whispers:
+    """Briefings by token: kept here, and in the shared stash when there is one.
+
+    When the stash took a briefing it is the one truth (GETDEL answers once across instances);
+    the local copy only serves when Redis could not keep it or cannot answer.
+    """
+
+    shared: SharedStash | None = None
+    ttl_s: float = WHISPER_TTL_S
+    clock: Callable[[], float] = time.monotonic
+    _held: dict[str, _Held] = field(default_factory=dict)
+
+    def _prune(self, now: float) -> None:
+        for token in [t for t, h in self._held.items() if h.expires <= now]:
+            del self._held[token]
+
+    async def put(self, text: str) -> str:
+        """Keeps `text` and returns the token that fetches it once."""
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        self._prune(now)
+        shared = False
+        if self.shared is not None:
+            shared = await self.shared.stash(f"whisper:{token}", text, self.ttl_s)
+        self._held[token] = _Held(text, now + self.ttl_s, shared)
+        return token
+
+    async def take(self, token: str) -> str | None:
+        """The briefing for `token`, at most once and only before it expires."""
+        if not _TOKEN.match(token):
+            return None
+        now = self.clock()
+        self._prune(now)
+        held = self._held.pop(token, None)
+        if held is not None and not held.shared:
+            return held.text
+        if self.shared is None:
+            return None
+        try:
+            return await self.shared.take(f"whisper:{token}")
+        except LookupError:  # Redis cannot say: this instance's copy, if it has one
+            return held.text if held is not None else None
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """What the redirect TwiML says and dials for one transfer."""
+
+    say: str | None = None
+    whisper_url: str | None = None
+    dial_action: str | None = None
+
+
+@dataclass
+class WarmTransfer:
+    """One call's warm transfers: a briefing minted per transfer, its URL in the TwiML."""
+
+    whispers: Whispers
+    public_base: str
+    profile_name: str
+    caller_number: str | None
+    hold_message: str | None
+
+    async def plan(self, target: str, summary: str | None) -> TransferPlan:
+        """Mints this transfer's briefing; the TwiML gets only its URL and the dial's action."""
+        briefing = clean_summary(summary)
+        text = briefing or fallback_summary(self.profile_name, self.caller_number, target)
+        token = await self.whispers.put(text)
+        log.info("transfer.whisper_ready", target=target, from_model=briefing is not None)
+        base = self.public_base.rstrip("/")
+        return TransferPlan(
+            say=self.hold_message,
+            whisper_url=f"{base}{WHISPER_PATH}/{token}",
+            dial_action=f"{base}{TRANSFER_ENDED_PATH}?profile={quote(self.profile_name)}",
+        )
