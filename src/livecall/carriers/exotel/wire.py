@@ -376,6 +376,11 @@ class ExotelStream:
             raise RuntimeError("no stream_sid yet: Exotel's start has not arrived")
         return self.stream_sid
 
+    def closed(self, code: int | None = None) -> CallStopped:
+        """The socket closed: the stream is over even if its `stop` never came."""
+        self.state = StreamState.STOPPED
+        return CallStopped(reason="closed" if code is None else f"closed ({code})")
+
     def play(self, audio: bytes) -> list[Frame]:
         """Little-endian PCM at the stream's rate -> `media` frames of the minimum chunk."""
         sid = self._sid()

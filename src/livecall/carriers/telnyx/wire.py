@@ -428,6 +428,11 @@ class TelnyxStream:
 
     # ------------------------------------------------------------------ outbound
 
+    def closed(self, code: int | None = None) -> CallStopped:
+        """The socket closed: the stream is over even if its `stop` never came."""
+        self.state = StreamState.STOPPED
+        return CallStopped(reason="closed" if code is None else f"closed ({code})")
+
     def play(self, audio: bytes) -> list[Frame]:
         """Frames that queue `audio` (raw, in `media_format`) for playout, 20 ms..chunk_ms each.
 
