@@ -188,6 +188,10 @@ class CallBridge:
         self._out_rate = playback.sample_rate
         # bytes per 8 kHz sample of agent audio (1 for G.711; 2, 4, 6 for L16 at 8/16/24 kHz)
         self._unit = (2 if playback.encoding == "l16" else 1) * playback.sample_rate // 8000
+        # a carrier that plays whole frames only gets aligned audio (the rest waits in _held),
+        # so a mark mid-turn never makes it pad a partial frame with silence
+        self._align = playback.bytes_per_20ms * stream.capabilities.frame_ms // 20
+        self._held = b""
         self._marks = stream.capabilities.marks
         self._can_clear = stream.capabilities.clear
         self._agent_rate = 24000
@@ -970,6 +974,10 @@ class CallBridge:
         follows every ~100 ms. Returns the mark when one was sent after this chunk.
         """
         if not audio:
+            if self._held and mark_now:  # the end of a turn: what was held back goes now
+                held, self._held = self._held, b""
+                if not await self._send(self.stream.play(held)):
+                    return None
             return await self._send_mark() if mark_now else None
         now = self.now_ms()
         samples = len(audio) // self._unit  # in 8 kHz samples
@@ -986,7 +994,14 @@ class CallBridge:
         self.playout.sent(
             now, turn, samples, turn_end, None, audio if self.recorder is not None else None
         )
-        frames = self.stream.play(audio)
+        if self._align and not mark_now:  # whole frames now, the rest with the next chunk
+            if self._held:
+                audio = self._held + audio
+            cut = len(audio) - len(audio) % self._align
+            audio, self._held = audio[:cut], audio[cut:]
+        elif self._held:  # a turn's end: everything, the carrier pads the last frame
+            audio, self._held = self._held + audio, b""
+        frames = self.stream.play(audio) if audio else None
         if frames and not await self._send(frames):
             return None
         self.frames_out += 1
@@ -1034,6 +1049,7 @@ class CallBridge:
             return
         now = self.now_ms()
         self.outbound.reset()
+        self._held = b""
         turn = self.turns.agent_turn_index
         heard = self.playout.heard_in_turn(turn, now) if turn is not None else 0
         if self._can_clear:

@@ -90,6 +90,10 @@ class Capabilities:
     dtmf_in: bool  # keypad presses arrive on the stream
     send_dtmf_on_stream: bool = False  # it can play DTMF to the far end on request
     hangup_on_stream: bool = False  # closing or a message ends the call (no REST needed)
+    # `play` plays whole multiples of this many ms and holds the rest back until more comes or
+    # a mark pads it with silence: the core hands it aligned audio so no mark mid-turn pads
+    # (0: any length plays as sent, as on Twilio and Plivo)
+    frame_ms: int = 0
 
 
 # ----------------------------------------------------------------------------- events

@@ -20,7 +20,7 @@ import dataclasses
 import os
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import structlog
@@ -386,7 +386,9 @@ async def _run_call(
     """A Twilio stream past its `start`, run as a call (see `run_call`)."""
     adapter = TwilioCarrierStream(stream)
     assert adapter.started is not None  # `stream` has seen its start
-    await run_call(state, carrier, adapter, adapter.started, carrier_name="twilio")
+    await run_call(
+        state, carrier, adapter, adapter.started, carrier_name="twilio", control=state.call_control
+    )
 
 
 async def run_call(
@@ -396,10 +398,14 @@ async def run_call(
     start: CallStarted,
     *,
     carrier_name: str = "twilio",
+    control: Any = None,
 ) -> None:
     """Runs one admitted stream of any carrier as a call: the same core, records and controls.
 
-    `start` is the stream's `CallStarted` (its token already checked by the carrier's route).
+    `start` is the stream's `CallStarted` (its token already checked by the carrier's route);
+    `control` the carrier's REST call control for hang-up and transfer (`hangup(call_id)`,
+    `transfer(call_id, number, say=)`), None where it has none configured: the call then
+    ends by closing the stream and transfers are refused.
     """
     call_id = start.call_id
     stream_id = start.stream_id or start.call_id
@@ -439,7 +445,7 @@ async def run_call(
     profile = options.extra["agent_profile"]
     actions = BridgeActions(
         bridge,
-        state.call_control,
+        control,
         profile,
         deferred_greeting=options.extra.get("deferred_greeting"),
     )
@@ -457,7 +463,6 @@ async def run_call(
         non_blocking=state.non_blocking_tools(),
     )
     options.tool_handler = tool_handler(runner, state.settings.tool_timeout_s)
-    control = state.call_control
     if profile.on_failure != "hangup" and control is not None:
         number = profile.transfer_targets[profile.on_failure]
 

@@ -68,7 +68,12 @@ __all__ = [
 
 # Voicebot streams carry marks, clear and DTMF in; no DTMF out, hang-up is closing the socket.
 CAPABILITIES = Capabilities(
-    marks=True, clear=True, dtmf_in=True, send_dtmf_on_stream=False, hangup_on_stream=True
+    marks=True,
+    clear=True,
+    dtmf_in=True,
+    send_dtmf_on_stream=False,
+    hangup_on_stream=True,
+    frame_ms=20,  # 320-byte units; `play` packs them into its minimum chunk
 )
 SAMPLE_RATES = (8000, 16000, 24000)  # the rates `?sample-rate=` may ask for
 CHUNK_UNIT_BYTES = 320  # every chunk played back is a multiple of this

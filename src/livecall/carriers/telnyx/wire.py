@@ -77,7 +77,12 @@ MAX_MARK_NAME = 256
 # (REST `send_dtmf`); closing the socket ends a TeXML <Connect> call (the document has no verb
 # after it), so hanging up needs no REST on the inbound path.
 CAPABILITIES = Capabilities(
-    marks=True, clear=True, dtmf_in=True, send_dtmf_on_stream=False, hangup_on_stream=True
+    marks=True,
+    clear=True,
+    dtmf_in=True,
+    send_dtmf_on_stream=False,
+    hangup_on_stream=True,
+    frame_ms=20,
 )
 
 _ENCODINGS = {"PCMU": "mulaw", "PCMA": "alaw", "L16": "l16"}
