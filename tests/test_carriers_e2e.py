@@ -226,7 +226,7 @@ async def test_forged_webhook_is_refused(edge: Edge, make_stack) -> None:
 
 @pytest.mark.timeout(90)
 async def test_resumes_across_a_gemini_go_away(edge: Edge, make_stack, call_over, audio) -> None:
-    scenario = model(11, go_aways=[GoAwayFault(after=1.5, time_left=2.0)])
+    scenario = model(11, go_aways=[GoAwayFault(after=2.5, time_left=3.0)])
     stack = await make_stack(scenario, **FAST, **edge.settings)
     script = [
         say("hours"),
