@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from livecall.audio.dtmf import detect_dtmf
 from livecall.sim.clips import load_clip
 from livecall.sim.gemini import GoAwayFault, Scenario, ToolCallFault
 from livecall.sim.plivo import PlivoSimulatedCaller
@@ -244,3 +245,29 @@ async def test_resumes_across_a_gemini_go_away(edge: Edge, make_stack, call_over
     assert len(sessions) >= 2 and all(s.resumed for s in sessions[1:])
     assert audio.heard_share(result.heard_pcm(), "hours_reply") >= 0.9
     assert len(result.response_latencies_ms) == 2
+
+
+@pytest.mark.timeout(60)
+async def test_agent_sends_dtmf_on_the_stream_or_as_tones(
+    edge: Edge, make_stack, call_over, tmp_path
+) -> None:
+    profiles = tmp_path / "profiles.yaml"
+    profile = {"name": "agent", "default": True, "system_prompt": "A.", "tools": ["send_dtmf"]}
+    profiles.write_text(yaml.safe_dump({"profiles": [profile]}))
+    press = ToolCallFault(after_caller_turn=1, name="send_dtmf", args={"digits": "12#"})
+    scenario = Scenario(seed=3, greeting=None, pause_prob=0.0, replies={}, tool_calls=[press])
+    stack = await make_stack(scenario, **FAST, **edge.settings, profiles_file=profiles)
+    script = [say("hours"), WaitForAgentSilence(silence_ms=500, timeout=10), HangUp()]
+    caller = edge.make(stack, script, seed=3)
+    result = await caller.run()
+    await call_over(stack)
+
+    [session] = stack.gemini.sessions
+    assert {r.name: r.response for r in session.tool_responses}["send_dtmf"] == {
+        "result": "ok",
+        "pressed": "12#",
+    }
+    if edge.name == "plivo":  # Plivo plays keys itself: sendDTMF on the stream
+        assert [d.name for d in caller.digits_received] == ["12#"]
+    else:  # the others hear livecall's tones
+        assert detect_dtmf(result.heard_pcm()) == "12#"

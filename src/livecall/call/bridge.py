@@ -862,6 +862,18 @@ class CallBridge:
             ulaw = from_ulaw(ulaw, self._out_encoding, self._out_rate)
         return await self._send_agent_audio(ulaw, in_turn=False, mark_now=True)
 
+    async def send_dtmf(self, digits: str) -> bool | None:
+        """Keys to the far end as the carrier's own DTMF message, where it has one (Plivo's
+        `sendDTMF`): True once sent, False if the call has ended, None where the carrier
+        cannot (the caller then plays the tones in-band with `play_ulaw`)."""
+        if not self.stream.capabilities.send_dtmf_on_stream:
+            return None
+        try:
+            frames = self.stream.send_dtmf(digits)
+        except ValueError:
+            return None  # keys the carrier's message cannot carry (A-D): tones instead
+        return await self._send(frames)
+
     async def wait_heard(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Waits until everything sent so far has been played to the caller (mark echo)."""
         await self._send_mark()  # audio sent since the last mark needs one to be confirmed
