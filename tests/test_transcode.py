@@ -13,7 +13,14 @@ import pytest
 
 from livecall.audio import g711
 from livecall.audio.resample import StreamResampler
-from livecall.audio.transcode import InboundTranscoder, OutboundTranscoder
+from livecall.audio.transcode import (
+    ENCODINGS,
+    InboundTranscoder,
+    OutboundTranscoder,
+    encoding_of,
+    from_ulaw,
+    pcm_of,
+)
 from livecall.bench.audio import speech_like, tone
 
 LAWS = {
@@ -201,3 +208,48 @@ def test_per_frame_path_does_not_grow_memory() -> None:
         tracemalloc.stop()
     assert after - before < 4096, f"grew by {after - before} bytes over 500 frames"
     assert peak - before < 16384, f"peak {peak - before} bytes above the start"
+
+
+# -- carrier rates: L16 at 16/24 kHz, A-law, and recorded μ-law lines in any playback format ---
+
+
+@pytest.mark.parametrize("carrier_rate", [8000, 16000, 24000])
+def test_l16_at_carrier_rates_equals_the_resampler(carrier_rate: int) -> None:
+    pcm24 = speech_like(24000, 0.5)
+    out = OutboundTranscoder(24000, "audio/x-l16", carrier_rate)
+    got = b"".join(out.encode(f) for f in frames(pcm24.tobytes(), 960)) + out.flush()
+    rs = StreamResampler(24000, carrier_rate)
+    want = np.concatenate((rs.process(pcm24), rs.flush())).astype("<i2").tobytes()
+    assert got == want and len(got) == carrier_rate  # half a second of 16-bit samples
+
+    inbound = InboundTranscoder(16000, "audio/x-l16", carrier_rate)
+    wire = speech_like(carrier_rate, 0.5).astype("<i2").tobytes()
+    size = carrier_rate // 50 * 2
+    got_in = b"".join(inbound.decode(f) for f in frames(wire, size))
+    rs_in = StreamResampler(carrier_rate, 16000)
+    assert got_in == rs_in.process(np.frombuffer(wire, "<i2")).tobytes()
+
+
+def test_g711_only_at_8k_and_l16_only_at_its_rates() -> None:
+    with pytest.raises(ValueError, match="16000 Hz"):
+        OutboundTranscoder(24000, "audio/x-alaw", 16000)
+    with pytest.raises(ValueError, match="11025 Hz"):
+        InboundTranscoder(16000, "audio/x-l16", 11025)
+    with pytest.raises(ValueError, match="unsupported"):
+        encoding_of("opus")
+    assert [encoding_of(e) for e in ("mulaw", "alaw", "l16")] == list(ENCODINGS)
+
+
+def test_from_ulaw_codes_a_recorded_line_for_each_playback_format() -> None:
+    pcm = tone(8000, 440.0, 0.2)
+    ulaw = g711.ulaw_encode(pcm).tobytes()
+    assert from_ulaw(ulaw, "audio/x-mulaw") is ulaw  # Twilio's hot path: no copy
+    decoded = g711.ulaw_decode(ulaw)
+    assert from_ulaw(ulaw, "audio/x-alaw") == g711.alaw_encode(decoded).tobytes()
+    assert from_ulaw(ulaw, "audio/x-l16") == decoded.astype("<i2").tobytes()
+    wide = np.frombuffer(from_ulaw(ulaw, "audio/x-l16", 16000), "<i2")
+    assert len(wide) == 2 * len(ulaw) and tone_snr_db(wide[200:-200], 16000, 440.0) > 30
+    assert np.array_equal(pcm_of(ulaw, "audio/x-mulaw"), decoded)
+    alaw = g711.alaw_encode(decoded).tobytes()
+    assert np.array_equal(pcm_of(alaw, "audio/x-alaw"), g711.alaw_decode(alaw))
+    assert pcm_of(b"\x01\x00\xff\xff\x07", "audio/x-l16").tolist() == [1, -1]  # odd byte dropped

@@ -207,6 +207,19 @@ class Settings(BaseSettings):
         description="development only: without TWILIO_AUTH_TOKEN accept unsigned Twilio "
         "requests (serve binds loopback only and warns on every call)",
     )
+    # other carriers (livecall.server.carrier_routes): each is enabled only when its key is set
+    telnyx_public_key: SecretStr | None = Field(
+        None,
+        validation_alias="TELNYX_PUBLIC_KEY",
+        description="the Telnyx account's Ed25519 webhook public key (base64): enables "
+        "POST /telnyx/texml and /ws/telnyx",
+    )
+    plivo_auth_token: SecretStr | None = Field(
+        None,
+        validation_alias="PLIVO_AUTH_TOKEN",
+        description="the Plivo auth token (V3 webhook signatures): enables POST /plivo/answer "
+        "and /ws/plivo",
+    )
 
     # --- calls
     max_concurrent_calls: int = Field(500, validation_alias="MAX_CONCURRENT_CALLS")

@@ -1,7 +1,10 @@
 """The whole per-frame codec path between a carrier stream and the model, one object per direction.
 
-Inbound (caller -> model): base64 G.711 8 kHz -> PCM16LE at the model's input rate (16 kHz).
-Outbound (model -> caller): PCM16LE at the model's output rate (24 kHz) -> G.711 8 kHz (base64).
+Inbound (caller -> model): G.711 8 kHz (μ-law or A-law) or L16 at 8/16/24 kHz -> PCM16LE at the
+model's input rate (16 kHz).
+Outbound (model -> caller): PCM16LE at the model's output rate (24 kHz) -> G.711 8 kHz, or L16
+(little-endian) at the carrier's rate. The carrier adapter does the wire's framing (base64, JSON,
+byte order); this module only codes samples.
 
 Every 20 ms frame of every call comes through here, so each direction is fused into as few numpy
 calls as possible (~6 µs per frame, see docs/audio.md): G.711 codes are decoded by a table lookup
@@ -21,12 +24,30 @@ import numpy.typing as npt
 from livecall.audio import g711
 from livecall.audio.resample import SATURATE_INT16, StreamResampler
 
-__all__ = ["ENCODINGS", "InboundTranscoder", "OutboundTranscoder"]
+__all__ = [
+    "ENCODINGS",
+    "InboundTranscoder",
+    "OutboundTranscoder",
+    "encoding_of",
+    "from_ulaw",
+    "pcm_of",
+]
 
 CARRIER_RATE = 8000
 
 ENCODINGS = ("audio/x-mulaw", "audio/x-alaw", "audio/x-l16")
-"""Carrier-side encodings: G.711 μ-law (Twilio), G.711 A-law, and 8 kHz PCM16 little-endian."""
+"""Carrier-side encodings: G.711 μ-law (Twilio), G.711 A-law, and PCM16 little-endian."""
+L16_RATES = (8000, 16000, 24000)
+_BY_NAME = {"mulaw": "audio/x-mulaw", "alaw": "audio/x-alaw", "l16": "audio/x-l16"}
+
+
+def encoding_of(name: str) -> str:
+    """A `MediaFormat.encoding` ("mulaw", "alaw", "l16") as this module's encoding name."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unsupported carrier encoding {name!r}") from None
+
 
 # Code -> float64 sample, so decoding writes straight into the resampler's history buffer.
 _DECODE = {
@@ -44,19 +65,25 @@ for _table in (*_DECODE.values(), *_ENCODE.values()):
     _table.setflags(write=False)
 
 
-def _check_encoding(encoding: str) -> None:
+def _check_encoding(encoding: str, rate: int = CARRIER_RATE) -> None:
     if encoding not in ENCODINGS:
         raise ValueError(f"unsupported carrier encoding {encoding!r}; use one of {ENCODINGS}")
+    if rate not in (L16_RATES if encoding == "audio/x-l16" else (CARRIER_RATE,)):
+        raise ValueError(f"{encoding} at {rate} Hz is not supported")
 
 
 class InboundTranscoder:
-    """Caller audio (8 kHz G.711 or L16, as the carrier sends it) -> model PCM16LE at `out_rate`."""
+    """Caller audio (8 kHz G.711, or L16 at `in_rate`, as the carrier sends it) -> model PCM16LE
+    at `out_rate`."""
 
-    def __init__(self, out_rate: int = 16000, encoding: str = "audio/x-mulaw") -> None:
-        _check_encoding(encoding)
+    def __init__(
+        self, out_rate: int = 16000, encoding: str = "audio/x-mulaw", in_rate: int = CARRIER_RATE
+    ) -> None:
+        _check_encoding(encoding, in_rate)
         self.encoding = encoding
+        self.in_rate = in_rate
         self.out_rate = out_rate
-        self._rs = StreamResampler(CARRIER_RATE, out_rate)
+        self._rs = StreamResampler(in_rate, out_rate)
         self._table: npt.NDArray[np.float64] | None = _DECODE.get(encoding)
         self._step = self._rs._step_in
 
@@ -93,19 +120,23 @@ class InboundTranscoder:
 
 
 class OutboundTranscoder:
-    """Model PCM16LE at `in_rate` -> caller audio at 8 kHz (G.711 μ-law by default)."""
+    """Model PCM16LE at `in_rate` -> caller audio at `out_rate` (G.711 μ-law 8 kHz by default;
+    L16 little-endian at 8, 16 or 24 kHz)."""
 
-    def __init__(self, in_rate: int = 24000, encoding: str = "audio/x-mulaw") -> None:
-        _check_encoding(encoding)
+    def __init__(
+        self, in_rate: int = 24000, encoding: str = "audio/x-mulaw", out_rate: int = CARRIER_RATE
+    ) -> None:
+        _check_encoding(encoding, out_rate)
         self.encoding = encoding
         self.in_rate = in_rate
-        self._rs = StreamResampler(in_rate, CARRIER_RATE)
+        self.out_rate = out_rate
+        self._rs = StreamResampler(in_rate, out_rate)
         self._table = _ENCODE[encoding]
         self._step = self._rs._step_in
         self._carry = b""
 
     def encode(self, pcm: bytes | bytearray | memoryview) -> bytes:
-        """PCM16LE at `in_rate`, any size -> carrier bytes at 8 kHz.
+        """PCM16LE at `in_rate`, any size -> carrier bytes at `out_rate`.
 
         Network chunks may split a sample: an odd trailing byte is kept for the next call.
         """
@@ -150,3 +181,30 @@ class OutboundTranscoder:
         n = len(x)
         rs._reserve(n)[...] = x
         return self._table.take(rs._advance(n), mode="clip").tobytes()
+
+
+def pcm_of(audio: bytes | bytearray | memoryview, encoding: str) -> npt.NDArray[np.int16]:
+    """Carrier bytes in `encoding` -> int16 samples at the same rate (recordings, not per frame
+    of the hot path)."""
+    if encoding == "audio/x-mulaw":
+        return g711.ulaw_decode(audio)
+    if encoding == "audio/x-alaw":
+        return g711.alaw_decode(audio)
+    _check_encoding(encoding, L16_RATES[0])
+    nbytes = len(audio) - len(audio) % 2
+    return np.frombuffer(audio, dtype="<i2", count=nbytes // 2).astype(np.int16)
+
+
+def from_ulaw(ulaw: bytes, encoding: str, rate: int = CARRIER_RATE) -> bytes:
+    """μ-law 8 kHz (livecall's recorded lines and tones) -> carrier bytes in `encoding`."""
+    _check_encoding(encoding, rate)
+    if encoding == "audio/x-mulaw":
+        return ulaw
+    pcm = g711.ulaw_decode(ulaw)
+    if encoding == "audio/x-alaw":
+        return g711.alaw_encode(pcm).tobytes()
+    if rate == CARRIER_RATE:
+        return pcm.astype("<i2").tobytes()
+    rs = StreamResampler(CARRIER_RATE, rate)
+    out = np.concatenate((rs.process(pcm), rs.flush()))
+    return out.astype("<i2").tobytes()

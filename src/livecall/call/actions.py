@@ -296,6 +296,12 @@ class BridgeActions:
         return {"result": "transferred", "target": target_name}
 
     async def send_dtmf(self, digits: str) -> dict[str, Any]:
+        on_stream = await self.bridge.send_dtmf(digits)  # the carrier's own message, if any
+        if on_stream is not None:
+            self._record("dtmf_sent", digits=digits, on_stream=True)
+            if not on_stream:
+                return {"error": "the call has ended"}
+            return {"result": "ok", "pressed": digits}
         ulaw = ulaw_encode(generate_dtmf(digits)).tobytes()
         for i in range(0, len(ulaw), DTMF_CHUNK_BYTES):
             if await self.bridge.play_ulaw(ulaw[i : i + DTMF_CHUNK_BYTES]) is None:

@@ -1,8 +1,10 @@
 """One phone call: the caller's stream and a Gemini Live session, pumped both ways at once.
 
-Two tasks per call. The caller pump reads carrier frames, turns μ-law 8 kHz into 16 kHz PCM
-and hands it to Gemini (buffered, in order, until the session is open: the caller's first
-words are never dropped). The agent pump reads Gemini's events and sends agent audio to the
+Two tasks per call. The caller pump reads carrier frames through the carrier's sans-I/O
+`CarrierStream` (Twilio, Telnyx, Plivo, Vonage, Exotel: `livecall.carriers`), turns the
+caller's audio (μ-law, A-law or L16) into 16 kHz PCM and hands it to Gemini (buffered, in
+order, until the session is open: the caller's first words are never dropped). The agent pump
+reads Gemini's events and sends agent audio, coded to the stream's playback format, to the
 carrier the moment it exists, each chunk followed by a mark, letting the carrier queue it; a
 model `interrupted` sends `clear` before anything else happens. Whichever side ends first ends
 the call: the other side is closed, every task cancelled, and one summary line logged.
@@ -11,7 +13,6 @@ the call: the other side is closed, every task cancelled, and one summary line l
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
 import time
 from collections import deque
@@ -32,14 +33,32 @@ from livecall.agent.gemini import (
     GeminiLink,
 )
 from livecall.agent.tools import function_response
-from livecall.audio.g711 import ULAW_DECODE_TABLE, ulaw_decode
+from livecall.audio.g711 import ALAW_DECODE_TABLE, ULAW_DECODE_TABLE
 from livecall.audio.recording import StereoRecorder
-from livecall.audio.transcode import InboundTranscoder, OutboundTranscoder
+from livecall.audio.resample import StreamResampler
+from livecall.audio.transcode import (
+    InboundTranscoder,
+    OutboundTranscoder,
+    encoding_of,
+    from_ulaw,
+    pcm_of,
+)
 from livecall.call.audio_queue import ByteBoundedQueue
 from livecall.call.backoff import backoff_step
 from livecall.call.playout import PlayoutTracker
 from livecall.call.rotation import rotation_ready
 from livecall.call.turns import TurnTracker
+from livecall.carriers.base import (
+    CallerAudio,
+    CallStarted,
+    CallStopped,
+    CarrierProtocolError,
+    CarrierStream,
+    Dtmf,
+    Frame,
+    MediaFormat,
+    PlayedUpTo,
+)
 from livecall.live_feed import live_partial
 from livecall.privacy import keypad, transcript_fields
 from livecall.records import (
@@ -50,7 +69,6 @@ from livecall.records import (
     NullObserver,
     TurnRecord,
 )
-from livecall.telephony import twilio as tw
 
 __all__ = ["SPOKE_BEFORE_TOOL", "CallBridge", "CallOptions", "CarrierClosed", "CarrierSocket"]
 
@@ -61,9 +79,12 @@ DTMF_KEYS = frozenset("0123456789*#ABCD")
 VOICE_PEAK = 700  # int16 peak above which a caller frame counts as speech (~ -33 dBFS)
 # 1 for the μ-law codes louder than VOICE_PEAK: a frame's loudness without decoding it twice
 _LOUD_CODES = (np.abs(ULAW_DECODE_TABLE.astype(np.int32)) > VOICE_PEAK).astype(np.uint8)
+_LOUD_ALAW = (np.abs(ALAW_DECODE_TABLE.astype(np.int32)) > VOICE_PEAK).astype(np.uint8)
 PCM16K_BYTES_PER_S = 32000
-MAX_MEDIA_BYTES = 8000  # one second of 8 kHz audio: no carrier sends frames that long
+MAX_MEDIA_MS = 1000  # one second of audio in one frame: no carrier sends frames that long
 MARK_EVERY_SAMPLES = 800  # a mark per ~100 ms of agent audio (and at every turn's end)
+# Playout and turns count agent audio in 8 kHz samples whatever the carrier's rate, so the
+# transcript's "heard" cut and the recording (8 kHz) need no rate of their own.
 FAILURE_WINDOW_S = 60.0  # more than reconnect_attempts session losses in this window: give up
 # A fresh session seeded with `turnComplete: false` may wait for follow-up content (3.8): once
 # the caller has spoken since the last answer, and neither the caller nor the model has made a
@@ -81,13 +102,15 @@ class CarrierClosed(Exception):
 
 
 class CarrierSocket(Protocol):
-    """The caller's side of the call as the bridge sees it: text frames in and out."""
+    """The caller's side of the call as the bridge sees it: text or binary frames in and out."""
 
     async def receive(self) -> str | bytes | None:
         """The next frame, or None once the socket has closed."""
         ...
 
-    async def send_text(self, data: str) -> None: ...
+    async def send(self, frame: Frame) -> None:
+        """One frame as a text (str) or binary (bytes) message; raises `CarrierClosed`."""
+        ...
 
     async def close(self, code: int = 1000) -> None: ...
 
@@ -132,8 +155,8 @@ class CallBridge:
     def __init__(
         self,
         socket: CarrierSocket,
-        stream: tw.TwilioStream,
-        start: tw.Start,
+        stream: CarrierStream,
+        start: CallStarted,
         link_factory: Callable[[str | None], GeminiLink],
         *,
         options: CallOptions | None = None,
@@ -146,13 +169,33 @@ class CallBridge:
         self.link = link_factory(None)
         self.options = options or CallOptions()
         self.observer: CallObserver = observer or NullObserver()
-        self.call_sid = start.call_sid
-        self.stream_sid = start.stream_sid
+        self.call_sid = start.call_id
+        self.stream_sid = start.stream_id or start.call_id
         self.log = log.bind(call_sid=self.call_sid, stream_sid=self.stream_sid)
 
-        self.inbound = InboundTranscoder(out_rate=16000, encoding=start.encoding or "audio/x-mulaw")
+        # the caller's audio (the start's format) and what we play (the stream's: may differ)
+        inbound: MediaFormat = start.media_format
+        self._in_encoding = encoding_of(inbound.encoding)
+        self.inbound = InboundTranscoder(16000, self._in_encoding, inbound.sample_rate)
+        self._max_media_bytes = inbound.bytes_per_20ms * (MAX_MEDIA_MS // 20)
+        self._loud_table = {"mulaw": _LOUD_CODES, "alaw": _LOUD_ALAW}.get(inbound.encoding)
+        self._caller_rec_rs = (  # a higher-rate caller, resampled for the 8 kHz recording
+            StreamResampler(inbound.sample_rate, 8000) if inbound.sample_rate != 8000 else None
+        )
+        playback: MediaFormat = stream.media_format
+        self.playback_format = playback
+        self._out_encoding = encoding_of(playback.encoding)
+        self._out_rate = playback.sample_rate
+        # bytes per 8 kHz sample of agent audio (1 for G.711; 2, 4, 6 for L16 at 8/16/24 kHz)
+        self._unit = (2 if playback.encoding == "l16" else 1) * playback.sample_rate // 8000
+        # a carrier that plays whole frames only gets aligned audio (the rest waits in _held),
+        # so a mark mid-turn never makes it pad a partial frame with silence
+        self._align = playback.bytes_per_20ms * stream.capabilities.frame_ms // 20
+        self._held = b""
+        self._marks = stream.capabilities.marks
+        self._can_clear = stream.capabilities.clear
         self._agent_rate = 24000
-        self.outbound = OutboundTranscoder(in_rate=24000, encoding="audio/x-mulaw")
+        self.outbound = OutboundTranscoder(24000, self._out_encoding, self._out_rate)
         self.playout = PlayoutTracker(rate=8000)
         self.turns = TurnTracker(self.call_sid)
         self.recorder = StereoRecorder() if self.options.recording_sink is not None else None
@@ -196,6 +239,7 @@ class CallBridge:
         self._heard = asyncio.Condition()
         self._failures: deque[float] = deque()
         self._unmarked_samples = 0
+        self._background: set[asyncio.Task[None]] = set()  # estimated mark echoes
         self._loud_buf = np.empty(160, dtype=np.uint8)
         metrics = self.options.metrics
         self._meter_in = metrics.frame_meter("in") if metrics is not None else None
@@ -280,7 +324,7 @@ class CallBridge:
                 call_sid=self.call_sid,
                 stream_sid=self.stream_sid,
                 started_at=started,
-                account_sid=self.start.account_sid,
+                account_sid=self.start.account_id or "",
                 from_number=self.options.from_number,
                 to_number=self.options.to_number,
                 direction="outbound" if self.options.direction == "outbound" else "inbound",
@@ -358,7 +402,7 @@ class CallBridge:
             interruptions=self.turns.interruptions,
             frames_in=self.frames_in,
             frames_out=self.frames_out,
-            frames_missing=self.stream.frames_missing,
+            frames_missing=getattr(self.stream, "frames_missing", 0),
             gemini_sessions=self.sessions,
             prompt_tokens=self.usage.prompt_tokens,
             response_tokens=self.usage.response_tokens,
@@ -387,32 +431,34 @@ class CallBridge:
 
     # ------------------------------------------------------------------ caller -> Gemini
     async def _caller_pump(self) -> None:
+        stream = self.stream
         try:
             while True:
                 data = await self.socket.receive()
                 if data is None:
+                    stream.closed(None)
                     self._end("caller_closed")
                     return
                 try:
-                    event = self.stream.receive(data, binary=isinstance(data, bytes))
-                except tw.ProtocolError as exc:
+                    event = stream.receive(data)
+                except CarrierProtocolError as exc:
                     self.protocol_errors += 1
                     if self._should_log_error():
                         self.log.warning(
-                            "twilio.bad_frame", error=str(exc), count=self.protocol_errors
+                            "carrier.bad_frame", error=str(exc), count=self.protocol_errors
                         )
                     continue
-                if isinstance(event, tw.Media):
+                if type(event) is CallerAudio:
                     await self._caller_audio(event)
-                elif isinstance(event, tw.Mark):
+                elif type(event) is PlayedUpTo:
                     if self.playout.mark_echoed(self.now_ms(), event.name) is not None:
                         self._record_played(self.playout.just_played)
                     await self._notify_heard()
-                elif isinstance(event, tw.Dtmf):
+                elif type(event) is Dtmf:
                     if event.digit not in DTMF_KEYS:  # only keys reach the model, never text
                         self.protocol_errors += 1
                         if self._should_log_error():
-                            self.log.warning("twilio.bad_dtmf", digit=event.digit[:16])
+                            self.log.warning("carrier.bad_dtmf", digit=event.digit[:16])
                         continue
                     shown = keypad(event.digit, self.options.extra.get("log_dtmf", False))
                     self.log.info("call.dtmf", digit=shown)
@@ -420,34 +466,39 @@ class CallBridge:
                     await self._to_gemini(
                         "text", f"The caller pressed {event.digit} on the keypad."
                     )
-                elif isinstance(event, tw.Stop):
+                elif type(event) is CallStopped:
                     self._end("caller_stop")
                     return
         except CarrierClosed:
             self._end("caller_closed")
 
-    async def _caller_audio(self, media: tw.Media) -> None:
-        if media.track not in (None, "inbound", "inbound_track"):
-            return
+    async def _caller_audio(self, media: CallerAudio) -> None:
         meter = self._meter_in
         t0 = meter.begin() if meter is not None else 0
+        audio = media.audio
         try:
-            ulaw = binascii.a2b_base64(media.payload, strict_mode=True)
-            if len(ulaw) > MAX_MEDIA_BYTES:  # refused before it reaches the resampler's state
-                raise ValueError(f"{len(ulaw)}-byte media frame")
-            pcm = self.inbound.decode(ulaw)
+            if len(audio) > self._max_media_bytes:  # refused before it reaches the resampler
+                raise ValueError(f"{len(audio)}-byte media frame")
+            pcm = self.inbound.decode(audio)
         except ValueError as exc:
             self.protocol_errors += 1
             if self._should_log_error():
-                self.log.warning("twilio.bad_audio", error=str(exc), count=self.protocol_errors)
+                self.log.warning("carrier.bad_audio", error=str(exc), count=self.protocol_errors)
             return
         self.frames_in += 1
         if self.recorder is not None:
-            self._record_caller(media, ulaw)
-        codes = np.frombuffer(ulaw, dtype=np.uint8)
-        if codes.size != self._loud_buf.size:
-            self._loud_buf = np.empty(codes.size, dtype=np.uint8)
-        voiced = bool(codes.size) and bool(_LOUD_CODES.take(codes, out=self._loud_buf).any())
+            self._record_caller(media, audio)
+        table = self._loud_table
+        if table is not None:
+            codes = np.frombuffer(audio, dtype=np.uint8)
+            if codes.size != self._loud_buf.size:
+                self._loud_buf = np.empty(codes.size, dtype=np.uint8)
+            voiced = bool(codes.size) and bool(table.take(codes, out=self._loud_buf).any())
+        else:  # L16: any sample past the peak either way
+            samples = np.frombuffer(audio, dtype="<i2")
+            voiced = (bool(samples.size) and int(samples.max()) > VOICE_PEAK) or (
+                bool(samples.size) and int(samples.min()) < -VOICE_PEAK
+            )
         self.turns.caller_frame(self.now_ms(), voiced)
         if meter is not None:
             meter.end(t0)
@@ -472,11 +523,19 @@ class CallBridge:
             if until_ms is not None and not chunk.played:
                 if chunk.start_ms >= until_ms:
                     continue
-                audio = audio[: int((until_ms - chunk.start_ms) * 8)]
+                audio = audio[: int((until_ms - chunk.start_ms) * 8) * self._unit]
             if audio:
-                self.recorder.add_agent(chunk.start_ms, ulaw_decode(audio))
+                self.recorder.add_agent(chunk.start_ms, self._agent_pcm8k(audio))
 
-    def _record_caller(self, media: tw.Media, ulaw: bytes) -> None:
+    def _agent_pcm8k(self, audio: bytes) -> Any:
+        """Agent audio as sent (the playback format) -> 8 kHz int16 for the recording."""
+        pcm = pcm_of(audio, self._out_encoding)
+        if self._out_rate == 8000:
+            return pcm
+        rs = StreamResampler(self._out_rate, 8000)
+        return np.concatenate((rs.process(pcm), rs.flush()))
+
+    def _record_caller(self, media: CallerAudio, audio: bytes) -> None:
         assert self.recorder is not None
         now = self.now_ms()
         if media.timestamp_ms is None:
@@ -487,7 +546,10 @@ class CallBridge:
             at = self._stream_t0_ms + media.timestamp_ms  # gaps stay gaps
             if at > now + 2000.0:  # a stamp the call's own clock cannot have reached
                 at = now
-        self.recorder.add_caller(at, ulaw_decode(ulaw))
+        pcm = pcm_of(audio, self._in_encoding)
+        if self._caller_rec_rs is not None:
+            pcm = self._caller_rec_rs.process(pcm)
+        self.recorder.add_caller(at, pcm)
 
     async def _notify_heard(self) -> None:
         async with self._heard:
@@ -786,7 +848,7 @@ class CallBridge:
         self.log.error("call.failed", reason=reason)
         self._event("error", where="call", error=f"{reason}: ending the call")
         apology = self.options.apology_ulaw
-        if apology:
+        if apology:  # μ-law 8 kHz: 8000 bytes a second
             with contextlib.suppress(Exception):  # after what was already sent, as sent
                 await self.play_ulaw(apology)
                 await self.wait_heard(timeout=len(apology) / 8000 + 3.0)
@@ -794,8 +856,23 @@ class CallBridge:
 
     # ------------------------------------------------------------------ public controls
     async def play_ulaw(self, ulaw: bytes) -> str | None:
-        """Plays audio that is not the model's (tones, an apology); returns its mark."""
-        return await self._send_agent_ulaw(ulaw, in_turn=False, mark_now=True)
+        """Plays μ-law 8 kHz audio that is not the model's (tones, an apology, a recorded
+        line), coded to the stream's playback format; returns its mark."""
+        if self._out_encoding != "audio/x-mulaw" and ulaw:
+            ulaw = from_ulaw(ulaw, self._out_encoding, self._out_rate)
+        return await self._send_agent_audio(ulaw, in_turn=False, mark_now=True)
+
+    async def send_dtmf(self, digits: str) -> bool | None:
+        """Keys to the far end as the carrier's own DTMF message, where it has one (Plivo's
+        `sendDTMF`): True once sent, False if the call has ended, None where the carrier
+        cannot (the caller then plays the tones in-band with `play_ulaw`)."""
+        if not self.stream.capabilities.send_dtmf_on_stream:
+            return None
+        try:
+            frames = self.stream.send_dtmf(digits)
+        except ValueError:
+            return None  # keys the carrier's message cannot carry (A-D): tones instead
+        return await self._send(frames)
 
     async def wait_heard(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Waits until everything sent so far has been played to the caller (mark echo)."""
@@ -837,10 +914,10 @@ class CallBridge:
             self._expect_reply_at = self.now_ms()
         elif isinstance(event, lp.GenerationComplete):
             if not self._discarding_turn:
-                await self._send_agent_ulaw(self.outbound.flush(), mark_now=True)
+                await self._send_agent_audio(self.outbound.flush(), mark_now=True)
         elif isinstance(event, lp.TurnComplete):
             if not self._discarding_turn:
-                await self._send_agent_ulaw(self.outbound.flush(), mark_now=True)
+                await self._send_agent_audio(self.outbound.flush(), mark_now=True)
                 if self.turns.agent_turn_open:
                     self._last_answered_ms = self.now_ms()
                     self._greeting_due = False  # the first complete turn is the greeting
@@ -884,25 +961,38 @@ class CallBridge:
     async def _agent_audio(self, audio: lp.AgentAudio) -> None:
         if audio.rate != self._agent_rate:  # the model changed its output rate: follow it
             self._agent_rate = audio.rate
-            self.outbound = OutboundTranscoder(in_rate=audio.rate, encoding="audio/x-mulaw")
+            self.outbound = OutboundTranscoder(audio.rate, self._out_encoding, self._out_rate)
         meter = self._meter_out
         t0 = meter.begin() if meter is not None else 0
-        ulaw = self.outbound.encode(audio.pcm)
+        coded = self.outbound.encode(audio.pcm)
         if meter is not None:
             meter.end(t0)
-        await self._send_agent_ulaw(ulaw)
+        await self._send_agent_audio(coded)
 
-    async def _send_agent_ulaw(
-        self, ulaw: bytes, *, in_turn: bool = True, mark_now: bool = False
+    async def _send(self, frames: list[Frame]) -> bool:
+        """Sends a stream builder's frames in order; False (and the call ends) once closed."""
+        try:
+            for frame in frames:
+                await self.socket.send(frame)
+        except CarrierClosed:
+            self._end("caller_closed")
+            return False
+        return True
+
+    async def _send_agent_audio(
+        self, audio: bytes, *, in_turn: bool = True, mark_now: bool = False
     ) -> str | None:
-        """Sends agent audio at once (the carrier queues it); a mark follows every ~100 ms.
-
-        Returns the mark when one was sent after this chunk.
+        """Sends agent audio (in the playback format) at once, the carrier queues it; a mark
+        follows every ~100 ms. Returns the mark when one was sent after this chunk.
         """
-        if not ulaw:
+        if not audio:
+            if self._held and mark_now:  # the end of a turn: what was held back goes now
+                held, self._held = self._held, b""
+                if not await self._send(self.stream.play(held)):
+                    return None
             return await self._send_mark() if mark_now else None
         now = self.now_ms()
-        samples = len(ulaw)
+        samples = len(audio) // self._unit  # in 8 kHz samples
         if in_turn:
             if self._giving_up:
                 return None  # the apology is playing: the model is not heard over it
@@ -914,13 +1004,17 @@ class CallBridge:
         else:
             turn, turn_end = -1, samples
         self.playout.sent(
-            now, turn, samples, turn_end, None, ulaw if self.recorder is not None else None
+            now, turn, samples, turn_end, None, audio if self.recorder is not None else None
         )
-        payload = binascii.b2a_base64(ulaw, newline=False).decode("ascii")
-        try:
-            await self.socket.send_text(tw.media_message(self.stream_sid, payload))
-        except CarrierClosed:
-            self._end("caller_closed")
+        if self._align and not mark_now:  # whole frames now, the rest with the next chunk
+            if self._held:
+                audio = self._held + audio
+            cut = len(audio) - len(audio) % self._align
+            audio, self._held = audio[:cut], audio[cut:]
+        elif self._held:  # a turn's end: everything, the carrier pads the last frame
+            audio, self._held = self._held + audio, b""
+        frames = self.stream.play(audio) if audio else None
+        if frames and not await self._send(frames):
             return None
         self.frames_out += 1
         self._unmarked_samples += samples
@@ -929,36 +1023,56 @@ class CallBridge:
         return None
 
     async def _send_mark(self) -> str | None:
-        """Asks the carrier to tell us when everything sent so far has been played."""
+        """Asks the carrier to tell us when everything sent so far has been played.
+
+        A carrier without marks gets none: the mark settles itself when the modelled playout
+        (pacing from what was sent) says it has played, and heard parts are "estimated".
+        """
         mark = self.playout.next_mark()
         if not self.playout.attach_mark(mark):
             return None
         self._unmarked_samples = 0
-        try:
-            await self.socket.send_text(tw.mark_message(self.stream_sid, mark))
-        except CarrierClosed:
-            self._end("caller_closed")
+        if not self._marks:
+            if not await self._send(self.stream.flush()):
+                return None
+            delay_s = max(0.0, self.playout.busy_until_ms() - self.now_ms()) / 1000.0
+            asyncio.get_running_loop().call_later(delay_s, self._estimated_echo, mark)
+            return mark
+        if not await self._send(self.stream.mark(mark)):
             return None
         return mark
 
+    def _estimated_echo(self, mark: str) -> None:
+        """A mark of a carrier without marks, settled by pacing (see `_send_mark`)."""
+        if self._ended.is_set():
+            return
+        if self.playout.mark_echoed(self.now_ms(), mark) is not None:
+            self._record_played(self.playout.just_played)
+        task = asyncio.get_running_loop().create_task(self._notify_heard())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _barge_in(self) -> None:
-        """The caller spoke over the agent: silence it at the carrier before anything else."""
-        try:
-            await self.socket.send_text(tw.clear_message(self.stream_sid))
-        except CarrierClosed:
-            self._end("caller_closed")
+        """The caller spoke over the agent: silence it at the carrier before anything else.
+
+        Without `clear` nothing more is sent and what the carrier has queued runs out.
+        """
+        if self._can_clear and not await self._send(self.stream.clear()):
             return
         now = self.now_ms()
         self.outbound.reset()
+        self._held = b""
         turn = self.turns.agent_turn_index
         heard = self.playout.heard_in_turn(turn, now) if turn is not None else 0
-        self._record_played(self.playout.clear(now), until_ms=now)
+        if self._can_clear:
+            self._record_played(self.playout.clear(now), until_ms=now)
         self._unmarked_samples = 0
         self.turns.interrupted(now, heard)
         self._discarding_turn = True
         await self._notify_heard()
-        self.log.info("call.barge_in", heard_ms=round(heard / 8.0))
-        self._event("interrupted", heard_ms=round(heard / 8.0))
+        estimated = {} if self._marks else {"heard": "estimated"}
+        self.log.info("call.barge_in", heard_ms=round(heard / 8.0), **estimated)
+        self._event("interrupted", heard_ms=round(heard / 8.0), **estimated)
 
     # ------------------------------------------------------------------ tools
     def _start_tool(self, call: lp.FunctionCall) -> None:

@@ -16,7 +16,13 @@ marks or checkpoints or nothing), the shape does not. This module names the shap
 - **`Carrier`**: the per-carrier factory and HTTP side (answer document, signature check).
 
 Audio crosses this boundary as raw bytes in the stream's `MediaFormat` (never base64): the
-adapter decodes and encodes the wire's framing, the core owns the codecs.
+adapter decodes and encodes the wire's framing, the core owns the codecs. **L16 is always
+little-endian signed 16-bit at this boundary**, whatever the wire's byte order (an adapter for
+a big-endian wire swaps both ways).
+
+Marks settle in order: `PlayedUpTo(name)` means every mark sent before `name` has been settled
+too (played or cleared). A carrier whose `clear` settles pending marks reports that as one
+`PlayedUpTo(last pending)` (Plivo, Vonage, Exotel), as Twilio echoes them.
 """
 
 from __future__ import annotations
@@ -72,13 +78,22 @@ ULAW_8K = MediaFormat("mulaw", 8000)
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a carrier's media stream can do; the core falls back where it cannot."""
+    """What a carrier's media stream can do; the core falls back where it cannot.
+
+    Without `marks` the core estimates playout from pacing (the transcript says "estimated");
+    without `clear` a barge-in stops sending and lets the carrier's queue run out; without
+    `send_dtmf_on_stream` keypad tones are played in-band as audio.
+    """
 
     marks: bool  # it tells us when what we sent has been played (marks, checkpoints)
     clear: bool  # it can drop what is queued for playout (barge-in)
     dtmf_in: bool  # keypad presses arrive on the stream
     send_dtmf_on_stream: bool = False  # it can play DTMF to the far end on request
     hangup_on_stream: bool = False  # closing or a message ends the call (no REST needed)
+    # `play` plays whole multiples of this many ms and holds the rest back until more comes or
+    # a mark pads it with silence: the core hands it aligned audio so no mark mid-turn pads
+    # (0: any length plays as sent, as on Twilio and Plivo)
+    frame_ms: int = 0
 
 
 # ----------------------------------------------------------------------------- events
@@ -154,12 +169,25 @@ class CarrierStream(Protocol):
     """
 
     capabilities: Capabilities
-    media_format: MediaFormat  # what `play` takes; known after `CallStarted`
+    # what `play` takes (the playback format); known after `CallStarted`. It may differ from
+    # `CallStarted.media_format` (the caller's audio) where the carrier allows it (Telnyx).
+    media_format: MediaFormat
     started: CallStarted | None
 
     def receive(self, frame: Frame) -> CarrierEvent: ...
 
+    def closed(self, code: int | None = None) -> CallStopped:
+        """The socket closed (`code` its close code): the stream is over. For carriers with no
+        stop message (Vonage) this is the only end; for the others it ends a stream whose stop
+        never came."""
+        ...
+
     def play(self, audio: bytes) -> list[Frame]: ...
+
+    def flush(self) -> list[Frame]:
+        """End of an agent turn: frames for audio `play` held back (a remainder shorter than
+        the carrier's minimum frame, padded with silence); none if nothing is held."""
+        ...
 
     def mark(self, name: str) -> list[Frame]: ...
 
@@ -177,6 +205,9 @@ class Carrier(Protocol):
     capabilities: Capabilities
 
     def new_stream(self, *, max_frame_bytes: int) -> CarrierStream: ...
+
+    # (a carrier whose playback format differs from its inbound one says so in the stream's
+    # `media_format` vs `CallStarted.media_format`; see `CarrierStream`)
 
     def answer_document(self, stream_url: str, parameters: Mapping[str, str]) -> tuple[str, str]:
         """The webhook's answer (body, content type) that connects the call to `stream_url`."""

@@ -43,6 +43,7 @@ from livecall.outcomes.webhooks import (
 from livecall.records import CallObserver
 from livecall.server.access import HostPolicy
 from livecall.server.api import ApiDisabled, build_api_router
+from livecall.server.carrier_routes import build_carrier_router, carrier_routes
 from livecall.server.docs import build_openapi_router, docs_urls
 from livecall.server.drain import Drain
 from livecall.server.forwarded import TrustedProxies
@@ -431,6 +432,7 @@ def create_app(
 
     app.include_router(build_ops_router(state))  # /health, /ready, /admin/drain
     app.include_router(build_twilio_router(state))
+    app.include_router(build_carrier_router(state, carrier_routes(settings)))  # Telnyx, Plivo…
     app.include_router(build_amd_router(state))
     from livecall.server.dashboard import DashboardDisabled, build_dashboard_router
 

@@ -20,7 +20,7 @@ import dataclasses
 import os
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import structlog
@@ -32,6 +32,8 @@ from livecall.agent.http_tools import CallContext
 from livecall.agent.tools import ToolRunner
 from livecall.call.actions import BridgeActions, tool_handler
 from livecall.call.bridge import CallBridge, CarrierClosed
+from livecall.carriers.base import CallStarted, CarrierStream
+from livecall.carriers.twilio import TwilioCarrierStream
 from livecall.server.forwarded import TrustedProxies
 from livecall.server.limits import authenticated
 from livecall.server.registry import ActiveCall
@@ -109,14 +111,20 @@ class StarletteCarrier:
             return text
         return message.get("bytes") or b""
 
-    async def send_text(self, data: str) -> None:
+    async def send(self, frame: str | bytes) -> None:
         if self.closed:
             raise CarrierClosed
         try:
-            await self.ws.send_text(data)
+            if type(frame) is str:
+                await self.ws.send_text(frame)
+            else:
+                await self.ws.send_bytes(frame)  # type: ignore[arg-type]
         except (WebSocketDisconnect, RuntimeError, OSError) as exc:
             self.closed = True
             raise CarrierClosed from exc
+
+    async def send_text(self, data: str) -> None:
+        await self.send(data)
 
     async def close(self, code: int = 1000) -> None:
         if self.closed:
@@ -422,15 +430,41 @@ async def _await_start(
 async def _run_call(
     state: AppState, carrier: StarletteCarrier, stream: tw.TwilioStream, start: tw.Start
 ) -> None:
+    """A Twilio stream past its `start`, run as a call (see `run_call`)."""
+    adapter = TwilioCarrierStream(stream)
+    assert adapter.started is not None  # `stream` has seen its start
+    await run_call(
+        state, carrier, adapter, adapter.started, carrier_name="twilio", control=state.call_control
+    )
+
+
+async def run_call(
+    state: AppState,
+    carrier: StarletteCarrier,
+    stream: CarrierStream,
+    start: CallStarted,
+    *,
+    carrier_name: str = "twilio",
+    control: Any = None,
+) -> None:
+    """Runs one admitted stream of any carrier as a call: the same core, records and controls.
+
+    `start` is the stream's `CallStarted` (its token already checked by the carrier's route);
+    `control` the carrier's REST call control for hang-up and transfer (`hangup(call_id)`,
+    `transfer(call_id, number, say=)`), None where it has none configured: the call then
+    ends by closing the stream and transfers are refused.
+    """
+    call_id = start.call_id
+    stream_id = start.stream_id or start.call_id
     registry = state.registry
-    previous = registry.active.get(start.call_sid)
+    previous = registry.active.get(call_id)
     if previous is not None and previous.bridge is not None:
         # Twilio opened a second stream for a call we carry: the newer one is the live one.
         log.warning(
-            "twilio.duplicate_stream",
-            call_sid=start.call_sid,
+            f"{carrier_name}.duplicate_stream",
+            call_sid=call_id,
             old_stream=previous.stream_sid,
-            new_stream=start.stream_sid,
+            new_stream=stream_id,
         )
         previous.bridge.replace()
         if previous.task is not None:
@@ -453,12 +487,12 @@ async def _run_call(
         start,
         link_factory,
         options=options,
-        observer=state.observer_for(start.call_sid),
+        observer=state.observer_for(call_id),
     )
     profile = options.extra["agent_profile"]
     actions = BridgeActions(
         bridge,
-        state.call_control,
+        control,
         profile,
         deferred_greeting=options.extra.get("deferred_greeting"),
     )
@@ -468,7 +502,7 @@ async def _run_call(
         knowledge=state.knowledge_for(profile),
         http=state.http_tools.for_call(
             CallContext(
-                start.call_sid,
+                call_id,
                 options.to_number if options.direction == "outbound" else options.from_number,
                 profile.name,
             )
@@ -476,13 +510,12 @@ async def _run_call(
         non_blocking=state.non_blocking_tools(),
     )
     options.tool_handler = tool_handler(runner, state.settings.tool_timeout_s)
-    control = state.call_control
     if profile.on_failure != "hangup" and control is not None:
         number = profile.transfer_targets[profile.on_failure]
 
         async def failure_transfer() -> bool:
             line = "Sorry, I am having trouble on my side. Let me connect you to a colleague."
-            return await control.transfer(start.call_sid, number, say=line)
+            return await control.transfer(call_id, number, say=line)
 
         options.failure_transfer = failure_transfer
     if profile.transfer.mode == "warm" and control is not None:
@@ -500,8 +533,8 @@ async def _run_call(
         )
     options.extra["actions"] = actions
     entry = ActiveCall(
-        start.call_sid,
-        start.stream_sid,
+        call_id,
+        stream_id,
         time.monotonic(),
         bridge=bridge,
         task=asyncio.current_task(),
@@ -510,7 +543,7 @@ async def _run_call(
     if not registry.admit(entry):
         reason = "draining" if registry.draining else "full"
         state.metrics.refused(reason)
-        log.warning("twilio.stream_refused", call_sid=start.call_sid, reason=reason)
+        log.warning(f"{carrier_name}.stream_refused", call_sid=call_id, reason=reason)
         await carrier.close(1013)
         return
     authenticated(carrier.ws)  # a call now: no longer one of its client's pending sockets
@@ -518,7 +551,7 @@ async def _run_call(
     # not hold the caller's first words (announce waits up to its op timeout before it knows).
     announced = asyncio.create_task(
         state.cluster.announce(
-            start.call_sid,
+            call_id,
             {
                 "from": options.from_number,
                 "to": options.to_number,
@@ -527,9 +560,9 @@ async def _run_call(
                 "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
             },
         ),
-        name=f"announce:{start.call_sid}",
+        name=f"announce:{call_id}",
     )
-    verdict = state.extras.get("answered_by", {}).pop(start.call_sid, None)
+    verdict = state.extras.get("answered_by", {}).pop(call_id, None)
     if verdict is not None:  # the answering-machine verdict came before the stream
         actions.on_answered_by(verdict)
     try:
@@ -539,10 +572,10 @@ async def _run_call(
             if not announced.done():
                 announced.cancel()  # a call shorter than Redis's answer: never listed
             await asyncio.wait([announced])  # never raises the task's own cancellation
-            if registry.active.get(start.call_sid) in (entry, None):  # no newer stream took it
-                await state.cluster.withdraw(start.call_sid)
+            if registry.active.get(call_id) in (entry, None):  # no newer stream took it
+                await state.cluster.withdraw(call_id)
         finally:
             # the call's records on disk or in the database before it is let go (bounded)
-            await state.store.settled(start.call_sid, timeout=SETTLE_TIMEOUT_S)
-            registry.release(start.call_sid, entry)
+            await state.store.settled(call_id, timeout=SETTLE_TIMEOUT_S)
+            registry.release(call_id, entry)
             await actions.aclose()

@@ -27,8 +27,9 @@ import structlog
 log = structlog.get_logger("livecall.recordings")
 
 FORMATS = {"wav": "audio/wav", "flac": "audio/flac"}
-# Call SIDs become file names: nothing that could climb out of the directory.
-_SAFE_SID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Call ids become file names: nothing that could climb out of the directory. Every carrier's
+# id fits (Twilio CA…, Plivo/Vonage uuids, Telnyx "v3:…" call control ids, Exotel sids).
+_SAFE_SID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_:-]{0,127}\Z")
 
 
 def valid_call_sid(call_sid: str) -> bool:

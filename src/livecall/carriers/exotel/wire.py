@@ -68,7 +68,12 @@ __all__ = [
 
 # Voicebot streams carry marks, clear and DTMF in; no DTMF out, hang-up is closing the socket.
 CAPABILITIES = Capabilities(
-    marks=True, clear=True, dtmf_in=True, send_dtmf_on_stream=False, hangup_on_stream=True
+    marks=True,
+    clear=True,
+    dtmf_in=True,
+    send_dtmf_on_stream=False,
+    hangup_on_stream=True,
+    frame_ms=20,  # 320-byte units; `play` packs them into its minimum chunk
 )
 SAMPLE_RATES = (8000, 16000, 24000)  # the rates `?sample-rate=` may ask for
 CHUNK_UNIT_BYTES = 320  # every chunk played back is a multiple of this
@@ -375,6 +380,11 @@ class ExotelStream:
         if self.stream_sid is None:
             raise RuntimeError("no stream_sid yet: Exotel's start has not arrived")
         return self.stream_sid
+
+    def closed(self, code: int | None = None) -> CallStopped:
+        """The socket closed: the stream is over even if its `stop` never came."""
+        self.state = StreamState.STOPPED
+        return CallStopped(reason="closed" if code is None else f"closed ({code})")
 
     def play(self, audio: bytes) -> list[Frame]:
         """Little-endian PCM at the stream's rate -> `media` frames of the minimum chunk."""

@@ -421,6 +421,15 @@ class PlivoStream:
         if self.stream_id is None:
             raise RuntimeError(f"{what} needs the stream's id: wait for start")
 
+    def closed(self, code: int | None = None) -> CallStopped:
+        """The socket closed: the stream is over even if its `stop` never came."""
+        self.state = StreamState.STOPPED
+        return CallStopped(reason="closed" if code is None else f"closed ({code})")
+
+    def flush(self) -> list[Frame]:
+        """Plivo takes any whole number of samples: `play` holds nothing back."""
+        return []
+
     def play(self, audio: bytes) -> list[Frame]:
         """`playAudio` frames for raw audio in `media_format`, at most `max_play_ms` each."""
         if not audio:

@@ -77,7 +77,12 @@ MAX_MARK_NAME = 256
 # (REST `send_dtmf`); closing the socket ends a TeXML <Connect> call (the document has no verb
 # after it), so hanging up needs no REST on the inbound path.
 CAPABILITIES = Capabilities(
-    marks=True, clear=True, dtmf_in=True, send_dtmf_on_stream=False, hangup_on_stream=True
+    marks=True,
+    clear=True,
+    dtmf_in=True,
+    send_dtmf_on_stream=False,
+    hangup_on_stream=True,
+    frame_ms=20,
 )
 
 _ENCODINGS = {"PCMU": "mulaw", "PCMA": "alaw", "L16": "l16"}
@@ -427,6 +432,11 @@ class TelnyxStream:
         return text
 
     # ------------------------------------------------------------------ outbound
+
+    def closed(self, code: int | None = None) -> CallStopped:
+        """The socket closed: the stream is over even if its `stop` never came."""
+        self.state = StreamState.STOPPED
+        return CallStopped(reason="closed" if code is None else f"closed ({code})")
 
     def play(self, audio: bytes) -> list[Frame]:
         """Frames that queue `audio` (raw, in `media_format`) for playout, 20 ms..chunk_ms each.

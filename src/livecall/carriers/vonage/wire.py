@@ -80,6 +80,7 @@ CAPABILITIES = Capabilities(
     dtmf_in=True,  # `websocket:dtmf`
     send_dtmf_on_stream=False,  # only over REST: PUT /v1/calls/{uuid}/dtmf
     hangup_on_stream=True,  # closing the socket ends the connect action, hence the NCCO
+    frame_ms=20,
 )
 
 CLEAR_COMMAND = '{"action":"clear"}'
