@@ -577,9 +577,20 @@ class CallBridge:
             await self._flush_pending()
             if self._greeting_due:  # never heard yet: the greeting cue again, in this session
                 await link.send_client_turn(GREETING_PROMPT + (self.options.greeting or ""))
+            await self._go_live()
         finally:
             if old is not link:
-                await old.close()
+                await old.close()  # caller audio meanwhile goes straight to the new session
+
+    async def _go_live(self) -> None:
+        """Flushes the backlog and marks the session usable in the same step.
+
+        Caller audio reaching `_to_gemini` while the session is not ready waits in the backlog;
+        nothing flushes it but a switch. So no await may come between the backlog's last flush
+        and `_gemini_ready.set()`: audio queued in that gap would wait for the next session and
+        reach it out of order (a hole in what this session heard).
+        """
+        await self._flush_pending()  # loops until empty, including audio queued while it sent
         self._gemini_ready.set()
         self._ready_at_ms = self.now_ms()
         self._expect_reply_at = None
