@@ -15,10 +15,11 @@ import binascii
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,6 +37,7 @@ from livecall.audio.g711 import ULAW_DECODE_TABLE, ulaw_decode
 from livecall.audio.recording import StereoRecorder
 from livecall.audio.transcode import InboundTranscoder, OutboundTranscoder
 from livecall.call.audio_queue import ByteBoundedQueue
+from livecall.call.context import CallContext
 from livecall.call.playout import PlayoutTracker
 from livecall.call.supervisor import (
     DropStalled,
@@ -130,7 +132,12 @@ class CallOptions:
     max_duration_line: str = (
         "I'm sorry, we have reached the time limit for this call. Thank you for calling, goodbye!"
     )
-    extra: dict[str, Any] = field(default_factory=dict)
+    context: CallContext = field(default_factory=CallContext)  # profile, actions, log policy
+
+    @property
+    def extra(self) -> Mapping[str, Any]:
+        """Read-only, by name: the typed `context`'s fields as the old untyped dict held them."""
+        return MappingProxyType(self.context.as_mapping())
 
 
 class CallBridge:
@@ -252,7 +259,7 @@ class CallBridge:
                 speaker=turn.speaker,
                 **transcript_fields(
                     (turn.heard_text if turn.interrupted else turn.text) or "",
-                    self.options.extra.get("log_transcripts", False),
+                    self.options.context.log_transcripts,
                 ),
                 interrupted=turn.interrupted,
                 at_ms=turn.start_ms,

@@ -408,12 +408,12 @@ async def _run_call(
         options=options,
         observer=state.observer_for(start.call_sid),
     )
-    profile = options.extra["agent_profile"]
+    profile = options.context.profile()
     actions = BridgeActions(
         bridge,
         state.call_control,
         profile,
-        deferred_greeting=options.extra.get("deferred_greeting"),
+        deferred_greeting=options.context.deferred_greeting,
     )
     runner = ToolRunner(
         profile,
@@ -438,7 +438,7 @@ async def _run_call(
             return await control.transfer(start.call_sid, number, say=line)
 
         options.failure_transfer = failure_transfer
-    options.extra["actions"] = actions
+    options.context.actions = actions
     entry = ActiveCall(
         start.call_sid,
         start.stream_sid,
@@ -446,7 +446,6 @@ async def _run_call(
         bridge=bridge,
         task=asyncio.current_task(),
     )
-    entry.info["actions"] = actions  # for call control requests (AppState.on_control)
     if not registry.admit(entry):
         reason = "draining" if registry.draining else "full"
         state.metrics.refused(reason)
@@ -469,7 +468,7 @@ async def _run_call(
         ),
         name=f"announce:{start.call_sid}",
     )
-    verdict = state.extras.get("answered_by", {}).pop(start.call_sid, None)
+    verdict = state.answered_by.pop(start.call_sid, None)
     if verdict is not None:  # the answering-machine verdict came before the stream
         actions.on_answered_by(verdict)
     try:
