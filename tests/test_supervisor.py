@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from livecall.call.supervisor import (
+    CompleteSeed,
     DropStalled,
     GiveUp,
     Live,
@@ -209,3 +210,54 @@ def test_with_reconnects_off_the_first_loss_gives_up_but_the_first_connect_happe
     assert sup.begin("start", None, 0.0) == Open(None, 1, "start")
     assert sup.connect_failed(1011) == GiveUp("gemini_failed", "1 attempts failed")
     assert sup.lost(1.0) == GiveUp("gemini_failed", "failing repeatedly: 1 losses")
+
+
+def _seeded_session(sup: SessionSupervisor, ready_ms: float) -> None:
+    sup.begin("start", None, 0.0)
+    sup.connected()
+    sup.live(0.0)
+    sup.answered(500.0)  # the greeting
+    sup.begin("session_lost", 1007, 1000.0)
+    sup.connect_failed(1008)
+    assert sup.connected() == Replay(seed=True)
+    sup.seeded()
+    sup.live(ready_ms)
+
+
+def _at(sup: SessionSupervisor, now_ms: float, voice: float | None, agent: bool = False) -> object:
+    return sup.tick(
+        now_ms,
+        last_voice_ms=voice,
+        agent_turn_open=agent,
+        playout_busy_until_ms=0.0,
+        tools_running=False,
+    )
+
+
+def test_a_seeded_session_has_its_turn_completed_once_the_caller_spoke_and_all_went_quiet() -> None:
+    sup = _sup()
+    _seeded_session(sup, ready_ms=2000.0)
+    assert _at(sup, 5000.0, voice=400.0) is None  # the caller has not spoken since the answer
+    assert _at(sup, 3500.0, voice=2600.0) is None  # quiet only 900 ms
+    assert _at(sup, 3600.0, voice=2600.0, agent=True) is None  # the model is answering
+    assert _at(sup, 3600.0, voice=2600.0) == CompleteSeed()
+    assert not sup.seed_open
+    assert _at(sup, 9000.0, voice=2600.0) is None  # once
+
+
+def test_the_seed_quiet_counts_from_when_the_session_began() -> None:
+    sup = _sup()
+    _seeded_session(sup, ready_ms=3000.0)
+    assert _at(sup, 3900.0, voice=2600.0) is None  # the caller spoke before the session began
+    assert _at(sup, 4000.0, voice=2600.0) == CompleteSeed()
+
+
+def test_a_rotation_comes_before_the_seed_and_a_new_session_is_unseeded() -> None:
+    sup = _sup()
+    _seeded_session(sup, ready_ms=2000.0)
+    sup.resumable("fresh-setup")  # the fresh session's own handle
+    sup.go_away(2000.0, 1.0)
+    assert _at(sup, 9000.0, voice=2600.0) == Rotate()
+    assert sup.begin("go_away", None, 9000.0).handle == "fresh-setup"
+    assert sup.connected() == Replay(seed=False)  # resumed: the seed is in its state already
+    assert not sup.seed_open

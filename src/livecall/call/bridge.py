@@ -40,11 +40,13 @@ from livecall.call.audio_queue import ByteBoundedQueue
 from livecall.call.context import CallContext
 from livecall.call.playout import PlayoutTracker
 from livecall.call.supervisor import (
+    CompleteSeed,
     DropStalled,
     GiveUp,
     Live,
     Nudge,
     Replay,
+    Rotate,
     SessionAction,
     SessionSupervisor,
     Wait,
@@ -74,11 +76,6 @@ _LOUD_CODES = (np.abs(ULAW_DECODE_TABLE.astype(np.int32)) > VOICE_PEAK).astype(n
 PCM16K_BYTES_PER_S = 32000
 MAX_MEDIA_BYTES = 8000  # one second of 8 kHz audio: no carrier sends frames that long
 MARK_EVERY_SAMPLES = 800  # a mark per ~100 ms of agent audio (and at every turn's end)
-# A fresh session seeded with `turnComplete: false` may wait for follow-up content (3.8): once
-# the caller has spoken since the last answer, and neither the caller nor the model has made a
-# sound for this long since (a model that does not wait has begun its answer by then: any
-# client content would cut that answer off), the turn is completed.
-SEED_RELEASE_QUIET_MS = 1000.0
 GREETING_PROMPT = "The phone call has just been answered. Greet the caller now, saying: "
 # In a tool handler: had the agent spoken in the turn in which it made the call? (An
 # `end_call` before any word needs the model's goodbye, or a recorded one, before hanging up.)
@@ -204,9 +201,6 @@ class CallBridge:
         )
         self._greeting_due = bool(self.options.greeting)  # until an agent turn is complete
         self._giving_up = False
-        self._ready_at_ms = 0.0  # when the current session became usable
-        self._seed_open = False  # a fresh session seeded with partial content waits for more
-        self._last_answered_ms = float("-inf")  # when the agent last completed a turn
         self._stalled_link: GeminiLink | None = None
         self._heard = asyncio.Condition()
         self._unmarked_samples = 0
@@ -234,6 +228,14 @@ class CallBridge:
     @_expect_reply_at.setter
     def _expect_reply_at(self, value: float | None) -> None:
         self.supervisor.expect_reply_at = value
+
+    @property
+    def _seed_open(self) -> bool:
+        return self.supervisor.seed_open
+
+    @_seed_open.setter
+    def _seed_open(self, value: bool) -> None:
+        self.supervisor.seed_open = value
 
     @property
     def _nudged(self) -> bool:
@@ -599,10 +601,9 @@ class CallBridge:
             self.turns.turn_complete(self.now_ms())
             self._flush_turns()
         try:
-            self._seed_open = False
             if replay.seed and self.transcript:
                 await link.send_client_turn(self._seed_text(), turn_complete=False)
-                self._seed_open = True
+                self.supervisor.seeded()
             # Audio the old session took after its last resumable snapshot is not in the handle.
             owed = list(self._since_snapshot)
             self._since_snapshot.clear()
@@ -631,8 +632,7 @@ class CallBridge:
         """
         await self._flush_pending()  # loops until empty, including audio queued while it sent
         self._gemini_ready.set()
-        self._ready_at_ms = self.now_ms()
-        return self.supervisor.live(self._ready_at_ms)
+        return self.supervisor.live(self.now_ms())
 
     async def _connect_with_recovery(self, action: SessionAction, why: str) -> bool:
         """Carries out the supervisor's recovery (open, back off, switch); False: give up."""
@@ -728,18 +728,17 @@ class CallBridge:
             if not self._gemini_ready.is_set():
                 continue
             now = self.now_ms()
-            rotate = sup.tick(
+            due = sup.tick(
                 now,
                 last_voice_ms=self.turns.last_voice_ms,
                 agent_turn_open=self.turns.agent_turn_open,
                 playout_busy_until_ms=self.playout.busy_until_ms(),
                 tools_running=bool(self._tool_tasks),
             )
-            if rotate is not None:
+            if isinstance(due, Rotate):
                 await self._rotate()
                 continue
-            if self._seed_open and self._seed_release_due():
-                self._seed_open = False
+            if isinstance(due, CompleteSeed):
                 self.log.info("gemini.seed_completed")
                 with contextlib.suppress(GeminiClosed):
                     await self.link.send_turn_complete()
@@ -756,15 +755,6 @@ class CallBridge:
                 self._event("error", where="gemini", error="model silent: reconnecting")
                 self._stalled_link = self.link
                 await self.link.close()
-
-    def _seed_release_due(self) -> bool:
-        """The caller spoke since the agent last answered and has been quiet a moment."""
-        last_voice = self.turns.last_voice_ms
-        if last_voice is None or last_voice <= self._last_answered_ms:
-            return False
-        if self.turns.agent_turn_open:
-            return False
-        return self.now_ms() - max(last_voice, self._ready_at_ms) >= SEED_RELEASE_QUIET_MS
 
     async def _agent_pump(self) -> None:
         if not await self._recover("start", None):
@@ -869,7 +859,7 @@ class CallBridge:
             if not self._discarding_turn:
                 await self._send_agent_ulaw(self.outbound.flush(), mark_now=True)
                 if self.turns.agent_turn_open:
-                    self._last_answered_ms = self.now_ms()
+                    self.supervisor.answered(self.now_ms())
                     self._greeting_due = False  # the first complete turn is the greeting
             self._discarding_turn = False
             self.supervisor.turn_complete(session)

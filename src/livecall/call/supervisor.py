@@ -7,7 +7,8 @@ one may have lost, rotate, nudge, drop a stalled session, give up). Everything h
 state and arithmetic, unit tested without sockets (`tests/test_supervisor.py`): the attempts
 and their backoff (`backoff.py`), a refused handle turning into a fresh seeded session, the
 "failing repeatedly" window, the rotation deadline and its turn boundary (`rotation.py`), the
-stall watchdog, and which handle still owes the next session the audio replayed since.
+release of a seeded fresh session's open turn, the stall watchdog, and which handle still owes
+the next session the audio replayed since.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from livecall.call.rotation import rotation_ready
 __all__ = [
     "FAILURE_WINDOW_S",
     "PERMANENT_CODES",
+    "SEED_RELEASE_QUIET_MS",
+    "CompleteSeed",
     "DropStalled",
     "GiveUp",
     "Live",
@@ -36,6 +39,11 @@ __all__ = [
 ]
 
 FAILURE_WINDOW_S = 60.0  # more than `attempts` session losses in this window: give up
+# A fresh session seeded with `turnComplete: false` may wait for follow-up content (3.8): once
+# the caller has spoken since the last answer, and neither the caller nor the model has made a
+# sound for this long since (a model that does not wait has begun its answer by then: any
+# client content would cut that answer off), the turn is completed.
+SEED_RELEASE_QUIET_MS = 1000.0
 # close codes of a bad setup, key, model or handle: retrying the same cannot help
 PERMANENT_CODES = frozenset({1007, 1008})
 
@@ -91,6 +99,11 @@ class Rotate:
 
 
 @dataclass(frozen=True, slots=True)
+class CompleteSeed:
+    """The seeded fresh session waits for more content: complete its turn now."""
+
+
+@dataclass(frozen=True, slots=True)
 class Nudge:
     """The model has been silent while the caller waits: ask it to answer."""
 
@@ -133,6 +146,9 @@ class SessionSupervisor:
         self.rotation_deadline_ms: float | None = None
         self.expect_reply_at: float | None = None  # the caller waits for an answer since
         self.nudged = False
+        self.seed_open = False  # a fresh session seeded with partial content waits for more
+        self.ready_at_ms = 0.0  # when the current session became usable
+        self.last_answered_ms = float("-inf")  # when the agent last completed a turn
         self._failures: deque[float] = deque()
         # the recovery under way
         self._attempt = 0
@@ -201,11 +217,13 @@ class SessionSupervisor:
         self.sessions += 1
         self.session_turns = 0
         self._switching = False
+        self.seed_open = False
         return Replay(seed=seed)
 
     def live(self, now_ms: float) -> Live:
         """The switch is done: the session is the call's, ready for the caller's audio."""
         self.expect_reply_at = None
+        self.ready_at_ms = now_ms
         return Live(
             first=self.sessions == 1,
             resumed=self._opening is not None,
@@ -227,6 +245,14 @@ class SessionSupervisor:
             return False
         self.handle = handle
         return self.session_turns > 0
+
+    def seeded(self) -> None:
+        """The new session was seeded with the transcript as an open turn."""
+        self.seed_open = True
+
+    def answered(self, now_ms: float) -> None:
+        """The agent completed a turn it spoke in."""
+        self.last_answered_ms = now_ms
 
     def turn_complete(self, session: int) -> None:
         """Session number `session` (`sessions` when its turn began) completed a turn; a turn
@@ -259,8 +285,10 @@ class SessionSupervisor:
         agent_turn_open: bool,
         playout_busy_until_ms: float,
         tools_running: bool,
-    ) -> Rotate | None:
-        """Rotate once a `goAway`'s rotation is due at a turn boundary (or its deadline)."""
+    ) -> Rotate | CompleteSeed | None:
+        """Rotate once a `goAway`'s rotation is due at a turn boundary (or its deadline); else
+        complete a seeded session's open turn once the caller spoke since the agent last
+        answered and all has been quiet `SEED_RELEASE_QUIET_MS` (since the session began)."""
         if rotation_ready(
             now_ms,
             self.rotation_deadline_ms,
@@ -270,6 +298,15 @@ class SessionSupervisor:
             tools_running=tools_running,
         ):
             return Rotate()
+        if (
+            self.seed_open
+            and last_voice_ms is not None
+            and last_voice_ms > self.last_answered_ms
+            and not agent_turn_open
+            and now_ms - max(last_voice_ms, self.ready_at_ms) >= SEED_RELEASE_QUIET_MS
+        ):
+            self.seed_open = False
+            return CompleteSeed()
         return None
 
     def watchdog(self, now_ms: float, last_voice_ms: float | None) -> Nudge | DropStalled | None:
