@@ -58,18 +58,33 @@ def _utterance(name: str) -> list[Any]:
     return [Say(pcm, rate=rate, label=name), WaitForAgentSilence(silence_ms=800, timeout=25)]
 
 
+# μ-law codes of ±0 and ±8 (-72 dBFS): a line's noise floor, far below any VAD or voice peak
+_LINE_NOISE_CODES = np.array([0xFF, 0x7F, 0xFE, 0x7E], dtype=np.uint8)
+
+
 class RecordingCaller(SimulatedCaller):
-    """A simulated caller that keeps every μ-law byte it sent, in order."""
+    """A simulated caller that keeps every μ-law byte it sent, in order.
+
+    Its pauses carry a faint seeded line noise instead of digital silence, as a real line
+    does: every stretch of its audio is then unique, so where a session's input lies in it is
+    never ambiguous (a session that heard only digital silence could sit anywhere in a pause,
+    and the check below would have to guess).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sent_ulaw = bytearray()
+        self._noise = np.random.default_rng(kwargs.get("seed"))
 
     async def _script_step(self, now: float) -> tuple[bytes, int, Any] | None:
         step = await super()._script_step(now)
-        if step is not None:
-            self.sent_ulaw += step[0]
-        return step
+        if step is None:
+            return None
+        frame, flags, utt = step
+        if not frame.strip(b"\xff"):  # a silent frame: the line's noise floor instead
+            frame = self._noise.choice(_LINE_NOISE_CODES, size=len(frame)).tobytes()
+        self.sent_ulaw += frame
+        return frame, flags, utt
 
 
 def _first_unreached(sent: bytes, sessions: list[SessionRecord]) -> str | None:

@@ -223,7 +223,7 @@ async def test_without_an_auth_token_twilios_doors_stay_shut(make_stack) -> None
     with pytest.raises(websockets.InvalidStatus) as refused:
         await websockets.connect(stream_url(stack), proxy=None)
     assert refused.value.response.status_code == 403
-    assert stack.app.state.livecall.extras.get("answered_by", {}) == {}
+    assert stack.app.state.livecall.answered_by == {}
     assert stack.gemini.sessions == [] and stack.registry.load == 0
 
 

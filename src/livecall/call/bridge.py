@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,9 +45,20 @@ from livecall.audio.transcode import (
     pcm_of,
 )
 from livecall.call.audio_queue import ByteBoundedQueue
-from livecall.call.backoff import backoff_step
+from livecall.call.context import CallContext
 from livecall.call.playout import PlayoutTracker
-from livecall.call.rotation import rotation_ready
+from livecall.call.supervisor import (
+    CompleteSeed,
+    DropStalled,
+    GiveUp,
+    Live,
+    Nudge,
+    Replay,
+    Rotate,
+    SessionAction,
+    SessionSupervisor,
+    Wait,
+)
 from livecall.call.turns import TurnTracker
 from livecall.carriers.base import (
     CallerAudio,
@@ -85,12 +97,6 @@ MAX_MEDIA_MS = 1000  # one second of audio in one frame: no carrier sends frames
 MARK_EVERY_SAMPLES = 800  # a mark per ~100 ms of agent audio (and at every turn's end)
 # Playout and turns count agent audio in 8 kHz samples whatever the carrier's rate, so the
 # transcript's "heard" cut and the recording (8 kHz) need no rate of their own.
-FAILURE_WINDOW_S = 60.0  # more than reconnect_attempts session losses in this window: give up
-# A fresh session seeded with `turnComplete: false` may wait for follow-up content (3.8): once
-# the caller has spoken since the last answer, and neither the caller nor the model has made a
-# sound for this long since (a model that does not wait has begun its answer by then: any
-# client content would cut that answer off), the turn is completed.
-SEED_RELEASE_QUIET_MS = 1000.0
 GREETING_PROMPT = "The phone call has just been answered. Greet the caller now, saying: "
 # In a tool handler: had the agent spoken in the turn in which it made the call? (An
 # `end_call` before any word needs the model's goodbye, or a recorded one, before hanging up.)
@@ -146,7 +152,12 @@ class CallOptions:
     max_duration_line: str = (
         "I'm sorry, we have reached the time limit for this call. Thank you for calling, goodbye!"
     )
-    extra: dict[str, Any] = field(default_factory=dict)
+    context: CallContext = field(default_factory=CallContext)  # profile, actions, log policy
+
+    @property
+    def extra(self) -> Mapping[str, Any]:
+        """Read-only, by name: the typed `context`'s fields as the old untyped dict held them."""
+        return MappingProxyType(self.context.as_mapping())
 
 
 class CallBridge:
@@ -210,34 +221,31 @@ class CallBridge:
         self._ended = asyncio.Event()
         self.end_reason: str | None = None
         self.failed = False
-        self.resumption_handle: str | None = None
         self.usage = lp.Usage()
         self.frames_in = 0
         self.frames_out = 0
         self.frames_dropped = 0
         self.protocol_errors = 0
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
-        # sessions
-        self.sessions = 0
+        # sessions: the supervisor decides, the bridge carries it out
+        self.supervisor = SessionSupervisor(
+            attempts=self.options.reconnect_attempts,
+            backoff_initial_s=self.options.backoff_initial_s,
+            backoff_max_s=self.options.backoff_max_s,
+            rotation_margin_s=self.options.rotation_margin_s,
+            stall_timeout_s=self.options.stall_timeout_s,
+            permanent_codes=PERMANENT_CLOSE_CODES,
+        )
         self.reconnects = 0
         self.rotations = 0
         self._session_lock = asyncio.Lock()
-        self._rotation_deadline: float | None = None
-        self._down_since_ms = 0.0
         self._since_snapshot: ByteBoundedQueue[bytes] = ByteBoundedQueue(
             int(self.options.replay_limit_s * PCM16K_BYTES_PER_S), len
         )
-        self._expect_reply_at: float | None = None
         self._greeting_due = bool(self.options.greeting)  # until an agent turn is complete
         self._giving_up = False
-        self._session_turns = 0  # turns the current session completed
-        self._ready_at_ms = 0.0  # when the current session became usable
-        self._seed_open = False  # a fresh session seeded with partial content waits for more
-        self._last_answered_ms = float("-inf")  # when the agent last completed a turn
-        self._nudged = False
         self._stalled_link: GeminiLink | None = None
         self._heard = asyncio.Condition()
-        self._failures: deque[float] = deque()
         self._unmarked_samples = 0
         self._background: set[asyncio.Task[None]] = set()  # estimated mark echoes
         self._loud_buf = np.empty(160, dtype=np.uint8)
@@ -245,6 +253,41 @@ class CallBridge:
         self._meter_in = metrics.frame_meter("in") if metrics is not None else None
         self._meter_out = metrics.frame_meter("out") if metrics is not None else None
         self.transcript: deque[TurnRecord] = deque(maxlen=200)
+
+    # ------------------------------------------------------------------ session state
+    @property
+    def sessions(self) -> int:
+        """Gemini sessions the call has had."""
+        return self.supervisor.sessions
+
+    @property
+    def resumption_handle(self) -> str | None:
+        return self.supervisor.handle
+
+    # The stall watchdog's state lives in the supervisor; these keep the pumps' writes short.
+    @property
+    def _expect_reply_at(self) -> float | None:
+        return self.supervisor.expect_reply_at
+
+    @_expect_reply_at.setter
+    def _expect_reply_at(self, value: float | None) -> None:
+        self.supervisor.expect_reply_at = value
+
+    @property
+    def _seed_open(self) -> bool:
+        return self.supervisor.seed_open
+
+    @_seed_open.setter
+    def _seed_open(self, value: bool) -> None:
+        self.supervisor.seed_open = value
+
+    @property
+    def _nudged(self) -> bool:
+        return self.supervisor.nudged
+
+    @_nudged.setter
+    def _nudged(self, value: bool) -> None:
+        self.supervisor.nudged = value
 
     # ------------------------------------------------------------------ clock & records
     def now_ms(self) -> float:
@@ -262,7 +305,7 @@ class CallBridge:
                 speaker=turn.speaker,
                 **transcript_fields(
                     (turn.heard_text if turn.interrupted else turn.text) or "",
-                    self.options.extra.get("log_transcripts", False),
+                    self.options.context.log_transcripts,
                 ),
                 interrupted=turn.interrupted,
                 at_ms=turn.start_ms,
@@ -460,7 +503,7 @@ class CallBridge:
                         if self._should_log_error():
                             self.log.warning("carrier.bad_dtmf", digit=event.digit[:16])
                         continue
-                    shown = keypad(event.digit, self.options.extra.get("log_dtmf", False))
+                    shown = keypad(event.digit, self.options.context.log_dtmf)
                     self.log.info("call.dtmf", digit=shown)
                     self._event("dtmf", digit=shown)
                     await self._to_gemini(
@@ -608,199 +651,172 @@ class CallBridge:
             + "\n".join(lines[-40:])
         )
 
-    async def _switch_to(self, link: GeminiLink, *, fresh: bool) -> None:
+    async def _switch_to(self, link: GeminiLink, replay: Replay) -> Live:
         """Makes `link` the session: replays what the old one may have lost, then the backlog.
 
         Raises GeminiClosed when `link` dies on the way; the old session is closed either way.
         """
         old, self.link = self.link, link
-        self.sessions += 1
-        self._session_turns = 0
         self._discarding_turn = False
         self.outbound.reset()
         if self.turns.agent_turn_open:  # the old session's answer cannot continue in a new one
             self.turns.turn_complete(self.now_ms())
             self._flush_turns()
         try:
-            self._seed_open = False
-            if fresh and self.transcript:
+            if replay.seed and self.transcript:
                 await link.send_client_turn(self._seed_text(), turn_complete=False)
-                self._seed_open = True
+                self.supervisor.seeded()
             # Audio the old session took after its last resumable snapshot is not in the handle.
-            replay = list(self._since_snapshot)
+            owed = list(self._since_snapshot)
             self._since_snapshot.clear()
-            for i, pcm in enumerate(replay):
+            for i, pcm in enumerate(owed):
                 try:
                     await link.send_audio(pcm)
                 except GeminiClosed:
-                    self._since_snapshot.extend(replay[i:])  # still owed to the next session
+                    self._since_snapshot.extend(owed[i:])  # still owed to the next session
                     raise
                 self._since_snapshot.append(pcm)
             await self._flush_pending()
             if self._greeting_due:  # never heard yet: the greeting cue again, in this session
                 await link.send_client_turn(GREETING_PROMPT + (self.options.greeting or ""))
+            return await self._go_live()
         finally:
             if old is not link:
-                await old.close()
-        self._gemini_ready.set()
-        self._ready_at_ms = self.now_ms()
-        self._expect_reply_at = None
+                await old.close()  # caller audio meanwhile goes straight to the new session
 
-    async def _connect_with_recovery(self, why: str, code: int | None) -> bool:
-        """(Re)connects with backoff; False when every attempt failed."""
-        attempts = max(1, self.options.reconnect_attempts)  # the first connect always happens
-        delay = self.options.backoff_initial_s
-        for attempt in range(1, attempts + 1):
-            handle = self.resumption_handle
+    async def _go_live(self) -> Live:
+        """Flushes the backlog and marks the session usable in the same step.
+
+        Caller audio reaching `_to_gemini` while the session is not ready waits in the backlog;
+        nothing flushes it but a switch. So no await may come between the backlog's last flush
+        and `_gemini_ready.set()`: audio queued in that gap would wait for the next session and
+        reach it out of order (a hole in what this session heard).
+        """
+        await self._flush_pending()  # loops until empty, including audio queued while it sent
+        self._gemini_ready.set()
+        return self.supervisor.live(self.now_ms())
+
+    async def _connect_with_recovery(self, action: SessionAction, why: str) -> bool:
+        """Carries out the supervisor's recovery (open, back off, switch); False: give up."""
+        sup = self.supervisor
+        while True:
+            if isinstance(action, GiveUp):
+                self.log.warning("gemini.recovery_failed", reason=why, why=action.why)
+                return False
+            if isinstance(action, Wait):
+                await asyncio.sleep(action.seconds)
+                action = sup.retry()
+                continue
             try:
-                link = await self._open_link(handle)
+                link = await self._open_link(action.handle)
             except GeminiConnectError as exc:
                 self.log.warning(
                     "gemini.connect_failed",
-                    attempt=attempt,
+                    attempt=action.attempt,
                     code=exc.code,
                     error=str(exc),
-                    resuming=handle is not None,
+                    resuming=action.handle is not None,
                 )
                 self._event("error", where="gemini_connect", code=exc.code, error=str(exc))
-                if exc.code in PERMANENT_CLOSE_CODES:
-                    if handle is None:
-                        return False  # a bad key, model or setup: retrying cannot help
-                    self.resumption_handle = None  # refused handle: start fresh, seeded
-                    continue
-                if attempt < attempts:
-                    pause, delay = backoff_step(delay, self.options.backoff_max_s)
-                    await asyncio.sleep(pause)
+                action = sup.connect_failed(exc.code)
                 continue
             try:
-                await self._switch_to(link, fresh=handle is None and self.sessions > 0)
+                live = await self._switch_to(link, sup.connected())
             except GeminiClosed as exc:  # lost while seeding, replaying or flushing: again
                 self.log.warning(
                     "gemini.session_lost", code=exc.code, reason=exc.reason, during="switch"
                 )
                 self._event("reconnect", code=exc.code, reason=exc.reason, during="switch")
                 await link.close()
-                if attempt < attempts:
-                    pause, delay = backoff_step(delay, self.options.backoff_max_s)
-                    await asyncio.sleep(pause)
+                action = sup.switch_failed()
                 continue
-            if self.sessions > 1:
-                if why != "go_away":  # a planned rotation is counted in `rotations`
-                    self.reconnects += 1
-                gap_ms = round(self.now_ms() - self._down_since_ms, 1)
-                self._event(
-                    "session_resumed" if handle else "session_started",
-                    reason=why,
-                    code=code,
-                    attempt=attempt,
-                    gap_ms=gap_ms,
-                )
-                self.log.info(
-                    "gemini.reconnected",
-                    reason=why,
-                    resumed=handle is not None,
-                    attempt=attempt,
-                    gap_ms=gap_ms,
-                )
-            else:
+            if live.first:
                 self._event("session_started", session_id=link.session_id)
+                return True
+            if why != "go_away":  # a planned rotation is counted in `rotations`
+                self.reconnects += 1
+            self._event(
+                "session_resumed" if live.resumed else "session_started",
+                reason=why,
+                code=live.code,
+                attempt=live.attempt,
+                gap_ms=live.gap_ms,
+            )
+            self.log.info(
+                "gemini.reconnected",
+                reason=why,
+                resumed=live.resumed,
+                attempt=live.attempt,
+                gap_ms=live.gap_ms,
+            )
             return True
-        return False
 
     async def _recover(self, why: str, code: int | None, lost: GeminiLink | None = None) -> bool:
         """Replaces the session `lost` (None: the first connect); False when none can be had."""
-        now = time.monotonic()
         if why != "start":  # the first connect is not a lost session
-            self._failures.append(now)
-        while self._failures and now - self._failures[0] > FAILURE_WINDOW_S:
-            self._failures.popleft()
-        if len(self._failures) > self.options.reconnect_attempts:
-            # sessions that open and die at once, again and again: stop trying
-            self.log.error("gemini.failing_repeatedly", failures=len(self._failures))
-            return False
+            failing = self.supervisor.lost(time.monotonic())
+            if failing is not None:  # sessions that open and die at once, again and again
+                self.log.error("gemini.failing_repeatedly", why=failing.why)
+                return False
         async with self._session_lock:
             if lost is not None and self.link is not lost and self._gemini_ready.is_set():
                 return True  # a rotation or another recovery already replaced it
             self._gemini_ready.clear()
-            self._down_since_ms = self.now_ms()
-            self._rotation_deadline = None
-            return await self._connect_with_recovery(why, code)
+            first = self.supervisor.begin(why, code, self.now_ms())
+            return await self._connect_with_recovery(first, why)
 
     async def _rotate(self) -> None:
         """Moves the call to a fresh session before the current one is closed (goAway)."""
         async with self._session_lock:
-            if self._rotation_deadline is None or self._ended.is_set():
+            if self.supervisor.rotation_deadline_ms is None or self._ended.is_set():
                 return
-            self._rotation_deadline = None
             self._gemini_ready.clear()
-            self._down_since_ms = self.now_ms()
+            first = self.supervisor.begin("go_away", None, self.now_ms())
             old = self.link
             if not self.options.rotation_overlap or old.counter.full:
                 await old.close()  # the quota has no room for two sessions at once
-            rotated = await self._connect_with_recovery("go_away", None)
+            rotated = await self._connect_with_recovery(first, "go_away")
             if rotated:
                 self.rotations += 1
         if not rotated:  # the apology (or the failure transfer), outside the session lock
             await self._give_up("gemini_failed")
 
-    def _rotation_ready(self) -> bool:
-        """A turn boundary: nobody is speaking, no agent audio is left to play."""
-        return rotation_ready(
-            self.now_ms(),
-            self._rotation_deadline,
-            last_voice_ms=self.turns.last_voice_ms,
-            agent_turn_open=self.turns.agent_turn_open,
-            playout_busy_until_ms=self.playout.busy_until_ms(),
-            tools_running=bool(self._tool_tasks),
-        )
-
     async def _supervise(self) -> None:
-        """Rotation at turn boundaries and the stall watchdog, checked every 100 ms."""
-        stall_ms = self.options.stall_timeout_s * 1000.0
+        """Every 100 ms: the supervisor's rotation at a turn boundary, the seed's release, and
+        its stall watchdog, carried out."""
+        sup = self.supervisor
         while True:
             await asyncio.sleep(0.1)
             if not self._gemini_ready.is_set():
                 continue
-            if self._rotation_ready():
+            now = self.now_ms()
+            due = sup.tick(
+                now,
+                last_voice_ms=self.turns.last_voice_ms,
+                agent_turn_open=self.turns.agent_turn_open,
+                playout_busy_until_ms=self.playout.busy_until_ms(),
+                tools_running=bool(self._tool_tasks),
+            )
+            if isinstance(due, Rotate):
                 await self._rotate()
                 continue
-            if self._seed_open and self._seed_release_due():
-                self._seed_open = False
+            if isinstance(due, CompleteSeed):
                 self.log.info("gemini.seed_completed")
                 with contextlib.suppress(GeminiClosed):
                     await self.link.send_turn_complete()
-                self._expect_reply_at = self.now_ms()
+                sup.awaiting_reply(self.now_ms())
                 continue
-            since = self._expect_reply_at
-            if since is None:
-                continue
-            now = self.now_ms()
-            last_voice = self.turns.last_voice_ms or 0.0
-            if now - max(since, last_voice) < stall_ms:
-                continue
-            if not self._nudged:
-                self._nudged = True
-                self._expect_reply_at = now
+            stall = sup.watchdog(now, self.turns.last_voice_ms)
+            if isinstance(stall, Nudge):
                 self.log.warning("gemini.stalled", action="nudge")
                 self._event("error", where="gemini", error="model silent: nudged")
                 with contextlib.suppress(GeminiClosed):
                     await self.link.send_text(STALL_NUDGE)
-            else:
+            elif isinstance(stall, DropStalled):
                 self.log.warning("gemini.stalled", action="reconnect")
                 self._event("error", where="gemini", error="model silent: reconnecting")
-                self._expect_reply_at = None
-                self._nudged = False
                 self._stalled_link = self.link
                 await self.link.close()
-
-    def _seed_release_due(self) -> bool:
-        """The caller spoke since the agent last answered and has been quiet a moment."""
-        last_voice = self.turns.last_voice_ms
-        if last_voice is None or last_voice <= self._last_answered_ms:
-            return False
-        if self.turns.agent_turn_open:
-            return False
-        return self.now_ms() - max(last_voice, self._ready_at_ms) >= SEED_RELEASE_QUIET_MS
 
     async def _agent_pump(self) -> None:
         if not await self._recover("start", None):
@@ -908,21 +924,22 @@ class CallBridge:
             self.turns.caller_transcript(self.now_ms(), event.text)
             live_partial(self.observer, self.turns)
             if not self.turns.agent_turn_open:
-                self._expect_reply_at = self.now_ms()
+                self.supervisor.awaiting_reply(self.now_ms())
         elif isinstance(event, lp.Interrupted):
             await self._barge_in()
-            self._expect_reply_at = self.now_ms()
+            self.supervisor.awaiting_reply(self.now_ms())
         elif isinstance(event, lp.GenerationComplete):
             if not self._discarding_turn:
                 await self._send_agent_audio(self.outbound.flush(), mark_now=True)
         elif isinstance(event, lp.TurnComplete):
+            session = self.supervisor.sessions  # the session may be replaced while this runs
             if not self._discarding_turn:
                 await self._send_agent_audio(self.outbound.flush(), mark_now=True)
                 if self.turns.agent_turn_open:
-                    self._last_answered_ms = self.now_ms()
+                    self.supervisor.answered(self.now_ms())
                     self._greeting_due = False  # the first complete turn is the greeting
             self._discarding_turn = False
-            self._session_turns += 1
+            self.supervisor.turn_complete(session)
             self._add_usage(event.usage)
             self.turns.turn_complete(self.now_ms())
             self._flush_turns()
@@ -937,18 +954,13 @@ class CallBridge:
                     task.cancel()
                 self._event("tool_cancelled", id=call_id)
         elif isinstance(event, lp.ResumptionUpdate):
-            if event.resumable and event.handle:
-                self.resumption_handle = event.handle
-                # The handle a session sends at its setup holds only the state it resumed from,
-                # not the audio replayed to it since: that stays owed until a turn of its own.
-                if self._session_turns:
-                    self._since_snapshot.clear()  # the snapshot holds everything up to here
+            # only a handle after a turn of the session's own holds the audio replayed to it
+            if event.resumable and event.handle and self.supervisor.resumable(event.handle):
+                self._since_snapshot.clear()  # the snapshot holds everything up to here
         elif isinstance(event, lp.GoAway):
             self.log.info("gemini.go_away", time_left_s=event.time_left_s)
             self._event("go_away", time_left_s=event.time_left_s)
-            left_ms = (event.time_left_s if event.time_left_s is not None else 10.0) * 1000.0
-            margin = min(self.options.rotation_margin_s * 1000.0, left_ms / 2)
-            self._rotation_deadline = self.now_ms() + max(0.0, left_ms - margin)
+            self.supervisor.go_away(self.now_ms(), event.time_left_s)
         elif isinstance(event, lp.UsageOnly):
             self._add_usage(event.usage)
 

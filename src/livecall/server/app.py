@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class AppState:
     feed: LiveFeed = field(default_factory=LiveFeed)
     observer_factory: Callable[[str], CallObserver] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # answering-machine verdicts that came before their call's stream, oldest first
+    answered_by: OrderedDict[str, str] = field(default_factory=OrderedDict)
     # agents: who answers, what they may do (see `call_setup`)
     profiles: ProfileRegistry | None = None
     call_control: TwilioCallControl | None = None  # None: no Twilio REST credentials
@@ -175,7 +178,7 @@ class AppState:
             call.bridge.end(reason)
             return True
         if action == "transfer":
-            actions = call.info.get("actions")
+            actions = call.bridge.options.context.actions
             target = str(args.get("target") or "")
             number = actions.profile.transfer_targets.get(target) if actions else None
             if actions is None or actions.control is None or number is None:
@@ -230,7 +233,7 @@ class AppState:
     async def call_setup(self, params: dict[str, str]) -> tuple[CallOptions, LiveOptions]:
         """The per-call options for a stream's `<Parameter>`s, from the matched profile.
 
-        The profile itself rides along in ``options.extra["agent_profile"]`` for the tools.
+        The profile itself rides along in ``options.context.agent_profile`` for the tools.
         An outbound call with answering-machine detection (``amd`` parameter) greets only
         once Twilio says a person answered, so a voicemail greeting is not talked over.
         A returning caller's memory (when the profile keeps one) joins the system prompt.
@@ -254,10 +257,11 @@ class AppState:
             metrics=self.metrics,
             non_blocking_tools=self.non_blocking_tools(),
         )
-        options.extra["agent_profile"] = profile
-        options.extra.update(log_dtmf=s.log_dtmf, log_transcripts=s.log_transcripts)
+        options.context.agent_profile = profile
+        options.context.log_dtmf = s.log_dtmf
+        options.context.log_transcripts = s.log_transcripts
         if amd:
-            options.extra["deferred_greeting"] = profile.greeting
+            options.context.deferred_greeting = profile.greeting
         vad = profile.vad
         remembered = await self.caller_memory(profile, options)
         live = LiveOptions(

@@ -19,7 +19,6 @@ line naming the number by its last four digits only.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -173,11 +172,11 @@ async def place_outbound_call(
 def deliver_answered_by(state: AppState, call_sid: str, answered_by: str) -> bool:
     """Hand Twilio's AMD verdict to the call; True if it is live, else kept for its stream."""
     entry = state.registry.active.get(call_sid)
-    actions = entry.bridge.options.extra.get("actions") if entry and entry.bridge else None
+    actions = entry.bridge.options.context.actions if entry and entry.bridge else None
     if actions is not None:
         actions.on_answered_by(answered_by)
         return True
-    pending: OrderedDict[str, str] = state.extras.setdefault("answered_by", OrderedDict())
+    pending = state.answered_by
     pending[call_sid] = answered_by
     while len(pending) > MAX_PENDING_VERDICTS:  # streams that never came
         pending.popitem(last=False)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from livecall.agent.gemini import SessionCounter
+
+if TYPE_CHECKING:
+    from livecall.call.bridge import CallBridge
 
 __all__ = ["ActiveCall", "CallRegistry"]
 
@@ -22,7 +25,7 @@ class ActiveCall:
     call_sid: str
     stream_sid: str
     started: float
-    bridge: Any = None
+    bridge: CallBridge | None = None  # None while the call is only reserved
     task: asyncio.Task[Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 

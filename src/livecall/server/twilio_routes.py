@@ -489,12 +489,12 @@ async def run_call(
         options=options,
         observer=state.observer_for(call_id),
     )
-    profile = options.extra["agent_profile"]
+    profile = options.context.profile()
     actions = BridgeActions(
         bridge,
         control,
         profile,
-        deferred_greeting=options.extra.get("deferred_greeting"),
+        deferred_greeting=options.context.deferred_greeting,
     )
     runner = ToolRunner(
         profile,
@@ -531,7 +531,7 @@ async def run_call(
             caller,
             profile.transfer.hold_message,
         )
-    options.extra["actions"] = actions
+    options.context.actions = actions
     entry = ActiveCall(
         call_id,
         stream_id,
@@ -539,7 +539,6 @@ async def run_call(
         bridge=bridge,
         task=asyncio.current_task(),
     )
-    entry.info["actions"] = actions  # for call control requests (AppState.on_control)
     if not registry.admit(entry):
         reason = "draining" if registry.draining else "full"
         state.metrics.refused(reason)
@@ -562,7 +561,7 @@ async def run_call(
         ),
         name=f"announce:{call_id}",
     )
-    verdict = state.extras.get("answered_by", {}).pop(call_id, None)
+    verdict = state.answered_by.pop(call_id, None)
     if verdict is not None:  # the answering-machine verdict came before the stream
         actions.on_answered_by(verdict)
     try:
