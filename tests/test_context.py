@@ -15,13 +15,11 @@ def test_each_call_has_its_own_context() -> None:
     assert b.context == CallContext()
 
 
-def test_extra_is_a_read_only_view_of_the_typed_fields() -> None:
+def test_options_carry_the_typed_fields() -> None:
     options = CallOptions(context=CallContext(log_transcripts=True, deferred_greeting="Hi"))
-    assert options.extra.get("log_transcripts") is True
-    assert options.extra["deferred_greeting"] == "Hi"
-    assert options.extra.get("log_dtmf", True) is False
-    with pytest.raises(TypeError):
-        options.extra["log_dtmf"] = True  # type: ignore[index]  # the point: it is read-only
+    assert options.context.log_transcripts is True
+    assert options.context.deferred_greeting == "Hi"
+    assert options.context.log_dtmf is False
 
 
 def test_a_call_without_a_profile_says_so_instead_of_a_key_error() -> None:

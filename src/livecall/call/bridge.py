@@ -16,11 +16,10 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -153,11 +152,6 @@ class CallOptions:
         "I'm sorry, we have reached the time limit for this call. Thank you for calling, goodbye!"
     )
     context: CallContext = field(default_factory=CallContext)  # profile, actions, log policy
-
-    @property
-    def extra(self) -> Mapping[str, Any]:
-        """Read-only, by name: the typed `context`'s fields as the old untyped dict held them."""
-        return MappingProxyType(self.context.as_mapping())
 
 
 class CallBridge:

@@ -33,13 +33,3 @@ class CallContext:
         if self.agent_profile is None:
             raise RuntimeError("the call has no agent profile: call_setup did not run")
         return self.agent_profile
-
-    def as_mapping(self) -> dict[str, object]:
-        """The fields by name, as `CallOptions.extra` used to hold them (read-only view)."""
-        return {
-            "agent_profile": self.agent_profile,
-            "deferred_greeting": self.deferred_greeting,
-            "log_dtmf": self.log_dtmf,
-            "log_transcripts": self.log_transcripts,
-            "actions": self.actions,
-        }
