@@ -52,6 +52,7 @@ from livecall.carriers.vonage import (
     parse_answer_request,
     stream_url_for,
 )
+from livecall.carriers.vonage.answer import VonageEvent, parse_event
 from livecall.carriers.vonage.signatures import SignatureRejected, payload_hash
 from livecall.carriers.vonage.wire import StreamState
 from livecall.sim.twilio import HangUp, Pause, PressDigit, Say, SendRaw, WaitForAgentAudio
@@ -427,6 +428,24 @@ def test_answer_request_from_get_and_post() -> None:
 
 
 # --------------------------------------------------------------------------- signatures
+
+
+def test_event_webhook_bodies() -> None:
+    body = orjson.dumps(
+        {"uuid": "u-1", "conversation_uuid": "CON-1", "status": "answered", "direction": "inbound"}
+    )
+    assert parse_event(body) == VonageEvent("u-1", "answered", "CON-1", "inbound")
+    # events without a status (transfer, input…) are read, not refused
+    assert parse_event(b'{"uuid":"u-2","type":"transfer"}') == VonageEvent("u-2", "")
+    for bad, rule in (
+        (b"", "must be a JSON object"),
+        (b"{oops", "not JSON"),
+        (b"[1]", "JSON object"),
+        (b'{"status":"answered"}', "lacks 'uuid'"),
+        (b'{"uuid":7}', "lacks 'uuid'"),
+    ):
+        with pytest.raises(ValueError, match=rule):
+            parse_event(bad)
 
 
 class Clock:

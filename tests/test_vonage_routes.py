@@ -213,3 +213,16 @@ async def test_the_websocket_legs_events_reach_the_event_route(make_stack: Any, 
     assert result.events_posted == ["answered", "completed"]
     assert result.event_statuses == [200, 200]
     assert result.ended_by == "caller" and result.close_code == 1000
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("busy_answer", ["say", "reject"])
+async def test_a_full_house_answers_with_the_busy_ncco(make_stack: Any, busy_answer: str) -> None:
+    stack = await vonage_stack(make_stack, max_concurrent_calls=1, busy_answer=busy_answer)
+    first = await get_answer(stack, call_fields(uuid="call-one"))
+    assert first.status_code == 200 and orjson.loads(first.content)[0]["action"] == "connect"
+    busy = await get_answer(stack, call_fields(uuid="call-two"))
+    assert busy.status_code == 200 and busy.headers["content-type"] == "application/json"
+    message = stack.app.state.livecall.settings.busy_message
+    expected = [] if busy_answer == "reject" else [{"action": "talk", "text": message}]
+    assert orjson.loads(busy.content) == expected
