@@ -55,7 +55,15 @@ from livecall.carriers.vonage import (
 from livecall.carriers.vonage.answer import VonageEvent, parse_event
 from livecall.carriers.vonage.signatures import SignatureRejected, payload_hash
 from livecall.carriers.vonage.wire import StreamState
-from livecall.sim.twilio import HangUp, Pause, PressDigit, Say, SendRaw, WaitForAgentAudio
+from livecall.sim.twilio import (
+    HangUp,
+    Pause,
+    PressDigit,
+    Probe,
+    Say,
+    SendRaw,
+    WaitForAgentAudio,
+)
 from livecall.sim.vonage import SimulatedVonageCaller, VonageCallResult
 
 SECRET = "vonage-signature-secret-0123456789abcdef"
@@ -843,6 +851,8 @@ async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets(rate: in
             Pause(400),
             PressDigit("5"),
             Pause(300),
+            Probe(),  # a tone out at 8 kHz, back through the stream's rate, timed
+            Pause(300),
             HangUp(),
         ]
         result = await call(
@@ -878,6 +888,7 @@ async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets(rate: in
     echoed = [m.name for m in result.marks_echoed]
     assert echoed and echoed == [m.name for m in result.marks_received][: len(echoed)]
     assert [p.name for p in of(app_state, PlayedUpTo)] == echoed
+    assert result.probes_sent == 1 and len(result.probe_rtts_ms) == 1, result.probe_rtts_ms
 
 
 async def test_sim_clear_empties_the_queue_and_settles_the_pending_mark() -> None:
