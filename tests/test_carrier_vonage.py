@@ -52,9 +52,18 @@ from livecall.carriers.vonage import (
     parse_answer_request,
     stream_url_for,
 )
+from livecall.carriers.vonage.answer import VonageEvent, parse_event
 from livecall.carriers.vonage.signatures import SignatureRejected, payload_hash
 from livecall.carriers.vonage.wire import StreamState
-from livecall.sim.twilio import HangUp, Pause, PressDigit, Say, SendRaw, WaitForAgentAudio
+from livecall.sim.twilio import (
+    HangUp,
+    Pause,
+    PressDigit,
+    Probe,
+    Say,
+    SendRaw,
+    WaitForAgentAudio,
+)
 from livecall.sim.vonage import SimulatedVonageCaller, VonageCallResult
 
 SECRET = "vonage-signature-secret-0123456789abcdef"
@@ -429,6 +438,24 @@ def test_answer_request_from_get_and_post() -> None:
 # --------------------------------------------------------------------------- signatures
 
 
+def test_event_webhook_bodies() -> None:
+    body = orjson.dumps(
+        {"uuid": "u-1", "conversation_uuid": "CON-1", "status": "answered", "direction": "inbound"}
+    )
+    assert parse_event(body) == VonageEvent("u-1", "answered", "CON-1", "inbound")
+    # events without a status (transfer, input…) are read, not refused
+    assert parse_event(b'{"uuid":"u-2","type":"transfer"}') == VonageEvent("u-2", "")
+    for bad, rule in (
+        (b"", "must be a JSON object"),
+        (b"{oops", "not JSON"),
+        (b"[1]", "JSON object"),
+        (b'{"status":"answered"}', "lacks 'uuid'"),
+        (b'{"uuid":7}', "lacks 'uuid'"),
+    ):
+        with pytest.raises(ValueError, match=rule):
+            parse_event(bad)
+
+
 class Clock:
     def __init__(self, now: float = 1_750_000_000.0) -> None:
         self.now = now
@@ -660,9 +687,10 @@ def tone(ms: int, hz: float = 440.0, amp: int = 8000, rate: int = 16000) -> np.n
     return (amp * np.sin(2 * np.pi * hz * t)).astype(np.int16)
 
 
-def loud_frames(pcm_bytes: bytes, rate: int = 16000) -> int:
-    pcm = np.frombuffer(pcm_bytes, dtype="<i2")
-    n = rate // 50
+def loud_frames(result: VonageCallResult) -> int:
+    """20 ms frames of what the caller heard (μ-law 8 kHz, as on a phone) that are loud."""
+    pcm = result.heard_pcm()
+    n = 160
     usable = pcm[: pcm.size // n * n].reshape(-1, n)
     return int((np.abs(usable.astype(np.int32)).max(axis=1) > 1000).sum())
 
@@ -823,6 +851,8 @@ async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets(rate: in
             Pause(400),
             PressDigit("5"),
             Pause(300),
+            Probe(),  # a tone out at 8 kHz, back through the stream's rate, timed
+            Pause(300),
             HangUp(),
         ]
         result = await call(
@@ -853,11 +883,12 @@ async def test_sim_call_echoes_audio_and_notify_marks_over_real_sockets(rate: in
     assert of(app_state, Dtmf) == [Dtmf("5")]
     assert isinstance(app_state.events[-1], CallStopped)
     # the echo came back and was heard; notify marks went round and came back in order
-    assert loud_frames(result.heard, rate) >= 20
+    assert loud_frames(result) >= 20
     assert result.utterances[0].response_latency_ms is not None
     echoed = [m.name for m in result.marks_echoed]
     assert echoed and echoed == [m.name for m in result.marks_received][: len(echoed)]
     assert [p.name for p in of(app_state, PlayedUpTo)] == echoed
+    assert result.probes_sent == 1 and len(result.probe_rtts_ms) == 1, result.probe_rtts_ms
 
 
 async def test_sim_clear_empties_the_queue_and_settles_the_pending_mark() -> None:
@@ -872,7 +903,7 @@ async def test_sim_clear_empties_the_queue_and_settles_the_pending_mark() -> Non
     assert [m.name for m in result.marks_received] == ["reply-end"]
     assert result.marks_echoed == []  # dropped with the queue, as notify_after_clear="drop"
     assert of(app_state, PlayedUpTo) == [PlayedUpTo("reply-end")]  # from websocket:cleared
-    heard_ms = loud_frames(result.heard) * 20
+    heard_ms = loud_frames(result) * 20
     assert 300 <= heard_ms < 1500  # 3 s were queued; the clear cut it short
 
 
@@ -888,7 +919,7 @@ async def test_sim_refuses_frames_vonage_would_not_take_and_plays_the_good_ones(
     assert any("unexpected fields ['extra']" in e for e in errors)
     assert any("not valid JSON" in e for e in errors)
     assert result.clears == []
-    assert loud_frames(result.heard) >= 8  # the 200 ms of good audio played
+    assert loud_frames(result) >= 8  # the 200 ms of good audio played
 
 
 async def test_sim_unsigned_or_bad_answer_webhook_gets_no_stream() -> None:

@@ -2,8 +2,8 @@
 
 Each test rings the real app (uvicorn on loopback, the carrier's webhook signatures enforced)
 from that carrier's simulated edge (`livecall.sim.<carrier>`), and the app talks to the fake
-Gemini Live over TLS through the real SDK. Twilio, Telnyx and Plivo run here; Vonage and
-Exotel have adapters and simulators but no routes yet.
+Gemini Live over TLS through the real SDK. Twilio, Telnyx, Plivo and Vonage run here; Exotel
+has an adapter and a simulator but no routes yet.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from livecall.sim.twilio import (
     WaitForAgentAudio,
     WaitForAgentSilence,
 )
+from livecall.sim.vonage import SimulatedVonageCaller
 
 FAST = {"vad_silence_duration_ms": 300}
 PLIVO_TOKEN = "plivo-test-auth-token-0123456789"
+VONAGE_SECRET = "vonage-test-signature-secret-0123456789"
 _TELNYX_SEED, TELNYX_PUBLIC = generate_keypair()
 _FORGED_SEED, _ = generate_keypair()
 
@@ -66,10 +68,16 @@ def _plivo(stack: LocalStack, script: list[Any], forged: bool = False, **kw: Any
     return PlivoSimulatedCaller(stack.base_url, auth_token=token, script=script, **kw)
 
 
+def _vonage(stack: LocalStack, script: list[Any], forged: bool = False, **kw: Any) -> Any:
+    secret = "not-the-signature-secret-0123456789" if forged else VONAGE_SECRET
+    return SimulatedVonageCaller(stack.base_url, signature_secret=secret, script=script, **kw)
+
+
 EDGES = [
     Edge("twilio", {}, _twilio),
     Edge("telnyx", {"telnyx_public_key": TELNYX_PUBLIC}, _telnyx),
     Edge("plivo", {"plivo_auth_token": PLIVO_TOKEN}, _plivo),
+    Edge("vonage", {"vonage_signature_secret": VONAGE_SECRET}, _vonage),
 ]
 
 

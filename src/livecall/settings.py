@@ -220,6 +220,17 @@ class Settings(BaseSettings):
         description="the Plivo auth token (V3 webhook signatures): enables POST /plivo/answer "
         "and /ws/plivo",
     )
+    vonage_signature_secret: SecretStr | None = Field(
+        None,
+        validation_alias="VONAGE_SIGNATURE_SECRET",
+        description="the Vonage account's signature secret (signed webhooks, HS256 JWTs): "
+        "enables GET|POST /vonage/answer, POST /vonage/event and /ws/vonage",
+    )
+    vonage_sample_rate: int = Field(
+        16000,
+        validation_alias="VONAGE_SAMPLE_RATE",
+        description="the L16 rate Vonage streams at (the NCCO's content-type)",
+    )
 
     # --- calls
     max_concurrent_calls: int = Field(500, validation_alias="MAX_CONCURRENT_CALLS")
@@ -456,6 +467,13 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("CALL_WEBHOOK_URL must be an absolute http(s) URL")
+        return value
+
+    @field_validator("vonage_sample_rate")
+    @classmethod
+    def _vonage_rate(cls, value: int) -> int:
+        if value not in (8000, 16000, 24000):
+            raise ValueError("VONAGE_SAMPLE_RATE must be 8000, 16000 or 24000")
         return value
 
     @field_validator("business_timezone")

@@ -2,7 +2,8 @@
 
 For a carrier `c` (enabled only when its credentials are set):
 
-- `POST` its voice webhook (`/telnyx/texml`, `/plivo/answer`): the signature is checked with
+- its voice webhook (`POST /telnyx/texml`, `POST /plivo/answer`, `GET|POST /vonage/answer`;
+  a form by default, or whatever the route's `read_webhook` reads): the signature is checked with
   the carrier's own scheme (`Carrier.verify_webhook`), the call is admitted or turned away
   with the carrier's busy answer, its agent profile matched exactly as Twilio's `/twiml` does
   (called number or `?profile=`), and a per-call stream token minted; the answer document
@@ -10,6 +11,8 @@ For a carrier `c` (enabled only when its credentials are set):
 - `/ws/c`: the media socket. Frames go through `c`'s sans-I/O `CarrierStream` until its
   `CallStarted`; the token in its custom parameters must be valid for that call id, then the
   same call core as Twilio's runs it (`twilio_routes.run_call`).
+- its status webhook when it has one (`POST /vonage/event`): signature-checked like the voice
+  webhook, the status logged, 200 (403 when forged).
 
 Tokens are keyed per carrier (`derive_key(stream secret, "<carrier>-stream")`), bound to the
 call id only (a carrier's stream does not always repeat the webhook's account id).
@@ -43,11 +46,37 @@ if TYPE_CHECKING:
     from livecall.server.app import AppState
     from livecall.settings import Settings
 
-__all__ = ["CarrierRoute", "build_carrier_router", "carrier_routes", "stream_tokens_for"]
+__all__ = [
+    "CarrierRoute",
+    "WebhookCall",
+    "build_carrier_router",
+    "carrier_routes",
+    "read_form",
+    "stream_tokens_for",
+]
 
 log = structlog.get_logger("livecall.carriers")
 
 MAX_CALL_ID = 128
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookCall:
+    """What a voice webhook says about the call, whatever the carrier's format."""
+
+    call_id: str  # the id the stream's start repeats (the stream token is bound to it)
+    from_number: str = ""
+    to_number: str = ""
+    direction: str = "inbound"
+    native: Any = None  # the carrier's own reading, for its `answer` hook
+
+
+# (method, url, body) -> the call; ValueError when the request names no call
+WebhookReader = Callable[[str, str, bytes], WebhookCall]
+# (public https base, parameters, call) -> (answer body, content type)
+AnswerBuilder = Callable[[str, Mapping[str, str], WebhookCall], tuple[str, str]]
+# (method, url, body) -> (call id, status) of a status webhook; ValueError when unreadable
+StatusReader = Callable[[str, str, bytes], tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -61,6 +90,11 @@ class CarrierRoute:
     content_type: str = "application/xml"
     control: Any = None  # REST call control (hangup/transfer) when configured
     alnum_parameters: bool = False  # the carrier carries only [A-Za-z0-9] names and values
+    methods: tuple[str, ...] = ("POST",)  # what the voice webhook accepts
+    read_webhook: WebhookReader | None = None  # None: a POSTed form (`call_id_field`, From…)
+    answer: AnswerBuilder | None = None  # None: `carrier.answer_document(ws url, parameters)`
+    status_path: str | None = None  # the carrier's status (event) webhook, if it has one
+    read_status: StatusReader | None = None
 
     @property
     def name(self) -> str:
@@ -93,6 +127,21 @@ def unpack_alnum(parameters: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def read_form(call_id_field: str) -> WebhookReader:
+    """The default webhook reader: a urlencoded form naming the call in `call_id_field`."""
+
+    def read(method: str, url: str, body: bytes) -> WebhookCall:
+        params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        return WebhookCall(
+            call_id=params.get(call_id_field, ""),
+            from_number=params.get("From", ""),
+            to_number=params.get("To", ""),
+            direction=params.get("Direction", "inbound"),
+        )
+
+    return read
+
+
 def carrier_routes(settings: Settings) -> list[CarrierRoute]:
     """The carriers whose credentials are set (secure by default: no key, no route)."""
     routes: list[CarrierRoute] = []
@@ -119,7 +168,52 @@ def carrier_routes(settings: Settings) -> list[CarrierRoute]:
                 alnum_parameters=True,  # extraHeaders: letters and digits only
             )
         )
+    secret = settings.vonage_signature_secret
+    if secret is not None and secret.get_secret_value():
+        routes.append(_vonage_route(secret.get_secret_value(), settings.vonage_sample_rate))
     return routes
+
+
+def _vonage_route(signature_secret: str, sample_rate: int) -> CarrierRoute:
+    """Vonage: a GET (or POST JSON) answer webhook answered with an NCCO, signed JWTs, binary
+    L16 on `/ws/vonage`, leg statuses on `/vonage/event`."""
+    from livecall.carriers.vonage import VonageCarrier, VonageSignature
+    from livecall.carriers.vonage.answer import (
+        busy_ncco,
+        ncco_json,
+        parse_answer_request,
+        parse_event,
+    )
+
+    carrier = VonageCarrier(VonageSignature(signature_secret), sample_rate=sample_rate)
+
+    def read(method: str, url: str, body: bytes) -> WebhookCall:
+        call = parse_answer_request(method, url, body)
+        return WebhookCall(call.uuid, call.from_number, call.to_number, "inbound", call)
+
+    def answer(base: str, parameters: Mapping[str, str], call: WebhookCall) -> tuple[str, str]:
+        # the numbers ride in the NCCO's reserved headers (from the call), not as parameters
+        params = {k: v for k, v in parameters.items() if k not in ("from", "to")}
+        return carrier.answer_document_for_call(
+            ws_base(base) + "/ws/vonage", params, call.native, event_url=base + "/vonage/event"
+        )
+
+    def read_status(method: str, url: str, body: bytes) -> tuple[str, str]:
+        event = parse_event(body)
+        return event.uuid, event.status
+
+    return CarrierRoute(
+        carrier,
+        "/vonage/answer",
+        "uuid",
+        lambda message, reject: ncco_json(busy_ncco(None if reject else message))[0],
+        content_type="application/json",
+        methods=("GET", "POST"),
+        read_webhook=read,
+        answer=answer,
+        status_path="/vonage/event",
+        read_status=read_status,
+    )
 
 
 def build_carrier_router(state: AppState, routes: list[CarrierRoute]) -> APIRouter:
@@ -135,18 +229,29 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
     tokens = stream_tokens_for(state.stream_secret, route.name)
     name = route.name
 
-    async def voice_webhook(request: Request) -> Response:
-        body = await request.body()
+    read_webhook = route.read_webhook or read_form(route.call_id_field)
+
+    def verified(request: Request, body: bytes) -> bool:
         peer = request.client.host if request.client is not None else None
         urls = signature_urls(
             request.url, request.headers, settings.public_url, peer=peer, trusted=trusted
         )
-        if not any(route.carrier.verify_webhook(url, request.headers, body) for url in urls):
-            state.metrics.error(f"{name}_signature")
-            log.warning(f"{name}.webhook_rejected", reason="bad or missing signature")
+        if any(route.carrier.verify_webhook(url, request.headers, body) for url in urls):
+            return True
+        state.metrics.error(f"{name}_signature")
+        log.warning(f"{name}.webhook_rejected", reason="bad or missing signature")
+        return False
+
+    async def voice_webhook(request: Request) -> Response:
+        body = await request.body()
+        if not verified(request, body):
             return Response(f"invalid {name} signature", status_code=403, media_type="text/plain")
-        params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-        call_id = params.get(route.call_id_field, "")
+        peer = request.client.host if request.client is not None else None
+        try:
+            call = read_webhook(request.method, str(request.url), body)
+        except ValueError:
+            call = WebhookCall(call_id="")
+        call_id = call.call_id
         if not 0 < len(call_id) <= MAX_CALL_ID or not call_id.isprintable():
             log.warning(f"{name}.webhook_rejected", reason=f"no valid {route.call_id_field}")
             return Response(f"no {route.call_id_field}", status_code=400, media_type="text/plain")
@@ -164,9 +269,9 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         parameters = {
             k: v
             for k, v in {
-                "from": params.get("From", ""),
-                "to": params.get("To", ""),
-                "direction": params.get("Direction", "inbound"),
+                "from": call.from_number,
+                "to": call.to_number,
+                "direction": call.direction,
                 "profile": request.query_params.get("profile", ""),
             }.items()
             if v
@@ -175,11 +280,27 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         parameters[TOKEN_PARAMETER] = tokens.for_call(call_id, "", time.time())
         if route.alnum_parameters:
             parameters = pack_alnum(parameters)
-        answer, content_type = route.carrier.answer_document(
-            ws_base(base) + route.stream_path, parameters
-        )
-        log.info(f"{name}.webhook", call_sid=call_id, to=params.get("To"))
+        if route.answer is not None:
+            answer, content_type = route.answer(base, parameters, call)
+        else:
+            answer, content_type = route.carrier.answer_document(
+                ws_base(base) + route.stream_path, parameters
+            )
+        log.info(f"{name}.webhook", call_sid=call_id, to=call.to_number or None)
         return Response(answer, media_type=content_type)
+
+    async def status_webhook(request: Request) -> Response:
+        body = await request.body()
+        if not verified(request, body):
+            return Response(f"invalid {name} signature", status_code=403, media_type="text/plain")
+        assert route.read_status is not None
+        try:
+            call_id, status = route.read_status(request.method, str(request.url), body)
+        except ValueError as exc:
+            log.warning(f"{name}.status_unreadable", error=str(exc))
+            return Response(status_code=200)  # genuine but not understood: no retries
+        log.info(f"{name}.status", call_sid=call_id[:MAX_CALL_ID], status=status[:32])
+        return Response(status_code=200)
 
     async def media_stream(ws: WebSocket) -> None:
         if state.registry.draining:
@@ -216,6 +337,10 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             await socket.close(1008)
             return
         params = {k: v for k, v in started.custom_parameters.items() if k != TOKEN_PARAMETER}
+        # a carrier naming the numbers in its start rather than in the parameters (Vonage)
+        for key, value in (("from", started.from_number), ("to", started.to_number)):
+            if value and key not in params:
+                params[key] = value
         await run_call(
             state,
             socket,
@@ -226,8 +351,12 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         )
 
     router.add_api_route(
-        route.webhook_path, voice_webhook, methods=["POST"], include_in_schema=False
+        route.webhook_path, voice_webhook, methods=list(route.methods), include_in_schema=False
     )
+    if route.status_path is not None and route.read_status is not None:
+        router.add_api_route(
+            route.status_path, status_webhook, methods=["POST"], include_in_schema=False
+        )
     router.add_api_websocket_route(route.stream_path, media_stream)
 
 

@@ -18,20 +18,23 @@ NCCO goes on with the actions after `connect` and then ends. When the `connect` 
 an `eventUrl`, the websocket leg's statuses are POSTed there, signed (`answered`, then
 `completed` when the caller hangs up, `disconnected` when the app closed the socket, `failed`
 when it could not be opened); with `eventType: synchronous` the answer to `disconnected` or
-`failed` may be a fallback NCCO, which then runs instead of the rest of the original one.
+`failed` may be a fallback NCCO, which then runs instead of the rest of the original one. An
+event webhook answering other than 2xx is a protocol error (Vonage would retry it).
 
-The script actions and the result's shape are those of `livecall.sim.twilio` (imported), so a
-suite written for `SimulatedCaller` can drive this one; `Probe` is not simulated here.
+The script, clock, playout and measurements are `livecall.sim.twilio.SimulatedCaller`'s
+(same actions, `Probe` included; a `CallResult`): this class swaps only the carrier's side of
+the wire. As on a phone line, the caller's side is μ-law 8 kHz inside: its audio is brought
+to L16 at the stream's rate on the way out, and `heard` is the agent's audio brought back to
+μ-law 8 kHz, so `heard_pcm()` and the suite's audio checks work as for Twilio.
+`CallResult.call_sid` is the call's `uuid`, `account_sid` the api key, `twiml` the NCCO text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -39,17 +42,18 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import numpy as np
-import numpy.typing as npt
 import orjson
-import soxr
 import websockets
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
-from livecall.audio.g711 import ulaw_decode
+from livecall.audio.g711 import ulaw_decode, ulaw_encode
+from livecall.audio.resample import StreamResampler
 from livecall.carriers.vonage.answer import MAX_HEADERS_BYTES
 from livecall.carriers.vonage.signatures import VonageSignature
 from livecall.carriers.vonage.wire import MAX_BUFFERED_FRAMES, SUPPORTED_RATES
 from livecall.sim.twilio import (
+    SAMPLE_RATE,
+    CallResult,
     HangUp,
     Pause,
     PressDigit,
@@ -57,261 +61,130 @@ from livecall.sim.twilio import (
     Say,
     ScriptAction,
     SendRaw,
+    SimulatedCaller,
     TimedName,
     TimelineEvent,
-    Utterance,
     WaitForAgentAudio,
     WaitForAgentSilence,
 )
 
-__all__ = ["SimulatedVonageCaller", "VonageCallResult"]
+__all__ = [
+    "HangUp",
+    "Pause",
+    "PressDigit",
+    "Probe",
+    "Say",
+    "ScriptAction",
+    "SendRaw",
+    "SimulatedVonageCaller",
+    "VonageCallResult",
+    "WaitForAgentAudio",
+    "WaitForAgentSilence",
+]
 
-FRAME_MS = 20
-_LOUD_THRESHOLD = 300  # |sample| at or above this counts as audible (about -40 dBFS)
 _DTMF_DIGITS = frozenset("0123456789*#")
 _ALLOWED_ACTION_KEYS = {"clear": frozenset(("action",)), "notify": frozenset(("action", "payload"))}
-_F_SPEECH_START = 1
-_F_SPEECH_END = 2
+_ENDPOINT_KEYS = frozenset(("type", "uri", "content-type", "headers", "authorization"))
+_RATES = {f"audio/l16;rate={n}": n for n in SUPPORTED_RATES}
 
 
 @dataclass
-class VonageCallResult:
-    """Everything one simulated Vonage call sent, heard and measured (loop monotonic seconds)."""
+class VonageCallResult(CallResult):
+    """`CallResult` plus what is Vonage's own: the NCCO, the leg events, the stream's rate."""
 
-    call_uuid: str
-    conversation_uuid: str
+    conversation_uuid: str = ""
     ncco: list[Any] = field(default_factory=list)
-    webhook_status: int | None = None
-    said: list[str] = field(default_factory=list)  # NCCO `talk` texts
     events_posted: list[str] = field(default_factory=list)  # websocket leg statuses sent
+    event_statuses: list[int] = field(default_factory=list)  # what the event webhook answered
     fallback_ncco: list[Any] | None = None  # what a synchronous event webhook answered
-    parameters: dict[str, Any] = field(default_factory=dict)  # the endpoint's headers
-    stream_url: str | None = None
     content_type: str | None = None
     sample_rate: int = 16000
-    started: float = 0.0
-    stream_started: float | None = None
-    ended: float = 0.0
-    ended_by: Literal["caller", "server"] | None = None
-    close_code: int | None = None
-    close_reason: str = ""
-    frames_sent: int = 0
-    frames_dropped: int = 0
-    clock_late_ticks: int = 0
-    clock_late_max_ms: float = 0.0
-    heard: bytes = b""  # the playout timeline, L16 little-endian at sample_rate
-    received_media_bytes: int = 0
-    marks_received: list[TimedName] = field(default_factory=list)  # notify commands
-    marks_echoed: list[TimedName] = field(default_factory=list)  # websocket:notify sent back
-    clears: list[float] = field(default_factory=list)
-    digits_sent: list[TimedName] = field(default_factory=list)
-    protocol_errors: list[str] = field(default_factory=list)
-    script_errors: list[str] = field(default_factory=list)
-    timeline: list[TimelineEvent] = field(default_factory=list)
-    utterances: list[Utterance] = field(default_factory=list)
-    agent_stretches: list[tuple[float, float]] = field(default_factory=list)
-
-    def heard_pcm(self) -> npt.NDArray[np.int16]:
-        return np.frombuffer(self.heard, dtype="<i2").astype(np.int16)
-
-    @property
-    def heard_ms(self) -> float:
-        return len(self.heard) / 2 / self.sample_rate * 1000.0
-
-    @property
-    def response_latencies_ms(self) -> list[float]:
-        return [u.response_latency_ms for u in self.utterances if u.response_latency_ms is not None]
-
-    @property
-    def barge_in_stop_ms(self) -> list[float]:
-        return [u.barge_in_stop_ms for u in self.utterances if u.barge_in_stop_ms is not None]
-
-    @property
-    def duration_s(self) -> float:
-        return self.ended - self.started
 
 
-def _clip_pcm(say: Say, rate: int) -> bytes:
-    """A Say clip as L16 little-endian bytes at `rate` (resampled once, up front)."""
-    if isinstance(say.audio, bytes | bytearray | memoryview):
-        pcm = ulaw_decode(bytes(say.audio))  # bytes clips are μ-law, as in sim.twilio
-    else:
-        pcm = np.asarray(say.audio)
-        if pcm.dtype != np.int16 or pcm.ndim != 1:
-            raise TypeError("Say audio must be mono int16 PCM or μ-law bytes")
-    if say.rate != rate:
-        pcm = soxr.resample(pcm, say.rate, rate)
-    return np.ascontiguousarray(pcm, dtype="<i2").tobytes()
+class SimulatedVonageCaller(SimulatedCaller):
+    """One simulated inbound Vonage call to an app that answers with a websocket NCCO.
 
-
-def _loud_span(pcm: bytes, fb: int) -> tuple[int, int] | None:
-    loud = np.flatnonzero(np.abs(np.frombuffer(pcm, dtype="<i2").astype(np.int32)) >= 300)
-    if loud.size == 0:
-        return None
-    return int(loud[0]) * 2 // fb, int(loud[-1]) * 2 // fb
-
-
-def _is_loud(frame: bytes) -> bool:
-    samples = np.frombuffer(frame, dtype="<i2")
-    return int(np.count_nonzero(np.abs(samples.astype(np.int32)) >= _LOUD_THRESHOLD)) >= 4
-
-
-class SimulatedVonageCaller:
-    """One simulated inbound Vonage call to an app that answers with a websocket NCCO."""
+    Takes `SimulatedCaller`'s arguments (script, frame drops, jitter, timeouts…) except the
+    Twilio auth token: `signature_secret` signs the webhooks (HS256 JWTs). `answer_method`
+    is how the answer webhook is requested; `max_buffered_frames` is Vonage's playout queue;
+    `notify_after_clear="send"` still echoes the notifies a clear dropped (undocumented
+    either way).
+    """
 
     def __init__(
         self,
         base_url: str,
         *,
         signature_secret: str,
-        from_: str = "15550001111",
-        to: str = "15550002222",
         call_uuid: str | None = None,
         conversation_uuid: str | None = None,
-        script: Sequence[ScriptAction] = (),
         answer_path: str = "/vonage/answer",
         answer_method: Literal["GET", "POST"] = "GET",
-        sign: bool = True,
         api_key: str = "abcd1234",
         application_id: str | None = None,
         region_url: str = "https://api-us-3.vonage.com",
-        drop_frames: Iterable[int] = (),
-        jitter_ms: float = 0.0,
-        seed: int | None = None,
-        timeout: float = 60.0,
-        on_script_end: Literal["hangup", "wait"] = "hangup",
-        agent_gap_ms: float = 250.0,
-        agent_reply_gap_ms: float = 1000.0,
-        require_wss: bool = False,
-        strict_fields: bool = True,
         max_buffered_frames: int = MAX_BUFFERED_FRAMES,
         notify_after_clear: Literal["drop", "send"] = "drop",
-        webhook_timeout: float = 15.0,
-        http_client: httpx.AsyncClient | None = None,
+        **kwargs: Any,
     ) -> None:
-        for action in script:
+        for action in kwargs.get("script", ()):
             if isinstance(action, PressDigit) and action.digit not in _DTMF_DIGITS:
                 raise ValueError(f"not a Vonage DTMF digit: {action.digit!r}")
-            if isinstance(action, Probe):
-                raise ValueError("Probe is not simulated on the Vonage edge")
-        self.base_url = base_url.rstrip("/")
-        self.answer_url = self.base_url + "/" + answer_path.lstrip("/")
+        kwargs.setdefault("from_", "15550001111")  # Vonage numbers have no leading "+"
+        kwargs.setdefault("to", "15550002222")
+        super().__init__(
+            base_url,
+            auth_token="unused-by-vonage",
+            call_sid=call_uuid or str(uuid.uuid4()),
+            account_sid=api_key,
+            webhook_path=answer_path,
+            **kwargs,
+        )
         self.answer_method = answer_method
         self.application_id = application_id or str(uuid.uuid4())
-        self._signer = VonageSignature(
+        self._jwt = VonageSignature(
             signature_secret, api_key=api_key, application_id=self.application_id
         )
-        self.from_ = from_
-        self.to = to
-        self.call_uuid = call_uuid or str(uuid.uuid4())
         self.conversation_uuid = conversation_uuid or "CON-" + str(uuid.uuid4())
         self.region_url = region_url
-        self.script = list(script)
-        self.sign = sign
-        self.drop_frames = frozenset(drop_frames)
-        self.jitter_ms = jitter_ms
-        self.timeout = timeout
-        self.on_script_end = on_script_end
-        self.require_wss = require_wss
-        self.strict_fields = strict_fields
         self.max_buffered_frames = max_buffered_frames
         self.notify_after_clear = notify_after_clear
-        self.webhook_timeout = webhook_timeout
-        self._http = http_client
-        self._rng = random.Random(seed)
-        self._gap_s = agent_gap_ms / 1000.0
-        self._reply_gap_s = agent_reply_gap_ms / 1000.0
-
-        self.result = VonageCallResult(self.call_uuid, self.conversation_uuid)
-        self._ran = False
-        self._ws: ClientConnection | None = None
-        self._after_connect: list[Any] = []
-        self._ws_auth: str | None = None  # endpoint authorization {"type":"custom"} value
+        self.result: VonageCallResult = VonageCallResult(
+            call_sid=self.call_sid,
+            account_sid=self.account_sid,
+            conversation_uuid=self.conversation_uuid,
+        )
+        self._after_ncco: list[Any] = []
+        self._ws_auth: str | None = None  # the endpoint's authorization {"type":"custom"} value
         self._event_url: str | None = None
         self._sync_events = False
         self._leg_uuid = str(uuid.uuid4())  # the websocket leg's own uuid
-        self._client: httpx.AsyncClient | None = None
-        self._bg: set[asyncio.Task[Any]] = set()
-        self._ended = False
-        self._hangup_action: HangUp | None = None
-        self._deadline = float("inf")
-        # set when the NCCO names the rate
         self._rate = 16000
-        self._fb = 640
-        self._silence = bytes(640)
-        self._clips: dict[int, bytes] = {}
-        # outbound (caller audio)
-        self._actions = iter(self.script)
-        self._say: tuple[bytes, int, int, int, Utterance] | None = None  # data, i, start, end
-        self._say_frame = 0
-        self._pause_frames = 0
-        self._wait: tuple[WaitForAgentAudio | WaitForAgentSilence, float, float] | None = None
-        self._script_done = False
-        self._pending: deque[tuple[float, bytes, int, Utterance | None]] = deque()
-        self._last_due = 0.0
-        self._n = 0
-        # playout queue (what Vonage plays to the caller): frames and notify positions
-        self._queue: deque[bytes] = deque()
-        self._enqueued = 0
-        self._played = 0
-        self._notifies: deque[tuple[int, Any, str]] = deque()
-        self._heard = bytearray()
-        # agent stretches and utterances
-        self._stretch_open = False
-        self._stretch_start = 0.0
-        self._last_loud_end: float | None = None
-        self._last_speech_end: float | None = None
-        self._reply_heard_ms = 0.0
-        self._awaiting_response: list[Utterance] = []
-        self._awaiting_barge_stop: list[Utterance] = []
+        self._wire_fb = 640  # bytes of one 20 ms L16 frame at the stream's rate
+        self._wire = bytearray()  # caller audio at the stream's rate, not yet sent
+        self._up: StreamResampler | None = None
+        self._down: StreamResampler | None = None
+        self._payloads: deque[Any] = deque()  # notify payloads, in step with self._marks
 
-    # ------------------------------------------------------------------ entry point
+    # ------------------------------------------------------------------ the call
 
     async def run(self) -> VonageCallResult:
         """Run the whole call (answer webhook, NCCO, stream, script) and return what happened."""
-        if self._ran:
-            raise RuntimeError("a SimulatedVonageCaller runs one call; make a new one")
-        self._ran = True
-        loop = asyncio.get_running_loop()
-        r = self.result
-        r.started = loop.time()
-        self._deadline = r.started + self.timeout
-        client = self._http or httpx.AsyncClient(timeout=self.webhook_timeout, trust_env=False)
-        try:
-            async with asyncio.timeout(self.timeout + 15.0):
-                await self._run(client)
-        except TimeoutError:
-            r.script_errors.append(f"call did not finish within {self.timeout:.0f} s")
-            r.ended_by = r.ended_by or "caller"
-        finally:
-            if self._ws is not None and self._ws.close_code is None:
-                self._ws.transport.abort()
-            if self._http is None:
-                await client.aclose()
-            r.heard = bytes(self._heard)
-            if self._stretch_open and self._last_loud_end is not None:
-                r.agent_stretches.append((self._stretch_start, self._last_loud_end))
-            r.timeline.sort(key=lambda e: e.t)
-            r.ended = loop.time()
-        return r
+        await super().run()
+        return self.result
 
-    async def _run(self, client: httpx.AsyncClient) -> None:
-        self._client = client
-        try:
-            if not await self._answer(client):
-                return
-            if not await self._open_stream():
-                await self._leg_event("failed", then=self._after_connect)
-                return
-            self._leg_event_soon("answered")
-            await self._stream()
-            if self.result.ended_by == "server":
-                await self._leg_event("disconnected", then=self._after_connect)
-            else:
-                self._leg_event_soon("completed")
-        finally:
-            if self._bg:
-                await asyncio.gather(*self._bg, return_exceptions=True)
+    async def _run(self) -> None:
+        if not await self._webhook():
+            return
+        if not await self._open_stream():
+            await self._leg_event("failed", then=self._after_ncco)
+            return
+        self._leg_event_soon("answered")
+        await self._stream()
+        if self.result.ended_by == "server":
+            await self._leg_event("disconnected", then=self._after_ncco)
+        else:
+            self._leg_event_soon("completed")
 
     # ------------------------------------------------------------------ leg events (eventUrl)
 
@@ -337,18 +210,27 @@ class SimulatedVonageCaller:
         body = self._event_body(status)
         headers = {"Content-Type": "application/json", "User-Agent": "Vonage-Voice/1.0"}
         if self.sign:
-            headers["Authorization"] = self._signer.sign(method="POST", url=url, body=body)
-        self.result.events_posted.append(status)
+            headers["Authorization"] = self._jwt.sign(method="POST", url=url, body=body)
+        r = self.result
+        r.events_posted.append(status)
         try:
-            return await self._client.post(url, content=body, headers=headers)
+            resp = await self._client.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:
-            self.result.protocol_errors.append(f"event webhook failed: {type(exc).__name__}")
+            r.protocol_errors.append(f"event webhook failed: {type(exc).__name__}")
             return None
+        r.event_statuses.append(resp.status_code)
+        if not 200 <= resp.status_code < 300:
+            r.protocol_errors.append(f"event webhook returned status {resp.status_code}")
+        return resp
 
     def _leg_event_soon(self, status: str) -> None:
         if self._event_url is None:
             return
-        task = asyncio.get_running_loop().create_task(self._post_event(status))
+
+        async def post() -> None:
+            await self._post_event(status)
+
+        task = asyncio.get_running_loop().create_task(post())
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
@@ -363,7 +245,9 @@ class SimulatedVonageCaller:
                     if type(fallback) is list:
                         self.result.fallback_ncco = fallback
                         actions = fallback
-        self._run_actions(actions)
+        for action in actions:
+            if type(action) is not dict or self._run_action(action):
+                return
 
     # ------------------------------------------------------------------ answer webhook + NCCO
 
@@ -372,34 +256,38 @@ class SimulatedVonageCaller:
         self.result.ended_by = "server"
         return False
 
-    async def _answer(self, client: httpx.AsyncClient) -> bool:
+    async def _webhook(self) -> bool:
         r = self.result
+        client = self._client
+        assert client is not None
         fields = {
             "to": self.to,
             "from": self.from_,
             "endpoint_type": "phone",
             "conversation_uuid": self.conversation_uuid,
-            "uuid": self.call_uuid,
+            "uuid": self.call_sid,
             "region_url": self.region_url,
+            **self.extra_params,
         }
         headers = {"User-Agent": "Vonage-Voice/1.0", "Accept": "application/json"}
         try:
             if self.answer_method == "GET":
-                url = self.answer_url + "?" + urlencode(fields)
+                url = self.webhook_url + "?" + urlencode(fields)
                 if self.sign:
-                    headers["Authorization"] = self._signer.sign(method="GET", url=url)
+                    headers["Authorization"] = self._jwt.sign(method="GET", url=url)
                 resp = await client.get(url, headers=headers)
             else:
                 body = orjson.dumps(fields)
                 headers["Content-Type"] = "application/json"
                 if self.sign:
-                    headers["Authorization"] = self._signer.sign(
-                        method="POST", url=self.answer_url, body=body
+                    headers["Authorization"] = self._jwt.sign(
+                        method="POST", url=self.webhook_url, body=body
                     )
-                resp = await client.post(self.answer_url, content=body, headers=headers)
+                resp = await client.post(self.webhook_url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             return self._fail(f"answer webhook failed: {type(exc).__name__}")
         r.webhook_status = resp.status_code
+        r.twiml = resp.text
         if resp.status_code != 200:
             return self._fail(f"answer webhook returned status {resp.status_code}")
         try:
@@ -413,17 +301,12 @@ class SimulatedVonageCaller:
             if type(action) is not dict or type(action.get("action")) is not str:
                 return self._fail(f"NCCO action {i} is not an object with an 'action'")
             if action["action"] == "connect":
-                self._after_connect = ncco[i + 1 :]
-                return self._read_connect(action)
+                self._after_ncco = ncco[i + 1 :]
+                return self._read_connect_action(action)
             if self._run_action(action):
                 return False
         r.ended_by = "server"  # the NCCO ran out: the call ends
         return False
-
-    def _run_actions(self, actions: list[Any]) -> None:
-        for action in actions:
-            if type(action) is not dict or self._run_action(action):
-                return
 
     def _run_action(self, action: dict[str, Any]) -> bool:
         """Run a non-connect action; True if it ends the call."""
@@ -433,9 +316,7 @@ class SimulatedVonageCaller:
         if kind == "talk":
             text = action.get("text")
             if type(text) is not str or not text:
-                r.protocol_errors.append("talk action needs a non-empty text")
-                r.ended_by = "server"
-                return True
+                return not self._fail("talk action needs a non-empty text")
             r.said.append(text)
             r.timeline.append(TimelineEvent(now, "ncco_talk", text))
             return False
@@ -443,7 +324,7 @@ class SimulatedVonageCaller:
         r.ended_by = "server"
         return True
 
-    def _read_connect(self, action: dict[str, Any]) -> bool:
+    def _read_connect_action(self, action: dict[str, Any]) -> bool:
         r = self.result
         endpoints = action.get("endpoint")
         if type(endpoints) is not list or len(endpoints) != 1 or type(endpoints[0]) is not dict:
@@ -458,40 +339,30 @@ class SimulatedVonageCaller:
         if self.require_wss and parts.scheme != "wss":
             return self._fail(f"websocket uri must use wss://: {uri!r}")
         ctype = ep.get("content-type")
-        rates = {f"audio/l16;rate={n}": n for n in SUPPORTED_RATES}
-        if ctype not in rates:
-            return self._fail(f"websocket content-type must be one of {sorted(rates)}: {ctype!r}")
+        if ctype not in _RATES:
+            return self._fail(f"websocket content-type must be one of {sorted(_RATES)}: {ctype!r}")
         headers = ep.get("headers", {})
         if type(headers) is not dict:
             return self._fail("websocket headers must be a JSON object")
         if len(orjson.dumps(headers)) > MAX_HEADERS_BYTES:
             return self._fail(f"websocket headers exceed {MAX_HEADERS_BYTES} bytes")
-        if self.strict_fields:
-            extra = set(ep) - {"type", "uri", "content-type", "headers", "authorization"}
-            if extra:
-                return self._fail(f"unexpected websocket endpoint fields {sorted(extra)}")
-        r.stream_url = uri
+        if self.strict_fields and not _ENDPOINT_KEYS.issuperset(ep):
+            extra = sorted(set(ep) - _ENDPOINT_KEYS)
+            return self._fail(f"unexpected websocket endpoint fields {extra}")
         event_url = action.get("eventUrl")
         if event_url is not None:
             if type(event_url) is not list or len(event_url) != 1 or type(event_url[0]) is not str:
                 return self._fail("connect eventUrl must be an array with one URL")
-            self._event_url = urljoin(self.answer_url, event_url[0])
+            self._event_url = urljoin(self.webhook_url, event_url[0])
         self._sync_events = action.get("eventType") == "synchronous"
+        r.stream_url = uri
         r.content_type = ctype
         r.parameters = dict(headers)
-        self._rate = rates[ctype]
-        r.sample_rate = self._rate
-        self._fb = self._rate // 50 * 2
-        self._silence = bytes(self._fb)
-        self._clips = {id(a): _clip_pcm(a, self._rate) for a in self.script if isinstance(a, Say)}
+        self._rate = r.sample_rate = _RATES[ctype]
+        self._wire_fb = self._rate // 50 * 2
         auth = ep.get("authorization")
-        self._ws_auth = (
-            auth.get("value")
-            if type(auth) is dict
-            and auth.get("type") == "custom"
-            and type(auth.get("value")) is str
-            else None
-        )
+        if type(auth) is dict and auth.get("type") == "custom" and type(auth.get("value")) is str:
+            self._ws_auth = auth["value"]
         return True
 
     # ------------------------------------------------------------------ stream
@@ -510,13 +381,23 @@ class SimulatedVonageCaller:
                 ping_interval=None,
                 open_timeout=10,
                 close_timeout=2,
-                max_size=1 << 20,
+                max_size=self.max_message_bytes,
             )
         except websockets.InvalidStatus as exc:
             return self._fail(f"websocket handshake refused: status {exc.response.status_code}")
         except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
             return self._fail(f"websocket connection failed: {type(exc).__name__}")
+        if self._rate != SAMPLE_RATE:
+            self._up = StreamResampler(SAMPLE_RATE, self._rate)
+            self._down = StreamResampler(self._rate, SAMPLE_RATE)
         return True
+
+    def _envelope(self, event: str, body: dict[str, Any] | None = None) -> str:
+        """What the parent's script sends, as Vonage says it (only `dtmf` reaches here)."""
+        if event != "dtmf" or body is None:
+            raise ValueError(f"Vonage sends no {event!r} message")
+        msg = {"event": "websocket:dtmf", "digit": body["digit"], "duration": 260}
+        return orjson.dumps(msg).decode()
 
     async def _stream(self) -> None:
         ws = self._ws
@@ -525,7 +406,7 @@ class SimulatedVonageCaller:
         loop = asyncio.get_running_loop()
         reader: asyncio.Task[None] | None = None
         try:
-            hello = {"event": "websocket:connected", "content-type": r.content_type}
+            hello: dict[str, Any] = {"event": "websocket:connected", "content-type": r.content_type}
             hello.update(r.parameters)
             await ws.send(orjson.dumps(hello).decode())
             r.stream_started = loop.time()
@@ -544,273 +425,49 @@ class SimulatedVonageCaller:
             r.close_code = ws.close_code
             r.close_reason = ws.close_reason or ""
 
-    def _server_ended(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self.result.ended_by = "server"
-            now = asyncio.get_running_loop().time()
-            self.result.timeline.append(TimelineEvent(now, "server_closed"))
-
-    async def _clock(self, t0: float) -> None:
-        """Every 20 ms on an absolute clock: play one queued frame, send one caller frame."""
-        loop = asyncio.get_running_loop()
-        frame_s = FRAME_MS / 1000.0
-        n = 0
-        while not self._ended:
-            delay = t0 + n * frame_s - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-                if self._ended:
-                    break
-            now = loop.time()
-            late = now - (t0 + n * frame_s)
-            if late > 0.010:
-                self.result.clock_late_ticks += 1
-                self.result.clock_late_max_ms = max(self.result.clock_late_max_ms, late * 1000)
-            n += 1
-            await self._playout(now)
-            if now >= self._deadline:
-                self.result.script_errors.append(f"call reached its {self.timeout:.0f} s timeout")
-                await self._hang_up(HangUp(), now)
-                return
-            step = await self._script_step(now)
-            if self._ended:
-                return
-            if step is None:
-                await self._hang_up(self._hangup_action or HangUp(), now)
-                return
-            frame, flags, utt = step
-            self._n += 1
-            if self._n in self.drop_frames:
-                self.result.frames_dropped += 1
-                if flags:
-                    self._frame_sent(now, flags, utt)
-                continue
-            due = now
-            if self.jitter_ms:
-                due = max(self._last_due, now + self._rng.uniform(0, self.jitter_ms) / 1000)
-                self._last_due = due
-            self._pending.append((due, frame, flags, utt))
-            await self._flush(now)
+    def _to_wire(self, ulaw: bytes) -> bytes:
+        pcm = ulaw_decode(ulaw)
+        if self._up is not None:
+            pcm = self._up.process(pcm)
+        return np.ascontiguousarray(pcm, dtype="<i2").tobytes()
 
     async def _flush(self, now: float, *, everything: bool = False) -> None:
+        """Each due 20 ms frame goes out as one binary frame of exactly 20 ms at the rate."""
         ws = self._ws
         assert ws is not None
-        while self._pending and (everything or self._pending[0][0] <= now):
-            _, frame, flags, utt = self._pending.popleft()
-            await ws.send(frame)
+        pending = self._pending
+        fb = self._wire_fb
+        wire = self._wire
+        while pending and (everything or pending[0][0] <= now):
+            _, _, frame, flags, utt = pending.popleft()
+            wire += self._to_wire(frame)
+            if len(wire) < fb:  # the resampler's first output is short: lead with silence
+                wire[:0] = bytes(fb - len(wire))
+            await ws.send(bytes(wire[:fb]))
+            del wire[:fb]
             self.result.frames_sent += 1
             if flags:
                 self._frame_sent(asyncio.get_running_loop().time(), flags, utt)
 
-    def _frame_sent(self, t: float, flags: int, utt: Utterance | None) -> None:
-        r = self.result
-        if utt is None:
-            return
-        if flags & _F_SPEECH_START:
-            utt.start = t
-            r.timeline.append(TimelineEvent(t, "utterance_start", utt.label))
-            if self._stretch_open:
-                utt.barged_in = True
-                self._awaiting_barge_stop.append(utt)
-        if flags & _F_SPEECH_END:
-            utt.end = t
-            self._last_speech_end = t
-            self._awaiting_response.append(utt)
-            r.timeline.append(TimelineEvent(t, "utterance_end", utt.label))
-
-    async def _script_step(self, now: float) -> tuple[bytes, int, Utterance | None] | None:
-        """The frame to send this tick (running instant actions first); None = hang up."""
-        fb = self._fb
-        while True:
-            if self._say is not None:
-                data, nframes, start, end, utt = self._say
-                i = self._say_frame
-                self._say_frame += 1
-                frame = data[i * fb : (i + 1) * fb]
-                if len(frame) < fb:
-                    frame += self._silence[len(frame) :]
-                flags = (_F_SPEECH_START if i == start else 0) | (_F_SPEECH_END if i == end else 0)
-                if self._say_frame >= nframes:
-                    self._say = None
-                return frame, flags, utt
-            if self._pause_frames > 0:
-                self._pause_frames -= 1
-                return self._silence, 0, None
-            if self._wait is not None:
-                waiting, deadline, since = self._wait
-                if self._wait_satisfied(waiting, since, now):
-                    self._wait = None
-                    continue
-                if now >= deadline:
-                    self._wait = None
-                    name = type(waiting).__name__
-                    self.result.script_errors.append(
-                        f"{name} timed out after {waiting.timeout:g} s"
-                    )
-                    continue
-                return self._silence, 0, None
-            if self._script_done:
-                return None if self.on_script_end == "hangup" else (self._silence, 0, None)
-            action = next(self._actions, None)
-            if action is None:
-                self._script_done = True
-                continue
-            if isinstance(action, Say):
-                utt = Utterance(action.label)
-                self.result.utterances.append(utt)
-                data = self._clips[id(action)]
-                nframes = max(1, -(-len(data) // fb))
-                span = _loud_span(data, fb) or (0, nframes - 1)
-                self._say = (data, nframes, span[0], span[1], utt)
-                self._say_frame = 0
-            elif isinstance(action, Pause):
-                self._pause_frames = max(0, round(action.ms / FRAME_MS))
-            elif isinstance(action, WaitForAgentAudio | WaitForAgentSilence):
-                ref = self._last_speech_end
-                if ref is None:
-                    ref = self.result.stream_started or now
-                self._wait = (action, now + action.timeout, ref)
-            elif isinstance(action, PressDigit):
-                msg = {"event": "websocket:dtmf", "digit": action.digit, "duration": 260}
-                await self._send_now(orjson.dumps(msg).decode())
-                self.result.digits_sent.append(TimedName(action.digit, now))
-                self.result.timeline.append(TimelineEvent(now, "dtmf", action.digit))
-            elif isinstance(action, SendRaw):
-                await self._send_now(action.data)
-                self.result.timeline.append(TimelineEvent(now, "raw_sent"))
-            elif isinstance(action, HangUp):
-                self._hangup_action = action
-                return None
-            else:
-                raise TypeError(f"unknown script action {action!r}")
-
-    async def _send_now(self, data: str | bytes) -> None:
-        await self._flush(0.0, everything=True)
-        assert self._ws is not None
-        await self._ws.send(data)
-
-    def _wait_satisfied(
-        self, action: WaitForAgentAudio | WaitForAgentSilence, ref: float, now: float
-    ) -> bool:
-        if isinstance(action, WaitForAgentAudio):
-            return self._stretch_open and self._reply_heard_ms >= action.min_heard_ms
-        last = self._last_loud_end
-        return last is not None and last > ref and now - last >= action.silence_ms / 1000
-
     async def _hang_up(self, action: HangUp, now: float) -> None:
         """The caller hangs up: Vonage closes the socket (it sends no stop message)."""
+        await super()._hang_up(HangUp(send_stop=False, abrupt=action.abrupt), now)
+
+    # ------------------------------------------------------------------ what the app sends
+
+    async def _echo_marks(self, names: list[str], now: float) -> None:
         ws = self._ws
         assert ws is not None
-        self._ended = True
-        self.result.ended_by = "caller"
-        self.result.timeline.append(TimelineEvent(now, "hangup"))
-        try:
-            await self._flush(now, everything=True)
-            if action.abrupt:
-                ws.transport.abort()
-                return
-            await ws.close(1000)
-        except websockets.ConnectionClosed:
-            pass
-
-    # ------------------------------------------------------------------ playout
-
-    async def _playout(self, now: float) -> None:
-        """Play one frame from Vonage's queue; echo the notifies that are now due."""
-        await self._echo_due(now)
-        if self._queue:
-            frame = self._queue.popleft()
-            self._played += 1
-            self._heard += frame
-            loud = _is_loud(frame)
-        else:
-            self._heard += self._silence
-            loud = False
-        self._agent_audio(now, loud)
-        await self._echo_due(now)
-
-    async def _echo_due(self, now: float) -> None:
-        while self._notifies and self._notifies[0][0] <= self._played:
-            _, payload, name = self._notifies.popleft()
-            await self._send_notify(payload, name, now)
-
-    async def _send_notify(self, payload: Any, name: str, now: float) -> None:
-        assert self._ws is not None
-        await self._ws.send(
-            orjson.dumps({"event": "websocket:notify", "payload": payload}).decode()
-        )
-        self.result.marks_echoed.append(TimedName(name, now))
-        self.result.timeline.append(TimelineEvent(now, "notify_echoed", name))
-
-    def _agent_audio(self, now: float, loud: bool) -> None:
         r = self.result
-        if loud:
-            if not self._stretch_open:
-                self._stretch_open = True
-                self._stretch_start = now
-                r.timeline.append(TimelineEvent(now, "agent_audio_start"))
-            if self._last_loud_end is None or now - self._last_loud_end >= self._reply_gap_s:
-                self._reply_heard_ms = 0.0
-            self._reply_heard_ms += FRAME_MS
-            self._last_loud_end = now + FRAME_MS / 1000.0
-            for utt in self._awaiting_response:
-                if utt.end is not None and utt.end <= now:
-                    utt.response_latency_ms = (now - utt.end) * 1000.0
-            self._awaiting_response = [
-                u for u in self._awaiting_response if u.response_latency_ms is None
-            ]
-        elif self._stretch_open:
-            last = self._last_loud_end
-            assert last is not None
-            if now - last >= self._gap_s:
-                self._stretch_open = False
-                r.agent_stretches.append((self._stretch_start, last))
-                r.timeline.append(TimelineEvent(last, "agent_audio_stop"))
-                for utt in self._awaiting_barge_stop:
-                    assert utt.start is not None
-                    utt.barge_in_stop_ms = max(0.0, last - utt.start) * 1000.0
-                self._awaiting_barge_stop.clear()
+        for name in names:
+            payload = self._payloads.popleft()
+            await ws.send(orjson.dumps({"event": "websocket:notify", "payload": payload}).decode())
+            r.marks_echoed.append(TimedName(name, now))
+            r.timeline.append(TimelineEvent(now, "notify_echoed", name))
 
-    # ------------------------------------------------------------------ reader
-
-    async def _reader(self) -> None:
-        ws = self._ws
-        assert ws is not None
-        loop = asyncio.get_running_loop()
-        try:
-            async for data in ws:
-                if self._ended:
-                    continue
-                try:
-                    await self._on_message(data, loop.time())
-                except websockets.ConnectionClosed:
-                    raise
-                except Exception as exc:  # the simulator records, never crashes
-                    self._error(f"simulator could not handle a message: {exc!r}")
-        except websockets.ConnectionClosed:
-            pass
-        self._server_ended()
-
-    def _error(self, text: str) -> None:
-        r = self.result
-        r.protocol_errors.append(text)
-        r.timeline.append(TimelineEvent(asyncio.get_running_loop().time(), "protocol_error", text))
-
-    async def _on_message(self, data: str | bytes, now: float) -> None:
+    async def _on_frame(self, data: str | bytes, now: float) -> None:
         if isinstance(data, bytes):
-            if len(data) != self._fb:
-                self._error(
-                    f"audio message of {len(data)} bytes dropped: must be one 20 ms frame "
-                    f"({self._fb} bytes at {self._rate} Hz)"
-                )
-                return
-            if len(self._queue) >= self.max_buffered_frames:
-                self._error(f"audio dropped: more than {self.max_buffered_frames} frames queued")
-                return
-            self._queue.append(data)
-            self._enqueued += 1
-            self.result.received_media_bytes += len(data)
+            self._on_audio(data, now)
             return
         try:
             msg = orjson.loads(data)
@@ -829,17 +486,7 @@ class SimulatedVonageCaller:
             self._error(f"unexpected fields {sorted(set(msg) - allowed)} in {action}")
             return
         if action == "clear":
-            self.result.clears.append(now)
-            self.result.timeline.append(TimelineEvent(now, "clear"))
-            self._queue.clear()
-            self._enqueued = self._played
-            dropped = list(self._notifies)
-            self._notifies.clear()
-            assert self._ws is not None
-            await self._ws.send('{"event":"websocket:cleared"}')
-            if self.notify_after_clear == "send":
-                for _, payload, name in dropped:
-                    await self._send_notify(payload, name, now)
+            await self._clear(now)
             return
         payload = msg.get("payload")
         if type(payload) is not dict:
@@ -848,4 +495,46 @@ class SimulatedVonageCaller:
         given = payload.get("name")
         label = given if isinstance(given, str) else orjson.dumps(payload).decode()[:40]
         self.result.marks_received.append(TimedName(label, now))
-        self._notifies.append((self._enqueued, payload, label))
+        self._marks.append((self._enqueued, label))
+        self._payloads.append(payload)
+
+    async def _clear(self, now: float) -> None:
+        """Empty the queue and say so; the notifies it held are dropped (or sent, if asked)."""
+        r = self.result
+        r.clears.append(now)
+        r.timeline.append(TimelineEvent(now, "clear"))
+        self._playbuf.clear()
+        self._enqueued = self._played
+        if self._down is not None:
+            self._down.reset()
+        names = [name for _, name in self._marks]
+        self._marks.clear()
+        assert self._ws is not None
+        await self._ws.send('{"event":"websocket:cleared"}')
+        if self.notify_after_clear == "send":
+            await self._echo_marks(names, now)
+        else:
+            self._payloads.clear()
+
+    def _on_audio(self, data: bytes, now: float) -> None:
+        fb = self._wire_fb
+        if len(data) != fb:
+            self._error(
+                f"audio message of {len(data)} bytes dropped: must be one 20 ms frame "
+                f"({fb} bytes at {self._rate} Hz)"
+            )
+            return
+        queued = -(-len(self._playbuf) // self._fb)  # 20 ms frames waiting to play
+        if queued >= self.max_buffered_frames:
+            self._error(f"audio dropped: more than {self.max_buffered_frames} frames queued")
+            return
+        pcm = np.frombuffer(data, dtype="<i2")
+        if self._down is not None:
+            pcm = self._down.process(pcm)
+        ulaw = ulaw_encode(np.ascontiguousarray(pcm, dtype=np.int16)).tobytes()
+        self._playbuf += ulaw
+        self._enqueued += len(ulaw)
+        self.result.received_media_bytes += len(data)
+        if self._probes:
+            for _ in range(self._detector.feed(ulaw_decode(ulaw))):
+                self._probe_heard(now)

@@ -79,15 +79,17 @@ class VonageCarrier:
         call: AnswerRequest,
         *,
         ws_authorization: str | None = None,
+        event_url: str | None = None,
     ) -> tuple[str, str]:
         """As `answer_document`, with the call's uuid and numbers echoed into the stream and,
-        optionally, an `Authorization` value Vonage sends on the WebSocket handshake."""
+        optionally, an `Authorization` value Vonage sends on the WebSocket handshake and an
+        event URL for this call's websocket leg (else the carrier's own, if any)."""
         ncco = connect_websocket_ncco(
             stream_url,
             parameters,
             sample_rate=self.sample_rate,
             call=call,
-            event_url=self.event_url,
+            event_url=event_url or self.event_url,
             synchronous_events=self.synchronous_events,
             ws_authorization=ws_authorization,
         )

@@ -24,10 +24,12 @@ from livecall.carriers.vonage.wire import CALL_HEADER_KEYS, content_type_for
 __all__ = [
     "MAX_HEADERS_BYTES",
     "AnswerRequest",
+    "VonageEvent",
     "busy_ncco",
     "connect_websocket_ncco",
     "ncco_json",
     "parse_answer_request",
+    "parse_event",
 ]
 
 # The documented limit of the websocket endpoint's `headers` (serialized JSON).
@@ -72,6 +74,42 @@ def parse_answer_request(method: str, url: str, body: bytes = b"") -> AnswerRequ
         from_number=get("from", required=False),
         to_number=get("to", required=False),
         region_url=get("region_url", required=False) or None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class VonageEvent:
+    """One event webhook: which leg (`uuid`) reached which `status` (started, answered…)."""
+
+    uuid: str
+    status: str
+    conversation_uuid: str = ""
+    direction: str = ""
+
+
+def parse_event(body: bytes) -> VonageEvent:
+    """Read an event webhook's JSON body; ValueError if it names no leg or no status.
+
+    Vonage sends more kinds than call statuses (transfer, input, recording…); those have no
+    `status` and are read as status "" rather than refused.
+    """
+    try:
+        loaded = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        raise ValueError("the event webhook's body is not JSON") from None
+    if type(loaded) is not dict:
+        raise ValueError("the event webhook's body must be a JSON object")
+    uuid = loaded.get("uuid") or loaded.get("call_uuid")
+    if type(uuid) is not str or not uuid:
+        raise ValueError("the event webhook lacks 'uuid'")
+    status = loaded.get("status")
+    conversation = loaded.get("conversation_uuid")
+    direction = loaded.get("direction")
+    return VonageEvent(
+        uuid=uuid,
+        status=status if type(status) is str else "",
+        conversation_uuid=conversation if type(conversation) is str else "",
+        direction=direction if type(direction) is str else "",
     )
 
 
