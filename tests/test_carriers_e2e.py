@@ -2,8 +2,8 @@
 
 Each test rings the real app (uvicorn on loopback, the carrier's webhook signatures enforced)
 from that carrier's simulated edge (`livecall.sim.<carrier>`), and the app talks to the fake
-Gemini Live over TLS through the real SDK. Twilio, Telnyx and Plivo run here; Vonage and
-Exotel have adapters and simulators but no routes yet.
+Gemini Live over TLS through the real SDK. Twilio, Telnyx, Plivo and Exotel run here; Vonage
+has an adapter and a simulator but no routes yet.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import yaml
 
 from livecall.audio.dtmf import detect_dtmf
 from livecall.sim.clips import load_clip
+from livecall.sim.exotel import SimulatedExotelCaller
 from livecall.sim.gemini import GoAwayFault, Scenario, ToolCallFault
 from livecall.sim.plivo import PlivoSimulatedCaller
 from livecall.sim.stack import LocalStack
@@ -35,6 +36,7 @@ from livecall.sim.twilio import (
 
 FAST = {"vad_silence_duration_ms": 300}
 PLIVO_TOKEN = "plivo-test-auth-token-0123456789"
+EXOTEL_SECRET = "exotel-test-url-secret-0123456789"
 _TELNYX_SEED, TELNYX_PUBLIC = generate_keypair()
 _FORGED_SEED, _ = generate_keypair()
 
@@ -66,10 +68,16 @@ def _plivo(stack: LocalStack, script: list[Any], forged: bool = False, **kw: Any
     return PlivoSimulatedCaller(stack.base_url, auth_token=token, script=script, **kw)
 
 
+def _exotel(stack: LocalStack, script: list[Any], forged: bool = False, **kw: Any) -> Any:
+    secret = "not-the-exotel-url-secret" if forged else EXOTEL_SECRET
+    return SimulatedExotelCaller(stack.base_url, url_secret=secret, script=script, **kw)
+
+
 EDGES = [
     Edge("twilio", {}, _twilio),
     Edge("telnyx", {"telnyx_public_key": TELNYX_PUBLIC}, _telnyx),
     Edge("plivo", {"plivo_auth_token": PLIVO_TOKEN}, _plivo),
+    Edge("exotel", {"exotel_url_secret": EXOTEL_SECRET}, _exotel),
 ]
 
 

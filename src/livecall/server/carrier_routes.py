@@ -2,14 +2,16 @@
 
 For a carrier `c` (enabled only when its credentials are set):
 
-- `POST` its voice webhook (`/telnyx/texml`, `/plivo/answer`): the signature is checked with
-  the carrier's own scheme (`Carrier.verify_webhook`), the call is admitted or turned away
-  with the carrier's busy answer, its agent profile matched exactly as Twilio's `/twiml` does
+- its voice webhook (`POST /telnyx/texml`, `POST /plivo/answer`, `GET /exotel/voicebot`): the
+  request is authenticated with the carrier's own scheme (`Carrier.verify_webhook`), the call
+  read from it (`CarrierRoute.read_webhook`: a form by default), admitted or turned away with
+  the carrier's busy answer, its agent profile matched exactly as Twilio's `/twiml` does
   (called number or `?profile=`), and a per-call stream token minted; the answer document
   points the call's media at `/ws/c`.
 - `/ws/c`: the media socket. Frames go through `c`'s sans-I/O `CarrierStream` until its
-  `CallStarted`; the token in its custom parameters must be valid for that call id, then the
-  same call core as Twilio's runs it (`twilio_routes.run_call`).
+  `CallStarted`; the token in its custom parameters (or, for a carrier whose answer is a
+  stream URL, in that URL's query string) must be valid for that call id, then the same call
+  core as Twilio's runs it (`twilio_routes.run_call`).
 
 Tokens are keyed per carrier (`derive_key(stream secret, "<carrier>-stream")`), bound to the
 call id only (a carrier's stream does not always repeat the webhook's account id).
@@ -43,24 +45,82 @@ if TYPE_CHECKING:
     from livecall.server.app import AppState
     from livecall.settings import Settings
 
-__all__ = ["CarrierRoute", "build_carrier_router", "carrier_routes", "stream_tokens_for"]
+__all__ = [
+    "CarrierRoute",
+    "WebhookCall",
+    "build_carrier_router",
+    "carrier_routes",
+    "read_exotel",
+    "read_form",
+    "stream_tokens_for",
+]
 
 log = structlog.get_logger("livecall.carriers")
 
 MAX_CALL_ID = 128
+BUSY_PARAMETER = "busy"  # in a stream URL answered to a call turned away (no busy document)
+_STREAM_PARAMETERS = frozenset(("from", "to", "direction", "profile", TOKEN_PARAMETER))
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookCall:
+    """What a voice webhook says about its call: the id the stream's start repeats, the
+    numbers and the direction ("inbound" or "outbound")."""
+
+    call_id: str
+    from_number: str = ""
+    to_number: str = ""
+    direction: str = "inbound"
+
+
+WebhookReader = Callable[[Mapping[str, str], bytes], WebhookCall]  # (query, body) -> call
+
+
+def read_form(call_id_field: str) -> WebhookReader:
+    """A webhook POSTed as a form (`From`, `To`, `Direction`, the call id in `call_id_field`)."""
+
+    def read(query: Mapping[str, str], body: bytes) -> WebhookCall:
+        form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        return WebhookCall(
+            form.get(call_id_field, ""),
+            form.get("From", ""),
+            form.get("To", ""),
+            form.get("Direction", "inbound") or "inbound",
+        )
+
+    return read
+
+
+def read_exotel(query: Mapping[str, str], body: bytes) -> WebhookCall:
+    """Exotel's dynamic-URL GET: `CallSid`, `CallFrom`/`CallTo` (or `From`/`To`) and a
+    `Direction` of `incoming`, `outbound-dial` or `outbound-api` in the query string."""
+    direction = query.get("Direction", "")
+    return WebhookCall(
+        query.get("CallSid", ""),
+        query.get("CallFrom") or query.get("From", ""),
+        query.get("CallTo") or query.get("To", ""),
+        "outbound" if direction.startswith("outbound") else "inbound",
+    )
 
 
 @dataclass(frozen=True)
 class CarrierRoute:
-    """One carrier's HTTP side: where its webhook lands, how its form names things."""
+    """One carrier's HTTP side: where its webhook lands, how it names things, how it says busy."""
 
     carrier: Carrier
     webhook_path: str
     call_id_field: str  # the webhook form field holding the id the stream's start repeats
-    busy: Callable[[str | None, bool], str]  # (message, reject) -> the answer body
+    # (message, reject) -> the answer body; None: the carrier has no busy document, so the
+    # answer is a stream that is closed at its start (the carrier's flow then moves on)
+    busy: Callable[[str | None, bool], str] | None
     content_type: str = "application/xml"
     control: Any = None  # REST call control (hangup/transfer) when configured
     alnum_parameters: bool = False  # the carrier carries only [A-Za-z0-9] names and values
+    methods: tuple[str, ...] = ("POST",)  # how the carrier requests its webhook (HEAD: auth only)
+    read_webhook: WebhookReader | None = None  # None: read_form(call_id_field)
+    # the per-call parameters ride the stream URL's query string (Exotel): read them from the
+    # upgrade request, not from the start's custom parameters
+    token_in_url: bool = False
 
     @property
     def name(self) -> str:
@@ -119,6 +179,20 @@ def carrier_routes(settings: Settings) -> list[CarrierRoute]:
                 alnum_parameters=True,  # extraHeaders: letters and digits only
             )
         )
+    if settings.exotel_url_secret is not None and settings.exotel_url_secret.get_secret_value():
+        from livecall.carriers.exotel import ExotelCarrier
+
+        routes.append(
+            CarrierRoute(
+                ExotelCarrier(settings.exotel_url_secret.get_secret_value()),
+                "/exotel/voicebot",
+                "CallSid",
+                None,  # no busy document: a stream closed at start ends the Voicebot applet
+                methods=("GET", "HEAD"),
+                read_webhook=read_exotel,
+                token_in_url=True,
+            )
+        )
     return routes
 
 
@@ -134,6 +208,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
     trusted = TrustedProxies(settings.trusted_proxies)
     tokens = stream_tokens_for(state.stream_secret, route.name)
     name = route.name
+    read_webhook = route.read_webhook or read_form(route.call_id_field)
 
     async def voice_webhook(request: Request) -> Response:
         body = await request.body()
@@ -145,28 +220,36 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             state.metrics.error(f"{name}_signature")
             log.warning(f"{name}.webhook_rejected", reason="bad or missing signature")
             return Response(f"invalid {name} signature", status_code=403, media_type="text/plain")
-        params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-        call_id = params.get(route.call_id_field, "")
+        if request.method == "HEAD":  # a probe before the real request: nothing to admit
+            return Response(status_code=200)
+        call = read_webhook(request.query_params, body)
+        call_id = call.call_id
         if not 0 < len(call_id) <= MAX_CALL_ID or not call_id.isprintable():
             log.warning(f"{name}.webhook_rejected", reason=f"no valid {route.call_id_field}")
             return Response(f"no {route.call_id_field}", status_code=400, media_type="text/plain")
+        base = public_base(
+            request.url, request.headers, settings.public_url, peer=peer, trusted=trusted
+        )
+        stream_url = ws_base(base) + route.stream_path
         if not state.registry.reserve(call_id):
             reason = "draining" if state.registry.draining else "full"
             state.metrics.refused(reason)
             log.warning(f"{name}.call_refused", call_sid=call_id, reason=reason)
+            if route.busy is None:
+                answer, content_type = route.carrier.answer_document(
+                    stream_url, {BUSY_PARAMETER: "1"}
+                )
+                return Response(answer, media_type=content_type)
             return Response(
                 route.busy(settings.busy_message, settings.busy_answer == "reject"),
                 media_type=route.content_type,
             )
-        base = public_base(
-            request.url, request.headers, settings.public_url, peer=peer, trusted=trusted
-        )
         parameters = {
             k: v
             for k, v in {
-                "from": params.get("From", ""),
-                "to": params.get("To", ""),
-                "direction": params.get("Direction", "inbound"),
+                "from": call.from_number,
+                "to": call.to_number,
+                "direction": call.direction,
                 "profile": request.query_params.get("profile", ""),
             }.items()
             if v
@@ -175,10 +258,8 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         parameters[TOKEN_PARAMETER] = tokens.for_call(call_id, "", time.time())
         if route.alnum_parameters:
             parameters = pack_alnum(parameters)
-        answer, content_type = route.carrier.answer_document(
-            ws_base(base) + route.stream_path, parameters
-        )
-        log.info(f"{name}.webhook", call_sid=call_id, to=params.get("To"))
+        answer, content_type = route.carrier.answer_document(stream_url, parameters)
+        log.info(f"{name}.webhook", call_sid=call_id, to=call.to_number)
         return Response(answer, media_type=content_type)
 
     async def media_stream(ws: WebSocket) -> None:
@@ -186,6 +267,14 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             state.metrics.refused("draining")
             await ws.close(code=1013)
             return
+        url_params: dict[str, str] = {}
+        if route.token_in_url:
+            url_params = {k: v for k, v in ws.query_params.items() if k in _STREAM_PARAMETERS}
+            if TOKEN_PARAMETER not in url_params and ws.query_params.get(BUSY_PARAMETER) != "1":
+                state.metrics.error("stream_token")
+                log.warning(f"{name}.stream_refused", reason="no stream token")
+                await ws.close(code=1008)  # before the upgrade: HTTP 403
+                return
         await ws.accept()
         socket = StarletteCarrier(ws)
         stream = route.carrier.new_stream(max_frame_bytes=settings.max_message_bytes)
@@ -193,18 +282,21 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         if started is None:
             await socket.close(1008)
             return
+        if route.token_in_url and TOKEN_PARAMETER not in url_params:
+            log.info(f"{name}.busy_stream_closed", call_sid=started.call_id)
+            await socket.close(1000)  # turned away: the carrier's flow moves on
+            return
+        params = url_params if route.token_in_url else dict(started.custom_parameters)
         if route.alnum_parameters:
             try:
-                started = replace(
-                    started, custom_parameters=unpack_alnum(started.custom_parameters)
-                )
+                params = unpack_alnum(params)
             except ValueError:
                 log.warning(f"{name}.stream_refused", reason="malformed parameters")
                 await socket.close(1008)
                 return
         live = state.registry.active.get(started.call_id)
         check = tokens.check(
-            started.custom_parameters.get(TOKEN_PARAMETER),
+            params.get(TOKEN_PARAMETER),
             started.call_id,
             "",
             time.time(),
@@ -215,7 +307,10 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             log.warning(f"{name}.stream_refused", reason=check.reason or "outbound token")
             await socket.close(1008)
             return
-        params = {k: v for k, v in started.custom_parameters.items() if k != TOKEN_PARAMETER}
+        params = {k: v for k, v in params.items() if k != TOKEN_PARAMETER}
+        for key, value in (("from", started.from_number), ("to", started.to_number)):
+            if value and not params.get(key):  # a carrier whose start names the numbers
+                params[key] = value
         await run_call(
             state,
             socket,
@@ -226,7 +321,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         )
 
     router.add_api_route(
-        route.webhook_path, voice_webhook, methods=["POST"], include_in_schema=False
+        route.webhook_path, voice_webhook, methods=list(route.methods), include_in_schema=False
     )
     router.add_api_websocket_route(route.stream_path, media_stream)
 

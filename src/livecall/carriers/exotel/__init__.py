@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 
+_IN_START = frozenset(("from", "to"))  # what Exotel's `start` carries without being asked
+
+
 class ExotelCarrier:
     """The Exotel `Carrier`: a stream per call, the stream-URL answer and the URL-secret check.
 
@@ -51,8 +54,18 @@ class ExotelCarrier:
         return ExotelStream(max_frame_bytes=max_frame_bytes)
 
     def answer_document(self, stream_url: str, parameters: Mapping[str, str]) -> tuple[str, str]:
-        """`{"url": "wss://.../ws/exotel?sample-rate=8000&token=..."}` for the applet."""
-        return stream_url_answer(stream_url, parameters, sample_rate=self.sample_rate)
+        """`{"url": "wss://.../ws/exotel?sample-rate=8000&lc_token=..."}` for the applet.
+
+        Exotel carries at most 3 custom parameters and its `start` names the caller and the
+        called number itself, so `from` and `to` stay out of the URL, and so does the
+        direction of an inbound call (the default).
+        """
+        kept = {
+            k: v
+            for k, v in parameters.items()
+            if k not in _IN_START and not (k == "direction" and v == "inbound")
+        }
+        return stream_url_answer(stream_url, kept, sample_rate=self.sample_rate)
 
     def verify_webhook(self, url: str, headers: Mapping[str, str], body: bytes) -> bool:
         """Exotel signs nothing: the request must carry the URL secret (body unused)."""
