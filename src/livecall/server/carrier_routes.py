@@ -119,8 +119,8 @@ class CarrierRoute:
     methods: tuple[str, ...] = ("POST",)  # how the carrier requests its webhook (HEAD: auth only)
     read_webhook: WebhookReader | None = None  # None: read_form(call_id_field)
     # the per-call parameters ride the stream URL's query string (Exotel): read them from the
-    # upgrade request, not from the start's custom parameters
-    token_in_url: bool = False
+    # upgrade request (the start's custom parameters, which echo them, when it has none)
+    parameters_in_url: bool = False
 
     @property
     def name(self) -> str:
@@ -190,7 +190,7 @@ def carrier_routes(settings: Settings) -> list[CarrierRoute]:
                 None,  # no busy document: a stream closed at start ends the Voicebot applet
                 methods=("GET", "HEAD"),
                 read_webhook=read_exotel,
-                token_in_url=True,
+                parameters_in_url=True,
             )
         )
     return routes
@@ -267,14 +267,6 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             state.metrics.refused("draining")
             await ws.close(code=1013)
             return
-        url_params: dict[str, str] = {}
-        if route.token_in_url:
-            url_params = {k: v for k, v in ws.query_params.items() if k in _STREAM_PARAMETERS}
-            if TOKEN_PARAMETER not in url_params and ws.query_params.get(BUSY_PARAMETER) != "1":
-                state.metrics.error("stream_token")
-                log.warning(f"{name}.stream_refused", reason="no stream token")
-                await ws.close(code=1008)  # before the upgrade: HTTP 403
-                return
         await ws.accept()
         socket = StarletteCarrier(ws)
         stream = route.carrier.new_stream(max_frame_bytes=settings.max_message_bytes)
@@ -282,17 +274,21 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         if started is None:
             await socket.close(1008)
             return
-        if route.token_in_url and TOKEN_PARAMETER not in url_params:
-            log.info(f"{name}.busy_stream_closed", call_sid=started.call_id)
-            await socket.close(1000)  # turned away: the carrier's flow moves on
-            return
-        params = url_params if route.token_in_url else dict(started.custom_parameters)
+        params = dict(started.custom_parameters)
         if route.alnum_parameters:
             try:
                 params = unpack_alnum(params)
             except ValueError:
                 log.warning(f"{name}.stream_refused", reason="malformed parameters")
                 await socket.close(1008)
+                return
+        if route.parameters_in_url:
+            query = ws.query_params  # the URL we answered, as the carrier opened it
+            if TOKEN_PARAMETER in query:
+                params = {k: v for k, v in query.items() if k in _STREAM_PARAMETERS}
+            elif BUSY_PARAMETER in query or BUSY_PARAMETER in params:
+                log.info(f"{name}.busy_stream_closed", call_sid=started.call_id)
+                await socket.close(1000)  # turned away: the carrier's flow moves on
                 return
         live = state.registry.active.get(started.call_id)
         check = tokens.check(
