@@ -1,9 +1,10 @@
 """Exotel: the Voicebot applet's bidirectional stream (JSON + base64 16-bit PCM) over WebSocket.
 
 One file per job: `wire.py` (the stream, sans I/O), `answer.py` (the stream URL the applet's
-dynamic-URL endpoint answers with), `signatures.py` (Exotel signs nothing: a URL secret and
-per-call stream tokens), `control.py` (v1 Calls API over httpx). `ExotelCarrier` is the
-`livecall.carriers.base.Carrier` that ties them together for the call core.
+dynamic-URL endpoint answers with), `signatures.py` (Exotel signs nothing: a URL secret; the
+stream carries the per-call token every carrier's does), `control.py` (v1 Calls API over
+httpx). `ExotelCarrier` is the `livecall.carriers.base.Carrier` that ties them together for
+the call core; `server/carrier_routes.py` serves it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 
 from livecall.carriers.exotel.answer import stream_url_answer, voicebot_stream_url
 from livecall.carriers.exotel.control import ExotelCall, ExotelClient, ExotelError
-from livecall.carriers.exotel.signatures import ExotelUrlAuth, StreamTokens
+from livecall.carriers.exotel.signatures import ExotelUrlAuth
 from livecall.carriers.exotel.wire import CAPABILITIES, SAMPLE_RATES, ExotelStream
 
 __all__ = [
@@ -22,7 +23,6 @@ __all__ = [
     "ExotelError",
     "ExotelStream",
     "ExotelUrlAuth",
-    "StreamTokens",
     "stream_url_answer",
     "voicebot_stream_url",
 ]
