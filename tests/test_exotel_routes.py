@@ -161,10 +161,14 @@ async def test_an_expired_or_missing_stream_token_is_refused(make_stack) -> None
     nothing_started(stack)
 
 
+@pytest.mark.parametrize("why", ["full", "draining"])
 @pytest.mark.timeout(30)
-async def test_a_call_over_capacity_gets_a_stream_closed_at_start(make_stack) -> None:
+async def test_a_call_turned_away_gets_a_stream_closed_at_start(make_stack, why: str) -> None:
     stack = await make_stack(model(4), **SETTINGS, max_concurrent_calls=1)
-    assert stack.registry.reserve("somebody-else")
+    if why == "full":
+        assert stack.registry.reserve("somebody-else")
+    else:
+        stack.registry.draining = True
     caller = SimulatedExotelCaller(
         stack.base_url, url_secret=SECRET, call_sid=CALL, script=[Pause(3000), HangUp()]
     )
@@ -174,6 +178,18 @@ async def test_a_call_over_capacity_gets_a_stream_closed_at_start(make_stack) ->
     assert result.ended_by == "server" and result.close_code == 1000
     assert "next_applet" in [e.kind for e in result.timeline]  # the flow decides what follows
     assert stack.gemini.sessions == [] and CALL not in stack.registry.active
+
+
+@pytest.mark.timeout(30)
+async def test_a_busy_mark_on_a_good_stream_url_only_turns_it_away(make_stack) -> None:
+    stack = await make_stack(model(5), **SETTINGS)
+    url = await stream_url_for(stack, CALL) + "&busy=1"
+    caller = SimulatedExotelCaller(
+        "http://unused.invalid", auth=None, stream_url=url, call_sid=CALL, script=[Pause(2000)]
+    )
+    result = await caller.run()
+    assert result.ended_by == "server" and result.close_code == 1000
+    nothing_started(stack)
 
 
 def test_the_exotel_doors_are_shut_without_a_long_secret() -> None:

@@ -263,7 +263,9 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         return Response(answer, media_type=content_type)
 
     async def media_stream(ws: WebSocket) -> None:
-        if state.registry.draining:
+        query = ws.query_params if route.parameters_in_url else None
+        busy = query is not None and BUSY_PARAMETER in query  # turned away at the webhook
+        if state.registry.draining and not busy:
             state.metrics.refused("draining")
             await ws.close(code=1013)
             return
@@ -282,14 +284,14 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
                 log.warning(f"{name}.stream_refused", reason="malformed parameters")
                 await socket.close(1008)
                 return
-        if route.parameters_in_url:
-            query = ws.query_params  # the URL we answered, as the carrier opened it
+        if query is not None:  # the URL we answered, as the carrier opened it
             if TOKEN_PARAMETER in query:
                 params = {k: v for k, v in query.items() if k in _STREAM_PARAMETERS}
-            elif BUSY_PARAMETER in query or BUSY_PARAMETER in params:
-                log.info(f"{name}.busy_stream_closed", call_sid=started.call_id)
-                await socket.close(1000)  # turned away: the carrier's flow moves on
-                return
+            busy = busy or (TOKEN_PARAMETER not in params and BUSY_PARAMETER in params)
+        if busy:
+            log.info(f"{name}.busy_stream_closed", call_sid=started.call_id)
+            await socket.close(1000)  # turned away: the carrier's flow moves on
+            return
         live = state.registry.active.get(started.call_id)
         check = tokens.check(
             params.get(TOKEN_PARAMETER),
