@@ -23,14 +23,20 @@ def test_a_carrier_is_on_only_when_its_credentials_are_set() -> None:
     assert carrier_routes(Settings()) == []
     assert carrier_routes(Settings(plivo_auth_token=SecretStr(""))) == []
     _, public = generate_keypair()
+    plivo, exotel = "plivo-auth-token-0123", "exotel-url-secret-0123456789"
     routes = carrier_routes(
-        Settings(telnyx_public_key=SecretStr(public), plivo_auth_token=SecretStr("tok"))
+        Settings(
+            telnyx_public_key=SecretStr(public),
+            plivo_auth_token=SecretStr(plivo),
+            exotel_url_secret=SecretStr(exotel),
+        )
     )
     assert [(r.name, r.webhook_path, r.stream_path) for r in routes] == [
         ("telnyx", "/telnyx/texml", "/ws/telnyx"),
         ("plivo", "/plivo/answer", "/ws/plivo"),
+        ("exotel", "/exotel/voicebot", "/ws/exotel"),
     ]
-    assert "tok" not in repr(routes)  # no credential in a repr
+    assert plivo not in repr(routes) and exotel not in repr(routes)  # no credential in a repr
 
 
 def test_one_carriers_token_opens_no_other_carriers_stream() -> None:

@@ -2,8 +2,8 @@
 
 Each test rings the real app (uvicorn on loopback, the carrier's webhook signatures enforced)
 from that carrier's simulated edge (`livecall.sim.<carrier>`), and the app talks to the fake
-Gemini Live over TLS through the real SDK. Twilio, Telnyx, Plivo and Vonage run here; Exotel
-has an adapter and a simulator but no routes yet.
+Gemini Live over TLS through the real SDK. All five carriers run here: Twilio, Telnyx, Plivo,
+Vonage and Exotel.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import yaml
 
 from livecall.audio.dtmf import detect_dtmf
 from livecall.sim.clips import load_clip
+from livecall.sim.exotel import SimulatedExotelCaller
 from livecall.sim.gemini import GoAwayFault, Scenario, ToolCallFault
 from livecall.sim.plivo import PlivoSimulatedCaller
 from livecall.sim.stack import LocalStack
@@ -37,6 +38,7 @@ from livecall.sim.vonage import SimulatedVonageCaller
 FAST = {"vad_silence_duration_ms": 300}
 PLIVO_TOKEN = "plivo-test-auth-token-0123456789"
 VONAGE_SECRET = "vonage-test-signature-secret-0123456789"
+EXOTEL_SECRET = "exotel-test-url-secret-0123456789"
 _TELNYX_SEED, TELNYX_PUBLIC = generate_keypair()
 _FORGED_SEED, _ = generate_keypair()
 
@@ -73,11 +75,17 @@ def _vonage(stack: LocalStack, script: list[Any], forged: bool = False, **kw: An
     return SimulatedVonageCaller(stack.base_url, signature_secret=secret, script=script, **kw)
 
 
+def _exotel(stack: LocalStack, script: list[Any], forged: bool = False, **kw: Any) -> Any:
+    secret = "not-the-exotel-url-secret" if forged else EXOTEL_SECRET
+    return SimulatedExotelCaller(stack.base_url, url_secret=secret, script=script, **kw)
+
+
 EDGES = [
     Edge("twilio", {}, _twilio),
     Edge("telnyx", {"telnyx_public_key": TELNYX_PUBLIC}, _telnyx),
     Edge("plivo", {"plivo_auth_token": PLIVO_TOKEN}, _plivo),
     Edge("vonage", {"vonage_signature_secret": VONAGE_SECRET}, _vonage),
+    Edge("exotel", {"exotel_url_secret": EXOTEL_SECRET}, _exotel),
 ]
 
 

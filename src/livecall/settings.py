@@ -231,6 +231,13 @@ class Settings(BaseSettings):
         validation_alias="VONAGE_SAMPLE_RATE",
         description="the L16 rate Vonage streams at (the NCCO's content-type)",
     )
+    exotel_url_secret: SecretStr | None = Field(
+        None,
+        validation_alias="EXOTEL_URL_SECRET",
+        description="the secret (16+ characters) the Exotel Voicebot applet's URL carries, as "
+        "Basic credentials (exotel:<secret>@) or ?key=: enables GET /exotel/voicebot and "
+        "/ws/exotel",
+    )
 
     # --- calls
     max_concurrent_calls: int = Field(500, validation_alias="MAX_CONCURRENT_CALLS")
@@ -488,6 +495,13 @@ class Settings(BaseSettings):
                 f"BUSINESS_TIMEZONE must be an IANA zone name like Europe/Paris, not {value!r}"
             ) from error
         return value.strip()
+
+    @field_validator("exotel_url_secret")
+    @classmethod
+    def _exotel_secret_is_long(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and 0 < len(value.get_secret_value()) < 16:
+            raise ValueError("EXOTEL_URL_SECRET must be at least 16 characters (a bearer secret)")
+        return value
 
     @field_validator("public_url")
     @classmethod

@@ -2,15 +2,17 @@
 
 For a carrier `c` (enabled only when its credentials are set):
 
-- its voice webhook (`POST /telnyx/texml`, `POST /plivo/answer`, `GET|POST /vonage/answer`;
-  a form by default, or whatever the route's `read_webhook` reads): the signature is checked with
-  the carrier's own scheme (`Carrier.verify_webhook`), the call is admitted or turned away
+- its voice webhook (`POST /telnyx/texml`, `POST /plivo/answer`, `GET|POST /vonage/answer`,
+  `GET /exotel/voicebot`; a form by default, or whatever the route's `read_webhook` reads): the
+  request is authenticated with the carrier's own scheme (`Carrier.verify_webhook`), the call
+  is admitted or turned away
   with the carrier's busy answer, its agent profile matched exactly as Twilio's `/twiml` does
   (called number or `?profile=`), and a per-call stream token minted; the answer document
   points the call's media at `/ws/c`.
 - `/ws/c`: the media socket. Frames go through `c`'s sans-I/O `CarrierStream` until its
-  `CallStarted`; the token in its custom parameters must be valid for that call id, then the
-  same call core as Twilio's runs it (`twilio_routes.run_call`).
+  `CallStarted`; the token in its custom parameters (or, for a carrier whose answer is a
+  stream URL, in that URL's query string) must be valid for that call id, then the same call
+  core as Twilio's runs it (`twilio_routes.run_call`).
 - its status webhook when it has one (`POST /vonage/event`): signature-checked like the voice
   webhook, the status logged, 200 (403 when forged).
 
@@ -25,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 from fastapi import APIRouter, Request, Response, WebSocket
@@ -51,6 +53,7 @@ __all__ = [
     "WebhookCall",
     "build_carrier_router",
     "carrier_routes",
+    "read_exotel",
     "read_form",
     "stream_tokens_for",
 ]
@@ -58,6 +61,8 @@ __all__ = [
 log = structlog.get_logger("livecall.carriers")
 
 MAX_CALL_ID = 128
+BUSY_PARAMETER = "busy"  # in a stream URL answered to a call turned away (no busy document)
+_STREAM_PARAMETERS = frozenset(("from", "to", "direction", "profile", TOKEN_PARAMETER))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,20 +86,25 @@ StatusReader = Callable[[str, str, bytes], tuple[str, str]]
 
 @dataclass(frozen=True)
 class CarrierRoute:
-    """One carrier's HTTP side: where its webhook lands, how its form names things."""
+    """One carrier's HTTP side: where its webhook lands, how it names things, how it says busy."""
 
     carrier: Carrier
     webhook_path: str
     call_id_field: str  # the webhook form field holding the id the stream's start repeats
-    busy: Callable[[str | None, bool], str]  # (message, reject) -> the answer body
+    # (message, reject) -> the answer body; None: the carrier has no busy document, so the
+    # answer is a stream that is closed at its start (the carrier's flow then moves on)
+    busy: Callable[[str | None, bool], str] | None
     content_type: str = "application/xml"
     control: Any = None  # REST call control (hangup/transfer) when configured
     alnum_parameters: bool = False  # the carrier carries only [A-Za-z0-9] names and values
-    methods: tuple[str, ...] = ("POST",)  # what the voice webhook accepts
+    methods: tuple[str, ...] = ("POST",)  # what the voice webhook accepts (HEAD: auth only)
     read_webhook: WebhookReader | None = None  # None: a POSTed form (`call_id_field`, From…)
     answer: AnswerBuilder | None = None  # None: `carrier.answer_document(ws url, parameters)`
     status_path: str | None = None  # the carrier's status (event) webhook, if it has one
     read_status: StatusReader | None = None
+    # the per-call parameters ride the stream URL's query string (Exotel): read them from the
+    # upgrade request (the start's custom parameters, which echo them, when it has none)
+    parameters_in_url: bool = False
 
     @property
     def name(self) -> str:
@@ -136,10 +146,23 @@ def read_form(call_id_field: str) -> WebhookReader:
             call_id=params.get(call_id_field, ""),
             from_number=params.get("From", ""),
             to_number=params.get("To", ""),
-            direction=params.get("Direction", "inbound"),
+            direction=params.get("Direction", "inbound") or "inbound",
         )
 
     return read
+
+
+def read_exotel(method: str, url: str, body: bytes) -> WebhookCall:
+    """Exotel's dynamic-URL GET: `CallSid`, `CallFrom`/`CallTo` (or `From`/`To`) and a
+    `Direction` of `incoming`, `outbound-dial` or `outbound-api` in the query string."""
+    query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    direction = query.get("Direction", "")
+    return WebhookCall(
+        query.get("CallSid", ""),
+        query.get("CallFrom") or query.get("From", ""),
+        query.get("CallTo") or query.get("To", ""),
+        "outbound" if direction.startswith("outbound") else "inbound",
+    )
 
 
 def carrier_routes(settings: Settings) -> list[CarrierRoute]:
@@ -171,6 +194,20 @@ def carrier_routes(settings: Settings) -> list[CarrierRoute]:
     secret = settings.vonage_signature_secret
     if secret is not None and secret.get_secret_value():
         routes.append(_vonage_route(secret.get_secret_value(), settings.vonage_sample_rate))
+    if settings.exotel_url_secret is not None and settings.exotel_url_secret.get_secret_value():
+        from livecall.carriers.exotel import ExotelCarrier
+
+        routes.append(
+            CarrierRoute(
+                ExotelCarrier(settings.exotel_url_secret.get_secret_value()),
+                "/exotel/voicebot",
+                "CallSid",
+                None,  # no busy document: a stream closed at start ends the Voicebot applet
+                methods=("GET", "HEAD"),
+                read_webhook=read_exotel,
+                parameters_in_url=True,
+            )
+        )
     return routes
 
 
@@ -246,6 +283,8 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         body = await request.body()
         if not verified(request, body):
             return Response(f"invalid {name} signature", status_code=403, media_type="text/plain")
+        if request.method == "HEAD":  # a probe before the real request: nothing to admit
+            return Response(status_code=200)
         peer = request.client.host if request.client is not None else None
         try:
             call = read_webhook(request.method, str(request.url), body)
@@ -255,17 +294,23 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         if not 0 < len(call_id) <= MAX_CALL_ID or not call_id.isprintable():
             log.warning(f"{name}.webhook_rejected", reason=f"no valid {route.call_id_field}")
             return Response(f"no {route.call_id_field}", status_code=400, media_type="text/plain")
+        base = public_base(
+            request.url, request.headers, settings.public_url, peer=peer, trusted=trusted
+        )
+        stream_url = ws_base(base) + route.stream_path
         if not state.registry.reserve(call_id):
             reason = "draining" if state.registry.draining else "full"
             state.metrics.refused(reason)
             log.warning(f"{name}.call_refused", call_sid=call_id, reason=reason)
+            if route.busy is None:
+                answer, content_type = route.carrier.answer_document(
+                    stream_url, {BUSY_PARAMETER: "1"}
+                )
+                return Response(answer, media_type=content_type)
             return Response(
                 route.busy(settings.busy_message, settings.busy_answer == "reject"),
                 media_type=route.content_type,
             )
-        base = public_base(
-            request.url, request.headers, settings.public_url, peer=peer, trusted=trusted
-        )
         parameters = {
             k: v
             for k, v in {
@@ -283,9 +328,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         if route.answer is not None:
             answer, content_type = route.answer(base, parameters, call)
         else:
-            answer, content_type = route.carrier.answer_document(
-                ws_base(base) + route.stream_path, parameters
-            )
+            answer, content_type = route.carrier.answer_document(stream_url, parameters)
         log.info(f"{name}.webhook", call_sid=call_id, to=call.to_number or None)
         return Response(answer, media_type=content_type)
 
@@ -303,7 +346,9 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         return Response(status_code=200)
 
     async def media_stream(ws: WebSocket) -> None:
-        if state.registry.draining:
+        query = ws.query_params if route.parameters_in_url else None
+        busy = query is not None and BUSY_PARAMETER in query  # turned away at the webhook
+        if state.registry.draining and not busy:
             state.metrics.refused("draining")
             await ws.close(code=1013)
             return
@@ -314,18 +359,25 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         if started is None:
             await socket.close(1008)
             return
+        params = dict(started.custom_parameters)
         if route.alnum_parameters:
             try:
-                started = replace(
-                    started, custom_parameters=unpack_alnum(started.custom_parameters)
-                )
+                params = unpack_alnum(params)
             except ValueError:
                 log.warning(f"{name}.stream_refused", reason="malformed parameters")
                 await socket.close(1008)
                 return
+        if query is not None:  # the URL we answered, as the carrier opened it
+            if TOKEN_PARAMETER in query:
+                params = {k: v for k, v in query.items() if k in _STREAM_PARAMETERS}
+            busy = busy or (TOKEN_PARAMETER not in params and BUSY_PARAMETER in params)
+        if busy:
+            log.info(f"{name}.busy_stream_closed", call_sid=started.call_id)
+            await socket.close(1000)  # turned away: the carrier's flow moves on
+            return
         live = state.registry.active.get(started.call_id)
         check = tokens.check(
-            started.custom_parameters.get(TOKEN_PARAMETER),
+            params.get(TOKEN_PARAMETER),
             started.call_id,
             "",
             time.time(),
@@ -336,10 +388,10 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             log.warning(f"{name}.stream_refused", reason=check.reason or "outbound token")
             await socket.close(1008)
             return
-        params = {k: v for k, v in started.custom_parameters.items() if k != TOKEN_PARAMETER}
+        params = {k: v for k, v in params.items() if k != TOKEN_PARAMETER}
         # a carrier naming the numbers in its start rather than in the parameters (Vonage)
         for key, value in (("from", started.from_number), ("to", started.to_number)):
-            if value and key not in params:
+            if value and not params.get(key):
                 params[key] = value
         await run_call(
             state,

@@ -64,6 +64,7 @@ from livecall.carriers.exotel.wire import (
     SAMPLE_RATES,
 )
 from livecall.sim.twilio import (
+    _F_SPEECH_END,
     CallResult,
     HangUp,
     Pause,
@@ -413,6 +414,11 @@ class SimulatedExotelCaller(SimulatedCaller):
         while pending and (everything or pending[0][0] <= now):
             _, n, frame, flags, utt = pending.popleft()
             self._batch.append((n, frame, flags, utt))
+            if flags & _F_SPEECH_END:
+                # the caller has stopped speaking now, though the frame waits for its batch:
+                # a wait the script starts next tick measures the agent from here, not from
+                # the previous utterance (`_frame_sent` moves it to the send time later)
+                self._last_speech_end = now
         if not everything:
             self._ticks += 1
             if self._ticks < self._batch_ticks:

@@ -1,9 +1,10 @@
 """Exotel: the Voicebot applet's bidirectional stream (JSON + base64 16-bit PCM) over WebSocket.
 
 One file per job: `wire.py` (the stream, sans I/O), `answer.py` (the stream URL the applet's
-dynamic-URL endpoint answers with), `signatures.py` (Exotel signs nothing: a URL secret and
-per-call stream tokens), `control.py` (v1 Calls API over httpx). `ExotelCarrier` is the
-`livecall.carriers.base.Carrier` that ties them together for the call core.
+dynamic-URL endpoint answers with), `signatures.py` (Exotel signs nothing: a URL secret; the
+stream carries the per-call token every carrier's does), `control.py` (v1 Calls API over
+httpx). `ExotelCarrier` is the `livecall.carriers.base.Carrier` that ties them together for
+the call core; `server/carrier_routes.py` serves it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 
 from livecall.carriers.exotel.answer import stream_url_answer, voicebot_stream_url
 from livecall.carriers.exotel.control import ExotelCall, ExotelClient, ExotelError
-from livecall.carriers.exotel.signatures import ExotelUrlAuth, StreamTokens
+from livecall.carriers.exotel.signatures import ExotelUrlAuth
 from livecall.carriers.exotel.wire import CAPABILITIES, SAMPLE_RATES, ExotelStream
 
 __all__ = [
@@ -22,10 +23,12 @@ __all__ = [
     "ExotelError",
     "ExotelStream",
     "ExotelUrlAuth",
-    "StreamTokens",
     "stream_url_answer",
     "voicebot_stream_url",
 ]
+
+
+_IN_START = frozenset(("from", "to"))  # what Exotel's `start` carries without being asked
 
 
 class ExotelCarrier:
@@ -51,8 +54,18 @@ class ExotelCarrier:
         return ExotelStream(max_frame_bytes=max_frame_bytes)
 
     def answer_document(self, stream_url: str, parameters: Mapping[str, str]) -> tuple[str, str]:
-        """`{"url": "wss://.../ws/exotel?sample-rate=8000&token=..."}` for the applet."""
-        return stream_url_answer(stream_url, parameters, sample_rate=self.sample_rate)
+        """`{"url": "wss://.../ws/exotel?sample-rate=8000&lc_token=..."}` for the applet.
+
+        Exotel carries at most 3 custom parameters and its `start` names the caller and the
+        called number itself, so `from` and `to` stay out of the URL, and so does the
+        direction of an inbound call (the default).
+        """
+        kept = {
+            k: v
+            for k, v in parameters.items()
+            if k not in _IN_START and not (k == "direction" and v == "inbound")
+        }
+        return stream_url_answer(stream_url, kept, sample_rate=self.sample_rate)
 
     def verify_webhook(self, url: str, headers: Mapping[str, str], body: bytes) -> bool:
         """Exotel signs nothing: the request must carry the URL secret (body unused)."""
