@@ -171,9 +171,12 @@ def _telnyx_control(settings: Settings) -> dict[str, Any]:
         return {}
     from livecall.carriers.telnyx.control import TelnyxCallControl, TelnyxControl
 
-    control = TelnyxCallControl(
-        TelnyxControl(key, settings.telnyx_account_sid, base_url=settings.telnyx_api_base)
+    # no retries, as with Twilio and Plivo: a transfer retried after a 5xx may have moved the
+    # call already; a failed one is told to the model, which may try again
+    rest = TelnyxControl(
+        key, settings.telnyx_account_sid, base_url=settings.telnyx_api_base, max_retries=0
     )
+    control = TelnyxCallControl(rest)
     return {"control": lambda site: control, "aclose": control.aclose}
 
 
