@@ -238,6 +238,34 @@ class Settings(BaseSettings):
         "Basic credentials (exotel:<secret>@) or ?key=: enables GET /exotel/voicebot and "
         "/ws/exotel",
     )
+    # their REST call control (hang up, transfer): off until the credentials are set
+    telnyx_api_key: SecretStr | None = Field(
+        None,
+        validation_alias="TELNYX_API_KEY",
+        description="a Telnyx API key (v2): with TELNYX_ACCOUNT_SID, end_call hangs up and "
+        "transfer_call transfers Telnyx calls over REST",
+    )
+    telnyx_account_sid: str | None = Field(
+        None,
+        validation_alias="TELNYX_ACCOUNT_SID",
+        description="the Telnyx account id TeXML calls belong to (their AccountSid)",
+    )
+    telnyx_api_base: str | None = Field(
+        None,
+        validation_alias="TELNYX_API_BASE",
+        description="override of https://api.telnyx.com/v2 (the REST simulator in tests)",
+    )
+    plivo_auth_id: str | None = Field(
+        None,
+        validation_alias="PLIVO_AUTH_ID",
+        description="the Plivo Auth ID (MA…/SA…): with PLIVO_AUTH_TOKEN, end_call hangs up and "
+        "transfer_call transfers Plivo calls over REST",
+    )
+    plivo_api_base: str | None = Field(
+        None,
+        validation_alias="PLIVO_API_BASE",
+        description="override of https://api.plivo.com (the REST simulator in tests)",
+    )
 
     # --- calls
     max_concurrent_calls: int = Field(500, validation_alias="MAX_CONCURRENT_CALLS")

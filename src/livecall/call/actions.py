@@ -1,7 +1,8 @@
 """What the agent's call-control tools do to a live call: hang up, transfer, press keys.
 
-`BridgeActions` is the `CallActions` of one `CallBridge`, with `TwilioCallControl` for what
-only Twilio's REST API can do (hang up for good, redirect to a `<Dial>`). Every action first
+`BridgeActions` is the `CallActions` of one `CallBridge`, with the carrier's `CallControl`
+(`carriers/control.py`) for what only its REST API can do (hang up for good, move the call to
+a `<Dial>`). Every action first
 lets the caller hear what the agent already said (mark echoes), because a goodbye cut
 mid-word, or a transfer line the caller never heard, is worse than a second of waiting.
 It also carries the answering-machine outcome of an outbound call (`answered_by`): leave
@@ -24,15 +25,15 @@ from livecall.assets import goodbye_ulaw, handoff_ulaw
 from livecall.audio.dtmf import generate_dtmf
 from livecall.audio.g711 import ulaw_encode
 from livecall.call.bridge import GREETING_PROMPT, SPOKE_BEFORE_TOOL
+from livecall.carriers.control import CallControlError
 from livecall.records import CallEventRecord
-from livecall.telephony.twilio_rest import TwilioCallError
 from livecall.telephony.whisper import TransferPlan
 
 if TYPE_CHECKING:
     from livecall.agent.profiles import AgentProfile
     from livecall.agent.tools import ToolRunner
     from livecall.call.bridge import CallBridge
-    from livecall.telephony.twilio_rest import TwilioCallControl
+    from livecall.carriers.control import CallControl
     from livecall.telephony.whisper import WarmTransfer
 
 __all__ = [
@@ -90,15 +91,16 @@ def voicemail_prompt(message: str) -> str:
 class BridgeActions:
     """Call control for one call: the agent's `end_call`, `transfer` and `send_dtmf`.
 
-    `control` is None when no Twilio REST credentials are configured: hanging up then only
-    closes the stream (which ends a `<Connect><Stream>` call with nothing after it), and
-    transfers are refused with an error the model can explain to the caller.
+    `control` is the carrier's REST call control, None when none is configured: hanging up
+    then only closes the stream (which ends a `<Connect><Stream>` call with nothing after it),
+    and transfers are refused with an error the model can explain to the caller (as they are
+    on a line whose control says `transfer_refusal`).
     """
 
     def __init__(
         self,
         bridge: CallBridge,
-        control: TwilioCallControl | None,
+        control: CallControl | None,
         profile: AgentProfile,
         *,
         goodbye_timeout_s: float = 15.0,
@@ -156,7 +158,7 @@ class BridgeActions:
             return
         try:
             await self.control.hangup(self.bridge.call_sid)
-        except TwilioCallError as exc:
+        except CallControlError as exc:
             self.log.warning("call.hangup_failed", error=str(exc))
 
     def _hang_up(self, reason: str) -> None:
@@ -231,9 +233,11 @@ class BridgeActions:
         """
         if self.control is None:
             return {
-                "error": "transfers are not available on this line (no Twilio REST "
+                "error": "transfers are not available on this line (no call control "
                 "credentials); offer to take a message instead"
             }
+        if self.control.transfer_refusal:
+            return {"error": f"{self.control.transfer_refusal}; offer to take a message instead"}
         if not SPOKE_BEFORE_TOOL.get():  # decide, call, then speak: answer so it may speak
             before = self.bridge.turns.agent_turns_started
             handoff = self._handoff_then_transfer(target_name, number, before, summary)
@@ -279,7 +283,7 @@ class BridgeActions:
                 whisper_url=plan.whisper_url,
                 dial_action=plan.dial_action,
             )
-        except TwilioCallError as exc:
+        except CallControlError as exc:
             if claimed and bridge.end_reason == "transferred":
                 bridge.end_reason = None
             self.log.warning("call.transfer_failed", target=target_name, error=str(exc))

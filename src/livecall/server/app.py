@@ -44,7 +44,11 @@ from livecall.outcomes.webhooks import (
 from livecall.records import CallObserver
 from livecall.server.access import HostPolicy
 from livecall.server.api import ApiDisabled, build_api_router
-from livecall.server.carrier_routes import build_carrier_router, carrier_routes
+from livecall.server.carrier_routes import (
+    build_carrier_router,
+    carrier_routes,
+    close_carrier_routes,
+)
 from livecall.server.docs import build_openapi_router, docs_urls
 from livecall.server.drain import Drain
 from livecall.server.forwarded import TrustedProxies
@@ -416,6 +420,7 @@ def create_app(
                 if call.bridge is not None:
                     call.bridge.end("shutdown")
             await state.registry.wait_idle(timeout=10)
+            await close_carrier_routes(state)  # their REST clients, once no call needs them
             await cluster.stop()
             await drain.stop()
             for task in background:

@@ -18,19 +18,26 @@ For a carrier `c` (enabled only when its credentials are set):
 
 Tokens are keyed per carrier (`derive_key(stream secret, "<carrier>-stream")`), bound to the
 call id only (a carrier's stream does not always repeat the webhook's account id).
+
+REST call control (`carriers/control.py:CallControl`: the agent's hang-up and transfer) is a
+route's `control`: a factory given the call's `ControlSite` (the app, the call's start, the
+public base URL). A carrier that fetches a transfer's document from livecall (Plivo's
+`aleg_url`) sets `documents`: `ControlSite.publish` keeps the document behind a single-use
+token, served once at `POST /<carrier>/transfer/<token>` to a request signed by the carrier.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 from fastapi import APIRouter, Request, Response, WebSocket
+from pydantic import SecretStr
 
 from livecall.carriers.base import (
     CallStarted,
@@ -43,16 +50,20 @@ from livecall.server.forwarded import TrustedProxies
 from livecall.server.twilio_routes import StarletteCarrier, run_call
 from livecall.server.urls import public_base, signature_urls, ws_base
 from livecall.telephony.stream_token import TOKEN_PARAMETER, StreamTokens, derive_key
+from livecall.telephony.whisper import Whispers
 
 if TYPE_CHECKING:
+    from livecall.carriers.control import CallControl
     from livecall.server.app import AppState
     from livecall.settings import Settings
 
 __all__ = [
     "CarrierRoute",
+    "ControlSite",
     "WebhookCall",
     "build_carrier_router",
     "carrier_routes",
+    "close_carrier_routes",
     "read_exotel",
     "read_form",
     "stream_tokens_for",
@@ -61,6 +72,7 @@ __all__ = [
 log = structlog.get_logger("livecall.carriers")
 
 MAX_CALL_ID = 128
+TRANSFER_DOCUMENT_TTL_S = 120.0  # the carrier fetches it right after the REST transfer
 BUSY_PARAMETER = "busy"  # in a stream URL answered to a call turned away (no busy document)
 _STREAM_PARAMETERS = frozenset(("from", "to", "direction", "profile", TOKEN_PARAMETER))
 
@@ -85,6 +97,21 @@ StatusReader = Callable[[str, str, bytes], tuple[str, str]]
 
 
 @dataclass(frozen=True)
+class ControlSite:
+    """What a carrier's call control may need for one call."""
+
+    state: AppState
+    start: CallStarted
+    public_base: str  # https://host as the carrier reaches livecall
+    # keep a document (XML the carrier fetches) behind a single-use URL of this carrier's;
+    # None unless the route serves documents
+    publish: Callable[[str], Awaitable[str]] | None = None
+
+
+ControlFactory = Callable[[ControlSite], "CallControl | None"]
+
+
+@dataclass(frozen=True)
 class CarrierRoute:
     """One carrier's HTTP side: where its webhook lands, how it names things, how it says busy."""
 
@@ -95,7 +122,8 @@ class CarrierRoute:
     # answer is a stream that is closed at its start (the carrier's flow then moves on)
     busy: Callable[[str | None, bool], str] | None
     content_type: str = "application/xml"
-    control: Any = None  # REST call control (hangup/transfer) when configured
+    control: ControlFactory | None = None  # REST call control (hangup/transfer), when set up
+    documents: bool = False  # serves transfer documents the carrier fetches (see module doc)
     alnum_parameters: bool = False  # the carrier carries only [A-Za-z0-9] names and values
     methods: tuple[str, ...] = ("POST",)  # what the voice webhook accepts (HEAD: auth only)
     read_webhook: WebhookReader | None = None  # None: a POSTed form (`call_id_field`, From…)
@@ -105,6 +133,8 @@ class CarrierRoute:
     # the per-call parameters ride the stream URL's query string (Exotel): read them from the
     # upgrade request (the start's custom parameters, which echo them, when it has none)
     parameters_in_url: bool = False
+    # closes the REST clients behind `control` (at shutdown, once the calls are over)
+    aclose: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -165,30 +195,37 @@ def read_exotel(method: str, url: str, body: bytes) -> WebhookCall:
     )
 
 
+def _secret(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value is not None else ""
+
+
 def carrier_routes(settings: Settings) -> list[CarrierRoute]:
-    """The carriers whose credentials are set (secure by default: no key, no route)."""
+    """The carriers whose credentials are set (secure by default: no key, no route), each
+    with its REST call control when that carrier's API credentials are set too."""
     routes: list[CarrierRoute] = []
-    if settings.telnyx_public_key is not None and settings.telnyx_public_key.get_secret_value():
+    if _secret(settings.telnyx_public_key):
         from livecall.carriers.telnyx import TelnyxCarrier, busy_texml
 
         routes.append(
             CarrierRoute(
-                TelnyxCarrier(settings.telnyx_public_key.get_secret_value()),
+                TelnyxCarrier(_secret(settings.telnyx_public_key)),
                 "/telnyx/texml",
                 "CallSid",
                 lambda message, reject: busy_texml(message, reject=reject),
+                **_telnyx_control(settings),
             )
         )
-    if settings.plivo_auth_token is not None and settings.plivo_auth_token.get_secret_value():
+    if _secret(settings.plivo_auth_token):
         from livecall.carriers.plivo import PlivoCarrier, busy_xml
 
         routes.append(
             CarrierRoute(
-                PlivoCarrier(settings.plivo_auth_token.get_secret_value()),
+                PlivoCarrier(_secret(settings.plivo_auth_token)),
                 "/plivo/answer",
                 "CallUUID",
                 lambda message, reject: busy_xml(message, reject=reject),
                 alnum_parameters=True,  # extraHeaders: letters and digits only
+                **_plivo_control(settings),
             )
         )
     secret = settings.vonage_signature_secret
@@ -253,11 +290,56 @@ def _vonage_route(signature_secret: str, sample_rate: int) -> CarrierRoute:
     )
 
 
+def _telnyx_control(settings: Settings) -> dict[str, Any]:
+    """TeXML call control (the transfer's TeXML goes inline): one client for every call."""
+    key = _secret(settings.telnyx_api_key)
+    if not key or not settings.telnyx_account_sid:
+        return {}
+    from livecall.carriers.telnyx.control import TelnyxCallControl, TelnyxControl
+
+    # no retries, as with Twilio and Plivo: a transfer retried after a 5xx may have moved the
+    # call already; a failed one is told to the model, which may try again
+    rest = TelnyxControl(
+        key, settings.telnyx_account_sid, base_url=settings.telnyx_api_base, max_retries=0
+    )
+    control = TelnyxCallControl(rest)
+    return {"control": lambda site: control, "aclose": control.aclose}
+
+
+def _plivo_control(settings: Settings) -> dict[str, Any]:
+    """Plivo call control: hang-up over REST; a transfer points the caller's leg at a
+    single-use document livecall serves (`aleg_url`)."""
+    token = _secret(settings.plivo_auth_token)
+    if not settings.plivo_auth_id or not token:
+        return {}
+    from livecall.carriers.plivo.control import PlivoCallControl, PlivoControl
+
+    kwargs = {"base_url": settings.plivo_api_base} if settings.plivo_api_base else {}
+    rest = PlivoControl(settings.plivo_auth_id, token, **kwargs)
+
+    def control(site: ControlSite) -> CallControl:
+        assert site.publish is not None  # `documents=True` below
+        return PlivoCallControl(rest, site.publish)
+
+    return {"control": control, "documents": True, "aclose": rest.aclose}
+
+
 def build_carrier_router(state: AppState, routes: list[CarrierRoute]) -> APIRouter:
     router = APIRouter()
     for route in routes:
         _add_carrier(router, state, route)
+    state.extras.setdefault("carrier_routes", []).extend(routes)
     return router
+
+
+async def close_carrier_routes(state: AppState) -> None:
+    """Close the carriers' REST clients (at shutdown, once no call can use them)."""
+    for route in state.extras.pop("carrier_routes", []):
+        if route.aclose is not None:
+            try:
+                await route.aclose()
+            except Exception as exc:  # one carrier's client must not keep the others open
+                log.warning(f"{route.name}.control_close_failed", error=type(exc).__name__)
 
 
 def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> None:
@@ -265,15 +347,20 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
     trusted = TrustedProxies(settings.trusted_proxies)
     tokens = stream_tokens_for(state.stream_secret, route.name)
     name = route.name
+    documents_path = f"/{name}/transfer"
+    documents = Whispers(state.cluster, ttl_s=TRANSFER_DOCUMENT_TTL_S, prefix=f"{name}-transfer")
 
     read_webhook = route.read_webhook or read_form(route.call_id_field)
 
-    def verified(request: Request, body: bytes) -> bool:
+    def signed(request: Request, body: bytes) -> bool:
         peer = request.client.host if request.client is not None else None
         urls = signature_urls(
             request.url, request.headers, settings.public_url, peer=peer, trusted=trusted
         )
-        if any(route.carrier.verify_webhook(url, request.headers, body) for url in urls):
+        return any(route.carrier.verify_webhook(url, request.headers, body) for url in urls)
+
+    def verified(request: Request, body: bytes) -> bool:
+        if signed(request, body):
             return True
         state.metrics.error(f"{name}_signature")
         log.warning(f"{name}.webhook_rejected", reason="bad or missing signature")
@@ -393,14 +480,43 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         for key, value in (("from", started.from_number), ("to", started.to_number)):
             if value and not params.get(key):
                 params[key] = value
+        started = replace(started, custom_parameters=params)
         await run_call(
             state,
             socket,
             stream,
-            replace(started, custom_parameters=params),
+            started,
             carrier_name=name,
-            control=route.control,
+            control=control_for(ws, started),
         )
+
+    def control_for(ws: WebSocket, started: CallStarted) -> CallControl | None:
+        if route.control is None:
+            return None
+        peer = ws.client.host if ws.client is not None else None
+        base = public_base(ws.url, ws.headers, settings.public_url, peer=peer, trusted=trusted)
+
+        async def publish(document: str) -> str:
+            return f"{base}{documents_path}/{await documents.put(document)}"
+
+        site = ControlSite(state, started, base, publish if route.documents else None)
+        return route.control(site)
+
+    async def transfer_document(token: str, request: Request) -> Response:
+        """The carrier fetches a transfer's document (Plivo's `aleg_url`): signed, once."""
+        body = await request.body()
+        if not signed(request, body):
+            state.metrics.error(f"{name}_signature")
+            log.warning(f"{name}.transfer_document_rejected", reason="bad or missing signature")
+            return Response(f"invalid {name} signature", status_code=403, media_type="text/plain")
+        params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        call_id = params.get(route.call_id_field, "")[:MAX_CALL_ID] or None
+        document = await documents.take(token)
+        if document is None:
+            log.warning(f"{name}.transfer_document_unknown", call_sid=call_id)
+            return Response("unknown or used document", status_code=404, media_type="text/plain")
+        log.info(f"{name}.transfer_document", call_sid=call_id)
+        return Response(document, media_type=route.content_type)
 
     router.add_api_route(
         route.webhook_path, voice_webhook, methods=list(route.methods), include_in_schema=False
@@ -410,6 +526,13 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             route.status_path, status_webhook, methods=["POST"], include_in_schema=False
         )
     router.add_api_websocket_route(route.stream_path, media_stream)
+    if route.documents:
+        router.add_api_route(
+            documents_path + "/{token}",
+            transfer_document,
+            methods=["POST"],
+            include_in_schema=False,
+        )
 
 
 async def _await_started(

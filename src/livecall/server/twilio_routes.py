@@ -20,7 +20,7 @@ import dataclasses
 import os
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import structlog
@@ -57,6 +57,7 @@ from livecall.telephony.whisper import (
 )
 
 if TYPE_CHECKING:
+    from livecall.carriers.control import CallControl
     from livecall.server.app import AppState
 
 log = structlog.get_logger("livecall.twilio")
@@ -445,14 +446,14 @@ async def run_call(
     start: CallStarted,
     *,
     carrier_name: str = "twilio",
-    control: Any = None,
+    control: CallControl | None = None,
 ) -> None:
     """Runs one admitted stream of any carrier as a call: the same core, records and controls.
 
     `start` is the stream's `CallStarted` (its token already checked by the carrier's route);
-    `control` the carrier's REST call control for hang-up and transfer (`hangup(call_id)`,
-    `transfer(call_id, number, say=)`), None where it has none configured: the call then
-    ends by closing the stream and transfers are refused.
+    `control` the carrier's REST call control for hang-up and transfer (`CallControl`), None
+    where it has none configured: the call then ends by closing the stream and transfers are
+    refused. Warm transfers need a control that has them (`warm_transfer`).
     """
     call_id = start.call_id
     stream_id = start.stream_id or start.call_id
@@ -510,7 +511,8 @@ async def run_call(
         non_blocking=state.non_blocking_tools(),
     )
     options.tool_handler = tool_handler(runner, state.settings.tool_timeout_s)
-    if profile.on_failure != "hangup" and control is not None:
+    can_transfer = control is not None and not control.transfer_refusal
+    if profile.on_failure != "hangup" and control is not None and can_transfer:
         number = profile.transfer_targets[profile.on_failure]
 
         async def failure_transfer() -> bool:
@@ -518,7 +520,7 @@ async def run_call(
             return await control.transfer(call_id, number, say=line)
 
         options.failure_transfer = failure_transfer
-    if profile.transfer.mode == "warm" and control is not None:
+    if profile.transfer.mode == "warm" and control is not None and control.warm_transfer:
         trusted = TrustedProxies(state.settings.trusted_proxies)
         ws = carrier.ws
         caller = options.to_number if options.direction == "outbound" else options.from_number

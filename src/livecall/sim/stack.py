@@ -3,6 +3,12 @@
 The demo, the end-to-end tests and the benchmarks all stand on this: a fake Gemini Live
 server over TLS (the real SDK talks to it), the real livecall app served by uvicorn on a
 free port, and simulated Twilio callers that ring the webhook and stream audio like Twilio.
+
+`carrier_apis` also serves fakes of carriers' REST APIs ("twilio", "telnyx", "plivo"), each on
+its own loopback port with livecall's settings pointed at it (credentials included; Telnyx
+and Plivo calls are switched on too); `fakes[name]` is each fake's state. Callers made by
+`caller`, `telnyx_caller` and `plivo_caller` are then known to their carrier's fake, so a
+REST hang-up or transfer ends their stream as the carrier would.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import contextlib
 import socket
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +35,13 @@ __all__ = ["LocalStack", "free_socket"]
 
 TEST_AUTH_TOKEN = "sim-twilio-auth-token-0123456789"
 TEST_API_KEY = "sim-gemini-api-key-0123456789"
+# the accounts `carrier_apis` fakes serve
+TWILIO_ACCOUNT_SID = "AC" + "5" * 32
+TELNYX_API_KEY = "KEYsim-telnyx-api-key-0123456789"
+TELNYX_ACCOUNT_SID = str(uuid.UUID(int=0x5111))
+PLIVO_AUTH_ID = "MASIMULATED0000000001"
+PLIVO_AUTH_TOKEN = "sim-plivo-auth-token-0123456789"
+CARRIER_APIS = ("twilio", "telnyx", "plivo")
 
 
 def free_socket() -> socket.socket:
@@ -55,6 +69,10 @@ class LocalStack:
     _task: asyncio.Task[None] | None = None
     _own_gemini: bool = False
     _tmp: tempfile.TemporaryDirectory[str] | None = None
+    carrier_apis: tuple[str, ...] = ()
+    fakes: dict[str, Any] = field(default_factory=dict)
+    _fake_servers: contextlib.AsyncExitStack | None = None
+    _telnyx_seed: bytes = b""
 
     def _workdir(self) -> Path:
         """Where this stack keeps its database, recordings and spool (removed at stop)."""
@@ -88,6 +106,7 @@ class LocalStack:
             "recordings_dir": self._workdir() / "recordings",
             "spool_dir": self._workdir() / "spool",
         }
+        values.update(await self._serve_carrier_apis())
         values.update(self.settings_overrides)
         self.settings = Settings(**values)
         if self.app_factory is not None:
@@ -119,17 +138,97 @@ class LocalStack:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 15)
+        if self._fake_servers is not None:
+            await self._fake_servers.aclose()
+            self._fake_servers = None
         if self.gemini is not None and self._own_gemini:
             await self.gemini.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
 
+    async def _serve_carrier_apis(self) -> dict[str, Any]:
+        """Serve the fakes `carrier_apis` names; the settings that point livecall at them."""
+        unknown = set(self.carrier_apis) - set(CARRIER_APIS)
+        if unknown:
+            raise ValueError(f"no fake carrier API for {sorted(unknown)}: {CARRIER_APIS}")
+        if not self.carrier_apis:
+            return {}
+        from livecall.sim.plivo_rest import build_fake_plivo_rest
+        from livecall.sim.serve import serve_app
+        from livecall.sim.telnyx_rest import build_fake_telnyx_rest
+        from livecall.sim.twilio_rest import build_fake_twilio_rest
+
+        exits = self._fake_servers = contextlib.AsyncExitStack()
+        values: dict[str, Any] = {}
+        if "twilio" in self.carrier_apis:
+            app, twilio = build_fake_twilio_rest(TWILIO_ACCOUNT_SID, TEST_AUTH_TOKEN)
+            exits.push_async_callback(twilio.aclose)
+            base = await exits.enter_async_context(serve_app(app))
+            self.fakes["twilio"] = twilio
+            values |= {"twilio_account_sid": TWILIO_ACCOUNT_SID, "twilio_api_base_url": base}
+        if "telnyx" in self.carrier_apis:
+            from livecall.sim.telnyx import generate_keypair
+
+            app, self.fakes["telnyx"] = build_fake_telnyx_rest(TELNYX_API_KEY, TELNYX_ACCOUNT_SID)
+            base = await exits.enter_async_context(serve_app(app))
+            self._telnyx_seed, public = generate_keypair()
+            values |= {
+                "telnyx_public_key": public,
+                "telnyx_api_key": TELNYX_API_KEY,
+                "telnyx_account_sid": TELNYX_ACCOUNT_SID,
+                "telnyx_api_base": base + "/v2",
+            }
+        if "plivo" in self.carrier_apis:
+            app, plivo = build_fake_plivo_rest(PLIVO_AUTH_ID, PLIVO_AUTH_TOKEN)
+            exits.push_async_callback(plivo.aclose)
+            base = await exits.enter_async_context(serve_app(app))
+            self.fakes["plivo"] = plivo
+            values |= {
+                "plivo_auth_token": PLIVO_AUTH_TOKEN,
+                "plivo_auth_id": PLIVO_AUTH_ID,
+                "plivo_api_base": base,
+            }
+        return values
+
     def caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
         kwargs.setdefault("auth_token", TEST_AUTH_TOKEN)
         if self.settings is not None and self.settings.twilio_account_sid:
             kwargs.setdefault("account_sid", self.settings.twilio_account_sid)  # its Twilio
-        return SimulatedCaller(base_url=self.base_url, script=script, **kwargs)
+        caller = SimulatedCaller(base_url=self.base_url, script=script, **kwargs)
+        if "twilio" in self.fakes:
+            self.fakes["twilio"].attach(caller)
+        return caller
+
+    def telnyx_caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
+        """A caller through Telnyx (needs "telnyx" in `carrier_apis`), known to its fake."""
+        from livecall.sim.telnyx import TelnyxSimulatedCaller
+
+        if "telnyx" not in self.fakes:
+            raise RuntimeError('telnyx_caller needs LocalStack(carrier_apis=("telnyx", …))')
+        kwargs.setdefault("account_sid", TELNYX_ACCOUNT_SID)
+        caller = TelnyxSimulatedCaller(
+            self.base_url,
+            private_key=self._telnyx_seed,
+            webhook_path="/telnyx/texml",
+            script=script,
+            **kwargs,
+        )
+        self.fakes["telnyx"].attach(caller)
+        return caller
+
+    def plivo_caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
+        """A caller through Plivo (needs "plivo" in `carrier_apis`), known to its fake."""
+        from livecall.sim.plivo import PlivoSimulatedCaller
+
+        if "plivo" not in self.fakes:
+            raise RuntimeError('plivo_caller needs LocalStack(carrier_apis=("plivo", …))')
+        kwargs.setdefault("auth_id", PLIVO_AUTH_ID)
+        caller = PlivoSimulatedCaller(
+            self.base_url, auth_token=PLIVO_AUTH_TOKEN, script=script, **kwargs
+        )
+        self.fakes["plivo"].attach(caller)
+        return caller
 
     def stream_token(self, call_sid: str, account_sid: str) -> str:
         """The token this server's TwiML would give a stream of that call (for raw streams)."""

@@ -225,6 +225,10 @@ class CallResult:
     probe_rtts_ms: list[float] = field(default_factory=list)
     probes_sent: int = 0
     probes_lost: int = 0
+    # what the carrier did to the call over its REST API (a fake carrier API tells the
+    # caller through `end_from_carrier`): "hangup" or "transfer", and the transfer's target
+    carrier_action: str | None = None
+    transferred_to: str | None = None
 
     def heard_pcm(self) -> npt.NDArray[np.int16]:
         """The playout timeline as int16 PCM at 8 kHz."""
@@ -457,6 +461,7 @@ class SimulatedCaller:
         self._stream_sid = ""
         self._seq = 0
         self._ended = False
+        self._carrier_ends = False
         self._hangup_action: HangUp | None = None
         self._after_connect: list[ET.Element] = []
         self._connect_action: str | None = None
@@ -537,8 +542,8 @@ class SimulatedCaller:
         if not await self._open_stream():
             return
         await self._stream()
-        if self.result.ended_by == "server":
-            await self._after_stream()
+        if self.result.ended_by == "server" and self.result.carrier_action is None:
+            await self._after_stream()  # (a call the carrier moved on runs no more verbs)
 
     # ------------------------------------------------------------------ webhook + TwiML
 
@@ -836,6 +841,9 @@ class SimulatedCaller:
                 self.result.clock_late_ticks += 1
                 if late * 1000.0 > self.result.clock_late_max_ms:
                     self.result.clock_late_max_ms = late * 1000.0
+            if self._carrier_ends:
+                await self._carrier_stop(now)
+                return
             await self._playout(now)
             if now >= self._deadline:
                 self.result.script_errors.append(f"call reached its {self.timeout:.0f} s timeout")
@@ -975,6 +983,23 @@ class SimulatedCaller:
                 return self._probe_frame, _F_PROBE, None
             else:
                 raise TypeError(f"unknown script action {action!r}")
+
+    def end_from_carrier(self, action: str, target: str | None = None) -> None:
+        """The carrier took the call off the stream (`action` "hangup", or "transfer" to
+        `target`) through its REST API: at the next tick the stream ends with the carrier's
+        `stop`, as the carrier ends it. Kept in `CallResult.carrier_action`/`transferred_to`
+        even when the stream was already over."""
+        r = self.result
+        if r.carrier_action is None:
+            r.carrier_action, r.transferred_to = action, target
+        self._carrier_ends = True
+
+    async def _carrier_stop(self, now: float) -> None:
+        """The carrier's end of the stream: its stop frame and a close (no caller hang-up)."""
+        await self._hang_up(HangUp(), now)
+        self.result.ended_by = "server"  # not the caller: the call left the stream
+        action = self.result.carrier_action or "hangup"
+        self.result.timeline.append(TimelineEvent(now, f"carrier_{action}"))
 
     async def _send_now(self, data: str | bytes) -> None:
         """Send out of band (dtmf, raw): flush queued media first so order stays true."""

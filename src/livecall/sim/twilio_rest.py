@@ -119,6 +119,9 @@ class FakeCall:
     status_history: list[str] = field(default_factory=list)
     twiml_history: list[str] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    # the simulated caller whose stream this call is (`FakeTwilioState.attach`): a hang-up or
+    # a `<Dial>` redirect ends that stream, as Twilio does
+    caller: Any = None
 
     @property
     def is_ended(self) -> bool:
@@ -251,6 +254,7 @@ class FakeTwilioState:
         self.on_create: Hook | None = None  # on_create(call)
         self.on_update: Hook | None = None  # on_update(call, twiml_or_None)
         self.auto_answer = True  # a created call goes straight to in-progress
+        self.fail_status: int | None = None  # every authorized request fails so (an outage)
         self.http: httpx.AsyncClient | None = None  # for callbacks; one is made when needed
         self.created = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -294,6 +298,22 @@ class FakeTwilioState:
     def call(self, sid: str) -> FakeCall:
         return self.calls[sid]
 
+    def attach(self, caller: Any) -> FakeCall:
+        """An inbound call in progress whose stream is `caller`'s (a `SimulatedCaller`)."""
+        call = FakeCall(
+            sid=caller.call_sid,
+            account_sid=self.account_sid,
+            to=caller.to,
+            from_=caller.from_,
+            create_params={},
+            status_callback_events=set(),
+            status="in-progress",
+            status_history=["in-progress"],
+            caller=caller,
+        )
+        self.calls[call.sid] = call
+        return call
+
     def last_call(self) -> FakeCall:
         return list(self.calls.values())[-1]
 
@@ -314,6 +334,8 @@ class FakeTwilioState:
         if status in ENDED:
             call.end_time = _now()
             call.ended.set()
+            if call.caller is not None:
+                call.caller.end_from_carrier("hangup")
         event = _EVENT_OF_STATUS.get(status)
         url = call.create_params.get("StatusCallback")
         if url and event in call.status_callback_events:
@@ -472,6 +494,19 @@ def _not_found(path: str) -> JSONResponse:
     return twilio_error(404, 20404, f"The requested resource {path} was not found")
 
 
+def _dial_target(twiml: str) -> str | None:
+    """The first `<Dial>`ed `<Number>`/`<Sip>` of `twiml`, if any."""
+    try:
+        root = ET.fromstring(twiml)
+    except ET.ParseError:
+        return None
+    for dial in root.iter("Dial"):
+        for noun in dial:
+            if noun.tag in ("Number", "Sip") and (noun.text or "").strip():
+                return (noun.text or "").strip()
+    return None
+
+
 def _has_hangup(twiml: str) -> bool:
     try:
         root = ET.fromstring(twiml)
@@ -505,6 +540,8 @@ def build_fake_twilio_rest(account_sid: str, auth_token: str) -> tuple[FastAPI, 
                 "Authenticate",
                 detail="Your AccountSid or AuthToken was incorrect.",
             )
+        elif state.fail_status is not None:
+            response = twilio_error(state.fail_status, 20500, "Internal Server Error")
         else:
             response = await call_next(request)
         record.status = response.status_code
@@ -582,6 +619,9 @@ def build_fake_twilio_rest(account_sid: str, auth_token: str) -> tuple[FastAPI, 
             state._run_hook(state.on_update, "on_update", call, twiml)
             for target, whisper_url in whisper_targets(twiml):  # the callee picks up
                 state._spawn(state.fetch_whisper(call, target, whisper_url), "whisper")
+            dialled = _dial_target(twiml)
+            if call.caller is not None and dialled is not None:  # the call leaves the stream
+                call.caller.end_from_carrier("transfer", dialled)
             if _has_hangup(twiml):
                 state._set_status(call, "completed")
         elif url:

@@ -21,6 +21,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
+from livecall.carriers.control import CallControlError
 from livecall.log import get_logger, register_secret
 from livecall.privacy import mask_number
 
@@ -41,7 +42,7 @@ NOT_FOUND_CODE = 20404
 _SIP = re.compile(r"^sips?:", re.IGNORECASE)
 
 
-class TwilioCallError(RuntimeError):
+class TwilioCallError(CallControlError):
     """Twilio refused a request (or could not be reached); `status`/`code` say why."""
 
     def __init__(self, message: str, status: int | None = None, code: int | None = None) -> None:
@@ -100,7 +101,10 @@ def outbound_stream_twiml(stream_url: str, parameters: Mapping[str, str]) -> str
 
 
 class TwilioCallControl:
-    """Hang up, transfer and create calls on one Twilio account."""
+    """Hang up, transfer and create calls on one Twilio account (a `CallControl`)."""
+
+    warm_transfer = True  # `<Number url>` plays the callee a briefing before bridging
+    transfer_refusal: str | None = None
 
     def __init__(
         self,

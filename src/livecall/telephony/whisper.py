@@ -109,6 +109,9 @@ class Whispers:
     ttl_s: float = WHISPER_TTL_S
     clock: Callable[[], float] = time.monotonic
     _held: dict[str, _Held] = field(default_factory=dict)
+    # the shared stash's key prefix: another kind of single-use document keeps its own
+    # (a Plivo transfer's XML), so no token of one kind fetches the other
+    prefix: str = "whisper"
 
     def _prune(self, now: float) -> None:
         for token in [t for t, h in self._held.items() if h.expires <= now]:
@@ -121,7 +124,7 @@ class Whispers:
         self._prune(now)
         shared = False
         if self.shared is not None:
-            shared = await self.shared.stash(f"whisper:{token}", text, self.ttl_s)
+            shared = await self.shared.stash(f"{self.prefix}:{token}", text, self.ttl_s)
         self._held[token] = _Held(text, now + self.ttl_s, shared)
         return token
 
@@ -137,7 +140,7 @@ class Whispers:
         if self.shared is None:
             return None
         try:
-            return await self.shared.take(f"whisper:{token}")
+            return await self.shared.take(f"{self.prefix}:{token}")
         except LookupError:  # Redis cannot say: this instance's copy, if it has one
             return held.text if held is not None else None
 

@@ -35,6 +35,7 @@ __all__ = [
 EXTRA_HEADERS_MAX_BYTES = 512
 _ALNUM = re.compile(r"[A-Za-z0-9]+")
 _NUMBER = re.compile(r"\+?[0-9]{3,20}")
+_SIP = re.compile(r"sips?:[^\s<>\"]{3,256}")
 _NO_PARAMETERS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -114,12 +115,19 @@ def busy_xml(message: str | None, *, reject: bool = False) -> str:
     return hangup_xml(message)
 
 
-def dial_xml(number: str, *, caller_id: str | None = None) -> str:
-    """`<Dial><Number>`: what a transfer's `aleg_url` serves to connect the caller onward."""
-    if not _NUMBER.fullmatch(number):
-        raise ValueError(f"not a phone number: {number!r}")
+def dial_xml(number: str, *, caller_id: str | None = None, say: str | None = None) -> str:
+    """`<Dial><Number>` (or `<User>` for a ``sip:`` address), after `<Speak>say` when given:
+    what a transfer's `aleg_url` serves to connect the caller onward."""
+    if _SIP.fullmatch(number):
+        noun = plivoxml.UserElement(number)
+    elif _NUMBER.fullmatch(number):
+        noun = plivoxml.NumberElement(number)
+    else:
+        raise ValueError(f"not a phone number or SIP address: {number!r}")
     dial = plivoxml.DialElement(caller_id=caller_id) if caller_id else plivoxml.DialElement()
-    dial.add(plivoxml.NumberElement(number))
+    dial.add(noun)
     response = plivoxml.ResponseElement()
+    if say:
+        response.add(plivoxml.SpeakElement(say))
     response.add(dial)
     return response.to_string(pretty=False)

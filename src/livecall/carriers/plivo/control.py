@@ -12,22 +12,28 @@ Why not the official `plivo` SDK's RestClient (it is in the `carriers` extra for
 signatures): it is synchronous (`requests`), so each call would block the event loop or take
 a thread, and its API host is a module constant, so a fake cannot stand in. `base_url` here
 is overridable; the token never appears in a repr.
+
+`PlivoCallControl` is the carrier-neutral `CallControl` over it: a transfer publishes the
+`<Dial>` XML at a single-use URL livecall serves (`publish`) and points the caller's leg there.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 
-__all__ = ["CallEnded", "PlivoControl", "PlivoRestError"]
+from livecall.carriers.control import CallControlError
+
+__all__ = ["CallEnded", "PlivoCallControl", "PlivoControl", "PlivoRestError"]
 
 _CALL_ID = re.compile(r"[0-9A-Za-z-]{8,64}")
 _NUMBER = re.compile(r"\+?[0-9]{3,20}|sip:[^\s<>\"]{3,256}")
 
 
-class PlivoRestError(RuntimeError):
+class PlivoRestError(CallControlError):
     """Plivo refused a request; the message has the status and Plivo's error text, no secrets."""
 
 
@@ -157,3 +163,49 @@ def _error_text(resp: httpx.Response) -> str:
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         return data["error"][:120]
     return resp.text[:120]
+
+
+class PlivoCallControl:
+    """`CallControl` for Plivo calls: hang up (`DELETE`), cold transfer via `aleg_url`.
+
+    `publish(xml)` keeps a transfer's Plivo XML behind a single-use URL livecall serves and
+    returns that URL (Plivo fetches it, signed, once the transfer is accepted).
+    """
+
+    warm_transfer = False
+    transfer_refusal: str | None = None
+
+    def __init__(self, control: PlivoControl, publish: Callable[[str], Awaitable[str]]) -> None:
+        self.control = control
+        self._publish = publish
+
+    def __repr__(self) -> str:
+        return f"PlivoCallControl({self.control!r})"
+
+    async def hangup(self, call_id: str) -> bool:
+        try:
+            return await self.control.hangup(call_id)
+        except (httpx.HTTPError, ValueError) as exc:
+            raise PlivoRestError(f"Plivo hangup failed: {type(exc).__name__}") from None
+
+    async def transfer(
+        self,
+        call_id: str,
+        number: str,
+        say: str | None = None,
+        *,
+        whisper_url: str | None = None,
+        dial_action: str | None = None,
+    ) -> bool:
+        from livecall.carriers.plivo.answer import dial_xml
+
+        try:
+            xml = dial_xml(number.removeprefix("+"), say=say)  # Plivo dials digits, no "+"
+            await self.control.transfer(call_id, await self._publish(xml))
+        except CallEnded:
+            return False
+        except ValueError as exc:
+            raise PlivoRestError(f"Plivo transfer not sent: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise PlivoRestError(f"Plivo transfer failed: {type(exc).__name__}") from None
+        return True

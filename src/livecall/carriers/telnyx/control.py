@@ -9,7 +9,8 @@ same id. Outbound calls are TeXML calls too (`POST /texml/Accounts/{account_sid}
 the application and the URL Telnyx fetches the TeXML from).
 
 `base_url` is overridable so a fake Telnyx API can stand in; the API key is a secret and
-never appears in a repr.
+never appears in a repr. `TelnyxCallControl` is the carrier-neutral `CallControl` over it
+(hang up, cold transfer with the TeXML inline; the SDK's errors become `TelnyxCallError`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 
 import httpx
 
-__all__ = ["CallEnded", "TelnyxControl", "transfer_texml"]
+from livecall.carriers.control import CallControlError
+
+__all__ = ["CallEnded", "TelnyxCallControl", "TelnyxCallError", "TelnyxControl", "transfer_texml"]
 
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _SIP = re.compile(r"^sips?:[^\s<>\"]{3,256}$")
@@ -36,10 +39,15 @@ def _check_target(number: str) -> None:
         raise ValueError("a transfer target must be an E.164 number (+15551234567) or a SIP URI")
 
 
-def transfer_texml(to: str, *, caller_id: str | None = None, timeout_s: int = 30) -> str:
-    """TeXML that dials `to` (E.164 or SIP URI) in place of the running document."""
+def transfer_texml(
+    to: str, *, caller_id: str | None = None, timeout_s: int = 30, say: str | None = None
+) -> str:
+    """TeXML that (optionally) says `say`, then dials `to` (E.164 or SIP URI), in place of the
+    running document."""
     _check_target(to)
     response = ET.Element("Response")
+    if say:
+        ET.SubElement(response, "Say").text = say
     attrs = {"timeout": str(int(timeout_s))}
     if caller_id:
         _check_target(caller_id)
@@ -104,13 +112,15 @@ class TelnyxControl:
             )
         )
 
-    async def transfer(self, call_sid: str, to: str, *, caller_id: str | None = None) -> None:
+    async def transfer(
+        self, call_sid: str, to: str, *, caller_id: str | None = None, say: str | None = None
+    ) -> None:
         """Dial `to` in place of the stream (the media socket closes, the caller is connected)."""
         await self._call(
             self._client.texml.accounts.calls.update(
                 call_sid,
                 account_sid=self.account_sid,
-                texml=transfer_texml(to, caller_id=caller_id),
+                texml=transfer_texml(to, caller_id=caller_id, say=say),
             )
         )
 
@@ -147,3 +157,54 @@ class TelnyxControl:
         if not isinstance(sid, str) or not sid:
             raise RuntimeError("Telnyx did not return a CallSid for the new call")
         return sid
+
+
+class TelnyxCallError(CallControlError):
+    """Telnyx refused a control request or could not be reached (status and error title)."""
+
+
+class TelnyxCallControl:
+    """`CallControl` for calls answered with TeXML: hang up, cold transfer (no whisper)."""
+
+    warm_transfer = False
+    transfer_refusal: str | None = None
+
+    def __init__(self, control: TelnyxControl) -> None:
+        self.control = control
+
+    def __repr__(self) -> str:
+        return f"TelnyxCallControl({self.control!r})"
+
+    async def aclose(self) -> None:
+        await self.control.aclose()
+
+    async def _run(self, what: str, coro: Any) -> bool:
+        from telnyx import APIConnectionError, APIStatusError, NotFoundError
+
+        try:
+            await coro
+        except CallEnded:
+            return False
+        except NotFoundError:  # Telnyx does not know the call (any more)
+            return False
+        except APIStatusError as exc:
+            raise TelnyxCallError(f"Telnyx {what} failed: HTTP {exc.status_code}") from None
+        except APIConnectionError as exc:
+            raise TelnyxCallError(f"Telnyx {what} failed: {type(exc).__name__}") from None
+        except ValueError as exc:  # a target TeXML cannot dial: nothing was sent
+            raise TelnyxCallError(f"Telnyx {what} not sent: {exc}") from None
+        return True
+
+    async def hangup(self, call_id: str) -> bool:
+        return await self._run("hangup", self.control.hangup(call_id))
+
+    async def transfer(
+        self,
+        call_id: str,
+        number: str,
+        say: str | None = None,
+        *,
+        whisper_url: str | None = None,
+        dial_action: str | None = None,
+    ) -> bool:
+        return await self._run("transfer", self.control.transfer(call_id, number, say=say))

@@ -1,0 +1,284 @@
+"""A fake of Plivo's Call API for live calls: hang up, and transfer to a URL it then fetches.
+
+As Plivo documents it (https://www.plivo.com/docs/voice/api/call), HTTP Basic with the Auth
+ID and Auth Token (anything else: 401 "authentication failed"):
+
+- `DELETE /v1/Account/{auth_id}/Call/{call_uuid}/` -> 204; a call not live -> 404 "not found";
+- `POST /v1/Account/{auth_id}/Call/{call_uuid}/` with `legs` (aleg|bleg|both), `aleg_url`
+  (absolute http(s), required for aleg/both), `aleg_method` (GET|POST) -> 202
+  `{"message": "call transferred"}`; unknown fields or bad values -> 400 with Plivo's `error`.
+
+Then, as Plivo does, the fake fetches `aleg_url` (a POST about the call, signed V3 with the
+auth token) and runs what comes back: a `<Dial>` moves the caller (its `<Number>`/`<User>` is
+recorded in `FakePlivoCall.transferred_to`), anything it cannot run hangs the call up. Each
+fetch is kept in `fetches`. A call is known once a test `attach`es its simulated caller;
+hanging up or transferring ends that caller's stream with Plivo's `stop`. `fail_status`
+makes every authorized request fail with that status (an outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from livecall.carriers.plivo.signatures import PlivoSignature, new_nonce
+from livecall.sim.twilio import SimulatedCaller
+
+__all__ = [
+    "DocumentFetch",
+    "FakePlivoCall",
+    "FakePlivoState",
+    "PlivoRequest",
+    "build_fake_plivo_rest",
+]
+
+CALL = "/v1/Account/{auth_id}/Call/{call_uuid}/"
+TRANSFER_FIELDS = frozenset(
+    {"legs", "aleg_url", "aleg_method", "bleg_url", "bleg_method", "blegs_url", "blegs_method"}
+)
+
+
+def plivo_error(status: int, error: str) -> JSONResponse:
+    """An error in Plivo's shape: `{"api_id": …, "error": …}`."""
+    return JSONResponse({"api_id": str(uuid.uuid4()), "error": error}, status_code=status)
+
+
+@dataclass
+class PlivoRequest:
+    """One request as the fake saw it."""
+
+    method: str
+    path: str
+    body: dict[str, Any]
+    authorized: bool
+    status: int = 0
+
+
+@dataclass
+class DocumentFetch:
+    """The fake fetching a transfer's `aleg_url`, and what came back."""
+
+    url: str
+    form: dict[str, str]
+    status_code: int | None = None
+    xml: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class FakePlivoCall:
+    """A live call the fake knows, and what was done to it."""
+
+    uuid: str
+    from_: str
+    to: str
+    caller: SimulatedCaller | None = None
+    status: str = "in-progress"
+    transferred_to: str | None = None
+    said: list[str] = field(default_factory=list)
+
+
+def run_transfer_xml(xml: str) -> tuple[str | None, list[str]]:
+    """What Plivo does with a transfer's XML: the `<Dial>`ed target (None: the XML cannot
+    connect the caller, so the call ends) and what its `<Speak>`s say."""
+    root = ET.fromstring(xml)
+    if root.tag != "Response":
+        raise ValueError(f"the root is <{root.tag}>, not <Response>")
+    said = [(speak.text or "").strip() for speak in root.iter("Speak")]
+    for dial in root.iter("Dial"):
+        for noun in dial:
+            if noun.tag in ("Number", "User") and (noun.text or "").strip():
+                return (noun.text or "").strip(), said
+    return None, said
+
+
+class FakePlivoState:
+    """What the fake knows and did; `attach` a simulated caller to make its call known."""
+
+    def __init__(self, auth_id: str, auth_token: str) -> None:
+        self.auth_id = auth_id
+        self.auth_token = auth_token
+        self.calls: dict[str, FakePlivoCall] = {}
+        self.requests: list[PlivoRequest] = []
+        self.fetches: list[DocumentFetch] = []
+        self.fail_status: int | None = None
+        self.http: httpx.AsyncClient | None = None
+        self._signer = PlivoSignature(auth_token)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def attach(self, caller: SimulatedCaller) -> FakePlivoCall:
+        """The caller's call is live on this account (Plivo answered it)."""
+        call = FakePlivoCall(caller.call_sid, caller.from_, caller.to, caller)
+        self.calls[call.uuid] = call
+        return call
+
+    def requests_for(self, call_uuid: str) -> list[PlivoRequest]:
+        """The authorized requests about call `call_uuid`, in order."""
+        return [r for r in self.requests if r.authorized and f"/Call/{call_uuid}/" in r.path]
+
+    def authorized(self, request: Request) -> bool:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return secrets.compare_digest(user.encode(), self.auth_id.encode()) and (
+            secrets.compare_digest(password.encode(), self.auth_token.encode())
+        )
+
+    async def drain(self) -> None:
+        """Wait until every document fetch started so far has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.drain()
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
+
+    def _end(self, call: FakePlivoCall, action: str, target: str | None = None) -> None:
+        call.status = "completed" if action == "hangup" else call.status
+        if call.caller is not None:
+            call.caller.end_from_carrier(action, target)
+
+    def _fetch_later(self, call: FakePlivoCall, url: str, method: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._transfer(call, url, method))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def fetch_document(
+        self, call: FakePlivoCall, url: str, method: str = "POST", *, signed: bool = True
+    ) -> DocumentFetch:
+        """Fetch a transfer's XML as Plivo does (a request about the call, signed V3 unless
+        `signed` is False) and keep the fetch in `fetches`."""
+        form = {
+            "CallUUID": call.uuid,
+            "CallStatus": "in-progress",
+            "Direction": "inbound",
+            "Event": "Transfer",
+            "From": call.from_,
+            "To": call.to,
+        }
+        fetch = DocumentFetch(url, form)
+        self.fetches.append(fetch)
+        headers = {"User-Agent": "PlivoHTTP/1.0"}
+        if signed:
+            nonce = new_nonce()
+            headers["X-Plivo-Signature-V3-Nonce"] = nonce
+            headers["X-Plivo-Signature-V3"] = self._signer.sign(method, url, form, nonce)
+        if self.http is None:
+            self.http = httpx.AsyncClient(timeout=10, trust_env=False)
+        try:
+            if method == "GET":
+                response = await self.http.get(url, params=form, headers=headers)
+            else:
+                response = await self.http.post(url, data=form, headers=headers)
+        except httpx.HTTPError as exc:
+            fetch.error = f"{type(exc).__name__}: {exc}"
+            return fetch
+        fetch.status_code = response.status_code
+        if response.status_code == 200:
+            fetch.xml = response.text
+        return fetch
+
+    async def _transfer(self, call: FakePlivoCall, url: str, method: str) -> None:
+        """The caller's leg runs the XML at `url`: a `<Dial>` moves it, else it hangs up."""
+        fetch = await self.fetch_document(call, url, method)
+        target: str | None = None
+        if fetch.xml is not None:
+            try:
+                target, said = run_transfer_xml(fetch.xml)
+                call.said.extend(said)
+            except (ET.ParseError, ValueError) as exc:
+                fetch.error = f"{type(exc).__name__}: {exc}"
+        if target is None:  # nothing to connect the caller to: Plivo hangs up
+            self._end(call, "hangup")
+            return
+        call.transferred_to = target
+        self._end(call, "transfer", target)
+
+
+def build_fake_plivo_rest(auth_id: str, auth_token: str) -> tuple[FastAPI, FakePlivoState]:
+    """The fake's ASGI app (serve it; its base URL is PLIVO_API_BASE) and its state."""
+    state = FakePlivoState(auth_id, auth_token)
+    app = FastAPI(title="fake Plivo Call API", openapi_url=None, docs_url=None, redoc_url=None)
+
+    def refused(auth: str, record: PlivoRequest) -> Response | None:
+        if not record.authorized or auth != state.auth_id:
+            return plivo_error(401, "authentication failed")
+        if state.fail_status is not None:
+            return plivo_error(state.fail_status, "internal server error")
+        return None
+
+    def live(call_uuid: str) -> FakePlivoCall | None:
+        call = state.calls.get(call_uuid)
+        return call if call is not None and call.status == "in-progress" else None
+
+    @app.delete(CALL)
+    async def hang_up(auth_id: str, call_uuid: str, request: Request) -> Response:
+        record = PlivoRequest("DELETE", request.url.path, {}, state.authorized(request))
+        state.requests.append(record)
+        response = refused(auth_id, record)
+        if response is None:
+            call = live(call_uuid)
+            if call is None:
+                response = plivo_error(404, "not found")
+            else:
+                state._end(call, "hangup")
+                response = Response(status_code=204)
+        record.status = response.status_code
+        return response
+
+    @app.post(CALL)
+    async def transfer(auth_id: str, call_uuid: str, request: Request) -> Response:
+        record = PlivoRequest("POST", request.url.path, {}, state.authorized(request))
+        state.requests.append(record)
+        response = refused(auth_id, record) or await _transfer(call_uuid, request, record)
+        record.status = response.status_code
+        return response
+
+    async def _transfer(call_uuid: str, request: Request, record: PlivoRequest) -> Response:
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+        except orjson.JSONDecodeError:
+            return plivo_error(400, "the body is not valid JSON")
+        if type(body) is not dict:
+            return plivo_error(400, "the body must be a JSON object")
+        record.body = body
+        unknown = sorted(set(body) - TRANSFER_FIELDS)
+        if unknown:
+            return plivo_error(400, f"unknown parameters {unknown}")
+        legs = body.get("legs", "aleg")
+        if legs not in ("aleg", "bleg", "both"):
+            return plivo_error(400, "legs must be aleg, bleg or both")
+        url, method = body.get("aleg_url"), body.get("aleg_method", "POST")
+        if legs in ("aleg", "both") and (
+            type(url) is not str or not url.startswith(("https://", "http://"))
+        ):
+            return plivo_error(400, "aleg_url must be an absolute http(s) URL for aleg")
+        if method not in ("GET", "POST"):
+            return plivo_error(400, "aleg_method must be GET or POST")
+        call = live(call_uuid)
+        if call is None:
+            return plivo_error(404, "not found")
+        if legs in ("aleg", "both"):
+            assert isinstance(url, str)
+            state._fetch_later(call, url, method)
+        return JSONResponse(
+            {"api_id": str(uuid.uuid4()), "message": "call transferred"}, status_code=202
+        )
+
+    return app, state

@@ -1,0 +1,231 @@
+"""A fake of Telnyx's TeXML REST call update, close enough that the official SDK talks to it.
+
+`POST /v2/texml/Accounts/{account_sid}/Calls/{call_sid}` as Telnyx serves it: Bearer API key
+(anything else: 401, error 10009), a JSON or form body of the documented CamelCase fields
+(others: 422, 10015), `Status=completed|canceled` ends the call, `Texml` replaces the running
+document (a `<Dial>` moves the caller: its target is recorded), `Url` names a new document.
+A call Telnyx does not know is 404 (10005), one already over 422 with error 90018 (what the
+SDK-facing `TelnyxControl` reads as "already ended"); answers are the TeXML call resource.
+
+A call is known once a test `attach`es its simulated caller (Telnyx knows its calls); a
+hang-up or a transfer then ends that caller's stream with Telnyx's `stop`, as Telnyx does when
+the call leaves `<Connect><Stream>`. `fail_status` makes every authorized update fail with
+that status (an outage), so a test can see livecall's answer to a REST failure.
+"""
+
+from __future__ import annotations
+
+import secrets
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from livecall.sim.twilio import SimulatedCaller
+
+__all__ = [
+    "FakeTelnyxState",
+    "FakeTexmlCall",
+    "TelnyxRequest",
+    "build_fake_telnyx_rest",
+]
+
+API = "/v2/texml/Accounts/{account}/Calls/{sid}"
+UPDATE_FIELDS = frozenset(
+    {
+        "Status",
+        "Url",
+        "Method",
+        "FallbackUrl",
+        "FallbackMethod",
+        "StatusCallback",
+        "StatusCallbackMethod",
+        "Texml",
+    }
+)
+ENDED = frozenset({"completed", "canceled", "failed", "busy", "no-answer"})
+_ERRORS = {
+    "10004": "Missing required parameter",
+    "10005": "Resource not found",
+    "10007": "Unexpected error",
+    "10009": "Authentication failed",
+    "10014": "Unsupported Media Type",
+    "10015": "Bad Request",
+    "90018": "Call has already ended",
+}
+
+
+def telnyx_error(status: int, code: str, detail: str) -> JSONResponse:
+    """An error in Telnyx's shape: `{"errors": [{code, title, detail, meta}]}`."""
+    error = {
+        "code": code,
+        "title": _ERRORS.get(code, "Error"),
+        "detail": detail,
+        "meta": {"url": f"https://developers.telnyx.com/docs/overview/errors/{code}"},
+    }
+    return JSONResponse({"errors": [error]}, status_code=status)
+
+
+@dataclass
+class TelnyxRequest:
+    """One request as the fake saw it."""
+
+    method: str
+    path: str
+    body: dict[str, str]
+    authorized: bool
+    status: int = 0
+
+
+@dataclass
+class FakeTexmlCall:
+    """A TeXML call the fake knows, and what was done to it."""
+
+    sid: str
+    account_sid: str
+    from_: str
+    to: str
+    caller: SimulatedCaller | None = None
+    status: str = "in-progress"
+    texml_history: list[str] = field(default_factory=list)
+    transferred_to: str | None = None
+    said: list[str] = field(default_factory=list)
+
+    def resource(self) -> dict[str, Any]:
+        return {
+            "account_sid": self.account_sid,
+            "direction": "inbound",
+            "from": self.from_,
+            "sid": self.sid,
+            "status": self.status,
+            "to": self.to,
+            "uri": f"/v2/texml/Accounts/{self.account_sid}/Calls/{self.sid}.json",
+        }
+
+
+def dial_target(texml: str) -> tuple[str | None, list[str], bool]:
+    """The `<Dial>`ed `<Number>`/`<Sip>` of a TeXML document, what its `<Say>`s say, and
+    whether it hangs up."""
+    root = ET.fromstring(texml)
+    if root.tag != "Response":
+        raise ValueError(f"the root is <{root.tag}>, not <Response>")
+    said = [(say.text or "").strip() for say in root.iter("Say")]
+    hangs_up = root.find("Hangup") is not None or root.find("Reject") is not None
+    for dial in root.iter("Dial"):
+        for noun in dial:
+            if noun.tag in ("Number", "Sip") and (noun.text or "").strip():
+                return (noun.text or "").strip(), said, hangs_up
+    return None, said, hangs_up
+
+
+class FakeTelnyxState:
+    """What the fake knows and did; `attach` a simulated caller to make its call known."""
+
+    def __init__(self, api_key: str, account_sid: str) -> None:
+        self.api_key = api_key
+        self.account_sid = account_sid
+        self.calls: dict[str, FakeTexmlCall] = {}
+        self.requests: list[TelnyxRequest] = []
+        self.fail_status: int | None = None
+
+    def attach(self, caller: SimulatedCaller) -> FakeTexmlCall:
+        """The caller's call is in progress on this account (Telnyx answered it)."""
+        call = FakeTexmlCall(caller.call_sid, self.account_sid, caller.from_, caller.to, caller)
+        self.calls[call.sid] = call
+        return call
+
+    def updates(self, sid: str) -> list[TelnyxRequest]:
+        """The authorized update requests for call `sid`, in order."""
+        return [r for r in self.requests if r.authorized and r.path.endswith(f"/Calls/{sid}")]
+
+    def authorized(self, request: Request) -> bool:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(
+            token.encode(), self.api_key.encode()
+        )
+
+    def _end(self, call: FakeTexmlCall, action: str, target: str | None = None) -> None:
+        if call.caller is not None:
+            call.caller.end_from_carrier(action, target)
+
+
+async def _body(request: Request) -> dict[str, str] | JSONResponse:
+    """The update's fields: a JSON object (as the SDK sends) or a form (as the docs show)."""
+    raw = await request.body()
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            data = orjson.loads(raw or b"{}")
+        except orjson.JSONDecodeError:
+            return telnyx_error(400, "10015", "the body is not valid JSON")
+        if type(data) is not dict or not all(type(v) is str for v in data.values()):
+            return telnyx_error(400, "10015", "the body must be an object of strings")
+        return data
+    if ctype == "application/x-www-form-urlencoded":
+        return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+    return telnyx_error(415, "10014", f"unsupported content type {ctype!r}")
+
+
+def build_fake_telnyx_rest(api_key: str, account_sid: str) -> tuple[FastAPI, FakeTelnyxState]:
+    """The fake's ASGI app (serve it; its base URL + "/v2" is TELNYX_API_BASE) and state."""
+    state = FakeTelnyxState(api_key, account_sid)
+    app = FastAPI(title="fake Telnyx TeXML API", openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.post(API)
+    async def update_call(account: str, sid: str, request: Request) -> Response:
+        record = TelnyxRequest("POST", request.url.path, {}, state.authorized(request))
+        state.requests.append(record)
+        response = await _update(account, sid, request, record)
+        record.status = response.status_code
+        return response
+
+    async def _update(account: str, sid: str, request: Request, record: TelnyxRequest) -> Response:
+        body = await _body(request)
+        if not isinstance(body, Response):
+            record.body = body  # kept even when refused: what livecall tried to do
+        if not record.authorized:
+            return telnyx_error(401, "10009", "The required authentication headers were invalid")
+        if isinstance(body, Response):
+            return body
+        if state.fail_status is not None:
+            return telnyx_error(state.fail_status, "10007", "An unexpected error occurred")
+        call = state.calls.get(sid)
+        if account != state.account_sid or call is None:
+            return telnyx_error(404, "10005", "The requested resource could not be found")
+        unknown = sorted(set(body) - UPDATE_FIELDS)
+        if unknown:
+            return telnyx_error(422, "10015", f"unknown parameters {unknown}")
+        if call.status in ENDED:
+            return telnyx_error(422, "90018", "Call has already ended")
+        status, texml, url = body.get("Status"), body.get("Texml"), body.get("Url")
+        if sum(v is not None for v in (status, texml, url)) != 1:
+            return telnyx_error(422, "10004", "give one of Status, Texml or Url")
+        if status is not None:
+            if status not in ("completed", "canceled"):
+                return telnyx_error(422, "10015", "Status must be completed or canceled")
+            call.status = "completed" if status == "completed" else "canceled"
+            state._end(call, "hangup")
+        elif texml is not None:
+            try:
+                target, said, hangs_up = dial_target(texml)
+            except (ET.ParseError, ValueError) as exc:
+                return telnyx_error(422, "10015", f"Texml is not a TeXML document: {exc}")
+            call.texml_history.append(texml)
+            call.said.extend(said)
+            if target is not None:
+                call.transferred_to = target
+                state._end(call, "transfer", target)
+            elif hangs_up:
+                call.status = "completed"
+                state._end(call, "hangup")
+        else:
+            assert url is not None
+            if not url.startswith(("https://", "http://")):
+                return telnyx_error(422, "10015", "Url must be an absolute http(s) URL")
+        return JSONResponse(call.resource())
+
+    return app, state

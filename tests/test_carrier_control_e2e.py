@@ -1,0 +1,264 @@
+"""The agent's hang-up and transfer over each carrier's REST API, end to end (issue #13).
+
+Each test rings the real app (uvicorn on loopback, webhook signatures enforced) from a
+carrier's simulated edge, the fake Gemini Live calls `end_call` or `transfer_call`, and the
+app drives the carrier's fake REST API (`LocalStack(carrier_apis=…)`: Twilio's Calls resource
+through the `twilio` SDK, Telnyx's TeXML call update through the `telnyx` SDK, Plivo's Call API
+whose transfer fetches its `<Dial>` from a single-use URL livecall serves). A fake that hangs
+up or transfers ends the simulated caller's stream, as the carrier would, and says so in
+`CallResult.carrier_action` / `transferred_to`. Twilio runs as the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from livecall.sim.clips import load_clip
+from livecall.sim.gemini import Scenario, ToolCallFault
+from livecall.sim.stack import LocalStack
+from livecall.sim.twilio import CallResult, HangUp, Say, WaitForAgentSilence
+from support import eventually
+
+MANAGER = "+15551239999"
+FAST = {"vad_silence_duration_ms": 300, "recording_enabled": False}
+
+
+@dataclass(frozen=True)
+class Line:
+    """One carrier: how a caller rings it, what its fake was asked, how a forger signs."""
+
+    name: str
+    make: Callable[..., Any]  # (stack, script, **kw) -> a simulated caller known to the fake
+    forged: dict[str, Any]  # settings whose credentials the fake refuses
+    dialled: str  # how the carrier's transfer names MANAGER
+
+    def rest(self, stack: LocalStack, call_id: str) -> list[tuple[str, int]]:
+        """What the fake was asked about the call: ("hangup" | "transfer", HTTP status)."""
+        fake = stack.fakes[self.name]
+        if self.name == "twilio":
+            return [
+                ("hangup" if r.form.get("Status") else "transfer", r.status)
+                for r in fake.requests
+                if r.path.endswith(f"/Calls/{call_id}.json")
+            ]
+        if self.name == "telnyx":
+            return [
+                ("hangup" if r.body.get("Status") else "transfer", r.status)
+                for r in fake.requests
+                if r.path.endswith(f"/Calls/{call_id}")
+            ]
+        return [
+            ("hangup" if r.method == "DELETE" else "transfer", r.status)
+            for r in fake.requests
+            if f"/Call/{call_id}/" in r.path
+        ]
+
+
+LINES = [
+    Line(
+        "twilio",
+        lambda stack, script, **kw: stack.caller(script, **kw),
+        {"twilio_account_sid": "AC" + "6" * 32},  # not the fake's account: 401 20003
+        MANAGER,
+    ),
+    Line(
+        "telnyx",
+        lambda stack, script, **kw: stack.telnyx_caller(script, **kw),
+        {"telnyx_api_key": "KEY-not-the-accounts-key-000"},
+        MANAGER,
+    ),
+    Line(
+        "plivo",
+        lambda stack, script, **kw: stack.plivo_caller(script, **kw),
+        {"plivo_auth_id": "MAFORGED000000000001"},
+        MANAGER.removeprefix("+"),  # Plivo dials digits
+    ),
+]
+
+
+@pytest.fixture(params=LINES, ids=[line.name for line in LINES])
+def line(request: pytest.FixtureRequest) -> Line:
+    return request.param
+
+
+@pytest.fixture
+async def make_stack(tmp_path: Path) -> Any:
+    """`await make_stack(line, scenario, tools, **settings)`: livecall with the line's fake
+    carrier API served and one default profile that may use `tools`."""
+    stacks: list[LocalStack] = []
+
+    async def make(line: Line, scenario: Scenario, tools: list[str], **settings: Any) -> Any:
+        home = tmp_path / f"stack{len(stacks)}"
+        home.mkdir()
+        profile = {
+            "name": "agent",
+            "default": True,
+            "system_prompt": "You answer the phone for Bella Vista.",
+            "tools": tools,
+            "transfer_targets": {"manager": MANAGER},
+        }
+        (home / "profiles.yaml").write_text(yaml.safe_dump({"profiles": [profile]}))
+        stack = LocalStack(
+            scenario=scenario,
+            carrier_apis=(line.name,),
+            settings_overrides={
+                "database_url": f"sqlite+aiosqlite:///{home / 'calls.db'}",
+                "recordings_dir": home / "recordings",
+                "spool_dir": home / "spool",
+                "profiles_file": home / "profiles.yaml",
+                **FAST,
+                **settings,
+            },
+        )
+        stacks.append(stack)
+        await stack.start()
+        return stack
+
+    try:
+        yield make
+    finally:
+        for stack in reversed(stacks):
+            await stack.stop()
+
+
+def say(name: str) -> Say:
+    pcm, rate = load_clip(name)
+    return Say(pcm, rate=rate, label=name)
+
+
+def tool(name: str, **args: Any) -> Scenario:
+    """The model answers the caller's first words with its line, then calls `name`."""
+    line = "goodbye" if name == "end_call" else "one_moment"
+    fault = ToolCallFault(after_caller_turn=1, name=name, args=args, say_first=line)
+    return Scenario(seed=13, greeting=None, pause_prob=0.0, tool_calls=[fault])
+
+
+async def record_of(stack: LocalStack, result: CallResult, call_over: Any) -> Any:
+    await call_over(stack)
+    record = await stack.app.state.livecall.store.repo.get_call(result.call_sid)
+    assert record is not None
+    return record
+
+
+def event(record: Any, kind: str) -> dict[str, Any]:
+    [found] = [e.data for e in record.events if e.kind == kind]
+    return found
+
+
+@pytest.mark.timeout(60)
+async def test_end_call_hangs_up_over_rest_after_the_goodbye(
+    line: Line, make_stack: Any, call_over: Any, audio: Any
+) -> None:
+    stack = await make_stack(line, tool("end_call", reason="done"), ["end_call"])
+    caller = line.make(stack, [say("hours")], seed=1, on_script_end="wait", timeout=30)
+    result = await caller.run()
+    record = await record_of(stack, result, call_over)
+
+    assert result.protocol_errors == [] and result.ended_by == "server", result.timeline
+    assert audio.heard_share(result.heard_pcm(), "goodbye") >= 0.9  # heard, then hung up
+    assert result.marks_echoed[-1].t <= result.ended
+    assert record.end_reason == "agent_hangup"
+    assert event(record, "hangup")["goodbye_heard"] is True
+    # the carrier was told (after the stream closed: the REST call outlives the bridge)
+    await eventually(lambda: _true(result.carrier_action == "hangup"))
+    assert line.rest(stack, result.call_sid) == [("hangup", 204 if line.name == "plivo" else 200)]
+
+
+@pytest.mark.timeout(60)
+async def test_transfer_call_moves_the_caller_over_rest(
+    line: Line, make_stack: Any, call_over: Any, audio: Any
+) -> None:
+    stack = await make_stack(line, tool("transfer_call", target="manager"), ["transfer_call"])
+    caller = line.make(stack, [say("hours")], seed=2, on_script_end="wait", timeout=30)
+    result = await caller.run()
+    record = await record_of(stack, result, call_over)
+
+    assert result.protocol_errors == [] and result.ended_by == "server", result.timeline
+    assert audio.heard_share(result.heard_pcm(), "one_moment") >= 0.9
+    assert record.end_reason == "transferred"
+    transfer = event(record, "transfer")
+    assert (transfer["number"], transfer["ok"], transfer["line_heard"]) == (MANAGER, True, True)
+    await eventually(lambda: _true(result.transferred_to is not None))
+    assert (result.carrier_action, result.transferred_to) == ("transfer", line.dialled)
+    assert line.rest(stack, result.call_sid) == [("transfer", 202 if line.name == "plivo" else 200)]
+
+
+@pytest.mark.timeout(90)
+async def test_a_rest_failure_is_told_to_the_model_and_the_call_goes_on(
+    line: Line, make_stack: Any, call_over: Any
+) -> None:
+    stack = await make_stack(line, tool("transfer_call", target="manager"), ["transfer_call"])
+    stack.fakes[line.name].fail_status = 500
+    script = [
+        say("hours"),
+        WaitForAgentSilence(silence_ms=1500, timeout=20),  # the line, the failure, the reply
+        say("yes"),
+        WaitForAgentSilence(silence_ms=500, timeout=15),
+        HangUp(),
+    ]
+    result = await line.make(stack, script, seed=3, timeout=60).run()
+    record = await record_of(stack, result, call_over)
+
+    assert result.ended_by == "caller" and result.carrier_action is None, result.timeline
+    assert result.script_errors == [], result.script_errors
+    [session] = stack.gemini.sessions
+    [response] = [r.response for r in session.tool_responses if r.name == "transfer_call"]
+    assert "failed" in response["error"], response
+    assert len(session.input_transcripts) == 2  # the caller went on talking to the agent
+    assert record.end_reason in ("caller_stop", "caller_closed")
+    assert event(record, "transfer")["ok"] is False
+    assert {status for _, status in line.rest(stack, result.call_sid)} == {500}
+
+
+@pytest.mark.timeout(60)
+async def test_credentials_the_carrier_refuses_change_nothing(
+    line: Line, make_stack: Any, call_over: Any
+) -> None:
+    """The fakes check credentials strictly: with a forged key or account, every request is
+    refused, so the accepted ones in the other tests prove livecall signs in properly."""
+    stack = await make_stack(line, tool("end_call", reason="done"), ["end_call"], **line.forged)
+    caller = line.make(stack, [say("hours")], seed=4, on_script_end="wait", timeout=30)
+    result = await caller.run()
+    record = await record_of(stack, result, call_over)
+
+    assert record.end_reason == "agent_hangup"  # the stream still closed: the caller is gone
+    requests = await eventually(lambda: _value(line.rest(stack, result.call_sid)))
+    assert requests == [("hangup", 401)]
+    assert result.carrier_action is None
+
+
+async def test_plivo_transfer_document_is_signed_and_single_use(
+    make_stack: Any, call_over: Any
+) -> None:
+    plivo = next(line for line in LINES if line.name == "plivo")
+    stack = await make_stack(plivo, tool("transfer_call", target="manager"), ["transfer_call"])
+    caller = plivo.make(stack, [say("hours")], seed=5, on_script_end="wait", timeout=30)
+    result = await caller.run()
+    await call_over(stack)
+    fake = stack.fakes["plivo"]
+    await fake.drain()
+
+    [fetch] = fake.fetches
+    assert fetch.status_code == 200 and fetch.url.startswith(stack.base_url + "/plivo/transfer/")
+    assert f"<Number>{plivo.dialled}</Number>" in (fetch.xml or "")
+    assert result.transferred_to == plivo.dialled
+    call = fake.calls[result.call_sid]
+    again = await fake.fetch_document(call, fetch.url)
+    assert again.status_code == 404  # used once: gone
+    unknown = await fake.fetch_document(call, f"{stack.base_url}/plivo/transfer/{'A' * 43}")
+    unsigned = await fake.fetch_document(call, fetch.url, signed=False)
+    assert (unknown.status_code, unsigned.status_code) == (404, 403)  # signed, or nothing
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _value(value: Any) -> Any:
+    return value
