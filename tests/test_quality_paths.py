@@ -25,8 +25,6 @@ from livecall.bench.g711_ref import (
 from livecall.bench.quality import TARGET_DELTA, ClipScore, score_call, score_path
 from livecall.bench.wire_paths import PATHS, WirePath
 
-pytest.importorskip("pesq")
-
 SAID = ("book", "yes")  # on an 8 kHz caller wire
 SAID_WIDEBAND = ("greeting", "sorry")  # 24 kHz sources on a 16/24 kHz caller wire
 REPLIES = ("hours_reply", "goodbye")
