@@ -13,6 +13,7 @@ played (`CallBridge._estimated_echo`), and the heard part of an interrupted turn
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -25,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from livecall.carriers.base import Capabilities, CarrierEvent, CarrierStream, Frame
 from livecall.carriers.telnyx import TelnyxCarrier, busy_texml
@@ -43,6 +45,7 @@ from livecall.sim.twilio import (
     WaitForAgentAudio,
     WaitForAgentSilence,
 )
+from livecall.store.cli import calls_app
 
 SEED, PUBLIC = generate_keypair()
 FAST = {"vad_silence_duration_ms": 300}
@@ -307,6 +310,14 @@ async def test_barge_in_without_marks_clears_and_the_transcript_says_estimated(
     page = await dashboard_page(stack, result.call_sid)
     assert page.count("heard: estimated") == 1
     assert "s of the reply (estimated)" in page
+    shown = await asyncio.to_thread(  # `livecall calls show` runs its own event loop
+        CliRunner().invoke,
+        calls_app,
+        ["show", result.call_sid, "--database-url", stack.settings.database_url.get_secret_value()],
+        env={"COLUMNS": "200", "NO_COLOR": "1"},
+    )
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count("(interrupted)  (heard: estimated)") == 1, shown.output
 
 
 @pytest.mark.timeout(60)
