@@ -1,6 +1,7 @@
-"""Quality benchmark: PESQ through the bridge vs an ideal conversion (see livecall.bench.quality).
+"""Quality benchmark: PESQ through each carrier adapter vs an ideal (see livecall.bench.quality).
 
-python bench/quality.py [--pacing unpaced|paced|both]
+python bench/quality.py [--carriers twilio,telnyx,plivo,vonage,exotel] [--adapters-only]
+                        [--pacing unpaced|paced|both] [--clips]
 """
 
 from livecall.bench.quality import main

@@ -323,11 +323,20 @@ def bench_load(
 
 
 @bench_app.command("quality")
-def bench_quality() -> None:
-    """PESQ of what the model hears and what the caller hears, through the bridge."""
+def bench_quality(
+    carriers: Annotated[
+        str, typer.Option(help="comma-separated: twilio,telnyx,plivo,vonage,exotel")
+    ] = "twilio,telnyx,plivo,vonage,exotel",
+    adapters_only: Annotated[
+        bool, typer.Option(help="adapter paths only, no real calls (fast)")
+    ] = False,
+    clips: Annotated[bool, typer.Option(help="also print one row per clip")] = False,
+) -> None:
+    """PESQ of what the model hears and what the caller hears, through each carrier adapter."""
     from livecall.bench.quality import run_quality_benchmark
 
-    run_quality_benchmark()
+    chosen = tuple(c.strip() for c in carriers.split(",") if c.strip())
+    run_quality_benchmark(carriers=chosen, calls=not adapters_only, clips=clips)
 
 
 def main() -> None:

@@ -47,6 +47,9 @@ class TurnRecord:
     end_ms: int | None = None
     interrupted: bool = False
     heard_text: str | None = None
+    # `heard_text` cut where livecall's pacing model says playout was, not where the carrier
+    # confirmed it (a carrier without marks): shown as "estimated"
+    heard_estimated: bool = False
     # agent turns: end of the caller's speech -> first agent audio sent to the caller
     first_audio_latency_ms: float | None = None
     # agent turns cut short: the model's `interrupted` -> `clear` sent to the carrier

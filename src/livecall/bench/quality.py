@@ -1,31 +1,45 @@
-"""Quality benchmark: does the bridge's audio path cost anything beyond the phone codec itself?
+"""Quality benchmark: does livecall's audio path cost anything beyond the phone codec itself?
 
-Real calls through the real bridge (in-process `LocalStack`: fake Gemini in assistant mode +
-simulated Twilio caller). The caller says the library clips; the fake model answers each with a
-scripted agent clip. For both directions the audio that arrived is compared, with PESQ, against
-a whole-signal conversion of what was said, done once over the whole clip with soxr VHQ:
+For every carrier adapter and every codec it carries, both directions are compared, with PESQ,
+against a whole-signal conversion of what was said, done once over the whole clip with soxr VHQ:
 
-* caller -> model (PESQ-WB, 16 kHz): *reference* = the caller's clean 8 kHz clip, VHQ 8k->16k;
-  *ideal* = the caller's μ-law clip (what went on the line) decoded, VHQ 8k->16k;
-  *measured* = what the fake model received (`SessionRecord.received_audio`).
-* model -> caller (PESQ-NB, 8 kHz): *reference* = the agent's 24 kHz clip, VHQ 24k->8k;
-  *ideal* = the reference through μ-law and back (all a perfect bridge may cost);
-  *measured* = what the simulated caller heard (its playout timeline).
+* caller -> model (PESQ-WB, 16 kHz): *reference* = the caller's clean clip, VHQ to 16 kHz;
+  *ideal* = the clip as the carrier carries it (VHQ to the wire's rate, through its codec:
+  μ-law, A-law or L16) decoded and VHQ to 16 kHz; *measured* = what the model received.
+* model -> caller (PESQ-NB at 8 kHz, or PESQ-WB at 16 kHz for an L16 16/24 kHz playback):
+  *reference* = the agent's 24 kHz clip, VHQ to the scoring rate; *ideal* = the clip VHQ to the
+  playback rate, through the codec and back (all a perfect bridge may cost); *measured* = what
+  the carrier plays.
+
+Two routes:
+
+* **call**: real calls through the real server, for the carriers with routes (Twilio, Telnyx,
+  Plivo: μ-law 8 kHz, what their answers ask for), each rung from its simulated edge
+  (`livecall.sim`): fake Gemini in assistant mode, the caller says the library clips, the fake
+  model answers each with a scripted agent clip. *measured* = what the fake model received and
+  what the simulated caller heard (its real-time playout timeline).
+* **adapter**: every adapter and codec, sans I/O (`livecall.bench.wire_paths`): the carrier's
+  own wire frames through the adapter's real `receive` and the core's real transcoders, and
+  back through the real transcoder and the adapter's real `play`, decoded as the carrier would.
+  Vonage and Exotel (no routes yet) and the codecs the routes do not ask for (Telnyx A-law and
+  L16 16k in, Plivo L16, Vonage L16 8/16/24k, Exotel L16 8k) are measured this way.
 
 `ideal` and `measured` are found in the received streams by cross-correlation. The target:
-PESQ(reference, measured) within 0.1 of PESQ(reference, ideal), i.e. the bridge's streaming
-resamplers cost no more than 0.1 on top of the μ-law line. PESQ(ideal, measured) is shown too.
+PESQ(reference, measured) within 0.1 of PESQ(reference, ideal), i.e. livecall's streaming
+resamplers and framing cost no more than 0.1 on top of the carrier's codec. An 8 kHz caller
+clip is narrowband: on a 16/24 kHz caller wire the agent's 24 kHz clips are said instead, so the
+band above 4 kHz is exercised too.
 
-μ-law here is our own G.711 (Sun `g711.c` rules), not livecall's, so a bug in the product's
-codec tables cannot cancel out. The caller sends exactly these μ-law bytes.
+G.711 here is our own (`livecall.bench.g711_ref`, Sun `g711.c` rules), not livecall's, so a
+bug in the product's codec tables cannot cancel out.
 
-Agent audio comes unpaced (all of a reply at once: the codec path alone) and paced the way the
-fake's default scenario sends it (1.3x real time in bursts with hiccups, as the service does);
-a hiccup that outlasts the caller's queued audio is a gap the caller hears, which shows up in
-the paced rows and is the model's doing, not the codec's.
+Real-call agent audio comes unpaced (all of a reply at once: the codec path alone) and, for
+Twilio, paced the way the fake's default scenario sends it (1.3x real time in bursts with
+hiccups, as the service does); a hiccup that outlasts the caller's queued audio is a gap the
+caller hears, which shows up in the paced rows and is the model's doing, not the codec's.
 
-Run: ``python bench/quality.py`` or ``python -m livecall.bench.quality``. Writes
-``bench/out/quality.json``. Needs `pesq` (dev / bench extra).
+Run: ``livecall bench quality [--carriers twilio,telnyx,…]`` or ``python bench/quality.py``.
+Writes ``bench/out/quality.json``. Needs `pesq` (dev / bench extra).
 """
 
 from __future__ import annotations
@@ -35,29 +49,51 @@ import asyncio
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import soxr
 from scipy import signal
 
+from livecall.bench.g711_ref import (
+    alaw_decode_ref,
+    alaw_encode_ref,
+    ulaw_decode_ref,
+    ulaw_encode_ref,
+)
+
+if TYPE_CHECKING:
+    from livecall.bench.wire_paths import PathRun, WirePath
+    from livecall.sim.stack import LocalStack
+
 __all__ = [
+    "CALL_CARRIERS",
+    "CARRIERS",
     "DEFAULT_SEQUENCES",
     "TARGET_DELTA",
     "ClipScore",
+    "alaw_decode_ref",
+    "alaw_encode_ref",
     "print_quality_table",
     "run_quality_benchmark",
     "run_quality_benchmark_async",
+    "score_call",
+    "score_path",
     "ulaw_decode_ref",
     "ulaw_encode_ref",
 ]
 
 TARGET_DELTA = 0.1
+CARRIERS = ("twilio", "telnyx", "plivo", "vonage", "exotel")
+CALL_CARRIERS = ("twilio", "telnyx", "plivo")  # the carriers with routes: real calls too
 CALLER_CLIPS_SAID = ("book", "time", "hours", "yes")
+WIDEBAND_CALLER_CLIPS = ("greeting", "sorry", "one_moment", "apology")  # 24 kHz sources
+AGENT_CLIPS = ("book_reply", "time_reply", "hours_reply", "goodbye",
+               "greeting", "sorry", "one_moment", "apology")  # fmt: skip
 DEFAULT_SEQUENCES: tuple[tuple[str, ...], ...] = (
     ("book_reply", "time_reply", "hours_reply", "goodbye"),
     ("greeting", "sorry", "one_moment", "apology"),
@@ -65,26 +101,6 @@ DEFAULT_SEQUENCES: tuple[tuple[str, ...], ...] = (
 """Agent replies to the four caller clips, one call each: all eight agent clips are heard."""
 
 Float = npt.NDArray[np.float64]
-
-
-# --------------------------------------------------------------------------- reference G.711
-
-
-def ulaw_encode_ref(pcm: npt.ArrayLike) -> npt.NDArray[np.uint8]:
-    """int16 -> G.711 μ-law, Sun `g711.c` `linear2ulaw` (14-bit magnitude, bias 33, clip 8159)."""
-    x = np.asarray(pcm, dtype=np.int32) >> 2
-    negative = x < 0
-    mag = np.minimum(np.where(negative, -x, x), 8159) + 33
-    seg = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 5, 0, 8)
-    code = np.where(seg > 7, 0x7F, (seg << 4) | ((mag >> (seg + 1)) & 0x0F))  # 8: past the top
-    return np.where(negative, code ^ 0x7F, code ^ 0xFF).astype(np.uint8)
-
-
-def ulaw_decode_ref(codes: npt.ArrayLike) -> npt.NDArray[np.int16]:
-    """G.711 μ-law -> int16, Sun `g711.c` `ulaw2linear`."""
-    u = ~np.asarray(codes, dtype=np.int32) & 0xFF
-    t = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
-    return np.where(u & 0x80, 0x84 - t, t - 0x84).astype(np.int16)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -95,7 +111,7 @@ class ClipScore:
     """One clip in one direction: the three PESQ numbers and where it was found."""
 
     direction: str  # "caller->model" | "model->caller"
-    pacing: str  # "unpaced" | "paced"
+    pacing: str  # "unpaced" | "paced" (real calls) | "adapter" (sans I/O)
     clip: str
     ref_vs_ideal: float | None
     ref_vs_measured: float | None
@@ -105,6 +121,10 @@ class ClipScore:
     offset_s: float  # where it was found in the stream
     gaps_ms: float  # silence inserted inside the clip (its end is found this much late)
     note: str = ""
+    carrier: str = "twilio"
+    codec: str = "mulaw 8k"
+    route: str = "call"  # "call": through the real server | "adapter": sans I/O
+    rate: int = 8000  # PESQ at 8 kHz (NB) or 16 kHz (WB)
 
     @property
     def ok(self) -> bool:
@@ -150,16 +170,27 @@ def _gaps_ms(stream: Float, ideal: Float, rate: int) -> float:
 
 
 def _score(
-    direction: str, pacing: str, clip: str, rate: int, ref: Float, ideal: Float, stream: Float
+    direction: str,
+    pacing: str,
+    clip: str,
+    rate: int,
+    ref: Float,
+    ideal: Float,
+    stream: Float,
+    *,
+    gaps: bool = True,
+    **where: Any,
 ) -> ClipScore:
+    """`gaps`: look for playout holes inside the clip (a real call's; an adapter path has no
+    clock, and clips that share words can fool the search)."""
     lag, match = _find(stream, ideal)
     measured = _segment(stream, lag, len(ideal))
     a = _pesq(rate, ref, ideal)
     b = _pesq(rate, ref, measured)
-    gaps = _gaps_ms(stream, ideal, rate)
+    gaps_ms = _gaps_ms(stream, ideal, rate) if gaps else 0.0
     note = ""
-    if abs(gaps) >= 5.0:
-        note = f"{gaps:g} ms of gaps inside the clip"
+    if abs(gaps_ms) >= 5.0:
+        note = f"{gaps_ms:g} ms of gaps inside the clip"
     elif match < 0.9:
         note = f"weak match ({match:.2f})"
     return ClipScore(
@@ -172,8 +203,10 @@ def _score(
         ideal_vs_measured=_pesq(rate, ideal, measured),
         match=round(match, 4),
         offset_s=round(lag / rate, 3),
-        gaps_ms=gaps,
+        gaps_ms=gaps_ms,
         note=note,
+        rate=rate,
+        **where,
     )
 
 
@@ -185,13 +218,46 @@ def _vhq(x: Float, rate_in: int, rate_out: int) -> Float:
     return _f(soxr.resample(x, rate_in, rate_out, quality="VHQ"))
 
 
-# --------------------------------------------------------------------------- calls
+def _vhq_if(x: Float, rate_in: int, rate_out: int) -> Float:
+    return x if rate_in == rate_out else _vhq(x, rate_in, rate_out)
 
 
-async def _one_call(
-    replies: Sequence[str], pacing: str, work: Path, seed: int
+# --------------------------------------------------------------------------- real calls
+
+_PLIVO_TOKEN = "quality-bench-plivo-auth-token-0123"
+
+
+def _edge(carrier: str) -> tuple[dict[str, Any], Callable[[LocalStack, list[Any]], Any]]:
+    """The settings that open a carrier's route, and how its simulated edge rings it."""
+    if carrier == "twilio":
+        return {}, lambda stack, script: stack.caller(script, timeout=240.0)
+    if carrier == "telnyx":
+        from livecall.sim.telnyx import TelnyxSimulatedCaller, generate_keypair
+
+        seed, public = generate_keypair()
+        return {"telnyx_public_key": public}, lambda stack, script: TelnyxSimulatedCaller(
+            stack.base_url, private_key=seed, webhook_path="/telnyx/texml", script=script,
+            timeout=240.0,
+        )  # fmt: skip
+    if carrier == "plivo":
+        from livecall.sim.plivo import PlivoSimulatedCaller
+
+        return {"plivo_auth_token": _PLIVO_TOKEN}, lambda stack, script: PlivoSimulatedCaller(
+            stack.base_url, auth_token=_PLIVO_TOKEN, script=script, timeout=240.0
+        )
+    raise ValueError(f"{carrier} has no route to call through (adapter paths only)")
+
+
+async def score_call(
+    replies: Sequence[str],
+    pacing: str,
+    work: Path,
+    seed: int,
+    carrier: str = "twilio",
+    said_clips: Sequence[str] = CALLER_CLIPS_SAID,
 ) -> tuple[list[ClipScore], dict[str, Any]]:
-    """One call: say the four caller clips, each answered by the next agent clip."""
+    """One call from `carrier`'s edge: say the caller clips, each answered by the next agent
+    clip; score what the model received and what the caller heard."""
     from livecall.sim.clips import load_clip
     from livecall.sim.gemini import Scenario
     from livecall.sim.stack import LocalStack
@@ -203,36 +269,42 @@ async def _one_call(
         rate=None if pacing == "unpaced" else 1.3,
         seed=seed,
     )
-    said = {name: ulaw_encode_ref(load_clip(name)[0]) for name in CALLER_CLIPS_SAID}
+    said = {name: ulaw_encode_ref(load_clip(name)[0]) for name in said_clips}
     script: list[Any] = [Pause(500)]
-    for name in CALLER_CLIPS_SAID:
+    for name in said_clips:
         script += [
             Say(said[name].tobytes(), rate=8000, label=name),
             WaitForAgentSilence(silence_ms=1200, timeout=40.0),
             Pause(400),
         ]
-    overrides = {"recording_enabled": False, "spool_dir": work / "spool",
-                 "recordings_dir": work / "recordings",
-                 "database_url": f"sqlite+aiosqlite:///{work / 'calls.db'}"}  # fmt: skip
+    settings, ring = _edge(carrier)
+    overrides = {
+        "recording_enabled": False,
+        "spool_dir": work / "spool",
+        "recordings_dir": work / "recordings",
+        "database_url": f"sqlite+aiosqlite:///{work / 'calls.db'}",
+        **settings,
+    }
     async with LocalStack(scenario=scenario, settings_overrides=overrides) as stack:
-        result = await stack.caller(script, timeout=240.0).run()
+        result = await ring(stack, script).run()
         assert stack.gemini is not None
         await stack.gemini.wait_for(lambda: all(s.closed for s in stack.gemini.sessions), 10.0)  # type: ignore[union-attr]
         sessions = list(stack.gemini.sessions)
     received = _f(np.frombuffer(b"".join(bytes(s.received_audio) for s in sessions), "<i2"))
     heard = _f(ulaw_decode_ref(np.frombuffer(result.heard, dtype=np.uint8)))
+    where = {"carrier": carrier, "codec": "mulaw 8k", "route": "call"}
     scores = []
-    for name in CALLER_CLIPS_SAID:
+    for name in said_clips:
         clean, rate = load_clip(name)
         ref = _vhq(_f(clean), rate, 16000)
         ideal = _vhq(_f(ulaw_decode_ref(said[name])), rate, 16000)
-        scores.append(_score("caller->model", pacing, name, 16000, ref, ideal, received))
+        scores.append(_score("caller->model", pacing, name, 16000, ref, ideal, received, **where))
     turns = [t for s in sessions for t in s.turns]
     for name in replies:
         clean, rate = load_clip(name)
         ref = _vhq(_f(clean), rate, 8000)
         ideal = _f(ulaw_decode_ref(ulaw_encode_ref(np.clip(np.round(ref), -32768, 32767))))
-        score = _score("model->caller", pacing, name, 8000, ref, ideal, heard)
+        score = _score("model->caller", pacing, name, 8000, ref, ideal, heard, **where)
         turn = next((t for t in turns if t.reply_clip == name), None)
         if turn is None:
             score.note = "the model never sent it"
@@ -240,31 +312,116 @@ async def _one_call(
             score.note = "; ".join(x for x in ("reply was interrupted", score.note) if x)
         scores.append(score)
     info = {
+        "route": "call",
+        "carrier": carrier,
         "pacing": pacing,
         "replies": list(replies),
         "sessions": len(sessions),
         "model_turns": [(t.reply_clip, t.interrupted) for t in turns],
         "caller_script_errors": result.script_errors,
         "caller_protocol_errors": result.protocol_errors[:5],
+        "marks_echoed": len(result.marks_echoed),
         "heard_s": round(len(heard) / 8000, 2),
         "received_s": round(len(received) / 16000, 2),
     }
     return scores, info
 
 
+# --------------------------------------------------------------------------- adapter paths
+
+
+def score_path(
+    path: WirePath,
+    seed: int = 0,
+    *,
+    said: Sequence[str] | None = None,
+    replies: Sequence[str] = AGENT_CLIPS,
+) -> tuple[list[ClipScore], PathRun]:
+    """One adapter path (`wire_paths.run_path`) scored in both directions: by default the four
+    caller clips (the four 24 kHz ones on a 16/24 kHz caller wire) and all eight agent clips."""
+    from livecall.bench.wire_paths import decode_wire, encode_wire, run_path
+    from livecall.sim.clips import load_clip
+
+    wire = path.inbound
+    if said is None:
+        said = CALLER_CLIPS_SAID if wire.sample_rate == 8000 else WIDEBAND_CALLER_CLIPS
+    said_rate = load_clip(said[0])[1]
+    run = run_path(
+        path, [load_clip(n)[0] for n in said], said_rate, [load_clip(n)[0] for n in replies],
+        seed=seed,
+    )  # fmt: skip
+    where = {"carrier": path.carrier, "codec": path.codec, "route": "adapter"}
+    received = _f(run.model_received)
+    scores = []
+    for name in said:
+        clean, rate = load_clip(name)
+        ref = _vhq(_f(clean), rate, 16000)
+        on_wire = _vhq_if(_f(clean), rate, wire.sample_rate)
+        ideal = _vhq_if(_f(decode_wire(encode_wire(on_wire, wire), wire)), wire.sample_rate, 16000)
+        scores.append(
+            _score(
+                "caller->model", "adapter", name, 16000, ref, ideal, received, gaps=False, **where
+            )
+        )
+    out = run.playback
+    score_rate = 8000 if out.sample_rate == 8000 else 16000
+    played = _vhq_if(_f(run.played), out.sample_rate, score_rate)
+    for name in replies:
+        clean, rate = load_clip(name)
+        ref = _vhq(_f(clean), rate, score_rate)
+        coded = decode_wire(encode_wire(_vhq_if(_f(clean), rate, out.sample_rate), out), out)
+        ideal = _vhq_if(_f(coded), out.sample_rate, score_rate)
+        scores.append(
+            _score(
+                "model->caller",
+                "adapter",
+                name,
+                score_rate,
+                ref,
+                ideal,
+                played,
+                gaps=False,
+                **where,
+            )
+        )
+    return scores, run
+
+
+# --------------------------------------------------------------------------- the run
+
+
 async def run_quality_benchmark_async(
     pacings: Sequence[str] = ("unpaced", "paced"),
     sequences: Sequence[Sequence[str]] = DEFAULT_SEQUENCES,
+    carriers: Sequence[str] = CARRIERS,
+    *,
+    calls: bool = True,
 ) -> dict[str, Any]:
-    """One call after the other: stacks started side by side in one process share Alembic's
-    global migration context (their store falls over), and a stalled loop would show up as
-    playout gaps that are not the codec's."""
-    done = []
+    """Adapter paths first (sans I/O, fast), then real calls one after the other: stacks
+    started side by side in one process share Alembic's global migration context (their store
+    falls over), and a stalled loop would show up as playout gaps that are not the codec's.
+    Carriers other than Twilio are called unpaced only (pacing is the model's, not theirs)."""
+    from livecall.bench.wire_paths import PATHS
+
+    unknown = set(carriers) - set(CARRIERS)
+    if unknown:
+        raise ValueError(f"unknown carrier(s) {sorted(unknown)}; one of {CARRIERS}")
+    done: list[tuple[list[ClipScore], dict[str, Any]]] = []
+    for i, path in enumerate(p for p in PATHS if p.carrier in carriers):
+        scores, run = score_path(path, seed=i)
+        done.append((scores, {
+            "route": "adapter", "carrier": path.carrier, "codec": path.codec,
+            "adapter": run.stream_type, "started_format": str(run.started.media_format),
+            "playback_format": str(run.playback), "frames_in": run.frames_in,
+            "frames_out": run.frames_out, "marks": run.marks, "frames_sent": run.kinds,
+            "note": path.note,
+        }))  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="livecall-quality-") as tmp:
-        for pacing in pacings:
-            for i, seq in enumerate(sequences):
-                work = Path(tempfile.mkdtemp(prefix=f"{pacing}-{i}-", dir=tmp))
-                done.append(await _one_call(seq, pacing, work, seed=i))
+        for carrier in (c for c in CALL_CARRIERS if calls and c in carriers):
+            for pacing in pacings if carrier == "twilio" else ("unpaced",):
+                for i, seq in enumerate(sequences):
+                    work = Path(tempfile.mkdtemp(prefix=f"{carrier}-{pacing}-{i}-", dir=tmp))
+                    done.append(await score_call(seq, pacing, work, seed=i, carrier=carrier))
     scores = [s for batch, _ in done for s in batch]
     from livecall.audio import g711
 
@@ -273,99 +430,128 @@ async def run_quality_benchmark_async(
     same_codec = bool(
         np.array_equal(g711.ulaw_encode(all_int16), ulaw_encode_ref(all_int16))
         and np.array_equal(g711.ulaw_decode(codes.tobytes()), ulaw_decode_ref(codes))
+        and np.array_equal(g711.alaw_encode(all_int16), alaw_encode_ref(all_int16))
+        and np.array_equal(g711.alaw_decode(codes.tobytes()), alaw_decode_ref(codes))
     )
     return {
         "benchmark": "quality",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "target_delta": TARGET_DELTA,
-        "livecall_ulaw_matches_reference_g711": same_codec,
-        "calls": [info for _, info in done],
+        "livecall_g711_matches_reference_g711": same_codec,
+        "runs": [info for _, info in done],
         "scores": [{**asdict(s), "ok": s.ok} for s in scores],
         "summary": _summary(scores),
     }
 
 
 def _summary(scores: list[ClipScore]) -> dict[str, Any]:
+    """Per carrier, codec, route/pacing and direction: mean and worst Δ."""
     out: dict[str, Any] = {}
-    for direction in ("caller->model", "model->caller"):
-        for pacing in sorted({s.pacing for s in scores}):
-            group = [s for s in scores if s.direction == direction and s.pacing == pacing]
-            deltas = [s.delta for s in group if s.delta is not None]
-            clean = [s for s in group if abs(s.gaps_ms) < 5.0 and "interrupted" not in s.note]
-            clean_deltas = [s.delta for s in clean if s.delta is not None]
-            out[f"{direction} {pacing}"] = {
-                "clips": len(group),
-                "mean_delta": round(float(np.mean(deltas)), 3) if deltas else None,
-                "worst_delta": round(max(deltas), 3) if deltas else None,
-                "all_ok": bool(group) and all(s.ok for s in group),
-                "clips_with_gaps": len(group) - len(clean),
-                "gaps_ms_total": round(sum(max(0.0, s.gaps_ms) for s in group), 1),
-                "worst_delta_without_gaps": round(max(clean_deltas), 3) if clean_deltas else None,
-            }
+    groups: dict[tuple[str, str, str, str], list[ClipScore]] = {}
+    for s in scores:
+        groups.setdefault((s.carrier, s.codec, s.pacing, s.direction), []).append(s)
+    for (carrier, codec, pacing, direction), group in groups.items():
+        deltas = [s.delta for s in group if s.delta is not None]
+        clean = [s for s in group if abs(s.gaps_ms) < 5.0 and "interrupted" not in s.note]
+        clean_deltas = [s.delta for s in clean if s.delta is not None]
+        out[f"{carrier} | {codec} | {pacing} | {direction}"] = {
+            "carrier": carrier,
+            "codec": codec,
+            "pacing": pacing,
+            "direction": direction,
+            "pesq": "WB" if group[0].rate == 16000 else "NB",
+            "clips": len(group),
+            "mean_ref_vs_ideal": round(float(np.mean([s.ref_vs_ideal or 0 for s in group])), 3),
+            "mean_delta": round(float(np.mean(deltas)), 3) if deltas else None,
+            "worst_delta": round(max(deltas), 3) if deltas else None,
+            "all_ok": bool(group) and all(s.ok for s in group),
+            "clips_with_gaps": len(group) - len(clean),
+            "gaps_ms_total": round(sum(max(0.0, s.gaps_ms) for s in group), 1),
+            "worst_delta_without_gaps": round(max(clean_deltas), 3) if clean_deltas else None,
+        }
     return out
 
 
 def run_quality_benchmark(
     pacings: Sequence[str] = ("unpaced", "paced"),
     *,
+    carriers: Sequence[str] = CARRIERS,
+    calls: bool = True,
     out_dir: Path | str = Path("bench/out"),
     quiet: bool = False,
+    clips: bool = False,
 ) -> dict[str, Any]:
-    """Run the calls, print the table, write quality.json; returns what it holds."""
+    """Run the paths and calls, print the tables, write quality.json; returns what it holds."""
     from livecall.log import configure_logging
 
     configure_logging("warning")  # the calls' info lines would bury the table
-    report = asyncio.run(run_quality_benchmark_async(pacings))
+    report = asyncio.run(run_quality_benchmark_async(pacings, carriers=carriers, calls=calls))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     if not quiet:
-        print_quality_table(report)
+        print_quality_table(report, clips=clips)
     return report
 
 
-def print_quality_table(report: dict[str, Any]) -> None:
+def print_quality_table(report: dict[str, Any], *, clips: bool = False) -> None:
+    """One row per carrier/codec/route/direction (and, with `clips`, one per clip)."""
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(
-        title="PESQ through the bridge vs a whole-signal ideal (soxr VHQ one-shot + μ-law); "
-        f"target Δ ≤ {report['target_delta']}"
-    )
-    for c in ("direction", "pacing", "clip", "ref→ideal", "ref→measured", "Δ",
-              "ideal→measured", "match", "gaps ms", "ok", "note"):  # fmt: skip
-        t.add_column(c, justify="left" if c in ("direction", "pacing", "clip", "note") else "right")
-    for s in report["scores"]:
-        t.add_row(
-            s["direction"] + (" WB" if s["direction"] == "caller->model" else " NB"),
-            s["pacing"], s["clip"], str(s["ref_vs_ideal"]), str(s["ref_vs_measured"]),
-            str(s["delta"]), str(s["ideal_vs_measured"]), f"{s['match']:.3f}", f"{s['gaps_ms']:g}",
-            "yes" if s["ok"] else "NO", s["note"],
-        )  # fmt: skip
     console = Console(width=max(150, Console().width))
-    console.print(t)
-    for key, v in report["summary"].items():
-        line = (
-            f"  {key}: {v['clips']} clips, mean Δ {v['mean_delta']}, worst Δ {v['worst_delta']}"
-            f" -> {'OK' if v['all_ok'] else 'MISS'}"
-        )
+    if clips:
+        t = Table(title="PESQ per clip")
+        for c in ("carrier", "codec", "route", "direction", "clip", "ref→ideal", "ref→measured",
+                  "Δ", "ideal→measured", "match", "gaps ms", "ok", "note"):  # fmt: skip
+            t.add_column(c, justify="right" if c[0] in "rΔigmo" and c != "route" else "left")
+        for s in report["scores"]:
+            t.add_row(
+                s["carrier"], s["codec"], s["pacing"],
+                s["direction"] + (" WB" if s["rate"] == 16000 else " NB"), s["clip"],
+                str(s["ref_vs_ideal"]), str(s["ref_vs_measured"]), str(s["delta"]),
+                str(s["ideal_vs_measured"]), f"{s['match']:.3f}", f"{s['gaps_ms']:g}",
+                "yes" if s["ok"] else "NO", s["note"],
+            )  # fmt: skip
+        console.print(t)
+    t = Table(
+        title="PESQ through each carrier adapter vs a whole-signal ideal (soxr VHQ one-shot + the "
+        f"carrier's codec); target Δ ≤ {report['target_delta']}"
+    )
+    for c in ("carrier", "codec", "route", "direction", "PESQ", "clips", "ref→ideal", "Δ mean",
+              "Δ worst", "ok", "note"):  # fmt: skip
+        t.add_column(c, justify="left" if c in ("carrier", "codec", "route", "direction", "note",
+                                                 "PESQ") else "right")  # fmt: skip
+    for v in report["summary"].values():
+        note = ""
         if v["clips_with_gaps"]:
-            line += (
-                f" ({v['clips_with_gaps']} clip(s) with playout gaps, {v['gaps_ms_total']:g} ms"
-                f" in all; worst Δ of the others {v['worst_delta_without_gaps']})"
+            note = (
+                f"{v['clips_with_gaps']} clip(s) with playout gaps ({v['gaps_ms_total']:g} ms); "
+                f"worst Δ of the others {v['worst_delta_without_gaps']}"
             )
-        console.print(line)
-    if not report["livecall_ulaw_matches_reference_g711"]:
-        console.print("  note: livecall's μ-law tables differ from the reference G.711 here")
+        t.add_row(
+            v["carrier"], v["codec"], v["pacing"], v["direction"], v["pesq"], str(v["clips"]),
+            f"{v['mean_ref_vs_ideal']:.2f}", str(v["mean_delta"]), str(v["worst_delta"]),
+            "yes" if v["all_ok"] else "NO", note,
+        )  # fmt: skip
+    console.print(t)
+    if not report["livecall_g711_matches_reference_g711"]:
+        console.print("  note: livecall's G.711 tables differ from the reference G.711 here")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/quality.py", description=__doc__.split("\n")[0])
     p.add_argument("--pacing", choices=("unpaced", "paced", "both"), default="both")
+    p.add_argument("--carriers", default=",".join(CARRIERS), help="comma-separated")
+    p.add_argument("--adapters-only", action="store_true", help="no real calls (fast)")
+    p.add_argument("--clips", action="store_true", help="also print one row per clip")
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     a = p.parse_args(argv)
     pacings = ("unpaced", "paced") if a.pacing == "both" else (a.pacing,)
-    report = run_quality_benchmark(pacings, out_dir=a.out)
+    carriers = tuple(c.strip() for c in a.carriers.split(",") if c.strip())
+    report = run_quality_benchmark(
+        pacings, carriers=carriers, calls=not a.adapters_only, out_dir=a.out, clips=a.clips
+    )
     return 0 if report["scores"] else 1
 
 

@@ -1061,7 +1061,10 @@ class CallBridge:
     async def _barge_in(self) -> None:
         """The caller spoke over the agent: silence it at the carrier before anything else.
 
-        Without `clear` nothing more is sent and what the carrier has queued runs out.
+        Without `clear` nothing more is sent and what the carrier has queued runs out: the
+        caller hears all of the turn sent so far, and the audio stops once the queue is dry
+        (`plays_for_ms` from now, by the pacing model). Without marks the heard part is the
+        pacing model's ("estimated").
         """
         if self._can_clear and not await self._send(self.stream.clear()):
             return
@@ -1069,16 +1072,22 @@ class CallBridge:
         self.outbound.reset()
         self._held = b""
         turn = self.turns.agent_turn_index
-        heard = self.playout.heard_in_turn(turn, now) if turn is not None else 0
+        fallback: dict[str, Any] = {} if self._marks else {"heard": "estimated"}
+        if turn is None:
+            heard, stops_ms = 0, now
+        elif self._can_clear:
+            heard, stops_ms = self.playout.heard_in_turn(turn, now), now
+        else:  # nothing is dropped: everything of the turn sent so far still plays
+            heard, stops_ms = self.turns.agent_samples, max(now, self.playout.busy_until_ms())
+            fallback["plays_for_ms"] = round(stops_ms - now)
         if self._can_clear:
             self._record_played(self.playout.clear(now), until_ms=now)
         self._unmarked_samples = 0
-        self.turns.interrupted(now, heard)
+        self.turns.interrupted(stops_ms, heard, estimated=not self._marks)
         self._discarding_turn = True
         await self._notify_heard()
-        estimated = {} if self._marks else {"heard": "estimated"}
-        self.log.info("call.barge_in", heard_ms=round(heard / 8.0), **estimated)
-        self._event("interrupted", heard_ms=round(heard / 8.0), **estimated)
+        self.log.info("call.barge_in", heard_ms=round(heard / 8.0), **fallback)
+        self._event("interrupted", heard_ms=round(heard / 8.0), **fallback)
 
     # ------------------------------------------------------------------ tools
     def _start_tool(self, call: lp.FunctionCall) -> None:

@@ -34,6 +34,7 @@ class _AgentTurn:
     samples: int = 0
     interrupted: bool = False
     heard_samples: int | None = None
+    heard_estimated: bool = False
     barge_in_stop_ms: float | None = None
 
 
@@ -147,12 +148,15 @@ class TurnTracker:
     def agent_samples(self) -> int:
         return self._agent.samples if self._agent is not None else 0
 
-    def interrupted(self, clear_ms: float, heard_samples: int) -> None:
+    def interrupted(self, clear_ms: float, heard_samples: int, *, estimated: bool = False) -> None:
+        """The caller cut in: `heard_samples` of the turn were heard (`estimated`: by the pacing
+        model, the carrier confirms no playout); the audio stopped at `clear_ms`."""
         turn = self._agent
         if turn is None or turn.interrupted:
             return
         turn.interrupted = True
         turn.heard_samples = min(heard_samples, turn.samples)
+        turn.heard_estimated = estimated
         if self.onset_ms is not None and self.onset_ms <= clear_ms:
             turn.barge_in_stop_ms = clear_ms - self.onset_ms
         self.interruptions += 1
@@ -222,6 +226,7 @@ class TurnTracker:
                 end_ms=round(end_ms),
                 interrupted=turn.interrupted,
                 heard_text=heard,
+                heard_estimated=turn.interrupted and turn.heard_estimated,
                 first_audio_latency_ms=turn.latency_ms,
                 barge_in_stop_ms=turn.barge_in_stop_ms,
             )

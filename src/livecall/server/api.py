@@ -105,6 +105,9 @@ class TurnOut(BaseModel):
     start_ms: int = Field(description="milliseconds since the stream started")
     end_ms: int | None
     interrupted: bool
+    heard_estimated: bool = Field(
+        False, description="heard_text estimated from pacing: the carrier confirms no playout"
+    )
     first_audio_latency_ms: float | None = Field(
         description="end of the caller's speech -> first agent audio"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +45,7 @@ from livecall.records import CallObserver
 from livecall.server.access import HostPolicy
 from livecall.server.api import ApiDisabled, build_api_router
 from livecall.server.carrier_routes import (
+    CarrierRoute,
     build_carrier_router,
     carrier_routes,
     close_carrier_routes,
@@ -291,8 +292,13 @@ def create_app(
     settings: Settings,
     *,
     observer_factory: Callable[[str], CallObserver] | None = None,
+    extra_carriers: Sequence[CarrierRoute] = (),
 ) -> FastAPI:
-    """The app: Twilio's doors, the dashboard, the APIs, `/metrics`, health and drain."""
+    """The app: Twilio's doors, the dashboard, the APIs, `/metrics`, health and drain.
+
+    `extra_carriers` are served beside the configured ones through the same generic routes
+    (a carrier built in code, e.g. a test's variant without marks or clear).
+    """
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
     for secret in settings.secret_values():
         register_secret(secret)  # whoever configured logging
@@ -441,7 +447,8 @@ def create_app(
 
     app.include_router(build_ops_router(state))  # /health, /ready, /admin/drain
     app.include_router(build_twilio_router(state))
-    app.include_router(build_carrier_router(state, carrier_routes(settings)))  # Telnyx, Plivo…
+    routes = [*carrier_routes(settings), *extra_carriers]
+    app.include_router(build_carrier_router(state, routes))  # Telnyx, Plivo…
     app.include_router(build_amd_router(state))
     from livecall.server.dashboard import DashboardDisabled, build_dashboard_router
 

@@ -207,6 +207,8 @@ def show(
                 if rest.strip():
                     line.append(f" [not heard: {rest.strip()}]", style="dim")
                 line.append("  (interrupted)", style="yellow")
+                if item.heard_estimated:  # the carrier confirmed no playout: pacing says
+                    line.append("  (heard: estimated)", style="yellow")
             else:
                 line.append(item.text)
                 if item.interrupted:

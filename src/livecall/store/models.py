@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -158,6 +159,8 @@ class Turn(Base):
     start_ms: Mapped[int] = mapped_column(Integer)
     end_ms: Mapped[int | None] = mapped_column(Integer)
     interrupted: Mapped[bool] = mapped_column(Boolean, default=False)
+    # heard_text from livecall's pacing model: the carrier confirms no playout (no marks)
+    heard_estimated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # end of the caller's speech -> first agent audio sent
     first_audio_latency_ms: Mapped[float | None] = mapped_column(Float)
     # the model's `interrupted` -> `clear` sent to the carrier

@@ -82,6 +82,7 @@ _TURN_FIELDS = (
     "start_ms",
     "end_ms",
     "interrupted",
+    "heard_estimated",
     "first_audio_latency_ms",
     "barge_in_stop_ms",
 )
@@ -228,6 +229,7 @@ class Repository:
                 row = {"call_sid": sid, "idx": op["idx"], **{k: op.get(k) for k in _TURN_FIELDS}}
                 row["text"] = row["text"] or ""
                 row["interrupted"] = bool(row["interrupted"])
+                row["heard_estimated"] = bool(row["heard_estimated"])  # spooled before it existed
                 turns[(sid, op["idx"])] = row
             elif kind == "event":
                 row = {"call_sid": sid, "seq": op["seq"], **{k: op.get(k) for k in _EVENT_FIELDS}}

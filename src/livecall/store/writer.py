@@ -385,6 +385,7 @@ class CallRecordWriter:
                 "start_ms": int(turn.start_ms),
                 "end_ms": None if turn.end_ms is None else int(turn.end_ms),
                 "interrupted": bool(turn.interrupted),
+                "heard_estimated": bool(turn.heard_estimated),
                 "first_audio_latency_ms": _number(turn.first_audio_latency_ms),
                 "barge_in_stop_ms": _number(turn.barge_in_stop_ms),
             }

@@ -137,7 +137,8 @@ def _event_summary(event: EventOut) -> str:
     data = event.data
     heard = data.get("heard_ms")
     if event.kind == "interrupted" and isinstance(heard, int | float):
-        return f"the caller cut in after {heard / 1000:.1f} s of the reply"
+        line = f"the caller cut in after {heard / 1000:.1f} s of the reply"
+        return line + (" (estimated)" if data.get("heard") == "estimated" else "")
     if event.kind == "dtmf":
         return f"pressed {data.get('digit') or data.get('digits') or '?'}"
     if event.kind.startswith("tool_"):
