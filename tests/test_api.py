@@ -255,6 +255,27 @@ async def test_get_a_call_with_transcript_and_events(client: httpx.AsyncClient) 
     assert (await client.get("/api/calls/..%2Fetc", headers=AUTH)).status_code in (404, 422)
 
 
+@pytest.mark.parametrize(
+    "sid",
+    [
+        "v3:u5OAKGEPT3Dx8SZSSDRWEMdNH2OripQhO-IeFNEOQpXqkgrVXGTxQVA",  # Telnyx call control
+        "8f1a2b3c-4d5e-6f70-8192-a3b4c5d6e7f8",  # Plivo / Vonage UUID
+        "b6cf11111111111111111111111111119",  # Exotel
+    ],
+)
+async def test_every_carriers_call_ids_are_readable(
+    env: tuple[CallStore, LocalRecordingStore, Settings], client: httpx.AsyncClient, sid: str
+) -> None:
+    store = env[0]
+    record_call(store, sid, T0, "+1777")
+    assert await store.flush()
+    response = await client.get(f"/api/calls/{sid}", headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["call_sid"] == sid
+    too_long = "v3:" + "a" * 62  # beyond the store's 64-character ids
+    assert (await client.get(f"/api/calls/{too_long}", headers=AUTH)).status_code == 422
+
+
 async def test_recording_download_and_delete(
     client: httpx.AsyncClient, env: tuple[CallStore, LocalRecordingStore, Settings]
 ) -> None:

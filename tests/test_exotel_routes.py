@@ -125,6 +125,19 @@ async def test_the_applet_endpoint_answers_a_stream_url_for_the_call(make_stack)
 
 
 @pytest.mark.timeout(30)
+async def test_a_call_id_the_store_cannot_keep_is_refused_at_the_webhook(make_stack) -> None:
+    stack = await make_stack(model(1), **SETTINGS)
+    async with httpx.AsyncClient(trust_env=False) as client:
+        for bad in ("b6cf" + "1" * 61, "b6cf 1", "b6cf/../1"):
+            resp = await client.get(
+                voicebot_url(stack), params=query(bad), headers=basic("exotel", SECRET)
+            )
+            assert resp.status_code == 400, bad
+    nothing_started(stack)
+    assert stack.registry.load == 0
+
+
+@pytest.mark.timeout(30)
 async def test_a_stream_token_opens_no_other_call(make_stack) -> None:
     stack = await make_stack(model(2), **SETTINGS)
     url = await stream_url_for(stack, CALL)

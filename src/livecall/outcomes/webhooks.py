@@ -33,6 +33,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from livecall.call_ids import CALL_ID_PATTERN
 from livecall.log import get_logger, register_secret
 from livecall.outcomes.outbox import Outbox, analysis_op, webhook_op
 from livecall.outcomes.webhook_payload import (
@@ -63,7 +64,7 @@ __all__ = [
 
 log = get_logger("livecall.webhooks")
 
-SID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SID_PATTERN = CALL_ID_PATTERN  # every carrier's call ids
 
 
 def profile_wants_analysis(profile: Any) -> bool:

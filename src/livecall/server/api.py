@@ -25,6 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from livecall.call_ids import CALL_ID_PATTERN
 from livecall.outcomes import memory
 from livecall.outcomes.analysis import analysis_for
 from livecall.server.access import LocalAccess
@@ -39,10 +40,10 @@ __all__ = ["ApiDisabled", "bearer_auth", "build_api_router", "calls_auth"]
 
 log = structlog.get_logger("livecall.api")
 
-SID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SID_PATTERN = CALL_ID_PATTERN  # every carrier's call ids
 CallStatus = Literal["in_progress", "completed", "failed"]
 
-Sid = Annotated[str, Path(pattern=SID_PATTERN, description="Twilio call SID")]
+Sid = Annotated[str, Path(pattern=SID_PATTERN, description="the carrier's call id")]
 Since = Annotated[
     datetime | None, Query(description="calls started at or after (ISO 8601; UTC if naive)")
 ]

@@ -39,6 +39,7 @@ import structlog
 from fastapi import APIRouter, Request, Response, WebSocket
 from pydantic import SecretStr
 
+from livecall.call_ids import MAX_CALL_ID, is_call_id
 from livecall.carriers.base import (
     CallStarted,
     CallStopped,
@@ -71,7 +72,6 @@ __all__ = [
 
 log = structlog.get_logger("livecall.carriers")
 
-MAX_CALL_ID = 128
 TRANSFER_DOCUMENT_TTL_S = 120.0  # the carrier fetches it right after the REST transfer
 BUSY_PARAMETER = "busy"  # in a stream URL answered to a call turned away (no busy document)
 _STREAM_PARAMETERS = frozenset(("from", "to", "direction", "profile", TOKEN_PARAMETER))
@@ -378,7 +378,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         except ValueError:
             call = WebhookCall(call_id="")
         call_id = call.call_id
-        if not 0 < len(call_id) <= MAX_CALL_ID or not call_id.isprintable():
+        if not is_call_id(call_id):
             log.warning(f"{name}.webhook_rejected", reason=f"no valid {route.call_id_field}")
             return Response(f"no {route.call_id_field}", status_code=400, media_type="text/plain")
         base = public_base(
