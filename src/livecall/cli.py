@@ -97,17 +97,6 @@ def _admin_socket(path: Path) -> object:
     return sock
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def insecure_problem(settings: object, host: str) -> str | None:
     """Why `serve` must not start as configured (fail closed), else None."""
     if getattr(settings, "twilio_auth_token", None) is not None:
@@ -119,7 +108,9 @@ def insecure_problem(settings: object, host: str) -> str | None:
             "machine only, --insecure-dev (or LIVECALL_INSECURE_DEV=true) runs without it, "
             "on loopback."
         )
-    if not _is_loopback(host):
+    from livecall.server.auth import is_loopback_host
+
+    if not is_loopback_host(host):
         return (
             f"--insecure-dev serves unsigned Twilio requests, so it binds loopback only; "
             f"refusing --host {host}. Use 127.0.0.1 (and a tunnel), or set TWILIO_AUTH_TOKEN."

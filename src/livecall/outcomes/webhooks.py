@@ -512,7 +512,7 @@ Sid = Annotated[str, Path(pattern=SID_PATTERN, description="Twilio call SID")]
 def build_webhook_api_router(service: WebhookService, settings: Settings) -> APIRouter:
     """``GET /api/calls/{sid}/webhooks`` and ``POST /api/calls/{sid}/webhook/retry``
     (bearer auth like the rest of /api; raises `ApiDisabled` the same way)."""
-    from livecall.server.api import bearer_auth
+    from livecall.server.auth import bearer_auth
 
     router = APIRouter(
         prefix="/api", tags=["webhooks"], dependencies=[Depends(bearer_auth(settings))]

@@ -9,7 +9,7 @@ For a carrier `c` (enabled only when its credentials are set):
   points the call's media at `/ws/c`.
 - `/ws/c`: the media socket. Frames go through `c`'s sans-I/O `CarrierStream` until its
   `CallStarted`; the token in its custom parameters must be valid for that call id, then the
-  same call core as Twilio's runs it (`twilio_routes.run_call`).
+  same call core as Twilio's runs it (`calls.run_call`).
 
 Tokens are keyed per carrier (`derive_key(stream secret, "<carrier>-stream")`), bound to the
 call id only (a carrier's stream does not always repeat the webhook's account id).
@@ -34,13 +34,13 @@ from livecall.carriers.base import (
     CarrierProtocolError,
     CarrierStream,
 )
+from livecall.server.calls import StarletteCarrier, run_call
 from livecall.server.forwarded import TrustedProxies
-from livecall.server.twilio_routes import StarletteCarrier, run_call
 from livecall.server.urls import public_base, signature_urls, ws_base
 from livecall.telephony.stream_token import TOKEN_PARAMETER, StreamTokens, derive_key
 
 if TYPE_CHECKING:
-    from livecall.server.app import AppState
+    from livecall.server.state import AppState
     from livecall.settings import Settings
 
 __all__ = ["CarrierRoute", "build_carrier_router", "carrier_routes", "stream_tokens_for"]

@@ -44,11 +44,11 @@ from livecall.server.dashboard.core import (
     TEMPLATE_DIR,
     Dashboard,
     DashboardDisabled,
-    _event_summary,
-    _fmt_duration,
-    _fmt_ms,
-    _fmt_offset,
-    _latency_class,
+    event_summary,
+    fmt_duration,
+    fmt_ms,
+    fmt_offset,
+    latency_class,
 )
 from livecall.server.dashboard.live import live_events, live_snapshot
 from livecall.server.dashboard.words import end_reason_words, fmt_when, outcome_words
@@ -57,7 +57,7 @@ from livecall.store.recordings import RecordingStore
 from livecall.store.writer import CallStore
 
 if TYPE_CHECKING:
-    from livecall.server.app import AppState
+    from livecall.server.state import AppState
 
 __all__ = [
     "END_REASON",
@@ -98,13 +98,13 @@ def build_dashboard_router(
     zone = ZoneInfo(settings.business_timezone)
     templates = Jinja2Templates(directory=str(TEMPLATE_DIR))
     templates.env.filters.update(
-        duration=_fmt_duration,
-        offset=_fmt_offset,
-        ms=_fmt_ms,
-        latency_class=_latency_class,
+        duration=fmt_duration,
+        offset=fmt_offset,
+        ms=fmt_ms,
+        latency_class=latency_class,
         when=lambda value: fmt_when(value, zone),
         when_s=lambda value: fmt_when(value, zone, seconds=True),
-        event_summary=_event_summary,
+        event_summary=event_summary,
         outcome_words=outcome_words,
         end_reason_words=end_reason_words,
     )

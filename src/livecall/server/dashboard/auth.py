@@ -177,11 +177,11 @@ class LoginThrottle:
 # --- small helpers --------------------------------------------------------------------------
 
 
-def _client(host: Any) -> str:
+def client_label(host: Any) -> str:
     return getattr(host, "host", None) or "unknown"
 
 
-def _safe_next(target: str | None) -> str:
+def safe_next(target: str | None) -> str:
     """Only a local path: never an open redirect to another site."""
     if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
         return "/"
@@ -204,7 +204,7 @@ def _origins(url: Any, headers: Any, public_url: str | None) -> set[str]:
     return allowed
 
 
-def _same_origin(url: Any, headers: Any, public_url: str | None, *, required: bool) -> bool:
+def same_origin(url: Any, headers: Any, public_url: str | None, *, required: bool) -> bool:
     """A browser names the page's origin; a cross-site page cannot pretend to be us."""
     origin = headers.get("origin")
     if origin is None or origin == "null":
@@ -224,16 +224,16 @@ Ctx = Annotated["Dashboard", Depends(_ctx)]
 
 async def login_page(dash: Ctx, request: Request, next: str | None = None) -> Response:
     if dash.current(request) is not None:
-        return RedirectResponse(_safe_next(next), status_code=303)
-    return dash.render(request, "login.html", None, next=_safe_next(next), error=None)
+        return RedirectResponse(safe_next(next), status_code=303)
+    return dash.render(request, "login.html", None, next=safe_next(next), error=None)
 
 
 async def login(dash: Ctx, request: Request) -> Response:
     form = await dash.read_form(request)
-    target = _safe_next(form.get("next"))
+    target = safe_next(form.get("next"))
     peer = request.client.host if request.client else None
     client = LoginThrottle.client_key(client_ip(peer, request.headers, dash.trusted))
-    if not _same_origin(request.url, request.headers, dash.settings.public_url, required=False):
+    if not same_origin(request.url, request.headers, dash.settings.public_url, required=False):
         raise HTTPException(403, "cross-origin request refused")
     if dash.throttle.blocked(client):
         log.warning("dashboard.login_throttled", client=client)
