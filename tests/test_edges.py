@@ -19,7 +19,6 @@ import uvicorn
 import websockets
 from starlette.datastructures import Headers
 
-from livecall.cli import uvicorn_config
 from livecall.server.app import create_app
 from livecall.server.auth import HostPolicy, LocalAccess, host_name
 from livecall.server.dashboard import LoginThrottle
@@ -27,6 +26,7 @@ from livecall.server.drain import Drain
 from livecall.server.forwarded import TrustedProxies
 from livecall.server.limits import PendingGate
 from livecall.server.registry import CallRegistry
+from livecall.server.serving import uvicorn_config
 from livecall.settings import Settings
 from livecall.sim.gemini import FakeGeminiServer
 from livecall.sim.stack import TEST_AUTH_TOKEN

@@ -22,8 +22,6 @@ from livecall.metrics import Metrics, build_metrics_router
 from livecall.outcomes.analysis import AnalysisWorker, sdk_generate
 from livecall.outcomes.webhooks import (
     WebhookService,
-    build_recording_link_router,
-    build_webhook_api_router,
     link_key,
 )
 from livecall.records import CallObserver
@@ -39,6 +37,7 @@ from livecall.server.outbound import build_amd_router, build_outbound_api_router
 from livecall.server.registry import CallRegistry
 from livecall.server.state import AppState
 from livecall.server.twilio_routes import app_stream_secret, build_twilio_router
+from livecall.server.webhook_routes import build_recording_link_router, build_webhook_api_router
 from livecall.settings import Settings
 from livecall.store.recordings import LocalRecordingStore, run_retention
 from livecall.store.writer import CallStore
@@ -197,7 +196,7 @@ def create_app(
 
     app = FastAPI(title="livecall", version=__version__, lifespan=lifespan, **docs_urls(settings))
     app.state.livecall = state
-    app.state.edge = edge  # `cli.uvicorn_config` notes the limits its server enforces itself
+    app.state.edge = edge  # `serving.uvicorn_config` notes the limits its server enforces itself
     app.add_middleware(EdgeMiddleware, limits=edge)
 
     app.include_router(build_ops_router(state))  # /health, /ready, /admin/drain

@@ -185,13 +185,13 @@ async def run_call(
             caller,
             profile.transfer.hold_message,
         )
-    options.context.actions = actions
     entry = ActiveCall(
         call_id,
         stream_id,
         time.monotonic(),
         bridge=bridge,
         task=asyncio.current_task(),
+        actions=actions,
     )
     if not registry.admit(entry):
         reason = "draining" if registry.draining else "full"

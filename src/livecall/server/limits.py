@@ -55,7 +55,7 @@ _PENDING_KEY = "livecall.pending_release"
 @dataclass
 class EdgeLimits:
     """The limits, from `Settings`; `server_ws_max_size` is set by whoever builds a server
-    that enforces the WebSocket message limit itself (`cli.uvicorn_config`)."""
+    that enforces the WebSocket message limit itself (`serving.uvicorn_config`)."""
 
     hosts: HostPolicy
     trusted: TrustedProxies

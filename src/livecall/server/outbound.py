@@ -172,7 +172,7 @@ async def place_outbound_call(
 def deliver_answered_by(state: AppState, call_sid: str, answered_by: str) -> bool:
     """Hand Twilio's AMD verdict to the call; True if it is live, else kept for its stream."""
     entry = state.registry.active.get(call_sid)
-    actions = entry.bridge.options.context.actions if entry and entry.bridge else None
+    actions = entry.actions if entry and entry.bridge else None
     if actions is not None:
         actions.on_answered_by(answered_by)
         return True

@@ -168,13 +168,13 @@ class AppState:
         call = self.registry.active.get(call_sid)
         if call is None or call.bridge is None:
             return False
+        actions = call.actions
         if action == "end":
             reason = str(args.get("reason") or "operator")[:64]
             log.info("call.ended_by_request", call_sid=call_sid, reason=reason)
             call.bridge.end(reason)
             return True
         if action == "transfer":
-            actions = call.bridge.options.context.actions
             target = str(args.get("target") or "")
             number = actions.profile.transfer_targets.get(target) if actions else None
             if actions is None or actions.control is None or number is None:

@@ -14,7 +14,7 @@ cookie and the origin before accepting, and its `start` must carry a one-minute 
 that `POST /softphone/token` minted for this session and a server-chosen CallSid (never the
 API token in the page); then it runs exactly the Twilio bridge path.
 
-Modules: `auth` (sessions, CSRF, login throttle, login/logout), `core` (the shared context
+Modules: `auth` (sessions, CSRF, login throttle), `login` (login/logout), `core` (the shared context
 and checks), `words` (the owner's words and clock), `pages` (calls, search, a call, stats),
 `callbacks` ("needs a call back"), `live` (the live page and its event stream), `softphone`
 (its page and socket). Handlers are module-level functions; this
@@ -31,7 +31,7 @@ from starlette.requests import HTTPConnection
 from starlette.templating import Jinja2Templates
 
 from livecall.live_feed import LiveFeed
-from livecall.server.dashboard import auth, callbacks, live, pages, softphone
+from livecall.server.dashboard import callbacks, live, login, pages, softphone
 from livecall.server.dashboard.auth import (
     DEFAULT_SESSION_TTL_S,
     SESSION_COOKIE,
@@ -125,9 +125,9 @@ def build_dashboard_router(
 
     router = APIRouter(include_in_schema=False, dependencies=[Depends(bind)])
     get, post = ["GET"], ["POST"]
-    router.add_api_route("/login", auth.login_page, methods=get)
-    router.add_api_route("/login", auth.login, methods=post)
-    router.add_api_route("/logout", auth.logout, methods=post)
+    router.add_api_route("/login", login.login_page, methods=get)
+    router.add_api_route("/login", login.login, methods=post)
+    router.add_api_route("/logout", login.logout, methods=post)
     router.add_api_route("/", pages.calls_page, methods=get)
     router.add_api_route("/calls/{sid}", pages.call_page, methods=get)
     router.add_api_route("/calls/{sid}/webhook/retry", pages.retry_webhook, methods=post)
