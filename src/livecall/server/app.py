@@ -20,14 +20,12 @@ from livecall.cluster import ClusterRegistry, create_cluster
 from livecall.log import register_secret
 from livecall.metrics import Metrics, build_metrics_router
 from livecall.outcomes.analysis import AnalysisWorker, sdk_generate
-from livecall.outcomes.webhooks import (
-    WebhookService,
-    link_key,
-)
+from livecall.outcomes.webhooks import WebhookService, link_key
 from livecall.records import CallObserver
 from livecall.server.api import build_api_router
 from livecall.server.auth import ApiDisabled, HostPolicy
 from livecall.server.carrier_routes import build_carrier_router, carrier_routes
+from livecall.server.dashboard import DashboardDisabled, build_dashboard_router
 from livecall.server.docs import build_openapi_router, docs_urls
 from livecall.server.drain import Drain
 from livecall.server.forwarded import TrustedProxies
@@ -203,8 +201,6 @@ def create_app(
     app.include_router(build_twilio_router(state))
     app.include_router(build_carrier_router(state, carrier_routes(settings)))  # Telnyx, Plivo…
     app.include_router(build_amd_router(state))
-    from livecall.server.dashboard import DashboardDisabled, build_dashboard_router
-
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     app.include_router(build_metrics_router(state.metrics, bearer_token=metrics_token or None))
     app.include_router(build_outbound_api_router(state))  # its own token: LIVECALL_CALLS_TOKEN
