@@ -22,7 +22,8 @@ from sqlalchemy.pool import NullPool
 
 from livecall.audio.recording import StereoRecorder
 from livecall.records import CallEventRecord, CallInfo, CallSummary, TurnRecord
-from livecall.server.api import ApiDisabled, build_api_router
+from livecall.server.api import build_api_router
+from livecall.server.auth import ApiDisabled
 from livecall.settings import Settings
 from livecall.store import db
 from livecall.store.recordings import LocalRecordingStore

@@ -16,12 +16,12 @@ import pytest
 from pydantic import SecretStr
 
 from livecall.call.actions import BridgeActions
-from livecall.carriers.control import CallControl, CallControlError, StreamEndControl
 from livecall.carriers.plivo.control import PlivoCallControl, PlivoControl, PlivoRestError
 from livecall.carriers.telnyx.control import TelnyxCallControl, TelnyxCallError, TelnyxControl
 from livecall.server.carrier_routes import carrier_routes
 from livecall.settings import Settings
 from livecall.sim.telnyx import generate_keypair
+from livecall.telephony.call_control import CallControl, CallControlError, StreamEndControl
 from livecall.telephony.twilio_rest import TwilioCallControl, TwilioCallError
 from livecall.telephony.whisper import Whispers
 

@@ -136,7 +136,7 @@ def make_state() -> Any:
     """The parts of `AppState` the dashboard reads (the real one in the browser tests)."""
     return SimpleNamespace(
         registry=CallRegistry(10),
-        extras={"profiles": SimpleNamespace(names=["front-desk", "after-hours"])},
+        profiles=SimpleNamespace(names=["front-desk", "after-hours"]),
         stream_secret=b"dashboard-test-stream-secret-0123456789",
     )
 

@@ -1,7 +1,7 @@
 """Bounded edges, attacked over real sockets: bodies, slow requests, WebSocket frames, pending
 connections per client, Host names, local trust, the drain and the login throttle.
 
-Each attack here worked on the code before `server/limits.py` and `server/access.py`.
+Each attack here worked on the code before `server/limits.py` and `server/auth.py`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import uvicorn
 import websockets
 from starlette.datastructures import Headers
 
-from livecall.cli import uvicorn_config
-from livecall.server.access import HostPolicy, LocalAccess, host_name
 from livecall.server.app import create_app
+from livecall.server.auth import HostPolicy, LocalAccess, host_name
 from livecall.server.dashboard import LoginThrottle
 from livecall.server.drain import Drain
 from livecall.server.forwarded import TrustedProxies
 from livecall.server.limits import PendingGate
 from livecall.server.registry import CallRegistry
+from livecall.server.serving import uvicorn_config
 from livecall.settings import Settings
 from livecall.sim.gemini import FakeGeminiServer
 from livecall.sim.stack import TEST_AUTH_TOKEN

@@ -22,7 +22,6 @@ import pytest
 from livecall.agent.profiles import AgentProfile, ProfileError, ProfileSet
 from livecall.agent.tools import function_declarations
 from livecall.cluster import ClusterRegistry, LocalRegistry
-from livecall.server.twilio_routes import whispers_of
 from livecall.sim.gemini import Scenario, ToolCallFault
 from livecall.telephony.twilio_rest import transfer_twiml
 from livecall.telephony.whisper import (
@@ -275,7 +274,7 @@ async def test_an_unsigned_whisper_request_is_refused_and_does_not_spend_the_tok
 ) -> None:
     fake, _ = fake_rest
     stack = await make_stack(Scenario(seed=44), WARM_PROFILE)
-    token = await whispers_of(stack.app.state.livecall).put(SUMMARY)
+    token = await stack.app.state.livecall.whispers.put(SUMMARY)
     url = f"{stack.base_url}{WHISPER_PATH}/{token}"
     call = live_call(fake, "CA" + secrets.token_hex(16))
 

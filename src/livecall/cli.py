@@ -37,43 +37,31 @@ def _register_subcommands() -> None:
 _register_subcommands()
 console = Console(stderr=True)
 
+#: The optional dependencies each extra brings (pyproject.toml): the production image has
+#: neither, so the commands that need them say which extra to install instead of a traceback.
+EXTRA_PACKAGES = {"sim": ("trustme", "soxr"), "bench": ("matplotlib", "pesq", "trustme", "soxr")}
 
-def uvicorn_config(
-    app_obj: object,
-    host: str,
-    port: int,
-    *,
-    request_timeout_s: float = 10.0,
-    ws_max_size: int = 1 << 20,
-    **kw: object,
-) -> object:
-    """The uvicorn server livecall runs on: whole-request deadline at the protocol level,
-    WebSocket messages capped by uvicorn itself (frames above MAX_MESSAGE_BYTES but under
-    this are read, logged and ignored), and forwarded headers left to livecall, which
-    believes them only from TRUSTED_PROXIES (uvicorn's own would trust 127.0.0.1)."""
-    import uvicorn
 
-    from livecall.server.conn_guard import guarded_http_protocol
+def require_extra(extra: str, command: str) -> None:
+    """Exits (2) naming the extra when a package `command` needs is not installed."""
+    import importlib
 
-    edge = getattr(getattr(app_obj, "state", None), "edge", None)
-    if edge is not None:
-        edge.server_ws_max_size = ws_max_size  # the app need not check each message again
-    return uvicorn.Config(
-        app_obj,  # type: ignore[arg-type]
-        host=host,
-        port=port,
-        http=guarded_http_protocol(request_timeout_s),
-        ws_max_size=ws_max_size,
-        ws_ping_interval=20.0,
-        ws_ping_timeout=60.0,
-        log_config=None,
-        access_log=False,
-        # X-Forwarded-* are believed from TRUSTED_PROXIES only (server/forwarded.py); uvicorn's
-        # own default would rewrite scheme and client address for any loopback peer first
-        proxy_headers=False,
-        lifespan="on",
-        **kw,  # type: ignore[arg-type]
-    )
+    from rich.markup import escape
+
+    missing = []
+    for name in EXTRA_PACKAGES[extra]:  # the command imports them next anyway
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        console.print(
+            f"[red]livecall {command} needs the '{extra}' extra[/red] "
+            f"(missing: {', '.join(missing)}). Install it with: "
+            + escape(f"pip install 'livecall[{extra}]'")  # not a rich markup tag
+            + " (./dev installs it)."
+        )
+        raise typer.Exit(2)
 
 
 def _admin_socket(path: Path) -> object:
@@ -97,17 +85,6 @@ def _admin_socket(path: Path) -> object:
     return sock
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def insecure_problem(settings: object, host: str) -> str | None:
     """Why `serve` must not start as configured (fail closed), else None."""
     if getattr(settings, "twilio_auth_token", None) is not None:
@@ -119,7 +96,9 @@ def insecure_problem(settings: object, host: str) -> str | None:
             "machine only, --insecure-dev (or LIVECALL_INSECURE_DEV=true) runs without it, "
             "on loopback."
         )
-    if not _is_loopback(host):
+    from livecall.server.auth import is_loopback_host
+
+    if not is_loopback_host(host):
         return (
             f"--insecure-dev serves unsigned Twilio requests, so it binds loopback only; "
             f"refusing --host {host}. Use 127.0.0.1 (and a tunnel), or set TWILIO_AUTH_TOKEN."
@@ -204,6 +183,7 @@ def serve(
     from livecall.metrics import LoopLagMonitor
     from livecall.server.app import create_app
     from livecall.server.drain import DrainingServer
+    from livecall.server.serving import uvicorn_config
 
     app_obj = create_app(settings)
     config = uvicorn_config(
@@ -261,6 +241,7 @@ def demo(
     """A whole phone call, offline: livecall + a simulated Gemini + a simulated caller."""
     import asyncio
 
+    require_extra("sim", "demo")
     from livecall.demo import run_demo
 
     code = asyncio.run(run_demo(out, verbose=verbose))
@@ -272,6 +253,7 @@ def bench_audio(
     seconds: Annotated[float, typer.Option(help="seconds of audio per candidate")] = 10.0,
 ) -> None:
     """Resampler candidates and the per-frame codec path, compared."""
+    require_extra("bench", "bench audio")
     from livecall.bench.audio import run_audio_benchmark
 
     run_audio_benchmark(seconds=seconds)
@@ -305,6 +287,7 @@ def bench_load(
 ) -> None:
     """N simulated calls against the real server and a null bridge: delay at the ear, stalls,
     setup time, CPU and RSS per call."""
+    require_extra("bench", "bench load")
     from livecall.bench.load import QUICK_LEVELS, run_load_benchmark
 
     counts = tuple(int(x) for x in workers.split(",") if x.strip())
@@ -333,6 +316,7 @@ def bench_quality(
     clips: Annotated[bool, typer.Option(help="also print one row per clip")] = False,
 ) -> None:
     """PESQ of what the model hears and what the caller hears, through each carrier adapter."""
+    require_extra("bench", "bench quality")
     from livecall.bench.quality import run_quality_benchmark
 
     chosen = tuple(c.strip() for c in carriers.split(",") if c.strip())

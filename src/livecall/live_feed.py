@@ -17,14 +17,11 @@ import dataclasses
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from livecall.records import CallEventRecord, CallInfo, CallObserver, CallSummary, TurnRecord
 
-if TYPE_CHECKING:
-    from livecall.call.turns import TurnTracker
-
-__all__ = ["FanOut", "LiveFeed", "forward_partial", "live_partial"]
+__all__ = ["FanOut", "LiveFeed", "OpenTurns", "forward_partial", "live_partial"]
 
 MAX_REMOTE_CALLS = 500  # another instance's calls kept for the snapshot, at most
 # another instance's call not heard of for this long is forgotten (that instance died mid-call)
@@ -46,7 +43,14 @@ def forward_partial(observer: Any, lines: list[TurnRecord]) -> None:
         partial(lines)
 
 
-def live_partial(observer: Any, turns: TurnTracker) -> None:
+class OpenTurns(Protocol):
+    """What the feed reads of a call's turns (`call.turns.TurnTracker`; the call imports the
+    feed, so the feed names only what it needs)."""
+
+    def open_lines(self) -> list[TurnRecord]: ...
+
+
+def live_partial(observer: Any, turns: OpenTurns) -> None:
     """The bridge's hook after each transcription: the open turns' words so far, to watchers."""
     if getattr(observer, "partial", None) is not None:
         forward_partial(observer, turns.open_lines())

@@ -1,7 +1,7 @@
 """What the agent's call-control tools do to a live call: hang up, transfer, press keys.
 
 `BridgeActions` is the `CallActions` of one `CallBridge`, with the carrier's `CallControl`
-(`carriers/control.py`) for what only its REST API can do (hang up for good, move the call to
+(`telephony/call_control.py`) for what only its REST API can do (hang up for good, move the call to
 a `<Dial>`). Every action first
 lets the caller hear what the agent already said (mark echoes), because a goodbye cut
 mid-word, or a transfer line the caller never heard, is worse than a second of waiting.
@@ -25,15 +25,15 @@ from livecall.assets import goodbye_ulaw, handoff_ulaw
 from livecall.audio.dtmf import generate_dtmf
 from livecall.audio.g711 import ulaw_encode
 from livecall.call.bridge import GREETING_PROMPT, SPOKE_BEFORE_TOOL
-from livecall.carriers.control import CallControlError
 from livecall.records import CallEventRecord
+from livecall.telephony.call_control import CallControlError
 from livecall.telephony.whisper import TransferPlan
 
 if TYPE_CHECKING:
     from livecall.agent.profiles import AgentProfile
     from livecall.agent.tools import ToolRunner
     from livecall.call.bridge import CallBridge
-    from livecall.carriers.control import CallControl
+    from livecall.telephony.call_control import CallControl
     from livecall.telephony.whisper import WarmTransfer
 
 __all__ = [

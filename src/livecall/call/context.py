@@ -2,7 +2,8 @@
 
 It used to travel as an untyped dict (`CallOptions.extra`), read by key in four modules, so a
 misspelt key was a silent `None`. One typed object now: set once when the call is set up
-(`AppState.call_setup`, the stream route), read by the bridge, the tools and call control.
+(`AppState.call_setup`, the stream route), read by the bridge and the tools. The call's
+actions (hang-up, transfer…) drive the bridge, so they hang on the server's `ActiveCall`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # types only: actions and profiles import the bridge, not the other way
+if TYPE_CHECKING:  # types only: profiles import the bridge, not the other way
     from livecall.agent.profiles import AgentProfile
-    from livecall.call.actions import BridgeActions
 
 __all__ = ["CallContext"]
 
@@ -26,7 +26,6 @@ class CallContext:
     deferred_greeting: str | None = None
     log_dtmf: bool = False  # keypad digits in logs and events (else masked)
     log_transcripts: bool = False  # transcript text in log lines (else lengths only)
-    actions: BridgeActions | None = None  # hang-up, transfer, DTMF, AMD: set once tools exist
 
     def profile(self) -> AgentProfile:
         """The call's profile; set up before any tool or route needs it."""

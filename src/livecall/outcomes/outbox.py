@@ -1,7 +1,8 @@
 """The webhook outbox in the database: rows written through the call records' writer, and the
 queries the delivery worker, the API and the dashboard make.
 
-Enqueueing goes through `CallStore.enqueue` as two kinds of writer op, so an outbox row is
+Enqueueing goes through `CallStore.enqueue` as two kinds of writer op (built here, applied by
+the writer through `livecall.store.outbox_ops`), so an outbox row is
 kept exactly like a call record: in memory, then spooled to disk while the database is down,
 replayed in order (after the call's own `end` op), idempotent on replay:
 
@@ -18,12 +19,11 @@ candidate SELECT also uses ``FOR UPDATE SKIP LOCKED``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from livecall.outcomes.webhook_payload import new_delivery_id
@@ -31,24 +31,16 @@ from livecall.store.models import SID_LENGTH, WebhookDelivery
 
 __all__ = [
     "HISTORY_LIMIT",
-    "OUTBOX_OPS",
     "Outbox",
     "analysis_op",
-    "apply_outbox_ops",
     "webhook_op",
 ]
 
-OUTBOX_OPS = ("webhook", "webhook_analysis")
 HISTORY_LIMIT = 50  # attempts kept per delivery (a day of backoff is ~30)
 
 
 def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat()
-
-
-def _ts(value: Any) -> datetime:
-    stamp = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
 def webhook_op(
@@ -86,53 +78,6 @@ def analysis_op(
         "analysis": dict(analysis) if analysis is not None else None,
         "at": _iso(now),
     }
-
-
-def _insert_for(session: AsyncSession) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-
-
-async def apply_outbox_ops(session: AsyncSession, ops: Sequence[Mapping[str, Any]]) -> None:
-    """Apply outbox ops inside the writer's transaction (after the calls they belong to)."""
-    insert = _insert_for(session)
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    releases: list[Mapping[str, Any]] = []
-    for op in ops:
-        if op["op"] == "webhook":
-            rows.setdefault(
-                (op["call_sid"], op["url"]),
-                {
-                    "id": op["delivery_id"],
-                    "call_sid": op["call_sid"],
-                    "url": op["url"],
-                    "status": "pending",
-                    "await_analysis": bool(op.get("await_analysis")),
-                    "created_at": _ts(op["created_at"]),
-                    "next_attempt_at": _ts(op.get("due_at") or op["created_at"]),
-                    "attempts": 0,
-                    "history": [],
-                },
-            )
-        elif op["op"] == "webhook_analysis":
-            releases.append(op)
-    if rows:
-        stmt = insert(WebhookDelivery).on_conflict_do_nothing(
-            index_elements=[WebhookDelivery.call_sid, WebhookDelivery.url]
-        )
-        await session.execute(stmt, list(rows.values()))
-    for op in releases:
-        await session.execute(
-            update(WebhookDelivery)
-            .where(
-                WebhookDelivery.call_sid == op["call_sid"],
-                WebhookDelivery.await_analysis.is_(True),
-                WebhookDelivery.payload.is_(None),
-                WebhookDelivery.status == "pending",
-            )
-            .values(
-                await_analysis=False, analysis=op.get("analysis"), next_attempt_at=_ts(op["at"])
-            )
-        )
 
 
 class Outbox:

@@ -1,5 +1,5 @@
 """End-of-call webhooks, delivered: the outbox worker, its call observer, manual retries, the
-signed recording links and the routes that go with them.
+signed recording links (their routes: `livecall.server.webhook_routes`).
 
 A call's end puts one outbox row per call through the call records' writer (`WebhookObserver`,
 so a database outage spools it like any record). The `WebhookService` worker, started in the
@@ -24,16 +24,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
-from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import SQLAlchemyError
 
-from livecall.call_ids import CALL_ID_PATTERN
 from livecall.log import get_logger, register_secret
 from livecall.outcomes.outbox import Outbox, analysis_op, webhook_op
 from livecall.outcomes.webhook_payload import (
@@ -43,12 +39,10 @@ from livecall.outcomes.webhook_payload import (
     next_attempt,
     recording_link,
     request_headers,
-    verify_link,
 )
 from livecall.records import CallEventRecord, CallInfo, CallSummary, TurnRecord
 from livecall.settings import Settings
 from livecall.store.models import Call, WebhookDelivery
-from livecall.store.recordings import RecordingStore
 from livecall.store.writer import CallStore
 
 __all__ = [
@@ -56,15 +50,11 @@ __all__ = [
     "RetryOutcome",
     "WebhookObserver",
     "WebhookService",
-    "build_recording_link_router",
-    "build_webhook_api_router",
     "profile_wants_analysis",
     "webhook_for_stored_call",
 ]
 
 log = get_logger("livecall.webhooks")
-
-SID_PATTERN = CALL_ID_PATTERN  # every carrier's call ids
 
 
 def profile_wants_analysis(profile: Any) -> bool:
@@ -499,93 +489,3 @@ class DeliveryOut(BaseModel):
             waiting_for_analysis=row.await_analysis,
             history=[AttemptOut.model_validate(h) for h in row.history or []],
         )
-
-
-class RetryOut(BaseModel):
-    call_sid: str
-    queued: int
-    deliveries: list[DeliveryOut]
-
-
-Sid = Annotated[str, Path(pattern=SID_PATTERN, description="Twilio call SID")]
-
-
-def build_webhook_api_router(service: WebhookService, settings: Settings) -> APIRouter:
-    """``GET /api/calls/{sid}/webhooks`` and ``POST /api/calls/{sid}/webhook/retry``
-    (bearer auth like the rest of /api; raises `ApiDisabled` the same way)."""
-    from livecall.server.api import bearer_auth
-
-    router = APIRouter(
-        prefix="/api", tags=["webhooks"], dependencies=[Depends(bearer_auth(settings))]
-    )
-
-    @router.get(
-        "/calls/{sid}/webhooks",
-        response_model=list[DeliveryOut],
-        summary="A call's webhook deliveries",
-    )
-    async def deliveries(sid: Sid) -> list[DeliveryOut]:
-        try:
-            rows = await service.outbox.for_call(sid)
-        except (SQLAlchemyError, OSError) as error:
-            raise HTTPException(503, "call records database unavailable") from error
-        return [DeliveryOut.of(r) for r in rows]
-
-    @router.post(
-        "/calls/{sid}/webhook/retry",
-        status_code=202,
-        response_model=RetryOut,
-        summary="Send a call's webhook again now (same delivery id)",
-    )
-    async def retry(sid: Sid) -> RetryOut:
-        try:
-            outcome = await service.retry(sid)
-            rows = await service.outbox.for_call(sid)
-        except (SQLAlchemyError, OSError, TimeoutError) as error:
-            raise HTTPException(503, "call records database unavailable") from error
-        if outcome.problem is not None:
-            raise HTTPException(outcome.status_code, outcome.problem)
-        return RetryOut(
-            call_sid=sid, queued=outcome.queued, deliveries=[DeliveryOut.of(r) for r in rows]
-        )
-
-    return router
-
-
-def build_recording_link_router(
-    recordings: RecordingStore, key: bytes, clock: Callable[[], datetime] = _utcnow
-) -> APIRouter:
-    """``GET /recordings/{sid}?exp=&sig=``: the expiring link a webhook carries.
-
-    The signature is the only credential: 403 when it is wrong, 410 once expired.
-    """
-    router = APIRouter(include_in_schema=False)
-
-    @router.get("/recordings/{sid}")
-    async def signed_recording(
-        sid: Sid,
-        exp: Annotated[str | None, Query(max_length=16)] = None,
-        sig: Annotated[str | None, Query(max_length=128)] = None,
-    ) -> Response:
-        check = verify_link(key, sid, exp, sig, clock())
-        if check == "expired":
-            raise HTTPException(410, "this recording link has expired")
-        if check != "ok":
-            raise HTTPException(403, "invalid recording link")
-        recording = await recordings.open(sid)
-        if recording is None:
-            raise HTTPException(404, "no recording for this call")
-        filename = f"{sid}.{recording.media_type.rsplit('/', 1)[-1]}"
-        headers = {"Cache-Control": "private, no-store", "Referrer-Policy": "no-referrer"}
-        if recording.path is not None:
-            return FileResponse(
-                recording.path, media_type=recording.media_type, filename=filename, headers=headers
-            )
-        assert recording.stream is not None
-        return StreamingResponse(
-            iter(lambda: recording.stream.read(65536), b""),  # type: ignore[union-attr]
-            media_type=recording.media_type,
-            headers={**headers, "Content-Disposition": f'attachment; filename="{filename}"'},
-        )
-
-    return router

@@ -5,38 +5,32 @@
 `WWW-Authenticate: Bearer` otherwise). Without a token the API is not served at all
 (`ApiDisabled`), unless `LIVECALL_API_LOCAL_ONLY` says it may answer loopback clients only.
 
-Placing calls costs money, so it has a token of its own (`calls_auth`): only
-`LIVECALL_CALLS_TOKEN` may, never the read token (which is also the dashboard password) and
-never a loopback client without a token. An operator who wants one token for both sets the
-two to the same value.
+The checks themselves live in `livecall.server.auth` (`bearer_auth`; placing calls has a
+token of its own there, `calls_auth`).
 """
 
-import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from fastapi.responses import FileResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from livecall.call_ids import CALL_ID_PATTERN
 from livecall.outcomes import memory
 from livecall.outcomes.analysis import analysis_for
-from livecall.server.access import LocalAccess
-from livecall.server.forwarded import TrustedProxies
+from livecall.server.auth import bearer_auth
 from livecall.settings import Settings
 from livecall.store.models import Call
 from livecall.store.recordings import RecordingStore
 from livecall.store.repository import Distribution, InvalidCursor, Stats
 from livecall.store.writer import CallStore
 
-__all__ = ["ApiDisabled", "bearer_auth", "build_api_router", "calls_auth"]
+__all__ = ["build_api_router", "call_columns"]
 
 log = structlog.get_logger("livecall.api")
 
@@ -50,10 +44,6 @@ Since = Annotated[
 Until = Annotated[datetime | None, Query(description="calls started before")]
 Number = Annotated[str | None, Query(max_length=64, description="caller or called number")]
 Status = Annotated[CallStatus | None, Query()]
-
-
-class ApiDisabled(RuntimeError):
-    """No `LIVECALL_API_TOKEN` and not local-only: the app should not mount the API."""
 
 
 # --- response models ------------------------------------------------------------------------
@@ -92,7 +82,7 @@ class CallOut(BaseModel):
     @classmethod
     def of(cls, call: Call) -> "CallOut":
         return cls.model_validate(
-            {**_columns(call), "has_recording": call.recording_key is not None}
+            {**call_columns(call), "has_recording": call.recording_key is not None}
         )
 
 
@@ -212,7 +202,8 @@ class ErrorOut(BaseModel):
     detail: str
 
 
-def _columns(call: Call) -> dict[str, Any]:
+def call_columns(call: Call) -> dict[str, Any]:
+    """A call row as a dict of its columns (the API's and the dashboard's starting point)."""
     return {c.key: getattr(call, c.key) for c in Call.__table__.columns}
 
 
@@ -240,94 +231,12 @@ def _database() -> Iterator[None]:
         raise HTTPException(503, "call records database unavailable") from error
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
     403: {"model": ErrorOut, "description": "local-only API called from another host"},
     503: {"model": ErrorOut, "description": "database unavailable"},
 }
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "no call"}}
-
-
-def _admin_socket(settings: Settings) -> str | None:
-    return str(settings.admin_socket) if settings.admin_socket is not None else None
-
-
-def bearer_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
-    """The API's auth dependency (every `/api` router uses it); raises `ApiDisabled`."""
-    token = settings.api_token.get_secret_value() if settings.api_token is not None else ""
-    if not token and not settings.api_local_only:
-        raise ApiDisabled(
-            "LIVECALL_API_TOKEN is not set: the call records API is off "
-            "(set a token, or LIVECALL_API_LOCAL_ONLY=true to serve loopback clients only)"
-        )
-    expected = token.encode()
-    bearer = HTTPBearer(auto_error=False, description="LIVECALL_API_TOKEN")
-    local = LocalAccess(TrustedProxies(settings.trusted_proxies), _admin_socket(settings))
-
-    async def authorize(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        if expected:
-            given = credentials.credentials.encode() if credentials is not None else b""
-            if credentials is None or not hmac.compare_digest(given, expected):
-                raise HTTPException(
-                    401, "invalid or missing bearer token", headers={"WWW-Authenticate": "Bearer"}
-                )
-            return
-        if not local.is_local(request.scope, request.headers):  # Host, Origin, real peer
-            raise HTTPException(403, "the call records API is local-only")
-
-    return authorize
-
-
-def calls_auth(settings: Settings) -> Callable[..., Awaitable[None]]:
-    """Auth for placing calls: `Authorization: Bearer <LIVECALL_CALLS_TOKEN>` and nothing else.
-
-    Unset, no one may place calls (403 saying what to set); the read token gets a 403 that
-    says it only reads, any other a 401.
-    """
-    calls = settings.calls_token.get_secret_value().encode() if settings.calls_token else b""
-    read = settings.api_token.get_secret_value().encode() if settings.api_token else b""
-    bearer = HTTPBearer(auto_error=False, description="LIVECALL_CALLS_TOKEN")
-
-    async def authorize(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if calls and hmac.compare_digest(given, calls):
-            return
-        client = request.client.host if request.client is not None else None
-        if not calls:
-            log.warning("api.calls_refused", reason="no LIVECALL_CALLS_TOKEN", client=client)
-            raise HTTPException(
-                403,
-                "placing calls is off: set LIVECALL_CALLS_TOKEN "
-                "(LIVECALL_API_TOKEN only reads call records)",
-            )
-        if read and hmac.compare_digest(given, read):
-            log.warning("api.calls_refused", reason="read token", client=client)
-            raise HTTPException(
-                403, "this token only reads call records: placing calls needs LIVECALL_CALLS_TOKEN"
-            )
-        log.warning("api.calls_refused", reason="bad token", client=client)
-        raise HTTPException(
-            401, "invalid or missing bearer token", headers={"WWW-Authenticate": "Bearer"}
-        )
-
-    return authorize
 
 
 def build_api_router(
@@ -394,7 +303,7 @@ def build_api_router(
             raise HTTPException(404, "no such call")
         return CallDetail.model_validate(
             {
-                **_columns(call),
+                **call_columns(call),
                 "has_recording": call.recording_key is not None,
                 "custom_parameters": call.custom_parameters or {},
                 "turns": [TurnOut.model_validate(t) for t in call.turns],

@@ -12,14 +12,14 @@ For a carrier `c` (enabled only when its credentials are set):
 - `/ws/c`: the media socket. Frames go through `c`'s sans-I/O `CarrierStream` until its
   `CallStarted`; the token in its custom parameters (or, for a carrier whose answer is a
   stream URL, in that URL's query string) must be valid for that call id, then the same call
-  core as Twilio's runs it (`twilio_routes.run_call`).
+  core as Twilio's runs it (`calls.run_call`).
 - its status webhook when it has one (`POST /vonage/event`): signature-checked like the voice
   webhook, the status logged, 200 (403 when forged).
 
 Tokens are keyed per carrier (`derive_key(stream secret, "<carrier>-stream")`), bound to the
 call id only (a carrier's stream does not always repeat the webhook's account id).
 
-REST call control (`carriers/control.py:CallControl`: the agent's hang-up and transfer) is a
+REST call control (`telephony/call_control.py:CallControl`: the agent's hang-up and transfer) is a
 route's `control`: a factory given the call's `ControlSite` (the app, the call's start, the
 public base URL). A carrier that fetches a transfer's document from livecall (Plivo's
 `aleg_url`) sets `documents`: `ControlSite.publish` keeps the document behind a single-use
@@ -47,16 +47,16 @@ from livecall.carriers.base import (
     CarrierProtocolError,
     CarrierStream,
 )
+from livecall.server.calls import StarletteCarrier, run_call
 from livecall.server.forwarded import TrustedProxies
-from livecall.server.twilio_routes import StarletteCarrier, run_call
 from livecall.server.urls import public_base, signature_urls, ws_base
 from livecall.telephony.stream_token import TOKEN_PARAMETER, StreamTokens, derive_key
 from livecall.telephony.whisper import Whispers
 
 if TYPE_CHECKING:
-    from livecall.carriers.control import CallControl
-    from livecall.server.app import AppState
+    from livecall.server.state import AppState
     from livecall.settings import Settings
+    from livecall.telephony.call_control import CallControl
 
 __all__ = [
     "CarrierRoute",
@@ -64,7 +64,6 @@ __all__ = [
     "WebhookCall",
     "build_carrier_router",
     "carrier_routes",
-    "close_carrier_routes",
     "read_exotel",
     "read_form",
     "stream_tokens_for",
@@ -328,18 +327,8 @@ def build_carrier_router(state: AppState, routes: list[CarrierRoute]) -> APIRout
     router = APIRouter()
     for route in routes:
         _add_carrier(router, state, route)
-    state.extras.setdefault("carrier_routes", []).extend(routes)
+    state.closers.extend(route.aclose for route in routes if route.aclose is not None)
     return router
-
-
-async def close_carrier_routes(state: AppState) -> None:
-    """Close the carriers' REST clients (at shutdown, once no call can use them)."""
-    for route in state.extras.pop("carrier_routes", []):
-        if route.aclose is not None:
-            try:
-                await route.aclose()
-            except Exception as exc:  # one carrier's client must not keep the others open
-                log.warning(f"{route.name}.control_close_failed", error=type(exc).__name__)
 
 
 def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse
 
-from livecall.server.api import bearer_auth
+from livecall.server.auth import bearer_auth
 from livecall.settings import Settings
 
 __all__ = ["OPENAPI_PATH", "build_openapi_router", "docs_urls"]

@@ -3,7 +3,7 @@
 One pure-ASGI middleware in front of every route, so every way of serving the app (`livecall
 serve`, `uvicorn --factory`, gunicorn workers) gets the same limits:
 
-- Host allowlist (`access.HostPolicy`): a request for a Host we do not serve gets 400.
+- Host allowlist (`auth.HostPolicy`): a request for a Host we do not serve gets 400.
 - Request bodies: `Content-Length` above the route's cap is answered 413 before a byte of
   the body is read (64 KiB for Twilio's form posts, `MAX_BODY_BYTES` elsewhere); a chunked
   body is counted as it streams and cut with 413 at the cap. Either way the connection is
@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from livecall.server.access import HostPolicy, on_admin_socket, peer_of, unix_socket_of
+from livecall.server.auth import HostPolicy, on_admin_socket, peer_of, unix_socket_of
 from livecall.server.forwarded import TrustedProxies, client_ip
 
 __all__ = [
@@ -55,7 +55,7 @@ _PENDING_KEY = "livecall.pending_release"
 @dataclass
 class EdgeLimits:
     """The limits, from `Settings`; `server_ws_max_size` is set by whoever builds a server
-    that enforces the WebSocket message limit itself (`cli.uvicorn_config`)."""
+    that enforces the WebSocket message limit itself (`serving.uvicorn_config`)."""
 
     hosts: HostPolicy
     trusted: TrustedProxies

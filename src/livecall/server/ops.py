@@ -16,21 +16,20 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from fastapi import APIRouter, Body, Depends, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from livecall import __version__
-from livecall.server.access import on_admin_socket
-from livecall.server.api import Sid, bearer_auth
+from livecall.server.api import Sid
+from livecall.server.auth import admin_auth, bearer_auth
 from livecall.server.drain import Drain
 
 if TYPE_CHECKING:
-    from livecall.server.app import AppState
+    from livecall.server.state import AppState
 
 __all__ = ["build_live_api_router", "build_ops_router"]
 
@@ -106,26 +105,10 @@ def build_ops_router(state: AppState) -> APIRouter:
         body = {**status(), "records": unrecordable or "ok"}
         return JSONResponse(body, status_code=503 if registry.draining or unrecordable else 200)
 
-    admin_token = state.settings.admin_token
-    admin_socket = str(state.settings.admin_socket) if state.settings.admin_socket else None
-    expected = admin_token.get_secret_value().encode() if admin_token is not None else b""
     if state.drain is None:
         state.drain = Drain(registry, state.settings.drain_timeout_s)
     drain = state.drain
-
-    def admin(request: Request) -> None:
-        """ADMIN_TOKEN as a bearer token, or the admin Unix socket; never a browser."""
-        if "origin" in request.headers:
-            raise HTTPException(403, "/admin is not for browsers")
-        if on_admin_socket(request.scope, admin_socket):
-            return
-        if not expected:
-            raise HTTPException(403, "set ADMIN_TOKEN (or ADMIN_SOCKET) to use /admin")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected):
-            raise HTTPException(
-                401, "invalid or missing bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
+    admin = admin_auth(state.settings)
 
     @router.post("/admin/drain", include_in_schema=False, dependencies=[Depends(admin)])
     async def admin_drain() -> JSONResponse:

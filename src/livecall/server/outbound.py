@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from livecall.agent.profiles import AgentProfile, ProfileRegistry, ProfileSet
 from livecall.privacy import mask_number
-from livecall.server.api import calls_auth
+from livecall.server.auth import calls_auth
 from livecall.server.outbound_limits import OutboundLimits
 from livecall.server.twilio_routes import (
     FORBIDDEN,
@@ -43,7 +43,7 @@ from livecall.telephony.stream_token import TOKEN_PARAMETER
 from livecall.telephony.twilio_rest import TwilioCallControl, TwilioCallError
 
 if TYPE_CHECKING:
-    from livecall.server.app import AppState
+    from livecall.server.state import AppState
 
 __all__ = [
     "AMD_PATH",
@@ -172,7 +172,7 @@ async def place_outbound_call(
 def deliver_answered_by(state: AppState, call_sid: str, answered_by: str) -> bool:
     """Hand Twilio's AMD verdict to the call; True if it is live, else kept for its stream."""
     entry = state.registry.active.get(call_sid)
-    actions = entry.bridge.options.context.actions if entry and entry.bridge else None
+    actions = entry.actions if entry and entry.bridge else None
     if actions is not None:
         actions.on_answered_by(answered_by)
         return True

@@ -9,25 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from livecall.agent.gemini import SessionCounter
-
-if TYPE_CHECKING:
-    from livecall.call.bridge import CallBridge
+from livecall.call.actions import BridgeActions
+from livecall.call.bridge import CallBridge
 
 __all__ = ["ActiveCall", "CallRegistry"]
 
 
 @dataclass(slots=True)
 class ActiveCall:
+    """A call this process carries (or has reserved a place for)."""
+
     call_sid: str
     stream_sid: str
     started: float
     bridge: CallBridge | None = None  # None while the call is only reserved
     task: asyncio.Task[Any] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    # hang-up, transfer, DTMF, AMD verdicts: what the APIs and the dashboard do to the call
+    actions: BridgeActions | None = None
 
 
 class CallRegistry:

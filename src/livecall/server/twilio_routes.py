@@ -15,28 +15,18 @@ session opens. That is also what keeps a live call from being replaced by a stra
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import structlog
 from fastapi import APIRouter, Request, Response, WebSocket
-from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from livecall.agent.gemini import GeminiLink, client_for
-from livecall.agent.http_tools import CallContext
-from livecall.agent.tools import ToolRunner
-from livecall.call.actions import BridgeActions, tool_handler
-from livecall.call.bridge import CallBridge, CarrierClosed
-from livecall.carriers.base import CallStarted, CarrierStream
 from livecall.carriers.twilio import TwilioCarrierStream
+from livecall.server.calls import StarletteCarrier, peer_host, run_call
 from livecall.server.forwarded import TrustedProxies
-from livecall.server.limits import authenticated
-from livecall.server.registry import ActiveCall
 from livecall.server.urls import public_base, signature_urls, ws_base
 from livecall.settings import Settings
 from livecall.telephony import twilio as tw
@@ -50,22 +40,16 @@ from livecall.telephony.stream_token import (
 from livecall.telephony.whisper import (
     TRANSFER_ENDED_PATH,
     WHISPER_PATH,
-    WarmTransfer,
-    Whispers,
     after_dial_twiml,
     whisper_twiml,
 )
 
 if TYPE_CHECKING:
-    from livecall.carriers.control import CallControl
-    from livecall.server.app import AppState
+    from livecall.server.state import AppState
 
 log = structlog.get_logger("livecall.twilio")
 
 STREAM_PATH = "/ws/twilio"
-#: How long a finished call waits for its records to be safe (a hung database takes the
-#: store's write timeout, 15 s, to be given up for the spool).
-SETTLE_TIMEOUT_S = 20.0
 XML = "application/xml"
 TWILIO_STREAM_PURPOSE = "twilio-stream"
 _SETTINGS_HEADER = tw.SIGNATURE_SETTINGS_HEADER.lower()
@@ -87,53 +71,6 @@ def app_stream_secret(settings: Settings) -> bytes:
 def twilio_stream_tokens(secret: bytes) -> StreamTokens:
     """The tokens the TwiML hands Twilio's streams (`livecall call` mints them too)."""
     return StreamTokens(derive_key(secret, TWILIO_STREAM_PURPOSE))
-
-
-class StarletteCarrier:
-    """Adapts a Starlette WebSocket to the bridge's `CarrierSocket`."""
-
-    def __init__(self, ws: WebSocket) -> None:
-        self.ws = ws
-        self.closed = False
-
-    async def receive(self) -> str | bytes | None:
-        if self.closed:
-            return None
-        try:
-            message = await self.ws.receive()
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            self.closed = True
-            return None
-        if message["type"] == "websocket.disconnect":
-            self.closed = True
-            return None
-        text = message.get("text")
-        if text is not None:
-            return text
-        return message.get("bytes") or b""
-
-    async def send(self, frame: str | bytes) -> None:
-        if self.closed:
-            raise CarrierClosed
-        try:
-            if type(frame) is str:
-                await self.ws.send_text(frame)
-            else:
-                await self.ws.send_bytes(frame)  # type: ignore[arg-type]
-        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
-            self.closed = True
-            raise CarrierClosed from exc
-
-    async def send_text(self, data: str) -> None:
-        await self.send(data)
-
-    async def close(self, code: int = 1000) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.ws.application_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(Exception):
-                await self.ws.close(code)
 
 
 def build_twilio_router(state: AppState) -> APIRouter:
@@ -174,7 +111,7 @@ def build_twilio_router(state: AppState) -> APIRouter:
             request.url,
             request.headers,
             settings.public_url,
-            peer=_peer(request),
+            peer=peer_host(request),
             trusted=trusted,
         )
         parameters = {
@@ -202,7 +139,7 @@ def build_twilio_router(state: AppState) -> APIRouter:
         params = await signed_form(state, request, "twilio.whisper_rejected")
         if params is None:
             return FORBIDDEN()
-        text = await whispers_of(state).take(token)
+        text = await state.whispers.take(token)
         if text is None:
             log.warning("twilio.whisper_unknown", call_sid=params.get("CallSid", "")[:64] or None)
             return Response("unknown or used whisper", status_code=404, media_type="text/plain")
@@ -250,28 +187,15 @@ def build_twilio_router(state: AppState) -> APIRouter:
             await carrier.close(1008)
             return
         params = {k: v for k, v in start.custom_parameters.items() if k != TOKEN_PARAMETER}
-        await _run_call(
+        await run_twilio_call(
             state, carrier, stream, dataclasses.replace(start, custom_parameters=params)
         )
 
     return router
 
 
-def whispers_of(state: AppState) -> Whispers:
-    """This app's warm-transfer briefings (shared through the cluster store with Redis)."""
-    whispers = state.extras.get("whispers")
-    if whispers is None:
-        whispers = state.extras["whispers"] = Whispers(state.cluster)
-    assert isinstance(whispers, Whispers)
-    return whispers
-
-
 def FORBIDDEN(reason: str = "invalid Twilio signature") -> Response:
     return Response(reason, status_code=403, media_type="text/plain")
-
-
-def _peer(conn: Request | WebSocket) -> str | None:
-    return conn.client.host if conn.client is not None else None
 
 
 def _unsigned_allowed(state: AppState, event: str) -> bool:
@@ -302,7 +226,7 @@ def _signature_ok(
     signer = state.signature
     assert signer is not None
     urls = signature_urls(
-        conn.url, conn.headers, state.settings.public_url, peer=_peer(conn), trusted=trusted
+        conn.url, conn.headers, state.settings.public_url, peer=peer_host(conn), trusted=trusted
     )
     signature = conn.headers.get("x-twilio-signature")
     rules = conn.headers.get(_SETTINGS_HEADER)
@@ -428,155 +352,12 @@ async def _await_start(
         return None
 
 
-async def _run_call(
+async def run_twilio_call(
     state: AppState, carrier: StarletteCarrier, stream: tw.TwilioStream, start: tw.Start
 ) -> None:
-    """A Twilio stream past its `start`, run as a call (see `run_call`)."""
+    """A Twilio stream past its `start`, run as a call (see `calls.run_call`)."""
     adapter = TwilioCarrierStream(stream)
     assert adapter.started is not None  # `stream` has seen its start
     await run_call(
         state, carrier, adapter, adapter.started, carrier_name="twilio", control=state.call_control
     )
-
-
-async def run_call(
-    state: AppState,
-    carrier: StarletteCarrier,
-    stream: CarrierStream,
-    start: CallStarted,
-    *,
-    carrier_name: str = "twilio",
-    control: CallControl | None = None,
-) -> None:
-    """Runs one admitted stream of any carrier as a call: the same core, records and controls.
-
-    `start` is the stream's `CallStarted` (its token already checked by the carrier's route);
-    `control` the carrier's REST call control for hang-up and transfer (`CallControl`), None
-    where it has none configured: the call then ends by closing the stream and transfers are
-    refused. Warm transfers need a control that has them (`warm_transfer`).
-    """
-    call_id = start.call_id
-    stream_id = start.stream_id or start.call_id
-    registry = state.registry
-    previous = registry.active.get(call_id)
-    if previous is not None and previous.bridge is not None:
-        # Twilio opened a second stream for a call we carry: the newer one is the live one.
-        log.warning(
-            f"{carrier_name}.duplicate_stream",
-            call_sid=call_id,
-            old_stream=previous.stream_sid,
-            new_stream=stream_id,
-        )
-        previous.bridge.replace()
-        if previous.task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(previous.task), 5.0)
-    params = start.custom_parameters
-    options, live = await state.call_setup(params)
-    client = client_for(state.settings)
-
-    def link_factory(handle: str | None) -> GeminiLink:
-        return GeminiLink(
-            client,
-            dataclasses.replace(live, resumption_handle=handle),
-            state.registry.gemini_sessions,
-        )
-
-    bridge = CallBridge(
-        carrier,
-        stream,
-        start,
-        link_factory,
-        options=options,
-        observer=state.observer_for(call_id),
-    )
-    profile = options.context.profile()
-    actions = BridgeActions(
-        bridge,
-        control,
-        profile,
-        deferred_greeting=options.context.deferred_greeting,
-    )
-    runner = ToolRunner(
-        profile,
-        actions,
-        knowledge=state.knowledge_for(profile),
-        http=state.http_tools.for_call(
-            CallContext(
-                call_id,
-                options.to_number if options.direction == "outbound" else options.from_number,
-                profile.name,
-            )
-        ),
-        non_blocking=state.non_blocking_tools(),
-    )
-    options.tool_handler = tool_handler(runner, state.settings.tool_timeout_s)
-    can_transfer = control is not None and not control.transfer_refusal
-    if profile.on_failure != "hangup" and control is not None and can_transfer:
-        number = profile.transfer_targets[profile.on_failure]
-
-        async def failure_transfer() -> bool:
-            line = "Sorry, I am having trouble on my side. Let me connect you to a colleague."
-            return await control.transfer(call_id, number, say=line)
-
-        options.failure_transfer = failure_transfer
-    if profile.transfer.mode == "warm" and control is not None and control.warm_transfer:
-        trusted = TrustedProxies(state.settings.trusted_proxies)
-        ws = carrier.ws
-        caller = options.to_number if options.direction == "outbound" else options.from_number
-        actions.warm = WarmTransfer(
-            whispers_of(state),
-            public_base(
-                ws.url, ws.headers, state.settings.public_url, peer=_peer(ws), trusted=trusted
-            ),
-            profile.name,
-            caller,
-            profile.transfer.hold_message,
-        )
-    options.context.actions = actions
-    entry = ActiveCall(
-        call_id,
-        stream_id,
-        time.monotonic(),
-        bridge=bridge,
-        task=asyncio.current_task(),
-    )
-    if not registry.admit(entry):
-        reason = "draining" if registry.draining else "full"
-        state.metrics.refused(reason)
-        log.warning(f"{carrier_name}.stream_refused", call_sid=call_id, reason=reason)
-        await carrier.close(1013)
-        return
-    authenticated(carrier.ws)  # a call now: no longer one of its client's pending sockets
-    # Other instances learn of the call through Redis. In the background: a slow Redis must
-    # not hold the caller's first words (announce waits up to its op timeout before it knows).
-    announced = asyncio.create_task(
-        state.cluster.announce(
-            call_id,
-            {
-                "from": options.from_number,
-                "to": options.to_number,
-                "direction": options.direction,
-                "profile": options.profile,
-                "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            },
-        ),
-        name=f"announce:{call_id}",
-    )
-    verdict = state.answered_by.pop(call_id, None)
-    if verdict is not None:  # the answering-machine verdict came before the stream
-        actions.on_answered_by(verdict)
-    try:
-        await bridge.run()
-    finally:
-        try:
-            if not announced.done():
-                announced.cancel()  # a call shorter than Redis's answer: never listed
-            await asyncio.wait([announced])  # never raises the task's own cancellation
-            if registry.active.get(call_id) in (entry, None):  # no newer stream took it
-                await state.cluster.withdraw(call_id)
-        finally:
-            # the call's records on disk or in the database before it is let go (bounded)
-            await state.store.settled(call_id, timeout=SETTLE_TIMEOUT_S)
-            registry.release(call_id, entry)
-            await actions.aclose()

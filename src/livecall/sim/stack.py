@@ -115,7 +115,7 @@ class LocalStack:
             from livecall.server.app import create_app
 
             self.app = create_app(self.settings, observer_factory=self.observer_factory)
-        from livecall.cli import uvicorn_config
+        from livecall.server.serving import uvicorn_config
 
         config = uvicorn_config(  # as `livecall serve` builds it
             self.app,

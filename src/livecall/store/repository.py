@@ -44,6 +44,7 @@ from livecall.store.models import (
     Turn,
     WebhookDelivery,
 )
+from livecall.store.outbox_ops import OUTBOX_OPS, apply_outbox_ops
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -208,9 +209,7 @@ class Repository:
         events: dict[tuple[str, int], dict[str, Any]] = {}
         answered: dict[str, datetime] = {}
         ends: dict[str, dict[str, Any]] = {}
-        # webhook deliveries ride the same batches (imported here: outcomes imports the store)
-        from livecall.outcomes.outbox import OUTBOX_OPS, apply_outbox_ops
-
+        # webhook deliveries ride the same batches
         outbox: list[Mapping[str, Any]] = []
         for op in ops:
             kind = op["op"]

@@ -21,9 +21,9 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
-from livecall.carriers.control import CallControlError
 from livecall.log import get_logger, register_secret
 from livecall.privacy import mask_number
+from livecall.telephony.call_control import CallControlError
 
 __all__ = [
     "TwilioCallControl",

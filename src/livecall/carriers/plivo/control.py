@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from livecall.carriers.control import CallControlError
+from livecall.telephony.call_control import CallControlError
 
 __all__ = ["CallEnded", "PlivoCallControl", "PlivoControl", "PlivoRestError"]
 

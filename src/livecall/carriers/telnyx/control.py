@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from livecall.carriers.control import CallControlError
+from livecall.telephony.call_control import CallControlError
 
 __all__ = ["CallEnded", "TelnyxCallControl", "TelnyxCallError", "TelnyxControl", "transfer_texml"]
 

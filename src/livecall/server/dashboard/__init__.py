@@ -14,7 +14,7 @@ cookie and the origin before accepting, and its `start` must carry a one-minute 
 that `POST /softphone/token` minted for this session and a server-chosen CallSid (never the
 API token in the page); then it runs exactly the Twilio bridge path.
 
-Modules: `auth` (sessions, CSRF, login throttle, login/logout), `core` (the shared context
+Modules: `auth` (sessions, CSRF, login throttle), `login` (login/logout), `core` (the shared context
 and checks), `words` (the owner's words and clock), `pages` (calls, search, a call, stats),
 `callbacks` ("needs a call back"), `live` (the live page and its event stream), `softphone`
 (its page and socket). Handlers are module-level functions; this
@@ -31,7 +31,7 @@ from starlette.requests import HTTPConnection
 from starlette.templating import Jinja2Templates
 
 from livecall.live_feed import LiveFeed
-from livecall.server.dashboard import auth, callbacks, live, pages, softphone
+from livecall.server.dashboard import callbacks, live, login, pages, softphone
 from livecall.server.dashboard.auth import (
     DEFAULT_SESSION_TTL_S,
     SESSION_COOKIE,
@@ -44,11 +44,11 @@ from livecall.server.dashboard.core import (
     TEMPLATE_DIR,
     Dashboard,
     DashboardDisabled,
-    _event_summary,
-    _fmt_duration,
-    _fmt_ms,
-    _fmt_offset,
-    _latency_class,
+    event_summary,
+    fmt_duration,
+    fmt_ms,
+    fmt_offset,
+    latency_class,
 )
 from livecall.server.dashboard.live import live_events, live_snapshot
 from livecall.server.dashboard.words import end_reason_words, fmt_when, outcome_words
@@ -57,7 +57,7 @@ from livecall.store.recordings import RecordingStore
 from livecall.store.writer import CallStore
 
 if TYPE_CHECKING:
-    from livecall.server.app import AppState
+    from livecall.server.state import AppState
 
 __all__ = [
     "END_REASON",
@@ -98,13 +98,13 @@ def build_dashboard_router(
     zone = ZoneInfo(settings.business_timezone)
     templates = Jinja2Templates(directory=str(TEMPLATE_DIR))
     templates.env.filters.update(
-        duration=_fmt_duration,
-        offset=_fmt_offset,
-        ms=_fmt_ms,
-        latency_class=_latency_class,
+        duration=fmt_duration,
+        offset=fmt_offset,
+        ms=fmt_ms,
+        latency_class=latency_class,
         when=lambda value: fmt_when(value, zone),
         when_s=lambda value: fmt_when(value, zone, seconds=True),
-        event_summary=_event_summary,
+        event_summary=event_summary,
         outcome_words=outcome_words,
         end_reason_words=end_reason_words,
     )
@@ -125,9 +125,9 @@ def build_dashboard_router(
 
     router = APIRouter(include_in_schema=False, dependencies=[Depends(bind)])
     get, post = ["GET"], ["POST"]
-    router.add_api_route("/login", auth.login_page, methods=get)
-    router.add_api_route("/login", auth.login, methods=post)
-    router.add_api_route("/logout", auth.logout, methods=post)
+    router.add_api_route("/login", login.login_page, methods=get)
+    router.add_api_route("/login", login.login, methods=post)
+    router.add_api_route("/logout", login.logout, methods=post)
     router.add_api_route("/", pages.calls_page, methods=get)
     router.add_api_route("/calls/{sid}", pages.call_page, methods=get)
     router.add_api_route("/calls/{sid}/webhook/retry", pages.retry_webhook, methods=post)

@@ -1,5 +1,5 @@
-"""Signing in: signed session cookies, CSRF tokens, same-origin checks, the login throttle,
-and the login and logout handlers.
+"""Signing in: signed session cookies, CSRF tokens, same-origin checks and the login throttle
+(the login and logout handlers that use them: `dashboard.login`).
 
 One login with `LIVECALL_API_TOKEN` gives an HMAC-signed session cookie (HttpOnly,
 SameSite=Strict, Secure over https) that never contains the token. State-changing requests
@@ -16,19 +16,12 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-from fastapi import Depends, HTTPException, Request, Response
-from fastapi.responses import RedirectResponse
-from starlette.requests import HTTPConnection
 
-from livecall.server.forwarded import client_ip
 from livecall.server.urls import public_base
-
-if TYPE_CHECKING:
-    from livecall.server.dashboard.core import Dashboard
 
 log = structlog.get_logger("livecall.dashboard")
 
@@ -177,11 +170,11 @@ class LoginThrottle:
 # --- small helpers --------------------------------------------------------------------------
 
 
-def _client(host: Any) -> str:
+def client_label(host: Any) -> str:
     return getattr(host, "host", None) or "unknown"
 
 
-def _safe_next(target: str | None) -> str:
+def safe_next(target: str | None) -> str:
     """Only a local path: never an open redirect to another site."""
     if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
         return "/"
@@ -191,7 +184,7 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
-def _is_https(url: Any, headers: Mapping[str, str]) -> bool:
+def is_https(url: Any, headers: Mapping[str, str]) -> bool:
     proto = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
     return proto == "https" or url.scheme in ("https", "wss")
 
@@ -204,79 +197,9 @@ def _origins(url: Any, headers: Any, public_url: str | None) -> set[str]:
     return allowed
 
 
-def _same_origin(url: Any, headers: Any, public_url: str | None, *, required: bool) -> bool:
+def same_origin(url: Any, headers: Any, public_url: str | None, *, required: bool) -> bool:
     """A browser names the page's origin; a cross-site page cannot pretend to be us."""
     origin = headers.get("origin")
     if origin is None or origin == "null":
         return not required and origin is None
     return origin.rstrip("/").lower() in _origins(url, headers, public_url)
-
-
-# --- handlers ---------------------------------------------------------------------------------
-
-
-def _ctx(conn: HTTPConnection) -> Dashboard:
-    return conn.state.livecall_dashboard  # type: ignore[no-any-return]  (core.ctx)
-
-
-Ctx = Annotated["Dashboard", Depends(_ctx)]
-
-
-async def login_page(dash: Ctx, request: Request, next: str | None = None) -> Response:
-    if dash.current(request) is not None:
-        return RedirectResponse(_safe_next(next), status_code=303)
-    return dash.render(request, "login.html", None, next=_safe_next(next), error=None)
-
-
-async def login(dash: Ctx, request: Request) -> Response:
-    form = await dash.read_form(request)
-    target = _safe_next(form.get("next"))
-    peer = request.client.host if request.client else None
-    client = LoginThrottle.client_key(client_ip(peer, request.headers, dash.trusted))
-    if not _same_origin(request.url, request.headers, dash.settings.public_url, required=False):
-        raise HTTPException(403, "cross-origin request refused")
-    if dash.throttle.blocked(client):
-        log.warning("dashboard.login_throttled", client=client)
-        return dash.render(
-            request,
-            "login.html",
-            None,
-            429,
-            next=target,
-            error="Too many failed attempts. Wait a few minutes and try again.",
-        )
-    given = form.get("token", "")
-    if dash.token:
-        ok = hmac.compare_digest(given.encode(), dash.token.encode())
-    else:  # local-only: loopback clients only, no token to check
-        ok = dash.local.is_local(request.scope, request.headers)
-    if not ok:
-        dash.throttle.failed(client)
-        log.warning("dashboard.login_failed", client=client)
-        return dash.render(
-            request, "login.html", None, 401, next=target, error="That token is not right."
-        )
-    dash.throttle.succeeded(client)
-    log.info("dashboard.login", client=client)
-    response = RedirectResponse(target, status_code=303)
-    response.set_cookie(
-        SESSION_COOKIE,
-        dash.sessions.issue(),
-        max_age=int(dash.sessions.ttl_s),
-        path="/",
-        httponly=True,
-        secure=_is_https(request.url, request.headers),
-        samesite="strict",
-    )
-    return response
-
-
-async def logout(dash: Ctx, request: Request) -> Response:
-    form = await dash.read_form(request)
-    session = dash.current(request)
-    if session is not None:
-        dash.check_post(request, session, form)
-        dash.sessions.revoke(session)
-    response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
-    return response

@@ -7,13 +7,13 @@ from __future__ import annotations
 from fastapi import HTTPException, Request, Response
 from fastapi.responses import RedirectResponse
 
-from livecall.server.dashboard.auth import _safe_next
+from livecall.server.dashboard.auth import safe_next
 from livecall.server.dashboard.core import (
-    _SID_RE,
+    SID_RE,
     Ctx,
-    _database,
-    _json,
-    _Unavailable,
+    Unavailable,
+    database_errors,
+    json_bytes,
     log,
 )
 from livecall.server.dashboard.words import dial_number
@@ -26,10 +26,10 @@ async def callbacks_page(dash: Ctx, request: Request, show: str | None = None) -
         return dash.login_redirect(request)
     handled = show == "handled"
     try:
-        with _database():
+        with database_errors():
             items = await owner.callbacks(dash.repo.sessions, handled=handled)
         await dash.count_callbacks(fresh=True)  # this page and its nav count agree
-    except _Unavailable:
+    except Unavailable:
         return dash.unavailable(request, session)
     rows = []
     for item in items:
@@ -53,13 +53,13 @@ async def mark_handled(dash: Ctx, request: Request, sid: str) -> Response:
     session = dash.require(request)
     form = await dash.read_form(request)
     dash.check_post(request, session, form)
-    if not _SID_RE.match(sid):
+    if not SID_RE.match(sid):
         raise HTTPException(404, "no such call")
     handled = form.get("handled", "1") != "0"
     try:
-        with _database():
+        with database_errors():
             found = await owner.mark_handled(dash.repo.sessions, sid, handled)
-    except _Unavailable as error:
+    except Unavailable as error:
         raise HTTPException(503, "call records database unavailable") from error
     if not found:
         raise HTTPException(404, "no such call")
@@ -67,8 +67,8 @@ async def mark_handled(dash: Ctx, request: Request, sid: str) -> Response:
     log.info("dashboard.callback_marked", call_sid=sid, handled=handled)
     if "application/json" in request.headers.get("accept", ""):
         return Response(
-            _json({"call_sid": sid, "handled": handled, "waiting": dash.callbacks_waiting}),
+            json_bytes({"call_sid": sid, "handled": handled, "waiting": dash.callbacks_waiting}),
             200,
             media_type="application/json",
         )
-    return RedirectResponse(_safe_next(form.get("next") or "/callbacks"), status_code=303)
+    return RedirectResponse(safe_next(form.get("next") or "/callbacks"), status_code=303)

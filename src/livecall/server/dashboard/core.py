@@ -30,8 +30,8 @@ from starlette.requests import HTTPConnection
 from starlette.templating import Jinja2Templates
 
 from livecall.live_feed import LiveFeed
-from livecall.server.access import LocalAccess
 from livecall.server.api import SID_PATTERN, EventOut, TurnOut
+from livecall.server.auth import LocalAccess
 from livecall.server.dashboard.auth import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -39,7 +39,7 @@ from livecall.server.dashboard.auth import (
     LoginThrottle,
     Session,
     Sessions,
-    _same_origin,
+    same_origin,
 )
 from livecall.server.forwarded import TrustedProxies
 from livecall.settings import Settings
@@ -50,7 +50,7 @@ from livecall.store.writer import CallStore
 from livecall.telephony.stream_token import StreamTokens
 
 if TYPE_CHECKING:
-    from livecall.server.app import AppState
+    from livecall.server.state import AppState
 
 log = structlog.get_logger("livecall.dashboard")
 
@@ -62,9 +62,9 @@ COUNT_TTL_S = 5.0
 COUNT_TIMEOUT_S = 1.0
 END_REASON = "operator_hangup"  # what a call ended from the live page records as end_reason
 MAX_FORM_BYTES = 8192
-_SID_RE = re.compile(SID_PATTERN)
+SID_RE = re.compile(SID_PATTERN)
 # Bookkeeping events listed under Events but kept out of the transcript.
-_QUIET_EVENTS = frozenset({"session_started"})
+QUIET_EVENTS = frozenset({"session_started"})
 
 # Pages may only load what this app serves; `connect-src 'self'` covers the softphone socket.
 _CSP = (
@@ -85,7 +85,7 @@ class DashboardDisabled(RuntimeError):
     """No `LIVECALL_API_TOKEN` and not local-only: the app should not mount the dashboard."""
 
 
-def _day(value: str | None) -> date | None:
+def parse_day(value: str | None) -> date | None:
     if not value:
         return None
     try:
@@ -94,7 +94,7 @@ def _day(value: str | None) -> date | None:
         return None
 
 
-def _fmt_duration(seconds: float | None) -> str:
+def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "–"
     total = round(seconds)
@@ -103,7 +103,7 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def _fmt_offset(ms: float | None) -> str:
+def fmt_offset(ms: float | None) -> str:
     """Milliseconds since the stream started as m:ss.t, the player's clock."""
     if ms is None:
         return "–"
@@ -111,18 +111,18 @@ def _fmt_offset(ms: float | None) -> str:
     return f"{int(minutes)}:{secs:04.1f}"
 
 
-def _fmt_ms(ms: float | None) -> str:
+def fmt_ms(ms: float | None) -> str:
     return "–" if ms is None else f"{ms:,.0f} ms"
 
 
-def _latency_class(ms: float | None) -> str:
+def latency_class(ms: float | None) -> str:
     """Where a first-audio latency sits: fast under 800 ms, slow from 1.5 s."""
     if ms is None:
         return ""
     return "fast" if ms < 800 else "ok" if ms < 1500 else "slow"
 
 
-def _unheard(turn: TurnOut) -> tuple[str, str]:
+def unheard(turn: TurnOut) -> tuple[str, str]:
     """An interrupted agent turn as (what was heard, what was cut off)."""
     heard = turn.heard_text
     if not turn.interrupted or heard is None:
@@ -132,7 +132,7 @@ def _unheard(turn: TurnOut) -> tuple[str, str]:
     return heard, ""
 
 
-def _event_summary(event: EventOut) -> str:
+def event_summary(event: EventOut) -> str:
     """An event as one line of the transcript: what a reader needs, not the raw data."""
     data = event.data
     heard = data.get("heard_ms")
@@ -149,24 +149,24 @@ def _event_summary(event: EventOut) -> str:
     return ""
 
 
-def _json(value: Any) -> bytes:
+def json_bytes(value: Any) -> bytes:
     return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
 @contextlib.contextmanager
-def _database() -> Iterator[None]:
+def database_errors() -> Iterator[None]:
     """A database that is down is a 503 page, not a 500."""
     try:
         yield
     except (SQLAlchemyError, OSError) as error:
-        raise _Unavailable from error
+        raise Unavailable from error
 
 
-class _Unavailable(Exception):
+class Unavailable(Exception):
     pass
 
 
-async def _webhook_deliveries(state: AppState, sid: str) -> list[Any] | None:
+async def webhook_deliveries(state: AppState, sid: str) -> list[Any] | None:
     """A call's webhook deliveries for its page ([] when none; None when unreadable)."""
     webhooks = getattr(state, "webhooks", None)
     if webhooks is None:
@@ -179,9 +179,9 @@ async def _webhook_deliveries(state: AppState, sid: str) -> list[Any] | None:
         return None
 
 
-def _profile_names(state: AppState, settings: Settings) -> list[str]:
+def profile_names(state: AppState, settings: Settings) -> list[str]:
     """The agent profiles a softphone call may pick (whatever the app keeps, else the file)."""
-    source = getattr(state, "profiles", None) or state.extras.get("profiles")
+    source = getattr(state, "profiles", None)
     current = getattr(source, "current", source)
     names = getattr(current, "names", None)
     if names is None and settings.profiles_file is not None:
@@ -274,7 +274,7 @@ class Dashboard:
 
     def check_post(self, request: Request, session: Session, form: Mapping[str, str]) -> None:
         """CSRF: same-origin request and the session's token (form field or header)."""
-        if not _same_origin(request.url, request.headers, self.settings.public_url, required=False):
+        if not same_origin(request.url, request.headers, self.settings.public_url, required=False):
             raise HTTPException(403, "cross-origin request refused")
         given = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER)
         if not self.sessions.check_csrf(session, given):

@@ -14,10 +14,10 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 
 from livecall.live_feed import LiveFeed
 from livecall.server.dashboard.core import (
-    _SID_RE,
     END_REASON,
+    SID_RE,
     Ctx,
-    _json,
+    json_bytes,
     log,
 )
 from livecall.server.dashboard.words import end_reason_words
@@ -74,7 +74,7 @@ def live_snapshot(feed: LiveFeed | None, registry: CallRegistry) -> list[dict[st
 
 
 def _sse(event: str, data: Any) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + _json(data) + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
 
 
 async def live_events(
@@ -160,13 +160,13 @@ async def end_call(dash: Ctx, request: Request, sid: str) -> Response:
         cluster = getattr(dash.state, "cluster", None)
         if (
             cluster is None
-            or not _SID_RE.match(sid)
+            or not SID_RE.match(sid)
             or not await cluster.request(sid, "end", reason=END_REASON)
         ):
             raise HTTPException(404, "no such call in progress")
     log.info("dashboard.end_call", call_sid=sid)
     if "application/json" in request.headers.get("accept", ""):
         return Response(
-            _json({"call_sid": sid, "ending": True}), 202, media_type="application/json"
+            json_bytes({"call_sid": sid, "ending": True}), 202, media_type="application/json"
         )
     return RedirectResponse("/live", status_code=303)

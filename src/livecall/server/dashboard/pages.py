@@ -14,19 +14,19 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from livecall.outcomes import memory
 from livecall.outcomes.analysis import analyses_for, analysis_for
-from livecall.server.api import CallDetail, CallOut, EventOut, StatsOut, TurnOut, _columns
+from livecall.server.api import CallDetail, CallOut, EventOut, StatsOut, TurnOut, call_columns
 from livecall.server.dashboard.core import (
-    _QUIET_EVENTS,
-    _SID_RE,
+    QUIET_EVENTS,
+    SID_RE,
     STATIC_DIR,
     Ctx,
-    _database,
-    _day,
-    _json,
-    _Unavailable,
-    _unheard,
-    _webhook_deliveries,
+    Unavailable,
+    database_errors,
+    json_bytes,
     log,
+    parse_day,
+    unheard,
+    webhook_deliveries,
 )
 from livecall.server.dashboard.words import (
     dial_number,
@@ -76,7 +76,7 @@ async def calls_page(
     if _CALL_SID.match(query):  # a pasted call SID: straight to its page
         return RedirectResponse(f"/calls/{query}", status_code=303)
     zone = dash.zone
-    start, end = _day(since), _day(until)
+    start, end = parse_day(since), parse_day(until)
     lo = local_midnight(start, zone) if start else None
     hi = local_midnight(end + timedelta(days=1), zone) if end else None
     status = status if status in ("in_progress", "completed", "failed") else None
@@ -85,7 +85,7 @@ async def calls_page(
     hits: list[search.SearchHit] | None = None
     next_cursor = None
     try:
-        with _database():
+        with database_errors():
             if query:
                 hits = await dash.repo.search(
                     query, since=lo, until=hi, status=status, outcome=outcome, limit=SEARCH_LIMIT
@@ -109,7 +109,7 @@ async def calls_page(
             sids = [c.call_sid for c in calls]
             spoke = await owner.callers_who_spoke(dash.repo.sessions, sids)
             analyses = await analyses_for(dash.repo.sessions, sids)
-    except _Unavailable:
+    except Unavailable:
         return dash.unavailable(request, session)
     terms = search.search_terms(query) if query and not search.looks_like_number(query) else []
     rows = []
@@ -159,10 +159,10 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
     session = dash.current(request)
     if session is None:
         return dash.login_redirect(request)
-    if not _SID_RE.match(sid):
+    if not SID_RE.match(sid):
         return dash.not_found(request, session, "No such call.")
     try:
-        with _database():
+        with database_errors():
             call = await dash.repo.get_call(sid)
             analysis = await analysis_for(dash.repo.sessions, sid) if call is not None else None
             caller_number = (
@@ -175,13 +175,13 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
             remembered = (
                 await memory.count(dash.repo.sessions, caller_number) if caller_number else 0
             )
-    except _Unavailable:
+    except Unavailable:
         return dash.unavailable(request, session)
     if call is None:
         return dash.not_found(request, session, f"No call {sid} in the records.")
     detail = CallDetail.model_validate(
         {
-            **_columns(call),
+            **call_columns(call),
             "has_recording": call.recording_key is not None,
             "custom_parameters": call.custom_parameters or {},
             "turns": [TurnOut.model_validate(t) for t in call.turns],
@@ -192,18 +192,18 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
     forgotten = request.query_params.get("forgotten", "")[:6]  # after "Forget this caller"
     timeline: list[dict[str, Any]] = []
     for turn in detail.turns:
-        heard, cut = _unheard(turn)
+        heard, cut = unheard(turn)
         timeline.append(
             {"kind": "turn", "at": turn.start_ms, "turn": turn, "heard": heard, "cut": cut}
         )
     for event in detail.events:
-        if event.kind not in _QUIET_EVENTS:
+        if event.kind not in QUIET_EVENTS:
             timeline.append({"kind": "event", "at": event.at_ms, "event": event})
     timeline.sort(key=lambda item: (item["at"], item["kind"] == "event"))
     latencies = [
         t.first_audio_latency_ms for t in detail.turns if t.first_audio_latency_ms is not None
     ]
-    deliveries = await _webhook_deliveries(dash.state, sid)
+    deliveries = await webhook_deliveries(dash.state, sid)
     remote = call.to_number if call.direction == "outbound" else call.from_number
     spoke = any(t.speaker == "caller" and t.text for t in detail.turns)
     outcome = owner.outcome_of(call.status, call.duration_s, spoke)
@@ -256,13 +256,13 @@ async def forget_caller(dash: Ctx, request: Request, number: str) -> Response:
     if normalized is None:
         raise HTTPException(400, "not an E.164 phone number")
     try:
-        with _database():
+        with database_errors():
             erased = await memory.forget(dash.repo.sessions, normalized)
-    except _Unavailable:
+    except Unavailable:
         return dash.unavailable(request, session)
     log.info("dashboard.memory_deleted", calls=erased)
     back = form.get("call_sid", "")
-    target = f"/calls/{back}?forgotten={erased}" if _SID_RE.match(back) else "/"
+    target = f"/calls/{back}?forgotten={erased}" if SID_RE.match(back) else "/"
     return RedirectResponse(target, status_code=303)
 
 
@@ -272,7 +272,7 @@ async def retry_webhook(dash: Ctx, request: Request, sid: str) -> Response:
     form = await dash.read_form(request)
     dash.check_post(request, session, form)
     webhooks = getattr(dash.state, "webhooks", None)
-    if webhooks is None or not _SID_RE.match(sid):
+    if webhooks is None or not SID_RE.match(sid):
         raise HTTPException(404, "no such call")
     try:
         outcome = await webhooks.retry(sid)
@@ -283,7 +283,7 @@ async def retry_webhook(dash: Ctx, request: Request, sid: str) -> Response:
     log.info("dashboard.webhook_retry", call_sid=sid, deliveries=outcome.queued)
     if "application/json" in request.headers.get("accept", ""):
         return Response(
-            _json({"call_sid": sid, "queued": outcome.queued}),
+            json_bytes({"call_sid": sid, "queued": outcome.queued}),
             202,
             media_type="application/json",
         )
@@ -293,7 +293,7 @@ async def retry_webhook(dash: Ctx, request: Request, sid: str) -> Response:
 async def call_recording(dash: Ctx, request: Request, sid: str) -> Response:
     """The stereo recording for the page's player (cookie auth; Range requests work)."""
     dash.require(request)
-    if not _SID_RE.match(sid):
+    if not SID_RE.match(sid):
         raise HTTPException(404, "no recording for this call")
     recording = await dash.recordings.open(sid)
     if recording is None:
@@ -330,8 +330,8 @@ async def stats_page(
         return dash.login_redirect(request)
     zone = dash.zone
     today = local_today(zone)
-    end = _day(until) or today
-    start = _day(since) or end - timedelta(days=13)
+    end = parse_day(until) or today
+    start = parse_day(since) or end - timedelta(days=13)
     if start > end:
         start, end = end, start
     asked = (end - start).days + 1
@@ -340,12 +340,12 @@ async def stats_page(
         start = end - timedelta(days=MAX_STATS_DAYS - 1)
     lo, hi = owner.local_range(start, end, zone)
     try:
-        with _database():
+        with database_errors():
             seen = await owner.activity(dash.repo.sessions, start, end, zone)
             repeats, repeat_top = await owner.repeat_callers(dash.repo.sessions, lo, hi)
             overall = StatsOut.of(await dash.repo.stats(since=lo, until=hi))
             recent = await dash.repo.list_calls(since=lo, until=hi, limit=HISTOGRAM_CALLS)
-    except _Unavailable:
+    except Unavailable:
         return dash.unavailable(request, session)
     durations = [c.duration_s for c in recent.items if c.duration_s is not None]
     days = [

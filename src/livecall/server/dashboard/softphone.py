@@ -13,9 +13,9 @@ import time
 
 from fastapi import Request, Response, WebSocket
 
-from livecall.server.dashboard.auth import _client, _same_origin
-from livecall.server.dashboard.core import Ctx, _json, _profile_names, log
-from livecall.server.twilio_routes import _run_call, open_stream
+from livecall.server.dashboard.auth import client_label, same_origin
+from livecall.server.dashboard.core import Ctx, json_bytes, log, profile_names
+from livecall.server.twilio_routes import open_stream, run_twilio_call
 from livecall.telephony.stream_token import TOKEN_PARAMETER, StreamTokens, derive_key
 
 _SOFTPHONE_CALL_SID = re.compile(r"^CA[0-9a-f]{32}$")
@@ -37,7 +37,7 @@ async def softphone_page(dash: Ctx, request: Request) -> Response:
         "softphone.html",
         session,
         nav="softphone",
-        profiles=_profile_names(dash.state, dash.settings),
+        profiles=profile_names(dash.state, dash.settings),
     )
 
 
@@ -48,7 +48,7 @@ async def softphone_token(dash: Ctx, request: Request) -> Response:
     call_sid = "CA" + secrets.token_hex(16)
     token = dash.softphone_tokens.for_call(call_sid, session.id, time.time())
     return Response(
-        _json({"callSid": call_sid, "token": token}),
+        json_bytes({"callSid": call_sid, "token": token}),
         media_type="application/json",
         headers={"Cache-Control": "no-store"},
     )
@@ -60,10 +60,10 @@ async def softphone_socket(dash: Ctx, ws: WebSocket) -> None:
     Its `start` must carry the token `/softphone/token` gave this session for its CallSid.
     """
     session = dash.current(ws)
-    if session is None or not _same_origin(
+    if session is None or not same_origin(
         ws.url, ws.headers, dash.settings.public_url, required=True
     ):
-        log.warning("dashboard.softphone_refused", client=_client(ws.client))
+        log.warning("dashboard.softphone_refused", client=client_label(ws.client))
         await ws.close(code=1008)  # before accept: the upgrade is answered 403
         return
     if dash.state.registry.draining:
@@ -96,4 +96,4 @@ async def softphone_socket(dash: Ctx, ws: WebSocket) -> None:
         params["profile"] = profile
     start = dataclasses.replace(start, custom_parameters=params)
     log.info("dashboard.softphone_call", call_sid=start.call_sid, profile=profile or None)
-    await _run_call(dash.state, carrier, stream, start)
+    await run_twilio_call(dash.state, carrier, stream, start)
