@@ -7,8 +7,9 @@ line never goes quiet), plays what the app sends back through a real-time playou
 honours marks and clears, and hangs up. `SimulatedEdge` is that engine; a carrier's simulator
 subclasses it and supplies only its side of the wire through these hooks:
 
-- document: `_call_params`, `_post` (its signing), `_read_document` (and `_after_stream`);
-  the error texts `FETCH_FAILED` / `BAD_CONTENT_TYPE`, the accepted `DOCUMENT_TYPES`;
+- document: `_call_params`, `_signature` (and `FORM_HEADERS`), `_read_document` (`_read_xml`
+  walks a TwiML-like one, `_stream_url_ok` checks its URL), `_after_stream`; the texts
+  `FETCH_FAILED`, `BAD_CONTENT_TYPE`, `XML_INVALID`, `STREAM_URL_*`, the `DOCUMENT_TYPES`;
 - stream: `_new_stream_sid`, `_stream_headers`, `STREAM_USER_AGENT`, `_stream_opened`,
   `_hello` (what it sends first: connected, start), `_stream_status` (status callbacks);
 - frames out: `_media_message(n, frame)` (the caller's n-th μ-law 8 kHz frame in its wire
@@ -29,10 +30,11 @@ import asyncio
 import binascii
 import contextlib
 import random
+import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import numpy as np
@@ -215,6 +217,14 @@ class SimulatedEdge:
     FETCH_FAILED: ClassVar[str] = "answer webhook failed: {why}"
     BAD_CONTENT_TYPE: ClassVar[str] = "answer webhook returned content type {ctype!r}, not XML"
     DOCUMENT_TYPES: ClassVar[tuple[str, ...]] = ("xml",)
+    XML_INVALID: ClassVar[str] = "invalid answer document: {why}"
+    # a webhook request's headers (its signature comes from `_signature`)
+    FORM_HEADERS: ClassVar[Mapping[str, str]] = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Accept": "*/*",
+    }
+    STREAM_URL_INVALID: ClassVar[str] = "stream URL is not an absolute ws(s):// URL: {url!r}"
+    STREAM_URL_NOT_WSS: ClassVar[str] = "stream URL must use wss://: {url!r}"
     WS_REFUSED: ClassVar[str] = "stream WebSocket refused: status {status}"
     WS_FAILED: ClassVar[str] = "stream WebSocket failed: {exc!r}"
     STREAM_USER_AGENT: ClassVar[str | None] = None  # None: the websockets library's own
@@ -383,14 +393,60 @@ class SimulatedEdge:
         """The answer webhook's form: the call's details as the carrier names them."""
         raise NotImplementedError
 
-    async def _post(self, url: str, params: dict[str, str]) -> httpx.Response:
-        """POST a webhook, signed as the carrier signs (see `_send_form`)."""
+    def _form_headers(self) -> dict[str, str]:
+        """A webhook request's headers before its signature (a fresh idempotency token…)."""
+        return dict(self.FORM_HEADERS)
+
+    def _signature(self, url: str, params: Mapping[str, str], body: bytes) -> dict[str, str]:
+        """The headers that sign one webhook request, as the carrier signs."""
         raise NotImplementedError
+
+    async def _post(self, url: str, params: dict[str, str]) -> httpx.Response:
+        """POST a webhook as a form, signed (`sign`) as the carrier signs."""
+        body = urlencode(params).encode()
+        headers = self._form_headers()
+        if self.sign:
+            headers.update(self._signature(url, params, body))
+        return await self._send_form(url, body, headers)
 
     def _read_document(self, body: bytes) -> bool:
         """Read the answer document: run what comes before the stream, note the stream's URL
         (`result.stream_url`) and what follows it; False if the call ends there."""
         raise NotImplementedError
+
+    def _read_xml(
+        self,
+        body: bytes,
+        stream_tag: str,
+        read_stream: Callable[[ET.Element, list[ET.Element]], bool],
+        run_verb: Callable[[ET.Element], bool],
+    ) -> bool:
+        """An XML answer document (`<Response>` and its verbs, TwiML-like): run the verbs
+        before the one named `stream_tag` (`run_verb`: True if one ends the call), then
+        `read_stream(it, the verbs after it)`. A document without it ends the call."""
+        try:
+            root = ET.fromstring(body)
+        except ET.ParseError as exc:
+            return self._fail(self.XML_INVALID.format(why=exc))
+        if root.tag != "Response":
+            return self._fail(self.XML_INVALID.format(why=f"root is <{root.tag}>, not <Response>"))
+        verbs = list(root)
+        for i, verb in enumerate(verbs):
+            if verb.tag == stream_tag:
+                return read_stream(verb, verbs[i + 1 :])
+            if run_verb(verb):
+                return False
+        self.result.ended_by = "server"  # the document ran out: the carrier hangs up
+        return False
+
+    def _stream_url_ok(self, url: str) -> bool:
+        """The document's stream URL: absolute ws:// or wss:// (wss:// with `require_wss`)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.netloc:
+            return self._fail(self.STREAM_URL_INVALID.format(url=url))
+        if self.require_wss and parts.scheme != "wss":
+            return self._fail(self.STREAM_URL_NOT_WSS.format(url=url))
+        return True
 
     async def _after_stream(self) -> None:
         """The app closed the socket: the carrier goes on with what follows the stream."""

@@ -38,10 +38,9 @@ import secrets
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from typing import Any
-from urllib.parse import urlencode, urlsplit
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-import httpx
 import numpy as np
 import orjson
 import soxr
@@ -121,6 +120,14 @@ class PlivoSimulatedCaller(SimulatedEdge):
 
     FETCH_FAILED = "answer_url fetch failed: {why}"
     BAD_CONTENT_TYPE = "answer_url returned content type {ctype!r}, not XML"
+    XML_INVALID = "invalid Plivo XML: {why}"
+    FORM_HEADERS: ClassVar[Mapping[str, str]] = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "User-Agent": "PlivoHTTP/1.0",
+        "Accept": "*/*",
+    }
+    STREAM_URL_INVALID = "<Stream> body is not an absolute ws(s):// URL: {url!r}"
+    STREAM_URL_NOT_WSS = "<Stream> URL must use wss://: {url!r}"
     SID_KEYS = ("streamId",)
     SID_REQUIRED = frozenset(("checkpoint", "clearAudio"))
     SID_MISMATCH = "{event} {key} {sid!r} is not this stream's"
@@ -185,38 +192,18 @@ class PlivoSimulatedCaller(SimulatedEdge):
         params.update(self.extra_params)
         return params
 
-    async def _post(self, url: str, params: dict[str, str]) -> httpx.Response:
-        body = urlencode(params).encode()
+    def _signature(self, url: str, params: Mapping[str, str], body: bytes) -> dict[str, str]:
+        nonce = new_nonce()
         headers = {
-            "Content-Type": "application/x-www-form-urlencoded",
-            "User-Agent": "PlivoHTTP/1.0",
-            "Accept": "*/*",
+            "X-Plivo-Signature-V3-Nonce": nonce,
+            "X-Plivo-Signature-V3": self._plivo_signer.sign("POST", url, params, nonce),
         }
-        if self.sign:
-            nonce = new_nonce()
-            headers["X-Plivo-Signature-V3-Nonce"] = nonce
-            headers["X-Plivo-Signature-V3"] = self._plivo_signer.sign("POST", url, params, nonce)
-            if self._ma_signer is not None:
-                headers["X-Plivo-Signature-Ma-V3"] = self._ma_signer.sign(
-                    "POST", url, params, nonce
-                )
-        return await self._send_form(url, body, headers)
+        if self._ma_signer is not None:
+            headers["X-Plivo-Signature-Ma-V3"] = self._ma_signer.sign("POST", url, params, nonce)
+        return headers
 
     def _read_document(self, body: bytes) -> bool:
-        try:
-            root = ET.fromstring(body)
-        except ET.ParseError as exc:
-            return self._fail(f"invalid Plivo XML: {exc}")
-        if root.tag != "Response":
-            return self._fail(f"invalid Plivo XML: root is <{root.tag}>, not <Response>")
-        elements = list(root)
-        for i, element in enumerate(elements):
-            if element.tag == "Stream":
-                return self._read_stream(element, elements[i + 1 :])
-            if self._run_verb(element):
-                return False
-        self.result.ended_by = "server"  # the XML ran out: Plivo hangs up
-        return False
+        return self._read_xml(body, "Stream", self._read_stream, self._run_verb)
 
     def _run_verb(self, verb: ET.Element) -> bool:
         """Run a non-stream element; True if it ends the call."""
@@ -246,11 +233,8 @@ class PlivoSimulatedCaller(SimulatedEdge):
         attrs = dict(stream.attrib)
         self.stream_attributes = attrs
         url = (stream.text or "").strip()
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.netloc:
-            return self._fail(f"<Stream> body is not an absolute ws(s):// URL: {url!r}")
-        if self.require_wss and parts.scheme != "wss":
-            return self._fail(f"<Stream> URL must use wss://: {url!r}")
+        if not self._stream_url_ok(url):
+            return False
         try:
             bidirectional = bool(_truthy(attrs.get("bidirectional")))
             keep_alive = bool(_truthy(attrs.get("keepCallAlive")))

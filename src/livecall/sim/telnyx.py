@@ -32,11 +32,10 @@ import contextlib
 import secrets
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import urlencode, urlsplit
+from typing import Any, ClassVar
 
-import httpx
 import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -106,6 +105,14 @@ class TelnyxSimulatedCaller(SimulatedCaller):
     FETCH_FAILED = "TeXML fetch failed: {why}"
     BAD_CONTENT_TYPE = "TeXML fetch returned content type {ctype!r}, not XML"
     DOCUMENT_TYPES = ("xml",)
+    FORM_HEADERS: ClassVar[Mapping[str, str]] = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "User-Agent": "Telnyx Webhooks",
+        "Accept": "*/*",
+    }
+    SEQ_KEY = "sequence_number"
+    STREAM_URL_INVALID = "<Stream> url is not an absolute ws(s):// URL: {url!r}"
+    STREAM_URL_NOT_WSS = "<Stream> url must use wss://: {url!r}"
     WS_REFUSED = "stream WebSocket refused: status {status}"
     WS_FAILED = "stream WebSocket failed: {exc!r}"
     STREAM_USER_AGENT = None
@@ -156,28 +163,17 @@ class TelnyxSimulatedCaller(SimulatedCaller):
         params.update(self.extra_params)
         return params
 
-    async def _post(self, url: str, params: dict[str, str]) -> httpx.Response:
-        body = urlencode(params).encode()
-        headers = {
-            "Content-Type": "application/x-www-form-urlencoded",
-            "User-Agent": "Telnyx Webhooks",
-            "Accept": "*/*",
-        }
-        if self.sign:
-            stamp = int(datetime.now(UTC).timestamp()) + self.stamp_skew_s
-            headers.update(sign_webhook(self._private_key, body, stamp))
-        return await self._send_form(url, body, headers)
+    def _signature(self, url: str, params: Mapping[str, str], body: bytes) -> dict[str, str]:
+        stamp = int(datetime.now(UTC).timestamp()) + self.stamp_skew_s
+        return sign_webhook(self._private_key, body, stamp)
 
     def _read_connect(self, connect_el: ET.Element, after: list[ET.Element]) -> bool:
         stream = self._connect_stream(connect_el)
         if stream is None:
             return False
         url = stream.get("url", "")
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.netloc:
-            return self._fail(f"<Stream> url is not an absolute ws(s):// URL: {url!r}")
-        if self.require_wss and parts.scheme != "wss":
-            return self._fail(f"<Stream> url must use wss://: {url!r}")
+        if not self._stream_url_ok(url):
+            return False
         track = stream.get("track", "inbound_track")
         if track not in ("inbound_track", "outbound_track", "both_tracks"):
             return self._fail(f"<Stream> track {track!r} is not a Telnyx track")
@@ -213,20 +209,14 @@ class TelnyxSimulatedCaller(SimulatedCaller):
         self._media_mid = f'","stream_id":{sid_json},"media":{{"track":"inbound","chunk":"'
 
     def _envelope(self, event: str, body: dict[str, Any] | None = None) -> str:
-        msg: dict[str, Any] = {
-            "event": event,
-            "sequence_number": str(self._next_seq()),
-            "stream_id": self._stream_sid,
-        }
-        if event == "dtmf":
-            assert body is not None
-            msg["occurred_at"] = datetime.now(UTC).isoformat()
-            msg["dtmf"] = {"digit": body["digit"]}
-        elif event == "stop":
-            msg["stop"] = {"user_id": self.account_sid, "call_control_id": self.call_sid}
-        elif body is not None:
-            msg[event] = body
-        return orjson.dumps(msg).decode()
+        if event == "dtmf" and body is not None:
+            occurred = {"occurred_at": datetime.now(UTC).isoformat()}
+            return self._frame(event, {"digit": body["digit"]}, occurred)
+        return self._frame(event, body)
+
+    def _stop_frame(self) -> str | None:
+        stop = {"user_id": self.account_sid, "call_control_id": self.call_sid}
+        return self._envelope("stop", stop)
 
     async def _hello(self, ws: ClientConnection) -> None:
         await ws.send('{"event":"connected","version":"1.0.0"}')

@@ -24,7 +24,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpx
 import orjson
@@ -92,6 +92,15 @@ class SimulatedCaller(SimulatedEdge):
     FETCH_FAILED = "11200 HTTP retrieval failure: {why}"
     BAD_CONTENT_TYPE = "12300 Invalid Content-Type: {ctype!r}"
     DOCUMENT_TYPES: ClassVar[tuple[str, ...]] = ("xml", "html")
+    XML_INVALID = "12100 Document parse failure: {why}"
+    FORM_HEADERS: ClassVar[Mapping[str, str]] = {
+        "Content-Type": "application/x-www-form-urlencoded; charset=UTF-8",
+        "User-Agent": "TwilioProxy/1.1",
+        "Accept": "*/*",
+    }
+    SEQ_KEY: ClassVar[str] = "sequenceNumber"
+    STREAM_URL_INVALID = "31920 Stream url is not an absolute wss:// URL: {url!r}"
+    STREAM_URL_NOT_WSS = "31910 Stream url must use wss://: {url!r}"
     WS_REFUSED = "31920 Stream - WebSocket - Handshake Error: status {status}"
     WS_FAILED = "31901 Stream - WebSocket - Connection failed: {exc!r}"
     STREAM_USER_AGENT: ClassVar[str | None] = "Twilio.TmeWs/1.0"
@@ -143,16 +152,11 @@ class SimulatedCaller(SimulatedEdge):
         params.update(self.extra_params)
         return params
 
-    async def _post(self, url: str, params: dict[str, str]) -> httpx.Response:
-        headers = {
-            "Content-Type": "application/x-www-form-urlencoded; charset=UTF-8",
-            "User-Agent": "TwilioProxy/1.1",
-            "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
-            "Accept": "*/*",
-        }
-        if self.sign:
-            headers.update(self._signature_headers(url, params))
-        return await self._send_form(url, urlencode(params).encode(), headers)
+    def _form_headers(self) -> dict[str, str]:
+        return {**self.FORM_HEADERS, "I-Twilio-Idempotency-Token": str(uuid.uuid4())}
+
+    def _signature(self, url: str, params: Mapping[str, str], body: bytes) -> dict[str, str]:
+        return self._signature_headers(url, params)
 
     def _signature_headers(self, url: str, params: Mapping[str, str]) -> dict[str, str]:
         headers = {"X-Twilio-Signature": self._signer.sign(url, params, algorithm=self._algorithm)}
@@ -163,20 +167,7 @@ class SimulatedCaller(SimulatedEdge):
         return headers
 
     def _read_document(self, body: bytes) -> bool:
-        try:
-            root = ET.fromstring(body)
-        except ET.ParseError as exc:
-            return self._fail(f"12100 Document parse failure: {exc}")
-        if root.tag != "Response":
-            return self._fail(f"12100 Document parse failure: root is <{root.tag}>")
-        verbs = list(root)
-        for i, verb in enumerate(verbs):
-            if verb.tag == "Connect":
-                return self._read_connect(verb, verbs[i + 1 :])
-            if self._run_verb(verb):
-                return False
-        self.result.ended_by = "server"  # the document ran out: Twilio hangs up
-        return False
+        return self._read_xml(body, "Connect", self._read_connect, self._run_verb)
 
     def _run_verb(self, verb: ET.Element) -> bool:
         """Run a non-stream verb; True if it ends the call."""
@@ -230,11 +221,8 @@ class SimulatedCaller(SimulatedEdge):
         if stream is None:
             return False
         url = stream.get("url", "")
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.netloc:
-            return self._fail(f"31920 Stream url is not an absolute wss:// URL: {url!r}")
-        if self.require_wss and parts.scheme != "wss":
-            return self._fail(f"31910 Stream url must use wss://: {url!r}")
+        if not self._stream_url_ok(url):
+            return False
         if "?" in url:
             return self._fail(f"31920 Stream url must not carry a query string: {url!r}")
         self._connect_action = connect_el.get("action")
@@ -285,11 +273,19 @@ class SimulatedCaller(SimulatedEdge):
         self._media_mid = f'","streamSid":{sid_json},"media":{{"track":"inbound","chunk":"'
 
     def _envelope(self, event: str, body: dict[str, Any] | None = None) -> str:
+        return self._frame(event, body)
+
+    def _frame(
+        self, event: str, body: dict[str, Any] | None, top: Mapping[str, Any] | None = None
+    ) -> str:
+        """`{"event", SEQ_KEY (a digit string), the stream id, **top, event: body}`."""
         msg: dict[str, Any] = {
             "event": event,
-            "sequenceNumber": str(self._next_seq()),
-            "streamSid": self._stream_sid,
+            self.SEQ_KEY: str(self._next_seq()),
+            self.SID_KEYS[0]: self._stream_sid,
         }
+        if top:
+            msg.update(top)
         if body is not None:
             msg[event] = body
         return orjson.dumps(msg).decode()
