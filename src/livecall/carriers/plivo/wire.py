@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import binascii
 from collections import deque
-from functools import partial
 from typing import Any
 
 import orjson
@@ -130,8 +129,9 @@ def parse_extra_headers(raw: object) -> dict[str, str]:
     return out
 
 
-# Plivo sends counters as numbers (chunk, sequenceNumber) or strings (timestamp).
-_int = partial(whole_number, max_value=MAX_COUNTER, floats=True)
+def _int(value: object, field: str) -> int | None:
+    """Plivo sends counters as numbers (chunk, sequenceNumber) or strings (timestamp)."""
+    return whole_number(value, field, max_value=MAX_COUNTER, floats=True)
 
 
 class PlivoStream(JsonCarrierStream):
@@ -253,7 +253,7 @@ class PlivoStream(JsonCarrierStream):
             self._check_id(msg, event)
 
     def _media(self, msg: dict[str, Any]) -> CallerAudio:
-        self._check_id_of(msg, "media")
+        self._check_streaming(msg, "media")
         media = self._obj(msg, "media", "media")
         payload = media.get("payload")
         if type(payload) is not str or not payload:
