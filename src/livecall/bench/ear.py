@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from livecall.audio.g711 import ulaw_decode, ulaw_encode
-from livecall.sim import twilio as sim
+from livecall.sim import edge as sim
 from livecall.sim.twilio import Pause, Probe, Say, SimulatedCaller
 
 __all__ = ["REPLY_FRAMES", "EarCaller", "ear_script"]

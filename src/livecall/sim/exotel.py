@@ -63,8 +63,8 @@ from livecall.carriers.exotel.wire import (
     MIN_CHUNK_BYTES,
     SAMPLE_RATES,
 )
+from livecall.sim.edge import _F_SPEECH_END
 from livecall.sim.twilio import (
-    _F_SPEECH_END,
     CallResult,
     HangUp,
     Pause,

@@ -23,8 +23,8 @@ or missing streamId on checkpoint/clearAudio, a bad contentType/sampleRate, bad 
 playAudio on a one-way stream) are recorded in `CallResult.protocol_errors`, never a crash;
 Plivo documents no error frame, so none is sent back.
 
-The script, clock, playout and measurements are `livecall.sim.twilio.SimulatedCaller`'s
-(same actions, same `CallResult`): this class swaps only the carrier's side of the wire.
+The script, clock, playout and measurements are `livecall.sim.edge.SimulatedEdge`'s (same
+actions, same `CallResult`): this class supplies only Plivo's side of the wire.
 Its `CallResult.call_sid` is the CallUUID, `account_sid` the auth id, `stream_sid` the
 streamId and `twiml` the Plivo XML.
 """
@@ -33,25 +33,23 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import contextlib
 import re
 import secrets
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from typing import Any
-from urllib.parse import urlencode, urljoin, urlsplit
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-import httpx
 import numpy as np
 import orjson
 import soxr
-import websockets
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection
 
 from livecall.audio.g711 import ulaw_decode, ulaw_encode
 from livecall.carriers.plivo.signatures import PlivoSignature, new_nonce
-from livecall.sim.twilio import (
+from livecall.sim.edge import SimulatedEdge
+from livecall.sim.script import (
     CallResult,
     HangUp,
     Pause,
@@ -60,7 +58,6 @@ from livecall.sim.twilio import (
     Say,
     ScriptAction,
     SendRaw,
-    SimulatedCaller,
     TimedName,
     TimelineEvent,
     WaitForAgentAudio,
@@ -112,14 +109,30 @@ def _truthy(value: str | None) -> bool | None:
     raise ValueError(value)
 
 
-class PlivoSimulatedCaller(SimulatedCaller):
+class PlivoSimulatedCaller(SimulatedEdge):
     """One simulated inbound call through Plivo to an app answering with `<Stream>`.
 
-    Takes `SimulatedCaller`'s arguments (script, frame drops, jitter, timeouts…). `auth_token`
+    Takes `SimulatedEdge`'s arguments (script, frame drops, jitter, timeouts…). `auth_token`
     signs the webhooks (V3); `main_account_token` adds X-Plivo-Signature-Ma-V3;
     `replay_webhook` sends the very same signed request twice (same nonce);
     `stop_event=False` ends a hang-up by closing the socket only.
     """
+
+    FETCH_FAILED = "answer_url fetch failed: {why}"
+    BAD_CONTENT_TYPE = "answer_url returned content type {ctype!r}, not XML"
+    XML_INVALID = "invalid Plivo XML: {why}"
+    FORM_HEADERS: ClassVar[Mapping[str, str]] = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "User-Agent": "PlivoHTTP/1.0",
+        "Accept": "*/*",
+    }
+    STREAM_URL_INVALID = "<Stream> body is not an absolute ws(s):// URL: {url!r}"
+    STREAM_URL_NOT_WSS = "<Stream> URL must use wss://: {url!r}"
+    SID_KEYS = ("streamId",)
+    SID_REQUIRED = frozenset(("checkpoint", "clearAudio"))
+    SID_MISMATCH = "{event} {key} {sid!r} is not this stream's"
+    SID_MISSING = "{event} needs the {key}"
+    BINARY_REFUSED = "binary frame: Plivo takes JSON text frames only"
 
     def __init__(
         self,
@@ -130,7 +143,6 @@ class PlivoSimulatedCaller(SimulatedCaller):
         auth_id: str | None = None,
         webhook_path: str = "/plivo/answer",
         main_account_token: str | None = None,
-        replay_webhook: bool = False,
         stop_event: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -138,7 +150,6 @@ class PlivoSimulatedCaller(SimulatedCaller):
         kwargs.setdefault("to", "15550002222")
         super().__init__(
             base_url,
-            auth_token=auth_token,
             call_sid=call_uuid or str(uuid.uuid4()),
             account_sid=auth_id or _auth_id(),
             webhook_path=webhook_path,
@@ -146,15 +157,16 @@ class PlivoSimulatedCaller(SimulatedCaller):
         )
         self._plivo_signer = PlivoSignature(auth_token)
         self._ma_signer = PlivoSignature(main_account_token) if main_account_token else None
-        self.replay_webhook = replay_webhook
         self.stop_event = stop_event
-        self.webhook_statuses: list[int] = []
         self.digits_received: list[TimedName] = []
         self.stream_attributes: dict[str, str] = {}
+        self._after_stream_elements: list[ET.Element] = []
         self._bidirectional = False
         self._wire_format: tuple[str, int] = CONTENT_TYPES[DEFAULT_CONTENT_TYPE]
         self._extra_wire = ""
         self._epoch0_ms = 0
+        self._media_pre = ""
+        self._media_mid = ""
         self._media_post = ""
         self._up: Any = None  # soxr.ResampleStream for l16 16 kHz caller audio
         self._up_buf = np.zeros(0, dtype=np.int16)
@@ -180,64 +192,18 @@ class PlivoSimulatedCaller(SimulatedCaller):
         params.update(self.extra_params)
         return params
 
-    async def _post(self, url: str, params: dict[str, str]) -> httpx.Response:
-        body = urlencode(params).encode()
+    def _signature(self, url: str, params: Mapping[str, str], body: bytes) -> dict[str, str]:
+        nonce = new_nonce()
         headers = {
-            "Content-Type": "application/x-www-form-urlencoded",
-            "User-Agent": "PlivoHTTP/1.0",
-            "Accept": "*/*",
+            "X-Plivo-Signature-V3-Nonce": nonce,
+            "X-Plivo-Signature-V3": self._plivo_signer.sign("POST", url, params, nonce),
         }
-        if self.sign:
-            nonce = new_nonce()
-            headers["X-Plivo-Signature-V3-Nonce"] = nonce
-            headers["X-Plivo-Signature-V3"] = self._plivo_signer.sign("POST", url, params, nonce)
-            if self._ma_signer is not None:
-                headers["X-Plivo-Signature-Ma-V3"] = self._ma_signer.sign(
-                    "POST", url, params, nonce
-                )
-        assert self._client is not None
-        resp = await self._client.post(url, content=body, headers=headers)
-        if self.replay_webhook and url == self.webhook_url:
-            self.webhook_statuses.append(resp.status_code)
-            resp = await self._client.post(url, content=body, headers=headers)
-        self.webhook_statuses.append(resp.status_code)
-        return resp
+        if self._ma_signer is not None:
+            headers["X-Plivo-Signature-Ma-V3"] = self._ma_signer.sign("POST", url, params, nonce)
+        return headers
 
-    def _fail(self, text: str) -> bool:
-        self.result.protocol_errors.append(text)
-        self.result.ended_by = "server"
-        return False
-
-    async def _webhook(self) -> bool:
-        r = self.result
-        try:
-            resp = await self._post(self.webhook_url, self._call_params("ringing"))
-        except httpx.HTTPError as exc:
-            return self._fail(f"answer_url fetch failed: {type(exc).__name__}")
-        r.webhook_status = resp.status_code
-        r.twiml = resp.text
-        if resp.status_code != 200:
-            return self._fail(f"answer_url fetch failed: status {resp.status_code}")
-        ctype = resp.headers.get("content-type", "")
-        if "xml" not in ctype:
-            return self._fail(f"answer_url returned content type {ctype!r}, not XML")
-        return self._read_twiml(resp.content)
-
-    def _read_twiml(self, body: bytes) -> bool:
-        try:
-            root = ET.fromstring(body)
-        except ET.ParseError as exc:
-            return self._fail(f"invalid Plivo XML: {exc}")
-        if root.tag != "Response":
-            return self._fail(f"invalid Plivo XML: root is <{root.tag}>, not <Response>")
-        elements = list(root)
-        for i, element in enumerate(elements):
-            if element.tag == "Stream":
-                return self._read_stream(element, elements[i + 1 :])
-            if self._run_verb(element):
-                return False
-        self.result.ended_by = "server"  # the XML ran out: Plivo hangs up
-        return False
+    def _read_document(self, body: bytes) -> bool:
+        return self._read_xml(body, "Stream", self._read_stream, self._run_verb)
 
     def _run_verb(self, verb: ET.Element) -> bool:
         """Run a non-stream element; True if it ends the call."""
@@ -267,11 +233,8 @@ class PlivoSimulatedCaller(SimulatedCaller):
         attrs = dict(stream.attrib)
         self.stream_attributes = attrs
         url = (stream.text or "").strip()
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.netloc:
-            return self._fail(f"<Stream> body is not an absolute ws(s):// URL: {url!r}")
-        if self.require_wss and parts.scheme != "wss":
-            return self._fail(f"<Stream> URL must use wss://: {url!r}")
+        if not self._stream_url_ok(url):
+            return False
         try:
             bidirectional = bool(_truthy(attrs.get("bidirectional")))
             keep_alive = bool(_truthy(attrs.get("keepCallAlive")))
@@ -304,9 +267,14 @@ class PlivoSimulatedCaller(SimulatedCaller):
         r.parameters = params
         self._extra_wire = ";".join(f"{k}={v}" for k, v in params.items())
         self._status_callback = attrs.get("statusCallbackUrl")
-        self._connect_action = None  # Plivo goes on with the elements after <Stream>
-        self._after_connect = after
+        self._after_stream_elements = after
         return True
+
+    async def _after_stream(self) -> None:
+        """The app closed the socket: Plivo goes on with the elements after `<Stream>`."""
+        for element in self._after_stream_elements:
+            if self._run_verb(element):
+                return
 
     def _read_extra_headers(self, raw: str) -> dict[str, str] | None:
         if len(raw.encode()) > 512:
@@ -335,51 +303,20 @@ class PlivoSimulatedCaller(SimulatedCaller):
         }
         if error:
             params["Error"] = error[:200]
-        url = urljoin(self.webhook_url, self._status_callback)
-
-        async def post() -> None:
-            try:
-                await self._post(url, params)
-            except httpx.HTTPError as exc:
-                self.result.protocol_errors.append(f"stream status callback failed: {exc!r}")
-
-        task = asyncio.get_running_loop().create_task(post())
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        self._post_soon(self._status_callback, params)
 
     # ------------------------------------------------------------------ stream
 
-    async def _open_stream(self) -> bool:
-        r = self.result
-        url = r.stream_url
-        assert url is not None
-        self._stream_sid = str(uuid.uuid4())
-        try:
-            self._ws = await connect(
-                url,
-                compression=None,
-                proxy=None,
-                ping_interval=None,
-                open_timeout=10,
-                close_timeout=2,
-                max_size=self.max_message_bytes,
-            )
-        except websockets.InvalidStatus as exc:
-            r.protocol_errors.append(f"stream WebSocket refused: status {exc.response.status_code}")
-        except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
-            r.protocol_errors.append(f"stream WebSocket failed: {exc!r}")
-        if self._ws is None:
-            self._stream_status("stream-error", r.protocol_errors[-1])
-            r.ended_by = "server"
-            return False
-        r.stream_sid = self._stream_sid
+    def _new_stream_sid(self) -> str:
+        return str(uuid.uuid4())
+
+    def _stream_opened(self) -> None:
         if self._wire_format == ("l16", 16000):
             self._up = soxr.ResampleStream(8000, 16000, 1, dtype="int16")
             self._up_buf = np.zeros(2 * self._fb, dtype=np.int16)
-        return True
 
     def _envelope(self, event: str, body: dict[str, Any] | None = None) -> str:
-        """A frame from Plivo; `dtmf`/`stop`/`mark` bodies from the parent are translated."""
+        """A frame from Plivo; `dtmf`/`stop`/`mark` bodies from the edge are translated."""
         msg: dict[str, Any] = {"event": event, "sequenceNumber": self._next_seq()}
         if event == "start":
             msg["start"] = body
@@ -397,45 +334,37 @@ class PlivoSimulatedCaller(SimulatedCaller):
             msg["name"] = body["name"]
         return orjson.dumps(msg).decode()
 
-    async def _stream(self) -> None:
-        ws = self._ws
-        assert ws is not None
-        r = self.result
-        loop = asyncio.get_running_loop()
-        reader: asyncio.Task[None] | None = None
+    def _mark_echo(self, name: str) -> str:
+        return self._envelope("playedStream", {"name": name})
+
+    def _stop_frame(self) -> str | None:
+        return self._envelope("stop") if self.stop_event else None
+
+    async def _hello(self, ws: ClientConnection) -> None:
         encoding, rate = self._wire_format
-        try:
-            start = {
-                "callId": self.call_sid,
-                "streamId": self._stream_sid,
-                "accountId": self.account_sid,
-                "tracks": ["inbound"],
-                "mediaFormat": {"encoding": f"audio/x-{encoding}", "sampleRate": rate},
-            }
-            await ws.send(self._envelope("start", start))
-            r.stream_started = loop.time()
-            self._epoch0_ms = int(time.time() * 1000)
-            sid = orjson.dumps(self._stream_sid).decode()
-            extra = orjson.dumps(self._extra_wire).decode()
-            self._media_pre = '{"event":"media","sequenceNumber":'
-            self._media_mid = f',"streamId":{sid},"media":{{"track":"inbound","timestamp":"'
-            self._media_post = f'"}},"extra_headers":{extra}}}'
-            self._stream_status("stream-started")
-            reader = loop.create_task(self._reader())
-            await self._clock(r.stream_started)
-        except websockets.ConnectionClosed:
-            self._server_ended()
-        finally:
-            if reader is not None:
-                if self.result.ended_by == "caller":
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(reader), 2.5)
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-            r.close_code = ws.close_code
-            r.close_reason = ws.close_reason or ""
-            self._stream_status("stream-stopped")
+        start = {
+            "callId": self.call_sid,
+            "streamId": self._stream_sid,
+            "accountId": self.account_sid,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": f"audio/x-{encoding}", "sampleRate": rate},
+        }
+        await ws.send(self._envelope("start", start))
+        self._epoch0_ms = int(time.time() * 1000)
+        sid = orjson.dumps(self._stream_sid).decode()
+        extra = orjson.dumps(self._extra_wire).decode()
+        self._media_pre = '{"event":"media","sequenceNumber":'
+        self._media_mid = f',"streamId":{sid},"media":{{"track":"inbound","timestamp":"'
+        self._media_post = f'"}},"extra_headers":{extra}}}'
+
+    def _media_message(self, n: int, frame: bytes) -> str:
+        """Plivo's `media`: numeric chunk and sequenceNumber, epoch-ms timestamp as a string."""
+        stamp = self._epoch0_ms + (n - 1) * self.frame_ms
+        payload = self._wire_payload(frame)
+        return (
+            f'{self._media_pre}{self._next_seq()}{self._media_mid}{stamp}","chunk":{n},'
+            f'"payload":"{payload}{self._media_post}'
+        )
 
     def _wire_payload(self, frame: bytes) -> str:
         """A μ-law 8 kHz caller frame in the stream's contentType, base64."""
@@ -459,66 +388,13 @@ class PlivoSimulatedCaller(SimulatedCaller):
         self._up_buf = buf[want:]
         return buf[:want]
 
-    async def _flush(self, now: float, *, everything: bool = False) -> None:
-        ws = self._ws
-        assert ws is not None
-        pending = self._pending
-        pre, mid, post = self._media_pre, self._media_mid, self._media_post
-        ms = self.frame_ms
-        t0 = self._epoch0_ms
-        while pending and (everything or pending[0][0] <= now):
-            _, n, frame, flags, utt = pending.popleft()
-            self._seq += 1
-            stamp = t0 + (n - 1) * ms
-            payload = self._wire_payload(frame)
-            await ws.send(f'{pre}{self._seq}{mid}{stamp}","chunk":{n},"payload":"{payload}{post}')
-            self.result.frames_sent += 1
-            if flags:
-                self._frame_sent(asyncio.get_running_loop().time(), flags, utt)
-
-    async def _hang_up(self, action: HangUp, now: float) -> None:
-        if not self.stop_event and action.send_stop:
-            action = HangUp(send_stop=False, abrupt=action.abrupt)
-        await super()._hang_up(action, now)
-
-    async def _echo_marks(self, names: list[str], now: float) -> None:
-        ws = self._ws
-        assert ws is not None
-        r = self.result
-        for name in names:
-            await ws.send(self._envelope("playedStream", {"name": name}))
-            r.marks_echoed.append(TimedName(name, now))
-            r.timeline.append(TimelineEvent(now, "mark_echoed", name))
-
     # ------------------------------------------------------------------ what the app sends
 
     async def _on_frame(self, data: str | bytes, now: float) -> None:
-        if not isinstance(data, str):
-            self._error("binary frame: Plivo takes JSON text frames only")
+        read = await self._read_json(data, _ALLOWED_KEYS)
+        if read is None:
             return
-        try:
-            msg = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self._error("not valid JSON")
-            return
-        if type(msg) is not dict:
-            self._error("not a JSON object")
-            return
-        event = msg.get("event")
-        allowed = _ALLOWED_KEYS.get(event) if type(event) is str else None
-        if allowed is None:
-            self._error(f"unsupported event {str(event)[:40]!r}")
-            return
-        if self.strict_fields and not allowed.issuperset(msg):
-            self._error(f"unexpected fields {sorted(set(msg) - allowed)} in {event}")
-            return
-        sid = msg.get("streamId")
-        if event in ("checkpoint", "clearAudio") and sid is None:
-            self._error(f"{event} needs the streamId")
-            return
-        if sid is not None and sid != self._stream_sid:
-            self._error(f"{event} streamId {str(sid)[:40]!r} is not this stream's")
-            return
+        event, msg = read
         if event == "playAudio":
             self._on_play_audio(msg, now)
         elif event == "checkpoint":
@@ -526,10 +402,12 @@ class PlivoSimulatedCaller(SimulatedCaller):
             if type(name) is not str or not name:
                 self._error("checkpoint needs a non-empty name")
                 return
-            self.result.marks_received.append(TimedName(name, now))
-            self._marks.append((self._enqueued, name))
+            self._queue_mark(name, now)
         elif event == "clearAudio":
-            await self._clear_audio(now)
+            # Plivo drops the queue's checkpoints: they never come back (they did not play)
+            await self._clear_queue(now, echo_marks=False)
+            assert self._ws is not None
+            await self._ws.send(self._envelope("clearedAudio"))
         else:
             digits = msg.get("dtmf")
             if type(digits) is not str or not _SEND_DTMF.fullmatch(digits):
@@ -537,17 +415,6 @@ class PlivoSimulatedCaller(SimulatedCaller):
                 return
             self.digits_received.append(TimedName(digits, now))
             self.result.timeline.append(TimelineEvent(now, "send_dtmf", digits))
-
-    async def _clear_audio(self, now: float) -> None:
-        """Drop the queue; its checkpoints never come back (they did not play)."""
-        r = self.result
-        r.clears.append(now)
-        r.timeline.append(TimelineEvent(now, "clear"))
-        self._playbuf.clear()
-        self._enqueued = self._played
-        self._marks.clear()
-        assert self._ws is not None
-        await self._ws.send(self._envelope("clearedAudio"))
 
     def _on_play_audio(self, msg: dict[str, Any], now: float) -> None:
         if not self._bidirectional:
@@ -593,9 +460,4 @@ class PlivoSimulatedCaller(SimulatedCaller):
         if not audio:
             self._error("playAudio payload is empty")
             return
-        self._playbuf += audio
-        self._enqueued += len(audio)
-        self.result.received_media_bytes += len(audio)
-        if self._probes:
-            for _ in range(self._detector.feed(ulaw_decode(audio))):
-                self._probe_heard(now)
+        self._queue_audio(audio, now)

@@ -17,31 +17,31 @@ each is recorded in `CallResult.protocol_errors` and answered with an `error` fr
 crash. The error codes (100002 unknown_error, 100003 malformed_frame, 100004 invalid_media)
 follow Telnyx's media streaming guide as far as its public pages show them.
 
-The script, clock, playout and measurements are `livecall.sim.twilio.SimulatedCaller`'s
-(same actions, same `CallResult`): this class swaps only the carrier's side of the wire.
+The script, clock, playout and measurements are `livecall.sim.edge.SimulatedEdge`'s (same
+actions, same `CallResult`), and TeXML, Twilio's dialect, is read by `SimulatedCaller`'s TwiML
+reader: this class swaps only Telnyx's side of the wire (signing, `<Stream>` attributes,
+frames, refusals).
 Its `CallResult.call_sid` is the call_control_id, `account_sid` the user_id, `stream_sid`
 the stream_id and `twiml` the TeXML.
 """
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import contextlib
 import secrets
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import urlencode, urlsplit
+from typing import Any, ClassVar
 
-import httpx
 import orjson
 import websockets
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection
 
-from livecall.audio.g711 import ulaw_decode
 from livecall.carriers.telnyx.signatures import sign_webhook
+from livecall.sim.edge import RefusalKind
 from livecall.sim.twilio import (
     SAMPLE_RATE,
     CallResult,
@@ -53,8 +53,6 @@ from livecall.sim.twilio import (
     ScriptAction,
     SendRaw,
     SimulatedCaller,
-    TimedName,
-    TimelineEvent,
     WaitForAgentAudio,
     WaitForAgentSilence,
 )
@@ -81,6 +79,9 @@ _ALLOWED_KEYS = {
     "mark": frozenset(("event", "stream_id", "mark")),
     "clear": frozenset(("event", "stream_id")),
 }
+_MEDIA_KEYS = frozenset(("payload",))
+_ERRORS = {"media": (100004, "invalid_media")}
+_MALFORMED = (100003, "malformed_frame")
 
 
 def generate_keypair() -> tuple[bytes, str]:
@@ -101,6 +102,24 @@ class TelnyxSimulatedCaller(SimulatedCaller):
     and future signatures); `replay_webhook` sends the very same signed request twice.
     """
 
+    FETCH_FAILED = "TeXML fetch failed: {why}"
+    BAD_CONTENT_TYPE = "TeXML fetch returned content type {ctype!r}, not XML"
+    DOCUMENT_TYPES = ("xml",)
+    FORM_HEADERS: ClassVar[Mapping[str, str]] = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "User-Agent": "Telnyx Webhooks",
+        "Accept": "*/*",
+    }
+    SEQ_KEY = "sequence_number"
+    STREAM_URL_INVALID = "<Stream> url is not an absolute ws(s):// URL: {url!r}"
+    STREAM_URL_NOT_WSS = "<Stream> url must use wss://: {url!r}"
+    WS_REFUSED = "stream WebSocket refused: status {status}"
+    WS_FAILED = "stream WebSocket failed: {exc!r}"
+    STREAM_USER_AGENT = None
+    SID_KEYS = ("stream_id",)
+    SID_REQUIRED = frozenset()  # none of the app's frames needs the stream_id
+    SID_MISMATCH = "{key} {sid!r} is not this stream's"
+
     def __init__(
         self,
         base_url: str,
@@ -110,7 +129,6 @@ class TelnyxSimulatedCaller(SimulatedCaller):
         account_sid: str | None = None,
         webhook_path: str = "/texml",
         stamp_skew_s: int = 0,
-        replay_webhook: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -125,11 +143,8 @@ class TelnyxSimulatedCaller(SimulatedCaller):
             raise ValueError("private_key is the 32-byte Ed25519 seed")
         self._private_key = private_key
         self.stamp_skew_s = stamp_skew_s
-        self.replay_webhook = replay_webhook
         self.call_session_id = str(uuid.uuid4())
         self._rtp_mode = False
-        self._stream_codec = "PCMU"
-        self.webhook_statuses: list[int] = []
 
     # ------------------------------------------------------------------ webhook + TeXML
 
@@ -148,188 +163,80 @@ class TelnyxSimulatedCaller(SimulatedCaller):
         params.update(self.extra_params)
         return params
 
-    def _signed(self, body: bytes) -> dict[str, str]:
-        headers = {
-            "Content-Type": "application/x-www-form-urlencoded",
-            "User-Agent": "Telnyx Webhooks",
-            "Accept": "*/*",
-        }
-        if self.sign:
-            stamp = int(datetime.now(UTC).timestamp()) + self.stamp_skew_s
-            headers.update(sign_webhook(self._private_key, body, stamp))
-        return headers
-
-    async def _post(self, url: str, params: dict[str, str]) -> httpx.Response:
-        body = urlencode(params).encode()
-        headers = self._signed(body)
-        assert self._client is not None
-        resp = await self._client.post(url, content=body, headers=headers)
-        if self.replay_webhook and url == self.webhook_url:
-            self.webhook_statuses.append(resp.status_code)
-            resp = await self._client.post(url, content=body, headers=headers)
-        self.webhook_statuses.append(resp.status_code)
-        return resp
-
-    async def _webhook(self) -> bool:
-        r = self.result
-        try:
-            resp = await self._post(self.webhook_url, self._call_params("ringing"))
-        except httpx.HTTPError as exc:
-            r.protocol_errors.append(f"TeXML fetch failed: {type(exc).__name__}")
-            r.ended_by = "server"
-            return False
-        r.webhook_status = resp.status_code
-        r.twiml = resp.text
-        if resp.status_code != 200:
-            r.protocol_errors.append(f"TeXML fetch failed: status {resp.status_code}")
-            r.ended_by = "server"
-            return False
-        ctype = resp.headers.get("content-type", "")
-        if "xml" not in ctype:
-            r.protocol_errors.append(f"TeXML fetch returned content type {ctype!r}, not XML")
-            r.ended_by = "server"
-            return False
-        return self._read_twiml(resp.content)
+    def _signature(self, url: str, params: Mapping[str, str], body: bytes) -> dict[str, str]:
+        stamp = int(datetime.now(UTC).timestamp()) + self.stamp_skew_s
+        return sign_webhook(self._private_key, body, stamp)
 
     def _read_connect(self, connect_el: ET.Element, after: list[ET.Element]) -> bool:
-        r = self.result
-        stream = connect_el.find("Stream")
+        stream = self._connect_stream(connect_el)
         if stream is None:
-            r.script_errors.append("<Connect> without <Stream> is not simulated")
-            r.ended_by = "server"
             return False
         url = stream.get("url", "")
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.netloc:
-            r.protocol_errors.append(f"<Stream> url is not an absolute ws(s):// URL: {url!r}")
-            r.ended_by = "server"
-            return False
-        if self.require_wss and parts.scheme != "wss":
-            r.protocol_errors.append(f"<Stream> url must use wss://: {url!r}")
-            r.ended_by = "server"
+        if not self._stream_url_ok(url):
             return False
         track = stream.get("track", "inbound_track")
         if track not in ("inbound_track", "outbound_track", "both_tracks"):
-            r.protocol_errors.append(f"<Stream> track {track!r} is not a Telnyx track")
-            r.ended_by = "server"
-            return False
+            return self._fail(f"<Stream> track {track!r} is not a Telnyx track")
         mode = stream.get("bidirectionalMode", "mp3")
         if mode not in ("mp3", "rtp"):
-            r.protocol_errors.append(f"<Stream> bidirectionalMode {mode!r} is not mp3 or rtp")
-            r.ended_by = "server"
-            return False
+            return self._fail(f"<Stream> bidirectionalMode {mode!r} is not mp3 or rtp")
         self._rtp_mode = mode == "rtp"
         codec = stream.get("codec", "default")
         back = stream.get("bidirectionalCodec", "PCMU")
         rate = stream.get("bidirectionalSamplingRate", "8000")
         if codec not in ("PCMU", "default") or back != "PCMU" or rate != "8000":
-            r.script_errors.append(
+            self.result.script_errors.append(
                 f"the simulator carries PCMU 8 kHz only (codec={codec}, "
                 f"bidirectionalCodec={back}, bidirectionalSamplingRate={rate})"
             )
-            r.ended_by = "server"
+            self.result.ended_by = "server"
             return False
-        r.stream_url = url
-        r.parameters = {
-            p.get("name", ""): p.get("value", "")
-            for p in stream.findall("Parameter")
-            if p.get("name")
-        }
-        self._status_callback = stream.get("statusCallback")
-        self._stream_name = stream.get("name")
-        self._connect_action = None  # TeXML goes on with the verbs after <Connect>
-        self._after_connect = after
-        return True
+        # no <Connect action>: TeXML goes on with the verbs after <Connect>
+        return self._stream_connected(stream, url, after)
 
     # ------------------------------------------------------------------ stream
 
-    async def _open_stream(self) -> bool:
-        r = self.result
-        url = r.stream_url
-        assert url is not None
-        self._stream_sid = str(uuid.uuid4())
-        try:
-            self._ws = await connect(
-                url,
-                compression=None,
-                proxy=None,
-                ping_interval=None,
-                open_timeout=10,
-                close_timeout=2,
-                max_size=self.max_message_bytes,
-            )
-        except websockets.InvalidStatus as exc:
-            r.protocol_errors.append(f"stream WebSocket refused: status {exc.response.status_code}")
-        except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
-            r.protocol_errors.append(f"stream WebSocket failed: {exc!r}")
-        if self._ws is None:
-            self._stream_status("stream-error", r.protocol_errors[-1])
-            r.ended_by = "server"
-            return False
-        r.stream_sid = self._stream_sid
+    def _new_stream_sid(self) -> str:
+        return str(uuid.uuid4())
+
+    def _stream_headers(self, url: str) -> dict[str, str]:
+        return {}  # TeXML gives the upgrade no auth header
+
+    def _stream_opened(self) -> None:
         sid_json = orjson.dumps(self._stream_sid).decode()
-        # The parent's media template: pre + seq + mid + chunk + timestamp + payload.
+        # Twilio's media template (pre + seq + mid + chunk + timestamp + payload), snake case.
         self._media_pre = '{"event":"media","sequence_number":"'
         self._media_mid = f'","stream_id":{sid_json},"media":{{"track":"inbound","chunk":"'
-        return True
 
     def _envelope(self, event: str, body: dict[str, Any] | None = None) -> str:
-        msg: dict[str, Any] = {
-            "event": event,
-            "sequence_number": str(self._next_seq()),
-            "stream_id": self._stream_sid,
-        }
-        if event == "dtmf":
-            assert body is not None
-            msg["occurred_at"] = datetime.now(UTC).isoformat()
-            msg["dtmf"] = {"digit": body["digit"]}
-        elif event == "stop":
-            msg["stop"] = {"user_id": self.account_sid, "call_control_id": self.call_sid}
-        elif body is not None:
-            msg[event] = body
-        return orjson.dumps(msg).decode()
+        if event == "dtmf" and body is not None:
+            occurred = {"occurred_at": datetime.now(UTC).isoformat()}
+            return self._frame(event, {"digit": body["digit"]}, occurred)
+        return self._frame(event, body)
 
-    async def _stream(self) -> None:
-        ws = self._ws
-        assert ws is not None
-        r = self.result
-        loop = asyncio.get_running_loop()
-        reader: asyncio.Task[None] | None = None
-        try:
-            await ws.send('{"event":"connected","version":"1.0.0"}')
-            start = {
-                "user_id": self.account_sid,
-                "call_control_id": self.call_sid,
-                "call_session_id": self.call_session_id,
-                "from": self.from_,
-                "to": self.to,
-                "tags": [],
-                "custom_parameters": r.parameters,
-                "media_format": {"encoding": "PCMU", "sample_rate": SAMPLE_RATE, "channels": 1},
-            }
-            await ws.send(self._envelope("start", start))
-            r.stream_started = loop.time()
-            self._stream_status("stream-started")
-            reader = loop.create_task(self._reader())
-            await self._clock(r.stream_started)
-        except websockets.ConnectionClosed:
-            self._server_ended()
-        finally:
-            if reader is not None:
-                if self.result.ended_by == "caller":
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(reader), 2.5)
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-            r.close_code = ws.close_code
-            r.close_reason = ws.close_reason or ""
-            self._stream_status("stream-stopped")
+    def _stop_frame(self) -> str | None:
+        stop = {"user_id": self.account_sid, "call_control_id": self.call_sid}
+        return self._envelope("stop", stop)
+
+    async def _hello(self, ws: ClientConnection) -> None:
+        await ws.send('{"event":"connected","version":"1.0.0"}')
+        start = {
+            "user_id": self.account_sid,
+            "call_control_id": self.call_sid,
+            "call_session_id": self.call_session_id,
+            "from": self.from_,
+            "to": self.to,
+            "tags": [],
+            "custom_parameters": self.result.parameters,
+            "media_format": {"encoding": "PCMU", "sample_rate": SAMPLE_RATE, "channels": 1},
+        }
+        await ws.send(self._envelope("start", start))
 
     # ------------------------------------------------------------------ what the app sends
 
-    async def _reject(self, code: int, title: str, detail: str) -> None:
+    async def _refuse(self, detail: str, kind: RefusalKind = "invalid") -> None:
         """Record a frame Telnyx would refuse and tell the app, as Telnyx does."""
+        code, title = _ERRORS.get(kind, _MALFORMED)
         self._error(f"{code} {title}: {detail}")
         assert self._ws is not None
         with contextlib.suppress(websockets.ConnectionClosed):
@@ -338,81 +245,28 @@ class TelnyxSimulatedCaller(SimulatedCaller):
             )
 
     async def _on_frame(self, data: str | bytes, now: float) -> None:
-        if not isinstance(data, str):
-            await self._reject(100003, "malformed_frame", "binary frames are not accepted")
+        read = await self._read_json(data, _ALLOWED_KEYS)
+        if read is None:
             return
-        try:
-            msg = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            await self._reject(100003, "malformed_frame", "not valid JSON")
-            return
-        if type(msg) is not dict:
-            await self._reject(100003, "malformed_frame", "not a JSON object")
-            return
-        event = msg.get("event")
-        allowed = _ALLOWED_KEYS.get(event) if type(event) is str else None
-        if allowed is None:
-            await self._reject(100003, "malformed_frame", f"unsupported event {str(event)[:40]!r}")
-            return
-        sid = msg.get("stream_id")
-        if sid is not None and sid != self._stream_sid:
-            await self._reject(
-                100003, "malformed_frame", f"stream_id {str(sid)[:40]!r} is not this stream's"
-            )
-            return
-        if self.strict_fields and not allowed.issuperset(msg):
-            extra = sorted(set(msg) - allowed)
-            await self._reject(100003, "malformed_frame", f"unexpected fields {extra} in {event}")
-            return
+        event, msg = read
         if event == "media":
-            await self._on_telnyx_media(msg, now)
-        elif event == "mark":
-            body = msg.get("mark")
-            name = body.get("name") if type(body) is dict else None
-            if type(name) is not str or not name:
-                await self._reject(100003, "malformed_frame", "mark needs a non-empty mark.name")
+            if not self._rtp_mode:
+                await self._refuse(
+                    "the stream is in mp3 mode: RTP payloads are not played", "media"
+                )
                 return
-            self.result.marks_received.append(TimedName(name, now))
-            self._marks.append((self._enqueued, name))
+            audio = await self._media_payload(msg, _MEDIA_KEYS)
+            if audio is None:
+                return
+            if not MIN_CHUNK_BYTES <= len(audio) <= MAX_CHUNK_BYTES:
+                await self._refuse(
+                    f"a chunk of {len(audio) / 8:g} ms is outside 20 ms..30 s", "media"
+                )
+                return
+            self._queue_audio(audio, now)
+        elif event == "mark":
+            name = await self._mark_name(msg)
+            if name is not None:
+                self._queue_mark(name, now)
         else:  # clear
-            self.result.clears.append(now)
-            self.result.timeline.append(TimelineEvent(now, "clear"))
-            self._playbuf.clear()
-            self._enqueued = self._played
-            if self._marks:
-                names = [name for _, name in self._marks]
-                self._marks.clear()
-                await self._echo_marks(names, now)
-
-    async def _on_telnyx_media(self, msg: dict[str, Any], now: float) -> None:
-        if not self._rtp_mode:
-            await self._reject(
-                100004, "invalid_media", "the stream is in mp3 mode: RTP payloads are not played"
-            )
-            return
-        body = msg.get("media")
-        payload = body.get("payload") if type(body) is dict else None
-        if type(payload) is not str:
-            await self._reject(100003, "malformed_frame", "media needs a string media.payload")
-            return
-        if self.strict_fields and len(body) != 1:  # type: ignore[arg-type]
-            await self._reject(100003, "malformed_frame", f"unexpected fields {sorted(body)}")  # type: ignore[arg-type]
-            return
-        try:
-            audio = binascii.a2b_base64(payload, strict_mode=True)
-        except (binascii.Error, ValueError):
-            await self._reject(100004, "invalid_media", "media.payload is not valid base64")
-            return
-        if not MIN_CHUNK_BYTES <= len(audio) <= MAX_CHUNK_BYTES:
-            await self._reject(
-                100004,
-                "invalid_media",
-                f"a chunk of {len(audio) / 8:g} ms is outside 20 ms..30 s",
-            )
-            return
-        self._playbuf += audio
-        self._enqueued += len(audio)
-        self.result.received_media_bytes += len(audio)
-        if self._probes:
-            for _ in range(self._detector.feed(ulaw_decode(audio))):
-                self._probe_heard(now)
+            await self._clear_queue(now)

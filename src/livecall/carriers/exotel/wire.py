@@ -30,7 +30,6 @@ start's, frames bounded, media chunks only forward. A rejected frame raises
 from __future__ import annotations
 
 import binascii
-import enum
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +38,6 @@ import orjson
 from livecall.carriers.base import (
     CallerAudio,
     CallStarted,
-    CallStopped,
     Capabilities,
     CarrierEvent,
     CarrierProtocolError,
@@ -48,6 +46,15 @@ from livecall.carriers.base import (
     Ignored,
     MediaFormat,
     PlayedUpTo,
+)
+from livecall.carriers.stream_base import (
+    JsonCarrierStream,
+    StreamState,
+    custom_parameters,
+    decode_base64,
+    short,
+    text,
+    whole_number,
 )
 
 __all__ = [
@@ -82,7 +89,6 @@ MIN_CHUNK_MS = 100
 MAX_CHUNK_BYTES = 100_000 // CHUNK_UNIT_BYTES * CHUNK_UNIT_BYTES  # "maximum 100k"
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024  # a 100 ms frame at 24 kHz is ~6.4 kB of base64
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
-MAX_COUNTER = 2**31 - 1
 MAX_CHUNK_JUMP = 600  # 60 s of 100 ms frames
 _L16_NAMES = frozenset(("audio/x-raw", "raw", "slin", "audio/l16", "l16", "linear16", "pcm"))
 
@@ -112,46 +118,15 @@ def clear_frame(stream_sid: str) -> str:
 # ----------------------------------------------------------------------------- parsing
 
 
-def _short(value: object) -> str:
-    """A value for an error message, cut short so a hostile frame can't flood the logs."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _counter(value: object, field: str) -> int | None:
-    """Exotel's counters are digit strings in one page of its docs and numbers in another."""
-    if value is None:
-        return None
-    if type(value) is str and value.isascii() and value.isdigit():
-        number = int(value)
-    elif type(value) is int:
-        number = value
-    else:
-        raise CarrierProtocolError(f"{field} must be a whole number, got {_short(value)}")
-    if number < 0 or number > MAX_COUNTER:
-        raise CarrierProtocolError(f"{field} {number} is out of range")
-    return number
-
-
-def _text(container: Mapping[str, Any], key: str, field: str) -> str | None:
-    value = container.get(key)
-    if value is None or type(value) is str:
-        return value
-    raise CarrierProtocolError(f"{field} must be a string, got {_short(value)}")
-
-
-def _obj(msg: Mapping[str, Any], key: str, event: str) -> dict[str, Any]:
-    value = msg.get(key)
-    if type(value) is dict:
-        return value
-    raise CarrierProtocolError(f"{event} message needs a {key!r} object, got {_short(value)}")
+# Exotel's counters are digit strings in one page of its docs and numbers in another.
+_counter = whole_number
 
 
 def _media_format(fmt: Mapping[str, Any]) -> MediaFormat:
-    encoding = _text(fmt, "encoding", "start.media_format.encoding")
+    encoding = text(fmt, "encoding", "start.media_format.encoding")
     if encoding is not None and encoding.lower() not in _L16_NAMES:
         raise CarrierProtocolError(
-            f"start.media_format.encoding {_short(encoding)} is not Exotel's raw 16-bit PCM"
+            f"start.media_format.encoding {short(encoding)} is not Exotel's raw 16-bit PCM"
         )
     rate = _counter(fmt.get("sample_rate"), "start.media_format.sample_rate")
     if rate is None:
@@ -164,16 +139,7 @@ def _media_format(fmt: Mapping[str, Any]) -> MediaFormat:
     return MediaFormat("l16", rate)
 
 
-class StreamState(enum.Enum):
-    """Where a stream is in its life: connected? -> start -> media... -> stop."""
-
-    AWAITING_CONNECTED = "awaiting-connected"
-    AWAITING_START = "awaiting-start"
-    STREAMING = "streaming"
-    STOPPED = "stopped"
-
-
-class ExotelStream:
+class ExotelStream(JsonCarrierStream):
     """One Voicebot stream: frames in, typed events out; commands in, frames out.
 
     `max_frame_bytes` bounds an inbound frame. The media format is known from `start`; before
@@ -182,20 +148,15 @@ class ExotelStream:
     """
 
     capabilities = CAPABILITIES
+    NOUN = "message"
+    BINARY_REFUSED = "binary frames are not part of Exotel's stream protocol"
+    SID_KEY = "stream_sid"
+    MAX_CHUNK_JUMP = MAX_CHUNK_JUMP
+    SIZE_FIRST = True  # a huge binary frame is refused for its size
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        if max_frame_bytes <= 0:
-            raise ValueError("max_frame_bytes must be positive")
-        self.max_frame_bytes = max_frame_bytes
-        self.state = StreamState.AWAITING_CONNECTED
-        self.started: CallStarted | None = None
-        self.stream_sid: str | None = None
+        super().__init__(max_frame_bytes=max_frame_bytes)
         self.media_format = MediaFormat("l16", 8000)
-        self.last_chunk: int | None = None
-        self.frames_received = 0
-        self.frames_missing = 0
-        self.frames_late = 0
-        self.protocol_errors = 0
         self.stop_reason: str | None = None
         self._pending = bytearray()  # outbound PCM not yet a whole chunk
         self._chunk_bytes = self._min_chunk(8000)
@@ -206,6 +167,11 @@ class ExotelStream:
             f"frames={self.frames_received} missing={self.frames_missing}>"
         )
 
+    @property
+    def stream_sid(self) -> str | None:
+        """The stream's id, in Exotel's name for it."""
+        return self.stream_id
+
     @staticmethod
     def _min_chunk(rate: int) -> int:
         """Exotel's minimum, read both ways: 3.2 kB and 100 ms (3200 B is 200 ms at 8 kHz)."""
@@ -213,178 +179,106 @@ class ExotelStream:
 
     # ------------------------------------------------------------------ inbound
 
-    def receive(self, frame: Frame) -> CarrierEvent:
-        """Check and parse one frame; `CarrierProtocolError` (state unchanged) on a broken rule."""
-        try:
-            return self._receive(frame)
-        except CarrierProtocolError:
-            self.protocol_errors += 1
-            raise
-
-    def _receive(self, frame: Frame) -> CarrierEvent:
-        limit = self.max_frame_bytes
-        size = len(frame)
-        if isinstance(frame, str) and size * 4 > limit and size <= limit:
-            size = len(frame.encode("utf-8", "surrogatepass"))  # only when it could matter
-        if size > limit:
-            raise CarrierProtocolError(f"frame of {size} bytes exceeds the {limit}-byte limit")
-        if not isinstance(frame, str):
-            raise CarrierProtocolError("binary frames are not part of Exotel's stream protocol")
-        try:
-            msg = orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            raise CarrierProtocolError("invalid JSON") from None
-        if type(msg) is not dict:
-            raise CarrierProtocolError(f"a message must be a JSON object, got {_short(msg)}")
-        event = msg.get("event")
-        if type(event) is not str or not event:
-            raise CarrierProtocolError(f"a message needs a string 'event', got {_short(event)}")
+    def _on_event(self, event: str, msg: dict[str, Any]) -> CarrierEvent:
         state = self.state
-        if state is StreamState.STOPPED:
-            raise CarrierProtocolError(f"{event} message after stop")
         if event == "media":
             self._check_streaming(msg, event)
             return self._media(msg)
         if event == "connected":
-            if state is not StreamState.AWAITING_CONNECTED:
-                raise CarrierProtocolError("connected must be the first message of the stream")
-            self.state = StreamState.AWAITING_START
-            return Ignored("connected")
+            return self._connected()
         if event == "start":
-            if state is StreamState.STREAMING:
-                raise CarrierProtocolError("start received twice (start is sent exactly once)")
+            self._check_start_once()
             return self._start(msg)
         if event == "stop":
             if state is StreamState.STREAMING:
                 self._check_id(msg, event)
             stop = msg.get("stop")
             stop = stop if type(stop) is dict else {}
-            reason = _text(stop, "reason", "stop.reason")
-            self.state = StreamState.STOPPED
+            reason = text(stop, "reason", "stop.reason")
             self.stop_reason = reason
-            return CallStopped(reason)
+            return self._stopped(reason)
         if event == "dtmf":
             self._check_streaming(msg, event)
-            body = _obj(msg, "dtmf", event)
+            body = self._obj(msg, "dtmf", event)
             digit = body.get("digit")
             if type(digit) is not str or digit.upper() not in DTMF_DIGITS:
                 raise CarrierProtocolError(
-                    f"dtmf.digit must be one of 0-9*#A-D, got {_short(digit)}"
+                    f"dtmf.digit must be one of 0-9*#A-D, got {short(digit)}"
                 )
             _counter(body.get("duration"), "dtmf.duration")
             return Dtmf(digit.upper())
         if event == "mark":
             self._check_streaming(msg, event)
-            name = _obj(msg, "mark", event).get("name")
+            name = self._obj(msg, "mark", event).get("name")
             if type(name) is not str or not name:
                 raise CarrierProtocolError(
-                    f"mark.name must be a non-empty string, got {_short(name)}"
+                    f"mark.name must be a non-empty string, got {short(name)}"
                 )
             return PlayedUpTo(name)
         return Ignored(event[:40])  # Exotel adds events over time (e.g. "silence" in beta)
 
-    def _check_streaming(self, msg: Mapping[str, Any], event: str) -> None:
-        if self.state is not StreamState.STREAMING:
-            raise CarrierProtocolError(f"{event} message before start")
-        self._check_id(msg, event)
-
-    def _check_id(self, msg: Mapping[str, Any], event: str) -> None:
-        sid = msg.get("stream_sid")
-        if sid is not None and sid != self.stream_sid:
-            raise CarrierProtocolError(
-                f"{event} stream_sid {_short(sid)} does not match this stream's {self.stream_sid}"
-            )
-
     def _start(self, msg: dict[str, Any]) -> CallStarted:
-        start = _obj(msg, "start", "start")
-        outer = _text(msg, "stream_sid", "stream_sid")
-        sid = _text(start, "stream_sid", "start.stream_sid") or outer
+        start = self._obj(msg, "start", "start")
+        outer = text(msg, "stream_sid", "stream_sid")
+        sid = text(start, "stream_sid", "start.stream_sid") or outer
         if not sid:
             raise CarrierProtocolError("start needs a non-empty stream_sid")
         if outer and outer != sid:
             raise CarrierProtocolError(
-                f"start.stream_sid {_short(sid)} does not match the message's {_short(outer)}"
+                f"start.stream_sid {short(sid)} does not match the message's {short(outer)}"
             )
-        call_sid = _text(start, "call_sid", "start.call_sid")
+        call_sid = text(start, "call_sid", "start.call_sid")
         if not call_sid:
             raise CarrierProtocolError("start needs a non-empty start.call_sid")
         fmt_raw = start.get("media_format")
         if fmt_raw is not None and type(fmt_raw) is not dict:
             raise CarrierProtocolError(
-                f"start.media_format must be an object, got {_short(fmt_raw)}"
+                f"start.media_format must be an object, got {short(fmt_raw)}"
             )
         fmt = _media_format(fmt_raw or {})
-        params_raw = start.get("custom_parameters")
-        if params_raw is None:
-            params_raw = {}
-        if type(params_raw) is not dict:
-            raise CarrierProtocolError(
-                f"start.custom_parameters must be an object, got {_short(params_raw)}"
-            )
-        params = {
-            str(k): v if type(v) is str else orjson.dumps(v).decode() for k, v in params_raw.items()
-        }
+        params = custom_parameters(
+            start.get("custom_parameters"), "start.custom_parameters", null="null"
+        )
         _counter(msg.get("sequence_number"), "sequence_number")
         started = CallStarted(
             call_id=call_sid,
             stream_id=sid,
             media_format=fmt,
             custom_parameters=params,
-            account_id=_text(start, "account_sid", "start.account_sid"),
-            from_number=_text(start, "from", "start.from"),
-            to_number=_text(start, "to", "start.to"),
-            direction=_text(start, "direction", "start.direction"),
+            account_id=text(start, "account_sid", "start.account_sid"),
+            from_number=text(start, "from", "start.from"),
+            to_number=text(start, "to", "start.to"),
+            direction=text(start, "direction", "start.direction"),
         )
-        self.state = StreamState.STREAMING
+        self._commit_streaming(sid)
         self.started = started
-        self.stream_sid = sid
         self.media_format = fmt
         self._chunk_bytes = self._min_chunk(fmt.sample_rate)
         return started
 
     def _media(self, msg: dict[str, Any]) -> CallerAudio:
-        body = _obj(msg, "media", "media")
+        body = self._obj(msg, "media", "media")
         payload = body.get("payload")
         if type(payload) is not str:
-            raise CarrierProtocolError(f"media.payload must be a string, got {_short(payload)}")
+            raise CarrierProtocolError(f"media.payload must be a string, got {short(payload)}")
         chunk = _counter(body.get("chunk"), "media.chunk")
         stamp = _counter(body.get("timestamp"), "media.timestamp")
         seq = _counter(msg.get("sequence_number"), "sequence_number")
-        try:
-            audio = binascii.a2b_base64(payload, strict_mode=True)
-        except (binascii.Error, ValueError):
-            raise CarrierProtocolError("media.payload is not valid base64") from None
+        audio = decode_base64(payload)
         if len(audio) & 1:
             raise CarrierProtocolError(
                 f"media.payload holds {len(audio)} bytes: not whole 16-bit samples"
             )
-        if chunk is not None:
-            last = self.last_chunk
-            if last is not None and chunk <= last:
-                self.frames_late += 1
-                raise CarrierProtocolError(
-                    f"media chunk {chunk} is not after chunk {last} (duplicate or out of order)"
-                )
-            if chunk - (last or 0) > MAX_CHUNK_JUMP:
-                raise CarrierProtocolError(
-                    f"media chunk {chunk} jumps more than {MAX_CHUNK_JUMP} past {last or 0}"
-                )
-            self.frames_missing += max(0, chunk - (last or 0) - 1)  # numbered from 1
-            self.last_chunk = chunk
+        self._next_chunk(chunk)
         self.frames_received += 1
         return CallerAudio(audio, seq if chunk is None else chunk, stamp)
 
     # ------------------------------------------------------------------ outbound
 
     def _sid(self) -> str:
-        if self.stream_sid is None:
+        if self.stream_id is None:
             raise RuntimeError("no stream_sid yet: Exotel's start has not arrived")
-        return self.stream_sid
-
-    def closed(self, code: int | None = None) -> CallStopped:
-        """The socket closed: the stream is over even if its `stop` never came."""
-        self.state = StreamState.STOPPED
-        return CallStopped(reason="closed" if code is None else f"closed ({code})")
+        return self.stream_id
 
     def play(self, audio: bytes) -> list[Frame]:
         """Little-endian PCM at the stream's rate -> `media` frames of the minimum chunk."""

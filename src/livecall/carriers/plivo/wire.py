@@ -20,9 +20,7 @@ a `PlayedUpTo` for the newest checkpoint still pending, so the core's marks alwa
 from __future__ import annotations
 
 import binascii
-import enum
 from collections import deque
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -31,7 +29,6 @@ from livecall.carriers.base import (
     ULAW_8K,
     CallerAudio,
     CallStarted,
-    CallStopped,
     Capabilities,
     CarrierEvent,
     CarrierProtocolError,
@@ -40,6 +37,14 @@ from livecall.carriers.base import (
     Ignored,
     MediaFormat,
     PlayedUpTo,
+)
+from livecall.carriers.stream_base import (
+    JsonCarrierStream,
+    StreamState,
+    decode_base64,
+    short,
+    text,
+    whole_number,
 )
 
 __all__ = [
@@ -102,7 +107,7 @@ def parse_extra_headers(raw: object) -> dict[str, str]:
     if type(raw) is dict:
         return {str(k): v if type(v) is str else orjson.dumps(v).decode() for k, v in raw.items()}
     if type(raw) is not str:
-        raise CarrierProtocolError(f"extra_headers must be a string, got {_short(raw)}")
+        raise CarrierProtocolError(f"extra_headers must be a string, got {short(raw)}")
     text = raw.strip()
     if text.startswith("{"):
         try:
@@ -119,62 +124,17 @@ def parse_extra_headers(raw: object) -> dict[str, str]:
             continue
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
-            raise CarrierProtocolError(f"extra_headers entry {_short(part)} is not key=value")
+            raise CarrierProtocolError(f"extra_headers entry {short(part)} is not key=value")
         out[key.strip()] = value.strip()
     return out
 
 
-def _short(value: object) -> str:
-    """A value for an error message, cut short so a hostile frame can't flood the logs."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _int(value: object, field: str) -> int | None:
     """Plivo sends counters as numbers (chunk, sequenceNumber) or strings (timestamp)."""
-    if value is None:
-        return None
-    kind = type(value)
-    if kind is int:
-        number: int = value  # type: ignore[assignment]
-    elif (kind is str and value.isascii() and value.isdigit()) or (  # type: ignore[union-attr]
-        kind is float and value.is_integer()  # type: ignore[union-attr]
-    ):
-        number = int(value)  # type: ignore[arg-type]
-    else:
-        raise CarrierProtocolError(f"{field} must be a whole number, got {_short(value)}")
-    if number < 0 or number > MAX_COUNTER:
-        raise CarrierProtocolError(f"{field} {number} is out of range")
-    return number
+    return whole_number(value, field, max_value=MAX_COUNTER, floats=True)
 
 
-def _str(container: Mapping[str, Any], key: str, field: str, *, required: bool) -> str | None:
-    value = container.get(key)
-    if value is None:
-        if required:
-            raise CarrierProtocolError(f"{field} is required")
-        return None
-    if type(value) is not str or (required and not value):
-        raise CarrierProtocolError(f"{field} must be a non-empty string, got {_short(value)}")
-    return value
-
-
-def _obj(msg: Mapping[str, Any], key: str, event: str) -> dict[str, Any]:
-    value = msg.get(key)
-    if type(value) is not dict:
-        raise CarrierProtocolError(f"{event} needs a {key!r} object, got {_short(value)}")
-    return value
-
-
-class StreamState(enum.Enum):
-    """start -> media/dtmf/acks... -> stop (or the socket closes)."""
-
-    AWAITING_START = "awaiting-start"
-    STREAMING = "streaming"
-    STOPPED = "stopped"
-
-
-class PlivoStream:
+class PlivoStream(JsonCarrierStream):
     """One Plivo audio stream (a `CarrierStream`): frames in, events out; commands, frames out.
 
     Rules: text frames only, each a JSON object with a string `event`, no larger than
@@ -186,6 +146,10 @@ class PlivoStream:
     """
 
     capabilities = CAPABILITIES
+    BINARY_REFUSED = "binary frames are not part of Plivo's stream protocol"
+    SID_KEY = "streamId"
+    HAS_CONNECTED = False  # Plivo's first frame is `start`
+    MAX_CHUNK_JUMP = MAX_CHUNK_JUMP
 
     def __init__(
         self,
@@ -197,20 +161,11 @@ class PlivoStream:
         content_type_for(media_format)  # refuse what Plivo cannot carry, up front
         if max_play_ms < 20 or max_play_ms % 20:
             raise ValueError(f"max_play_ms must be a positive multiple of 20, got {max_play_ms}")
-        self.max_frame_bytes = max_frame_bytes
+        super().__init__(max_frame_bytes=max_frame_bytes)
         self.media_format = media_format
         self.max_play_ms = max_play_ms
-        self.state = StreamState.AWAITING_START
-        self.started: CallStarted | None = None
-        self.stream_id: str | None = None
         self.pending_checkpoints: deque[str] = deque()
-        self.frames_received = 0
-        self.frames_missing = 0
-        self.sequence_gaps = 0
-        self.protocol_errors = 0
-        self._last_chunk: int | None = None
         self._first_timestamp: int | None = None
-        self._last_seq: int | None = None
         self._sid_json = ""
         self._play_head = ""
 
@@ -219,52 +174,23 @@ class PlivoStream:
 
     # ------------------------------------------------------------------ inbound
 
-    def receive(self, frame: Frame) -> CarrierEvent:
-        """Check and parse one frame; CarrierProtocolError (state unchanged) if it breaks a rule."""
-        try:
-            return self._receive(frame)
-        except CarrierProtocolError:
-            self.protocol_errors += 1
-            raise
-
-    def _receive(self, frame: Frame) -> CarrierEvent:
-        if not isinstance(frame, str):
-            raise CarrierProtocolError("binary frames are not part of Plivo's stream protocol")
-        size = len(frame)
-        if size * 4 > self.max_frame_bytes and size <= self.max_frame_bytes:
-            size = len(frame.encode("utf-8", "surrogatepass"))
-        if size > self.max_frame_bytes:
-            raise CarrierProtocolError(
-                f"frame of {size} bytes exceeds the {self.max_frame_bytes}-byte limit"
-            )
-        try:
-            msg = orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            raise CarrierProtocolError("invalid JSON") from None
-        if type(msg) is not dict:
-            raise CarrierProtocolError(f"a frame must be a JSON object, got {type(msg).__name__}")
-        event = msg.get("event")
-        if type(event) is not str or not event:
-            raise CarrierProtocolError(f"a frame needs a string 'event', got {_short(event)}")
-        if self.state is StreamState.STOPPED:
-            raise CarrierProtocolError(f"{event} frame after stop")
+    def _on_event(self, event: str, msg: dict[str, Any]) -> CarrierEvent:
         if event == "media":
             return self._media(msg)
         if event == "start":
             return self._start(msg)
         if event == "stop":
-            self._check_id(msg, "stop", required=False, streaming=False)
+            self._check_id_of(msg, "stop", streaming=False)
             seq = _int(msg.get("sequenceNumber"), "sequenceNumber")
             reason = msg.get("reason")
-            self.state = StreamState.STOPPED
             self._track_seq(seq)
-            return CallStopped(reason if type(reason) is str and reason else None)
+            return self._stopped(reason if type(reason) is str and reason else None)
         if event == "dtmf":
             return self._dtmf(msg)
         if event == "playedStream":
             return self._played(msg)
         if event == "clearedAudio":
-            self._check_id(msg, "clearedAudio", required=False)
+            self._check_id_of(msg, "clearedAudio")
             self._track_seq(_int(msg.get("sequenceNumber"), "sequenceNumber"))
             if not self.pending_checkpoints:
                 return Ignored("clearedAudio")
@@ -274,19 +200,18 @@ class PlivoStream:
         return Ignored(event[:40])
 
     def _start(self, msg: dict[str, Any]) -> CallStarted:
-        if self.state is StreamState.STREAMING:
-            raise CarrierProtocolError("start received twice (it is sent exactly once)")
-        start = _obj(msg, "start", "start")
-        call_id = _str(start, "callId", "start.callId", required=True)
-        stream_id = _str(start, "streamId", "start.streamId", required=True)
+        self._check_start_once()
+        start = self._obj(msg, "start", "start")
+        call_id = text(start, "callId", "start.callId", required=True)
+        stream_id = text(start, "streamId", "start.streamId", required=True)
         outer = msg.get("streamId")
         if outer is not None and outer != stream_id:
             raise CarrierProtocolError(
-                f"streamId {_short(outer)} does not match start.streamId {_short(stream_id)}"
+                f"streamId {short(outer)} does not match start.streamId {short(stream_id)}"
             )
-        account = _str(start, "accountId", "start.accountId", required=False)
-        fmt_raw = _obj(start, "mediaFormat", "start")
-        encoding = _str(fmt_raw, "encoding", "start.mediaFormat.encoding", required=True)
+        account = text(start, "accountId", "start.accountId")
+        fmt_raw = self._obj(start, "mediaFormat", "start")
+        encoding = text(fmt_raw, "encoding", "start.mediaFormat.encoding", required=True)
         rate = _int(fmt_raw.get("sampleRate"), "start.mediaFormat.sampleRate")
         try:
             fmt = format_from_content_type(encoding or "", rate or 0)
@@ -295,13 +220,13 @@ class PlivoStream:
         tracks = start.get("tracks", ["inbound"])
         if type(tracks) is not list or not all(type(t) is str for t in tracks):
             raise CarrierProtocolError(
-                f"start.tracks must be a list of strings, got {_short(tracks)}"
+                f"start.tracks must be a list of strings, got {short(tracks)}"
             )
         params = parse_extra_headers(msg.get("extra_headers", start.get("extra_headers")))
         seq = _int(msg.get("sequenceNumber"), "sequenceNumber")
         # every check passed: commit
-        self.state = StreamState.STREAMING
-        self.stream_id = stream_id
+        assert call_id is not None and stream_id is not None
+        self._commit_streaming(stream_id)
         self.media_format = fmt
         self._sid_json = orjson.dumps(stream_id).decode()
         ctype, srate = content_type_for(fmt)
@@ -310,7 +235,6 @@ class PlivoStream:
             '"payload":"'
         )
         self._track_seq(seq)
-        assert call_id is not None and stream_id is not None
         self.started = CallStarted(
             call_id=call_id,
             stream_id=stream_id,
@@ -321,53 +245,31 @@ class PlivoStream:
         )
         return self.started
 
-    def _check_id(
-        self, msg: dict[str, Any], event: str, *, required: bool, streaming: bool = True
-    ) -> None:
-        if streaming and self.state is not StreamState.STREAMING:
-            raise CarrierProtocolError(f"{event} frame before start")
-        sid = msg.get("streamId")
-        if sid is None:
-            if required:
-                raise CarrierProtocolError(f"{event} needs a streamId")
-            return
-        if self.stream_id is not None and sid != self.stream_id:
-            raise CarrierProtocolError(
-                f"streamId {_short(sid)} does not match this stream's {self.stream_id}"
-            )
+    def _check_id_of(self, msg: dict[str, Any], event: str, *, streaming: bool = True) -> None:
+        """This stream's streamId where the frame carries one (stop may come before start)."""
+        if streaming:
+            self._check_streaming(msg, event)
+        else:
+            self._check_id(msg, event)
 
     def _media(self, msg: dict[str, Any]) -> CallerAudio:
-        self._check_id(msg, "media", required=False)
-        media = _obj(msg, "media", "media")
+        self._check_streaming(msg, "media")
+        media = self._obj(msg, "media", "media")
         payload = media.get("payload")
         if type(payload) is not str or not payload:
             raise CarrierProtocolError("media needs a non-empty string media.payload")
         track = media.get("track", "inbound")
         if track != "inbound":
             raise CarrierProtocolError(
-                f"media.track {_short(track)}: a bidirectional stream carries only 'inbound'"
+                f"media.track {short(track)}: a bidirectional stream carries only 'inbound'"
             )
         chunk = _int(media.get("chunk"), "media.chunk")
         stamp = _int(media.get("timestamp"), "media.timestamp")
         seq = _int(msg.get("sequenceNumber"), "sequenceNumber")
-        try:
-            audio = binascii.a2b_base64(payload, strict_mode=True)
-        except (binascii.Error, ValueError):
-            raise CarrierProtocolError("media.payload is not valid base64") from None
+        audio = decode_base64(payload)
         if self.media_format.encoding == "l16" and len(audio) % 2:
             raise CarrierProtocolError("media.payload holds half a 16-bit sample")
-        last = self._last_chunk
-        if chunk is not None:
-            if last is not None and chunk <= last:
-                raise CarrierProtocolError(
-                    f"media chunk {chunk} is not after chunk {last} (duplicate or out of order)"
-                )
-            if chunk - (last or 0) > MAX_CHUNK_JUMP:
-                raise CarrierProtocolError(
-                    f"media chunk {chunk} jumps more than {MAX_CHUNK_JUMP} frames past {last or 0}"
-                )
-            self.frames_missing += chunk - (last if last is not None else 0) - 1
-            self._last_chunk = chunk
+        self._next_chunk(chunk)
         rel: int | None = None
         if stamp is not None:
             # Plivo's reference says epoch ms, its SDK says ms since start: relative to the
@@ -382,23 +284,23 @@ class PlivoStream:
         return CallerAudio(audio, chunk, rel)
 
     def _dtmf(self, msg: dict[str, Any]) -> Dtmf:
-        self._check_id(msg, "dtmf", required=False)
-        body = _obj(msg, "dtmf", "dtmf")
+        self._check_id_of(msg, "dtmf")
+        body = self._obj(msg, "dtmf", "dtmf")
         digit = body.get("digit")
         if type(digit) is not str or digit not in DTMF_IN:
-            raise CarrierProtocolError(f"dtmf.digit must be one of 0-9*#A-D, got {_short(digit)}")
+            raise CarrierProtocolError(f"dtmf.digit must be one of 0-9*#A-D, got {short(digit)}")
         self._track_seq(_int(msg.get("sequenceNumber"), "sequenceNumber"))
         return Dtmf(digit)
 
     def _played(self, msg: dict[str, Any]) -> PlayedUpTo:
-        self._check_id(msg, "playedStream", required=False)
+        self._check_id_of(msg, "playedStream")
         name = msg.get("name")
         if type(name) is not str:
-            raise CarrierProtocolError(f"playedStream needs a string name, got {_short(name)}")
+            raise CarrierProtocolError(f"playedStream needs a string name, got {short(name)}")
         pending = self.pending_checkpoints
         if name not in pending:
             raise CarrierProtocolError(
-                f"playedStream for checkpoint {_short(name)} that is not pending"
+                f"playedStream for checkpoint {short(name)} that is not pending"
             )
         seq = _int(msg.get("sequenceNumber"), "sequenceNumber")
         while pending.popleft() != name:  # checkpoints play in order
@@ -406,25 +308,11 @@ class PlivoStream:
         self._track_seq(seq)
         return PlayedUpTo(name)
 
-    def _track_seq(self, seq: int | None) -> None:
-        if seq is None:
-            return
-        last = self._last_seq
-        if last is None or seq > last:
-            if last is not None:
-                self.sequence_gaps += seq - last - 1
-            self._last_seq = seq
-
     # ------------------------------------------------------------------ outbound
 
     def _need_start(self, what: str) -> None:
         if self.stream_id is None:
             raise RuntimeError(f"{what} needs the stream's id: wait for start")
-
-    def closed(self, code: int | None = None) -> CallStopped:
-        """The socket closed: the stream is over even if its `stop` never came."""
-        self.state = StreamState.STOPPED
-        return CallStopped(reason="closed" if code is None else f"closed ({code})")
 
     def flush(self) -> list[Frame]:
         """Plivo takes any whole number of samples: `play` holds nothing back."""

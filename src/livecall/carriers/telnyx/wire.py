@@ -25,7 +25,6 @@ this module swaps bytes both ways.
 from __future__ import annotations
 
 import binascii
-import enum
 import sys
 from collections import Counter
 from collections.abc import Mapping
@@ -38,7 +37,6 @@ from livecall.carriers.base import (
     ULAW_8K,
     CallerAudio,
     CallStarted,
-    CallStopped,
     Capabilities,
     CarrierEvent,
     CarrierProtocolError,
@@ -47,6 +45,15 @@ from livecall.carriers.base import (
     Ignored,
     MediaFormat,
     PlayedUpTo,
+)
+from livecall.carriers.stream_base import (
+    JsonCarrierStream,
+    StreamState,
+    custom_parameters,
+    decode_base64,
+    short,
+    text,
+    whole_number,
 )
 
 __all__ = [
@@ -69,7 +76,6 @@ MIN_CHUNK_MS = 20  # Telnyx plays RTP media chunks of 20 ms to 30 s
 MAX_CHUNK_MS = 30_000
 DEFAULT_CHUNK_MS = 1000  # what `play` packs into one frame (fewer frames, well inside the limits)
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
-MAX_COUNTER = 2**31 - 1
 MAX_CHUNK_JUMP = 3000  # 60 s of 20 ms frames
 MAX_MARK_NAME = 256
 
@@ -114,11 +120,6 @@ def _swap16(data: bytes) -> bytes:
     return np.frombuffer(data, dtype=np.uint16).byteswap().tobytes()
 
 
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 # --------------------------------------------------------------------------- outbound frames
 
 
@@ -141,56 +142,28 @@ def clear_frame() -> str:
 # --------------------------------------------------------------------------- parsing
 
 
-def _counter(value: object, field: str) -> int | None:
-    """Telnyx sends counters as digit strings ("4"); accept ints too. None when absent."""
-    if value is None:
-        return None
-    if type(value) is str:
-        if not value.isascii() or not value.isdigit():
-            raise CarrierProtocolError(f"{field} must be a whole number, got {_short(value)}")
-        number = int(value)
-    elif type(value) is int:
-        number = value
-    else:
-        raise CarrierProtocolError(f"{field} must be a whole number, got {_short(value)}")
-    if number < 0 or number > MAX_COUNTER:
-        raise CarrierProtocolError(f"{field} {number} is out of range")
-    return number
+# Telnyx sends counters as digit strings ("4"); ints are taken too. None when absent.
+_counter = whole_number
 
 
-def _text(container: Mapping[str, Any], key: str, field: str) -> str | None:
-    value = container.get(key)
-    if value is None or type(value) is str:
-        return value
-    raise CarrierProtocolError(f"{field} must be a string, got {_short(value)}")
-
-
-def _obj(msg: Mapping[str, Any], key: str, event: str) -> dict[str, Any]:
-    value = msg.get(key)
-    if type(value) is not dict:
-        raise CarrierProtocolError(f"{event} frame needs a {key!r} object, got {_short(value)}")
-    return value
-
-
-class StreamState(enum.Enum):
-    """Where a stream is: connected? -> start -> media... -> stop."""
-
-    AWAITING_CONNECTED = "awaiting-connected"
-    AWAITING_START = "awaiting-start"
-    STREAMING = "streaming"
-    STOPPED = "stopped"
-
-
-class TelnyxStream:
+class TelnyxStream(JsonCarrierStream):
     """One call's Telnyx media stream, sans I/O (a `CarrierStream`).
 
     `playback_format` is what the answer document asked Telnyx to play
     (`bidirectionalCodec`/`bidirectionalSamplingRate`): `play` takes raw audio in it. The
     caller's audio arrives in the start frame's `media_format`, which may differ (the
     call's codec when Telnyx cannot transcode); `CallStarted.media_format` says which.
+    The checks every JSON stream makes are `JsonCarrierStream`'s.
     """
 
     capabilities = CAPABILITIES
+    BINARY_REFUSED = "binary frames are not part of Telnyx media streaming"
+    SID_KEY = "stream_id"
+    MAX_CHUNK_JUMP = MAX_CHUNK_JUMP
+    CHUNKS_FROM_ONE = False  # a first chunk above 1 is where Telnyx started counting
+    LATE_WHY = (
+        "late or duplicate: Telnyx does not guarantee order, and late audio cannot play in place"
+    )
 
     def __init__(
         self,
@@ -204,17 +177,9 @@ class TelnyxStream:
         if playback_format.encoding not in _WIRE_NAMES or playback_format.channels != 1:
             raise ValueError(f"Telnyx cannot play {playback_format}")
         format_for(wire_encoding(playback_format), playback_format.sample_rate)
-        self.max_frame_bytes = max_frame_bytes
+        super().__init__(max_frame_bytes=max_frame_bytes)
         self.media_format = playback_format
-        self.state = StreamState.AWAITING_CONNECTED
-        self.started: CallStarted | None = None
-        self.stream_id: str | None = None
         self.inbound_format: MediaFormat | None = None
-        self.frames_received = 0
-        self.frames_missing = 0  # chunks skipped in the numbering (lost upstream)
-        self.frames_late = 0  # duplicate or out-of-order chunks (rejected)
-        self.last_chunk: int | None = None
-        self.protocol_errors = 0
         self.carrier_errors: list[str] = []  # Telnyx `error` frames: "code title: detail"
         self._marks: Counter[str] = Counter()  # sent, not yet echoed
         self._min_bytes = playback_format.bytes_per_20ms
@@ -230,72 +195,40 @@ class TelnyxStream:
 
     # ------------------------------------------------------------------ inbound
 
-    def receive(self, frame: Frame) -> CarrierEvent:
-        """Check and parse one frame; CarrierProtocolError (state unchanged) if it breaks a rule."""
-        try:
-            return self._receive(frame)
-        except CarrierProtocolError:
-            self.protocol_errors += 1
-            raise
-
-    def _receive(self, frame: Frame) -> CarrierEvent:
-        if isinstance(frame, bytes | bytearray | memoryview):
-            raise CarrierProtocolError("binary frames are not part of Telnyx media streaming")
-        if len(frame) > self.max_frame_bytes or (
-            len(frame) * 4 > self.max_frame_bytes
-            and len(frame.encode("utf-8", "surrogatepass")) > self.max_frame_bytes
-        ):
-            raise CarrierProtocolError(f"frame exceeds the {self.max_frame_bytes}-byte limit")
-        try:
-            msg = orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            raise CarrierProtocolError("invalid JSON") from None
-        if type(msg) is not dict:
-            raise CarrierProtocolError(f"a frame must be a JSON object, got {type(msg).__name__}")
-        event = msg.get("event")
-        if type(event) is not str or not event:
-            raise CarrierProtocolError(f"a frame needs a string 'event', got {_short(event)}")
+    def _on_event(self, event: str, msg: dict[str, Any]) -> CarrierEvent:
         state = self.state
-        if state is StreamState.STOPPED:
-            raise CarrierProtocolError(f"{event} frame after stop")
         if event == "media":
             self._check_streaming(msg, event)
             return self._media(msg)
         if event == "connected":
-            if state is not StreamState.AWAITING_CONNECTED:
-                raise CarrierProtocolError("connected must be the first frame of the stream")
-            _text(msg, "version", "connected.version")
-            self.state = StreamState.AWAITING_START
-            return Ignored("connected")
+            if state is StreamState.AWAITING_CONNECTED:
+                text(msg, "version", "connected.version")
+            return self._connected()
         if event == "start":
-            if state is StreamState.STREAMING:
-                raise CarrierProtocolError("start received twice (start is sent exactly once)")
+            self._check_start_once()
             return self._start(msg)
         if event == "stop":
             if state is StreamState.STREAMING:
                 self._check_id(msg, event)
             _counter(msg.get("sequence_number"), "sequence_number")
-            self.state = StreamState.STOPPED
-            return CallStopped(None if state is StreamState.STREAMING else "stopped before start")
+            return self._stopped(None if state is StreamState.STREAMING else "stopped before start")
         if event == "dtmf":
             self._check_streaming(msg, event)
-            digit = _obj(msg, "dtmf", event).get("digit")
+            digit = self._obj(msg, "dtmf", event).get("digit")
             if type(digit) is not str or digit not in DTMF_DIGITS:
                 raise CarrierProtocolError(
-                    f"dtmf.digit must be one of 0-9 * # A-D, got {_short(digit)}"
+                    f"dtmf.digit must be one of 0-9 * # A-D, got {short(digit)}"
                 )
             return Dtmf(digit)
         if event == "mark":
             self._check_streaming(msg, event)
-            name = _obj(msg, "mark", event).get("name")
+            name = self._obj(msg, "mark", event).get("name")
             if type(name) is not str:
                 raise CarrierProtocolError(
-                    f"mark frame needs a string mark.name, got {_short(name)}"
+                    f"mark frame needs a string mark.name, got {short(name)}"
                 )
             if self._marks[name] <= 0:
-                raise CarrierProtocolError(
-                    f"mark {_short(name)} was never sent (or already echoed)"
-                )
+                raise CarrierProtocolError(f"mark {short(name)} was never sent (or already echoed)")
             self._marks[name] -= 1
             if not self._marks[name]:
                 del self._marks[name]
@@ -305,38 +238,24 @@ class TelnyxStream:
             return Ignored(self._error(msg))
         return Ignored(event)  # Telnyx adds events over time: tolerated
 
-    def _check_streaming(self, msg: Mapping[str, Any], event: str) -> None:
-        if self.state is not StreamState.STREAMING:
-            raise CarrierProtocolError(f"{event} frame before start")
-        self._check_id(msg, event)
-
-    def _check_id(self, msg: Mapping[str, Any], event: str) -> None:
-        sid = msg.get("stream_id")
-        if sid is not None and self.stream_id is not None and sid != self.stream_id:
-            raise CarrierProtocolError(
-                f"{event} stream_id {_short(sid)} does not match this stream's {self.stream_id}"
-            )
-
     def _start(self, msg: dict[str, Any]) -> CallStarted:
         sid = msg.get("stream_id")
         if type(sid) is not str or not sid:
-            raise CarrierProtocolError(
-                f"start frame needs a non-empty stream_id, got {_short(sid)}"
-            )
-        start = _obj(msg, "start", "start")
+            raise CarrierProtocolError(f"start frame needs a non-empty stream_id, got {short(sid)}")
+        start = self._obj(msg, "start", "start")
         call_id = start.get("call_control_id")
         if type(call_id) is not str or not call_id:
             raise CarrierProtocolError(
-                f"start frame needs a non-empty start.call_control_id, got {_short(call_id)}"
+                f"start frame needs a non-empty start.call_control_id, got {short(call_id)}"
             )
         fmt_raw = start.get("media_format")
         if fmt_raw is None:
             fmt_raw = {}
         elif type(fmt_raw) is not dict:
             raise CarrierProtocolError(
-                f"start.media_format must be an object, got {_short(fmt_raw)}"
+                f"start.media_format must be an object, got {short(fmt_raw)}"
             )
-        encoding = _text(fmt_raw, "encoding", "start.media_format.encoding") or "PCMU"
+        encoding = text(fmt_raw, "encoding", "start.media_format.encoding") or "PCMU"
         rate = _counter(fmt_raw.get("sample_rate"), "start.media_format.sample_rate")
         channels = _counter(fmt_raw.get("channels"), "start.media_format.channels")
         rate = 8000 if rate is None else rate
@@ -347,53 +266,39 @@ class TelnyxStream:
             fmt = format_for(encoding, rate)
         except ValueError as exc:
             raise CarrierProtocolError(f"start.media_format: {exc}") from None
-        params_raw = start.get("custom_parameters")
-        if params_raw is None:
-            params_raw = {}
-        elif type(params_raw) is not dict:
-            raise CarrierProtocolError(
-                f"start.custom_parameters must be an object, got {_short(params_raw)}"
-            )
-        params = {
-            str(k): ("" if v is None else v if type(v) is str else orjson.dumps(v).decode())
-            for k, v in params_raw.items()
-        }
+        params = custom_parameters(start.get("custom_parameters"), "start.custom_parameters")
         _counter(msg.get("sequence_number"), "sequence_number")
         started = CallStarted(
             call_id=call_id,
             stream_id=sid,
             media_format=fmt,
             custom_parameters=params,
-            account_id=_text(start, "user_id", "start.user_id"),
-            from_number=_text(start, "from", "start.from"),
-            to_number=_text(start, "to", "start.to"),
+            account_id=text(start, "user_id", "start.user_id"),
+            from_number=text(start, "from", "start.from"),
+            to_number=text(start, "to", "start.to"),
             direction=None,
         )
-        self.state = StreamState.STREAMING
+        self._commit_streaming(sid)
         self.started = started
-        self.stream_id = sid
         self.inbound_format = fmt
         return started
 
     def _media(self, msg: dict[str, Any]) -> CarrierEvent:
-        media = _obj(msg, "media", "media")
+        media = self._obj(msg, "media", "media")
         payload = media.get("payload")
         if type(payload) is not str:
             raise CarrierProtocolError(
-                f"media frame needs a string media.payload, got {_short(payload)}"
+                f"media frame needs a string media.payload, got {short(payload)}"
             )
         track = media.get("track", "inbound")
         if type(track) is not str:
-            raise CarrierProtocolError(f"media.track must be a string, got {_short(track)}")
+            raise CarrierProtocolError(f"media.track must be a string, got {short(track)}")
         if track != "inbound":
             return Ignored(f"media on the {track[:20]} track")  # both_tracks: not the caller
         chunk = _counter(media.get("chunk"), "media.chunk")
         stamp = _counter(media.get("timestamp"), "media.timestamp")
         seq = _counter(msg.get("sequence_number"), "sequence_number")
-        try:
-            audio = binascii.a2b_base64(payload, strict_mode=True)
-        except (binascii.Error, ValueError):
-            raise CarrierProtocolError("media.payload is not valid base64") from None
+        audio = decode_base64(payload)
         if not audio:
             raise CarrierProtocolError("media.payload is empty")
         fmt = self.inbound_format
@@ -402,41 +307,24 @@ class TelnyxStream:
             if len(audio) % 2:
                 raise CarrierProtocolError("L16 media.payload has an odd number of bytes")
             audio = _swap16(audio)
-        if chunk is not None:
-            last = self.last_chunk
-            if last is not None and chunk <= last:
-                self.frames_late += 1
-                raise CarrierProtocolError(
-                    f"media chunk {chunk} is not after chunk {last} (late or duplicate: "
-                    "Telnyx does not guarantee order, and late audio cannot play in place)"
-                )
-            if chunk - (last or 0) > MAX_CHUNK_JUMP:
-                raise CarrierProtocolError(
-                    f"media chunk {chunk} jumps more than {MAX_CHUNK_JUMP} frames past {last or 0}"
-                )
-            if last is not None:
-                self.frames_missing += chunk - last - 1
-            self.last_chunk = chunk
+        self._next_chunk(chunk)
         self.frames_received += 1
         return CallerAudio(audio, sequence=seq if chunk is None else chunk, timestamp_ms=stamp)
 
     def _error(self, msg: Mapping[str, Any]) -> str:
-        body = msg.get("payload")
+        body: Any = msg.get("payload")
         if type(body) is not dict:
-            body = msg.get("error") if type(msg.get("error")) is dict else {}
+            body = msg.get("error")
+            if type(body) is not dict:
+                body = {}
         code = body.get("code")
         title = body.get("title")
         detail = body.get("detail")
-        text = f"error {_short(code)} {str(title)[:60]}: {str(detail)[:200]}"
-        self.carrier_errors.append(text)
-        return text
+        err = f"error {short(code)} {str(title)[:60]}: {str(detail)[:200]}"
+        self.carrier_errors.append(err)
+        return err
 
     # ------------------------------------------------------------------ outbound
-
-    def closed(self, code: int | None = None) -> CallStopped:
-        """The socket closed: the stream is over even if its `stop` never came."""
-        self.state = StreamState.STOPPED
-        return CallStopped(reason="closed" if code is None else f"closed ({code})")
 
     def play(self, audio: bytes) -> list[Frame]:
         """Frames that queue `audio` (raw, in `media_format`) for playout, 20 ms..chunk_ms each.
