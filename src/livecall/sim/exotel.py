@@ -690,7 +690,6 @@ async def serve_fake_exotel_rest(
         app, log_level="warning", lifespan="off", access_log=False, log_config=None
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         yield state, f"http://127.0.0.1:{port}"

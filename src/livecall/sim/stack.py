@@ -106,7 +106,6 @@ class LocalStack:
             ws_max_size=self.settings.ws_max_size,
         )
         self._server = uvicorn.Server(config)  # type: ignore[arg-type]
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():

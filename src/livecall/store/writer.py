@@ -375,24 +375,26 @@ class CallRecordWriter:
     def turn(self, turn: TurnRecord) -> None:
         try:
             sid = _clean_str(turn.call_sid or self.call_sid, "call_sid")
+            idx = self._numbering.first_turn + int(turn.index)
+            interrupted = bool(turn.interrupted)
             op = {
                 "op": "turn",
                 "call_sid": sid,
-                "idx": self._numbering.first_turn + int(turn.index),
+                "idx": idx,
                 "speaker": _clean_str(turn.speaker, "speaker"),
                 "text": _clean_str(turn.text) or "",
                 "heard_text": _clean_str(turn.heard_text),
                 "start_ms": int(turn.start_ms),
                 "end_ms": None if turn.end_ms is None else int(turn.end_ms),
-                "interrupted": bool(turn.interrupted),
+                "interrupted": interrupted,
                 "first_audio_latency_ms": _number(turn.first_audio_latency_ms),
                 "barge_in_stop_ms": _number(turn.barge_in_stop_ms),
             }
             self._store._put(op)
-            self._turns.add(op["idx"])
-            self._numbering.next_turn = max(self._numbering.next_turn, op["idx"] + 1)
-            if op["interrupted"]:
-                self._interrupted.add(op["idx"])
+            self._turns.add(idx)
+            self._numbering.next_turn = max(self._numbering.next_turn, idx + 1)
+            if interrupted:
+                self._interrupted.add(idx)
             if turn.speaker == "agent" and not self._answered and self._started_at is not None:
                 self._answered = True
                 answered = self._started_at + timedelta(milliseconds=turn.start_ms)

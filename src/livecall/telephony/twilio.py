@@ -158,18 +158,18 @@ def _opt_int(value: object, field: str) -> int | None:
     """Twilio sends counters as strings ("4"); simulators may send ints. Accept both."""
     if value is None:
         return None
-    kind = type(value)
-    if kind is str:
+    # Exact types (`type(...) is`), not isinstance: a bool is not a counter.
+    if type(value) is str:
         try:
-            number = int(value)  # type: ignore[arg-type]
+            number = int(value)
         except ValueError:
             raise ProtocolError(
                 f"{field} must be a whole number (string or integer), got {_short(value)}"
             ) from None
-    elif kind is int:
-        number = value  # type: ignore[assignment]
-    elif kind is float and value.is_integer():  # type: ignore[attr-defined]
-        number = int(value)  # type: ignore[arg-type]
+    elif type(value) is int:
+        number = value
+    elif type(value) is float and value.is_integer():
+        number = int(value)
     else:
         raise ProtocolError(
             f"{field} must be a whole number (string or integer), got {_short(value)}"
@@ -688,4 +688,5 @@ class TwilioSignature:
         algorithm: str | None = None,
     ) -> str:
         """The signature Twilio would send for this URL and params (used by the simulator)."""
-        return self._validator.compute_signature(url, params or {}, algorithm)
+        signature: str = self._validator.compute_signature(url, params or {}, algorithm)
+        return signature

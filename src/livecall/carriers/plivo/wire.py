@@ -134,13 +134,13 @@ def _int(value: object, field: str) -> int | None:
     """Plivo sends counters as numbers (chunk, sequenceNumber) or strings (timestamp)."""
     if value is None:
         return None
-    kind = type(value)
-    if kind is int:
-        number: int = value  # type: ignore[assignment]
-    elif (kind is str and value.isascii() and value.isdigit()) or (  # type: ignore[union-attr]
-        kind is float and value.is_integer()  # type: ignore[union-attr]
+    # Exact types (`type(...) is`), not isinstance: a bool is not a counter.
+    if type(value) is int:
+        number: int = value
+    elif (type(value) is str and value.isascii() and value.isdigit()) or (
+        type(value) is float and value.is_integer()
     ):
-        number = int(value)  # type: ignore[arg-type]
+        number = int(value)
     else:
         raise CarrierProtocolError(f"{field} must be a whole number, got {_short(value)}")
     if number < 0 or number > MAX_COUNTER:

@@ -423,7 +423,8 @@ class TelnyxStream:
     def _error(self, msg: Mapping[str, Any]) -> str:
         body = msg.get("payload")
         if type(body) is not dict:
-            body = msg.get("error") if type(msg.get("error")) is dict else {}
+            error = msg.get("error")
+            body = error if type(error) is dict else {}
         code = body.get("code")
         title = body.get("title")
         detail = body.get("detail")
