@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:  # imported where used, so `livecall --help` starts fast
+    import socket
+
+    import uvicorn
+    from starlette.types import ASGIApp
 
 app = typer.Typer(
     name="livecall",
@@ -39,14 +45,14 @@ console = Console(stderr=True)
 
 
 def uvicorn_config(
-    app_obj: object,
+    app_obj: ASGIApp,
     host: str,
     port: int,
     *,
     request_timeout_s: float = 10.0,
     ws_max_size: int = 1 << 20,
-    **kw: object,
-) -> object:
+    **kw: Any,
+) -> uvicorn.Config:
     """The uvicorn server livecall runs on: whole-request deadline at the protocol level,
     WebSocket messages capped by uvicorn itself (frames above MAX_MESSAGE_BYTES but under
     this are read, logged and ignored), and forwarded headers left to livecall, which
@@ -59,7 +65,7 @@ def uvicorn_config(
     if edge is not None:
         edge.server_ws_max_size = ws_max_size  # the app need not check each message again
     return uvicorn.Config(
-        app_obj,  # type: ignore[arg-type]
+        app_obj,
         host=host,
         port=port,
         http=guarded_http_protocol(request_timeout_s),
@@ -72,11 +78,11 @@ def uvicorn_config(
         # own default would rewrite scheme and client address for any loopback peer first
         proxy_headers=False,
         lifespan="on",
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 
-def _admin_socket(path: Path) -> object:
+def _admin_socket(path: Path) -> socket.socket:
     """The ADMIN_SOCKET Unix socket, readable and writable by this user only."""
     import os
     import socket
@@ -194,7 +200,7 @@ def serve(
                 workers,
                 bind,
                 port or settings.port,
-                mode=worker_socket,  # type: ignore[arg-type]
+                mode="shared" if worker_socket == "shared" else "reuseport",
                 max_calls=settings.max_concurrent_calls,
                 max_gemini_sessions=settings.max_gemini_sessions,
                 admin_socket=settings.admin_socket,
@@ -215,7 +221,7 @@ def serve(
     )
     state = app_obj.state.livecall
     server = DrainingServer(
-        config,  # type: ignore[arg-type]
+        config,
         state.registry,
         settings.drain_timeout_s,
         drain=state.drain,
@@ -225,17 +231,17 @@ def serve(
     if settings.admin_socket is None and listen is None:
         server.run()
         return
-    sockets = [listen if listen is not None else config.bind_socket()]  # type: ignore[attr-defined]
+    sockets = [listen if listen is not None else config.bind_socket()]
     if settings.admin_socket is not None:
         sockets.append(_admin_socket(settings.admin_socket))
     try:
-        server.run(sockets=sockets)  # type: ignore[arg-type]
+        server.run(sockets=sockets)
     finally:
         if settings.admin_socket is not None:
             settings.admin_socket.unlink(missing_ok=True)
 
 
-def _worker_listen_socket(host: str, port: int) -> object | None:
+def _worker_listen_socket(host: str, port: int) -> socket.socket | None:
     """In a worker of `serve --workers N`: the parent's shared socket, or our own
     SO_REUSEPORT one; None in a single process (uvicorn binds as usual)."""
     import os
@@ -308,18 +314,21 @@ def bench_load(
     from livecall.bench.load import QUICK_LEVELS, run_load_benchmark
 
     counts = tuple(int(x) for x in workers.split(",") if x.strip())
-    kw = {
-        "recording": recording,
-        "workers": counts,
-        "worker_socket": worker_socket,
-        "floor": floor,
-        "out_dir": out,
-    }
     if quick:
-        run_load_benchmark(QUICK_LEVELS, 8.0, 3.0, **kw)  # type: ignore[arg-type]
+        levels_run: tuple[int, ...] = QUICK_LEVELS
+        hold, ramp = 8.0, 3.0
     else:
-        parsed = tuple(int(x) for x in levels.split(",") if x.strip())
-        run_load_benchmark(parsed, hold, ramp, **kw)  # type: ignore[arg-type]
+        levels_run = tuple(int(x) for x in levels.split(",") if x.strip())
+    run_load_benchmark(
+        levels_run,
+        hold,
+        ramp,
+        recording=recording,
+        workers=counts,
+        worker_socket=worker_socket,
+        floor=floor,
+        out_dir=out,
+    )
 
 
 @bench_app.command("quality")

@@ -105,7 +105,7 @@ class LocalStack:
             request_timeout_s=self.settings.request_timeout_s,
             ws_max_size=self.settings.ws_max_size,
         )
-        self._server = uvicorn.Server(config)  # type: ignore[arg-type]
+        self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():

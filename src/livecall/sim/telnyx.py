@@ -392,11 +392,11 @@ class TelnyxSimulatedCaller(SimulatedCaller):
             return
         body = msg.get("media")
         payload = body.get("payload") if type(body) is dict else None
-        if type(payload) is not str:
+        if type(body) is not dict or type(payload) is not str:
             await self._reject(100003, "malformed_frame", "media needs a string media.payload")
             return
-        if self.strict_fields and len(body) != 1:  # type: ignore[arg-type]
-            await self._reject(100003, "malformed_frame", f"unexpected fields {sorted(body)}")  # type: ignore[arg-type]
+        if self.strict_fields and len(body) != 1:
+            await self._reject(100003, "malformed_frame", f"unexpected fields {sorted(body)}")
             return
         try:
             audio = binascii.a2b_base64(payload, strict_mode=True)

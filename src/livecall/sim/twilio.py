@@ -1131,10 +1131,10 @@ class SimulatedCaller:
         elif event == "mark":
             body = msg.get("mark")
             name = body.get("name") if type(body) is dict else None
-            if type(name) is not str or not name:
+            if type(body) is not dict or type(name) is not str or not name:
                 self._error("31951 Invalid Message: mark needs a non-empty mark.name")
                 return
-            if self.strict_fields and len(body) != 1:  # type: ignore[arg-type]
+            if self.strict_fields and len(body) != 1:
                 self._error("31951 Invalid Message: unexpected fields in mark")
                 return
             self.result.marks_received.append(TimedName(name, now))
@@ -1152,11 +1152,11 @@ class SimulatedCaller:
     def _on_media(self, msg: dict[str, Any], now: float) -> None:
         body = msg.get("media")
         payload = body.get("payload") if type(body) is dict else None
-        if type(payload) is not str:
+        if type(body) is not dict or type(payload) is not str:
             self._error("31951 Invalid Message: media needs a string media.payload")
             return
-        if self.strict_fields and len(body) != 1:  # type: ignore[arg-type]
-            self._error(f"31951 Invalid Message: unexpected fields {sorted(body)} in media")  # type: ignore[arg-type]
+        if self.strict_fields and len(body) != 1:
+            self._error(f"31951 Invalid Message: unexpected fields {sorted(body)} in media")
             return
         try:
             audio = binascii.a2b_base64(payload, strict_mode=True)

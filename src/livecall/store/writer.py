@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 try:  # POSIX: tells a live process's spool file from an orphan
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no module here: the checks below read None
 
 log = structlog.get_logger("livecall.store")
 
