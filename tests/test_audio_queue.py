@@ -21,3 +21,10 @@ def test_a_single_item_larger_than_the_budget_is_kept_alone() -> None:
     q.append(b"x" * 10)
     q.append(b"y" * 500)
     assert list(q) == [b"y" * 500] and q.dropped == 1
+
+
+def test_extend_appends_in_order_under_the_same_budget() -> None:
+    q: ByteBoundedQueue[bytes] = ByteBoundedQueue(100, len)
+    q.append(b"a" * 40)
+    q.extend([b"b" * 40, b"c" * 40])
+    assert list(q) == [b"b" * 40, b"c" * 40] and q.bytes == 80 and q.dropped == 1

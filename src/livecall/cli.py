@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:  # imported where used, so `livecall --help` starts fast
+    import socket
+
 
 app = typer.Typer(
     name="livecall",
@@ -64,7 +68,7 @@ def require_extra(extra: str, command: str) -> None:
         raise typer.Exit(2)
 
 
-def _admin_socket(path: Path) -> object:
+def _admin_socket(path: Path) -> socket.socket:
     """The ADMIN_SOCKET Unix socket, readable and writable by this user only."""
     import os
     import socket
@@ -173,7 +177,7 @@ def serve(
                 workers,
                 bind,
                 port or settings.port,
-                mode=worker_socket,  # type: ignore[arg-type]
+                mode="shared" if worker_socket == "shared" else "reuseport",
                 max_calls=settings.max_concurrent_calls,
                 max_gemini_sessions=settings.max_gemini_sessions,
                 admin_socket=settings.admin_socket,
@@ -195,7 +199,7 @@ def serve(
     )
     state = app_obj.state.livecall
     server = DrainingServer(
-        config,  # type: ignore[arg-type]
+        config,
         state.registry,
         settings.drain_timeout_s,
         drain=state.drain,
@@ -205,17 +209,17 @@ def serve(
     if settings.admin_socket is None and listen is None:
         server.run()
         return
-    sockets = [listen if listen is not None else config.bind_socket()]  # type: ignore[attr-defined]
+    sockets = [listen if listen is not None else config.bind_socket()]
     if settings.admin_socket is not None:
         sockets.append(_admin_socket(settings.admin_socket))
     try:
-        server.run(sockets=sockets)  # type: ignore[arg-type]
+        server.run(sockets=sockets)
     finally:
         if settings.admin_socket is not None:
             settings.admin_socket.unlink(missing_ok=True)
 
 
-def _worker_listen_socket(host: str, port: int) -> object | None:
+def _worker_listen_socket(host: str, port: int) -> socket.socket | None:
     """In a worker of `serve --workers N`: the parent's shared socket, or our own
     SO_REUSEPORT one; None in a single process (uvicorn binds as usual)."""
     import os
@@ -291,18 +295,21 @@ def bench_load(
     from livecall.bench.load import QUICK_LEVELS, run_load_benchmark
 
     counts = tuple(int(x) for x in workers.split(",") if x.strip())
-    kw = {
-        "recording": recording,
-        "workers": counts,
-        "worker_socket": worker_socket,
-        "floor": floor,
-        "out_dir": out,
-    }
     if quick:
-        run_load_benchmark(QUICK_LEVELS, 8.0, 3.0, **kw)  # type: ignore[arg-type]
+        levels_run: tuple[int, ...] = QUICK_LEVELS
+        hold, ramp = 8.0, 3.0
     else:
-        parsed = tuple(int(x) for x in levels.split(",") if x.strip())
-        run_load_benchmark(parsed, hold, ramp, **kw)  # type: ignore[arg-type]
+        levels_run = tuple(int(x) for x in levels.split(",") if x.strip())
+    run_load_benchmark(
+        levels_run,
+        hold,
+        ramp,
+        recording=recording,
+        workers=counts,
+        worker_socket=worker_socket,
+        floor=floor,
+        out_dir=out,
+    )
 
 
 @bench_app.command("quality")

@@ -110,7 +110,8 @@ class LiveFeed:
         if message["type"] == "call_started" and len(remote) >= MAX_REMOTE_CALLS:
             self.calls.pop(remote[0], None)  # the oldest: its instance most likely died
         self.apply(message)
-        state = self.calls.get(message.get("call_sid"))  # type: ignore[arg-type]
+        call_sid = message.get("call_sid")
+        state = self.calls.get(call_sid) if isinstance(call_sid, str) else None
         if state is not None:
             state["seen"] = now
         self.publish(message, relay=False)

@@ -15,8 +15,9 @@ data and live in the call store); spans carry ids, timings, counts and outcomes.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -62,16 +63,17 @@ def tracing_enabled() -> bool:
 
 
 def _otlp_exporter() -> Any:
-    try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    except ImportError:
+    # HTTP if installed, else gRPC: both exporters are optional, so they're imported by name.
+    for module_name in (
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+    ):
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore
-                OTLPSpanExporter,
-            )
+            module = importlib.import_module(module_name)
         except ImportError:
-            return None
-    return OTLPSpanExporter()
+            continue
+        return module.OTLPSpanExporter()
+    return None
 
 
 def configure_tracing(
@@ -303,7 +305,9 @@ def traced(observer: CallObserver) -> CallObserver:
     return TracingObserver(observer) if _tracer is not None else observer
 
 
-def add_trace_context(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def add_trace_context(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """structlog processor: log lines name the trace they belong to, when tracing is on."""
     if _tracer is None:
         return event_dict

@@ -108,7 +108,7 @@ class LiveOptions:
             prefix_padding_ms=self.vad_prefix_padding_ms,
             silence_duration_ms=self.vad_silence_duration_ms,
         )
-        tools = (
+        tools: list[types.ToolUnion] = (
             [types.Tool(function_declarations=self.function_declarations)]
             if self.function_declarations
             else []

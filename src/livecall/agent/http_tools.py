@@ -219,8 +219,8 @@ class HttpToolRunner:
         if signing:
             secrets.append(signing)
         started = time.perf_counter()
-        result = await self._request(spec, args, headers, context, signing)
-        result = _scrub(result, secrets)
+        raw = await self._request(spec, args, headers, context, signing)
+        result: dict[str, Any] = _scrub(raw, secrets)
         status = result.pop("_status", None)
         log.info(
             "http_tool.called",

@@ -365,7 +365,7 @@ class AgentProfile(_Strict):
     language: str = Field(min_length=2)
     model: str = Field(min_length=1)
     vad: VadSettings = Field(default_factory=VadSettings)
-    tools: list[BuiltinTool] = Field(default_factory=lambda: ["end_call"])
+    tools: list[BuiltinTool] = Field(default_factory=lambda: list[BuiltinTool](["end_call"]))
     transfer_targets: dict[str, TransferTarget] = Field(default_factory=dict)
     knowledge_dir: Path | None = None
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)

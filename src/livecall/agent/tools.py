@@ -307,7 +307,8 @@ def _json_safe(value: Any) -> dict[str, Any]:
     """Whatever a tool returned, as a dict that `json.dumps` accepts."""
     if not isinstance(value, dict):
         value = {"result": value}
-    return json.loads(json.dumps(value, default=str))
+    safe: dict[str, Any] = json.loads(json.dumps(value, default=str))
+    return safe
 
 
 # ------------------------------------------------------------------------ runner

@@ -50,19 +50,21 @@ def encoding_of(name: str) -> str:
 
 
 # Code -> float64 sample, so decoding writes straight into the resampler's history buffer.
-_DECODE = {
+_DECODE: dict[str, npt.NDArray[np.float64]] = {
     "audio/x-mulaw": g711.ULAW_DECODE_TABLE.astype(np.float64),
     "audio/x-alaw": g711.ALAW_DECODE_TABLE.astype(np.float64),
 }
 # Biased index (int16 sample + 32768) -> code; see resample.BIAS. Index v is the int16 whose bit
 # pattern is v ^ 0x8000, which is the encode table rotated by half its length.
-_ENCODE = {
+_ENCODE: dict[str, npt.NDArray[np.uint8] | npt.NDArray[np.int16]] = {
     "audio/x-mulaw": np.roll(g711.ULAW_ENCODE_TABLE, 32768),
     "audio/x-alaw": np.roll(g711.ALAW_ENCODE_TABLE, 32768),
     "audio/x-l16": SATURATE_INT16,
 }
-for _table in (*_DECODE.values(), *_ENCODE.values()):
-    _table.setflags(write=False)
+for _decode in _DECODE.values():
+    _decode.setflags(write=False)
+for _encode in _ENCODE.values():
+    _encode.setflags(write=False)
 
 
 def _check_encoding(encoding: str, rate: int = CARRIER_RATE) -> None:

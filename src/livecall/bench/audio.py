@@ -88,7 +88,7 @@ def speech_like(rate: int, seconds: float, seed: int = 0) -> Int16Array:
     freqs = np.fft.rfftfreq(n, 1 / rate)
     spectrum *= np.clip((freqs - 1500.0) / 2000.0, 0.0, 1.0) * (freqs < f_max)
     noise = np.fft.irfft(spectrum, n)
-    noise *= 3.0 * np.std(voiced) / max(np.std(noise), 1e-9)
+    noise *= 3.0 * np.std(voiced) / max(float(np.std(noise)), 1e-9)
     # syllables: ~4 per second, voiced or fricative, with gaps
     gate_v, gate_n = np.zeros(n), np.zeros(n)
     pos = 0
@@ -472,8 +472,8 @@ def run_audio_benchmark(seconds: float = 10.0, console: Any = None) -> dict[str,
         results[c.name] = {}
         for fi, fo in DIRECTIONS:
             m = measure_candidate(c, fi, fo, signals[fi])
-            if recorded[fi] is not None:
-                m["recorded"] = measure_recorded(c, fi, fo, recorded[fi])
+            if (speech := recorded[fi]) is not None:
+                m["recorded"] = measure_recorded(c, fi, fo, speech)
             results[c.name][_direction(fi, fo)] = m
 
     passing = [name for name, by_dir in results.items() if meets_spec(by_dir)]

@@ -292,7 +292,7 @@ async def score_call(
         sessions = list(stack.gemini.sessions)
     received = _f(np.frombuffer(b"".join(bytes(s.received_audio) for s in sessions), "<i2"))
     heard = _f(ulaw_decode_ref(np.frombuffer(result.heard, dtype=np.uint8)))
-    where = {"carrier": carrier, "codec": "mulaw 8k", "route": "call"}
+    where: dict[str, Any] = {"carrier": carrier, "codec": "mulaw 8k", "route": "call"}
     scores = []
     for name in said_clips:
         clean, rate = load_clip(name)

@@ -424,14 +424,15 @@ async def _rotations(seed: int) -> dict[str, Any]:
     async with LocalStack(
         scenario=scenario, settings_overrides=_overrides(), observer_factory=recorder
     ) as stack:
-        assert stack.gemini is not None
+        gemini = stack.gemini
+        assert gemini is not None and stack.app is not None
         result = await stack.caller(script, seed=seed, timeout=90).run()
-        state = stack.app.state.livecall  # type: ignore[union-attr]
+        state = stack.app.state.livecall
         await state.registry.wait_idle(20)
-        await stack.gemini.wait_for(lambda: all(s.closed for s in stack.gemini.sessions), 20)
+        await gemini.wait_for(lambda: all(s.closed for s in gemini.sessions), 20)
         await state.store.flush()
         call = await state.store.repo.get_call(result.call_sid)
-        sessions = list(stack.gemini.sessions)
+        sessions = list(gemini.sessions)
     events = recorder.events.get(result.call_sid, [])
     switches = [
         e for e in events if e.kind == "session_resumed" and e.data.get("reason") == "go_away"
@@ -502,7 +503,7 @@ async def _forced_rotation(seed: int) -> dict[str, Any]:
     async with LocalStack(scenario=scenario, settings_overrides=_overrides()) as stack:
         assert stack.gemini is not None
         result = await stack.caller(script, seed=seed, timeout=60).run()
-        await stack.app.state.livecall.registry.wait_idle(20)  # type: ignore[union-attr]
+        await stack.registry.wait_idle(20)
         sessions = list(stack.gemini.sessions)
     assert result.stream_started is not None
     t0 = result.stream_started
@@ -581,12 +582,13 @@ async def _recover_1011(seed: int, closes: int = 4) -> dict[str, Any]:
             result = await stack.caller(script, seed=seed, timeout=90).run()
         finally:
             watcher.cancel()
-        state = stack.app.state.livecall  # type: ignore[union-attr]
+        assert stack.app is not None
+        state = stack.app.state.livecall
         await state.registry.wait_idle(20)
         sessions = list(gemini.sessions)
     events = recorder.events.get(result.call_sid, [])
     resumed = [e for e in events if e.kind in ("session_resumed", "session_started")][1:]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, old in enumerate(sessions[:-1]):
         if old.close_code != 1011 or old.closed_at is None:
             continue
@@ -691,7 +693,8 @@ async def _fuzz_rate(seed: int, frames: int) -> dict[str, Any]:
         await ws.close()
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
-        state = stack.app.state.livecall  # type: ignore[union-attr]
+        assert stack.app is not None
+        state = stack.app.state.livecall
         idle = await state.registry.wait_idle(20)
     return {
         "frames": sent,

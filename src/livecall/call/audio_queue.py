@@ -7,7 +7,7 @@ caller audio" into hundreds of megabytes; counting bytes keeps the promise in se
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 __all__ = ["ByteBoundedQueue"]
@@ -31,6 +31,10 @@ class ByteBoundedQueue(Generic[T]):
         while self.bytes > self.max_bytes and len(self._items) > 1:
             self.bytes -= self._size(self._items.popleft())
             self.dropped += 1
+
+    def extend(self, items: Iterable[T]) -> None:
+        for item in items:
+            self.append(item)
 
     def popleft(self) -> T:
         item = self._items.popleft()

@@ -19,6 +19,7 @@ from livecall.carriers.base import (
     CarrierEvent,
     CarrierProtocolError,
     Dtmf,
+    Encoding,
     Frame,
     Ignored,
     MediaFormat,
@@ -33,7 +34,7 @@ __all__ = ["CAPABILITIES", "TwilioCarrierStream", "call_started"]
 CAPABILITIES = Capabilities(
     marks=True, clear=True, dtmf_in=True, send_dtmf_on_stream=False, hangup_on_stream=True
 )
-_FORMATS = {
+_FORMATS: dict[str, Encoding] = {
     "audio/x-mulaw": "mulaw",
     "audio/x-alaw": "alaw",
     "audio/x-l16": "l16",
@@ -46,7 +47,7 @@ def media_format_of(start: tw.Start) -> MediaFormat:
     encoding = _FORMATS.get(start.encoding or "audio/x-mulaw")
     if encoding is None:
         raise CarrierProtocolError(f"unsupported media encoding {start.encoding[:32]!r}")
-    return MediaFormat(encoding, start.sample_rate or 8000, 1)  # type: ignore[arg-type]
+    return MediaFormat(encoding, start.sample_rate or 8000, 1)
 
 
 def call_started(start: tw.Start) -> CallStarted:

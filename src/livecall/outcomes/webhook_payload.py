@@ -351,4 +351,5 @@ def sample_payload(delivery_id: str, now: datetime) -> dict[str, Any]:
             _Row(seq=0, at_ms=120, kind="session", name=None, duration_ms=None, data={}),
         ],
     )
+    # `_Row` has every CallLike attribute, set at run time, so mypy cannot see them
     return build_payload(call, delivery_id=delivery_id)  # type: ignore[arg-type]

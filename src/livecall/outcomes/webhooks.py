@@ -369,8 +369,8 @@ class WebhookService:
         assert self._secret is not None and self.client is not None
         try:
             body = await self._body(row, self.clock())
-        except Exception as error:  # the database went away, or a record it cannot encode
-            log.warning("webhook.build_failed", call_sid=row.call_sid, error=repr(error))
+        except Exception as exc:  # the database went away, or a record it cannot encode
+            log.warning("webhook.build_failed", call_sid=row.call_sid, error=repr(exc))
             await self._finish(row, None, "payload not built", 0.0)
             return
         if body is None:

@@ -331,9 +331,10 @@ def build_api_router(
         filename = f"{sid}.{recording.media_type.rsplit('/', 1)[-1]}"
         if recording.path is not None:
             return FileResponse(recording.path, media_type=recording.media_type, filename=filename)
-        assert recording.stream is not None
+        stream = recording.stream
+        assert stream is not None
         return StreamingResponse(
-            iter(lambda: recording.stream.read(65536), b""),  # type: ignore[union-attr]
+            iter(lambda: stream.read(65536), b""),
             media_type=recording.media_type,
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )

@@ -313,8 +313,11 @@ def _plivo_control(settings: Settings) -> dict[str, Any]:
         return {}
     from livecall.carriers.plivo.control import PlivoCallControl, PlivoControl
 
-    kwargs = {"base_url": settings.plivo_api_base} if settings.plivo_api_base else {}
-    rest = PlivoControl(settings.plivo_auth_id, token, **kwargs)
+    rest = (
+        PlivoControl(settings.plivo_auth_id, token, base_url=settings.plivo_api_base)
+        if settings.plivo_api_base
+        else PlivoControl(settings.plivo_auth_id, token)
+    )
 
     def control(site: ControlSite) -> CallControl:
         assert site.publish is not None  # `documents=True` below

@@ -43,6 +43,8 @@ def guarded_http_protocol(timeout_s: float) -> type[HttpToolsProtocol]:
                 timer.cancel()
                 self._request_timer = None
 
+        # uvicorn's own connection_made takes asyncio.Transport, narrower than asyncio's
+        # BaseTransport (uvicorn ignores the same override error): we keep its signature.
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()

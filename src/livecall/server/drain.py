@@ -35,10 +35,10 @@ async def drain_calls(registry: CallRegistry, deadline_s: float, goodbye_s: floa
     active = len(registry.active)
     log.info("drain.start", active_calls=active, deadline_s=deadline_s)
     if active and not await registry.wait_idle(timeout=max(0.0, deadline_s - goodbye_s)):
-        left = [c for c in registry.active.values() if c.bridge is not None]
+        left = [c.bridge for c in registry.active.values() if c.bridge is not None]
         log.info("drain.ending_calls", calls=len(left))
         await asyncio.gather(
-            *(c.bridge.end_politely("shutdown", GOODBYE_LINE, timeout=goodbye_s) for c in left),
+            *(b.end_politely("shutdown", GOODBYE_LINE, timeout=goodbye_s) for b in left),
             return_exceptions=True,
         )
         await registry.wait_idle(timeout=5.0)

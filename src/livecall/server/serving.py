@@ -4,7 +4,10 @@ the simulated stacks of the demo, tests and benchmarks (so they all run what pro
 
 from __future__ import annotations
 
+from typing import Any
+
 import uvicorn
+from starlette.types import ASGIApp
 
 from livecall.server.conn_guard import guarded_http_protocol
 
@@ -12,14 +15,14 @@ __all__ = ["uvicorn_config"]
 
 
 def uvicorn_config(
-    app_obj: object,
+    app_obj: ASGIApp,
     host: str,
     port: int,
     *,
     request_timeout_s: float = 10.0,
     ws_max_size: int = 1 << 20,
-    **kw: object,
-) -> object:
+    **kw: Any,
+) -> uvicorn.Config:
     """The uvicorn server livecall runs on: whole-request deadline at the protocol level,
     WebSocket messages capped by uvicorn itself (frames above MAX_MESSAGE_BYTES but under
     this are read, logged and ignored), and forwarded headers left to livecall, which
@@ -28,7 +31,7 @@ def uvicorn_config(
     if edge is not None:
         edge.server_ws_max_size = ws_max_size  # the app need not check each message again
     return uvicorn.Config(
-        app_obj,  # type: ignore[arg-type]
+        app_obj,
         host=host,
         port=port,
         http=guarded_http_protocol(request_timeout_s),
@@ -41,5 +44,5 @@ def uvicorn_config(
         # own default would rewrite scheme and client address for any loopback peer first
         proxy_headers=False,
         lifespan="on",
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +135,7 @@ class AppState:
         configured = self.settings.gemini_non_blocking_tools
         return True if configured is None else configured
 
-    def match_profile(self, params: dict[str, str]) -> AgentProfile:
+    def match_profile(self, params: Mapping[str, str]) -> AgentProfile:
         """The profile for a call: its `profile` parameter, else our number, else the default.
 
         Our number is the called one (`to`) on inbound calls, the caller ID (`from`) on
@@ -238,7 +238,7 @@ class AppState:
             log.info("memory.recalled", calls=len(entries), profile=profile.name)
         return memory.memory_instruction(entries)
 
-    async def call_setup(self, params: dict[str, str]) -> tuple[CallOptions, LiveOptions]:
+    async def call_setup(self, params: Mapping[str, str]) -> tuple[CallOptions, LiveOptions]:
         """The per-call options for a stream's `<Parameter>`s, from the matched profile.
 
         The profile itself rides along in ``options.context.agent_profile`` for the tools.

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings
+
+from livecall.settings.section import Section
 
 
-class CallSettings(BaseSettings):
+class CallSettings(Section):
     """Limits and timings of each call and of the process's capacity."""
 
     max_concurrent_calls: int = Field(500, validation_alias="MAX_CONCURRENT_CALLS")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode
+from pydantic_settings import NoDecode
+
+from livecall.settings.section import Section
 
 
-class CarrierSettings(BaseSettings):
+class CarrierSettings(Section):
     """Twilio (signatures, REST call control, outbound calls) and the other carriers' keys."""
 
     twilio_auth_token: SecretStr | None = Field(None, validation_alias="TWILIO_AUTH_TOKEN")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings
+
+from livecall.settings.section import Section
 
 
-class ClusterSettings(BaseSettings):
+class ClusterSettings(Section):
     """Several instances sharing their live calls through Redis (livecall.cluster)."""
 
     redis_url: SecretStr | None = Field(

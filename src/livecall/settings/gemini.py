@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings
+
+from livecall.settings.section import Section
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the friendly phone receptionist of a small business. Speak briefly and naturally, "
@@ -16,7 +17,7 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-class GeminiSettings(BaseSettings):
+class GeminiSettings(Section):
     """The Gemini Live connection and the default agent (profiles override it)."""
 
     gemini_api_key: SecretStr | None = Field(

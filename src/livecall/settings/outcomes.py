@@ -5,10 +5,11 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings
+
+from livecall.settings.section import Section
 
 
-class OutcomeSettings(BaseSettings):
+class OutcomeSettings(Section):
     """After the call: post-call analysis, caller memory, end-of-call webhooks, signed tool
     requests."""
 

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings
+
+from livecall.settings.section import Section
 
 
-class RecordSettings(BaseSettings):
+class RecordSettings(Section):
     """Call records, recordings and their retention, and the dashboard's time zone."""
 
     database_url: SecretStr = Field(

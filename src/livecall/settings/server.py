@@ -8,10 +8,12 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode
+from pydantic_settings import NoDecode
+
+from livecall.settings.section import Section
 
 
-class ServerSettings(BaseSettings):
+class ServerSettings(Section):
     """Where and how the process listens, who may reach it, what it logs."""
 
     host: str = Field("0.0.0.0", validation_alias=AliasChoices("LIVECALL_HOST", "HOST"))

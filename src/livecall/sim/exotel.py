@@ -506,11 +506,11 @@ class SimulatedExotelCaller(SimulatedCaller):
     def _on_media(self, msg: dict[str, Any], now: float) -> None:
         body = msg.get("media")
         payload = body.get("payload") if type(body) is dict else None
-        if type(payload) is not str:
+        if type(body) is not dict or type(payload) is not str:
             self._error("media needs a string media.payload")
             return
-        if self.strict_fields and not _MEDIA_KEYS.issuperset(body):  # type: ignore[arg-type]
-            self._error(f"unexpected fields {sorted(body)} in media")  # type: ignore[arg-type]
+        if self.strict_fields and not _MEDIA_KEYS.issuperset(body):
+            self._error(f"unexpected fields {sorted(body)} in media")
             return
         try:
             audio = binascii.a2b_base64(payload, strict_mode=True)
@@ -696,7 +696,6 @@ async def serve_fake_exotel_rest(
         app, log_level="warning", lifespan="off", access_log=False, log_config=None
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         yield state, f"http://127.0.0.1:{port}"

@@ -1905,6 +1905,8 @@ class FakeGeminiServer:
             self.port,
             ssl=ssl_ctx,
             process_request=self._process_request,
+            # typed as a ServerConnection class, but websockets only calls it: a factory of
+            # the Sniffer (HTTP or WebSocket, decided by the first bytes) serves as well
             create_connection=self._connection,  # type: ignore[arg-type]
             compression="deflate" if self.compression else None,
             max_size=16 * 2**20,

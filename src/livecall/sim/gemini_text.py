@@ -25,7 +25,7 @@ import secrets
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -397,7 +397,7 @@ class Sniffer(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # what a stream protocol is given
         # a client that never says anything is dropped, as websockets' open_timeout would
         self.timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT_S, self._undecided)
 

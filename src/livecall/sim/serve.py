@@ -27,7 +27,6 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
         app, log_level="warning", lifespan="off", access_log=False, log_config=None
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     # the socket already listens: clients may connect at once, the kernel queues them
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -28,6 +28,7 @@ from fastapi import FastAPI
 
 from livecall.records import CallObserver
 from livecall.settings import Settings
+from livecall.sim.edge import SimulatedEdge
 from livecall.sim.gemini import FakeGeminiServer, Scenario
 from livecall.sim.twilio import SimulatedCaller
 
@@ -124,8 +125,7 @@ class LocalStack:
             request_timeout_s=self.settings.request_timeout_s,
             ws_max_size=self.settings.ws_max_size,
         )
-        self._server = uvicorn.Server(config)  # type: ignore[arg-type]
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
@@ -217,7 +217,7 @@ class LocalStack:
         self.fakes["telnyx"].attach(caller)
         return caller
 
-    def plivo_caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
+    def plivo_caller(self, script: list[Any], **kwargs: Any) -> SimulatedEdge:
         """A caller through Plivo (needs "plivo" in `carrier_apis`), known to its fake."""
         from livecall.sim.plivo import PlivoSimulatedCaller
 

@@ -657,7 +657,6 @@ async def serve_fake_twilio_rest(
         app, log_level="warning", lifespan="off", access_log=False, log_config=None
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     # The socket is already listening, so clients can connect at once: the kernel queues
     # them until uvicorn accepts.
     task = asyncio.create_task(server.serve(sockets=[sock]))

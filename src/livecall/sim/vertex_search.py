@@ -159,7 +159,6 @@ async def serve_vertex_search(sim: VertexSearchSim) -> AsyncIterator[str]:
         log_config=None,  # a simulator must not reconfigure the process's uvicorn loggers
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         yield f"http://127.0.0.1:{port}"

@@ -111,7 +111,7 @@ def _list(
         table.add_column("Ended by", min_width=8)
     colors = {"completed": "green", "failed": "red", "in_progress": "yellow"}
     for call in page.items:
-        status = Text(call.status, style=colors.get(call.status, ""))
+        status_cell = Text(call.status, style=colors.get(call.status, ""))
         duration = _duration(call.duration_s)
         started = _when(call.started_at, seconds=False)
         if wide:
@@ -120,13 +120,13 @@ def _list(
                 call.call_sid,
                 call.from_number or "-",
                 call.to_number or "-",
-                status,
+                status_cell,
                 duration,
                 str(call.turn_count),
                 call.end_reason or "-",
             )
         else:
-            table.add_row(started, call.call_sid, call.from_number or "-", status, duration)
+            table.add_row(started, call.call_sid, call.from_number or "-", status_cell, duration)
     console.print(table)
 
 

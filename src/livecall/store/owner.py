@@ -114,8 +114,8 @@ def _quarter_key(dialect: str) -> ColumnElement[str]:
         utc = func.timezone("UTC", Call.started_at)
         quarter = cast(func.floor(func.extract("minute", utc) / 15), Integer)
         return func.to_char(utc, "YYYY-MM-DD HH24:").op("||")(cast(quarter, String))
-    quarter = cast(func.strftime("%M", Call.started_at), Integer) / 15
-    return func.strftime("%Y-%m-%d %H:", Call.started_at).op("||")(cast(quarter, String))
+    minute_quarter = cast(func.strftime("%M", Call.started_at), Integer) / 15
+    return func.strftime("%Y-%m-%d %H:", Call.started_at).op("||")(cast(minute_quarter, String))
 
 
 def _quarter_start(key: str) -> datetime:
@@ -219,7 +219,7 @@ async def activity(
         )
         for q, kind, calls, seconds in rows:
             out.add(_quarter_start(q), kind, int(calls), float(seconds or 0.0))
-        rows = await session.execute(
+        latencies = await session.execute(
             select(key, func.sum(Turn.first_audio_latency_ms), func.count())
             .join(Turn, Turn.call_sid == Call.call_sid)
             .where(
@@ -229,7 +229,7 @@ async def activity(
             )
             .group_by(key)
         )
-        for q, total, n in rows:
+        for q, total, n in latencies:
             out.add_latency(_quarter_start(q), float(total or 0.0), int(n))
     return out
 
@@ -269,7 +269,7 @@ async def repeat_callers(
 
 # More reasons to call back, each a query of call SIDs (one line each): post-call analysis
 # flags the calls that missed their goal.
-FLAG_SOURCES: dict[str, Callable[[], Select[tuple[str]]]] = {
+FLAG_SOURCES: dict[str, Callable[[], Select[str]]] = {
     # post-call analysis said the call did not reach its goal
     "the call's analysis": lambda: select(CallAnalysis.call_sid).where(
         CallAnalysis.status == "done", CallAnalysis.success.is_(False)

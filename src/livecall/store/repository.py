@@ -288,7 +288,7 @@ class Repository:
         self, session: AsyncSession, sids: Iterable[str], ends: Mapping[str, Mapping[str, Any]]
     ) -> None:
         insert = _insert_for(session)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for sid in sorted(sids):
             end = ends.get(sid)
             started = end["ended_at"] if end else None
@@ -383,7 +383,7 @@ class Repository:
 
         `number` is an exact number; `number_ends` any tail of one, in any format."""
         where = self._filters(since, until, number, status, number_ends, outcome)
-        query: Select[tuple[Call]] = select(Call).where(*where)
+        query: Select[Call] = select(Call).where(*where)
         if cursor:
             stamp, sid = decode_cursor(cursor)
             query = query.where(

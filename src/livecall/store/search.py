@@ -58,7 +58,7 @@ def include_name(name: str | None, type_: str, parents: object) -> bool:
 _NON_DIGIT = re.compile(r"\D+")
 _NUMBER_CHARS = re.compile(r"^[\d\s()+.\-/]+$")
 _TERM = re.compile(r"\w+", re.UNICODE)
-_TS_CONFIG = literal_column("'simple'::regconfig")
+_TS_CONFIG: ColumnElement[Any] = literal_column("'simple'::regconfig")
 
 
 def digits(value: str | None) -> str:

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 try:  # POSIX: tells a live process's spool file from an orphan
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no module here: the checks below read None
 
 log = structlog.get_logger("livecall.store")
 
@@ -375,10 +375,12 @@ class CallRecordWriter:
     def turn(self, turn: TurnRecord) -> None:
         try:
             sid = _clean_str(turn.call_sid or self.call_sid, "call_sid")
+            idx = self._numbering.first_turn + int(turn.index)
+            interrupted = bool(turn.interrupted)
             op = {
                 "op": "turn",
                 "call_sid": sid,
-                "idx": self._numbering.first_turn + int(turn.index),
+                "idx": idx,
                 "speaker": _clean_str(turn.speaker, "speaker"),
                 "text": _clean_str(turn.text) or "",
                 "heard_text": _clean_str(turn.heard_text),
@@ -390,10 +392,10 @@ class CallRecordWriter:
                 "barge_in_stop_ms": _number(turn.barge_in_stop_ms),
             }
             self._store._put(op)
-            self._turns.add(op["idx"])
-            self._numbering.next_turn = max(self._numbering.next_turn, op["idx"] + 1)
-            if op["interrupted"]:
-                self._interrupted.add(op["idx"])
+            self._turns.add(idx)
+            self._numbering.next_turn = max(self._numbering.next_turn, idx + 1)
+            if interrupted:
+                self._interrupted.add(idx)
             if turn.speaker == "agent" and not self._answered and self._started_at is not None:
                 self._answered = True
                 answered = self._started_at + timedelta(milliseconds=turn.start_ms)

@@ -158,18 +158,18 @@ def _opt_int(value: object, field: str) -> int | None:
     """Twilio sends counters as strings ("4"); simulators may send ints. Accept both."""
     if value is None:
         return None
-    kind = type(value)
-    if kind is str:
+    # Exact types (`type(...) is`), not isinstance: a bool is not a counter.
+    if type(value) is str:
         try:
-            number = int(value)  # type: ignore[arg-type]
+            number = int(value)
         except ValueError:
             raise ProtocolError(
                 f"{field} must be a whole number (string or integer), got {_short(value)}"
             ) from None
-    elif kind is int:
-        number = value  # type: ignore[assignment]
-    elif kind is float and value.is_integer():  # type: ignore[attr-defined]
-        number = int(value)  # type: ignore[arg-type]
+    elif type(value) is int:
+        number = value
+    elif type(value) is float and value.is_integer():
+        number = int(value)
     else:
         raise ProtocolError(
             f"{field} must be a whole number (string or integer), got {_short(value)}"
@@ -423,31 +423,30 @@ class TwilioStream:
         self._size_check(data)
         event = parse_message(data, binary=binary)
         state = self.state
-        kind = type(event)
         if state is StreamState.STOPPED:
             raise ProtocolError(f"{_event_name(event)} message after stop")
-        if kind is Media:
-            self._check_streaming(event)  # type: ignore[arg-type]
-            self._track_media(event)  # type: ignore[arg-type]
-        elif kind is Start:
+        if isinstance(event, Media):
+            self._check_streaming(event)
+            self._track_media(event)
+        elif isinstance(event, Start):
             if state is StreamState.STREAMING:
                 raise ProtocolError("start received twice (start is sent exactly once)")
             self.state = StreamState.STREAMING
-            self.start = event  # type: ignore[assignment]
-            self.stream_sid = event.stream_sid  # type: ignore[union-attr]
-            self._track_sequence(event.sequence_number)  # type: ignore[union-attr]
-        elif kind is Connected:
+            self.start = event
+            self.stream_sid = event.stream_sid
+            self._track_sequence(event.sequence_number)
+        elif isinstance(event, Connected):
             if state is not StreamState.AWAITING_CONNECTED:
                 raise ProtocolError("connected must be the first message of the stream")
             self.state = StreamState.AWAITING_START
-        elif kind is UnknownEvent:
+        elif isinstance(event, UnknownEvent):
             pass
-        elif kind is Stop and state is not StreamState.STREAMING:
+        elif isinstance(event, Stop) and state is not StreamState.STREAMING:
             self.state = StreamState.STOPPED  # the stream ended before it started
         else:  # Dtmf, Mark, Stop
-            self._check_streaming(event)  # type: ignore[arg-type]
-            self._track_sequence(event.sequence_number)  # type: ignore[union-attr]
-            if kind is Stop:
+            self._check_streaming(event)
+            self._track_sequence(event.sequence_number)
+            if isinstance(event, Stop):
                 self.state = StreamState.STOPPED
         return event
 
@@ -688,4 +687,5 @@ class TwilioSignature:
         algorithm: str | None = None,
     ) -> str:
         """The signature Twilio would send for this URL and params (used by the simulator)."""
-        return self._validator.compute_signature(url, params or {}, algorithm)
+        signature: str = self._validator.compute_signature(url, params or {}, algorithm)
+        return signature

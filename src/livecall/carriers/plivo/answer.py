@@ -65,6 +65,12 @@ def _check_stream_url(url: str) -> None:
         raise ValueError(f"<Stream> URL must not carry a fragment, got {url!r}")
 
 
+def _render(response: plivoxml.ResponseElement) -> str:
+    """The document as one line of XML (the SDK is untyped: say what it returns)."""
+    xml: str = response.to_string(pretty=False)
+    return xml
+
+
 def stream_xml(
     stream_url: str,
     parameters: Mapping[str, str] = _NO_PARAMETERS,
@@ -94,7 +100,7 @@ def stream_xml(
         kwargs["streamTimeout"] = stream_timeout_s
     response = plivoxml.ResponseElement()
     response.add(plivoxml.StreamElement(stream_url, **kwargs))
-    return response.to_string(pretty=False)
+    return _render(response)
 
 
 def hangup_xml(say: str | None = None) -> str:
@@ -103,7 +109,7 @@ def hangup_xml(say: str | None = None) -> str:
     if say:
         response.add(plivoxml.SpeakElement(say))
     response.add(plivoxml.HangupElement())
-    return response.to_string(pretty=False)
+    return _render(response)
 
 
 def busy_xml(message: str | None, *, reject: bool = False) -> str:
@@ -111,7 +117,7 @@ def busy_xml(message: str | None, *, reject: bool = False) -> str:
     if reject:
         response = plivoxml.ResponseElement()
         response.add(plivoxml.HangupElement(reason="busy"))
-        return response.to_string(pretty=False)
+        return _render(response)
     return hangup_xml(message)
 
 
@@ -130,4 +136,4 @@ def dial_xml(number: str, *, caller_id: str | None = None, say: str | None = Non
     if say:
         response.add(plivoxml.SpeakElement(say))
     response.add(dial)
-    return response.to_string(pretty=False)
+    return _render(response)

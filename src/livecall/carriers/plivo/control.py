@@ -160,8 +160,8 @@ def _error_text(resp: httpx.Response) -> str:
         data = resp.json()
     except ValueError:
         return resp.text[:120]
-    if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return data["error"][:120]
+    if isinstance(data, dict) and isinstance(error := data.get("error"), str):
+        return error[:120]
     return resp.text[:120]
 
 

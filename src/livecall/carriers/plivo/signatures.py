@@ -127,9 +127,9 @@ class PlivoSignature:
 
     @staticmethod
     def _base(method: str, url: str, params: Params) -> str:
-        if method.upper() == "GET":
-            return construct_get_url(url, dict(params)).decode("utf-8")
-        return construct_post_url(url, dict(params)).decode("utf-8")
+        construct = construct_get_url if method.upper() == "GET" else construct_post_url
+        base: bytes = construct(url, dict(params))
+        return base.decode("utf-8")
 
     @staticmethod
     def _mac(key: bytes, base: str, nonce: str) -> bytes:

@@ -33,6 +33,7 @@ from livecall.carriers.base import (
     CarrierEvent,
     CarrierProtocolError,
     Dtmf,
+    Encoding,
     Frame,
     Ignored,
     MediaFormat,
@@ -73,7 +74,7 @@ CAPABILITIES = Capabilities(
     hangup_on_stream=True,  # closing the socket ends <Stream keepCallAlive>, the last element
 )
 
-_ENCODINGS = {"audio/x-mulaw": "mulaw", "audio/x-l16": "l16"}
+_ENCODINGS: dict[str, Encoding] = {"audio/x-mulaw": "mulaw", "audio/x-l16": "l16"}
 _RATES = {"mulaw": (8000,), "l16": (8000, 16000)}
 
 
@@ -85,7 +86,7 @@ def format_from_content_type(encoding: str, sample_rate: int) -> MediaFormat:
         raise ValueError(f"Plivo streams audio/x-mulaw or audio/x-l16, not {encoding!r}")
     if sample_rate not in _RATES[name]:
         raise ValueError(f"{base} is streamed at {_RATES[name]} Hz, not {sample_rate}")
-    return MediaFormat(name, sample_rate)  # type: ignore[arg-type]
+    return MediaFormat(name, sample_rate)
 
 
 def content_type_for(fmt: MediaFormat) -> tuple[str, int]:

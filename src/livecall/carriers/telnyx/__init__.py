@@ -8,6 +8,7 @@ One file per job: `wire.py` (the stream, sans I/O), `answer.py` (TeXML), `signat
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from livecall.carriers.base import MediaFormat
 from livecall.carriers.telnyx.answer import (
@@ -52,8 +53,11 @@ class TelnyxCarrier:
         return TelnyxStream(max_frame_bytes=max_frame_bytes, playback_format=self.playback_format)
 
     def answer_document(self, stream_url: str, parameters: Mapping[str, str]) -> tuple[str, str]:
-        codec = wire_encoding(self.playback_format)
-        body = connect_stream_texml(stream_url, parameters, codec=codec, playback_codec=codec)  # type: ignore[arg-type]
+        # __init__ admits PCMU or PCMA only (what TeXML plays back)
+        codec: Literal["PCMU", "PCMA"] = (
+            "PCMA" if self.playback_format.encoding == "alaw" else "PCMU"
+        )
+        body = connect_stream_texml(stream_url, parameters, codec=codec, playback_codec=codec)
         return body, "application/xml"
 
     def verify_webhook(self, url: str, headers: Mapping[str, str], body: bytes) -> bool:

@@ -141,7 +141,9 @@ class TelnyxControl:
     ) -> str:
         """Place an outbound TeXML call (Telnyx fetches its TeXML from `url`); its CallSid."""
         _check_target(to)
-        # CamelCase keys as the TeXML API takes them (the SDK sends this union body as given).
+        # CamelCase keys as the TeXML API takes them. The SDK's `Body` type names snake_case
+        # keys, but its transform (keyed by the outer params type) sends `body` as given: the
+        # typed keys would reach Telnyx unrenamed, hence the arg-type ignore below.
         body: dict[str, Any] = {
             "ApplicationSid": application_sid,
             "To": to,

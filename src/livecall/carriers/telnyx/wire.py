@@ -41,6 +41,7 @@ from livecall.carriers.base import (
     CarrierEvent,
     CarrierProtocolError,
     Dtmf,
+    Encoding,
     Frame,
     Ignored,
     MediaFormat,
@@ -91,7 +92,7 @@ CAPABILITIES = Capabilities(
     frame_ms=20,
 )
 
-_ENCODINGS = {"PCMU": "mulaw", "PCMA": "alaw", "L16": "l16"}
+_ENCODINGS: dict[str, Encoding] = {"PCMU": "mulaw", "PCMA": "alaw", "L16": "l16"}
 _WIRE_NAMES = {v: k for k, v in _ENCODINGS.items()}
 _RATES = {"mulaw": (8000,), "alaw": (8000,), "l16": (8000, 16000)}
 _SILENCE = {"mulaw": b"\xff", "alaw": b"\xd5", "l16": b"\x00"}
@@ -105,7 +106,7 @@ def format_for(encoding: str, sample_rate: int = 8000) -> MediaFormat:
         raise ValueError(f"livecall does not carry Telnyx codec {encoding!r} (PCMU, PCMA, L16)")
     if sample_rate not in _RATES[kind]:
         raise ValueError(f"Telnyx {encoding} at {sample_rate} Hz is not supported")
-    return MediaFormat(kind, sample_rate)  # type: ignore[arg-type]
+    return MediaFormat(kind, sample_rate)
 
 
 def wire_encoding(fmt: MediaFormat) -> str:

@@ -105,10 +105,9 @@ class Sessions:
         return self._sign("csrf", session.id)
 
     def check_csrf(self, session: Session, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(
-            token.encode(),
-            self.csrf_token(session).encode(),  # type: ignore[union-attr]
-        )
+        if not token:
+            return False
+        return hmac.compare_digest(token.encode(), self.csrf_token(session).encode())
 
 
 class LoginThrottle:

@@ -308,9 +308,10 @@ async def call_recording(dash: Ctx, request: Request, sid: str) -> Response:
             content_disposition_type=disposition,
             headers={"Cache-Control": "private, max-age=3600"},
         )
-    assert recording.stream is not None
+    stream = recording.stream
+    assert stream is not None
     return StreamingResponse(
-        iter(lambda: recording.stream.read(65536), b""),  # type: ignore[union-attr]
+        iter(lambda: stream.read(65536), b""),
         media_type=recording.media_type,
         headers={"Content-Disposition": f'{disposition}; filename="{filename}"'},
     )
