@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from livecall.call.backoff import backoff_step
-from livecall.call.bridge import CallOptions
+from livecall.call.options import CallOptions
 from livecall.call.rotation import CALLER_QUIET_MS, rotation_ready
 
 # ---------------------------------------------------------------- backoff

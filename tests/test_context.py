@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from livecall.call.bridge import CallOptions
 from livecall.call.context import CallContext
+from livecall.call.options import CallOptions
 
 
 def test_each_call_has_its_own_context() -> None:

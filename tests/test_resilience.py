@@ -18,7 +18,8 @@ import pytest
 from livecall.assets import apology_ulaw
 from livecall.audio.g711 import ulaw_decode
 from livecall.audio.transcode import InboundTranscoder
-from livecall.call.bridge import STALL_NUDGE, CallOptions
+from livecall.call.bridge import STALL_NUDGE
+from livecall.call.options import CallOptions
 from livecall.sim.clips import load_clip
 from livecall.sim.gemini import CloseFault, GoAwayFault, Scenario, SessionRecord, StallFault
 from livecall.sim.stack import TEST_AUTH_TOKEN, LocalStack

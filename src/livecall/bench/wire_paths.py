@@ -36,7 +36,7 @@ from livecall.bench.g711_ref import (
     ulaw_decode_ref,
     ulaw_encode_ref,
 )
-from livecall.call.bridge import MARK_EVERY_SAMPLES
+from livecall.call.agent_output import MARK_EVERY_SAMPLES
 from livecall.carriers.base import (
     CallerAudio,
     CallStarted,

@@ -29,7 +29,7 @@ from livecall.agent.profiles import AgentProfile, KnowledgeSettings, ProfileRegi
 from livecall.agent.tools import function_declarations
 from livecall.assets import apology_ulaw
 from livecall.audio.recording import StereoRecorder
-from livecall.call.bridge import CallOptions
+from livecall.call.options import CallOptions
 from livecall.cluster import LiveCalls, LocalRegistry
 from livecall.live_feed import FanOut, LiveFeed
 from livecall.metrics import Metrics
