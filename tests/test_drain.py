@@ -130,6 +130,7 @@ async def test_sigterm_lets_calls_go_on_then_says_a_goodbye_the_caller_hears_and
     assert code == 0, logs[-3000:]
     assert result.ended_by == "server"
     assert '"call.summary"' in logs and '"end_reason": "shutdown"' in logs, logs[-3000:]
+    assert '"server.gc_frozen"' in logs  # startup's objects out of the collector's way
     heard = result.heard_pcm()
     # The call went on after SIGTERM: the question asked during the drain was answered ...
     answer_start, _ = audio.span_of(heard, "hours_reply")

@@ -21,7 +21,9 @@ import certifi
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
+from websockets.asyncio.connection import Connection as AsyncioConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State as WsState
 
 from livecall.agent import live_protocol as lp
 from livecall.settings import Settings
@@ -210,6 +212,7 @@ class GeminiLink:
         self._counted = False
         self._stack = contextlib.AsyncExitStack()
         self._ws: Any = None
+        self._protocol: Any = None  # the socket's sans-I/O protocol, for `_write_now`
         self.session_id: str | None = None
         self.closed = False
 
@@ -233,18 +236,48 @@ class GeminiLink:
             await self._stack.aclose()
             raise GeminiConnectError("unsupported google-genai version: no session socket")
         self._ws = ws
+        # the write-at-once path needs websockets' asyncio connection; any other: `send` only
+        self._protocol = ws.protocol if isinstance(ws, AsyncioConnection) else None
         self.session_id = session.session_id
         self.counter.active += 1
         self._counted = True
 
-    async def _send(self, frame: str) -> None:
+    async def _send(self, frame: str | bytes) -> None:
         try:
-            await self._ws.send(frame)
+            await self._ws.send(frame, text=True)
         except ConnectionClosed as exc:
             raise self._closed_error(exc) from None
 
+    def _write_now(self, frame: bytes) -> bool:
+        """One text frame straight to the socket when nothing stands in the way: the
+        connection open, no fragmented message under way, the transport not pushing back.
+        False: `send` must go the library's way (which waits, or raises ConnectionClosed).
+
+        `Connection.send` does the same three steps (frame, write, drain) through an async
+        context manager and its checks: 10.4 µs a frame against 6.6 µs this way, TLS included,
+        ~50 times a second per call (docs/benchmarks.md)."""
+        ws = self._ws
+        protocol = self._protocol
+        if (
+            protocol is None
+            or protocol.state is not WsState.OPEN
+            or ws.send_in_progress is not None
+            or ws.paused
+            or ws.transport.is_closing()
+        ):
+            return False
+        try:
+            protocol.send_text(frame)
+            ws.send_data()
+        except Exception as exc:  # as `send` would: the connection is gone, drop the socket
+            ws.transport.abort()
+            raise GeminiClosed(1006, f"connection dropped: {type(exc).__name__}") from None
+        return True
+
     async def send_audio(self, pcm16k: bytes) -> None:
-        await self._send(lp.audio_message(pcm16k))
+        frame = lp.audio_message_utf8(pcm16k)
+        if not self._write_now(frame):
+            await self._send(frame)
 
     async def send_text(self, text: str) -> None:
         await self._send(lp.text_message(text))

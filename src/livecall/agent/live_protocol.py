@@ -35,6 +35,7 @@ __all__ = [
     "TurnComplete",
     "Usage",
     "audio_message",
+    "audio_message_utf8",
     "audio_stream_end_message",
     "client_text_turn_message",
     "parse_server_message",
@@ -147,12 +148,17 @@ _AUDIO_SUFFIX_16K = b'","mimeType":"audio/pcm;rate=16000"}}}'
 
 def audio_message(pcm: bytes, rate: int = 16000) -> str:
     """A `realtimeInput.audio` frame: the one message sent ~50 times a second per call."""
+    return audio_message_utf8(pcm, rate).decode("ascii")
+
+
+def audio_message_utf8(pcm: bytes, rate: int = 16000) -> bytes:
+    """`audio_message` as the UTF-8 bytes a text frame carries: no str made to be encoded."""
     suffix = (
         _AUDIO_SUFFIX_16K
         if rate == 16000
         else b'","mimeType":"audio/pcm;rate=' + str(rate).encode() + b'"}}}'
     )
-    return (_AUDIO_PREFIX + binascii.b2a_base64(pcm, newline=False) + suffix).decode("ascii")
+    return _AUDIO_PREFIX + binascii.b2a_base64(pcm, newline=False) + suffix
 
 
 def audio_stream_end_message() -> str:

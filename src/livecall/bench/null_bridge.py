@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ws",
         default="auto",
         choices=("auto", "websockets", "websockets-sansio", "wsproto"),
-        help="uvicorn's WebSocket implementation (livecall runs on 'auto' = websockets)",
+        help="uvicorn's WebSocket implementation (livecall runs on websockets-sansio)",
     )
     a = p.parse_args(argv)
     app = create_null_app(a.public_url or f"http://{a.host}:{a.port}")

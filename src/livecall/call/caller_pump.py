@@ -35,9 +35,11 @@ __all__ = ["DTMF_KEYS", "MAX_MEDIA_MS", "VOICE_PEAK", "CallerPump"]
 
 DTMF_KEYS = frozenset("0123456789*#ABCD")
 VOICE_PEAK = 700  # int16 peak above which a caller frame counts as speech (~ -33 dBFS)
-# 1 for the μ-law codes louder than VOICE_PEAK: a frame's loudness without decoding it twice
-_LOUD_CODES = (np.abs(ULAW_DECODE_TABLE.astype(np.int32)) > VOICE_PEAK).astype(np.uint8)
-_LOUD_ALAW = (np.abs(ALAW_DECODE_TABLE.astype(np.int32)) > VOICE_PEAK).astype(np.uint8)
+# b"\x01" for the G.711 codes louder than VOICE_PEAK, b"\x00" for the others: a frame's
+# loudness without decoding it twice, as `bytes.translate` + a byte search (0.3 µs a frame,
+# where numpy's take + any cost 2.2 µs in call overhead alone)
+_LOUD_CODES = (np.abs(ULAW_DECODE_TABLE.astype(np.int32)) > VOICE_PEAK).astype(np.uint8).tobytes()
+_LOUD_ALAW = (np.abs(ALAW_DECODE_TABLE.astype(np.int32)) > VOICE_PEAK).astype(np.uint8).tobytes()
 MAX_MEDIA_MS = 1000  # one second of audio in one frame: no carrier sends frames that long
 
 
@@ -69,7 +71,6 @@ class CallerPump:
             StreamResampler(inbound.sample_rate, 8000) if inbound.sample_rate != 8000 else None
         )
         self._stream_t0_ms: float | None = None  # call clock when Twilio's timestamp 0 was
-        self._loud_buf = np.empty(160, dtype=np.uint8)
         metrics = self.options.metrics
         self._meter_in = metrics.frame_meter("in") if metrics is not None else None
         self.frames_in = 0
@@ -136,10 +137,7 @@ class CallerPump:
             self._record_caller(media, audio)
         table = self._loud_table
         if table is not None:
-            codes = np.frombuffer(audio, dtype=np.uint8)
-            if codes.size != self._loud_buf.size:
-                self._loud_buf = np.empty(codes.size, dtype=np.uint8)
-            voiced = bool(codes.size) and bool(table.take(codes, out=self._loud_buf).any())
+            voiced = b"\x01" in audio.translate(table)
         else:  # L16: any sample past the peak either way
             samples = np.frombuffer(audio, dtype="<i2")
             voiced = (bool(samples.size) and int(samples.max()) > VOICE_PEAK) or (

@@ -19,6 +19,7 @@ import structlog
 import uvicorn
 
 from livecall.metrics import LoopLagMonitor
+from livecall.server.gc_tuning import freeze_startup_objects
 from livecall.server.registry import CallRegistry
 
 log = structlog.get_logger("livecall.drain")
@@ -124,6 +125,11 @@ class DrainingServer(uvicorn.Server):
         finally:
             if self.lag_monitor is not None:
                 await self.lag_monitor.stop()
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        frozen = freeze_startup_objects()  # startup is done: its objects are here to stay
+        log.info("server.gc_frozen", objects=frozen)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if sig != signal.SIGTERM or self._drain_task is not None or self._loop is None:
