@@ -315,6 +315,24 @@ async def test_vonage_control_goes_to_the_calls_region_and_says_the_line_first(
     assert result.events_posted[-1] == "completed"  # no `disconnected`: the call moved on
 
 
+async def test_vonage_keys_go_over_rest_not_as_tones(make_stack: Any, call_over: Any) -> None:
+    """Vonage's stream carries no DTMF: the agent's keys go to `PUT …/dtmf`, in the region."""
+    vonage = vonage_line()
+    stack = await make_stack(vonage, tool("send_dtmf", digits="12#"), ["send_dtmf"])
+    script = [say("hours"), WaitForAgentSilence(silence_ms=1500, timeout=20), HangUp()]
+    result = await vonage.make(stack, script, seed=11, timeout=40).run()
+    record = await record_of(stack, result, call_over)
+
+    fake = stack.fakes["vonage"]
+    assert fake.calls[result.call_sid].dtmf == ["12#"]
+    [request] = [r for r in fake.requests if r.path.endswith("/dtmf")]
+    assert (request.base, request.status) == (REGION_PATH, 200)
+    assert event(record, "dtmf_sent") == {"digits": "12#", "over_rest": True}
+    [session] = stack.gemini.sessions
+    [response] = [r.response for r in session.tool_responses if r.name == "send_dtmf"]
+    assert response == {"result": "ok", "pressed": "12#"}
+
+
 async def test_vonage_application_id_the_fake_does_not_know_is_refused(
     make_stack: Any, call_over: Any
 ) -> None:

@@ -16,7 +16,8 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from livecall.carriers.control import CallControlError, StreamEndControl
+from livecall.call.actions import BridgeActions
+from livecall.carriers.control import CallControlError, DtmfControl, StreamEndControl
 from livecall.carriers.vonage.answer import AnswerRequest
 from livecall.carriers.vonage.calls import CallDirectory, region_base
 from livecall.carriers.vonage.control import (
@@ -272,3 +273,33 @@ def test_which_routes_get_which_control(keys: tuple[str, str]) -> None:
                 vonage_private_key=SecretStr("/nonexistent/private.key"),
             )
         )
+
+
+async def test_keys_go_over_rest_where_the_control_can_and_as_tones_when_it_fails(
+    keys: tuple[str, str],
+) -> None:
+    answers = iter([200, 404])
+    control, seen = adapter(keys[0], lambda r: httpx.Response(next(answers), json={}))
+    assert isinstance(control, DtmfControl)
+    assert not isinstance(StreamEndControl("no"), DtmfControl)
+    played: list[bytes] = []
+
+    async def no_dtmf_message(digits: str) -> None:
+        return None  # Vonage's stream has none
+
+    async def play_ulaw(ulaw: bytes) -> int:
+        played.append(ulaw)
+        return len(ulaw)
+
+    async def wait_heard(timeout: float) -> bool:  # noqa: ASYNC109
+        return True
+
+    bridge = types.SimpleNamespace(
+        call_sid=CALL, send_dtmf=no_dtmf_message, play_ulaw=play_ulaw, wait_heard=wait_heard
+    )
+    actions = BridgeActions(bridge, control, profile=None)  # type: ignore[arg-type]
+    assert await actions.send_dtmf("12#") == {"result": "ok", "pressed": "12#"}
+    assert played == [] and orjson.loads(seen[0].content) == {"digits": "12#"}
+    assert await actions.send_dtmf("9") == {"error": "the call has ended"}  # 404
+    assert await actions.send_dtmf("A") == {"result": "ok", "pressed": "A"}  # Vonage cannot
+    assert played and len(seen) == 2  # A went as tones, nothing was sent over REST

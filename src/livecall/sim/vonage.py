@@ -16,10 +16,11 @@ Vonage would not take is recorded in `protocol_errors` and dropped, never a cras
 hangs up by closing the socket (Vonage has no stop message); when the app closes it, the
 NCCO goes on with the actions after `connect` and then ends. When the `connect` action names
 an `eventUrl`, the websocket leg's statuses are POSTed there, signed (`answered`, then
-`completed` when the caller hangs up or the call left the stream over REST (`end_from_carrier`),
-`disconnected` when the app closed the socket, `failed` when it could not be opened); with `eventType: synchronous` the answer to `disconnected` or
-`failed` may be a fallback NCCO, which then runs instead of the rest of the original one. An
-event webhook answering other than 2xx is a protocol error (Vonage would retry it).
+`completed` when the caller hangs up or a REST hang-up or transfer took the call off the
+stream (`end_from_carrier`), `disconnected` when the app closed the socket, `failed` when it
+could not be opened); with `eventType: synchronous` the answer to `disconnected` or `failed`
+may be a fallback NCCO, which then runs instead of the rest of the original one. An event
+webhook answering other than 2xx is a protocol error (Vonage would retry it).
 
 The script, clock, playout and measurements are `livecall.sim.twilio.SimulatedCaller`'s
 (same actions, `Probe` included; a `CallResult`): this class swaps only the carrier's side of

@@ -237,8 +237,9 @@ def transfer_ncco(
 
 
 class VonageCall:
-    """`CallControl` for one Vonage call: REST hang-up and cold transfer, sent to the region
-    the call's answer webhook named (`region_url`; None: the client's base URL)."""
+    """`CallControl` (and `DtmfControl`) for one Vonage call: REST hang-up, cold transfer and
+    DTMF, sent to the region the call's answer webhook named (`region_url`; None: the
+    client's base URL)."""
 
     warm_transfer = False
     transfer_refusal: str | None = None
@@ -263,6 +264,12 @@ class VonageCall:
 
     async def hangup(self, call_id: str) -> bool:
         return await self._run("hangup", self.rest.hangup(call_id, base_url=self.region_url))
+
+    async def send_dtmf(self, call_id: str, digits: str) -> bool:
+        """Keys into the call over REST (`DtmfControl`): Vonage's stream cannot carry them."""
+        return await self._run(
+            "dtmf", self.rest.send_dtmf(call_id, digits, base_url=self.region_url)
+        )
 
     async def transfer(
         self,
