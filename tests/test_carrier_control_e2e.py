@@ -310,6 +310,7 @@ async def test_vonage_control_goes_to_the_calls_region_and_says_the_line_first(
     assert ncco[-1] == {
         "action": "connect",
         "endpoint": [{"type": "phone", "number": vonage.dialled}],
+        "from": caller.to,  # the number the caller rang: one of the account's
     }
     assert fake.calls[result.call_sid].transferred_to == vonage.dialled
     assert result.events_posted[-1] == "completed"  # no `disconnected`: the call moved on

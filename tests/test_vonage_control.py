@@ -125,6 +125,7 @@ def test_the_directory_finds_a_call_by_uuid_or_conversation_for_a_bounded_time()
     directory.answered(answer("a", "CON-a", "https://api-us-3.vonage.com"), now=0.0)
     known = directory.get("a", now=1.0)
     assert known is not None and known.region_url == "https://api-us-3.vonage.com"
+    assert known.line_number == "447700900001"  # the number rung: a transfer's caller id
     leg = directory.for_event("leg-of-a", "CON-a", now=1.0)  # a leg's own uuid
     assert leg is not None and leg.uuid == "a"
     assert directory.for_event("leg-x", "CON-x", now=1.0) is None

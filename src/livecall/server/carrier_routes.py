@@ -59,6 +59,7 @@ from livecall.telephony.whisper import Whispers
 
 if TYPE_CHECKING:
     from livecall.carriers.control import CallControl
+    from livecall.carriers.vonage.calls import CallDirectory
     from livecall.server.app import AppState
     from livecall.settings import Settings
 
@@ -321,9 +322,10 @@ def _vonage_route(
     )
 
 
-def _vonage_control(settings: Settings, directory: Any) -> dict[str, Any]:
+def _vonage_control(settings: Settings, directory: CallDirectory) -> dict[str, Any]:
     """Vonage call control: application JWTs, one client; each call's control goes to the
-    `region_url` its answer webhook named (when it is Vonage's, or the configured base's)."""
+    `region_url` its answer webhook named (when it is Vonage's, or the configured base's), and
+    its transfer dials from the number the caller rang."""
     key = _secret(settings.vonage_private_key)
     if not settings.vonage_application_id or not key:
         return {}
@@ -342,8 +344,10 @@ def _vonage_control(settings: Settings, directory: Any) -> dict[str, Any]:
 
     def control(site: ControlSite) -> CallControl:
         known = directory.get(site.start.call_id, time.monotonic())
-        region = region_base(known.region_url, api_base) if known is not None else None
-        return VonageCall(rest, region)
+        if known is None:  # answered elsewhere or long ago: the base, the caller's own id
+            return VonageCall(rest)
+        region = region_base(known.region_url, api_base)
+        return VonageCall(rest, region, from_number=known.line_number)
 
     return {"control": control, "aclose": rest.aclose}
 

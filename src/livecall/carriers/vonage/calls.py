@@ -31,6 +31,9 @@ class KnownCall:
     conversation_uuid: str
     region_url: str | None  # a base URL the call's control may use (see `region_base`)
     at: float  # monotonic, when it was answered
+    # the number the caller rang (the application's own): a transfer's caller id, since a
+    # `connect` to a phone must come from one of the account's numbers
+    line_number: str = ""
 
 
 def region_base(region_url: str | None, api_base: str) -> str | None:
@@ -74,7 +77,7 @@ class CallDirectory:
         """Remember a call its answer webhook named (again: the newest answer wins)."""
         self._expire(now)
         self._forget(call.uuid)
-        known = KnownCall(call.uuid, call.conversation_uuid, call.region_url, now)
+        known = KnownCall(call.uuid, call.conversation_uuid, call.region_url, now, call.to_number)
         self._calls[call.uuid] = known
         if call.conversation_uuid:
             self._conversations[call.conversation_uuid] = call.uuid

@@ -244,9 +244,16 @@ class VonageCall:
     warm_transfer = False
     transfer_refusal: str | None = None
 
-    def __init__(self, rest: VonageCallControl, region_url: str | None = None) -> None:
+    def __init__(
+        self,
+        rest: VonageCallControl,
+        region_url: str | None = None,
+        *,
+        from_number: str | None = None,
+    ) -> None:
         self.rest = rest
         self.region_url = region_url
+        self.from_number = from_number or None  # the transfer's caller id (a Vonage number)
 
     def __repr__(self) -> str:
         return f"VonageCall({self.rest!r}, region_url={self.region_url!r})"
@@ -282,5 +289,7 @@ class VonageCall:
     ) -> bool:
         return await self._run(
             "transfer",
-            self.rest.transfer_to_number(call_id, number, say=say, base_url=self.region_url),
+            self.rest.transfer_to_number(
+                call_id, number, say=say, from_number=self.from_number, base_url=self.region_url
+            ),
         )
