@@ -14,8 +14,8 @@ For a carrier `c` (enabled only when its credentials are set):
   stream URL, in that URL's query string) must be valid for that call id, then the same call
   core as Twilio's runs it (`twilio_routes.run_call`).
 - its status webhook when it has one (`GET|POST /vonage/event`): signature-checked like the
-  voice webhook, the status logged and, for a call whose stream started here, kept as one of
-  its events (`server/carrier_status.py`), 200 (403 when forged).
+  voice webhook, the status logged and, for a call answered here, kept as one of its events
+  (`server/carrier_status.py`), 200 (403 when forged).
 
 Tokens are keyed per carrier (`derive_key(stream secret, "<carrier>-stream")`), bound to the
 call id only (a carrier's stream does not always repeat the webhook's account id).

@@ -78,11 +78,13 @@ class CarrierStatuses:
         self._calls.move_to_end(call_id)
 
     def ended(self, call_id: str) -> None:
-        """The call's stream is over: statuses held so far, and later ones, go to its record."""
+        """The call's stream is over: statuses held so far, and later ones, go to its record
+        (unless a newer stream of the call is live: then they go through its bridge)."""
         call = self._calls.get(call_id)
         if call is not None:
             call.phase = "ended"
-            self._flush(call_id, call, None)
+            if self._bridge(call_id) is None:
+                self._flush(call_id, call, None)
 
     def record(self, call_id: str, status: str) -> bool:
         """Keep `status` as an event of `call_id`; False when it is not kept (a call not
@@ -95,11 +97,16 @@ class CarrierStatuses:
             return False
         call.events += 1
         call.pending.append((now, status))
-        live = self.state.registry.active.get(call_id)
-        bridge = live.bridge if live is not None else None
-        if call.phase == "ended" or (call.phase == "started" and bridge is not None):
+        bridge = self._bridge(call_id)
+        if call.phase != "answered" and bridge is not None:
             self._flush(call_id, call, bridge)
+        elif call.phase == "ended":
+            self._flush(call_id, call, None)
         return True
+
+    def _bridge(self, call_id: str) -> CallBridge | None:
+        live = self.state.registry.active.get(call_id)
+        return live.bridge if live is not None else None
 
     def _flush(self, call_id: str, call: _Call, bridge: CallBridge | None) -> None:
         if not call.pending:
