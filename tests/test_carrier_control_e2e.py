@@ -4,9 +4,11 @@ Each test rings the real app (uvicorn on loopback, webhook signatures enforced) 
 carrier's simulated edge, the fake Gemini Live calls `end_call` or `transfer_call`, and the
 app drives the carrier's fake REST API (`LocalStack(carrier_apis=…)`: Twilio's Calls resource
 through the `twilio` SDK, Telnyx's TeXML call update through the `telnyx` SDK, Plivo's Call API
-whose transfer fetches its `<Dial>` from a single-use URL livecall serves). A fake that hangs
-up or transfers ends the simulated caller's stream, as the carrier would, and says so in
-`CallResult.carrier_action` / `transferred_to`. Twilio runs as the reference.
+whose transfer fetches its `<Dial>` from a single-use URL livecall serves, Vonage's call modify
+with an application JWT, sent to the call's `region_url`). A fake that hangs up or transfers
+ends the simulated caller's stream, as the carrier would, and says so in
+`CallResult.carrier_action` / `transferred_to`. Twilio runs as the reference. Exotel has no
+REST control: its hang-up is the stream's close and a transfer is refused with a reason.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from typing import Any
 import pytest
 import yaml
 
+from livecall.server.carrier_routes import EXOTEL_TRANSFER_REFUSAL
+from livecall.server.carrier_status import STATUS_EVENT
 from livecall.sim.clips import load_clip
+from livecall.sim.exotel import SimulatedExotelCaller
 from livecall.sim.gemini import Scenario, ToolCallFault
-from livecall.sim.stack import LocalStack
+from livecall.sim.stack import CARRIER_APIS, LocalStack
 from livecall.sim.twilio import CallResult, HangUp, Say, WaitForAgentSilence
+from livecall.sim.vonage_rest import REGION_PATH, generate_application_keys
 from support import eventually
 
 MANAGER = "+15551239999"
@@ -37,6 +43,7 @@ class Line:
     make: Callable[..., Any]  # (stack, script, **kw) -> a simulated caller known to the fake
     forged: dict[str, Any]  # settings whose credentials the fake refuses
     dialled: str  # how the carrier's transfer names MANAGER
+    ok: tuple[int, int] = (200, 200)  # the fake's answer to a hang-up, to a transfer
 
     def rest(self, stack: LocalStack, call_id: str) -> list[tuple[str, int]]:
         """What the fake was asked about the call: ("hangup" | "transfer", HTTP status)."""
@@ -52,6 +59,12 @@ class Line:
                 ("hangup" if r.body.get("Status") else "transfer", r.status)
                 for r in fake.requests
                 if r.path.endswith(f"/Calls/{call_id}")
+            ]
+        if self.name == "vonage":
+            return [
+                (str(r.body.get("action")), r.status)
+                for r in fake.requests
+                if r.path.endswith(f"/v1/calls/{call_id}")
             ]
         return [
             ("hangup" if r.method == "DELETE" else "transfer", r.status)
@@ -78,6 +91,14 @@ LINES = [
         lambda stack, script, **kw: stack.plivo_caller(script, **kw),
         {"plivo_auth_id": "MAFORGED000000000001"},
         MANAGER.removeprefix("+"),  # Plivo dials digits
+        (204, 202),
+    ),
+    Line(
+        "vonage",
+        lambda stack, script, **kw: stack.vonage_caller(script, **kw),
+        {"vonage_private_key": generate_application_keys()[0]},  # not the application's key
+        MANAGER.removeprefix("+"),  # Vonage's phone endpoints take digits
+        (204, 204),
     ),
 ]
 
@@ -106,7 +127,7 @@ async def make_stack(tmp_path: Path) -> Any:
         (home / "profiles.yaml").write_text(yaml.safe_dump({"profiles": [profile]}))
         stack = LocalStack(
             scenario=scenario,
-            carrier_apis=(line.name,),
+            carrier_apis=(line.name,) if line.name in CARRIER_APIS else (),  # Exotel: none
             settings_overrides={
                 "database_url": f"sqlite+aiosqlite:///{home / 'calls.db'}",
                 "recordings_dir": home / "recordings",
@@ -167,7 +188,7 @@ async def test_end_call_hangs_up_over_rest_after_the_goodbye(
     assert event(record, "hangup")["goodbye_heard"] is True
     # the carrier was told (after the stream closed: the REST call outlives the bridge)
     await eventually(lambda: _true(result.carrier_action == "hangup"))
-    assert line.rest(stack, result.call_sid) == [("hangup", 204 if line.name == "plivo" else 200)]
+    assert line.rest(stack, result.call_sid) == [("hangup", line.ok[0])]
 
 
 @pytest.mark.timeout(60)
@@ -186,7 +207,7 @@ async def test_transfer_call_moves_the_caller_over_rest(
     assert (transfer["number"], transfer["ok"], transfer["line_heard"]) == (MANAGER, True, True)
     await eventually(lambda: _true(result.transferred_to is not None))
     assert (result.carrier_action, result.transferred_to) == ("transfer", line.dialled)
-    assert line.rest(stack, result.call_sid) == [("transfer", 202 if line.name == "plivo" else 200)]
+    assert line.rest(stack, result.call_sid) == [("transfer", line.ok[1])]
 
 
 @pytest.mark.timeout(90)
@@ -262,3 +283,152 @@ async def _true(value: bool) -> bool:
 
 async def _value(value: Any) -> Any:
     return value
+
+
+# ------------------------------------------------------------------------------ Vonage
+
+
+def vonage_line() -> Line:
+    return next(line for line in LINES if line.name == "vonage")
+
+
+async def test_vonage_control_goes_to_the_calls_region_and_says_the_line_first(
+    make_stack: Any, call_over: Any
+) -> None:
+    """The answer webhook's `region_url` (the fake's region path) receives the call's control,
+    and the transfer's NCCO says the profile's line before it connects."""
+    vonage = vonage_line()
+    stack = await make_stack(vonage, tool("transfer_call", target="manager"), ["transfer_call"])
+    caller = vonage.make(stack, [say("hours")], seed=6, on_script_end="wait", timeout=30)
+    result = await caller.run()
+    await call_over(stack)
+    fake = stack.fakes["vonage"]
+
+    [request] = [r for r in fake.requests if r.path.endswith(f"/v1/calls/{result.call_sid}")]
+    assert (request.base, request.status) == (REGION_PATH, 204)
+    ncco = request.body["destination"]["ncco"]
+    assert ncco[-1] == {
+        "action": "connect",
+        "endpoint": [{"type": "phone", "number": vonage.dialled}],
+        "from": caller.to,  # the number the caller rang: one of the account's
+    }
+    assert fake.calls[result.call_sid].transferred_to == vonage.dialled
+    assert result.events_posted[-1] == "completed"  # no `disconnected`: the call moved on
+
+
+async def test_vonage_keys_go_over_rest_not_as_tones(make_stack: Any, call_over: Any) -> None:
+    """Vonage's stream carries no DTMF: the agent's keys go to `PUT …/dtmf`, in the region."""
+    vonage = vonage_line()
+    stack = await make_stack(vonage, tool("send_dtmf", digits="12#"), ["send_dtmf"])
+    script = [say("hours"), WaitForAgentSilence(silence_ms=1500, timeout=20), HangUp()]
+    result = await vonage.make(stack, script, seed=11, timeout=40).run()
+    record = await record_of(stack, result, call_over)
+
+    fake = stack.fakes["vonage"]
+    assert fake.calls[result.call_sid].dtmf == ["12#"]
+    [request] = [r for r in fake.requests if r.path.endswith("/dtmf")]
+    assert (request.base, request.status) == (REGION_PATH, 200)
+    assert event(record, "dtmf_sent") == {"digits": "12#", "over_rest": True}
+    [session] = stack.gemini.sessions
+    [response] = [r.response for r in session.tool_responses if r.name == "send_dtmf"]
+    assert response == {"result": "ok", "pressed": "12#"}
+
+
+async def test_vonage_application_id_the_fake_does_not_know_is_refused(
+    make_stack: Any, call_over: Any
+) -> None:
+    vonage = vonage_line()
+    stack = await make_stack(
+        vonage, tool("end_call", reason="done"), ["end_call"], vonage_application_id="0" * 36
+    )
+    caller = vonage.make(stack, [say("hours")], seed=7, on_script_end="wait", timeout=30)
+    result = await caller.run()
+    await call_over(stack)
+
+    requests = await eventually(lambda: _value(vonage.rest(stack, result.call_sid)))
+    assert requests == [("hangup", 401)]
+    [refused] = stack.fakes["vonage"].requests
+    assert refused.auth_error == "wrong application_id"
+
+
+async def test_vonage_leg_statuses_are_kept_as_call_events(make_stack: Any, call_over: Any) -> None:
+    """The websocket leg's `answered` and `completed` (POSTed to the connect action's
+    eventUrl, named by the leg's own uuid) land on the call's record, without numbers."""
+    vonage = vonage_line()
+    stack = await make_stack(vonage, Scenario(seed=8, greeting=None, pause_prob=0.0), [])
+    script = [say("hours"), WaitForAgentSilence(silence_ms=500, timeout=15), HangUp()]
+    result = await vonage.make(stack, script, seed=8, timeout=30).run()
+    await call_over(stack)
+    assert result.events_posted == ["answered", "completed"], result.events_posted
+    assert result.event_statuses == [200, 200]
+    repo = stack.app.state.livecall.store.repo
+
+    async def statuses() -> list[dict[str, Any]]:
+        await stack.app.state.livecall.store.flush()
+        record = await repo.get_call(result.call_sid)
+        found = [e.data for e in record.events if e.kind == STATUS_EVENT] if record else []
+        return found if len(found) == 2 else []
+
+    found = await eventually(statuses)
+    assert found == [
+        {"carrier": "vonage", "status": "answered"},
+        {"carrier": "vonage", "status": "completed"},
+    ]
+
+
+# ------------------------------------------------------------------------------ Exotel
+
+EXOTEL_SECRET = "exotel-test-url-secret-0123456789"
+
+
+def exotel_line() -> Line:
+    def make(stack: LocalStack, script: list[Any], **kw: Any) -> Any:
+        return SimulatedExotelCaller(stack.base_url, url_secret=EXOTEL_SECRET, script=script, **kw)
+
+    return Line("exotel", make, {}, "")
+
+
+async def test_exotel_transfer_is_refused_with_the_reason(make_stack: Any, call_over: Any) -> None:
+    """No REST on Exotel's Voicebot line: the model hears why, the call goes on."""
+    exotel = exotel_line()
+    stack = await make_stack(
+        exotel,
+        tool("transfer_call", target="manager"),
+        ["transfer_call"],
+        exotel_url_secret=EXOTEL_SECRET,
+    )
+    script = [
+        say("hours"),
+        WaitForAgentSilence(silence_ms=1500, timeout=20),
+        say("yes"),
+        WaitForAgentSilence(silence_ms=500, timeout=15),
+        HangUp(),
+    ]
+    result = await exotel.make(stack, script, seed=9, timeout=60).run()
+    record = await record_of(stack, result, call_over)
+
+    assert result.ended_by == "caller", result.timeline
+    [session] = stack.gemini.sessions
+    [response] = [r.response for r in session.tool_responses if r.name == "transfer_call"]
+    assert response["error"].startswith(EXOTEL_TRANSFER_REFUSAL), response
+    assert len(session.input_transcripts) == 2  # the caller went on talking to the agent
+    assert record.end_reason in ("caller_stop", "caller_closed")
+    assert not [e for e in record.events if e.kind == "transfer"]
+
+
+async def test_exotel_end_call_closes_the_stream_after_the_goodbye(
+    make_stack: Any, call_over: Any, audio: Any
+) -> None:
+    exotel = exotel_line()
+    stack = await make_stack(
+        exotel, tool("end_call", reason="done"), ["end_call"], exotel_url_secret=EXOTEL_SECRET
+    )
+    caller = exotel.make(stack, [say("hours")], seed=10, on_script_end="wait", timeout=30)
+    result = await caller.run()
+    record = await record_of(stack, result, call_over)
+
+    assert result.protocol_errors == [] and result.ended_by == "server", result.timeline
+    assert audio.heard_share(result.heard_pcm(), "goodbye") >= 0.9  # heard, then closed
+    assert result.marks_echoed[-1].t <= result.ended
+    assert record.end_reason == "agent_hangup"
+    assert event(record, "hangup")["goodbye_heard"] is True

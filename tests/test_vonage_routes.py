@@ -175,6 +175,34 @@ async def test_the_event_webhook_logs_genuine_statuses_and_refuses_forged_ones(
 
 
 @pytest.mark.timeout(30)
+async def test_the_event_webhook_takes_signed_gets_too(make_stack: Any) -> None:
+    """An application set to send its events by GET: the query string is the event, and the
+    signature is checked as for the answer webhook's GET."""
+    stack = await vonage_stack(make_stack)
+    event = {
+        "uuid": "63f61863-4a51-4f6b-86e1-46edebcf9356",
+        "conversation_uuid": "CON-f972836a-550f-45fa-956c-12a2ab5b7d22",
+        "status": "ringing",
+    }
+    url = f"{stack.base_url}/vonage/event?{urlencode(event)}"
+    with structlog.testing.capture_logs() as logs:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            ok = await client.get(
+                url, headers={"Authorization": SIGNER.sign(method="GET", url=url)}
+            )
+            forged = await client.get(
+                url, headers={"Authorization": FORGER.sign(method="GET", url=url)}
+            )
+            unsigned = await client.get(url)
+    assert (ok.status_code, forged.status_code, unsigned.status_code) == (200, 403, 403)
+    statuses = [e for e in logs if e["event"] == "vonage.status"]
+    # a call never answered here: logged, not kept
+    assert [(e["call_sid"], e["status"], e["kept"]) for e in statuses] == [
+        (event["uuid"], "ringing", False)
+    ]
+
+
+@pytest.mark.timeout(30)
 async def test_without_a_signature_secret_there_is_no_vonage_route(make_stack: Any) -> None:
     stack = await make_stack(Scenario(seed=1))
     assert (await get_answer(stack, call_fields())).status_code == 404

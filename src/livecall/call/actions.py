@@ -26,7 +26,7 @@ from livecall.audio.dtmf import generate_dtmf
 from livecall.audio.g711 import ulaw_encode
 from livecall.call.bridge import GREETING_PROMPT, SPOKE_BEFORE_TOOL
 from livecall.records import CallEventRecord
-from livecall.telephony.call_control import CallControlError
+from livecall.telephony.call_control import CallControlError, DtmfControl
 from livecall.telephony.whisper import TransferPlan
 
 if TYPE_CHECKING:
@@ -306,6 +306,16 @@ class BridgeActions:
             if not on_stream:
                 return {"error": "the call has ended"}
             return {"result": "ok", "pressed": digits}
+        if isinstance(self.control, DtmfControl):  # the carrier's REST (Vonage): no tones
+            try:
+                sent = await self.control.send_dtmf(self.bridge.call_sid, digits)
+            except CallControlError as exc:  # keys it cannot send, an outage: tones instead
+                self.log.warning("call.dtmf_rest_failed", error=str(exc))
+            else:
+                self._record("dtmf_sent", digits=digits, over_rest=True)
+                if not sent:
+                    return {"error": "the call has ended"}
+                return {"result": "ok", "pressed": digits}
         ulaw = ulaw_encode(generate_dtmf(digits)).tobytes()
         for i in range(0, len(ulaw), DTMF_CHUNK_BYTES):
             if await self.bridge.play_ulaw(ulaw[i : i + DTMF_CHUNK_BYTES]) is None:

@@ -13,15 +13,19 @@ For a carrier `c` (enabled only when its credentials are set):
   `CallStarted`; the token in its custom parameters (or, for a carrier whose answer is a
   stream URL, in that URL's query string) must be valid for that call id, then the same call
   core as Twilio's runs it (`calls.run_call`).
-- its status webhook when it has one (`POST /vonage/event`): signature-checked like the voice
-  webhook, the status logged, 200 (403 when forged).
+- its status webhook when it has one (`GET|POST /vonage/event`): signature-checked like the
+  voice webhook, the status logged and, for a call answered here, kept as one of its events
+  (`server/carrier_status.py`), 200 (403 when forged).
 
 Tokens are keyed per carrier (`derive_key(stream secret, "<carrier>-stream")`), bound to the
 call id only (a carrier's stream does not always repeat the webhook's account id).
 
 REST call control (`telephony/call_control.py:CallControl`: the agent's hang-up and transfer) is a
 route's `control`: a factory given the call's `ControlSite` (the app, the call's start, the
-public base URL). A carrier that fetches a transfer's document from livecall (Plivo's
+public base URL). What a carrier's webhook said that its control needs later (Vonage's
+`region_url`) stays with the carrier's route, keyed by call id for a bounded time (see
+`carriers/vonage/calls.py`), and its factory looks it up by `ControlSite.start.call_id`.
+A carrier that fetches a transfer's document from livecall (Plivo's
 `aleg_url`) sets `documents`: `ControlSite.publish` keeps the document behind a single-use
 token, served once at `POST /<carrier>/transfer/<token>` to a request signed by the carrier.
 """
@@ -48,12 +52,14 @@ from livecall.carriers.base import (
     CarrierStream,
 )
 from livecall.server.calls import StarletteCarrier, run_call
+from livecall.server.carrier_status import CarrierStatuses
 from livecall.server.forwarded import TrustedProxies
 from livecall.server.urls import public_base, signature_urls, ws_base
 from livecall.telephony.stream_token import TOKEN_PARAMETER, StreamTokens, derive_key
 from livecall.telephony.whisper import Whispers
 
 if TYPE_CHECKING:
+    from livecall.carriers.vonage.calls import CallDirectory
     from livecall.server.state import AppState
     from livecall.settings import Settings
     from livecall.telephony.call_control import CallControl
@@ -72,6 +78,12 @@ __all__ = [
 log = structlog.get_logger("livecall.carriers")
 
 TRANSFER_DOCUMENT_TTL_S = 120.0  # the carrier fetches it right after the REST transfer
+CALL_MEMORY_S = 600.0  # what a webhook said about a call is kept this long past its longest
+# what the model is told when it tries to transfer an Exotel call (the Voicebot applet's
+# stream cannot be moved; the flow's next applet could dial, but only after a hang-up)
+EXOTEL_TRANSFER_REFUSAL = (
+    "transfers are not possible on this line (the phone system cannot move this call)"
+)
 BUSY_PARAMETER = "busy"  # in a stream URL answered to a call turned away (no busy document)
 _STREAM_PARAMETERS = frozenset(("from", "to", "direction", "profile", TOKEN_PARAMETER))
 
@@ -129,6 +141,7 @@ class CarrierRoute:
     answer: AnswerBuilder | None = None  # None: `carrier.answer_document(ws url, parameters)`
     status_path: str | None = None  # the carrier's status (event) webhook, if it has one
     read_status: StatusReader | None = None
+    status_methods: tuple[str, ...] = ("POST",)
     # the per-call parameters ride the stream URL's query string (Exotel): read them from the
     # upgrade request (the start's custom parameters, which echo them, when it has none)
     parameters_in_url: bool = False
@@ -229,9 +242,16 @@ def carrier_routes(settings: Settings) -> list[CarrierRoute]:
         )
     secret = settings.vonage_signature_secret
     if secret is not None and secret.get_secret_value():
-        routes.append(_vonage_route(secret.get_secret_value(), settings.vonage_sample_rate))
+        routes.append(
+            _vonage_route(secret.get_secret_value(), settings.vonage_sample_rate, settings=settings)
+        )
     if settings.exotel_url_secret is not None and settings.exotel_url_secret.get_secret_value():
         from livecall.carriers.exotel import ExotelCarrier
+        from livecall.telephony.call_control import StreamEndControl
+
+        # the Voicebot applet's stream is the call: closing it hands the call to the flow's
+        # next applet (which ends it), and nothing can move it elsewhere over REST
+        exotel_control = StreamEndControl(EXOTEL_TRANSFER_REFUSAL)
 
         routes.append(
             CarrierRoute(
@@ -242,14 +262,19 @@ def carrier_routes(settings: Settings) -> list[CarrierRoute]:
                 methods=("GET", "HEAD"),
                 read_webhook=read_exotel,
                 parameters_in_url=True,
+                control=lambda site: exotel_control,
             )
         )
     return routes
 
 
-def _vonage_route(signature_secret: str, sample_rate: int) -> CarrierRoute:
+def _vonage_route(
+    signature_secret: str, sample_rate: int, *, settings: Settings | None = None
+) -> CarrierRoute:
     """Vonage: a GET (or POST JSON) answer webhook answered with an NCCO, signed JWTs, binary
-    L16 on `/ws/vonage`, leg statuses on `/vonage/event`."""
+    L16 on `/ws/vonage`, leg statuses on `GET|POST /vonage/event` (read as the call's: a leg's
+    own uuid leads to it through the conversation), REST control (`_vonage_control`) sent to
+    the region the answer webhook named."""
     from livecall.carriers.vonage import VonageCarrier, VonageSignature
     from livecall.carriers.vonage.answer import (
         busy_ncco,
@@ -257,8 +282,11 @@ def _vonage_route(signature_secret: str, sample_rate: int) -> CarrierRoute:
         parse_answer_request,
         parse_event,
     )
+    from livecall.carriers.vonage.calls import CallDirectory
 
     carrier = VonageCarrier(VonageSignature(signature_secret), sample_rate=sample_rate)
+    ttl_s = (settings.max_call_duration_s if settings is not None else 3600.0) + CALL_MEMORY_S
+    directory = CallDirectory(ttl_s=ttl_s)
 
     def read(method: str, url: str, body: bytes) -> WebhookCall:
         call = parse_answer_request(method, url, body)
@@ -267,13 +295,15 @@ def _vonage_route(signature_secret: str, sample_rate: int) -> CarrierRoute:
     def answer(base: str, parameters: Mapping[str, str], call: WebhookCall) -> tuple[str, str]:
         # the numbers ride in the NCCO's reserved headers (from the call), not as parameters
         params = {k: v for k, v in parameters.items() if k not in ("from", "to")}
+        directory.answered(call.native, time.monotonic())  # its region, its conversation
         return carrier.answer_document_for_call(
             ws_base(base) + "/ws/vonage", params, call.native, event_url=base + "/vonage/event"
         )
 
     def read_status(method: str, url: str, body: bytes) -> tuple[str, str]:
-        event = parse_event(body)
-        return event.uuid, event.status
+        event = parse_event(body, urlsplit(url).query if method == "GET" else "")
+        known = directory.for_event(event.uuid, event.conversation_uuid, time.monotonic())
+        return (known.uuid if known is not None else event.uuid), event.status
 
     return CarrierRoute(
         carrier,
@@ -286,7 +316,39 @@ def _vonage_route(signature_secret: str, sample_rate: int) -> CarrierRoute:
         answer=answer,
         status_path="/vonage/event",
         read_status=read_status,
+        status_methods=("GET", "POST"),
+        **(_vonage_control(settings, directory) if settings is not None else {}),
     )
+
+
+def _vonage_control(settings: Settings, directory: CallDirectory) -> dict[str, Any]:
+    """Vonage call control: application JWTs, one client; each call's control goes to the
+    `region_url` its answer webhook named (when it is Vonage's, or the configured base's), and
+    its transfer dials from the number the caller rang."""
+    key = _secret(settings.vonage_private_key)
+    if not settings.vonage_application_id or not key:
+        return {}
+    from livecall.carriers.vonage.calls import region_base
+    from livecall.carriers.vonage.control import (
+        DEFAULT_API_BASE,
+        VonageCall,
+        VonageCallControl,
+        load_private_key,
+    )
+
+    api_base = settings.vonage_api_base or DEFAULT_API_BASE
+    rest = VonageCallControl(
+        settings.vonage_application_id, load_private_key(key), base_url=api_base
+    )
+
+    def control(site: ControlSite) -> CallControl:
+        known = directory.get(site.start.call_id, time.monotonic())
+        if known is None:  # answered elsewhere or long ago: the base, the caller's own id
+            return VonageCall(rest)
+        region = region_base(known.region_url, api_base)
+        return VonageCall(rest, region, from_number=known.line_number)
+
+    return {"control": control, "aclose": rest.aclose}
 
 
 def _telnyx_control(settings: Settings) -> dict[str, Any]:
@@ -343,6 +405,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
     documents = Whispers(state.cluster, ttl_s=TRANSFER_DOCUMENT_TTL_S, prefix=f"{name}-transfer")
 
     read_webhook = route.read_webhook or read_form(route.call_id_field)
+    statuses = CarrierStatuses(state, name, ttl_s=settings.max_call_duration_s + CALL_MEMORY_S)
 
     def signed(request: Request, body: bytes) -> bool:
         peer = request.client.host if request.client is not None else None
@@ -401,6 +464,8 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             if v
         }
         parameters["profile"] = state.match_profile(parameters).name
+        if route.status_path is not None:
+            statuses.answered(call_id)
         parameters[TOKEN_PARAMETER] = tokens.for_call(call_id, "", time.time())
         if route.alnum_parameters:
             parameters = pack_alnum(parameters)
@@ -421,7 +486,8 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         except ValueError as exc:
             log.warning(f"{name}.status_unreadable", error=str(exc))
             return Response(status_code=200)  # genuine but not understood: no retries
-        log.info(f"{name}.status", call_sid=call_id[:MAX_CALL_ID], status=status[:32])
+        kept = statuses.record(call_id, status) if status else False
+        log.info(f"{name}.status", call_sid=call_id[:MAX_CALL_ID], status=status[:32], kept=kept)
         return Response(status_code=200)
 
     async def media_stream(ws: WebSocket) -> None:
@@ -473,14 +539,20 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             if value and not params.get(key):
                 params[key] = value
         started = replace(started, custom_parameters=params)
-        await run_call(
-            state,
-            socket,
-            stream,
-            started,
-            carrier_name=name,
-            control=control_for(ws, started),
-        )
+        if route.status_path is not None:
+            statuses.started(started.call_id)
+        try:
+            await run_call(
+                state,
+                socket,
+                stream,
+                started,
+                carrier_name=name,
+                control=control_for(ws, started),
+            )
+        finally:
+            if route.status_path is not None:
+                statuses.ended(started.call_id)
 
     def control_for(ws: WebSocket, started: CallStarted) -> CallControl | None:
         if route.control is None:
@@ -515,7 +587,10 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
     )
     if route.status_path is not None and route.read_status is not None:
         router.add_api_route(
-            route.status_path, status_webhook, methods=["POST"], include_in_schema=False
+            route.status_path,
+            status_webhook,
+            methods=list(route.status_methods),
+            include_in_schema=False,
         )
     router.add_api_websocket_route(route.stream_path, media_stream)
     if route.documents:

@@ -75,7 +75,7 @@ class CarrierSettings(Section):
         None,
         validation_alias="VONAGE_SIGNATURE_SECRET",
         description="the Vonage account's signature secret (signed webhooks, HS256 JWTs): "
-        "enables GET|POST /vonage/answer, POST /vonage/event and /ws/vonage",
+        "enables GET|POST /vonage/answer, GET|POST /vonage/event and /ws/vonage",
     )
     vonage_sample_rate: int = Field(
         16000,
@@ -116,6 +116,24 @@ class CarrierSettings(Section):
         None,
         validation_alias="PLIVO_API_BASE",
         description="override of https://api.plivo.com (the REST simulator in tests)",
+    )
+    vonage_application_id: str | None = Field(
+        None,
+        validation_alias="VONAGE_APPLICATION_ID",
+        description="the Vonage application's id: with VONAGE_PRIVATE_KEY, end_call hangs up "
+        "and transfer_call transfers Vonage calls over REST (application JWTs)",
+    )
+    vonage_private_key: SecretStr | None = Field(
+        None,
+        validation_alias="VONAGE_PRIVATE_KEY",
+        description="the Vonage application's private key (PEM, newlines may be written \\n), "
+        "or the path of a file holding it",
+    )
+    vonage_api_base: str | None = Field(
+        None,
+        validation_alias="VONAGE_API_BASE",
+        description="override of https://api.nexmo.com (the REST simulator in tests); a call's "
+        "own region_url is used when it names a Vonage host or this base's origin",
     )
 
     @field_validator("outbound_allowed_destinations", mode="before")

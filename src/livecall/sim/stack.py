@@ -4,11 +4,12 @@ The demo, the end-to-end tests and the benchmarks all stand on this: a fake Gemi
 server over TLS (the real SDK talks to it), the real livecall app served by uvicorn on a
 free port, and simulated Twilio callers that ring the webhook and stream audio like Twilio.
 
-`carrier_apis` also serves fakes of carriers' REST APIs ("twilio", "telnyx", "plivo"), each on
-its own loopback port with livecall's settings pointed at it (credentials included; Telnyx
-and Plivo calls are switched on too); `fakes[name]` is each fake's state. Callers made by
-`caller`, `telnyx_caller` and `plivo_caller` are then known to their carrier's fake, so a
-REST hang-up or transfer ends their stream as the carrier would.
+`carrier_apis` also serves fakes of carriers' REST APIs ("twilio", "telnyx", "plivo",
+"vonage"), each on its own loopback port with livecall's settings pointed at it (credentials
+included; Telnyx, Plivo and Vonage calls are switched on too); `fakes[name]` is each fake's
+state. Callers made by `caller`, `telnyx_caller`, `plivo_caller` and `vonage_caller` are then
+known to their carrier's fake, so a REST hang-up or transfer ends their stream as the carrier
+would (a Vonage caller's `region_url` is the fake's region path, so its control goes there).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ TELNYX_API_KEY = "KEYsim-telnyx-api-key-0123456789"
 TELNYX_ACCOUNT_SID = str(uuid.UUID(int=0x5111))
 PLIVO_AUTH_ID = "MASIMULATED0000000001"
 PLIVO_AUTH_TOKEN = "sim-plivo-auth-token-0123456789"
-CARRIER_APIS = ("twilio", "telnyx", "plivo")
+VONAGE_SIGNATURE_SECRET = "sim-vonage-signature-secret-0123456789"
+VONAGE_APPLICATION_ID = str(uuid.UUID(int=0x7011))
+CARRIER_APIS = ("twilio", "telnyx", "plivo", "vonage")
 
 
 def free_socket() -> socket.socket:
@@ -74,6 +77,7 @@ class LocalStack:
     fakes: dict[str, Any] = field(default_factory=dict)
     _fake_servers: contextlib.AsyncExitStack | None = None
     _telnyx_seed: bytes = b""
+    _vonage_region: str = ""
 
     def _workdir(self) -> Path:
         """Where this stack keeps its database, recordings and spool (removed at stop)."""
@@ -189,6 +193,23 @@ class LocalStack:
                 "plivo_auth_id": PLIVO_AUTH_ID,
                 "plivo_api_base": base,
             }
+        if "vonage" in self.carrier_apis:
+            from livecall.sim.vonage_rest import (
+                REGION_PATH,
+                build_fake_vonage_rest,
+                generate_application_keys,
+            )
+
+            private, public = generate_application_keys()
+            app, self.fakes["vonage"] = build_fake_vonage_rest(VONAGE_APPLICATION_ID, public)
+            base = await exits.enter_async_context(serve_app(app))
+            self._vonage_region = base + REGION_PATH
+            values |= {
+                "vonage_signature_secret": VONAGE_SIGNATURE_SECRET,
+                "vonage_application_id": VONAGE_APPLICATION_ID,
+                "vonage_private_key": private,
+                "vonage_api_base": base,
+            }
         return values
 
     def caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
@@ -228,6 +249,20 @@ class LocalStack:
             self.base_url, auth_token=PLIVO_AUTH_TOKEN, script=script, **kwargs
         )
         self.fakes["plivo"].attach(caller)
+        return caller
+
+    def vonage_caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
+        """A caller through Vonage (needs "vonage" in `carrier_apis`), known to its fake; its
+        answer webhook names the fake's region as the call's `region_url`."""
+        from livecall.sim.vonage import SimulatedVonageCaller
+
+        if "vonage" not in self.fakes:
+            raise RuntimeError('vonage_caller needs LocalStack(carrier_apis=("vonage", …))')
+        kwargs.setdefault("application_id", VONAGE_APPLICATION_ID)
+        kwargs.setdefault("region_url", self._vonage_region)
+        kwargs.setdefault("signature_secret", VONAGE_SIGNATURE_SECRET)
+        caller = SimulatedVonageCaller(self.base_url, script=script, **kwargs)
+        self.fakes["vonage"].attach(caller)
         return caller
 
     def stream_token(self, call_sid: str, account_sid: str) -> str:

@@ -16,10 +16,11 @@ Vonage would not take is recorded in `protocol_errors` and dropped, never a cras
 hangs up by closing the socket (Vonage has no stop message); when the app closes it, the
 NCCO goes on with the actions after `connect` and then ends. When the `connect` action names
 an `eventUrl`, the websocket leg's statuses are POSTed there, signed (`answered`, then
-`completed` when the caller hangs up, `disconnected` when the app closed the socket, `failed`
-when it could not be opened); with `eventType: synchronous` the answer to `disconnected` or
-`failed` may be a fallback NCCO, which then runs instead of the rest of the original one. An
-event webhook answering other than 2xx is a protocol error (Vonage would retry it).
+`completed` when the caller hangs up or a REST hang-up or transfer took the call off the
+stream (`end_from_carrier`), `disconnected` when the app closed the socket, `failed` when it
+could not be opened); with `eventType: synchronous` the answer to `disconnected` or `failed`
+may be a fallback NCCO, which then runs instead of the rest of the original one. An event
+webhook answering other than 2xx is a protocol error (Vonage would retry it).
 
 The script, clock, playout and measurements are `livecall.sim.twilio.SimulatedCaller`'s
 (same actions, `Probe` included; a `CallResult`): this class swaps only the carrier's side of
@@ -181,7 +182,11 @@ class SimulatedVonageCaller(SimulatedCaller):
             return
         self._leg_event_soon("answered")
         await self._stream()
-        if self.result.ended_by == "server":
+        if self.result.carrier_action is not None:
+            # hung up or transferred over REST: the leg completes, no `disconnected`, and the
+            # rest of the NCCO does not run (the call left it)
+            self._leg_event_soon("completed")
+        elif self.result.ended_by == "server":
             await self._leg_event("disconnected", then=self._after_ncco)
         else:
             self._leg_event_soon("completed")

@@ -9,6 +9,10 @@ the call's end and that cannot move a call elsewhere (Exotel's Voicebot applet) 
 `StreamEndControl`: hanging up is closing the stream (the bridge does that first anyway) and a
 transfer is refused with a sentence the model can say.
 
+A control that can also play keys into the call over REST (Vonage's `PUT …/dtmf`: its stream
+cannot carry them) is a `DtmfControl` too; the agent's `send_dtmf` uses it where the stream has
+no DTMF message of its own, before falling back to in-band tones.
+
 Errors are `CallControlError` (each carrier's error derives from it or is wrapped into it), so
 the core tells the model "that did not work" the same way for every carrier; a call that is
 already over is not an error: `hangup`/`transfer` return False.
@@ -16,9 +20,9 @@ already over is not an error: `hangup`/`transfer` return False.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["CallControl", "CallControlError", "StreamEndControl"]
+__all__ = ["CallControl", "CallControlError", "DtmfControl", "StreamEndControl"]
 
 
 class CallControlError(RuntimeError):
@@ -52,6 +56,16 @@ class CallControl(Protocol):
     ) -> bool:
         """Say `say` to the caller (when given), then dial `number` (E.164 or ``sip:``) in
         place of the stream, which ends. False when the call had already ended."""
+        ...
+
+
+@runtime_checkable
+class DtmfControl(Protocol):
+    """A call control that sends DTMF into the call over the carrier's REST API."""
+
+    async def send_dtmf(self, call_id: str, digits: str) -> bool:
+        """Play `digits` to the far end; False when the call had already ended; a
+        `CallControlError` for keys the carrier cannot send or a refusal."""
         ...
 
 

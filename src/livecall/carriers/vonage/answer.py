@@ -87,16 +87,21 @@ class VonageEvent:
     direction: str = ""
 
 
-def parse_event(body: bytes) -> VonageEvent:
-    """Read an event webhook's JSON body; ValueError if it names no leg or no status.
+def parse_event(body: bytes, query: str = "") -> VonageEvent:
+    """Read an event webhook: its JSON body (POST), or its query string (an application set
+    to send events by GET); ValueError if it names no leg.
 
     Vonage sends more kinds than call statuses (transfer, input, recording…); those have no
     `status` and are read as status "" rather than refused.
     """
-    try:
-        loaded = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        raise ValueError("the event webhook's body is not JSON") from None
+    loaded: Any
+    if not body and query:
+        loaded = dict(parse_qsl(query, keep_blank_values=True))
+    else:
+        try:
+            loaded = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            raise ValueError("the event webhook's body is not JSON") from None
     if type(loaded) is not dict:
         raise ValueError("the event webhook's body must be a JSON object")
     uuid = loaded.get("uuid") or loaded.get("call_uuid")

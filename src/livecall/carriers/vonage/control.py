@@ -11,6 +11,9 @@ to the `region_url` its answer webhook named; `base_url=` per call does that.
 
 Hanging up over REST (rather than closing the socket) is what Vonage advises: it raises no
 `disconnected` event, so a `disconnected` always means an accident worth a fallback.
+
+`VonageCall` is the carrier-neutral `CallControl` over this client for one call, sent to the
+call's region: hang-up, and a cold transfer (an NCCO that says `say`, then connects).
 """
 
 from __future__ import annotations
@@ -19,24 +22,54 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-__all__ = ["DEFAULT_API_BASE", "VonageApiError", "VonageCallControl"]
+from livecall.telephony.call_control import CallControlError
+
+__all__ = [
+    "DEFAULT_API_BASE",
+    "VonageApiError",
+    "VonageCall",
+    "VonageCallControl",
+    "load_private_key",
+    "transfer_ncco",
+]
 
 DEFAULT_API_BASE = "https://api.nexmo.com"
 _UUID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _DTMF_RE = re.compile(r"^[0-9*#pP]{1,64}$")  # p = a 500 ms pause
 _NUMBER_RE = re.compile(r"^\+?[0-9]{5,16}$")
+_SIP_RE = re.compile(r"^sips?:[^\s<>\"]{3,250}$")
+MAX_SAY_CHARS = 1500  # a talk action's text is at most 1,500 characters
 
 
-class VonageApiError(RuntimeError):
-    """Vonage answered a control request with an error status."""
+class VonageApiError(CallControlError):
+    """Vonage answered a control request with an error status (0: it could not be reached)."""
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(f"Vonage API error {status}: {detail}")
         self.status = status
+
+
+def load_private_key(value: str) -> str:
+    """The application's PEM private key: given inline (its newlines possibly written as
+    ``\\n``, as env files do) or as the path of a file holding it."""
+    text = value.strip()
+    if "-----BEGIN" not in text:
+        path = Path(text).expanduser()
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:  # (the value may be a mangled key: unsaid)
+            raise ValueError(
+                f"VONAGE_PRIVATE_KEY: not a PEM key, and no readable file ({type(exc).__name__})"
+            ) from None
+    text = text.replace("\\n", "\n")
+    if "-----BEGIN" not in text or "PRIVATE KEY-----" not in text:
+        raise ValueError("VONAGE_PRIVATE_KEY is neither a PEM private key nor a file holding one")
+    return text + "\n"
 
 
 def _application_jwt(application_id: str, private_key: str) -> str:
@@ -108,12 +141,15 @@ class VonageCallControl:
         self, method: str, path: str, body: Mapping[str, Any], base_url: str | None
     ) -> httpx.Response:
         url = (base_url.rstrip("/") if base_url else self.base_url) + path
-        response = await self._http.request(
-            method,
-            url,
-            json=dict(body),
-            headers={"Authorization": f"Bearer {self._jwt()}", "Accept": "application/json"},
-        )
+        try:
+            response = await self._http.request(
+                method,
+                url,
+                json=dict(body),
+                headers={"Authorization": f"Bearer {self._jwt()}", "Accept": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise VonageApiError(0, f"unreachable ({type(exc).__name__})") from None
         if response.status_code >= 400:
             detail = response.text[:200]
             raise VonageApiError(response.status_code, detail)
@@ -134,19 +170,14 @@ class VonageCallControl:
         call_uuid: str,
         number: str,
         *,
+        say: str | None = None,
         from_number: str | None = None,
         base_url: str | None = None,
     ) -> None:
-        """Move the call to a new NCCO that connects it to `number` (E.164)."""
-        if not _NUMBER_RE.match(number):
-            raise ValueError("a transfer target must be a phone number in E.164 form")
-        connect: dict[str, Any] = {
-            "action": "connect",
-            "endpoint": [{"type": "phone", "number": number.lstrip("+")}],
-        }
-        if from_number:
-            connect["from"] = from_number.lstrip("+")
-        body = {"action": "transfer", "destination": {"type": "ncco", "ncco": [connect]}}
+        """Move the call to a new NCCO that says `say` (when given), then connects it to
+        `number` (E.164, or a ``sip:`` URI)."""
+        ncco = transfer_ncco(number, say=say, from_number=from_number)
+        body = {"action": "transfer", "destination": {"type": "ncco", "ncco": ncco}}
         await self._request("PUT", self._call_path(call_uuid), body, base_url)
 
     async def send_dtmf(self, call_uuid: str, digits: str, *, base_url: str | None = None) -> None:
@@ -183,3 +214,82 @@ class VonageCallControl:
         if not isinstance(call_uuid, str):
             raise VonageApiError(response.status_code, "no uuid in the create-call answer")
         return call_uuid
+
+
+def transfer_ncco(
+    number: str, *, say: str | None = None, from_number: str | None = None
+) -> list[dict[str, Any]]:
+    """The NCCO a cold transfer moves the call to: `talk` (when `say`), then `connect`."""
+    if _SIP_RE.match(number):
+        endpoint: dict[str, Any] = {"type": "sip", "uri": number}
+    elif _NUMBER_RE.match(number):
+        endpoint = {"type": "phone", "number": number.lstrip("+")}
+    else:
+        raise ValueError("a transfer target must be an E.164 number or a sip: URI")
+    connect: dict[str, Any] = {"action": "connect", "endpoint": [endpoint]}
+    if from_number:
+        connect["from"] = from_number.lstrip("+")
+    ncco: list[dict[str, Any]] = []
+    if say and say.strip():
+        ncco.append({"action": "talk", "text": say.strip()[:MAX_SAY_CHARS]})
+    ncco.append(connect)
+    return ncco
+
+
+class VonageCall:
+    """`CallControl` (and `DtmfControl`) for one Vonage call: REST hang-up, cold transfer and
+    DTMF, sent to the region the call's answer webhook named (`region_url`; None: the
+    client's base URL)."""
+
+    warm_transfer = False
+    transfer_refusal: str | None = None
+
+    def __init__(
+        self,
+        rest: VonageCallControl,
+        region_url: str | None = None,
+        *,
+        from_number: str | None = None,
+    ) -> None:
+        self.rest = rest
+        self.region_url = region_url
+        self.from_number = from_number or None  # the transfer's caller id (a Vonage number)
+
+    def __repr__(self) -> str:
+        return f"VonageCall({self.rest!r}, region_url={self.region_url!r})"
+
+    async def _run(self, what: str, coro: Any) -> bool:
+        try:
+            await coro
+        except VonageApiError as exc:
+            if exc.status == 404:  # Vonage does not know the call (any more): it is over
+                return False
+            raise VonageApiError(exc.status, f"Vonage {what} failed") from None
+        except ValueError as exc:  # a target or call id Vonage cannot take: nothing was sent
+            raise VonageApiError(0, f"Vonage {what} not sent: {exc}") from None
+        return True
+
+    async def hangup(self, call_id: str) -> bool:
+        return await self._run("hangup", self.rest.hangup(call_id, base_url=self.region_url))
+
+    async def send_dtmf(self, call_id: str, digits: str) -> bool:
+        """Keys into the call over REST (`DtmfControl`): Vonage's stream cannot carry them."""
+        return await self._run(
+            "dtmf", self.rest.send_dtmf(call_id, digits, base_url=self.region_url)
+        )
+
+    async def transfer(
+        self,
+        call_id: str,
+        number: str,
+        say: str | None = None,
+        *,
+        whisper_url: str | None = None,
+        dial_action: str | None = None,
+    ) -> bool:
+        return await self._run(
+            "transfer",
+            self.rest.transfer_to_number(
+                call_id, number, say=say, from_number=self.from_number, base_url=self.region_url
+            ),
+        )
