@@ -189,6 +189,12 @@ class Settings(BaseSettings):
         validation_alias="OUTBOUND_MAX_CONCURRENT",
         description="outbound calls ringing or in progress at once (per instance)",
     )
+    outbound_carrier: Literal["twilio", "telnyx", "plivo"] = Field(
+        "twilio",
+        validation_alias="OUTBOUND_CARRIER",
+        description="the carrier POST /api/calls/outbound and `livecall call` use when the "
+        "request names none",
+    )
     stream_token_secret: SecretStr | None = Field(
         None,
         validation_alias="STREAM_TOKEN_SECRET",
@@ -249,6 +255,12 @@ class Settings(BaseSettings):
         None,
         validation_alias="TELNYX_ACCOUNT_SID",
         description="the Telnyx account id TeXML calls belong to (their AccountSid)",
+    )
+    telnyx_application_sid: str | None = Field(
+        None,
+        validation_alias="TELNYX_APPLICATION_SID",
+        description="the TeXML Application id outbound Telnyx calls are placed with "
+        "(ApplicationSid): with TELNYX_API_KEY and TELNYX_ACCOUNT_SID, enables outbound calls",
     )
     telnyx_api_base: str | None = Field(
         None,

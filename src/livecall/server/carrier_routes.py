@@ -19,6 +19,12 @@ For a carrier `c` (enabled only when its credentials are set):
 Tokens are keyed per carrier (`derive_key(stream secret, "<carrier>-stream")`), bound to the
 call id only (a carrier's stream does not always repeat the webhook's account id).
 
+Outbound calls (`livecall.server.outbound_carriers`): the carrier fetches the voice webhook
+with `?outbound=<outbound token>`. The webhook claims the token's reference for the call id
+it names (another call presenting it is refused, 403), marks the call outbound, and answers
+with that token as the stream's; the stream is then accepted only for the call id that
+claimed it.
+
 REST call control (`carriers/control.py:CallControl`: the agent's hang-up and transfer) is a
 route's `control`: a factory given the call's `ControlSite` (the app, the call's start, the
 public base URL). A carrier that fetches a transfer's document from livecall (Plivo's
@@ -47,9 +53,15 @@ from livecall.carriers.base import (
     CarrierStream,
 )
 from livecall.server.forwarded import TrustedProxies
+from livecall.server.outbound_carriers import OUTBOUND_PARAMETER
 from livecall.server.twilio_routes import StarletteCarrier, run_call
 from livecall.server.urls import public_base, signature_urls, ws_base
-from livecall.telephony.stream_token import TOKEN_PARAMETER, StreamTokens, derive_key
+from livecall.telephony.stream_token import (
+    TOKEN_PARAMETER,
+    OutboundClaims,
+    StreamTokens,
+    derive_key,
+)
 from livecall.telephony.whisper import Whispers
 
 if TYPE_CHECKING:
@@ -193,6 +205,11 @@ def read_exotel(method: str, url: str, body: bytes) -> WebhookCall:
         query.get("CallTo") or query.get("To", ""),
         "outbound" if direction.startswith("outbound") else "inbound",
     )
+
+
+def _e164(number: str) -> str:
+    """A number as E.164 (Plivo writes them as bare digits)."""
+    return "+" + number if number.isascii() and number.isdigit() else number
 
 
 def _secret(value: SecretStr | None) -> str:
@@ -351,6 +368,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
     documents = Whispers(state.cluster, ttl_s=TRANSFER_DOCUMENT_TTL_S, prefix=f"{name}-transfer")
 
     read_webhook = route.read_webhook or read_form(route.call_id_field)
+    claims = OutboundClaims()  # outbound token reference -> the call id that claimed it
 
     def signed(request: Request, body: bytes) -> bool:
         peer = request.client.host if request.client is not None else None
@@ -381,6 +399,19 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         if not 0 < len(call_id) <= MAX_CALL_ID or not call_id.isprintable():
             log.warning(f"{name}.webhook_rejected", reason=f"no valid {route.call_id_field}")
             return Response(f"no {route.call_id_field}", status_code=400, media_type="text/plain")
+        outbound = request.query_params.get(OUTBOUND_PARAMETER)
+        if outbound is not None:
+            problem = claim_outbound(outbound, call_id)
+            if problem is not None:
+                state.metrics.error("stream_token")
+                log.warning(f"{name}.webhook_rejected", call_sid=call_id, reason=problem)
+                return Response(problem, status_code=403, media_type="text/plain")
+            call = replace(
+                call,
+                direction="outbound-api",
+                from_number=_e164(call.from_number),
+                to_number=_e164(call.to_number),
+            )
         base = public_base(
             request.url, request.headers, settings.public_url, peer=peer, trusted=trusted
         )
@@ -409,7 +440,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             if v
         }
         parameters["profile"] = state.match_profile(parameters).name
-        parameters[TOKEN_PARAMETER] = tokens.for_call(call_id, "", time.time())
+        parameters[TOKEN_PARAMETER] = outbound or tokens.for_call(call_id, "", time.time())
         if route.alnum_parameters:
             parameters = pack_alnum(parameters)
         if route.answer is not None:
@@ -418,6 +449,18 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             answer, content_type = route.carrier.answer_document(stream_url, parameters)
         log.info(f"{name}.webhook", call_sid=call_id, to=call.to_number or None)
         return Response(answer, media_type=content_type)
+
+    def claim_outbound(token: str, call_id: str) -> str | None:
+        """Why an outbound call's webhook may not go on, else None (the reference claimed)."""
+        check = tokens.check(token, call_id, "", time.time())
+        if not check or check.ref is None:
+            return check.reason or "not an outbound token"
+        if not claims.claim(check.ref, call_id):
+            return "outbound token already used by another call"
+        limits = state.extras.get("outbound_limits")
+        if limits is not None:  # it counts under the call's id now (Plivo's differs)
+            limits.answered(check.ref, call_id)
+        return None
 
     async def status_webhook(request: Request) -> Response:
         body = await request.body()
@@ -470,9 +513,12 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             time.time(),
             live=live is not None and live.bridge is not None,
         )
-        if not check or check.ref is not None:
+        if check.ref is not None and claims.owner(check.ref) != started.call_id:
+            # an outbound token opens only the stream of the call whose webhook claimed it
+            check = replace(check, ok=False, reason="outbound token of another call")
+        if not check:
             state.metrics.error("stream_token")
-            log.warning(f"{name}.stream_refused", reason=check.reason or "outbound token")
+            log.warning(f"{name}.stream_refused", reason=check.reason)
             await socket.close(1008)
             return
         params = {k: v for k, v in params.items() if k != TOKEN_PARAMETER}
