@@ -210,12 +210,14 @@ async def test_guards_refuse_on_every_carrier(make_stack: Callable[..., Any], ca
 
 async def test_carrier_not_set_up_is_refused(make_stack: Callable[..., Any], carrier: str) -> None:
     missing = "telnyx_application_sid" if carrier == "telnyx" else "plivo_auth_id"
-    stack = await make_stack(**{missing: None})
+    stack = await make_stack(**{missing: None}, outbound_carrier=carrier)
 
-    response = await post(stack, AUTH, to=CALLEE, carrier=carrier)
+    named = await post(stack, AUTH, to=CALLEE, carrier=carrier)
+    by_default = await post(stack, AUTH, to=CALLEE)  # OUTBOUND_CARRIER picks the carrier
 
-    assert response.status_code == 503
-    assert missing.upper() in response.json()["detail"]
+    for response in (named, by_default):
+        assert response.status_code == 503
+        assert missing.upper() in response.json()["detail"]
     assert not dial_requests(stack, carrier)
 
 
