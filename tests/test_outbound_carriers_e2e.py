@@ -20,6 +20,7 @@ import httpx
 import pytest
 import typer
 import yaml
+from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from livecall.outbound_cli import call_command
@@ -136,9 +137,15 @@ async def test_outbound_call_is_placed_answered_and_recorded(
     fake = stack.fakes[carrier]
     fake.callee = {"script": [WaitForAgentAudio(min_heard_ms=300, timeout=10)], "timeout": 30}
 
-    response = await post(stack, AUTH, to=CALLEE, profile="outreach", carrier=carrier)
+    with capture_logs() as logged:
+        response = await post(stack, AUTH, to=CALLEE, profile="outreach", carrier=carrier)
+        assert response.status_code == 201, response.text
+        call_id, result = await answered(stack, carrier, response.json()["call_sid"])
 
-    assert response.status_code == 201, response.text
+    # the callee's number appears in no log line, masked everywhere it is named
+    events = {e["event"]: e for e in logged}
+    assert events["outbound.placed"]["to"] == events[f"{carrier}.webhook"]["to"] == "+*******4321"
+    assert not [e for e in logged if CALLEE[2:] in repr(e)]
     out = response.json()
     assert (out["carrier"], out["profile"], out["from"], out["to"]) == (
         carrier,
@@ -160,8 +167,6 @@ async def test_outbound_call_is_placed_answered_and_recorded(
         assert sent["ApplicationSid"] == stack.settings.telnyx_application_sid
     else:  # Plivo writes numbers as digits
         assert (sent["to"], sent["from"]) == (CALLEE[1:], OUR_NUMBER[1:])
-
-    call_id, result = await answered(stack, carrier, out["call_sid"])
 
     assert not result.protocol_errors and not result.script_errors, result
     assert result.webhook_status == 200

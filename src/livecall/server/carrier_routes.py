@@ -52,6 +52,7 @@ from livecall.carriers.base import (
     CarrierProtocolError,
     CarrierStream,
 )
+from livecall.privacy import mask_number
 from livecall.server.forwarded import TrustedProxies
 from livecall.server.outbound_carriers import OUTBOUND_PARAMETER
 from livecall.server.twilio_routes import StarletteCarrier, run_call
@@ -447,7 +448,9 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             answer, content_type = route.answer(base, parameters, call)
         else:
             answer, content_type = route.carrier.answer_document(stream_url, parameters)
-        log.info(f"{name}.webhook", call_sid=call_id, to=call.to_number or None)
+        # our number on an inbound call; on an outbound one the callee's: masked
+        to = mask_number(call.to_number) if outbound is not None else call.to_number
+        log.info(f"{name}.webhook", call_sid=call_id, to=to or None, outbound=outbound is not None)
         return Response(answer, media_type=content_type)
 
     def claim_outbound(token: str, call_id: str) -> str | None:
