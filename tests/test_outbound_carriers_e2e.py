@@ -11,6 +11,7 @@ an outbound token opens only the call that claimed it.
 from __future__ import annotations
 
 import asyncio
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -245,20 +246,50 @@ async def test_another_calls_outbound_token_is_refused(
     assert refused.webhook_status == 403
     assert refused.stream_url is None
 
-    # the answered call's document (its stream token) replayed by another call: the stream
-    # is closed before any Gemini session opens
-    document = result.twiml
+    # the answered call's document (its stream token, bound to its call id) replayed by
+    # another call, and that document carrying the outbound token itself: each stream is
+    # closed before any Gemini session opens
+    outbound_token = parse_qs(url.query)["outbound"][0]
+    stream_token = stream_token_of(result.twiml, carrier)
+    encode = (lambda t: t.encode().hex()) if carrier == "plivo" else (lambda t: t)
+    assert encode(stream_token) in result.twiml and stream_token != outbound_token
+    with_outbound = result.twiml.replace(encode(stream_token), encode(outbound_token))
+    with capture_logs() as logged:
+        for document in (result.twiml, with_outbound):
+            replayed = await run_with_document(stack, carrier, document)
+            assert replayed.stream_url is not None and "/ws/" + carrier in replayed.stream_url
+            assert replayed.close_code == 1008
+            assert not replayed.agent_stretches
+            assert call_id != replayed.call_sid
+    assert [e["reason"] for e in logged if e["event"] == f"{carrier}.stream_refused"] == [
+        "stream token does not match this call and account",
+        "outbound token",
+    ]
+    assert stack.gemini is not None and len(stack.gemini.sessions) == sessions
+
+
+def stream_token_of(document: str, carrier: str) -> str:
+    """The stream token an answer document carries (Plivo's hex-coded in extraHeaders)."""
+    root = ET.fromstring(document)
+    if carrier == "telnyx":
+        for parameter in root.iter("Parameter"):
+            if parameter.get("name") == "lc_token":
+                return parameter.get("value", "")
+        raise AssertionError("no lc_token parameter")
+    stream = root.find("Stream")
+    assert stream is not None
+    headers = dict(h.split("=", 1) for h in stream.get("extraHeaders", "").split(","))
+    return bytes.fromhex(headers["lctoken"]).decode()
+
+
+async def run_with_document(stack: LocalStack, carrier: str, document: str) -> CallResult:
+    """Another call of the carrier, answered with `document` as if livecall had sent it."""
 
     def serve(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, text=document, headers={"content-type": "application/xml"})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(serve)) as http:
-        replayed = await make_caller(stack, carrier, http_client=http, webhook_path="/forged").run()
-    assert replayed.stream_url is not None and "/ws/" + carrier in replayed.stream_url
-    assert replayed.close_code == 1008
-    assert not replayed.agent_stretches
-    assert stack.gemini is not None and len(stack.gemini.sessions) == sessions
-    assert call_id != replayed.call_sid
+        return await make_caller(stack, carrier, http_client=http, webhook_path="/forged").run()
 
 
 def make_caller(stack: LocalStack, carrier: str, **kwargs: Any) -> SimulatedCaller:

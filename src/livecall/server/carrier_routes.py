@@ -20,10 +20,12 @@ Tokens are keyed per carrier (`derive_key(stream secret, "<carrier>-stream")`), 
 call id only (a carrier's stream does not always repeat the webhook's account id).
 
 Outbound calls (`livecall.server.outbound_carriers`): the carrier fetches the voice webhook
-with `?outbound=<outbound token>`. The webhook claims the token's reference for the call id
-it names (another call presenting it is refused, 403), marks the call outbound, and answers
-with that token as the stream's; the stream is then accepted only for the call id that
-claimed it.
+with `?outbound=<outbound token>` (`StreamTokens.for_outbound`: a single-claim reference, the
+carrier's id for the call being unknown when the dial is written). The webhook claims the
+reference for the call id it names (another call presenting it: 403), marks the call
+outbound, and answers with a stream token bound to that call id, as for an inbound call: so
+only the call we placed gets a stream, the check at the stream stays stateless (any worker or
+instance can make it), and a stream presenting the outbound token itself is refused.
 
 REST call control (`carriers/control.py:CallControl`: the agent's hang-up and transfer) is a
 route's `control`: a factory given the call's `ControlSite` (the app, the call's start, the
@@ -441,7 +443,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             if v
         }
         parameters["profile"] = state.match_profile(parameters).name
-        parameters[TOKEN_PARAMETER] = outbound or tokens.for_call(call_id, "", time.time())
+        parameters[TOKEN_PARAMETER] = tokens.for_call(call_id, "", time.time())
         if route.alnum_parameters:
             parameters = pack_alnum(parameters)
         if route.answer is not None:
@@ -516,12 +518,9 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             time.time(),
             live=live is not None and live.bridge is not None,
         )
-        if check.ref is not None and claims.owner(check.ref) != started.call_id:
-            # an outbound token opens only the stream of the call whose webhook claimed it
-            check = replace(check, ok=False, reason="outbound token of another call")
-        if not check:
+        if not check or check.ref is not None:  # an outbound token opens webhooks only
             state.metrics.error("stream_token")
-            log.warning(f"{name}.stream_refused", reason=check.reason)
+            log.warning(f"{name}.stream_refused", reason=check.reason or "outbound token")
             await socket.close(1008)
             return
         params = {k: v for k, v in params.items() if k != TOKEN_PARAMETER}

@@ -223,7 +223,7 @@ async def place_carrier_call(
 
     `stream_token` is an outbound token of that carrier's stream key
     (`stream_tokens_for(secret, carrier).for_outbound("", now)`): it rides in the answer URL,
-    and the webhook hands it to the call's stream. Raises `OutboundError` as
+    and the webhook claims it for the call it answers. Raises `OutboundError` as
     `place_outbound_call` does and `CarrierDialError` when the carrier refuses.
     """
     chosen, caller_id = _who(profiles, destinations, to, profile, from_, None, "")

@@ -6,8 +6,8 @@ livecall's own voice webhook for that carrier (`/telnyx/texml`, `/plivo/answer`)
 `?outbound=<token>&profile=<name>`. The token is an outbound stream token of that carrier's
 key (`StreamTokens.for_outbound`: a random reference, since the carrier names the call only
 once it is placed). The webhook, signed by the carrier as ever, claims the reference for the
-call id it names and answers with that token as the stream's parameter; the stream is then
-accepted for that call id only (`livecall.server.carrier_routes`).
+call id it names and answers with a stream token bound to that call id, so only the call we
+placed gets a stream (`livecall.server.carrier_routes`).
 
 Answering-machine detection is Twilio's alone here (its asynchronous verdict drives the
 voicemail). A dial is never retried: a request that timed out may have placed the call.

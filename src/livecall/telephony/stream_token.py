@@ -174,9 +174,5 @@ class OutboundClaims:
             self._claims.popitem(last=False)
         return True
 
-    def owner(self, ref: str) -> str | None:
-        """The CallSid that claimed `ref`, if any (nothing is claimed by asking)."""
-        return self._claims.get(ref)
-
     def __len__(self) -> int:
         return len(self._claims)
