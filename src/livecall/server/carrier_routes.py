@@ -20,6 +20,14 @@ For a carrier `c` (enabled only when its credentials are set):
 Tokens are keyed per carrier (`derive_key(stream secret, "<carrier>-stream")`), bound to the
 call id only (a carrier's stream does not always repeat the webhook's account id).
 
+Outbound calls (`livecall.server.outbound_carriers`): the carrier fetches the voice webhook
+with `?outbound=<outbound token>` (`StreamTokens.for_outbound`: a single-claim reference, the
+carrier's id for the call being unknown when the dial is written). The webhook claims the
+reference for the call id it names (another call presenting it: 403), marks the call
+outbound, and answers with a stream token bound to that call id, as for an inbound call: so
+only the call we placed gets a stream, the check at the stream stays stateless (any worker or
+instance can make it), and a stream presenting the outbound token itself is refused.
+
 REST call control (`telephony/call_control.py:CallControl`: the agent's hang-up and transfer) is a
 route's `control`: a factory given the call's `ControlSite` (the app, the call's start, the
 public base URL). What a carrier's webhook said that its control needs later (Vonage's
@@ -51,11 +59,18 @@ from livecall.carriers.base import (
     CarrierProtocolError,
     CarrierStream,
 )
+from livecall.privacy import mask_number
 from livecall.server.calls import StarletteCarrier, run_call
 from livecall.server.carrier_status import CarrierStatuses
 from livecall.server.forwarded import TrustedProxies
+from livecall.server.outbound_carriers import OUTBOUND_PARAMETER
 from livecall.server.urls import public_base, signature_urls, ws_base
-from livecall.telephony.stream_token import TOKEN_PARAMETER, StreamTokens, derive_key
+from livecall.telephony.stream_token import (
+    TOKEN_PARAMETER,
+    OutboundClaims,
+    StreamTokens,
+    derive_key,
+)
 from livecall.telephony.whisper import Whispers
 
 if TYPE_CHECKING:
@@ -205,6 +220,11 @@ def read_exotel(method: str, url: str, body: bytes) -> WebhookCall:
         query.get("CallTo") or query.get("To", ""),
         "outbound" if direction.startswith("outbound") else "inbound",
     )
+
+
+def _e164(number: str) -> str:
+    """A number as E.164 (Plivo writes them as bare digits)."""
+    return "+" + number if number.isascii() and number.isdigit() else number
 
 
 def _secret(value: SecretStr | None) -> str:
@@ -406,6 +426,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
 
     read_webhook = route.read_webhook or read_form(route.call_id_field)
     statuses = CarrierStatuses(state, name, ttl_s=settings.max_call_duration_s + CALL_MEMORY_S)
+    claims = OutboundClaims()  # outbound token reference -> the call id that claimed it
 
     def signed(request: Request, body: bytes) -> bool:
         peer = request.client.host if request.client is not None else None
@@ -436,6 +457,19 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         if not is_call_id(call_id):
             log.warning(f"{name}.webhook_rejected", reason=f"no valid {route.call_id_field}")
             return Response(f"no {route.call_id_field}", status_code=400, media_type="text/plain")
+        outbound = request.query_params.get(OUTBOUND_PARAMETER)
+        if outbound is not None:
+            problem = claim_outbound(outbound, call_id)
+            if problem is not None:
+                state.metrics.error("stream_token")
+                log.warning(f"{name}.webhook_rejected", call_sid=call_id, reason=problem)
+                return Response(problem, status_code=403, media_type="text/plain")
+            call = replace(
+                call,
+                direction="outbound-api",
+                from_number=_e164(call.from_number),
+                to_number=_e164(call.to_number),
+            )
         base = public_base(
             request.url, request.headers, settings.public_url, peer=peer, trusted=trusted
         )
@@ -473,8 +507,22 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             answer, content_type = route.answer(base, parameters, call)
         else:
             answer, content_type = route.carrier.answer_document(stream_url, parameters)
-        log.info(f"{name}.webhook", call_sid=call_id, to=call.to_number or None)
+        # our number on an inbound call; on an outbound one the callee's: masked
+        to = mask_number(call.to_number) if outbound is not None else call.to_number
+        log.info(f"{name}.webhook", call_sid=call_id, to=to or None, outbound=outbound is not None)
         return Response(answer, media_type=content_type)
+
+    def claim_outbound(token: str, call_id: str) -> str | None:
+        """Why an outbound call's webhook may not go on, else None (the reference claimed)."""
+        check = tokens.check(token, call_id, "", time.time())
+        if not check or check.ref is None:
+            return check.reason or "not an outbound token"
+        if not claims.claim(check.ref, call_id):
+            return "outbound token already used by another call"
+        limits = state.outbound_limits
+        if limits is not None:  # it counts under the call's id now (Plivo's differs)
+            limits.answered(check.ref, call_id)
+        return None
 
     async def status_webhook(request: Request) -> Response:
         body = await request.body()
@@ -528,7 +576,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             time.time(),
             live=live is not None and live.bridge is not None,
         )
-        if not check or check.ref is not None:
+        if not check or check.ref is not None:  # an outbound token opens webhooks only
             state.metrics.error("stream_token")
             log.warning(f"{name}.stream_refused", reason=check.reason or "outbound token")
             await socket.close(1008)

@@ -1,26 +1,31 @@
 """Calls livecall places: `POST /api/calls/outbound`, `livecall call`, and Twilio's verdict on
 who (or what) answered.
 
-An outbound call is created with Twilio's REST API and inline TwiML that connects the
-answered call straight to our media stream, the profile travelling as a `<Parameter>` (the
-stream URL cannot carry a query). With answering-machine detection on, Twilio keeps
-listening in the background and POSTs its verdict to `/twilio/amd`: for a machine, once the
-greeting and beep are over, the agent leaves the profile's voicemail message and hangs up;
-for a person, the agent greets them (it held its greeting until then, so it never talks over
-a voicemail greeting).
+An outbound call goes out on the carrier the request names (`carrier`, default
+OUTBOUND_CARRIER, else Twilio). On Twilio it is created with the REST API and inline TwiML
+that connects the answered call straight to our media stream, the profile travelling as a
+`<Parameter>` (the stream URL cannot carry a query). On Telnyx and Plivo the carrier fetches
+the answered call's document from livecall's own voice webhook for it
+(`livecall.server.outbound_carriers`); the same guards apply to every carrier.
+
+With answering-machine detection on (Twilio), Twilio keeps listening in the background and
+POSTs its verdict to `/twilio/amd`: for a machine, once the greeting and beep are over, the
+agent leaves the profile's voicemail message and hangs up; for a person, the agent greets
+them (it held its greeting until then, so it never talks over a voicemail greeting).
 
 Placing a call spends money, so the API guards it (toll fraud): its own token
 (`LIVECALL_CALLS_TOKEN`), `PUBLIC_URL` set (the stream and AMD callback never go to a host a
 requester names), a destination allowlist (`livecall.telephony.destinations`), and rate and
 concurrency caps (`livecall.server.outbound_limits`). Every refusal is a JSON error and a log
-line naming the number by its last four digits only.
+line naming the number by its last four digits only. Answering-machine detection is Twilio's
+only: asked for on another carrier, the request is refused (400) rather than placed without.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -29,6 +34,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from livecall.agent.profiles import AgentProfile, ProfileRegistry, ProfileSet
 from livecall.privacy import mask_number
 from livecall.server.auth import calls_auth
+from livecall.server.carrier_routes import stream_tokens_for
+from livecall.server.outbound_carriers import (
+    AMD_ONLY_ON,
+    CarrierDialer,
+    CarrierDialError,
+    answer_url,
+    carrier_dialer,
+    dialer_problem,
+)
 from livecall.server.outbound_limits import OutboundLimits
 from livecall.server.twilio_routes import (
     FORBIDDEN,
@@ -53,6 +67,7 @@ __all__ = [
     "build_amd_router",
     "build_outbound_api_router",
     "destination_policy",
+    "place_carrier_call",
     "place_outbound_call",
 ]
 
@@ -73,30 +88,39 @@ class OutboundError(ValueError):
 
 
 class OutboundCallIn(BaseModel):
-    """Who to call, as which agent, and whether to listen for an answering machine."""
+    """Who to call, as which agent, on which carrier, and whether to listen for a machine."""
 
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     to: str = Field(pattern=E164, description="number to call, E.164 (+15551234567)")
     profile: str | None = Field(None, description="agent profile (default: the default one)")
+    carrier: Literal["twilio", "telnyx", "plivo"] | None = Field(
+        None, description="carrier to call with (default: OUTBOUND_CARRIER, else twilio)"
+    )
     machine_detection: bool = Field(
-        False, description="detect answering machines and leave the profile's voicemail"
+        False,
+        description="detect answering machines and leave the profile's voicemail (Twilio only)",
     )
     from_: str | None = Field(
         None,
         alias="from",
         pattern=E164,
-        description="caller ID (default: the profile's first number, else TWILIO_CALLER_ID)",
+        description="caller ID (default: the profile's first number, else TWILIO_CALLER_ID "
+        "on Twilio)",
     )
 
 
 class OutboundCallOut(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
-    call_sid: str
+    call_sid: str = Field(
+        description="the carrier's id for the call (Plivo: the request_uuid of the dial; the "
+        "call's CallUUID comes once it is answered)"
+    )
     to: str
     from_: str = Field(alias="from")
     profile: str
+    carrier: str = "twilio"
     machine_detection: bool
 
 
@@ -135,23 +159,9 @@ async def place_outbound_call(
     Raises `OutboundError` for a request that cannot work (unknown profile, no caller ID, a
     destination `destinations` refuses: 403) and `TwilioCallError` when Twilio refuses.
     """
-    try:
-        destinations.check(to)
-    except DestinationRefused as exc:
-        raise OutboundError(f"destination refused: {exc}", 403) from None
-    if profile:
-        chosen = profiles.get(profile)
-        if chosen is None:
-            raise OutboundError(
-                f"unknown profile {profile!r} (profiles: {', '.join(profiles.names)})"
-            )
-    else:
-        chosen = profiles.default
-    caller_id = from_ or (chosen.numbers[0] if chosen.numbers else None) or default_caller_id
-    if not caller_id:
-        raise OutboundError(
-            "no caller ID: pass 'from', give the profile a number, or set TWILIO_CALLER_ID"
-        )
+    chosen, caller_id = _who(
+        profiles, destinations, to, profile, from_, default_caller_id, "or set TWILIO_CALLER_ID"
+    )
     base = public_base_url.rstrip("/")
     parameters = {"profile": chosen.name, "direction": "outbound-api", "from": caller_id, "to": to}
     if machine_detection:
@@ -167,6 +177,58 @@ async def place_outbound_call(
         time_limit_s=min(int(chosen.max_call_duration_s), TWILIO_MAX_TIME_LIMIT_S),
     )
     return sid, chosen, caller_id
+
+
+def _who(
+    profiles: ProfileSet,
+    destinations: DestinationPolicy,
+    to: str,
+    profile: str | None,
+    from_: str | None,
+    default_caller_id: str | None,
+    hint: str,
+) -> tuple[AgentProfile, str]:
+    """The destination checked, the profile chosen and the caller ID, for any carrier."""
+    try:
+        destinations.check(to)
+    except DestinationRefused as exc:
+        raise OutboundError(f"destination refused: {exc}", 403) from None
+    if profile:
+        chosen = profiles.get(profile)
+        if chosen is None:
+            raise OutboundError(
+                f"unknown profile {profile!r} (profiles: {', '.join(profiles.names)})"
+            )
+    else:
+        chosen = profiles.default
+    caller_id = from_ or (chosen.numbers[0] if chosen.numbers else None) or default_caller_id
+    if not caller_id:
+        raise OutboundError(f"no caller ID: pass 'from', give the profile a number{hint}")
+    return chosen, caller_id
+
+
+async def place_carrier_call(
+    dialer: CarrierDialer,
+    profiles: ProfileSet,
+    *,
+    to: str,
+    profile: str | None,
+    public_base_url: str,
+    destinations: DestinationPolicy,
+    from_: str | None = None,
+    stream_token: str,
+) -> tuple[str, AgentProfile, str]:
+    """Place the call with a carrier whose answered call fetches livecall's webhook (Telnyx,
+    Plivo); returns (the carrier's id for it, profile, caller ID used).
+
+    `stream_token` is an outbound token of that carrier's stream key
+    (`stream_tokens_for(secret, carrier).for_outbound("", now)`): it rides in the answer URL,
+    and the webhook claims it for the call it answers. Raises `OutboundError` as
+    `place_outbound_call` does and `CarrierDialError` when the carrier refuses.
+    """
+    chosen, caller_id = _who(profiles, destinations, to, profile, from_, None, "")
+    url = answer_url(public_base_url, dialer.webhook_path, stream_token, chosen.name)
+    return await dialer.dial(to, caller_id, url), chosen, caller_id
 
 
 def deliver_answered_by(state: AppState, call_sid: str, answered_by: str) -> bool:
@@ -222,6 +284,7 @@ def build_outbound_api_router(state: AppState) -> APIRouter:
         return HTTPException(status, reason, headers=headers or None)
 
     tokens = twilio_stream_tokens(state.stream_secret)
+    state.outbound_limits = limits  # the carriers' webhooks re-key answered calls
 
     @router.post(
         "/calls/outbound",
@@ -230,25 +293,46 @@ def build_outbound_api_router(state: AppState) -> APIRouter:
         response_model_by_alias=True,
         summary="Place an outbound call with an agent profile",
         responses={
-            400: {"description": "unknown profile or no caller ID"},
+            400: {
+                "description": "unknown profile, no caller ID, or answering-machine detection "
+                "asked of a carrier other than Twilio"
+            },
             401: {"description": "missing or wrong LIVECALL_CALLS_TOKEN"},
             403: {"description": "not the calls token, or a destination not allowed"},
             429: {"description": "too many outbound calls (rate or concurrency cap)"},
-            502: {"description": "Twilio refused the call"},
-            503: {"description": "no Twilio REST credentials, no PUBLIC_URL, or draining"},
+            502: {"description": "the carrier refused the call"},
+            503: {
+                "description": "the carrier's REST credentials not set, no PUBLIC_URL, or draining"
+            },
         },
     )
     async def create_outbound_call(body: OutboundCallIn) -> OutboundCallOut:
-        control = state.call_control
-        if control is None:
+        carrier = body.carrier or settings.outbound_carrier
+        if body.machine_detection and carrier != AMD_ONLY_ON:
             raise refuse(
-                503, "outbound calls need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN", body.to
+                400,
+                f"answering-machine detection is Twilio-only; {carrier} calls are placed "
+                "without it (leave machine_detection false, or use carrier twilio)",
+                body.to,
             )
+        control = state.call_control
+        dialer: CarrierDialer | None = None
+        if carrier == "twilio":
+            if control is None:
+                raise refuse(
+                    503, "outbound calls need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN", body.to
+                )
+        else:
+            problem = dialer_problem(settings, carrier)
+            if problem is not None:
+                raise refuse(503, problem, body.to)
+            dialer = carrier_dialer(settings, carrier)
         if not settings.public_url:
             # without it the stream URL would come from the request's (forgeable) headers
             raise refuse(
                 503,
-                "outbound calls need PUBLIC_URL (where Twilio reaches this server for the audio)",
+                f"outbound calls need PUBLIC_URL (where {carrier} reaches this server for the "
+                "audio)",
                 body.to,
             )
         if state.registry.draining:
@@ -266,35 +350,62 @@ def build_outbound_api_router(state: AppState) -> APIRouter:
             raise refuse(
                 429, refusal.reason, body.to, **{"Retry-After": str(refusal.retry_after_s)}
             )
+        ref: str | None = None
         try:
-            sid, profile, caller_id = await place_outbound_call(
-                control,
-                profiles,
-                to=body.to,
-                profile=body.profile,
-                public_base_url=settings.public_url,
-                destinations=destinations,
-                machine_detection=body.machine_detection,
-                from_=body.from_,
-                default_caller_id=settings.twilio_caller_id,
-                stream_token=tokens.for_outbound(settings.twilio_account_sid or "", time.time()),
-            )
+            if dialer is not None:
+                token = stream_tokens_for(state.stream_secret, carrier).for_outbound(
+                    "", time.time()
+                )
+                ref = token.split(".")[2]
+                sid, profile, caller_id = await place_carrier_call(
+                    dialer,
+                    profiles,
+                    to=body.to,
+                    profile=body.profile,
+                    public_base_url=settings.public_url,
+                    destinations=destinations,
+                    from_=body.from_,
+                    stream_token=token,
+                )
+            else:
+                assert control is not None
+                sid, profile, caller_id = await place_outbound_call(
+                    control,
+                    profiles,
+                    to=body.to,
+                    profile=body.profile,
+                    public_base_url=settings.public_url,
+                    destinations=destinations,
+                    machine_detection=body.machine_detection,
+                    from_=body.from_,
+                    default_caller_id=settings.twilio_caller_id,
+                    stream_token=tokens.for_outbound(
+                        settings.twilio_account_sid or "", time.time()
+                    ),
+                )
         except OutboundError as exc:
             limits.release()
             raise refuse(exc.status, str(exc), body.to) from None
-        except TwilioCallError as exc:
+        except (TwilioCallError, CarrierDialError) as exc:
             limits.release()
             raise refuse(502, str(exc), body.to) from None
         except BaseException:
             limits.release()
             raise
-        limits.placed(sid, time.monotonic())
-        log.info("outbound.placed", call_sid=sid, to=mask_number(body.to), profile=profile.name)
+        limits.placed(sid, time.monotonic(), ref=ref)
+        log.info(
+            "outbound.placed",
+            call_sid=sid,
+            carrier=carrier,
+            to=mask_number(body.to),
+            profile=profile.name,
+        )
         return OutboundCallOut(
             call_sid=sid,
             to=body.to,
             from_=caller_id,
             profile=profile.name,
+            carrier=carrier,
             machine_detection=body.machine_detection,
         )
 

@@ -39,6 +39,7 @@ class OutboundLimits:
         self._attempts: deque[float] = deque()
         self._reserved = 0
         self._calls: dict[str, tuple[float, bool]] = {}  # sid -> (placed at, seen live)
+        self._refs: dict[str, str] = {}  # outbound token ref -> the id the call was placed as
 
     def in_progress(self, now: float, live: Container[str]) -> int:
         """Calls admitted and not over; `live` holds the SIDs of the calls streaming now."""
@@ -71,10 +72,25 @@ class OutboundLimits:
         self._reserved += 1
         return None
 
-    def placed(self, call_sid: str, now: float) -> None:
-        """The admitted call exists (Twilio gave it a SID)."""
+    def placed(self, call_sid: str, now: float, *, ref: str | None = None) -> None:
+        """The admitted call exists (the carrier gave it an id). `ref`: its outbound stream
+        token's reference, for a carrier whose id for the request is not the call's."""
         self._reserved = max(0, self._reserved - 1)
         self._calls[call_sid] = (now, False)
+        if ref is not None:
+            self._refs[ref] = call_sid
+            while len(self._refs) > max(self.concurrent * 4, 64):  # never answered
+                self._refs.pop(next(iter(self._refs)))
+
+    def answered(self, ref: str, call_id: str) -> None:
+        """The call placed with `ref` was answered as `call_id` (Plivo answers with a CallUUID
+        other than the request's id): it counts under that id from now on."""
+        placed_as = self._refs.pop(ref, None)
+        if placed_as is None or placed_as == call_id:
+            return
+        entry = self._calls.pop(placed_as, None)
+        if entry is not None:
+            self._calls[call_id] = entry
 
     def release(self) -> None:
         """The admitted call was never created."""

@@ -38,6 +38,7 @@ from livecall.outcomes.analysis import AnalysisWorker, EndNotifier
 from livecall.outcomes.webhooks import WebhookService
 from livecall.records import CallObserver
 from livecall.server.drain import Drain
+from livecall.server.outbound_limits import OutboundLimits
 from livecall.server.registry import CallRegistry
 from livecall.settings import Settings
 from livecall.store.recordings import LocalRecordingStore, RecordingStore
@@ -83,6 +84,8 @@ class AppState:
     stream_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     # after the call: post-call analysis (and the caller memory built from it)
     analysis: AnalysisWorker | None = None
+    # set by the outbound API: the carriers' webhooks re-key an answered call's place in its caps
+    outbound_limits: OutboundLimits | None = None
     # closed at shutdown once no call needs them (the carriers' REST clients)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # warm transfers' briefings for the person answering (through the cluster store)

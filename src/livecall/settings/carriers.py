@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
@@ -39,6 +39,12 @@ class CarrierSettings(Section):
         ge=1,
         validation_alias="OUTBOUND_MAX_CONCURRENT",
         description="outbound calls ringing or in progress at once (per instance)",
+    )
+    outbound_carrier: Literal["twilio", "telnyx", "plivo"] = Field(
+        "twilio",
+        validation_alias="OUTBOUND_CARRIER",
+        description="the carrier POST /api/calls/outbound and `livecall call` use when the "
+        "request names none",
     )
     stream_token_secret: SecretStr | None = Field(
         None,
@@ -100,6 +106,12 @@ class CarrierSettings(Section):
         None,
         validation_alias="TELNYX_ACCOUNT_SID",
         description="the Telnyx account id TeXML calls belong to (their AccountSid)",
+    )
+    telnyx_application_sid: str | None = Field(
+        None,
+        validation_alias="TELNYX_APPLICATION_SID",
+        description="the TeXML Application id outbound Telnyx calls are placed with "
+        "(ApplicationSid): with TELNYX_API_KEY and TELNYX_ACCOUNT_SID, enables outbound calls",
     )
     telnyx_api_base: str | None = Field(
         None,

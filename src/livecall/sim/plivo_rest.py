@@ -14,17 +14,27 @@ recorded in `FakePlivoCall.transferred_to`), anything it cannot run hangs the ca
 fetch is kept in `fetches`. A call is known once a test `attach`es its simulated caller;
 hanging up or transferring ends that caller's stream with Plivo's `stop`. `fail_status`
 makes every authorized request fail with that status (an outage).
+
+Outbound calls: `POST /v1/Account/{auth_id}/Call/` with `from`, `to` (digits, no "+") and
+`answer_url` (`answer_method` POST: the fake fetches with POST only) -> 201 `{"message":
+"call fired", "request_uuid": …}`. Then, as Plivo does once the callee answers, the fake
+fetches `answer_url` signed V3 about a new call whose CallUUID differs from the request's
+(`Direction=outbound`, `RequestUUID` naming the request): a `PlivoSimulatedCaller` is the
+answered party (`callee` holds its arguments), its run in `answered[request_uuid]`,
+its call in `dialed[request_uuid]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import secrets
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -32,7 +42,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from livecall.carriers.plivo.signatures import PlivoSignature, new_nonce
-from livecall.sim.twilio import SimulatedCaller
+from livecall.sim.edge import SimulatedEdge
+from livecall.sim.twilio import CallResult
 
 __all__ = [
     "DocumentFetch",
@@ -43,6 +54,23 @@ __all__ = [
 ]
 
 CALL = "/v1/Account/{auth_id}/Call/{call_uuid}/"
+CALLS = "/v1/Account/{auth_id}/Call/"
+DIAL_FIELDS = frozenset(
+    {
+        "from",
+        "to",
+        "answer_url",
+        "answer_method",
+        "ring_url",
+        "ring_method",
+        "hangup_url",
+        "hangup_method",
+        "ring_timeout",
+        "time_limit",
+        "caller_name",
+    }
+)
+_NUMBER = re.compile(r"^[1-9][0-9]{5,19}$")
 TRANSFER_FIELDS = frozenset(
     {"legs", "aleg_url", "aleg_method", "bleg_url", "bleg_method", "blegs_url", "blegs_method"}
 )
@@ -82,7 +110,7 @@ class FakePlivoCall:
     uuid: str
     from_: str
     to: str
-    caller: SimulatedCaller | None = None
+    caller: SimulatedEdge | None = None
     status: str = "in-progress"
     transferred_to: str | None = None
     said: list[str] = field(default_factory=list)
@@ -115,8 +143,43 @@ class FakePlivoState:
         self.http: httpx.AsyncClient | None = None
         self._signer = PlivoSignature(auth_token)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.callee: dict[str, Any] = {}  # PlivoSimulatedCaller arguments of answered calls
+        self.dialed: dict[str, FakePlivoCall] = {}  # request_uuid -> the call it placed
+        self.answered: dict[str, asyncio.Task[CallResult]] = {}
 
-    def attach(self, caller: SimulatedCaller) -> FakePlivoCall:
+    def _answer(self, request_uuid: str, from_: str, to: str, url: str) -> FakePlivoCall:
+        """The callee answers: Plivo fetches `answer_url` (signed) and runs the call."""
+        from livecall.sim.plivo import PlivoSimulatedCaller
+
+        parts = urlsplit(url)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        caller = PlivoSimulatedCaller(
+            f"{parts.scheme}://{parts.netloc}",
+            auth_token=self.auth_token,
+            auth_id=self.auth_id,
+            webhook_path=path,
+            from_=from_,
+            to=to,
+            extra_params={
+                "Direction": "outbound",
+                "RequestUUID": request_uuid,
+                "ALegRequestUUID": request_uuid,
+            },
+            **self.callee,
+        )
+        call = self.attach(caller)
+        self.dialed[request_uuid] = call
+
+        async def run() -> CallResult:
+            try:
+                return await caller.run()
+            finally:
+                call.status = "completed"
+
+        self.answered[request_uuid] = asyncio.get_running_loop().create_task(run())
+        return call
+
+    def attach(self, caller: SimulatedEdge) -> FakePlivoCall:
         """The caller's call is live on this account (Plivo answered it)."""
         call = FakePlivoCall(caller.call_sid, caller.from_, caller.to, caller)
         self.calls[call.uuid] = call
@@ -144,6 +207,7 @@ class FakePlivoState:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def aclose(self) -> None:
+        await asyncio.gather(*self.answered.values(), return_exceptions=True)
         await self.drain()
         if self.http is not None:
             await self.http.aclose()
@@ -226,6 +290,44 @@ def build_fake_plivo_rest(auth_id: str, auth_token: str) -> tuple[FastAPI, FakeP
     def live(call_uuid: str) -> FakePlivoCall | None:
         call = state.calls.get(call_uuid)
         return call if call is not None and call.status == "in-progress" else None
+
+    @app.post(CALLS)
+    async def make_call(auth_id: str, request: Request) -> Response:
+        record = PlivoRequest("POST", request.url.path, {}, state.authorized(request))
+        state.requests.append(record)
+        response = refused(auth_id, record) or await _dial(request, record)
+        record.status = response.status_code
+        return response
+
+    async def _dial(request: Request, record: PlivoRequest) -> Response:
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+        except orjson.JSONDecodeError:
+            return plivo_error(400, "the body is not valid JSON")
+        if type(body) is not dict:
+            return plivo_error(400, "the body must be a JSON object")
+        record.body = body
+        unknown = sorted(set(body) - DIAL_FIELDS)
+        if unknown:
+            return plivo_error(400, f"unknown parameters {unknown}")
+        missing = [k for k in ("from", "to", "answer_url") if not body.get(k)]
+        if missing:
+            return plivo_error(400, f"missing mandatory parameters {missing}")
+        from_, to, url = body["from"], body["to"], body["answer_url"]
+        if not all(type(v) is str for v in (from_, to, url)):
+            return plivo_error(400, "from, to and answer_url must be strings")
+        if not _NUMBER.match(from_) or not _NUMBER.match(to):
+            return plivo_error(400, "from and to must be numbers (digits, country code first)")
+        if not url.startswith(("https://", "http://")):
+            return plivo_error(400, "answer_url must be an absolute http(s) URL")
+        if body.get("answer_method", "POST") != "POST":
+            return plivo_error(400, "the fake fetches answer_url with POST only")
+        request_uuid = str(uuid.uuid4())
+        state._answer(request_uuid, from_, to, url)
+        return JSONResponse(
+            {"api_id": str(uuid.uuid4()), "message": "call fired", "request_uuid": request_uuid},
+            status_code=201,
+        )
 
     @app.delete(CALL)
     async def hang_up(auth_id: str, call_uuid: str, request: Request) -> Response:

@@ -41,6 +41,7 @@ TEST_API_KEY = "sim-gemini-api-key-0123456789"
 TWILIO_ACCOUNT_SID = "AC" + "5" * 32
 TELNYX_API_KEY = "KEYsim-telnyx-api-key-0123456789"
 TELNYX_ACCOUNT_SID = str(uuid.UUID(int=0x5111))
+TELNYX_APPLICATION_SID = "1293384261075731499"
 PLIVO_AUTH_ID = "MASIMULATED0000000001"
 PLIVO_AUTH_TOKEN = "sim-plivo-auth-token-0123456789"
 VONAGE_SIGNATURE_SECRET = "sim-vonage-signature-secret-0123456789"
@@ -174,13 +175,21 @@ class LocalStack:
         if "telnyx" in self.carrier_apis:
             from livecall.sim.telnyx import generate_keypair
 
-            app, self.fakes["telnyx"] = build_fake_telnyx_rest(TELNYX_API_KEY, TELNYX_ACCOUNT_SID)
-            base = await exits.enter_async_context(serve_app(app))
             self._telnyx_seed, public = generate_keypair()
+            app, telnyx = build_fake_telnyx_rest(
+                TELNYX_API_KEY,
+                TELNYX_ACCOUNT_SID,
+                application_sid=TELNYX_APPLICATION_SID,
+                signing_key=self._telnyx_seed,  # it signs the fetches of the calls it places
+            )
+            exits.push_async_callback(telnyx.aclose)
+            base = await exits.enter_async_context(serve_app(app))
+            self.fakes["telnyx"] = telnyx
             values |= {
                 "telnyx_public_key": public,
                 "telnyx_api_key": TELNYX_API_KEY,
                 "telnyx_account_sid": TELNYX_ACCOUNT_SID,
+                "telnyx_application_sid": TELNYX_APPLICATION_SID,
                 "telnyx_api_base": base + "/v2",
             }
         if "plivo" in self.carrier_apis:
@@ -228,10 +237,10 @@ class LocalStack:
         if "telnyx" not in self.fakes:
             raise RuntimeError('telnyx_caller needs LocalStack(carrier_apis=("telnyx", …))')
         kwargs.setdefault("account_sid", TELNYX_ACCOUNT_SID)
+        kwargs.setdefault("webhook_path", "/telnyx/texml")
         caller = TelnyxSimulatedCaller(
             self.base_url,
             private_key=self._telnyx_seed,
-            webhook_path="/telnyx/texml",
             script=script,
             **kwargs,
         )

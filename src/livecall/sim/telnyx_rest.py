@@ -9,23 +9,35 @@ SDK-facing `TelnyxControl` reads as "already ended"); answers are the TeXML call
 
 A call is known once a test `attach`es its simulated caller (Telnyx knows its calls); a
 hang-up or a transfer then ends that caller's stream with Telnyx's `stop`, as Telnyx does when
-the call leaves `<Connect><Stream>`. `fail_status` makes every authorized update fail with
-that status (an outage), so a test can see livecall's answer to a REST failure.
+the call leaves `<Connect><Stream>`.
+
+Outbound calls: `POST /v2/texml/Accounts/{account_sid}/Calls` with `ApplicationSid`, `To`,
+`From` and `Url` (the fake knows no application's own XML URL, so `Url` is required; it
+fetches with POST only) answers the call resource (`call_sid`, status `queued`); then, as
+Telnyx does once the callee picks up, the fake fetches `Url` signed with the account's
+Ed25519 key (`signing_key`) and runs the call: a `TelnyxSimulatedCaller` is the answered
+party (`callee` holds its arguments: script, `on_script_end`…), its run in `answered[sid]`.
+
+`fail_status` makes every authorized request fail with that status (an outage), so a test
+can see livecall's answer to a REST failure.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import secrets
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from livecall.sim.twilio import SimulatedCaller
+from livecall.sim.edge import SimulatedEdge
+from livecall.sim.twilio import CallResult
 
 __all__ = [
     "FakeTelnyxState",
@@ -35,6 +47,23 @@ __all__ = [
 ]
 
 API = "/v2/texml/Accounts/{account}/Calls/{sid}"
+CREATE = "/v2/texml/Accounts/{account}/Calls"
+CREATE_FIELDS = frozenset(
+    {
+        "ApplicationSid",
+        "To",
+        "From",
+        "Url",
+        "Method",
+        "StatusCallback",
+        "StatusCallbackMethod",
+        "StatusCallbackEvent",
+        "FallbackUrl",
+        "Timeout",
+        "CallerId",
+    }
+)
+_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 UPDATE_FIELDS = frozenset(
     {
         "Status",
@@ -89,8 +118,9 @@ class FakeTexmlCall:
     account_sid: str
     from_: str
     to: str
-    caller: SimulatedCaller | None = None
+    caller: SimulatedEdge | None = None
     status: str = "in-progress"
+    direction: str = "inbound"
     texml_history: list[str] = field(default_factory=list)
     transferred_to: str | None = None
     said: list[str] = field(default_factory=list)
@@ -98,7 +128,7 @@ class FakeTexmlCall:
     def resource(self) -> dict[str, Any]:
         return {
             "account_sid": self.account_sid,
-            "direction": "inbound",
+            "direction": self.direction,
             "from": self.from_,
             "sid": self.sid,
             "status": self.status,
@@ -125,14 +155,63 @@ def dial_target(texml: str) -> tuple[str | None, list[str], bool]:
 class FakeTelnyxState:
     """What the fake knows and did; `attach` a simulated caller to make its call known."""
 
-    def __init__(self, api_key: str, account_sid: str) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        account_sid: str,
+        *,
+        application_sid: str | None = None,
+        signing_key: bytes | None = None,
+    ) -> None:
         self.api_key = api_key
         self.account_sid = account_sid
+        self.application_sid = application_sid  # None: any ApplicationSid is taken
+        self.signing_key = signing_key  # the Ed25519 seed outbound calls' fetches are signed
         self.calls: dict[str, FakeTexmlCall] = {}
         self.requests: list[TelnyxRequest] = []
         self.fail_status: int | None = None
+        self.callee: dict[str, Any] = {}  # TelnyxSimulatedCaller arguments of answered calls
+        self.answered: dict[str, asyncio.Task[CallResult]] = {}
 
-    def attach(self, caller: SimulatedCaller) -> FakeTexmlCall:
+    def dialed(self) -> list[FakeTexmlCall]:
+        """The outbound calls placed so far, in order."""
+        return [c for c in self.calls.values() if c.direction == "outbound-api"]
+
+    def _answer(self, call: FakeTexmlCall, url: str) -> None:
+        """The callee picks up: Telnyx fetches `url` (signed) and runs the call."""
+        from livecall.sim.telnyx import TelnyxSimulatedCaller
+
+        if self.signing_key is None:
+            raise RuntimeError("the fake signs outbound fetches: give it signing_key")
+        parts = urlsplit(url)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        caller = TelnyxSimulatedCaller(
+            f"{parts.scheme}://{parts.netloc}",
+            private_key=self.signing_key,
+            call_sid=call.sid,
+            account_sid=call.account_sid,
+            webhook_path=path,
+            from_=call.from_,
+            to=call.to,
+            extra_params={"Direction": "outbound-api"},
+            **self.callee,
+        )
+        call.caller, call.status = caller, "in-progress"
+
+        async def run() -> CallResult:
+            try:
+                return await caller.run()
+            finally:
+                if call.status not in ENDED:
+                    call.status = "completed"
+
+        self.answered[call.sid] = asyncio.get_running_loop().create_task(run())
+
+    async def aclose(self) -> None:
+        """Wait for the answered calls to end (each has its own timeout)."""
+        await asyncio.gather(*self.answered.values(), return_exceptions=True)
+
+    def attach(self, caller: SimulatedEdge) -> FakeTexmlCall:
         """The caller's call is in progress on this account (Telnyx answered it)."""
         call = FakeTexmlCall(caller.call_sid, self.account_sid, caller.from_, caller.to, caller)
         self.calls[call.sid] = call
@@ -170,10 +249,67 @@ async def _body(request: Request) -> dict[str, str] | JSONResponse:
     return telnyx_error(415, "10014", f"unsupported content type {ctype!r}")
 
 
-def build_fake_telnyx_rest(api_key: str, account_sid: str) -> tuple[FastAPI, FakeTelnyxState]:
+def build_fake_telnyx_rest(
+    api_key: str,
+    account_sid: str,
+    *,
+    application_sid: str | None = None,
+    signing_key: bytes | None = None,
+) -> tuple[FastAPI, FakeTelnyxState]:
     """The fake's ASGI app (serve it; its base URL + "/v2" is TELNYX_API_BASE) and state."""
-    state = FakeTelnyxState(api_key, account_sid)
+    state = FakeTelnyxState(
+        api_key, account_sid, application_sid=application_sid, signing_key=signing_key
+    )
     app = FastAPI(title="fake Telnyx TeXML API", openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.post(CREATE)
+    async def create_call(account: str, request: Request) -> Response:
+        record = TelnyxRequest("POST", request.url.path, {}, state.authorized(request))
+        state.requests.append(record)
+        response = await _create(account, request, record)
+        record.status = response.status_code
+        return response
+
+    async def _create(account: str, request: Request, record: TelnyxRequest) -> Response:
+        body = await _body(request)
+        if not isinstance(body, Response):
+            record.body = body
+        if not record.authorized:
+            return telnyx_error(401, "10009", "The required authentication headers were invalid")
+        if isinstance(body, Response):
+            return body
+        if state.fail_status is not None:
+            return telnyx_error(state.fail_status, "10007", "An unexpected error occurred")
+        if account != state.account_sid:
+            return telnyx_error(404, "10005", "The requested resource could not be found")
+        unknown = sorted(set(body) - CREATE_FIELDS)
+        if unknown:
+            return telnyx_error(422, "10015", f"unknown parameters {unknown}")
+        missing = [k for k in ("ApplicationSid", "To", "From", "Url") if not body.get(k)]
+        if missing:
+            return telnyx_error(422, "10004", f"missing {missing}")
+        if state.application_sid is not None and body["ApplicationSid"] != state.application_sid:
+            return telnyx_error(422, "10015", "ApplicationSid is not a TeXML application here")
+        if not _E164.match(body["To"]) or not _E164.match(body["From"]):
+            return telnyx_error(422, "10015", "To and From must be E.164 numbers")
+        url = body["Url"]
+        if not url.startswith(("https://", "http://")):
+            return telnyx_error(422, "10015", "Url must be an absolute http(s) URL")
+        if body.get("Method", "POST") != "POST":
+            return telnyx_error(422, "10015", "the fake fetches Url with POST only")
+        call = FakeTexmlCall(
+            "v3:" + secrets.token_urlsafe(33),
+            state.account_sid,
+            body["From"],
+            body["To"],
+            status="queued",
+            direction="outbound-api",
+        )
+        state.calls[call.sid] = call
+        state._answer(call, url)
+        return JSONResponse(
+            {"call_sid": call.sid, "from": call.from_, "status": "queued", "to": call.to}
+        )
 
     @app.post(API)
     async def update_call(account: str, sid: str, request: Request) -> Response:

@@ -1,0 +1,53 @@
+"""Outbound calls on Telnyx and Plivo, as plain logic: the answer URL the carrier fetches,
+what a carrier lacks before it may dial, and the concurrency cap following a Plivo call from
+its request id to the CallUUID it is answered as."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+from pydantic import SecretStr
+
+from livecall.server.outbound_carriers import answer_url, dialer_problem
+from livecall.server.outbound_limits import OutboundLimits
+from livecall.settings import Settings
+
+
+def test_answer_url_is_the_carriers_webhook_with_token_and_profile() -> None:
+    url = urlsplit(answer_url("https://calls.example.com/", "/plivo/answer", "v1.9.ab.cd", "a b"))
+
+    assert (url.scheme, url.netloc, url.path) == ("https", "calls.example.com", "/plivo/answer")
+    assert parse_qs(url.query) == {"outbound": ["v1.9.ab.cd"], "profile": ["a b"]}
+
+
+def test_a_carrier_dials_only_with_its_webhook_and_rest_credentials() -> None:
+    bare = Settings(_env_file=None)  # type: ignore[call-arg]
+    telnyx = dialer_problem(bare, "telnyx")
+    assert telnyx is not None
+    for name in ("TELNYX_PUBLIC_KEY", "TELNYX_API_KEY", "TELNYX_ACCOUNT_SID"):
+        assert name in telnyx
+    assert "TELNYX_APPLICATION_SID" in telnyx
+    assert dialer_problem(bare, "plivo") == (
+        "outbound calls on plivo need PLIVO_AUTH_TOKEN, PLIVO_AUTH_ID"
+    )
+    assert "no outbound calls on 'vonage'" in (dialer_problem(bare, "vonage") or "")
+    ready = bare.model_copy(
+        update={"plivo_auth_token": SecretStr("token"), "plivo_auth_id": "MA0123456789"}
+    )
+    assert dialer_problem(ready, "plivo") is None
+
+
+def test_a_plivo_call_counts_under_the_call_id_it_is_answered_as() -> None:
+    limits = OutboundLimits(10, 100, 1, ring_s=90.0)
+    assert limits.admit(0.0, set()) is None
+    limits.placed("request-uuid", 0.0, ref="ref1")
+
+    limits.answered("ref1", "call-uuid")
+
+    # live under its CallUUID: still counted after the ring window
+    assert limits.in_progress(200.0, {"call-uuid"}) == 1
+    assert limits.admit(200.0, {"call-uuid"}) is not None
+    # once its stream is gone the slot is free
+    assert limits.in_progress(300.0, set()) == 0
+    limits.answered("ref1", "again")  # a second answer of the same ref changes nothing
+    assert limits.in_progress(300.0, {"again"}) == 0
