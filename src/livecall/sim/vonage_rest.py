@@ -233,7 +233,7 @@ def build_fake_vonage_rest(
 
     async def begin(request: Request, base: str) -> tuple[VonageRequest, Any]:
         why = state.check_jwt(request.headers.get("authorization", ""))
-        record = VonageRequest("PUT", request.url.path, base, {}, not why, auth_error=why)
+        record = VonageRequest(request.method, request.url.path, base, {}, not why, auth_error=why)
         state.requests.append(record)
         raw = await request.body()
         try:
@@ -307,7 +307,6 @@ def build_fake_vonage_rest(
 
     async def create(request: Request) -> Response:
         record, body = await begin(request, "")
-        record.method = "POST"
         if not record.authorized:
             return finish(record, vonage_error(401, "Unauthorized", "Invalid Token"))
         if state.fail_status is not None:
