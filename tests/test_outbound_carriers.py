@@ -1,14 +1,16 @@
-"""Outbound calls on Telnyx and Plivo, as plain logic: the answer URL the carrier fetches,
-what a carrier lacks before it may dial, and the concurrency cap following a Plivo call from
-its request id to the CallUUID it is answered as."""
+"""Outbound calls on Telnyx, Plivo, Vonage and Exotel, as plain logic: the answer URL the
+carrier fetches (Exotel's stream URL), what a carrier lacks before it may dial, and the
+concurrency cap following a Plivo call from its request id to the CallUUID it is answered
+as."""
 
 from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 from pydantic import SecretStr
 
-from livecall.server.outbound_carriers import answer_url, dialer_problem
+from livecall.server.outbound_carriers import answer_url, dialer_problem, exotel_stream_url
 from livecall.server.outbound_limits import OutboundLimits
 from livecall.settings import Settings
 
@@ -18,6 +20,21 @@ def test_answer_url_is_the_carriers_webhook_with_token_and_profile() -> None:
 
     assert (url.scheme, url.netloc, url.path) == ("https", "calls.example.com", "/plivo/answer")
     assert parse_qs(url.query) == {"outbound": ["v1.9.ab.cd"], "profile": ["a b"]}
+
+
+def test_exotels_stream_url_carries_the_token_in_its_three_parameters() -> None:
+    token = "v1.1767225600." + "ab" * 16 + "." + "cd" * 16
+    url = urlsplit(exotel_stream_url("https://calls.example.in/", token, "outreach"))
+
+    assert (url.scheme, url.netloc, url.path) == ("wss", "calls.example.in", "/ws/exotel")
+    assert parse_qs(url.query) == {
+        "sample-rate": ["8000"],
+        "profile": ["outreach"],
+        "direction": ["outbound-api"],
+        "lc_token": [token],
+    }
+    with pytest.raises(ValueError, match="256"):  # Exotel's limit on custom parameters
+        exotel_stream_url("https://calls.example.in", token, "p" * 200)
 
 
 def test_a_carrier_dials_only_with_its_webhook_and_rest_credentials() -> None:
@@ -30,7 +47,15 @@ def test_a_carrier_dials_only_with_its_webhook_and_rest_credentials() -> None:
     assert dialer_problem(bare, "plivo") == (
         "outbound calls on plivo need PLIVO_AUTH_TOKEN, PLIVO_AUTH_ID"
     )
-    assert "no outbound calls on 'vonage'" in (dialer_problem(bare, "vonage") or "")
+    assert dialer_problem(bare, "vonage") == (
+        "outbound calls on vonage need VONAGE_SIGNATURE_SECRET, VONAGE_APPLICATION_ID, "
+        "VONAGE_PRIVATE_KEY"
+    )
+    assert dialer_problem(bare, "exotel") == (
+        "outbound calls on exotel need EXOTEL_URL_SECRET, EXOTEL_ACCOUNT_SID, EXOTEL_API_KEY, "
+        "EXOTEL_API_TOKEN"
+    )
+    assert "no outbound calls on 'bandwidth'" in (dialer_problem(bare, "bandwidth") or "")
     ready = bare.model_copy(
         update={"plivo_auth_token": SecretStr("token"), "plivo_auth_id": "MA0123456789"}
     )

@@ -3,7 +3,8 @@ from the shell.
 
 The call is created with the carrier's REST API straight from here (no running server is
 asked): on Twilio with TwiML that streams the answered call to this installation's public
-URL, on Telnyx and Plivo with that URL's voice webhook as the document the carrier fetches;
+URL, on Telnyx, Plivo and Vonage with that URL's voice webhook as the document the carrier
+fetches, on Exotel (Connect Voice AI) with that URL's `/ws/exotel` as the stream;
 the server serving that URL then carries the conversation (it checks the call's stream token
 with the same secret: STREAM_TOKEN_SECRET, else TWILIO_AUTH_TOKEN). The destination
 allowlist the API applies (`OUTBOUND_ALLOWED_DESTINATIONS`, no premium-rate numbers) applies
@@ -46,7 +47,8 @@ def call_command(
     carrier: Annotated[
         str | None,
         typer.Option(
-            "--carrier", help="twilio, telnyx or plivo (default: OUTBOUND_CARRIER, else twilio)"
+            "--carrier",
+            help="twilio, telnyx, plivo, vonage or exotel (default: OUTBOUND_CARRIER, else twilio)",
         ),
     ] = None,
 ) -> None:

@@ -26,7 +26,10 @@ carrier's id for the call being unknown when the dial is written). The webhook c
 reference for the call id it names (another call presenting it: 403), marks the call
 outbound, and answers with a stream token bound to that call id, as for an inbound call: so
 only the call we placed gets a stream, the check at the stream stays stateless (any worker or
-instance can make it), and a stream presenting the outbound token itself is refused.
+instance can make it), and a stream presenting the outbound token itself is refused. Exotel
+(Connect Voice AI) has no webhook for an outbound call: it streams straight to the URL it was
+given, so `/ws/exotel` (`outbound_streams`) claims the outbound token that URL carries for the
+call its `start` names, in the same single-claim table.
 
 REST call control (`telephony/call_control.py:CallControl`: the agent's hang-up and transfer) is a
 route's `control`: a factory given the call's `ControlSite` (the app, the call's start, the
@@ -160,6 +163,9 @@ class CarrierRoute:
     # the per-call parameters ride the stream URL's query string (Exotel): read them from the
     # upgrade request (the start's custom parameters, which echo them, when it has none)
     parameters_in_url: bool = False
+    # an outbound call streams straight to the URL it was dialled with (Exotel's Connect Voice
+    # AI): the stream, not a webhook, claims the outbound token that URL carries
+    outbound_streams: bool = False
     # closes the REST clients behind `control` (at shutdown, once the calls are over)
     aclose: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
 
@@ -282,6 +288,7 @@ def carrier_routes(settings: Settings) -> list[CarrierRoute]:
                 methods=("GET", "HEAD"),
                 read_webhook=read_exotel,
                 parameters_in_url=True,
+                outbound_streams=True,
                 control=lambda site: exotel_control,
             )
         )
@@ -315,9 +322,14 @@ def _vonage_route(
     def answer(base: str, parameters: Mapping[str, str], call: WebhookCall) -> tuple[str, str]:
         # the numbers ride in the NCCO's reserved headers (from the call), not as parameters
         params = {k: v for k, v in parameters.items() if k not in ("from", "to")}
-        directory.answered(call.native, time.monotonic())  # its region, its conversation
+        native = call.native
+        line = native  # its region, its conversation, the number it rang (a transfer's from)
+        if call.direction != "inbound":  # placed by us: E.164, and our number is `from`
+            native = replace(native, from_number=call.from_number, to_number=call.to_number)
+            line = replace(native, to_number=native.from_number)
+        directory.answered(line, time.monotonic())
         return carrier.answer_document_for_call(
-            ws_base(base) + "/ws/vonage", params, call.native, event_url=base + "/vonage/event"
+            ws_base(base) + "/ws/vonage", params, native, event_url=base + "/vonage/event"
         )
 
     def read_status(method: str, url: str, body: bytes) -> tuple[str, str]:
@@ -517,11 +529,15 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         check = tokens.check(token, call_id, "", time.time())
         if not check or check.ref is None:
             return check.reason or "not an outbound token"
-        if not claims.claim(check.ref, call_id):
+        return claim_ref(check.ref, call_id)
+
+    def claim_ref(ref: str, call_id: str) -> str | None:
+        """Claim an outbound token's reference for `call_id`; why not, else None."""
+        if not claims.claim(ref, call_id):
             return "outbound token already used by another call"
         limits = state.outbound_limits
         if limits is not None:  # it counts under the call's id now (Plivo's differs)
-            limits.answered(check.ref, call_id)
+            limits.answered(ref, call_id)
         return None
 
     async def status_webhook(request: Request) -> Response:
@@ -576,12 +592,32 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             time.time(),
             live=live is not None and live.bridge is not None,
         )
-        if not check or check.ref is not None:  # an outbound token opens webhooks only
+        # an outbound token opens webhooks only, except where the carrier streams an outbound
+        # call straight to us (Exotel): there the stream claims it for the call it names
+        outbound = bool(check) and check.ref is not None and route.outbound_streams
+        problem: str | None = None
+        if not check:
+            problem = check.reason or "bad stream token"
+        elif check.ref is not None:
+            problem = claim_ref(check.ref, started.call_id) if outbound else "outbound token"
+        if problem is not None:
             state.metrics.error("stream_token")
-            log.warning(f"{name}.stream_refused", reason=check.reason or "outbound token")
+            log.warning(f"{name}.stream_refused", reason=problem)
             await socket.close(1008)
             return
         params = {k: v for k, v in params.items() if k != TOKEN_PARAMETER}
+        if outbound:  # placed by us: outbound whatever the URL says, numbers as E.164
+            params["direction"] = "outbound-api"
+            started = replace(
+                started,
+                from_number=_e164(started.from_number),
+                to_number=_e164(started.to_number),
+            )
+            log.info(
+                f"{name}.outbound_stream",
+                call_sid=started.call_id,
+                to=mask_number(started.to_number) or None,
+            )
         # a carrier naming the numbers in its start rather than in the parameters (Vonage)
         for key, value in (("from", started.from_number), ("to", started.to_number)):
             if value and not params.get(key):

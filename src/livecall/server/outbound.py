@@ -4,9 +4,10 @@ who (or what) answered.
 An outbound call goes out on the carrier the request names (`carrier`, default
 OUTBOUND_CARRIER, else Twilio). On Twilio it is created with the REST API and inline TwiML
 that connects the answered call straight to our media stream, the profile travelling as a
-`<Parameter>` (the stream URL cannot carry a query). On Telnyx and Plivo the carrier fetches
-the answered call's document from livecall's own voice webhook for it
-(`livecall.server.outbound_carriers`); the same guards apply to every carrier.
+`<Parameter>` (the stream URL cannot carry a query). On Telnyx, Plivo and Vonage the carrier
+fetches the answered call's document from livecall's own voice webhook for it, and Exotel
+streams the answered call straight to `/ws/exotel` (`livecall.server.outbound_carriers`);
+the same guards apply to every carrier.
 
 With answering-machine detection on (Twilio), Twilio keeps listening in the background and
 POSTs its verdict to `/twilio/amd`: for a machine, once the greeting and beep are over, the
@@ -39,7 +40,6 @@ from livecall.server.outbound_carriers import (
     AMD_ONLY_ON,
     CarrierDialer,
     CarrierDialError,
-    answer_url,
     carrier_dialer,
     dialer_problem,
 )
@@ -94,7 +94,7 @@ class OutboundCallIn(BaseModel):
 
     to: str = Field(pattern=E164, description="number to call, E.164 (+15551234567)")
     profile: str | None = Field(None, description="agent profile (default: the default one)")
-    carrier: Literal["twilio", "telnyx", "plivo"] | None = Field(
+    carrier: Literal["twilio", "telnyx", "plivo", "vonage", "exotel"] | None = Field(
         None, description="carrier to call with (default: OUTBOUND_CARRIER, else twilio)"
     )
     machine_detection: bool = Field(
@@ -219,15 +219,20 @@ async def place_carrier_call(
     stream_token: str,
 ) -> tuple[str, AgentProfile, str]:
     """Place the call with a carrier whose answered call fetches livecall's webhook (Telnyx,
-    Plivo); returns (the carrier's id for it, profile, caller ID used).
+    Plivo, Vonage) or streams straight to livecall (Exotel); returns (the carrier's id for
+    it, profile, caller ID used).
 
     `stream_token` is an outbound token of that carrier's stream key
-    (`stream_tokens_for(secret, carrier).for_outbound("", now)`): it rides in the answer URL,
-    and the webhook claims it for the call it answers. Raises `OutboundError` as
-    `place_outbound_call` does and `CarrierDialError` when the carrier refuses.
+    (`stream_tokens_for(secret, carrier).for_outbound("", now)`): it rides in the answer URL
+    (Exotel: the stream URL), and the webhook (Exotel: the stream) claims it for the call it
+    answers. Raises `OutboundError` as `place_outbound_call` does and `CarrierDialError` when
+    the carrier refuses.
     """
     chosen, caller_id = _who(profiles, destinations, to, profile, from_, None, "")
-    url = answer_url(public_base_url, dialer.webhook_path, stream_token, chosen.name)
+    try:
+        url = dialer.url(public_base_url, stream_token, chosen.name)
+    except ValueError as exc:  # Exotel's stream URL: a profile name too long for its limits
+        raise OutboundError(f"cannot call on {dialer.name}: {exc}") from None
     return await dialer.dial(to, caller_id, url), chosen, caller_id
 
 

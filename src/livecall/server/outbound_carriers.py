@@ -1,13 +1,19 @@
 """Outbound calls on carriers other than Twilio: their REST dial, pointed back at livecall.
 
 Twilio's outbound call carries its TwiML inline (`livecall.server.outbound`). Telnyx (TeXML
-Calls API) and Plivo (Call API) instead fetch the answered call's document from a URL: here,
-livecall's own voice webhook for that carrier (`/telnyx/texml`, `/plivo/answer`) with
-`?outbound=<token>&profile=<name>`. The token is an outbound stream token of that carrier's
-key (`StreamTokens.for_outbound`: a random reference, since the carrier names the call only
-once it is placed). The webhook, signed by the carrier as ever, claims the reference for the
-call id it names and answers with a stream token bound to that call id, so only the call we
-placed gets a stream (`livecall.server.carrier_routes`).
+Calls API), Plivo (Call API) and Vonage (Voice API `POST /v1/calls`) instead fetch the
+answered call's document from a URL: here, livecall's own voice webhook for that carrier
+(`/telnyx/texml`, `/plivo/answer`, `/vonage/answer`) with `?outbound=<token>&profile=<name>`.
+The token is an outbound stream token of that carrier's key (`StreamTokens.for_outbound`: a
+random reference, since the carrier names the call only once it is placed). The webhook,
+signed by the carrier as ever, claims the reference for the call id it names and answers with
+a stream token bound to that call id, so only the call we placed gets a stream
+(`livecall.server.carrier_routes`).
+
+Exotel's "Connect Voice AI" has no document to fetch: it dials, then streams the answered
+call straight to the `StreamUrl` given. That URL (`/ws/exotel?sample-rate=…&profile=…&
+direction=outbound-api&lc_token=<outbound token>`) carries the token, and `/ws/exotel` claims
+its reference for the call its `start` names, as the other carriers' webhooks do.
 
 Answering-machine detection is Twilio's alone here (its asynchronous verdict drives the
 voicemail). A dial is never retried: a request that timed out may have placed the call.
@@ -31,10 +37,11 @@ __all__ = [
     "answer_url",
     "carrier_dialer",
     "dialer_problem",
+    "exotel_stream_url",
 ]
 
 OUTBOUND_PARAMETER = "outbound"  # the answer URL's query parameter holding the stream token
-OUTBOUND_CARRIERS = ("twilio", "telnyx", "plivo")
+OUTBOUND_CARRIERS = ("twilio", "telnyx", "plivo", "vonage", "exotel")
 AMD_ONLY_ON = "twilio"
 
 
@@ -44,21 +51,42 @@ class CarrierDialError(Exception):
 
 # (to, from, answer url) -> the carrier's id for the call it placed
 Dial = Callable[[str, str, str], Awaitable[str]]
+# (public url, outbound token, profile) -> the URL the dial hands the carrier
+DialUrl = Callable[[str, str, str], str]
 
 
 @dataclass(frozen=True)
 class CarrierDialer:
-    """How one carrier places a call whose answered leg fetches livecall's webhook."""
+    """How one carrier places a call whose answered leg comes back to livecall: by fetching
+    its webhook (`webhook_path`), or, with `dial_url` set, by streaming to that URL."""
 
     name: str
-    webhook_path: str  # livecall's voice webhook the answer URL points at
+    webhook_path: str  # livecall's voice webhook the answer URL points at (or its stream)
     dial: Dial
+    dial_url: DialUrl | None = None
+
+    def url(self, public_url: str, token: str, profile: str) -> str:
+        """The URL the dial hands the carrier (answer URL, or Exotel's stream URL)."""
+        if self.dial_url is not None:
+            return self.dial_url(public_url, token, profile)
+        return answer_url(public_url, self.webhook_path, token, profile)
 
 
 def answer_url(public_url: str, webhook_path: str, token: str, profile: str) -> str:
     """The URL the carrier fetches the answered call's document from."""
     query = urlencode({OUTBOUND_PARAMETER: token, "profile": profile})
     return f"{public_url.rstrip('/')}{webhook_path}?{query}"
+
+
+def exotel_stream_url(public_url: str, token: str, profile: str) -> str:
+    """The `StreamUrl` of a Connect Voice AI call: `/ws/exotel` with the profile, the outbound
+    direction and the outbound token as its 3 custom parameters (Exotel's limit); ValueError
+    when they do not fit Exotel's 256 characters."""
+    from livecall.carriers.exotel.answer import stream_url_for, voicebot_stream_url
+    from livecall.telephony.stream_token import TOKEN_PARAMETER
+
+    parameters = {"profile": profile, "direction": "outbound-api", TOKEN_PARAMETER: token}
+    return voicebot_stream_url(stream_url_for(public_url), parameters)
 
 
 def _secret(value: object) -> str:
@@ -88,6 +116,27 @@ def dialer_problem(settings: Settings, carrier: str) -> str | None:
             )
             if not value
         ]
+    elif carrier == "vonage":
+        missing = [
+            name
+            for name, value in (
+                ("VONAGE_SIGNATURE_SECRET", _secret(settings.vonage_signature_secret)),
+                ("VONAGE_APPLICATION_ID", settings.vonage_application_id),
+                ("VONAGE_PRIVATE_KEY", _secret(settings.vonage_private_key)),
+            )
+            if not value
+        ]
+    elif carrier == "exotel":
+        missing = [
+            name
+            for name, value in (
+                ("EXOTEL_URL_SECRET", _secret(settings.exotel_url_secret)),  # /ws/exotel
+                ("EXOTEL_ACCOUNT_SID", settings.exotel_account_sid),
+                ("EXOTEL_API_KEY", settings.exotel_api_key),
+                ("EXOTEL_API_TOKEN", _secret(settings.exotel_api_token)),
+            )
+            if not value
+        ]
     else:
         return f"no outbound calls on {carrier!r} (carriers: {', '.join(OUTBOUND_CARRIERS)})"
     if missing:
@@ -102,6 +151,10 @@ def carrier_dialer(settings: Settings, carrier: str) -> CarrierDialer:
         raise ValueError(problem)
     if carrier == "telnyx":
         return CarrierDialer("telnyx", "/telnyx/texml", _telnyx_dial(settings))
+    if carrier == "vonage":
+        return CarrierDialer("vonage", "/vonage/answer", _vonage_dial(settings))
+    if carrier == "exotel":
+        return CarrierDialer("exotel", "/ws/exotel", _exotel_dial(settings), exotel_stream_url)
     return CarrierDialer("plivo", "/plivo/answer", _plivo_dial(settings))
 
 
@@ -170,5 +223,70 @@ def _plivo_dial(settings: Settings) -> Dial:
             raise CarrierDialError(f"Plivo call not placed: {exc}") from None
         finally:
             await rest.aclose()
+
+    return dial
+
+
+def _vonage_dial(settings: Settings) -> Dial:
+    application_id = settings.vonage_application_id or ""
+    key = _secret(settings.vonage_private_key)
+    base = settings.vonage_api_base
+
+    async def dial(to: str, from_: str, url: str) -> str:
+        from livecall.carriers.vonage.control import (
+            DEFAULT_API_BASE,
+            VonageApiError,
+            VonageCallControl,
+            load_private_key,
+        )
+
+        try:
+            rest = VonageCallControl(
+                application_id, load_private_key(key), base_url=base or DEFAULT_API_BASE
+            )
+        except ValueError as exc:  # an unreadable VONAGE_PRIVATE_KEY (the key itself unsaid)
+            raise CarrierDialError(f"Vonage call not placed: {exc}") from None
+        try:
+            # the answer webhook is fetched with GET, Vonage adding the call's fields to the
+            # query string our URL already has
+            return await rest.create_call(to, from_, answer_url=url, answer_method="GET")
+        except VonageApiError as exc:
+            if exc.status == 0:
+                raise CarrierDialError("Vonage not reached") from None
+            raise CarrierDialError(f"Vonage refused the call: HTTP {exc.status}") from None
+        except ValueError as exc:
+            raise CarrierDialError(f"Vonage call not placed: {exc}") from None
+        finally:
+            await rest.aclose()
+
+    return dial
+
+
+def _exotel_dial(settings: Settings) -> Dial:
+    account = settings.exotel_account_sid or ""
+    key = settings.exotel_api_key or ""
+    token = _secret(settings.exotel_api_token)
+    base = settings.exotel_api_base
+
+    async def dial(to: str, from_: str, url: str) -> str:
+        import httpx
+
+        from livecall.carriers.exotel.control import MUMBAI, ExotelClient, ExotelError
+
+        rest = ExotelClient(account, key, token, base_url=base or MUMBAI)
+        try:
+            # Connect Voice AI: Exotel dials `From` (the callee) from the ExoPhone `CallerId`
+            call = await rest.connect_stream(to, from_, url)
+        except ExotelError as exc:
+            raise CarrierDialError(
+                f"Exotel refused the call: HTTP {exc.status} {exc.message[:120]}"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise CarrierDialError(f"Exotel not reached: {type(exc).__name__}") from None
+        except ValueError as exc:
+            raise CarrierDialError(f"Exotel call not placed: {exc}") from None
+        finally:
+            await rest.aclose()
+        return call.sid
 
     return dial

@@ -40,7 +40,7 @@ class CarrierSettings(Section):
         validation_alias="OUTBOUND_MAX_CONCURRENT",
         description="outbound calls ringing or in progress at once (per instance)",
     )
-    outbound_carrier: Literal["twilio", "telnyx", "plivo"] = Field(
+    outbound_carrier: Literal["twilio", "telnyx", "plivo", "vonage", "exotel"] = Field(
         "twilio",
         validation_alias="OUTBOUND_CARRIER",
         description="the carrier POST /api/calls/outbound and `livecall call` use when the "
@@ -146,6 +146,28 @@ class CarrierSettings(Section):
         validation_alias="VONAGE_API_BASE",
         description="override of https://api.nexmo.com (the REST simulator in tests); a call's "
         "own region_url is used when it names a Vonage host or this base's origin",
+    )
+    exotel_account_sid: str | None = Field(
+        None,
+        validation_alias="EXOTEL_ACCOUNT_SID",
+        description="the Exotel account SID: with EXOTEL_API_KEY, EXOTEL_API_TOKEN and "
+        "EXOTEL_URL_SECRET, enables outbound Exotel calls (Connect Voice AI)",
+    )
+    exotel_api_key: str | None = Field(
+        None,
+        validation_alias="EXOTEL_API_KEY",
+        description="the Exotel API key (the user of the v1 Calls API's HTTP Basic auth)",
+    )
+    exotel_api_token: SecretStr | None = Field(
+        None,
+        validation_alias="EXOTEL_API_TOKEN",
+        description="the Exotel API token (the password of the v1 Calls API's HTTP Basic auth)",
+    )
+    exotel_api_base: str | None = Field(
+        None,
+        validation_alias="EXOTEL_API_BASE",
+        description="override of https://api.in.exotel.com (Mumbai; https://api.exotel.com is "
+        "Singapore; the REST simulator in tests)",
     )
 
     @field_validator("outbound_allowed_destinations", mode="before")

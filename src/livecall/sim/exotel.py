@@ -581,6 +581,8 @@ class FakeExotelState:
         self.script: Sequence[ScriptAction] = (HangUp(),)
         self.caller_options: dict[str, Any] = {"timeout": 30.0}
         self.created = asyncio.Event()
+        self.requests: list[dict[str, list[str]]] = []  # authorized connect forms, in order
+        self.fail_status: int | None = None  # every authorized connect fails so (an outage)
 
     def authorized(self, request: Request) -> bool:
         given = request.headers.get("authorization", "")
@@ -629,6 +631,9 @@ def build_fake_exotel_rest(
         if (error := refused(account, request)) is not None:
             return error
         form = parse_qs((await request.body()).decode(), keep_blank_values=True)
+        state.requests.append(form)
+        if state.fail_status is not None:
+            return _rest_error(state.fail_status, "An internal error occurred.")
         first = {k: v[0] for k, v in form.items() if v}
         if not first.get("From") or not first.get("CallerId"):
             return _rest_error(400, "From and CallerId are mandatory.")

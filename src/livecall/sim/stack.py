@@ -5,11 +5,12 @@ server over TLS (the real SDK talks to it), the real livecall app served by uvic
 free port, and simulated Twilio callers that ring the webhook and stream audio like Twilio.
 
 `carrier_apis` also serves fakes of carriers' REST APIs ("twilio", "telnyx", "plivo",
-"vonage"), each on its own loopback port with livecall's settings pointed at it (credentials
-included; Telnyx, Plivo and Vonage calls are switched on too); `fakes[name]` is each fake's
-state. Callers made by `caller`, `telnyx_caller`, `plivo_caller` and `vonage_caller` are then
-known to their carrier's fake, so a REST hang-up or transfer ends their stream as the carrier
-would (a Vonage caller's `region_url` is the fake's region path, so its control goes there).
+"vonage", "exotel"), each on its own loopback port with livecall's settings pointed at it
+(credentials included; Telnyx, Plivo, Vonage and Exotel calls are switched on too);
+`fakes[name]` is each fake's state; the fakes place outbound calls with simulated callees.
+Callers made by `caller`, `telnyx_caller`, `plivo_caller` and `vonage_caller` are then known
+to their carrier's fake, so a REST hang-up or transfer ends their stream as the carrier would
+(a Vonage caller's `region_url` is the fake's region path, so its control goes there).
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ PLIVO_AUTH_ID = "MASIMULATED0000000001"
 PLIVO_AUTH_TOKEN = "sim-plivo-auth-token-0123456789"
 VONAGE_SIGNATURE_SECRET = "sim-vonage-signature-secret-0123456789"
 VONAGE_APPLICATION_ID = str(uuid.UUID(int=0x7011))
-CARRIER_APIS = ("twilio", "telnyx", "plivo", "vonage")
+EXOTEL_URL_SECRET = "sim-exotel-url-secret-0123456789"
+EXOTEL_ACCOUNT_SID = "simexotel1"
+EXOTEL_API_KEY = "sim-exotel-api-key-0123456789"
+EXOTEL_API_TOKEN = "sim-exotel-api-token-0123456789"
+CARRIER_APIS = ("twilio", "telnyx", "plivo", "vonage", "exotel")
 
 
 def free_socket() -> socket.socket:
@@ -210,7 +215,13 @@ class LocalStack:
             )
 
             private, public = generate_application_keys()
-            app, self.fakes["vonage"] = build_fake_vonage_rest(VONAGE_APPLICATION_ID, public)
+            app, vonage = build_fake_vonage_rest(
+                VONAGE_APPLICATION_ID,
+                public,
+                signature_secret=VONAGE_SIGNATURE_SECRET,  # it signs placed calls' webhooks
+            )
+            self.fakes["vonage"] = vonage
+            exits.push_async_callback(vonage.aclose)
             base = await exits.enter_async_context(serve_app(app))
             self._vonage_region = base + REGION_PATH
             values |= {
@@ -218,6 +229,22 @@ class LocalStack:
                 "vonage_application_id": VONAGE_APPLICATION_ID,
                 "vonage_private_key": private,
                 "vonage_api_base": base,
+            }
+        if "exotel" in self.carrier_apis:
+            from livecall.sim.exotel import build_fake_exotel_rest
+
+            app, exotel = build_fake_exotel_rest(
+                EXOTEL_ACCOUNT_SID, EXOTEL_API_KEY, EXOTEL_API_TOKEN
+            )
+            exits.push_async_callback(exotel.aclose)
+            base = await exits.enter_async_context(serve_app(app))
+            self.fakes["exotel"] = exotel
+            values |= {
+                "exotel_url_secret": EXOTEL_URL_SECRET,
+                "exotel_account_sid": EXOTEL_ACCOUNT_SID,
+                "exotel_api_key": EXOTEL_API_KEY,
+                "exotel_api_token": EXOTEL_API_TOKEN,
+                "exotel_api_base": base,
             }
         return values
 

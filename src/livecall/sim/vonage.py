@@ -277,7 +277,9 @@ class SimulatedVonageCaller(SimulatedCaller):
         headers = {"User-Agent": "Vonage-Voice/1.0", "Accept": "application/json"}
         try:
             if self.answer_method == "GET":
-                url = self.webhook_url + "?" + urlencode(fields)
+                # an answer_url with a query of its own (an outbound call's) keeps it
+                joiner = "&" if "?" in self.webhook_url else "?"
+                url = self.webhook_url + joiner + urlencode(fields)
                 if self.sign:
                     headers["Authorization"] = self._jwt.sign(method="GET", url=url)
                 resp = await client.get(url, headers=headers)

@@ -10,6 +10,16 @@ present, not expired, `application_id` this application's; anything else is 401.
 Vonage does not know, or one already over, is 404; a body it cannot read is 400/422; errors
 are Vonage's problem-details JSON (`type`, `title`, `detail`, `instance`).
 
+Outbound calls: `POST /v1/calls` with `to` (one phone endpoint), `from` (a phone endpoint),
+`answer_url` (one URL) and `answer_method` (GET or POST) -> 201 `{"uuid", "status": "started",
+"direction": "outbound", "conversation_uuid"}`. Then, as Vonage does once the callee answers,
+the fake requests `answer_url` signed with the account's signature secret (the signed-webhook
+JWT) and runs the NCCO it gets with a `SimulatedVonageCaller` as the answered party (`callee`
+holds its arguments; `from`/`to` as the create request named them, the call's `uuid` the one
+the create answered): its run in `answered[uuid]`, its call in `dialed[uuid]`. `to`/`from`
+numbers are digits, country code first (Vonage's form); an inline `ncco` is refused (the
+fake runs fetched NCCOs only).
+
 A call is known once a test `attach`es its simulated caller; a hang-up or a transfer then ends
 that caller's stream (`SimulatedCaller.end_from_carrier`), as Vonage does when the call leaves
 its websocket `connect`. A transfer's NCCO is recorded: its `talk` texts in `said`, the number
@@ -19,17 +29,19 @@ request fail with that status (an outage).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from livecall.sim.twilio import SimulatedCaller
+from livecall.sim.twilio import CallResult, SimulatedCaller
 
 __all__ = [
     "REGION_PATH",
@@ -42,6 +54,7 @@ __all__ = [
 
 REGION_PATH = "/region-us-3"
 _DTMF_RE = re.compile(r"^[0-9*#pP]{1,64}$")
+_NUMBER_RE = re.compile(r"^[1-9][0-9]{5,19}$")  # Vonage's numbers: digits, no "+"
 _ERROR_TYPE = "https://developer.vonage.com/api-errors#"
 
 
@@ -128,13 +141,59 @@ def _connect_target(ncco: list[Any]) -> tuple[str | None, list[str]]:
 class FakeVonageState:
     """What the fake knows and did; `attach` a simulated caller to make its call known."""
 
-    def __init__(self, application_id: str, public_key: str, *, leeway_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        application_id: str,
+        public_key: str,
+        *,
+        leeway_s: float = 0.0,
+        signature_secret: str | None = None,
+    ) -> None:
         self.application_id = application_id
         self.public_key = public_key
         self.leeway_s = leeway_s
+        self.signature_secret = signature_secret  # signs the answer webhooks of placed calls
         self.calls: dict[str, FakeVonageCall] = {}
         self.requests: list[VonageRequest] = []
         self.fail_status: int | None = None
+        self.callee: dict[str, Any] = {}  # SimulatedVonageCaller arguments of answered calls
+        self.dialed: dict[str, FakeVonageCall] = {}  # uuid -> the call it placed
+        self.answered: dict[str, asyncio.Task[CallResult]] = {}
+
+    def _answer(
+        self, call_uuid: str, from_: str, to: str, url: str, method: str, region: str
+    ) -> None:
+        """The callee answers: Vonage requests `answer_url` (signed) and runs the NCCO."""
+        from livecall.sim.vonage import SimulatedVonageCaller
+
+        assert self.signature_secret is not None
+        parts = urlsplit(url)
+        caller = SimulatedVonageCaller(
+            f"{parts.scheme}://{parts.netloc}",
+            signature_secret=self.signature_secret,
+            call_uuid=call_uuid,
+            answer_path=parts.path + (f"?{parts.query}" if parts.query else ""),
+            answer_method="POST" if method == "POST" else "GET",
+            application_id=self.application_id,
+            region_url=region,
+            from_=from_,
+            to=to,
+            **self.callee,
+        )
+        call = self.attach(caller)
+        self.dialed[call_uuid] = call
+
+        async def run() -> CallResult:
+            try:
+                return await caller.run()
+            finally:
+                call.status = "completed"
+
+        self.answered[call_uuid] = asyncio.get_running_loop().create_task(run())
+
+    async def aclose(self) -> None:
+        """Wait for the placed calls' callees to finish."""
+        await asyncio.gather(*self.answered.values(), return_exceptions=True)
 
     def attach(self, caller: SimulatedCaller) -> FakeVonageCall:
         """The caller's call is live on this application (Vonage answered it)."""
@@ -164,14 +223,17 @@ class FakeVonageState:
         return ""
 
 
-def build_fake_vonage_rest(application_id: str, public_key: str) -> tuple[FastAPI, FakeVonageState]:
-    """The fake's ASGI app (serve it; its base URL is VONAGE_API_BASE) and its state."""
-    state = FakeVonageState(application_id, public_key)
+def build_fake_vonage_rest(
+    application_id: str, public_key: str, *, signature_secret: str | None = None
+) -> tuple[FastAPI, FakeVonageState]:
+    """The fake's ASGI app (serve it; its base URL is VONAGE_API_BASE) and its state;
+    `signature_secret` (the account's) lets it place calls (`POST /v1/calls`)."""
+    state = FakeVonageState(application_id, public_key, signature_secret=signature_secret)
     app = FastAPI(title="fake Vonage Voice API", openapi_url=None, docs_url=None, redoc_url=None)
 
     async def begin(request: Request, base: str) -> tuple[VonageRequest, Any]:
         why = state.check_jwt(request.headers.get("authorization", ""))
-        record = VonageRequest("PUT", request.url.path, base, {}, not why, auth_error=why)
+        record = VonageRequest(request.method, request.url.path, base, {}, not why, auth_error=why)
         state.requests.append(record)
         raw = await request.body()
         try:
@@ -243,6 +305,35 @@ def build_fake_vonage_rest(application_id: str, public_key: str) -> tuple[FastAP
         state.calls[call_uuid].dtmf.append(digits)
         return finish(record, JSONResponse({"message": "DTMF sent", "uuid": call_uuid}))
 
+    async def create(request: Request) -> Response:
+        record, body = await begin(request, "")
+        if not record.authorized:
+            return finish(record, vonage_error(401, "Unauthorized", "Invalid Token"))
+        if state.fail_status is not None:
+            return finish(
+                record, vonage_error(state.fail_status, "Internal Error", "An error occurred")
+            )
+        if type(body) is not dict:
+            return finish(record, vonage_error(400, "Bad Request", "the body must be JSON"))
+        try:
+            to, from_, url, method = _create_fields(body)
+        except ValueError as exc:
+            return finish(record, vonage_error(400, "Bad Request", str(exc)))
+        if state.signature_secret is None:
+            return finish(record, vonage_error(500, "Internal Error", "no signature secret"))
+        call_uuid = str(uuid.uuid4())
+        region = str(request.base_url).rstrip("/") + REGION_PATH
+        state._answer(call_uuid, from_, to, url, method, region)
+        answer = {
+            "uuid": call_uuid,
+            "status": "started",
+            "direction": "outbound",
+            "conversation_uuid": "CON-" + str(uuid.uuid4()),
+        }
+        return finish(record, JSONResponse(answer, status_code=201))
+
+    app.add_api_route("/v1/calls", create, methods=["POST"])
+
     def routes(base: str) -> APIRouter:
         router = APIRouter(prefix=base)
 
@@ -259,3 +350,32 @@ def build_fake_vonage_rest(application_id: str, public_key: str) -> tuple[FastAP
     app.include_router(routes(""))
     app.include_router(routes(REGION_PATH))
     return app, state
+
+
+def _create_fields(body: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(to, from, answer_url, answer_method) of a create-call body; ValueError as Vonage's 400."""
+    if "ncco" in body:
+        raise ValueError("the fake runs fetched NCCOs only (answer_url)")
+    to = body.get("to")
+    if type(to) is not list or len(to) != 1 or type(to[0]) is not dict:
+        raise ValueError("to must be an array with one endpoint")
+    sender = body.get("from")
+    if type(sender) is not dict:
+        raise ValueError("from must be a phone endpoint (or random_from_number)")
+    numbers = []
+    for endpoint in (to[0], sender):
+        number = endpoint.get("number")
+        if endpoint.get("type") != "phone" or type(number) is not str:
+            raise ValueError("to and from must be phone endpoints with a number")
+        if not _NUMBER_RE.match(number):
+            raise ValueError("numbers are digits, country code first (no +)")
+        numbers.append(number)
+    urls = body.get("answer_url")
+    if type(urls) is not list or len(urls) != 1 or type(urls[0]) is not str:
+        raise ValueError("answer_url must be an array with one URL")
+    if not urls[0].startswith(("https://", "http://")):
+        raise ValueError("answer_url must be an absolute http(s) URL")
+    method = body.get("answer_method", "GET")
+    if method not in ("GET", "POST"):
+        raise ValueError("answer_method must be GET or POST")
+    return numbers[0], numbers[1], urls[0], method
