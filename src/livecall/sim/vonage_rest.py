@@ -11,7 +11,7 @@ Vonage does not know, or one already over, is 404; a body it cannot read is 400/
 are Vonage's problem-details JSON (`type`, `title`, `detail`, `instance`).
 
 A call is known once a test `attach`es its simulated caller; a hang-up or a transfer then ends
-that caller's stream (`SimulatedCaller.end_from_carrier`), as Vonage does when the call leaves
+that caller's stream (`SimulatedEdge.end_from_carrier`), as Vonage does when the call leaves
 its websocket `connect`. A transfer's NCCO is recorded: its `talk` texts in `said`, the number
 or SIP URI its `connect` dials in `transferred_to`. `fail_status` makes every authorized
 request fail with that status (an outage).
@@ -29,7 +29,7 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from livecall.sim.twilio import SimulatedCaller
+from livecall.sim.edge import SimulatedEdge
 
 __all__ = [
     "REGION_PATH",
@@ -93,7 +93,7 @@ class FakeVonageCall:
     """A live call the fake knows, and what was done to it."""
 
     uuid: str
-    caller: SimulatedCaller | None = None
+    caller: SimulatedEdge | None = None
     status: str = "answered"
     said: list[str] = field(default_factory=list)
     transferred_to: str | None = None
@@ -136,7 +136,7 @@ class FakeVonageState:
         self.requests: list[VonageRequest] = []
         self.fail_status: int | None = None
 
-    def attach(self, caller: SimulatedCaller) -> FakeVonageCall:
+    def attach(self, caller: SimulatedEdge) -> FakeVonageCall:
         """The caller's call is live on this application (Vonage answered it)."""
         call = FakeVonageCall(caller.call_sid, caller)
         self.calls[call.uuid] = call
