@@ -52,16 +52,8 @@ from livecall.carriers.exotel.wire import (
     media_frame,
 )
 from livecall.server.carrier_routes import stream_tokens_for
-from livecall.sim.exotel import (
-    ExotelCallResult,
-    HangUp,
-    Pause,
-    PressDigit,
-    Probe,
-    Say,
-    SimulatedExotelCaller,
-    serve_fake_exotel_rest,
-)
+from livecall.sim.exotel import ExotelCallResult, SimulatedExotelCaller, serve_fake_exotel_rest
+from livecall.sim.script import HangUp, Pause, PressDigit, Probe, Say
 
 SECRET = "flow-url-secret-0123456789"
 TOKENS = stream_tokens_for(b"stream-token-secret-0123456789", "exotel")

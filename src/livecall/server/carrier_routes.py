@@ -610,8 +610,8 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             params["direction"] = "outbound-api"
             started = replace(
                 started,
-                from_number=_e164(started.from_number),
-                to_number=_e164(started.to_number),
+                from_number=_e164(started.from_number) if started.from_number else None,
+                to_number=_e164(started.to_number) if started.to_number else None,
             )
             log.info(
                 f"{name}.outbound_stream",

@@ -12,6 +12,7 @@ subclasses it and supplies only its side of the wire through these hooks:
   `FETCH_FAILED`, `BAD_CONTENT_TYPE`, `XML_INVALID`, `STREAM_URL_*`, the `DOCUMENT_TYPES`;
 - stream: `_new_stream_sid`, `_stream_headers`, `STREAM_USER_AGENT`, `_stream_opened`,
   `_hello` (what it sends first: connected, start), `_stream_status` (status callbacks);
+  `_connect` opens the socket, for a carrier with its own `_open_stream` (Exotel retries);
 - frames out: `_media_message(n, frame)` (the caller's n-th μ-law 8 kHz frame in its wire
   format), `_envelope(event, body)`, `_mark_echo(name)`, `_stop_frame()` (None: just close);
 - frames in: `_on_frame(data, now)`, built from `_read_json` (binary, JSON, event, stream id
@@ -520,21 +521,8 @@ class SimulatedEdge:
         url = r.stream_url
         assert url is not None
         self._stream_sid = self._new_stream_sid()
-        options: dict[str, Any] = {}
-        if self.STREAM_USER_AGENT is not None:
-            options["user_agent_header"] = self.STREAM_USER_AGENT
         try:
-            self._ws = await connect(
-                url,
-                additional_headers=self._stream_headers(url),
-                compression=None,
-                proxy=None,
-                ping_interval=None,
-                open_timeout=10,
-                close_timeout=2,
-                max_size=self.max_message_bytes,
-                **options,
-            )
+            self._ws = await self._connect(url, self._stream_headers(url))
         except websockets.InvalidStatus as exc:
             r.protocol_errors.append(self.WS_REFUSED.format(status=exc.response.status_code))
         except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
@@ -546,6 +534,24 @@ class SimulatedEdge:
         r.stream_sid = self._stream_sid
         self._stream_opened()
         return True
+
+    async def _connect(self, url: str, headers: Mapping[str, str]) -> ClientConnection:
+        """The stream's WebSocket as a carrier opens it: its User-Agent, no compression, proxy
+        or pings, this caller's message size limit (a carrier that retries calls it again)."""
+        options: dict[str, Any] = {}
+        if self.STREAM_USER_AGENT is not None:
+            options["user_agent_header"] = self.STREAM_USER_AGENT
+        return await connect(
+            url,
+            additional_headers=headers,
+            compression=None,
+            proxy=None,
+            ping_interval=None,
+            open_timeout=10,
+            close_timeout=2,
+            max_size=self.max_message_bytes,
+            **options,
+        )
 
     def _next_seq(self) -> int:
         self._seq += 1

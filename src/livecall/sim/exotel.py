@@ -18,11 +18,13 @@ are checked: a chunk that is not a multiple of 320 bytes is a protocol error and
 the 20 ms gap Exotel leaves, one over 100 kB is an error (Exotel times out) and is dropped,
 one under 3.2 kB is recorded in `chunk_warnings` (Exotel advises against, it plays).
 
-The script actions, the result and the measurements are those of `livecall.sim.twilio`
-(`Say`, `Pause`, `WaitForAgentAudio`, `PressDigit`, `HangUp`, `Probe`...; `CallResult`): this
-is its `SimulatedCaller` with Exotel's wire, so a suite written for one drives the other.
-The caller's side is kept as μ-law 8 kHz internally (what a phone line carries); `heard` is
-the agent audio brought to μ-law 8 kHz, so `heard_pcm()` works as for Twilio.
+The clock, the playout and the measurements are `livecall.sim.edge.SimulatedEdge`'s and the
+script actions and result `livecall.sim.script`'s (`Say`, `PressDigit`, `HangUp`, `Probe`...;
+a `CallResult`), so a suite written for one carrier drives this one;
+this module holds only Exotel's side: the applet URL, the stream URL's rules, its frames, its
+100 ms media batching and its chunk rules. The caller's side is kept as μ-law 8 kHz
+internally (what a phone line carries); `heard` is the agent audio brought to μ-law 8 kHz, so
+`heard_pcm()` works as for Twilio.
 """
 
 from __future__ import annotations
@@ -33,8 +35,7 @@ import binascii
 import contextlib
 import hmac
 import secrets
-import socket
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -46,7 +47,7 @@ import orjson
 import websockets
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection
 
 from livecall.audio.g711 import ulaw_decode, ulaw_encode
 from livecall.audio.resample import StreamResampler
@@ -63,37 +64,15 @@ from livecall.carriers.exotel.wire import (
     MIN_CHUNK_BYTES,
     SAMPLE_RATES,
 )
-from livecall.sim.edge import _F_SPEECH_END
-from livecall.sim.twilio import (
-    CallResult,
-    HangUp,
-    Pause,
-    PressDigit,
-    Probe,
-    Say,
-    ScriptAction,
-    SendRaw,
-    SimulatedCaller,
-    TimedName,
-    TimelineEvent,
-    WaitForAgentAudio,
-    WaitForAgentSilence,
-)
+from livecall.sim.edge import _F_SPEECH_END, SimulatedEdge
+from livecall.sim.script import CallResult, HangUp, ScriptAction, TimelineEvent
+from livecall.sim.serve import serve_app
 
 __all__ = [
     "ExotelCallResult",
     "FakeExotelCall",
     "FakeExotelState",
-    "HangUp",
-    "Pause",
-    "PressDigit",
-    "Probe",
-    "Say",
-    "ScriptAction",
-    "SendRaw",
     "SimulatedExotelCaller",
-    "WaitForAgentAudio",
-    "WaitForAgentSilence",
     "build_fake_exotel_rest",
     "serve_fake_exotel_rest",
 ]
@@ -120,7 +99,7 @@ def _sid() -> str:
     return secrets.token_hex(16)
 
 
-class SimulatedExotelCaller(SimulatedCaller):
+class SimulatedExotelCaller(SimulatedEdge):
     """One simulated inbound call through an Exotel flow to a Voicebot applet.
 
     `base_url + answer_path` is the applet's dynamic URL; with `stream_url` there is no
@@ -128,8 +107,14 @@ class SimulatedExotelCaller(SimulatedCaller):
     says how the flow's URL carries `url_secret`: "basic" (credentials in the URL, sent as
     `Authorization: Basic`), "key" (a `?key=` query parameter) or None. `numeric_counters`
     sends sequence numbers and chunks as numbers (one page of Exotel's docs) instead of
-    strings (the other).
+    strings (the other). The other arguments are `SimulatedEdge`'s (script, drops, jitter,
+    timeouts…); Exotel's clock runs at 20 ms and it signs nothing.
     """
+
+    SID_KEYS = ("stream_sid", "streamSid")
+    BINARY_REFUSED = "binary frames are not part of Exotel's stream protocol"
+    NOT_OBJECT = "a message must be a JSON object"
+    STREAM_USER_AGENT = "Exotel-AgentStream"
 
     def __init__(
         self,
@@ -137,60 +122,30 @@ class SimulatedExotelCaller(SimulatedCaller):
         *,
         url_secret: str | None = None,
         auth: Literal["basic", "key"] | None = "basic",
-        from_: str = "+919876543210",
-        to: str = "+918047491899",
         call_sid: str | None = None,
         account_sid: str | None = None,
-        script: Sequence[ScriptAction] = (),
         answer_path: str = "/exotel/voicebot",
         stream_url: str | None = None,
-        extra_params: Mapping[str, str] | None = None,
         media_every_ms: int = 100,
-        drop_frames: Iterable[int] = (),
-        jitter_ms: float = 0.0,
-        seed: int | None = None,
-        timeout: float = 60.0,
-        on_script_end: Literal["hangup", "wait"] = "hangup",
-        agent_gap_ms: float = 250.0,
-        agent_reply_gap_ms: float = 1000.0,
-        probe_timeout: float = 5.0,
-        require_wss: bool = False,
-        strict_fields: bool = True,
         echo_marks_on_clear: bool = True,
         numeric_counters: bool = False,
-        max_message_bytes: int = 1 << 20,
-        webhook_timeout: float = 10.0,
-        http_client: httpx.AsyncClient | None = None,
+        **kwargs: Any,
     ) -> None:
         if media_every_ms <= 0 or media_every_ms % 20:
             raise ValueError("media_every_ms must be a positive multiple of 20")
         if auth is not None and not url_secret and stream_url is None:
             raise ValueError(f"auth={auth!r} needs the url_secret")
+        kwargs.setdefault("from_", "+919876543210")
+        kwargs.setdefault("to", "+918047491899")
+        kwargs.setdefault("webhook_timeout", 10.0)
         super().__init__(
             base_url,
-            auth_token="exotel-signs-nothing",  # the Twilio signer is never used here
-            from_=from_,
-            to=to,
             call_sid=call_sid or _sid(),
             account_sid=account_sid or "livecall" + secrets.token_hex(4),
-            script=script,
             webhook_path=answer_path,
-            extra_params=extra_params,
             sign=False,
             frame_ms=20,
-            drop_frames=drop_frames,
-            jitter_ms=jitter_ms,
-            seed=seed,
-            timeout=timeout,
-            on_script_end=on_script_end,
-            agent_gap_ms=agent_gap_ms,
-            agent_reply_gap_ms=agent_reply_gap_ms,
-            probe_timeout=probe_timeout,
-            require_wss=require_wss,
-            strict_fields=strict_fields,
-            max_message_bytes=max_message_bytes,
-            webhook_timeout=webhook_timeout,
-            http_client=http_client,
+            **kwargs,
         )
         self._url_secret = url_secret
         self.direct_stream_url = stream_url  # Connect Voice AI: no applet URL request
@@ -212,20 +167,17 @@ class SimulatedExotelCaller(SimulatedCaller):
             call_sid=self.call_sid, account_sid=self.account_sid
         )
 
+    async def run(self) -> ExotelCallResult:
+        """Run the whole call (applet URL, stream, script) and return what happened."""
+        await super().run()
+        return self.result
+
     # ------------------------------------------------------------------ flow: applet URL
 
-    async def _run(self) -> None:
-        if self.direct_stream_url is not None:
-            if not self._check_stream_url(self.direct_stream_url):
-                return
-        elif not await self._webhook():
-            return
-        if self.result.stream_url is None or not await self._open_stream():
-            return
-        await self._stream()
-        if self.result.ended_by == "server":
-            now = asyncio.get_running_loop().time()
-            self.result.timeline.append(TimelineEvent(now, "next_applet"))
+    async def _after_stream(self) -> None:
+        """The app closed the socket: the flow goes on to its next applet."""
+        now = asyncio.get_running_loop().time()
+        self.result.timeline.append(TimelineEvent(now, "next_applet"))
 
     def _query(self) -> dict[str, str]:
         """The call's details as Exotel's dynamic-URL applets send them."""
@@ -246,6 +198,9 @@ class SimulatedExotelCaller(SimulatedCaller):
         return params
 
     async def _webhook(self) -> bool:
+        """GET the applet's URL for `{"url": ...}` (or take the Connect Voice AI stream URL)."""
+        if self.direct_stream_url is not None:
+            return self._check_stream_url(self.direct_stream_url)
         r = self.result
         params = self._query()
         headers = {"Accept": "*/*", "User-Agent": "Exotel"}
@@ -257,43 +212,38 @@ class SimulatedExotelCaller(SimulatedCaller):
         try:
             resp = await self._client.get(self.webhook_url, params=params, headers=headers)
         except httpx.HTTPError as exc:
-            return self._refused(f"applet URL request failed: {type(exc).__name__}")
+            return self._fail(f"applet URL request failed: {type(exc).__name__}")
         r.webhook_status = resp.status_code
         r.answer = resp.text
         if resp.status_code != 200:
-            return self._refused(f"applet URL answered {resp.status_code}")
+            return self._fail(f"applet URL answered {resp.status_code}")
         try:
             body = orjson.loads(resp.content)
         except orjson.JSONDecodeError:
-            return self._refused("applet URL answer is not JSON")
+            return self._fail("applet URL answer is not JSON")
         url = body.get("url") if type(body) is dict else None
         if type(url) is not str:
-            return self._refused('applet URL answer needs a string "url"')
+            return self._fail('applet URL answer needs a string "url"')
         return self._check_stream_url(url)
-
-    def _refused(self, why: str) -> bool:
-        self.result.protocol_errors.append(why)
-        self.result.ended_by = "server"
-        return False
 
     def _check_stream_url(self, url: str) -> bool:
         r = self.result
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            return self._refused(f"stream URL must be ws:// or wss://: {url[:80]!r}")
+            return self._fail(f"stream URL must be ws:// or wss://: {url[:80]!r}")
         if self.require_wss and parts.scheme != "wss":
-            return self._refused("stream URL must use wss://")
+            return self._fail("stream URL must use wss://")
         if len(url) > MAX_STREAM_URL_CHARS:
-            return self._refused(f"stream URL is over {MAX_STREAM_URL_CHARS} characters")
+            return self._fail(f"stream URL is over {MAX_STREAM_URL_CHARS} characters")
         query = parse_qsl(parts.query, keep_blank_values=True)
         rate_values = [v for k, v in query if k == SAMPLE_RATE_PARAM]
         custom = [(k, v) for k, v in query if k != SAMPLE_RATE_PARAM]
         if len(rate_values) > 1 or (rate_values and rate_values[0] not in map(str, SAMPLE_RATES)):
-            return self._refused(f"sample-rate must be one of {SAMPLE_RATES}: {rate_values}")
+            return self._fail(f"sample-rate must be one of {SAMPLE_RATES}: {rate_values}")
         if len(custom) > MAX_CUSTOM_PARAMETERS:
-            return self._refused(f"{len(custom)} custom parameters (at most 3)")
+            return self._fail(f"{len(custom)} custom parameters (at most 3)")
         if len(urlencode(custom)) > MAX_PARAMETER_CHARS:
-            return self._refused(f"custom parameters over {MAX_PARAMETER_CHARS} characters")
+            return self._fail(f"custom parameters over {MAX_PARAMETER_CHARS} characters")
         self._rate = int(rate_values[0]) if rate_values else 8000
         r.sample_rate = self._rate
         r.parameters = dict(custom)
@@ -316,17 +266,7 @@ class SimulatedExotelCaller(SimulatedCaller):
         r.stream_request_headers = dict(headers)
         for attempt in (1, 2):  # Exotel retries a failed handshake once
             try:
-                self._ws = await connect(
-                    url,
-                    additional_headers=headers,
-                    user_agent_header="Exotel-AgentStream",
-                    compression=None,
-                    proxy=None,
-                    ping_interval=None,
-                    open_timeout=10,
-                    close_timeout=2,
-                    max_size=self.max_message_bytes,
-                )
+                self._ws = await self._connect(url, headers)
                 break
             except websockets.InvalidStatus as exc:
                 why = f"stream handshake refused: {exc.response.status_code}"
@@ -362,43 +302,22 @@ class SimulatedExotelCaller(SimulatedCaller):
             msg[event] = body
         return orjson.dumps(msg).decode()
 
-    async def _stream(self) -> None:
-        ws = self._ws
-        assert ws is not None
-        r = self.result
-        loop = asyncio.get_running_loop()
-        reader: asyncio.Task[None] | None = None
-        try:
-            await ws.send('{"event":"connected"}')
-            start = {
-                "stream_sid": self._stream_sid,
-                "call_sid": self.call_sid,
-                "account_sid": self.account_sid,
-                "from": self.from_,
-                "to": self.to,
-                "custom_parameters": r.parameters,
-                "media_format": {
-                    "encoding": "audio/x-raw",
-                    "sample_rate": str(self._rate),
-                    "bit_rate": "16",
-                },
-            }
-            await ws.send(self._envelope("start", start))
-            r.stream_started = loop.time()
-            reader = loop.create_task(self._reader())
-            await self._clock(r.stream_started)
-        except websockets.ConnectionClosed:
-            self._server_ended()
-        finally:
-            if reader is not None:
-                if r.ended_by == "caller":
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(reader), 2.5)
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-            r.close_code = ws.close_code
-            r.close_reason = ws.close_reason or ""
+    async def _hello(self, ws: ClientConnection) -> None:
+        await ws.send('{"event":"connected"}')
+        start = {
+            "stream_sid": self._stream_sid,
+            "call_sid": self.call_sid,
+            "account_sid": self.account_sid,
+            "from": self.from_,
+            "to": self.to,
+            "custom_parameters": self.result.parameters,
+            "media_format": {
+                "encoding": "audio/x-raw",
+                "sample_rate": str(self._rate),
+                "bit_rate": "16",
+            },
+        }
+        await ws.send(self._envelope("start", start))
 
     def _to_wire(self, ulaw: bytes) -> bytes:
         pcm = ulaw_decode(ulaw)
@@ -459,63 +378,23 @@ class SimulatedExotelCaller(SimulatedCaller):
     # ------------------------------------------------------------------ what the app sends
 
     async def _on_frame(self, data: str | bytes, now: float) -> None:
-        if not isinstance(data, str):
-            self._error("binary frames are not part of Exotel's stream protocol")
+        read = await self._read_json(data, _ALLOWED_KEYS)
+        if read is None:
             return
-        try:
-            msg = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self._error("not valid JSON")
-            return
-        if type(msg) is not dict:
-            self._error("a message must be a JSON object")
-            return
-        event = msg.get("event")
-        allowed = _ALLOWED_KEYS.get(event) if type(event) is str else None
-        if allowed is None:
-            self._error(f"unsupported event {str(event)[:40]!r}")
-            return
-        sid = msg.get("stream_sid", msg.get("streamSid"))
-        if sid is not None and sid != self._stream_sid:
-            self._error(f"stream_sid {str(sid)[:40]!r} does not match {self._stream_sid}")
-            return
-        if self.strict_fields and not allowed.issuperset(msg):
-            self._error(f"unexpected fields {sorted(set(msg) - allowed)} in {event}")
-            return
+        event, msg = read
         if event == "media":
-            self._on_media(msg, now)
+            await self._on_media(msg, now)
         elif event == "mark":
-            body = msg.get("mark")
-            name = body.get("name") if type(body) is dict else None
-            if type(name) is not str or not name:
-                self._error("mark needs a non-empty mark.name")
-                return
-            self.result.marks_received.append(TimedName(name, now))
-            self._marks.append((self._enqueued, name))
-        else:
-            self.result.clears.append(now)
-            self.result.timeline.append(TimelineEvent(now, "clear"))
-            self._playbuf.clear()
-            self._enqueued = self._played
-            if self._marks:
-                names = [name for _, name in self._marks]
-                self._marks.clear()
-                if self.echo_marks_on_clear:
-                    await self._echo_marks(names, now)
+            name = await self._mark_name(msg)
+            if name is not None:
+                self._queue_mark(name, now)
+        else:  # clear
+            await self._clear_queue(now, echo_marks=self.echo_marks_on_clear)
 
-    def _on_media(self, msg: dict[str, Any], now: float) -> None:
-        body = msg.get("media")
-        payload = body.get("payload") if type(body) is dict else None
-        if type(body) is not dict or type(payload) is not str:
-            self._error("media needs a string media.payload")
-            return
-        if self.strict_fields and not _MEDIA_KEYS.issuperset(body):
-            self._error(f"unexpected fields {sorted(body)} in media")
-            return
-        try:
-            audio = binascii.a2b_base64(payload, strict_mode=True)
-        except (binascii.Error, ValueError):
-            self._error("media.payload is not valid base64")
+    async def _on_media(self, msg: dict[str, Any], now: float) -> None:
+        """Exotel's chunk rules: 16-bit PCM at the stream's rate, in 320-byte units, ≤ 100 kB."""
+        audio = await self._media_payload(msg, _MEDIA_KEYS)
+        if audio is None:
             return
         size = len(audio)
         if not size:
@@ -533,13 +412,7 @@ class SimulatedExotelCaller(SimulatedCaller):
         if self._down is not None:
             pcm = self._down.process(pcm)
         ulaw = ulaw_encode(np.ascontiguousarray(pcm, dtype=np.int16)).tobytes()
-        self._playbuf += ulaw
-        self._enqueued += len(ulaw)
-        self.result.received_media_bytes += size
-        if self._probes:
-            onsets = self._detector.feed(ulaw_decode(ulaw))
-            for _ in range(onsets):
-                self._probe_heard(now)
+        self._queue_audio(ulaw, now, wire_bytes=size)
 
 
 # --------------------------------------------------------------------------- the REST API
@@ -689,24 +562,9 @@ async def serve_fake_exotel_rest(
     account_sid: str, api_key: str, api_token: str
 ) -> AsyncIterator[tuple[FakeExotelState, str]]:
     """Serve the fake on a free loopback port: ``async with ... as (state, base_url)``."""
-    import uvicorn
-
     app, state = build_fake_exotel_rest(account_sid, api_key, api_token)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    sock.setblocking(False)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", access_log=False, log_config=None
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        yield state, f"http://127.0.0.1:{port}"
+        async with serve_app(app) as base_url:
+            yield state, base_url
     finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
         await state.aclose()
-        sock.close()

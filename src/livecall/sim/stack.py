@@ -287,7 +287,7 @@ class LocalStack:
         self.fakes["plivo"].attach(caller)
         return caller
 
-    def vonage_caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
+    def vonage_caller(self, script: list[Any], **kwargs: Any) -> SimulatedEdge:
         """A caller through Vonage (needs "vonage" in `carrier_apis`), known to its fake; its
         answer webhook names the fake's region as the call's `region_url`."""
         from livecall.sim.vonage import SimulatedVonageCaller

@@ -22,11 +22,12 @@ could not be opened); with `eventType: synchronous` the answer to `disconnected`
 may be a fallback NCCO, which then runs instead of the rest of the original one. An event
 webhook answering other than 2xx is a protocol error (Vonage would retry it).
 
-The script, clock, playout and measurements are `livecall.sim.twilio.SimulatedCaller`'s
-(same actions, `Probe` included; a `CallResult`): this class swaps only the carrier's side of
-the wire. As on a phone line, the caller's side is μ-law 8 kHz inside: its audio is brought
-to L16 at the stream's rate on the way out, and `heard` is the agent's audio brought back to
-μ-law 8 kHz, so `heard_pcm()` and the suite's audio checks work as for Twilio.
+The script, clock, playout and measurements are `livecall.sim.edge.SimulatedEdge`'s (same
+actions, `Probe` included; a `CallResult`): this module holds only Vonage's side of the wire
+(answer webhook and NCCO, leg events, binary L16 frames, notify and clear). As on a phone
+line, the caller's side is μ-law 8 kHz inside: its audio is brought to L16 at the stream's
+rate on the way out, and `heard` is the agent's audio brought back to μ-law 8 kHz, so
+`heard_pcm()` and the suite's audio checks work as for Twilio.
 `CallResult.call_sid` is the call's `uuid`, `account_sid` the api key, `twiml` the NCCO text.
 """
 
@@ -44,44 +45,17 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import httpx
 import numpy as np
 import orjson
-import websockets
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection
 
 from livecall.audio.g711 import ulaw_decode, ulaw_encode
 from livecall.audio.resample import StreamResampler
 from livecall.carriers.vonage.answer import MAX_HEADERS_BYTES
 from livecall.carriers.vonage.signatures import VonageSignature
 from livecall.carriers.vonage.wire import MAX_BUFFERED_FRAMES, SUPPORTED_RATES
-from livecall.sim.twilio import (
-    SAMPLE_RATE,
-    CallResult,
-    HangUp,
-    Pause,
-    PressDigit,
-    Probe,
-    Say,
-    ScriptAction,
-    SendRaw,
-    SimulatedCaller,
-    TimedName,
-    TimelineEvent,
-    WaitForAgentAudio,
-    WaitForAgentSilence,
-)
+from livecall.sim.edge import SimulatedEdge
+from livecall.sim.script import SAMPLE_RATE, CallResult, PressDigit, TimelineEvent
 
-__all__ = [
-    "HangUp",
-    "Pause",
-    "PressDigit",
-    "Probe",
-    "Say",
-    "ScriptAction",
-    "SendRaw",
-    "SimulatedVonageCaller",
-    "VonageCallResult",
-    "WaitForAgentAudio",
-    "WaitForAgentSilence",
-]
+__all__ = ["SimulatedVonageCaller", "VonageCallResult"]
 
 _DTMF_DIGITS = frozenset("0123456789*#")
 _ALLOWED_ACTION_KEYS = {"clear": frozenset(("action",)), "notify": frozenset(("action", "payload"))}
@@ -102,15 +76,19 @@ class VonageCallResult(CallResult):
     sample_rate: int = 16000
 
 
-class SimulatedVonageCaller(SimulatedCaller):
+class SimulatedVonageCaller(SimulatedEdge):
     """One simulated inbound Vonage call to an app that answers with a websocket NCCO.
 
-    Takes `SimulatedCaller`'s arguments (script, frame drops, jitter, timeouts…) except the
-    Twilio auth token: `signature_secret` signs the webhooks (HS256 JWTs). `answer_method`
-    is how the answer webhook is requested; `max_buffered_frames` is Vonage's playout queue;
+    Takes `SimulatedEdge`'s arguments (script, frame drops, jitter, timeouts…);
+    `signature_secret` signs the webhooks (HS256 JWTs). `answer_method` is how the answer
+    webhook is requested; `max_buffered_frames` is Vonage's playout queue;
     `notify_after_clear="send"` still echoes the notifies a clear dropped (undocumented
     either way).
     """
+
+    WS_REFUSED = "websocket handshake refused: status {status}"
+    WS_FAILED = "websocket connection failed: {exc.__class__.__name__}"
+    STREAM_USER_AGENT = "Vonage-Voice-WebSocket/1.0"
 
     def __init__(
         self,
@@ -135,7 +113,6 @@ class SimulatedVonageCaller(SimulatedCaller):
         kwargs.setdefault("to", "15550002222")
         super().__init__(
             base_url,
-            auth_token="unused-by-vonage",
             call_sid=call_uuid or str(uuid.uuid4()),
             account_sid=api_key,
             webhook_path=answer_path,
@@ -174,24 +151,23 @@ class SimulatedVonageCaller(SimulatedCaller):
         await super().run()
         return self.result
 
-    async def _run(self) -> None:
-        if not await self._webhook():
-            return
-        if not await self._open_stream():
-            await self._leg_event("failed", then=self._after_ncco)
-            return
-        self._leg_event_soon("answered")
-        await self._stream()
-        if self.result.carrier_action is not None:
-            # hung up or transferred over REST: the leg completes, no `disconnected`, and the
-            # rest of the NCCO does not run (the call left it)
-            self._leg_event_soon("completed")
-        elif self.result.ended_by == "server":
-            await self._leg_event("disconnected", then=self._after_ncco)
-        else:
+    # ------------------------------------------------------------------ leg events (eventUrl)
+
+    def _stream_status(self, event: str, error: str | None = None) -> None:
+        """The websocket leg's statuses as the stream goes: `answered` once it is up,
+        `completed` when the caller hung up or a REST hang-up or transfer took the call off
+        the stream. (The app's close is `disconnected`, posted by `_after_stream`, and a
+        failed open `failed`, by `_open_stream`: their answers may replace the NCCO.)"""
+        r = self.result
+        if event == "stream-started":
+            self._leg_event_soon("answered")
+        elif event == "stream-stopped" and (r.carrier_action is not None or r.ended_by != "server"):
             self._leg_event_soon("completed")
 
-    # ------------------------------------------------------------------ leg events (eventUrl)
+    async def _after_stream(self) -> None:
+        """The app closed the socket: `disconnected`, then the rest of the NCCO (or a
+        synchronous event webhook's fallback NCCO)."""
+        await self._leg_event("disconnected", then=self._after_ncco)
 
     def _event_body(self, status: str) -> bytes:
         r = self.result
@@ -255,11 +231,6 @@ class SimulatedVonageCaller(SimulatedCaller):
                 return
 
     # ------------------------------------------------------------------ answer webhook + NCCO
-
-    def _fail(self, text: str) -> bool:
-        self.result.protocol_errors.append(text)
-        self.result.ended_by = "server"
-        return False
 
     async def _webhook(self) -> bool:
         r = self.result
@@ -374,103 +345,61 @@ class SimulatedVonageCaller(SimulatedCaller):
 
     # ------------------------------------------------------------------ stream
 
+    def _new_stream_sid(self) -> str:
+        return self._leg_uuid  # Vonage names the stream by its websocket leg
+
+    def _stream_headers(self, url: str) -> dict[str, str]:
+        return {"Authorization": self._ws_auth} if self._ws_auth else {}
+
     async def _open_stream(self) -> bool:
-        r = self.result
-        assert r.stream_url is not None
-        extra = {"Authorization": self._ws_auth} if self._ws_auth else {}
-        try:
-            self._ws = await connect(
-                r.stream_url,
-                additional_headers=extra,
-                user_agent_header="Vonage-Voice-WebSocket/1.0",
-                compression=None,
-                proxy=None,
-                ping_interval=None,
-                open_timeout=10,
-                close_timeout=2,
-                max_size=self.max_message_bytes,
-            )
-        except websockets.InvalidStatus as exc:
-            return self._fail(f"websocket handshake refused: status {exc.response.status_code}")
-        except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
-            return self._fail(f"websocket connection failed: {type(exc).__name__}")
+        if await super()._open_stream():
+            return True
+        await self._leg_event("failed", then=self._after_ncco)
+        return False
+
+    def _stream_opened(self) -> None:
         if self._rate != SAMPLE_RATE:
             self._up = StreamResampler(SAMPLE_RATE, self._rate)
             self._down = StreamResampler(self._rate, SAMPLE_RATE)
-        return True
 
     def _envelope(self, event: str, body: dict[str, Any] | None = None) -> str:
-        """What the parent's script sends, as Vonage says it (only `dtmf` reaches here)."""
+        """What the edge's script sends, as Vonage says it (only `dtmf` reaches here)."""
         if event != "dtmf" or body is None:
             raise ValueError(f"Vonage sends no {event!r} message")
         msg = {"event": "websocket:dtmf", "digit": body["digit"], "duration": 260}
         return orjson.dumps(msg).decode()
 
-    async def _stream(self) -> None:
-        ws = self._ws
-        assert ws is not None
+    async def _hello(self, ws: ClientConnection) -> None:
+        """`websocket:connected`: the content type, and the endpoint's headers at top level."""
         r = self.result
-        loop = asyncio.get_running_loop()
-        reader: asyncio.Task[None] | None = None
-        try:
-            hello: dict[str, Any] = {"event": "websocket:connected", "content-type": r.content_type}
-            hello.update(r.parameters)
-            await ws.send(orjson.dumps(hello).decode())
-            r.stream_started = loop.time()
-            reader = loop.create_task(self._reader())
-            await self._clock(r.stream_started)
-        except websockets.ConnectionClosed:
-            self._server_ended()
-        finally:
-            if reader is not None:
-                if r.ended_by == "caller":
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(reader), 2.5)
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-            r.close_code = ws.close_code
-            r.close_reason = ws.close_reason or ""
+        hello: dict[str, Any] = {"event": "websocket:connected", "content-type": r.content_type}
+        hello.update(r.parameters)
+        await ws.send(orjson.dumps(hello).decode())
 
-    def _to_wire(self, ulaw: bytes) -> bytes:
-        pcm = ulaw_decode(ulaw)
+    def _media_message(self, n: int, frame: bytes) -> bytes:
+        """One binary frame of exactly 20 ms of L16 at the stream's rate."""
+        pcm = ulaw_decode(frame)
         if self._up is not None:
             pcm = self._up.process(pcm)
-        return np.ascontiguousarray(pcm, dtype="<i2").tobytes()
-
-    async def _flush(self, now: float, *, everything: bool = False) -> None:
-        """Each due 20 ms frame goes out as one binary frame of exactly 20 ms at the rate."""
-        ws = self._ws
-        assert ws is not None
-        pending = self._pending
-        fb = self._wire_fb
         wire = self._wire
-        while pending and (everything or pending[0][0] <= now):
-            _, _, frame, flags, utt = pending.popleft()
-            wire += self._to_wire(frame)
-            if len(wire) < fb:  # the resampler's first output is short: lead with silence
-                wire[:0] = bytes(fb - len(wire))
-            await ws.send(bytes(wire[:fb]))
-            del wire[:fb]
-            self.result.frames_sent += 1
-            if flags:
-                self._frame_sent(asyncio.get_running_loop().time(), flags, utt)
+        wire += np.ascontiguousarray(pcm, dtype="<i2").tobytes()
+        fb = self._wire_fb
+        if len(wire) < fb:  # the resampler's first output is short: lead with silence
+            wire[:0] = bytes(fb - len(wire))
+        out = bytes(wire[:fb])
+        del wire[:fb]
+        return out
 
-    async def _hang_up(self, action: HangUp, now: float) -> None:
-        """The caller hangs up: Vonage closes the socket (it sends no stop message)."""
-        await super()._hang_up(HangUp(send_stop=False, abrupt=action.abrupt), now)
+    def _mark_echo(self, name: str) -> str:
+        """A notify's payload comes back as `websocket:notify` once what preceded it played."""
+        return orjson.dumps(
+            {"event": "websocket:notify", "payload": self._payloads.popleft()}
+        ).decode()
+
+    def _stop_frame(self) -> str | None:
+        return None  # Vonage has no stop message: the caller's hang-up closes the socket
 
     # ------------------------------------------------------------------ what the app sends
-
-    async def _echo_marks(self, names: list[str], now: float) -> None:
-        ws = self._ws
-        assert ws is not None
-        r = self.result
-        for name in names:
-            payload = self._payloads.popleft()
-            await ws.send(orjson.dumps({"event": "websocket:notify", "payload": payload}).decode())
-            r.marks_echoed.append(TimedName(name, now))
-            r.timeline.append(TimelineEvent(now, "notify_echoed", name))
 
     async def _on_frame(self, data: str | bytes, now: float) -> None:
         if isinstance(data, bytes):
@@ -501,21 +430,15 @@ class SimulatedVonageCaller(SimulatedCaller):
             return
         given = payload.get("name")
         label = given if isinstance(given, str) else orjson.dumps(payload).decode()[:40]
-        self.result.marks_received.append(TimedName(label, now))
-        self._marks.append((self._enqueued, label))
+        self._queue_mark(label, now)
         self._payloads.append(payload)
 
     async def _clear(self, now: float) -> None:
         """Empty the queue and say so; the notifies it held are dropped (or sent, if asked)."""
-        r = self.result
-        r.clears.append(now)
-        r.timeline.append(TimelineEvent(now, "clear"))
-        self._playbuf.clear()
-        self._enqueued = self._played
+        names = [name for _, name in self._marks]
+        await self._clear_queue(now, echo_marks=False)
         if self._down is not None:
             self._down.reset()
-        names = [name for _, name in self._marks]
-        self._marks.clear()
         assert self._ws is not None
         await self._ws.send('{"event":"websocket:cleared"}')
         if self.notify_after_clear == "send":
@@ -539,9 +462,4 @@ class SimulatedVonageCaller(SimulatedCaller):
         if self._down is not None:
             pcm = self._down.process(pcm)
         ulaw = ulaw_encode(np.ascontiguousarray(pcm, dtype=np.int16)).tobytes()
-        self._playbuf += ulaw
-        self._enqueued += len(ulaw)
-        self.result.received_media_bytes += len(data)
-        if self._probes:
-            for _ in range(self._detector.feed(ulaw_decode(ulaw))):
-                self._probe_heard(now)
+        self._queue_audio(ulaw, now, wire_bytes=len(data))

@@ -21,7 +21,7 @@ numbers are digits, country code first (Vonage's form); an inline `ncco` is refu
 fake runs fetched NCCOs only).
 
 A call is known once a test `attach`es its simulated caller; a hang-up or a transfer then ends
-that caller's stream (`SimulatedCaller.end_from_carrier`), as Vonage does when the call leaves
+that caller's stream (`SimulatedEdge.end_from_carrier`), as Vonage does when the call leaves
 its websocket `connect`. A transfer's NCCO is recorded: its `talk` texts in `said`, the number
 or SIP URI its `connect` dials in `transferred_to`. `fail_status` makes every authorized
 request fail with that status (an outage).
@@ -41,7 +41,8 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from livecall.sim.twilio import CallResult, SimulatedCaller
+from livecall.sim.edge import SimulatedEdge
+from livecall.sim.script import CallResult
 
 __all__ = [
     "REGION_PATH",
@@ -106,7 +107,7 @@ class FakeVonageCall:
     """A live call the fake knows, and what was done to it."""
 
     uuid: str
-    caller: SimulatedCaller | None = None
+    caller: SimulatedEdge | None = None
     status: str = "answered"
     said: list[str] = field(default_factory=list)
     transferred_to: str | None = None
@@ -195,7 +196,7 @@ class FakeVonageState:
         """Wait for the placed calls' callees to finish."""
         await asyncio.gather(*self.answered.values(), return_exceptions=True)
 
-    def attach(self, caller: SimulatedCaller) -> FakeVonageCall:
+    def attach(self, caller: SimulatedEdge) -> FakeVonageCall:
         """The caller's call is live on this application (Vonage answered it)."""
         call = FakeVonageCall(caller.call_sid, caller)
         self.calls[call.uuid] = call
