@@ -287,9 +287,10 @@ async def score_call(
     }
     async with LocalStack(scenario=scenario, settings_overrides=overrides) as stack:
         result = await ring(stack, script).run()
-        assert stack.gemini is not None
-        await stack.gemini.wait_for(lambda: all(s.closed for s in stack.gemini.sessions), 10.0)  # type: ignore[union-attr]
-        sessions = list(stack.gemini.sessions)
+        gemini = stack.gemini
+        assert gemini is not None
+        await gemini.wait_for(lambda: all(s.closed for s in gemini.sessions), 10.0)
+        sessions = list(gemini.sessions)
     received = _f(np.frombuffer(b"".join(bytes(s.received_audio) for s in sessions), "<i2"))
     heard = _f(ulaw_decode_ref(np.frombuffer(result.heard, dtype=np.uint8)))
     where: dict[str, Any] = {"carrier": carrier, "codec": "mulaw 8k", "route": "call"}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import binascii
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -240,12 +241,12 @@ def _paths() -> tuple[WirePath, ...]:
     ]  # fmt: skip
     for fmt in (ulaw, l16[8000], l16[16000]):
         out.append(
-            WirePath("plivo", fmt, lambda f=fmt: PlivoStream(media_format=f),  # type: ignore[misc]
+            WirePath("plivo", fmt, partial(PlivoStream, media_format=fmt),
                      _plivo_start, _plivo_media)
         )  # fmt: skip
     for rate in (16000, 8000, 24000):
         out.append(
-            WirePath("vonage", l16[rate], lambda r=rate: VonageStream(media_format=l16[r]),  # type: ignore[misc]
+            WirePath("vonage", l16[rate], partial(VonageStream, media_format=l16[rate]),
                      _vonage_start, _vonage_media)
         )  # fmt: skip
     out.append(WirePath("exotel", l16[8000], ExotelStream, _exotel_start, _exotel_media,

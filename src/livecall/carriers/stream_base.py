@@ -174,8 +174,8 @@ class JsonCarrierStream:
                 raise CarrierProtocolError(self.BINARY_REFUSED)
             limit = self.max_frame_bytes
             size = len(frame)
-            if not binary and size * 4 > limit and size <= limit:
-                size = len(frame.encode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
+            if isinstance(frame, str) and size * 4 > limit and size <= limit:
+                size = len(frame.encode("utf-8", "surrogatepass"))
             if size > limit:
                 raise CarrierProtocolError(f"frame of {size} bytes exceeds the {limit}-byte limit")
             if binary:

@@ -72,10 +72,10 @@ class StarletteCarrier:
         if self.closed:
             raise CarrierClosed
         try:
-            if type(frame) is str:
+            if isinstance(frame, str):
                 await self.ws.send_text(frame)
             else:
-                await self.ws.send_bytes(frame)  # type: ignore[arg-type]
+                await self.ws.send_bytes(frame)
         except (WebSocketDisconnect, RuntimeError, OSError) as exc:
             self.closed = True
             raise CarrierClosed from exc

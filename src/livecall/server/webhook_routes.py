@@ -103,9 +103,10 @@ def build_recording_link_router(
             return FileResponse(
                 recording.path, media_type=recording.media_type, filename=filename, headers=headers
             )
-        assert recording.stream is not None
+        stream = recording.stream
+        assert stream is not None
         return StreamingResponse(
-            iter(lambda: recording.stream.read(65536), b""),  # type: ignore[union-attr]
+            iter(lambda: stream.read(65536), b""),
             media_type=recording.media_type,
             headers={**headers, "Content-Disposition": f'attachment; filename="{filename}"'},
         )

@@ -152,6 +152,8 @@ class TelnyxControl:
         }
         if status_callback:
             body["StatusCallback"] = status_callback
+        # the SDK types `body` as its camel-cased params, but sends it as given: TeXML wants
+        # Twilio-style names (From, To, Url), so the dict goes as is
         result = await self._call(
             self._client.texml.accounts.calls.calls(self.account_sid, body=body)  # type: ignore[arg-type]
         )
