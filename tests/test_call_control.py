@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from livecall.call.actions import BridgeActions
 from livecall.carriers.plivo.control import PlivoCallControl, PlivoControl, PlivoRestError
 from livecall.carriers.telnyx.control import TelnyxCallControl, TelnyxCallError, TelnyxControl
-from livecall.server.carrier_routes import carrier_routes
+from livecall.server.carrier_setup import configured_routes
 from livecall.settings import Settings
 from livecall.sim.telnyx import generate_keypair
 from livecall.telephony.call_control import CallControl, CallControlError, StreamEndControl
@@ -184,7 +184,7 @@ def test_carrier_routes_get_call_control_only_with_their_api_credentials() -> No
         telnyx_api_key=SecretStr(KEY),  # no TELNYX_ACCOUNT_SID: no control
         plivo_auth_token=SecretStr(TOKEN),
     )
-    assert [(r.name, r.control, r.documents) for r in carrier_routes(webhooks_only)] == [
+    assert [(r.name, r.control, r.documents) for r in configured_routes(webhooks_only)] == [
         ("telnyx", None, False),
         ("plivo", None, False),
     ]
@@ -195,7 +195,7 @@ def test_carrier_routes_get_call_control_only_with_their_api_credentials() -> No
         plivo_auth_token=SecretStr(TOKEN),
         plivo_auth_id=AUTH_ID,
     )
-    routes = carrier_routes(both)
+    routes = configured_routes(both)
     assert [(r.name, r.control is not None, r.documents) for r in routes] == [
         ("telnyx", True, False),
         ("plivo", True, True),

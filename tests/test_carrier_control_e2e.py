@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from livecall.server.carrier_routes import EXOTEL_TRANSFER_REFUSAL
+from livecall.server.carrier_route import EXOTEL_TRANSFER_REFUSAL
 from livecall.server.carrier_status import STATUS_EVENT
 from livecall.sim.clips import load_clip
 from livecall.sim.exotel import SimulatedExotelCaller

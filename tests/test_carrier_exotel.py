@@ -51,7 +51,7 @@ from livecall.carriers.exotel.wire import (
     mark_frame,
     media_frame,
 )
-from livecall.server.carrier_routes import stream_tokens_for
+from livecall.server.carrier_route import stream_tokens_for
 from livecall.sim.exotel import ExotelCallResult, SimulatedExotelCaller, serve_fake_exotel_rest
 from livecall.sim.script import HangUp, Pause, PressDigit, Probe, Say
 

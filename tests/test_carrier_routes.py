@@ -8,23 +8,19 @@ import pytest
 from pydantic import SecretStr
 
 from livecall.carriers.plivo.answer import extra_headers
-from livecall.server.carrier_routes import (
-    carrier_routes,
-    pack_alnum,
-    stream_tokens_for,
-    unpack_alnum,
-)
+from livecall.server.carrier_route import pack_alnum, stream_tokens_for, unpack_alnum
+from livecall.server.carrier_setup import configured_routes
 from livecall.settings import Settings
 from livecall.sim.telnyx import generate_keypair
 from livecall.telephony.stream_token import TOKEN_PARAMETER
 
 
 def test_a_carrier_is_on_only_when_its_credentials_are_set() -> None:
-    assert carrier_routes(Settings()) == []
-    assert carrier_routes(Settings(plivo_auth_token=SecretStr(""))) == []
+    assert configured_routes(Settings()) == []
+    assert configured_routes(Settings(plivo_auth_token=SecretStr(""))) == []
     _, public = generate_keypair()
     plivo, exotel = "plivo-auth-token-0123", "exotel-url-secret-0123456789"
-    routes = carrier_routes(
+    routes = configured_routes(
         Settings(
             telnyx_public_key=SecretStr(public),
             plivo_auth_token=SecretStr(plivo),

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from livecall.carriers.base import Capabilities, CarrierEvent, CarrierStream, Frame
 from livecall.carriers.telnyx import TelnyxCarrier, busy_texml
 from livecall.server.app import create_app
-from livecall.server.carrier_routes import CarrierRoute
+from livecall.server.carrier_route import CarrierRoute
 from livecall.settings import Settings
 from livecall.sim.clips import load_clip
 from livecall.sim.gemini import Scenario, ToolCallFault

@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from livecall.carriers.exotel.answer import voicebot_stream_url
-from livecall.server.carrier_routes import stream_tokens_for
+from livecall.server.carrier_route import stream_tokens_for
 from livecall.settings import Settings
 from livecall.sim.exotel import SimulatedExotelCaller
 from livecall.sim.gemini import Scenario

@@ -80,8 +80,15 @@ def play_call(observer: Any, sid: str = "CA1", *, failed: bool = False) -> None:
     observer.event(CallEventRecord(sid, 3000, "interrupted", {"heard_ms": 900}))
     observer.turn(
         TurnRecord(
-            sid, 2, "agent", "and on sundays we", 3600, 4100, interrupted=True,
-            heard_text="and on", barge_in_stop_ms=3.0,
+            sid,
+            2,
+            "agent",
+            "and on sundays we",
+            3600,
+            4100,
+            interrupted=True,
+            heard_text="and on",
+            barge_in_stop_ms=3.0,
         )
     )
     observer.event(CallEventRecord(sid, 5000, "reconnect", {"reason": "go_away"}))
@@ -89,8 +96,13 @@ def play_call(observer: Any, sid: str = "CA1", *, failed: bool = False) -> None:
     observer.event(CallEventRecord(sid, 5300, "protocol_error", {}))
     observer.call_ended(
         CallSummary(
-            call_sid=sid, ended_at=T0, duration_s=6.0, end_reason="caller_stop",
-            status="failed" if failed else "completed", turns=3, interruptions=1,
+            call_sid=sid,
+            ended_at=T0,
+            duration_s=6.0,
+            end_reason="caller_stop",
+            status="failed" if failed else "completed",
+            turns=3,
+            interruptions=1,
         )
     )
 
@@ -247,8 +259,12 @@ def test_multiprocess_mode_sums_the_workers(tmp_path: Path) -> None:
     for frames in ("10", "32"):  # two "workers", two pids
         subprocess.run([sys.executable, "-c", WORKER, frames], env=env, check=True, timeout=60)
     out = subprocess.run(
-        [sys.executable, "-c", SCRAPE], env=env, check=True, timeout=60,
-        capture_output=True, text=True,
+        [sys.executable, "-c", SCRAPE],
+        env=env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
     ).stdout
     lines = set(out.splitlines())
     assert "livecall_active_calls 2.0" in lines
@@ -320,7 +336,11 @@ def test_a_call_becomes_a_trace_with_a_span_per_turn(spans: Any) -> None:
     assert call.attributes["livecall.end_reason"] == "caller_stop"
     assert not call.status.is_ok
     assert [e.name for e in call.events] == [
-        "session_started", "interrupted", "reconnect", "error", "protocol_error",
+        "session_started",
+        "interrupted",
+        "reconnect",
+        "error",
+        "protocol_error",
     ]
     # transcripts are personal data: only their length goes into traces
     everything = str([dict(s.attributes or {}) for s in finished])

@@ -198,5 +198,3 @@ def test_a_broken_profiles_file_stops_the_server_with_the_reasons(tmp_path: Path
     assert caught.value.problems == [
         f"{file}: profile 'sales': tools: transfer_call is enabled but transfer_targets is empty"
     ]
-
-

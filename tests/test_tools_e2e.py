@@ -152,9 +152,7 @@ async def test_end_call_plays_goodbye_then_hangs_up(
     sid = "CA" + secrets.token_hex(16)
     rest_call = live_call(fake, sid)
 
-    result, session, record = await run_call(
-        stack, [say()], call_sid=sid, on_script_end="wait"
-    )
+    result, session, record = await run_call(stack, [say()], call_sid=sid, on_script_end="wait")
 
     # The server ended the call, and only after every mark it sent had come back played.
     assert result.ended_by == "server"
@@ -202,9 +200,7 @@ async def test_transfer_dials_the_profile_number_after_the_line(
     sid = "CA" + secrets.token_hex(16)
     rest_call = live_call(fake, sid)
 
-    result, session, record = await run_call(
-        stack, [say()], call_sid=sid, on_script_end="wait"
-    )
+    result, session, record = await run_call(stack, [say()], call_sid=sid, on_script_end="wait")
 
     # Twilio was told to <Dial> the manager's number ...
     assert len(rest_call.twiml_history) == 1

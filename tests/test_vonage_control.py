@@ -26,7 +26,8 @@ from livecall.carriers.vonage.control import (
     load_private_key,
 )
 from livecall.records import CallEventRecord
-from livecall.server.carrier_routes import EXOTEL_TRANSFER_REFUSAL, carrier_routes
+from livecall.server.carrier_route import EXOTEL_TRANSFER_REFUSAL
+from livecall.server.carrier_setup import configured_routes
 from livecall.server.carrier_status import STATUS_EVENT, CarrierStatuses
 from livecall.settings import Settings
 from livecall.sim.vonage_rest import build_fake_vonage_rest, generate_application_keys
@@ -247,7 +248,7 @@ def test_which_routes_get_which_control(keys: tuple[str, str]) -> None:
     pem, _ = keys
     signature = SecretStr("vonage-signature-secret-0123456789")
     exotel = SecretStr("exotel-url-secret-0123456789")
-    bare = carrier_routes(Settings(vonage_signature_secret=signature, exotel_url_secret=exotel))
+    bare = configured_routes(Settings(vonage_signature_secret=signature, exotel_url_secret=exotel))
     assert [(r.name, r.control is None) for r in bare] == [("vonage", True), ("exotel", False)]
     assert [r.status_methods for r in bare if r.name == "vonage"] == [("GET", "POST")]
     [exotel_route] = [r for r in bare if r.name == "exotel"]
@@ -256,7 +257,7 @@ def test_which_routes_get_which_control(keys: tuple[str, str]) -> None:
     assert isinstance(line, StreamEndControl)
     assert line.transfer_refusal == EXOTEL_TRANSFER_REFUSAL
 
-    wired = carrier_routes(
+    wired = configured_routes(
         Settings(
             vonage_signature_secret=signature,
             vonage_application_id=APP_ID,
@@ -267,7 +268,7 @@ def test_which_routes_get_which_control(keys: tuple[str, str]) -> None:
     assert vonage.control is not None and vonage.aclose is not None
     assert "PRIVATE" not in repr(wired)
     with pytest.raises(ValueError, match="VONAGE_PRIVATE_KEY"):
-        carrier_routes(
+        configured_routes(
             Settings(
                 vonage_signature_secret=signature,
                 vonage_application_id=APP_ID,

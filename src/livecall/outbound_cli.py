@@ -55,7 +55,7 @@ def call_command(
     """Call NUMBER and let the profile's agent talk (the server at PUBLIC_URL takes the call)."""
     from livecall.agent.profiles import ProfileError, ProfileSet
     from livecall.log import configure_logging
-    from livecall.server.carrier_routes import stream_tokens_for
+    from livecall.server.carrier_route import stream_tokens_for
     from livecall.server.outbound import (
         OutboundError,
         destination_policy,

@@ -24,11 +24,9 @@ from livecall.outcomes.webhooks import WebhookService, link_key
 from livecall.records import CallObserver
 from livecall.server.api import build_api_router
 from livecall.server.auth import ApiDisabled, HostPolicy
-from livecall.server.carrier_routes import (
-    CarrierRoute,
-    build_carrier_router,
-    carrier_routes,
-)
+from livecall.server.carrier_route import CarrierRoute
+from livecall.server.carrier_routes import build_carrier_router
+from livecall.server.carrier_setup import configured_routes
 from livecall.server.dashboard import DashboardDisabled, build_dashboard_router
 from livecall.server.docs import build_openapi_router, docs_urls
 from livecall.server.drain import Drain
@@ -209,7 +207,7 @@ def create_app(
 
     app.include_router(build_ops_router(state))  # /health, /ready, /admin/drain
     app.include_router(build_twilio_router(state))
-    routes = [*carrier_routes(settings), *extra_carriers]
+    routes = [*configured_routes(settings), *extra_carriers]
     app.include_router(build_carrier_router(state, routes))  # Telnyx, Plivo…
     app.include_router(build_amd_router(state))
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None

@@ -45,25 +45,36 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from dataclasses import replace
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 import structlog
 from fastapi import APIRouter, Request, Response, WebSocket
-from pydantic import SecretStr
 
 from livecall.call_ids import MAX_CALL_ID, is_call_id
 from livecall.carriers.base import (
     CallStarted,
     CallStopped,
-    Carrier,
     CarrierProtocolError,
     CarrierStream,
 )
 from livecall.privacy import mask_number
 from livecall.server.calls import StarletteCarrier, run_call
+from livecall.server.carrier_route import (
+    BUSY_PARAMETER,
+    CALL_MEMORY_S,
+    STREAM_PARAMETERS,
+    TRANSFER_DOCUMENT_TTL_S,
+    CarrierRoute,
+    ControlSite,
+    WebhookCall,
+    e164,
+    pack_alnum,
+    read_form,
+    stream_tokens_for,
+    unpack_alnum,
+)
 from livecall.server.carrier_status import CarrierStatuses
 from livecall.server.forwarded import TrustedProxies
 from livecall.server.outbound_carriers import OUTBOUND_PARAMETER
@@ -71,353 +82,18 @@ from livecall.server.urls import public_base, signature_urls, ws_base
 from livecall.telephony.stream_token import (
     TOKEN_PARAMETER,
     OutboundClaims,
-    StreamTokens,
-    derive_key,
 )
 from livecall.telephony.whisper import Whispers
 
 if TYPE_CHECKING:
-    from livecall.carriers.vonage.calls import CallDirectory
     from livecall.server.state import AppState
-    from livecall.settings import Settings
     from livecall.telephony.call_control import CallControl
 
 __all__ = [
-    "CarrierRoute",
-    "ControlSite",
-    "WebhookCall",
     "build_carrier_router",
-    "carrier_routes",
-    "read_exotel",
-    "read_form",
-    "stream_tokens_for",
 ]
 
 log = structlog.get_logger("livecall.carriers")
-
-TRANSFER_DOCUMENT_TTL_S = 120.0  # the carrier fetches it right after the REST transfer
-CALL_MEMORY_S = 600.0  # what a webhook said about a call is kept this long past its longest
-# what the model is told when it tries to transfer an Exotel call (the Voicebot applet's
-# stream cannot be moved; the flow's next applet could dial, but only after a hang-up)
-EXOTEL_TRANSFER_REFUSAL = (
-    "transfers are not possible on this line (the phone system cannot move this call)"
-)
-BUSY_PARAMETER = "busy"  # in a stream URL answered to a call turned away (no busy document)
-_STREAM_PARAMETERS = frozenset(("from", "to", "direction", "profile", TOKEN_PARAMETER))
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookCall:
-    """What a voice webhook says about the call, whatever the carrier's format."""
-
-    call_id: str  # the id the stream's start repeats (the stream token is bound to it)
-    from_number: str = ""
-    to_number: str = ""
-    direction: str = "inbound"
-    native: Any = None  # the carrier's own reading, for its `answer` hook
-
-
-# (method, url, body) -> the call; ValueError when the request names no call
-WebhookReader = Callable[[str, str, bytes], WebhookCall]
-# (public https base, parameters, call) -> (answer body, content type)
-AnswerBuilder = Callable[[str, Mapping[str, str], WebhookCall], tuple[str, str]]
-# (method, url, body) -> (call id, status) of a status webhook; ValueError when unreadable
-StatusReader = Callable[[str, str, bytes], tuple[str, str]]
-
-
-@dataclass(frozen=True)
-class ControlSite:
-    """What a carrier's call control may need for one call."""
-
-    state: AppState
-    start: CallStarted
-    public_base: str  # https://host as the carrier reaches livecall
-    # keep a document (XML the carrier fetches) behind a single-use URL of this carrier's;
-    # None unless the route serves documents
-    publish: Callable[[str], Awaitable[str]] | None = None
-
-
-ControlFactory = Callable[[ControlSite], "CallControl | None"]
-
-
-@dataclass(frozen=True)
-class CarrierRoute:
-    """One carrier's HTTP side: where its webhook lands, how it names things, how it says busy."""
-
-    carrier: Carrier
-    webhook_path: str
-    call_id_field: str  # the webhook form field holding the id the stream's start repeats
-    # (message, reject) -> the answer body; None: the carrier has no busy document, so the
-    # answer is a stream that is closed at its start (the carrier's flow then moves on)
-    busy: Callable[[str | None, bool], str] | None
-    content_type: str = "application/xml"
-    control: ControlFactory | None = None  # REST call control (hangup/transfer), when set up
-    documents: bool = False  # serves transfer documents the carrier fetches (see module doc)
-    alnum_parameters: bool = False  # the carrier carries only [A-Za-z0-9] names and values
-    methods: tuple[str, ...] = ("POST",)  # what the voice webhook accepts (HEAD: auth only)
-    read_webhook: WebhookReader | None = None  # None: a POSTed form (`call_id_field`, From…)
-    answer: AnswerBuilder | None = None  # None: `carrier.answer_document(ws url, parameters)`
-    status_path: str | None = None  # the carrier's status (event) webhook, if it has one
-    read_status: StatusReader | None = None
-    status_methods: tuple[str, ...] = ("POST",)
-    # the per-call parameters ride the stream URL's query string (Exotel): read them from the
-    # upgrade request (the start's custom parameters, which echo them, when it has none)
-    parameters_in_url: bool = False
-    # an outbound call streams straight to the URL it was dialled with (Exotel's Connect Voice
-    # AI): the stream, not a webhook, claims the outbound token that URL carries
-    outbound_streams: bool = False
-    # closes the REST clients behind `control` (at shutdown, once the calls are over)
-    aclose: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
-
-    @property
-    def name(self) -> str:
-        return self.carrier.name
-
-    @property
-    def stream_path(self) -> str:
-        return f"/ws/{self.carrier.name}"
-
-
-def stream_tokens_for(secret: bytes, carrier: str) -> StreamTokens:
-    """A carrier's stream tokens: its own key, so one carrier's token opens no other's stream."""
-    return StreamTokens(derive_key(secret, f"{carrier}-stream"))
-
-
-def pack_alnum(parameters: Mapping[str, str]) -> dict[str, str]:
-    """Per-call parameters for a carrier that carries only letters and digits (Plivo's
-    `extraHeaders`): names lose their other characters, values travel as hex of UTF-8."""
-    return {
-        "".join(c for c in name if c.isascii() and c.isalnum()): value.encode().hex()
-        for name, value in parameters.items()
-    }
-
-
-def unpack_alnum(parameters: Mapping[str, str]) -> dict[str, str]:
-    """`pack_alnum` undone (ValueError for a value that is not its hex)."""
-    names = {"".join(c for c in n if c.isalnum()): n for n in (TOKEN_PARAMETER,)}
-    return {
-        names.get(name, name): bytes.fromhex(value).decode() for name, value in parameters.items()
-    }
-
-
-def read_form(call_id_field: str) -> WebhookReader:
-    """The default webhook reader: a urlencoded form naming the call in `call_id_field`."""
-
-    def read(method: str, url: str, body: bytes) -> WebhookCall:
-        params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-        return WebhookCall(
-            call_id=params.get(call_id_field, ""),
-            from_number=params.get("From", ""),
-            to_number=params.get("To", ""),
-            direction=params.get("Direction", "inbound") or "inbound",
-        )
-
-    return read
-
-
-def read_exotel(method: str, url: str, body: bytes) -> WebhookCall:
-    """Exotel's dynamic-URL GET: `CallSid`, `CallFrom`/`CallTo` (or `From`/`To`) and a
-    `Direction` of `incoming`, `outbound-dial` or `outbound-api` in the query string."""
-    query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
-    direction = query.get("Direction", "")
-    return WebhookCall(
-        query.get("CallSid", ""),
-        query.get("CallFrom") or query.get("From", ""),
-        query.get("CallTo") or query.get("To", ""),
-        "outbound" if direction.startswith("outbound") else "inbound",
-    )
-
-
-def _e164(number: str) -> str:
-    """A number as E.164 (Plivo writes them as bare digits)."""
-    return "+" + number if number.isascii() and number.isdigit() else number
-
-
-def _secret(value: SecretStr | None) -> str:
-    return value.get_secret_value() if value is not None else ""
-
-
-def carrier_routes(settings: Settings) -> list[CarrierRoute]:
-    """The carriers whose credentials are set (secure by default: no key, no route), each
-    with its REST call control when that carrier's API credentials are set too."""
-    routes: list[CarrierRoute] = []
-    if _secret(settings.telnyx_public_key):
-        from livecall.carriers.telnyx import TelnyxCarrier, busy_texml
-
-        routes.append(
-            CarrierRoute(
-                TelnyxCarrier(_secret(settings.telnyx_public_key)),
-                "/telnyx/texml",
-                "CallSid",
-                lambda message, reject: busy_texml(message, reject=reject),
-                **_telnyx_control(settings),
-            )
-        )
-    if _secret(settings.plivo_auth_token):
-        from livecall.carriers.plivo import PlivoCarrier, busy_xml
-
-        routes.append(
-            CarrierRoute(
-                PlivoCarrier(_secret(settings.plivo_auth_token)),
-                "/plivo/answer",
-                "CallUUID",
-                lambda message, reject: busy_xml(message, reject=reject),
-                alnum_parameters=True,  # extraHeaders: letters and digits only
-                **_plivo_control(settings),
-            )
-        )
-    secret = settings.vonage_signature_secret
-    if secret is not None and secret.get_secret_value():
-        routes.append(
-            _vonage_route(secret.get_secret_value(), settings.vonage_sample_rate, settings=settings)
-        )
-    if settings.exotel_url_secret is not None and settings.exotel_url_secret.get_secret_value():
-        from livecall.carriers.exotel import ExotelCarrier
-        from livecall.telephony.call_control import StreamEndControl
-
-        # the Voicebot applet's stream is the call: closing it hands the call to the flow's
-        # next applet (which ends it), and nothing can move it elsewhere over REST
-        exotel_control = StreamEndControl(EXOTEL_TRANSFER_REFUSAL)
-
-        routes.append(
-            CarrierRoute(
-                ExotelCarrier(settings.exotel_url_secret.get_secret_value()),
-                "/exotel/voicebot",
-                "CallSid",
-                None,  # no busy document: a stream closed at start ends the Voicebot applet
-                methods=("GET", "HEAD"),
-                read_webhook=read_exotel,
-                parameters_in_url=True,
-                outbound_streams=True,
-                control=lambda site: exotel_control,
-            )
-        )
-    return routes
-
-
-def _vonage_route(
-    signature_secret: str, sample_rate: int, *, settings: Settings | None = None
-) -> CarrierRoute:
-    """Vonage: a GET (or POST JSON) answer webhook answered with an NCCO, signed JWTs, binary
-    L16 on `/ws/vonage`, leg statuses on `GET|POST /vonage/event` (read as the call's: a leg's
-    own uuid leads to it through the conversation), REST control (`_vonage_control`) sent to
-    the region the answer webhook named."""
-    from livecall.carriers.vonage import VonageCarrier, VonageSignature
-    from livecall.carriers.vonage.answer import (
-        busy_ncco,
-        ncco_json,
-        parse_answer_request,
-        parse_event,
-    )
-    from livecall.carriers.vonage.calls import CallDirectory
-
-    carrier = VonageCarrier(VonageSignature(signature_secret), sample_rate=sample_rate)
-    ttl_s = (settings.max_call_duration_s if settings is not None else 3600.0) + CALL_MEMORY_S
-    directory = CallDirectory(ttl_s=ttl_s)
-
-    def read(method: str, url: str, body: bytes) -> WebhookCall:
-        call = parse_answer_request(method, url, body)
-        return WebhookCall(call.uuid, call.from_number, call.to_number, "inbound", call)
-
-    def answer(base: str, parameters: Mapping[str, str], call: WebhookCall) -> tuple[str, str]:
-        # the numbers ride in the NCCO's reserved headers (from the call), not as parameters
-        params = {k: v for k, v in parameters.items() if k not in ("from", "to")}
-        native = call.native
-        line = native  # its region, its conversation, the number it rang (a transfer's from)
-        if call.direction != "inbound":  # placed by us: E.164, and our number is `from`
-            native = replace(native, from_number=call.from_number, to_number=call.to_number)
-            line = replace(native, to_number=native.from_number)
-        directory.answered(line, time.monotonic())
-        return carrier.answer_document_for_call(
-            ws_base(base) + "/ws/vonage", params, native, event_url=base + "/vonage/event"
-        )
-
-    def read_status(method: str, url: str, body: bytes) -> tuple[str, str]:
-        event = parse_event(body, urlsplit(url).query if method == "GET" else "")
-        known = directory.for_event(event.uuid, event.conversation_uuid, time.monotonic())
-        return (known.uuid if known is not None else event.uuid), event.status
-
-    return CarrierRoute(
-        carrier,
-        "/vonage/answer",
-        "uuid",
-        lambda message, reject: ncco_json(busy_ncco(None if reject else message))[0],
-        content_type="application/json",
-        methods=("GET", "POST"),
-        read_webhook=read,
-        answer=answer,
-        status_path="/vonage/event",
-        read_status=read_status,
-        status_methods=("GET", "POST"),
-        **(_vonage_control(settings, directory) if settings is not None else {}),
-    )
-
-
-def _vonage_control(settings: Settings, directory: CallDirectory) -> dict[str, Any]:
-    """Vonage call control: application JWTs, one client; each call's control goes to the
-    `region_url` its answer webhook named (when it is Vonage's, or the configured base's), and
-    its transfer dials from the number the caller rang."""
-    key = _secret(settings.vonage_private_key)
-    if not settings.vonage_application_id or not key:
-        return {}
-    from livecall.carriers.vonage.calls import region_base
-    from livecall.carriers.vonage.control import (
-        DEFAULT_API_BASE,
-        VonageCall,
-        VonageCallControl,
-        load_private_key,
-    )
-
-    api_base = settings.vonage_api_base or DEFAULT_API_BASE
-    rest = VonageCallControl(
-        settings.vonage_application_id, load_private_key(key), base_url=api_base
-    )
-
-    def control(site: ControlSite) -> CallControl:
-        known = directory.get(site.start.call_id, time.monotonic())
-        if known is None:  # answered elsewhere or long ago: the base, the caller's own id
-            return VonageCall(rest)
-        region = region_base(known.region_url, api_base)
-        return VonageCall(rest, region, from_number=known.line_number)
-
-    return {"control": control, "aclose": rest.aclose}
-
-
-def _telnyx_control(settings: Settings) -> dict[str, Any]:
-    """TeXML call control (the transfer's TeXML goes inline): one client for every call."""
-    key = _secret(settings.telnyx_api_key)
-    if not key or not settings.telnyx_account_sid:
-        return {}
-    from livecall.carriers.telnyx.control import TelnyxCallControl, TelnyxControl
-
-    # no retries, as with Twilio and Plivo: a transfer retried after a 5xx may have moved the
-    # call already; a failed one is told to the model, which may try again
-    rest = TelnyxControl(
-        key, settings.telnyx_account_sid, base_url=settings.telnyx_api_base, max_retries=0
-    )
-    control = TelnyxCallControl(rest)
-    return {"control": lambda site: control, "aclose": control.aclose}
-
-
-def _plivo_control(settings: Settings) -> dict[str, Any]:
-    """Plivo call control: hang-up over REST; a transfer points the caller's leg at a
-    single-use document livecall serves (`aleg_url`)."""
-    token = _secret(settings.plivo_auth_token)
-    if not settings.plivo_auth_id or not token:
-        return {}
-    from livecall.carriers.plivo.control import PlivoCallControl, PlivoControl
-
-    rest = (
-        PlivoControl(settings.plivo_auth_id, token, base_url=settings.plivo_api_base)
-        if settings.plivo_api_base
-        else PlivoControl(settings.plivo_auth_id, token)
-    )
-
-    def control(site: ControlSite) -> CallControl:
-        assert site.publish is not None  # `documents=True` below
-        return PlivoCallControl(rest, site.publish)
-
-    return {"control": control, "documents": True, "aclose": rest.aclose}
 
 
 def build_carrier_router(state: AppState, routes: list[CarrierRoute]) -> APIRouter:
@@ -479,8 +155,8 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             call = replace(
                 call,
                 direction="outbound-api",
-                from_number=_e164(call.from_number),
-                to_number=_e164(call.to_number),
+                from_number=e164(call.from_number),
+                to_number=e164(call.to_number),
             )
         base = public_base(
             request.url, request.headers, settings.public_url, peer=peer, trusted=trusted
@@ -578,7 +254,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
                 return
         if query is not None:  # the URL we answered, as the carrier opened it
             if TOKEN_PARAMETER in query:
-                params = {k: v for k, v in query.items() if k in _STREAM_PARAMETERS}
+                params = {k: v for k, v in query.items() if k in STREAM_PARAMETERS}
             busy = busy or (TOKEN_PARAMETER not in params and BUSY_PARAMETER in params)
         if busy:
             log.info(f"{name}.busy_stream_closed", call_sid=started.call_id)
@@ -610,8 +286,8 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             params["direction"] = "outbound-api"
             started = replace(
                 started,
-                from_number=_e164(started.from_number) if started.from_number else None,
-                to_number=_e164(started.to_number) if started.to_number else None,
+                from_number=e164(started.from_number) if started.from_number else None,
+                to_number=e164(started.to_number) if started.to_number else None,
             )
             log.info(
                 f"{name}.outbound_stream",

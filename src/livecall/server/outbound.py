@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from livecall.agent.profiles import AgentProfile, ProfileRegistry, ProfileSet
 from livecall.privacy import mask_number
 from livecall.server.auth import calls_auth
-from livecall.server.carrier_routes import stream_tokens_for
+from livecall.server.carrier_route import stream_tokens_for
 from livecall.server.outbound_carriers import (
     AMD_ONLY_ON,
     CarrierDialer,

@@ -1,0 +1,196 @@
+"""One carrier's HTTP side as data (`CarrierRoute`: where its webhook lands, how to read it,
+how to answer, how it says busy, its status webhook, its call control) and the pure helpers
+every carrier's route shares: the form and query readers, per-carrier stream tokens, the
+parameters packed for a carrier that carries only letters and digits. `carrier_setup` says
+which carriers are configured; `carrier_routes` serves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+import structlog
+from pydantic import SecretStr
+
+from livecall.carriers.base import (
+    CallStarted,
+    Carrier,
+)
+from livecall.telephony.stream_token import (
+    TOKEN_PARAMETER,
+    StreamTokens,
+    derive_key,
+)
+
+if TYPE_CHECKING:
+    from livecall.server.state import AppState
+    from livecall.telephony.call_control import CallControl
+
+__all__ = [
+    "BUSY_PARAMETER",
+    "CALL_MEMORY_S",
+    "EXOTEL_TRANSFER_REFUSAL",
+    "STREAM_PARAMETERS",
+    "TRANSFER_DOCUMENT_TTL_S",
+    "AnswerBuilder",
+    "CarrierRoute",
+    "ControlFactory",
+    "ControlSite",
+    "StatusReader",
+    "WebhookCall",
+    "WebhookReader",
+    "e164",
+    "pack_alnum",
+    "read_exotel",
+    "read_form",
+    "secret_value",
+    "stream_tokens_for",
+    "unpack_alnum",
+]
+
+log = structlog.get_logger("livecall.carriers")
+
+
+TRANSFER_DOCUMENT_TTL_S = 120.0  # the carrier fetches it right after the REST transfer
+CALL_MEMORY_S = 600.0  # what a webhook said about a call is kept this long past its longest
+# what the model is told when it tries to transfer an Exotel call (the Voicebot applet's
+# stream cannot be moved; the flow's next applet could dial, but only after a hang-up)
+EXOTEL_TRANSFER_REFUSAL = (
+    "transfers are not possible on this line (the phone system cannot move this call)"
+)
+BUSY_PARAMETER = "busy"  # in a stream URL answered to a call turned away (no busy document)
+STREAM_PARAMETERS = frozenset(("from", "to", "direction", "profile", TOKEN_PARAMETER))
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookCall:
+    """What a voice webhook says about the call, whatever the carrier's format."""
+
+    call_id: str  # the id the stream's start repeats (the stream token is bound to it)
+    from_number: str = ""
+    to_number: str = ""
+    direction: str = "inbound"
+    native: Any = None  # the carrier's own reading, for its `answer` hook
+
+
+# (method, url, body) -> the call; ValueError when the request names no call
+WebhookReader = Callable[[str, str, bytes], WebhookCall]
+# (public https base, parameters, call) -> (answer body, content type)
+AnswerBuilder = Callable[[str, Mapping[str, str], WebhookCall], tuple[str, str]]
+# (method, url, body) -> (call id, status) of a status webhook; ValueError when unreadable
+StatusReader = Callable[[str, str, bytes], tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class ControlSite:
+    """What a carrier's call control may need for one call."""
+
+    state: AppState
+    start: CallStarted
+    public_base: str  # https://host as the carrier reaches livecall
+    # keep a document (XML the carrier fetches) behind a single-use URL of this carrier's;
+    # None unless the route serves documents
+    publish: Callable[[str], Awaitable[str]] | None = None
+
+
+ControlFactory = Callable[[ControlSite], "CallControl | None"]
+
+
+@dataclass(frozen=True)
+class CarrierRoute:
+    """One carrier's HTTP side: where its webhook lands, how it names things, how it says busy."""
+
+    carrier: Carrier
+    webhook_path: str
+    call_id_field: str  # the webhook form field holding the id the stream's start repeats
+    # (message, reject) -> the answer body; None: the carrier has no busy document, so the
+    # answer is a stream that is closed at its start (the carrier's flow then moves on)
+    busy: Callable[[str | None, bool], str] | None
+    content_type: str = "application/xml"
+    control: ControlFactory | None = None  # REST call control (hangup/transfer), when set up
+    documents: bool = False  # serves transfer documents the carrier fetches (see module doc)
+    alnum_parameters: bool = False  # the carrier carries only [A-Za-z0-9] names and values
+    methods: tuple[str, ...] = ("POST",)  # what the voice webhook accepts (HEAD: auth only)
+    read_webhook: WebhookReader | None = None  # None: a POSTed form (`call_id_field`, From…)
+    answer: AnswerBuilder | None = None  # None: `carrier.answer_document(ws url, parameters)`
+    status_path: str | None = None  # the carrier's status (event) webhook, if it has one
+    read_status: StatusReader | None = None
+    status_methods: tuple[str, ...] = ("POST",)
+    # the per-call parameters ride the stream URL's query string (Exotel): read them from the
+    # upgrade request (the start's custom parameters, which echo them, when it has none)
+    parameters_in_url: bool = False
+    # an outbound call streams straight to the URL it was dialled with (Exotel's Connect Voice
+    # AI): the stream, not a webhook, claims the outbound token that URL carries
+    outbound_streams: bool = False
+    # closes the REST clients behind `control` (at shutdown, once the calls are over)
+    aclose: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.carrier.name
+
+    @property
+    def stream_path(self) -> str:
+        return f"/ws/{self.carrier.name}"
+
+
+def stream_tokens_for(secret: bytes, carrier: str) -> StreamTokens:
+    """A carrier's stream tokens: its own key, so one carrier's token opens no other's stream."""
+    return StreamTokens(derive_key(secret, f"{carrier}-stream"))
+
+
+def pack_alnum(parameters: Mapping[str, str]) -> dict[str, str]:
+    """Per-call parameters for a carrier that carries only letters and digits (Plivo's
+    `extraHeaders`): names lose their other characters, values travel as hex of UTF-8."""
+    return {
+        "".join(c for c in name if c.isascii() and c.isalnum()): value.encode().hex()
+        for name, value in parameters.items()
+    }
+
+
+def unpack_alnum(parameters: Mapping[str, str]) -> dict[str, str]:
+    """`pack_alnum` undone (ValueError for a value that is not its hex)."""
+    names = {"".join(c for c in n if c.isalnum()): n for n in (TOKEN_PARAMETER,)}
+    return {
+        names.get(name, name): bytes.fromhex(value).decode() for name, value in parameters.items()
+    }
+
+
+def read_form(call_id_field: str) -> WebhookReader:
+    """The default webhook reader: a urlencoded form naming the call in `call_id_field`."""
+
+    def read(method: str, url: str, body: bytes) -> WebhookCall:
+        params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        return WebhookCall(
+            call_id=params.get(call_id_field, ""),
+            from_number=params.get("From", ""),
+            to_number=params.get("To", ""),
+            direction=params.get("Direction", "inbound") or "inbound",
+        )
+
+    return read
+
+
+def read_exotel(method: str, url: str, body: bytes) -> WebhookCall:
+    """Exotel's dynamic-URL GET: `CallSid`, `CallFrom`/`CallTo` (or `From`/`To`) and a
+    `Direction` of `incoming`, `outbound-dial` or `outbound-api` in the query string."""
+    query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    direction = query.get("Direction", "")
+    return WebhookCall(
+        query.get("CallSid", ""),
+        query.get("CallFrom") or query.get("From", ""),
+        query.get("CallTo") or query.get("To", ""),
+        "outbound" if direction.startswith("outbound") else "inbound",
+    )
+
+
+def e164(number: str) -> str:
+    """A number as E.164 (Plivo writes them as bare digits)."""
+    return "+" + number if number.isascii() and number.isdigit() else number
+
+
+def secret_value(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value is not None else ""
