@@ -20,32 +20,23 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import typer
-import yaml
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from livecall.outbound_cli import call_command
-from livecall.sim.gemini import Scenario
 from livecall.sim.stack import TEST_AUTH_TOKEN, LocalStack
 from livecall.sim.twilio import CallResult, SimulatedCaller, WaitForAgentAudio
 from livecall.store.models import Call
+from outbound_support import (
+    CALLEE,
+    OUR_NUMBER,
+    OUTREACH,
+    outbound_stacks,
+    write_profiles,
+)
 
 CALLS_TOKEN = "outbound-carriers-calls-token-51c2"
 AUTH = {"Authorization": f"Bearer {CALLS_TOKEN}"}
-OUR_NUMBER = "+15550009999"
-CALLEE = "+15557654321"  # fictional 555 numbers: allowed by prefix
-OUTREACH: dict[str, Any] = {
-    "name": "outreach",
-    "numbers": [OUR_NUMBER],
-    "system_prompt": "You call guests to confirm their bookings at Bella Vista.",
-    "greeting": "Hello, this is Bella Vista calling about your booking.",
-    "max_call_duration_s": 600,
-}
-FRONT_DESK: dict[str, Any] = {
-    "name": "front-desk",
-    "default": True,
-    "system_prompt": "You are the front desk of Bella Vista.",
-}
 CARRIERS = ["telnyx", "plivo"]
 
 
@@ -56,9 +47,7 @@ def carrier(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def profiles_file(tmp_path: Path) -> Path:
-    file = tmp_path / "profiles.yaml"
-    file.write_text(yaml.safe_dump({"profiles": [FRONT_DESK, OUTREACH]}, sort_keys=False))
-    return file
+    return write_profiles(tmp_path)
 
 
 @pytest.fixture
@@ -66,33 +55,8 @@ async def make_stack(
     tmp_path: Path, profiles_file: Path, carrier: str
 ) -> AsyncIterator[Callable[..., Any]]:
     """`await make_stack(**settings)`: the app with the carrier's fake REST API."""
-    stacks: list[LocalStack] = []
-
-    async def make(**overrides: Any) -> LocalStack:
-        home = tmp_path / f"stack{len(stacks)}"
-        stack = LocalStack(
-            scenario=Scenario(seed=13),
-            carrier_apis=(carrier,),
-            settings_overrides={
-                "database_url": f"sqlite+aiosqlite:///{home / 'calls.db'}",
-                "recordings_dir": home / "recordings",
-                "spool_dir": home / "spool",
-                "recording_enabled": False,
-                "profiles_file": profiles_file,
-                "calls_token": CALLS_TOKEN,
-                "outbound_allowed_destinations": "+1555",
-                **overrides,
-            },
-        )
-        stacks.append(stack)
-        await stack.start()
-        return stack
-
-    try:
+    async with outbound_stacks(tmp_path, profiles_file, carrier, CALLS_TOKEN) as make:
         yield make
-    finally:
-        for stack in stacks:
-            await stack.stop()
 
 
 async def post(stack: LocalStack, headers: dict[str, str] | None = None, **body: Any) -> Any:
