@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
+from livecall.server.carrier_route import secret_value
+
 if TYPE_CHECKING:
     from livecall.settings import Settings
 
@@ -89,19 +91,14 @@ def exotel_stream_url(public_url: str, token: str, profile: str) -> str:
     return voicebot_stream_url(stream_url_for(public_url), parameters)
 
 
-def _secret(value: object) -> str:
-    get = getattr(value, "get_secret_value", None)
-    return get() if get is not None else ""
-
-
 def dialer_problem(settings: Settings, carrier: str) -> str | None:
     """What keeps `carrier` from placing calls here (the settings to set), else None."""
     if carrier == "telnyx":
         missing = [
             name
             for name, value in (
-                ("TELNYX_PUBLIC_KEY", _secret(settings.telnyx_public_key)),
-                ("TELNYX_API_KEY", _secret(settings.telnyx_api_key)),
+                ("TELNYX_PUBLIC_KEY", secret_value(settings.telnyx_public_key)),
+                ("TELNYX_API_KEY", secret_value(settings.telnyx_api_key)),
                 ("TELNYX_ACCOUNT_SID", settings.telnyx_account_sid),
                 ("TELNYX_APPLICATION_SID", settings.telnyx_application_sid),
             )
@@ -111,7 +108,7 @@ def dialer_problem(settings: Settings, carrier: str) -> str | None:
         missing = [
             name
             for name, value in (
-                ("PLIVO_AUTH_TOKEN", _secret(settings.plivo_auth_token)),
+                ("PLIVO_AUTH_TOKEN", secret_value(settings.plivo_auth_token)),
                 ("PLIVO_AUTH_ID", settings.plivo_auth_id),
             )
             if not value
@@ -120,9 +117,9 @@ def dialer_problem(settings: Settings, carrier: str) -> str | None:
         missing = [
             name
             for name, value in (
-                ("VONAGE_SIGNATURE_SECRET", _secret(settings.vonage_signature_secret)),
+                ("VONAGE_SIGNATURE_SECRET", secret_value(settings.vonage_signature_secret)),
                 ("VONAGE_APPLICATION_ID", settings.vonage_application_id),
-                ("VONAGE_PRIVATE_KEY", _secret(settings.vonage_private_key)),
+                ("VONAGE_PRIVATE_KEY", secret_value(settings.vonage_private_key)),
             )
             if not value
         ]
@@ -130,10 +127,10 @@ def dialer_problem(settings: Settings, carrier: str) -> str | None:
         missing = [
             name
             for name, value in (
-                ("EXOTEL_URL_SECRET", _secret(settings.exotel_url_secret)),  # /ws/exotel
+                ("EXOTEL_URL_SECRET", secret_value(settings.exotel_url_secret)),  # /ws/exotel
                 ("EXOTEL_ACCOUNT_SID", settings.exotel_account_sid),
                 ("EXOTEL_API_KEY", settings.exotel_api_key),
-                ("EXOTEL_API_TOKEN", _secret(settings.exotel_api_token)),
+                ("EXOTEL_API_TOKEN", secret_value(settings.exotel_api_token)),
             )
             if not value
         ]
@@ -159,7 +156,7 @@ def carrier_dialer(settings: Settings, carrier: str) -> CarrierDialer:
 
 
 def _telnyx_dial(settings: Settings) -> Dial:
-    key = _secret(settings.telnyx_api_key)
+    key = secret_value(settings.telnyx_api_key)
     account = settings.telnyx_account_sid or ""
     application = settings.telnyx_application_sid or ""
     base = settings.telnyx_api_base
@@ -195,7 +192,7 @@ def _telnyx_title(body: object) -> str:
 
 def _plivo_dial(settings: Settings) -> Dial:
     auth_id = settings.plivo_auth_id or ""
-    token = _secret(settings.plivo_auth_token)
+    token = secret_value(settings.plivo_auth_token)
     base = settings.plivo_api_base
 
     async def dial(to: str, from_: str, url: str) -> str:
@@ -229,7 +226,7 @@ def _plivo_dial(settings: Settings) -> Dial:
 
 def _vonage_dial(settings: Settings) -> Dial:
     application_id = settings.vonage_application_id or ""
-    key = _secret(settings.vonage_private_key)
+    key = secret_value(settings.vonage_private_key)
     base = settings.vonage_api_base
 
     async def dial(to: str, from_: str, url: str) -> str:
@@ -265,7 +262,7 @@ def _vonage_dial(settings: Settings) -> Dial:
 def _exotel_dial(settings: Settings) -> Dial:
     account = settings.exotel_account_sid or ""
     key = settings.exotel_api_key or ""
-    token = _secret(settings.exotel_api_token)
+    token = secret_value(settings.exotel_api_token)
     base = settings.exotel_api_base
 
     async def dial(to: str, from_: str, url: str) -> str:
