@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import binascii
 import enum
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -118,7 +119,7 @@ def decode_base64(payload: str, field: str = "media.payload") -> bytes:
         raise CarrierProtocolError(f"{field} is not valid base64") from None
 
 
-class JsonCarrierStream:
+class JsonCarrierStream(ABC):
     """One call's JSON media stream: the checks all carriers share (see the module docstring).
 
     Subclasses set the class words and implement `_on_event(event, msg)`, which runs for a
@@ -200,9 +201,9 @@ class JsonCarrierStream:
             self.protocol_errors += 1
             raise
 
+    @abstractmethod
     def _on_event(self, event: str, msg: dict[str, Any]) -> CarrierEvent:
         """One well-formed frame of a live stream: the carrier's own rules and events."""
-        raise NotImplementedError
 
     def _obj(self, msg: Mapping[str, Any], key: str, event: str) -> dict[str, Any]:
         """The object under `key` (the event's body), or the rule it breaks."""

@@ -32,6 +32,7 @@ import binascii
 import contextlib
 import random
 import xml.etree.ElementTree as ET
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
@@ -197,7 +198,7 @@ def _now() -> float:
 # --------------------------------------------------------------------------- the edge
 
 
-class SimulatedEdge:
+class SimulatedEdge(ABC):
     """One simulated inbound call through a carrier's media edge (see the module docstring).
 
     `base_url` is the app's HTTP base; the answer webhook goes to `base_url + webhook_path`.
@@ -393,7 +394,9 @@ class SimulatedEdge:
 
     def _call_params(self, status: str) -> dict[str, str]:
         """The answer webhook's form: the call's details as the carrier names them."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} has no _call_params: the default `_webhook` posts this form"
+        )
 
     def _form_headers(self) -> dict[str, str]:
         """A webhook request's headers before its signature (a fresh idempotency token…)."""
@@ -401,7 +404,9 @@ class SimulatedEdge:
 
     def _signature(self, url: str, params: Mapping[str, str], body: bytes) -> dict[str, str]:
         """The headers that sign one webhook request, as the carrier signs."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} has no _signature: the default `_webhook` signs with it"
+        )
 
     async def _post(self, url: str, params: dict[str, str]) -> httpx.Response:
         """POST a webhook as a form, signed (`sign`) as the carrier signs."""
@@ -414,7 +419,9 @@ class SimulatedEdge:
     def _read_document(self, body: bytes) -> bool:
         """Read the answer document: run what comes before the stream, note the stream's URL
         (`result.stream_url`) and what follows it; False if the call ends there."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} has no _read_document: `_webhook` reads answers with it"
+        )
 
     def _read_xml(
         self,
@@ -452,6 +459,7 @@ class SimulatedEdge:
 
     async def _after_stream(self) -> None:
         """The app closed the socket: the carrier goes on with what follows the stream."""
+        return None  # a hook: nothing by default
 
     async def _send_form(self, url: str, body: bytes, headers: Mapping[str, str]) -> httpx.Response:
         """POST a form as built by `_post`; replayed once, identically, with `replay_webhook`."""
@@ -486,6 +494,7 @@ class SimulatedEdge:
 
     def _stream_status(self, event: str, error: str | None = None) -> None:
         """The stream's status callback (stream-started / -stopped / -error); none by default."""
+        return None  # a hook: nothing by default
 
     def _post_soon(self, url: str, params: dict[str, str]) -> None:
         """POST a status callback in the background (the call does not wait for it)."""
@@ -503,7 +512,9 @@ class SimulatedEdge:
     # ------------------------------------------------------------------ stream
 
     def _new_stream_sid(self) -> str:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} has no _new_stream_sid: the stream needs an id in its form"
+        )
 
     def _stream_headers(self, url: str) -> dict[str, str]:
         """Extra headers on the WebSocket upgrade (a signature); none by default."""
@@ -511,10 +522,11 @@ class SimulatedEdge:
 
     def _stream_opened(self) -> None:
         """The socket is up and `_stream_sid` known: precompute what frames need."""
+        return None  # a hook: nothing by default
 
+    @abstractmethod
     async def _hello(self, ws: ClientConnection) -> None:
         """What the carrier sends before the caller's audio (connected, start)."""
-        raise NotImplementedError
 
     async def _open_stream(self) -> bool:
         r = self.result
@@ -557,13 +569,15 @@ class SimulatedEdge:
         self._seq += 1
         return self._seq
 
+    @abstractmethod
     def _envelope(self, event: str, body: dict[str, Any] | None = None) -> str:
         """One JSON frame from the carrier (`body`, if any, under the event's name)."""
-        raise NotImplementedError
 
     def _media_message(self, n: int, frame: bytes) -> str | bytes:
         """The caller's `n`-th frame (μ-law 8 kHz, numbered from 1) as the carrier sends it."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} has no _media_message: the default `_flush` sends media with it"
+        )
 
     def _mark_echo(self, name: str) -> str:
         """What the carrier sends back once a mark has played."""
@@ -928,9 +942,9 @@ class SimulatedEdge:
         """A frame the carrier would not take: recorded; a carrier adds its code or answers."""
         self._error(detail)
 
+    @abstractmethod
     async def _on_frame(self, data: str | bytes, now: float) -> None:
         """One frame from the app: check it as the carrier would, then act on it."""
-        raise NotImplementedError
 
     async def _read_json(
         self, data: str | bytes, allowed_keys: Mapping[str, frozenset[str]]
