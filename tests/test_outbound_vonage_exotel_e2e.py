@@ -32,7 +32,10 @@ from outbound_support import (
     CALLEE,
     OUR_NUMBER,
     OUTREACH,
+    assert_guards_refuse,
+    assert_refused_when_not_set_up,
     outbound_stacks,
+    post,
     write_profiles,
 )
 
@@ -68,11 +71,6 @@ def listen(stack: LocalStack, carrier: str, script: list[Any]) -> None:
     else:
         fake.script = script
         fake.caller_options = {"timeout": 30.0}
-
-
-async def post(stack: LocalStack, headers: dict[str, str] | None = None, **body: Any) -> Any:
-    async with httpx.AsyncClient(base_url=stack.base_url, trust_env=False) as http:
-        return await http.post("/api/calls/outbound", json=body, headers=headers or {})
 
 
 def dials(stack: LocalStack, carrier: str) -> list[dict[str, Any]]:
@@ -186,42 +184,12 @@ async def test_outbound_call_is_placed_answered_and_recorded(
 async def test_guards_refuse_on_vonage_and_exotel(
     make_stack: Callable[..., Any], carrier: str
 ) -> None:
-    stack = await make_stack(outbound_max_per_minute=1)
-    fake = stack.fakes[carrier]
-
-    no_token = await post(stack, None, to=CALLEE, carrier=carrier)
-    assert no_token.status_code == 401
-    foreign = await post(stack, AUTH, to="+33612345678", carrier=carrier)
-    assert foreign.status_code == 403
-    assert "destination refused" in foreign.json()["detail"]
-    amd = await post(stack, AUTH, to=CALLEE, carrier=carrier, machine_detection=True)
-    assert amd.status_code == 400
-    assert "Twilio-only" in amd.json()["detail"]
-    assert not dials(stack, carrier)  # nothing reached the carrier
-
-    fake.fail_status = 500  # the carrier refuses: 502, and the attempt still counts
-    refused = await post(stack, AUTH, to=CALLEE, carrier=carrier, profile="outreach")
-    assert refused.status_code == 502
-    assert "refused the call" in refused.json()["detail"]
-    assert CALLEE not in refused.json()["detail"]
-    fake.fail_status = None
-    capped = await post(stack, AUTH, to=CALLEE, carrier=carrier, profile="outreach")
-    assert capped.status_code == 429
-    assert int(capped.headers["Retry-After"]) >= 1
-    assert len(dials(stack, carrier)) == 1
+    await assert_guards_refuse(make_stack, carrier, AUTH, dials)
 
 
 async def test_carrier_not_set_up_is_refused(make_stack: Callable[..., Any], carrier: str) -> None:
     missing = "vonage_private_key" if carrier == "vonage" else "exotel_api_token"
-    stack = await make_stack(**{missing: None}, outbound_carrier=carrier)
-
-    named = await post(stack, AUTH, to=CALLEE, carrier=carrier)
-    by_default = await post(stack, AUTH, to=CALLEE)  # OUTBOUND_CARRIER picks the carrier
-
-    for response in (named, by_default):
-        assert response.status_code == 503
-        assert missing.upper() in response.json()["detail"]
-    assert not dials(stack, carrier)
+    await assert_refused_when_not_set_up(make_stack, carrier, missing, AUTH, dials)
 
 
 @pytest.mark.parametrize("carrier", ["vonage"])
