@@ -11,6 +11,9 @@ from typing import NoReturn, TypeVar
 
 import pytest
 
+from livecall.sim.clips import load_clip
+from livecall.sim.script import CallResult, Say
+
 T = TypeVar("T")
 
 
@@ -49,3 +52,16 @@ async def redis_reachable(url: str) -> bool:
         return False
     finally:
         await client.aclose()
+
+
+def say(name: str) -> Say:
+    """The simulated caller says one of the bundled clips (`livecall.sim.clips`)."""
+    pcm, rate = load_clip(name)
+    return Say(pcm, rate=rate, label=name)
+
+
+def assert_clean(result: CallResult) -> None:
+    """The call's webhook was answered and neither side broke a protocol rule or the script."""
+    assert result.webhook_status == 200, result.protocol_errors
+    assert result.protocol_errors == [], result.protocol_errors
+    assert result.script_errors == [], result.script_errors

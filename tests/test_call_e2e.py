@@ -23,7 +23,6 @@ from livecall.sim.clips import AGENT_CLIPS, load_clip
 from livecall.sim.gemini import CloseFault, Scenario
 from livecall.sim.stack import TEST_AUTH_TOKEN
 from livecall.sim.twilio import (
-    CallResult,
     HangUp,
     Pause,
     PressDigit,
@@ -33,6 +32,7 @@ from livecall.sim.twilio import (
     WaitForAgentSilence,
 )
 from livecall.telephony.twilio import TwilioSignature
+from support import assert_clean, say
 
 RATE = 8000
 FRAME = 160  # samples in one 20 ms frame at 8 kHz
@@ -52,11 +52,6 @@ def model(seed: int, **kw: Any) -> Scenario:
 # --------------------------------------------------------------------------- helpers
 
 
-def say(name: str) -> Say:
-    pcm, rate = load_clip(name)
-    return Say(pcm, rate=rate, label=name)
-
-
 def assert_heard_answer(audio: Any, heard: Any, clip: str, share: float = 0.9) -> None:
     """The caller heard `clip`, all of it, about as long as it is, and no other answer.
 
@@ -68,12 +63,6 @@ def assert_heard_answer(audio: Any, heard: Any, clip: str, share: float = 0.9) -
     assert audio.heard_share(heard, clip) >= share
     clip_ms = len(audio.phone_ref(clip)) / 8
     assert clip_ms - 300 < audio.loud_ms(heard) < clip_ms + 1000, (audio.loud_ms(heard), clip_ms)
-
-
-def assert_clean(result: CallResult) -> None:
-    assert result.webhook_status == 200, result.protocol_errors
-    assert result.protocol_errors == [], result.protocol_errors
-    assert result.script_errors == [], result.script_errors
 
 
 # --------------------------------------------------------------------------- a whole call

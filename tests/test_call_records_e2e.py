@@ -28,11 +28,11 @@ from livecall.sim.twilio import (
     HangUp,
     Pause,
     PressDigit,
-    Say,
     WaitForAgentAudio,
     WaitForAgentSilence,
 )
 from livecall.store.models import Call
+from support import say
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
@@ -40,11 +40,6 @@ TOKEN = "records-e2e-token-7d1c"
 RATE = 8000
 FRAME = 160
 FROM, TO = "+15551230001", "+15559870002"
-
-
-def say(name: str) -> Say:
-    pcm, rate = load_clip(name)
-    return Say(pcm, rate=rate, label=name)
 
 
 @dataclass

@@ -23,13 +23,12 @@ import yaml
 
 from livecall.server.carrier_route import EXOTEL_TRANSFER_REFUSAL
 from livecall.server.carrier_status import STATUS_EVENT
-from livecall.sim.clips import load_clip
 from livecall.sim.exotel import SimulatedExotelCaller
 from livecall.sim.gemini import Scenario, ToolCallFault
 from livecall.sim.stack import CARRIER_APIS, LocalStack
-from livecall.sim.twilio import CallResult, HangUp, Say, WaitForAgentSilence
+from livecall.sim.twilio import CallResult, HangUp, WaitForAgentSilence
 from livecall.sim.vonage_rest import REGION_PATH, generate_application_keys
-from support import eventually
+from support import eventually, say
 
 MANAGER = "+15551239999"
 FAST = {"vad_silence_duration_ms": 300, "recording_enabled": False}
@@ -146,11 +145,6 @@ async def make_stack(tmp_path: Path) -> Any:
     finally:
         for stack in reversed(stacks):
             await stack.stop()
-
-
-def say(name: str) -> Say:
-    pcm, rate = load_clip(name)
-    return Say(pcm, rate=rate, label=name)
 
 
 def tool(name: str, **args: Any) -> Scenario:

@@ -17,23 +17,21 @@ import pytest
 import yaml
 
 from livecall.audio.dtmf import detect_dtmf
-from livecall.sim.clips import load_clip
 from livecall.sim.exotel import SimulatedExotelCaller
 from livecall.sim.gemini import GoAwayFault, Scenario, ToolCallFault
 from livecall.sim.plivo import PlivoSimulatedCaller
 from livecall.sim.stack import LocalStack
 from livecall.sim.telnyx import TelnyxSimulatedCaller, generate_keypair
 from livecall.sim.twilio import (
-    CallResult,
     HangUp,
     Pause,
     PressDigit,
-    Say,
     SimulatedCaller,
     WaitForAgentAudio,
     WaitForAgentSilence,
 )
 from livecall.sim.vonage import SimulatedVonageCaller
+from support import assert_clean, say
 
 FAST = {"vad_silence_duration_ms": 300}
 PLIVO_TOKEN = "plivo-test-auth-token-0123456789"
@@ -97,17 +95,6 @@ def edge(request: pytest.FixtureRequest) -> Edge:
 def model(seed: int, **kw: Any) -> Scenario:
     kw.setdefault("first_audio_delay", 0.2)
     return Scenario(seed=seed, greeting=None, pause_prob=0.0, **kw)
-
-
-def say(name: str) -> Say:
-    pcm, rate = load_clip(name)
-    return Say(pcm, rate=rate, label=name)
-
-
-def assert_clean(result: CallResult) -> None:
-    assert result.webhook_status == 200, result.protocol_errors
-    assert result.protocol_errors == [], result.protocol_errors
-    assert result.script_errors == [], result.script_errors
 
 
 async def _record(stack: LocalStack, call_sid: str) -> Any:

@@ -35,8 +35,8 @@ from livecall.settings import Settings
 from livecall.sim.clips import get_clip, load_clip
 from livecall.sim.gemini import Scenario
 from livecall.sim.stack import LocalStack
-from livecall.sim.twilio import HangUp, Pause, Say, WaitForAgentAudio, WaitForAgentSilence
-from support import eventually, service_missing
+from livecall.sim.twilio import HangUp, Pause, WaitForAgentAudio, WaitForAgentSilence
+from support import eventually, say, service_missing
 
 CHROMIUM = os.environ.get("LIVECALL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -203,11 +203,6 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
 
 def hours_call() -> list[Any]:
     return [Pause(200), say("hours"), WaitForAgentSilence(silence_ms=400)]
-
-
-def say(name: str) -> Say:
-    samples, rate = load_clip(name)
-    return Say(samples, rate, name)
 
 
 async def test_the_list_shows_a_call_the_simulator_made(site: Site) -> None:

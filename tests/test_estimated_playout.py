@@ -33,19 +33,17 @@ from livecall.carriers.telnyx import TelnyxCarrier, busy_texml
 from livecall.server.app import create_app
 from livecall.server.carrier_route import CarrierRoute
 from livecall.settings import Settings
-from livecall.sim.clips import load_clip
 from livecall.sim.gemini import Scenario, ToolCallFault
 from livecall.sim.stack import LocalStack
 from livecall.sim.telnyx import TelnyxSimulatedCaller, generate_keypair
 from livecall.sim.twilio import (
-    CallResult,
     HangUp,
     Pause,
-    Say,
     WaitForAgentAudio,
     WaitForAgentSilence,
 )
 from livecall.store.cli import calls_app
+from support import assert_clean, say
 
 SEED, PUBLIC = generate_keypair()
 FAST = {"vad_silence_duration_ms": 300}
@@ -178,17 +176,6 @@ def ring(stack: LocalStack, carrier: LimitedCarrier, script: list[Any], **kw: An
 def model(seed: int, **kw: Any) -> Scenario:
     kw.setdefault("first_audio_delay", 0.2)
     return Scenario(seed=seed, greeting=None, pause_prob=0.0, **kw)
-
-
-def say(name: str) -> Say:
-    pcm, rate = load_clip(name)
-    return Say(pcm, rate=rate, label=name)
-
-
-def assert_clean(result: CallResult) -> None:
-    assert result.webhook_status == 200, result.protocol_errors
-    assert result.protocol_errors == [], result.protocol_errors
-    assert result.script_errors == [], result.script_errors
 
 
 async def record(stack: LocalStack, call_sid: str) -> Any:

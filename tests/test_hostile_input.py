@@ -39,12 +39,12 @@ from livecall.sim.stack import TEST_AUTH_TOKEN, LocalStack
 from livecall.sim.twilio import (
     HangUp,
     Pause,
-    Say,
     WaitForAgentAudio,
     WaitForAgentSilence,
 )
 from livecall.sim.twilio_rest import serve_fake_twilio_rest
 from livecall.telephony.twilio import TwilioSignature
+from support import say
 
 FAST = {"vad_silence_duration_ms": 300}
 FUZZ_FRAMES = 100_000
@@ -55,11 +55,6 @@ START_OK = '{"event":"connected","protocol":"Call","version":"1.0.0"}'
 def model(seed: int, **kw: Any) -> Scenario:
     kw.setdefault("first_audio_delay", 0.2)
     return Scenario(seed=seed, greeting=None, pause_prob=0.0, **kw)
-
-
-def say(name: str) -> Say:
-    pcm, rate = load_clip(name)
-    return Say(pcm, rate=rate, label=name)
 
 
 def start_message(stream_sid: str, call_sid: str, stack: LocalStack) -> str:

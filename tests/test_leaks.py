@@ -30,12 +30,12 @@ import livecall.log
 from livecall.privacy import DTMF_MASK, keypad, mask_number, transcript_fields
 from livecall.server.app import create_app
 from livecall.settings import Settings, url_password
-from livecall.sim.clips import load_clip
 from livecall.sim.gemini import Scenario
 from livecall.sim.stack import TEST_AUTH_TOKEN, LocalStack
-from livecall.sim.twilio import HangUp, Pause, PressDigit, Say, WaitForAgentSilence
+from livecall.sim.twilio import HangUp, Pause, PressDigit, WaitForAgentSilence
 from livecall.store.writer import SpoolFile
 from livecall.tracing import configure_tracing, shutdown_tracing
+from support import say
 
 FAST = {"vad_silence_duration_ms": 300}
 DB_PASSWORD = "db-Pass-5e1f0c7a9b"
@@ -50,11 +50,6 @@ API_TOKEN = "api-TOKEN-6f3d8b1e"
 def model(seed: int, **kw: Any) -> Scenario:
     kw.setdefault("first_audio_delay", 0.2)
     return Scenario(seed=seed, greeting=None, pause_prob=0.0, **kw)
-
-
-def say(name: str) -> Say:
-    pcm, rate = load_clip(name)
-    return Say(pcm, rate=rate, label=name)
 
 
 @pytest.fixture

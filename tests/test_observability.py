@@ -21,18 +21,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from livecall.log import configure_logging
-from livecall.sim.clips import load_clip
 from livecall.sim.gemini import Scenario
-from livecall.sim.twilio import HangUp, Pause, Say, WaitForAgentAudio, WaitForAgentSilence
+from livecall.sim.twilio import HangUp, Pause, WaitForAgentAudio, WaitForAgentSilence
 from livecall.tracing import configure_tracing, shutdown_tracing
-from support import eventually
+from support import eventually, say
 
 FAST = {"vad_silence_duration_ms": 300}
-
-
-def say(name: str) -> Say:
-    pcm, rate = load_clip(name)
-    return Say(pcm, rate=rate, label=name)
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
