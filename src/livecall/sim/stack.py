@@ -248,6 +248,12 @@ class LocalStack:
             }
         return values
 
+    def _fake_for(self, carrier: str, method: str) -> Any:
+        """The carrier's fake REST API, which `method`'s callers are attached to."""
+        if carrier not in self.fakes:
+            raise RuntimeError(f'{method} needs LocalStack(carrier_apis=("{carrier}", …))')
+        return self.fakes[carrier]
+
     def caller(self, script: list[Any], **kwargs: Any) -> SimulatedCaller:
         kwargs.setdefault("auth_token", TEST_AUTH_TOKEN)
         if self.settings is not None and self.settings.twilio_account_sid:
@@ -261,8 +267,7 @@ class LocalStack:
         """A caller through Telnyx (needs "telnyx" in `carrier_apis`), known to its fake."""
         from livecall.sim.telnyx import TelnyxSimulatedCaller
 
-        if "telnyx" not in self.fakes:
-            raise RuntimeError('telnyx_caller needs LocalStack(carrier_apis=("telnyx", …))')
+        fake = self._fake_for("telnyx", "telnyx_caller")
         kwargs.setdefault("account_sid", TELNYX_ACCOUNT_SID)
         kwargs.setdefault("webhook_path", "/telnyx/texml")
         caller = TelnyxSimulatedCaller(
@@ -271,20 +276,19 @@ class LocalStack:
             script=script,
             **kwargs,
         )
-        self.fakes["telnyx"].attach(caller)
+        fake.attach(caller)
         return caller
 
     def plivo_caller(self, script: list[Any], **kwargs: Any) -> SimulatedEdge:
         """A caller through Plivo (needs "plivo" in `carrier_apis`), known to its fake."""
         from livecall.sim.plivo import PlivoSimulatedCaller
 
-        if "plivo" not in self.fakes:
-            raise RuntimeError('plivo_caller needs LocalStack(carrier_apis=("plivo", …))')
+        fake = self._fake_for("plivo", "plivo_caller")
         kwargs.setdefault("auth_id", PLIVO_AUTH_ID)
         caller = PlivoSimulatedCaller(
             self.base_url, auth_token=PLIVO_AUTH_TOKEN, script=script, **kwargs
         )
-        self.fakes["plivo"].attach(caller)
+        fake.attach(caller)
         return caller
 
     def vonage_caller(self, script: list[Any], **kwargs: Any) -> SimulatedEdge:
@@ -292,13 +296,12 @@ class LocalStack:
         answer webhook names the fake's region as the call's `region_url`."""
         from livecall.sim.vonage import SimulatedVonageCaller
 
-        if "vonage" not in self.fakes:
-            raise RuntimeError('vonage_caller needs LocalStack(carrier_apis=("vonage", …))')
+        fake = self._fake_for("vonage", "vonage_caller")
         kwargs.setdefault("application_id", VONAGE_APPLICATION_ID)
         kwargs.setdefault("region_url", self._vonage_region)
         kwargs.setdefault("signature_secret", VONAGE_SIGNATURE_SECRET)
         caller = SimulatedVonageCaller(self.base_url, script=script, **kwargs)
-        self.fakes["vonage"].attach(caller)
+        fake.attach(caller)
         return caller
 
     def stream_token(self, call_sid: str, account_sid: str) -> str:
