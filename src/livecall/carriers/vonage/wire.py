@@ -45,6 +45,7 @@ from livecall.carriers.base import (
     MediaFormat,
     PlayedUpTo,
 )
+from livecall.carriers.stream_base import short
 
 __all__ = [
     "CALL_HEADER_KEYS",
@@ -88,22 +89,16 @@ CLEAR_COMMAND = '{"action":"clear"}'
 _CONTENT_TYPE_RE = re.compile(r"^\s*audio/l16\s*;\s*rate\s*=\s*(\d+)\s*$", re.IGNORECASE)
 
 
-def _short(value: object) -> str:
-    """A value for an error message, cut short so a hostile frame can't flood the logs."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def parse_content_type(value: object) -> MediaFormat:
     """`audio/l16;rate=16000` -> MediaFormat; CarrierProtocolError for anything else."""
     if type(value) is not str:
         raise CarrierProtocolError(
-            f"websocket:connected needs a string content-type, got {_short(value)}"
+            f"websocket:connected needs a string content-type, got {short(value)}"
         )
     match = _CONTENT_TYPE_RE.match(value)
     if match is None:
         raise CarrierProtocolError(
-            f"content-type must be audio/l16;rate=<8000|16000|24000>, got {_short(value)}"
+            f"content-type must be audio/l16;rate=<8000|16000|24000>, got {short(value)}"
         )
     rate = int(match.group(1))
     if rate not in SUPPORTED_RATES:
@@ -248,12 +243,12 @@ class VonageStream:
         event = msg.get("event")
         if type(event) is not str or not event:
             raise CarrierProtocolError(
-                f"a text message needs a string 'event' field, got {_short(event)}"
+                f"a text message needs a string 'event' field, got {short(event)}"
             )
         if event == "websocket:connected":
             return self._connected(msg)
         if self.state is StreamState.AWAITING_CONNECTED:
-            raise CarrierProtocolError(f"{_short(event)} before websocket:connected")
+            raise CarrierProtocolError(f"{short(event)} before websocket:connected")
         if event == "websocket:dtmf":
             return self._dtmf(msg)
         if event == "websocket:notify":
@@ -287,12 +282,12 @@ class VonageStream:
         digit = msg.get("digit")
         if type(digit) is not str or len(digit) != 1 or digit not in _DTMF_DIGITS:
             raise CarrierProtocolError(
-                f"websocket:dtmf needs one digit (0-9, *, #, A-D), got {_short(digit)}"
+                f"websocket:dtmf needs one digit (0-9, *, #, A-D), got {short(digit)}"
             )
         duration = msg.get("duration")
         if duration is not None and (type(duration) not in (int, float) or duration < 0):
             raise CarrierProtocolError(
-                f"websocket:dtmf duration must be a non-negative number, got {_short(duration)}"
+                f"websocket:dtmf duration must be a non-negative number, got {short(duration)}"
             )
         return Dtmf(digit.upper())
 
@@ -300,12 +295,12 @@ class VonageStream:
         payload = msg.get("payload")
         if type(payload) is not dict:
             raise CarrierProtocolError(
-                f"websocket:notify needs a 'payload' object, got {_short(payload)}"
+                f"websocket:notify needs a 'payload' object, got {short(payload)}"
             )
         name = payload.get("name")
         if type(name) is not str:
             raise CarrierProtocolError(
-                f"websocket:notify payload.name must be a string, got {_short(name)}"
+                f"websocket:notify payload.name must be a string, got {short(name)}"
             )
         pending = self._pending_marks
         if name in pending:
@@ -316,7 +311,7 @@ class VonageStream:
             return PlayedUpTo(name)
         if name in self._settled_marks:
             return Ignored("websocket:notify for a mark already settled by websocket:cleared")
-        raise CarrierProtocolError(f"websocket:notify for mark {_short(name)} that was never sent")
+        raise CarrierProtocolError(f"websocket:notify for mark {short(name)} that was never sent")
 
     def _cleared(self) -> CarrierEvent:
         pending = self._pending_marks
