@@ -57,10 +57,13 @@ def _timeout_of(item: pytest.Item) -> float:
 def _with_deadline(func: Callable[..., Awaitable[Any]], seconds: float) -> Callable[..., Any]:
     @functools.wraps(func)
     async def run(*args: Any, **kwargs: Any) -> Any:
+        deadline = asyncio.timeout(seconds)
         try:
-            async with asyncio.timeout(seconds):
+            async with deadline:
                 return await func(*args, **kwargs)
         except TimeoutError as exc:
+            if not deadline.expired():  # the test's own bounded wait ran out: its error stands
+                raise
             raise TimeoutError(
                 f"test still waiting after {seconds:.0f} s (its event-loop deadline)"
             ) from exc

@@ -303,6 +303,26 @@ async def test_pending_analysis_survives_a_restart(
     assert len(second.gemini.text.requests) == 1
 
 
+async def test_an_analysis_cut_off_by_a_restart_is_taken_up_at_once(
+    make_stack: Any, tmp_path: Path, call_over: Any
+) -> None:
+    """Stopping the server mid-attempt hands the claim back: the next instance analyses the
+    call right away (not after the lease runs out) and the cut-off try is not counted."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    first = await start(make_stack, tmp_path, database_url=database)
+    first.gemini.text.fail_next(TextFault("slow", delay_s=120.0))  # never answers in time
+    result = await quick_call(first)
+    await call_over(first)
+    text = first.gemini.text
+    await eventually(lambda: _async(len(text.requests) == 1), 10)
+    assert text.requests[0].status == 0  # in flight when the server stops
+    await first.stop()
+    second = await start(make_stack, tmp_path, database_url=database)
+    analysis = await analysis_when(second, result.call_sid, "done", within=10)
+    assert analysis["attempts"] == 1 and analysis["summary"]
+    assert len(second.gemini.text.requests) == 1
+
+
 async def _attempted(stack: LocalStack, call_sid: str) -> dict[str, Any] | None:
     async with api(stack) as client:
         analysis = (await client.get(f"/api/calls/{call_sid}")).json().get("analysis")

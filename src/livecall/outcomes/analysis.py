@@ -69,6 +69,7 @@ LOOKBACK = timedelta(days=1)  # calls that started longer ago are never picked u
 MAX_DELAY_S = 600.0
 MAX_TRANSCRIPT_CHARS = 100_000
 CONCURRENCY = 4  # analyses in flight per process
+RELEASE_TIMEOUT_S = 2.0  # handing a claim back at shutdown: past this, the lease runs out
 MEMORY_PRUNE_EVERY_S = 3600.0
 TERMINAL = ("done", "failed", "skipped")  # final states; `pending` is the only other
 # refusals that the same request cannot overcome (bad request or schema, key, unknown model)
@@ -328,13 +329,18 @@ class AnalysisWorker:
         """Until cancelled. A database outage is logged and waited out, never raised.
 
         Attempts run beside the loop (at most `CONCURRENCY`), so a slow analysis never holds
-        up the next call's. Cancelled mid-attempt, a claim simply runs out and is retried.
+        up the next call's. Stopped mid-attempt, the attempt hands its claim back (due at once,
+        not counted) so a restart or another instance takes it up without waiting out the
+        lease; if even that write fails (the database is gone), the lease runs out instead.
         """
         try:
             await self._loop()
         finally:
-            for task in list(self._inflight):
+            inflight = list(self._inflight)
+            for task in inflight:
                 task.cancel()
+            if inflight:  # their claims handed back before the store closes
+                await asyncio.wait(inflight, timeout=RELEASE_TIMEOUT_S + 1)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -476,8 +482,31 @@ class AnalysisWorker:
     async def _attempt(self, call_sid: str, attempt: int) -> None:
         try:
             await self._try(call_sid, attempt)
+        except asyncio.CancelledError:
+            await self._release(call_sid, attempt)
+            raise
         except Exception as exc:  # the database went away: the claim runs out, then a retry
             log.warning("analysis.attempt_error", call_sid=call_sid, error=describe_error(exc))
+
+    async def _release(self, call_sid: str, attempt: int) -> None:
+        """Hands back the claim of an attempt stopped before its outcome: due now, and the
+        attempt not counted. Only the claim this attempt made (a settled or re-claimed row is
+        left alone); bounded, and never raises, since it runs while shutting down."""
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_S), self.sessions.begin() as session:
+                await session.execute(
+                    update(CallAnalysis)
+                    .where(
+                        CallAnalysis.call_sid == call_sid,
+                        CallAnalysis.status == "pending",
+                        CallAnalysis.attempts == attempt,
+                    )
+                    .values(attempts=attempt - 1, next_attempt_at=datetime.now(UTC))
+                )
+        except Exception as exc:  # the lease runs out instead
+            log.warning("analysis.release_failed", call_sid=call_sid, error=describe_error(exc))
+        else:
+            log.info("analysis.released", call_sid=call_sid, attempt=attempt)
 
     async def _try(self, call_sid: str, attempt: int) -> None:
         async with self.sessions() as session:

@@ -191,6 +191,8 @@ def create_app(
             await drain.stop()
             for task in background:
                 task.cancel()
+            if background:  # they finish their last writes (claims handed back) first
+                await asyncio.wait(background, timeout=5)
             await state.http_tools.aclose()
             for kb in state.knowledge.values():
                 kb.close()
