@@ -12,18 +12,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import numpy as np
 import orjson
 import pytest
+import yaml
 from fastapi import FastAPI
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from livecall.agent.profiles import ProfileRegistry
 from livecall.audio.recording import StereoRecorder
 from livecall.live_feed import LiveFeed
 from livecall.records import CallEventRecord, CallInfo, CallSummary, TurnRecord
@@ -38,6 +39,7 @@ from livecall.server.dashboard import (
 )
 from livecall.server.dashboard.core import COUNT_TIMEOUT_S
 from livecall.server.registry import ActiveCall, CallRegistry
+from livecall.server.state import AppState
 from livecall.settings import Settings
 from livecall.store.recordings import LocalRecordingStore
 from livecall.store.writer import CallStore
@@ -120,23 +122,37 @@ class FakeBridge:
 class Env:
     app: FastAPI
     store: CallStore
-    state: Any
+    state: AppState
     feed: LiveFeed
     settings: Settings
 
 
-def make_app(store: CallStore, settings: Settings, feed: LiveFeed, state: Any) -> FastAPI:
+def make_app(store: CallStore, settings: Settings, feed: LiveFeed, state: AppState) -> FastAPI:
     app = FastAPI()
     recordings = LocalRecordingStore(settings.recordings_dir)
     app.include_router(build_dashboard_router(state, store, recordings, feed, settings))
     return app
 
 
-def make_state() -> Any:
-    """The parts of `AppState` the dashboard reads (the real one in the browser tests)."""
-    return SimpleNamespace(
+PROFILES = {
+    "profiles": [
+        {"name": "front-desk", "default": True, "system_prompt": "You are the front desk."},
+        {"name": "after-hours", "system_prompt": "You take messages after hours."},
+    ]
+}
+
+
+def make_state(settings: Settings, store: CallStore) -> AppState:
+    """The app's own state, with two agent profiles to pick from on the softphone."""
+    profiles_file = settings.recordings_dir.parent / "profiles.yaml"
+    profiles_file.write_text(yaml.safe_dump(PROFILES, sort_keys=False))
+    return AppState(
+        settings=settings,
         registry=CallRegistry(10),
-        profiles=SimpleNamespace(names=["front-desk", "after-hours"]),
+        signature=None,
+        store=store,
+        recordings=LocalRecordingStore(settings.recordings_dir),
+        profiles=ProfileRegistry(profiles_file, settings),
         stream_secret=b"dashboard-test-stream-secret-0123456789",
     )
 
@@ -164,7 +180,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         )
     assert await store.flush()
     feed = LiveFeed()
-    state = make_state()
+    state = make_state(settings, store)
     yield Env(make_app(store, settings, feed, state), store, state, feed, settings)
     await store.close()
 
@@ -204,16 +220,17 @@ def set_cookie_header(response: httpx.Response) -> SimpleCookie:
 
 
 async def test_no_token_means_no_dashboard(tmp_path: Path) -> None:
-    store = CallStore(make_settings(tmp_path, token=None))
+    settings = make_settings(tmp_path, token=None)
+    store = CallStore(settings)
     with pytest.raises(DashboardDisabled, match="LIVECALL_API_TOKEN"):
-        make_app(store, make_settings(tmp_path, token=None), LiveFeed(), make_state())
+        make_app(store, settings, LiveFeed(), make_state(settings, store))
     await store.close()
 
 
 async def test_local_only_signs_in_loopback_clients_without_a_token(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, token=None, local_only=True)
     store = CallStore(settings)
-    app = make_app(store, settings, LiveFeed(), make_state())
+    app = make_app(store, settings, LiveFeed(), make_state(settings, store))
     for host, base, allowed in (
         ("127.0.0.1", "http://localhost:8080", True),
         ("203.0.113.9", "http://localhost:8080", False),
@@ -461,7 +478,7 @@ async def test_database_down_is_a_503_page(tmp_path: Path) -> None:
         update={"database_url": SecretStr("postgresql+asyncpg://postgres@127.0.0.1:1/none")}
     )
     store = CallStore(broken)
-    app = make_app(store, settings, LiveFeed(), make_state())
+    app = make_app(store, settings, LiveFeed(), make_state(settings, store))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as client:
         await client.post("/login", data={"token": TOKEN})
         response = await client.get("/")
@@ -487,7 +504,7 @@ async def test_a_hung_database_does_not_hold_the_live_page(tmp_path: Path) -> No
         update={"database_url": SecretStr(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x")}
     )
     store = CallStore(hung)
-    app = make_app(store, settings, LiveFeed(), make_state())
+    app = make_app(store, settings, LiveFeed(), make_state(settings, store))
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
@@ -606,8 +623,8 @@ async def next_event(stream: AsyncIterator[bytes]) -> bytes:
 
 def test_softphone_socket_wants_a_session_and_our_origin(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    no_store: Any = SimpleNamespace(repo=None)  # the socket never reads the records
-    app = make_app(no_store, settings, LiveFeed(), make_state())
+    store = CallStore(settings)  # never started: the socket never reads the records
+    app = make_app(store, settings, LiveFeed(), make_state(settings, store))
     with TestClient(app, base_url=BASE) as client:
         with (
             pytest.raises(WebSocketDisconnect) as refused,
@@ -666,9 +683,9 @@ def test_softphone_calls_need_a_token_minted_for_this_session(tmp_path: Path) ->
     bound to the CallSid the server chose and to the session; a `start` without it, with a
     forged one, another call's or another session's is closed before any call starts."""
     settings = make_settings(tmp_path)
-    no_store: Any = SimpleNamespace(repo=None)
-    state = make_state()
-    app = make_app(no_store, settings, LiveFeed(), state)
+    store = CallStore(settings)  # never started: the socket never reads the records
+    state = make_state(settings, store)
+    app = make_app(store, settings, LiveFeed(), state)
 
     def mint(client: TestClient) -> tuple[str, str]:
         page = client.get("/softphone")

@@ -75,7 +75,7 @@ def cluster_health(state: AppState) -> dict[str, Any]:
     if state.settings.redis_url is None:
         redis = "off"
     else:
-        redis = "ok" if getattr(cluster, "connected", True) else "unavailable"
+        redis = "ok" if cluster.connected else "unavailable"
     return {"instance": cluster.instance_id, "redis": redis}
 
 
@@ -141,7 +141,7 @@ def build_live_api_router(state: AppState) -> APIRouter:
         calls = await cluster.list_calls()
         return LiveCallsOut(
             instance=cluster.instance_id,
-            cluster=state.settings.redis_url is not None and getattr(cluster, "connected", True),
+            cluster=state.settings.redis_url is not None and cluster.connected,
             calls=[LiveCallOut.model_validate(c) for c in calls],
         )
 

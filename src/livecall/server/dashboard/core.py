@@ -168,7 +168,7 @@ class Unavailable(Exception):
 
 async def webhook_deliveries(state: AppState, sid: str) -> list[Any] | None:
     """A call's webhook deliveries for its page ([] when none; None when unreadable)."""
-    webhooks = getattr(state, "webhooks", None)
+    webhooks = state.webhooks
     if webhooks is None:
         return []
     from livecall.outcomes.webhooks import DeliveryOut
@@ -181,9 +181,7 @@ async def webhook_deliveries(state: AppState, sid: str) -> list[Any] | None:
 
 def profile_names(state: AppState, settings: Settings) -> list[str]:
     """The agent profiles a softphone call may pick (whatever the app keeps, else the file)."""
-    source = getattr(state, "profiles", None)
-    current = getattr(source, "current", source)
-    names = getattr(current, "names", None)
+    names = state.profiles.current.names if state.profiles is not None else None
     if names is None and settings.profiles_file is not None:
         from livecall.agent.profiles import ProfileError, ProfileSet
 
@@ -233,8 +231,6 @@ class Dashboard:
         `COUNT_TTL_S` (a database that is down leaves the count out, never the page)."""
         now = time.monotonic()
         if not fresh and now - self._counted_at < COUNT_TTL_S:
-            return
-        if getattr(self.store, "repo", None) is None:  # no records kept: nothing to count
             return
         self._counted_at = now
         try:  # a slow database must not hold up pages that do not need it (live, softphone)

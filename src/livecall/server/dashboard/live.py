@@ -157,11 +157,8 @@ async def end_call(dash: Ctx, request: Request, sid: str) -> Response:
         active.bridge.end(END_REASON)
     else:
         # held by another instance: asked through the cluster (Redis), as the API does
-        cluster = getattr(dash.state, "cluster", None)
-        if (
-            cluster is None
-            or not SID_RE.match(sid)
-            or not await cluster.request(sid, "end", reason=END_REASON)
+        if not SID_RE.match(sid) or not await dash.state.cluster.request(
+            sid, "end", reason=END_REASON
         ):
             raise HTTPException(404, "no such call in progress")
     log.info("dashboard.end_call", call_sid=sid)

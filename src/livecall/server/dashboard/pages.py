@@ -240,7 +240,7 @@ async def call_page(dash: Ctx, request: Request, sid: str) -> Response:
         },
         call_data=data,
         deliveries=deliveries,
-        webhooks_on=getattr(dash.state, "webhooks", None) is not None,
+        webhooks_on=dash.state.webhooks is not None,
         caller_number=caller_number if remembered else None,
         remembered=remembered,
         forgotten=forgotten if forgotten.isdigit() else None,
@@ -271,7 +271,7 @@ async def retry_webhook(dash: Ctx, request: Request, sid: str) -> Response:
     session = dash.require(request)
     form = await dash.read_form(request)
     dash.check_post(request, session, form)
-    webhooks = getattr(dash.state, "webhooks", None)
+    webhooks = dash.state.webhooks
     if webhooks is None or not SID_RE.match(sid):
         raise HTTPException(404, "no such call")
     try:
