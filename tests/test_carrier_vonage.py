@@ -69,6 +69,8 @@ from livecall.sim.vonage import SimulatedVonageCaller, VonageCallResult
 SECRET = "vonage-signature-secret-0123456789abcdef"
 PARAMS = {"token": "per-call-token-abc", "profile": "front-desk"}
 WS_AUTH = "Bearer ws-upgrade-token-xyz"
+VONAGE_AUTH = {"type": "vonage"}
+FORGED = VonageSignature("not-the-signature-secret-0123456789")
 
 
 def connected(rate: int = 16000, **headers: Any) -> str:
@@ -414,6 +416,12 @@ def test_connect_ncco_refuses_what_vonage_would_not_take() -> None:
         connect_websocket_ncco("wss://lc.example/ws", {}, ws_authorization="a\r\nX-Evil: 1")
     (action,) = connect_websocket_ncco("wss://lc.example/ws", {}, ws_authorization="Bearer t")
     assert action["endpoint"][0]["authorization"] == {"type": "custom", "value": "Bearer t"}
+    (action,) = connect_websocket_ncco("wss://lc.example/ws", {}, vonage_authorization=True)
+    assert action["endpoint"][0]["authorization"] == {"type": "vonage"}
+    with pytest.raises(ValueError, match="not both"):
+        connect_websocket_ncco(
+            "wss://lc.example/ws", {}, ws_authorization="t", vonage_authorization=True
+        )
     with pytest.raises(ValueError, match="L16 at"):
         connect_websocket_ncco("wss://lc.example/ws", {}, sample_rate=44100)
     assert busy_ncco("We are busy.") == [{"action": "talk", "text": "We are busy."}]
@@ -588,6 +596,38 @@ def test_a_replayed_request_is_refused_and_the_window_is_bounded() -> None:
     assert len(signer._seen) <= 1
 
 
+def test_the_handshake_jwt_is_checked_like_a_webhooks_without_a_payload() -> None:
+    """`authorization: {"type": "vonage"}`: the upgrade carries the signed webhooks' JWT."""
+    clock = Clock()
+    signer = VonageSignature(SECRET, api_key="k", clock=clock)
+    url = "wss://lc.example/ws/vonage"
+    good = {"Authorization": signer.sign(method="GET", url=url)}
+    assert signer.check_handshake(good)["iss"] == "Vonage"
+    with pytest.raises(SignatureRejected, match="already used"):
+        signer.check_handshake(good)  # one handshake per JWT
+    # the payload hash is not relied on: Vonage does not document what it covers here
+    other_hash = {"Authorization": signer.sign(method="POST", url=url, body=b"{}")}
+    assert signer.check_handshake(other_hash)["api_key"] == "k"
+    base = {"iat": int(clock.now), "iss": "Vonage", "api_key": "k"}
+    for headers, reason in (
+        ({}, "no Authorization"),
+        ({"Authorization": "Basic a2V5OnNlY3JldA=="}, "not a Bearer"),
+        ({"Authorization": FORGED.sign(method="GET", url=url)}, "does not verify"),
+        ({"Authorization": signer.sign(method="GET", url=url, iat=clock.now - 301)}, "older"),
+        ({"Authorization": signer.sign(method="GET", url=url, iat=clock.now + 60)}, "future"),
+        ({"Authorization": signer.sign(method="GET", url=url, api_key="x")}, "api_key"),
+        ({"Authorization": "Bearer " + jwt.encode(base, SECRET, algorithm="HS256")}, "no jti"),
+    ):
+        with pytest.raises(SignatureRejected, match=reason):
+            signer.check_handshake(headers)
+    carrier = VonageCarrier(signer)
+    assert carrier.verify_upgrade({"Authorization": signer.sign(method="GET", url=url)}) == int(
+        clock.now
+    )
+    with pytest.raises(SignatureRejected, match="no signature secret"):
+        VonageCarrier(None).verify_upgrade(good)
+
+
 def test_carrier_without_a_secret_trusts_nothing() -> None:
     carrier = VonageCarrier(None)
     assert not carrier.verify_webhook("https://x/a?uuid=1", {}, b"")
@@ -706,6 +746,8 @@ class App:
     webhook_ok: list[bool] = field(default_factory=list)
     ws_auth_ok: list[bool] = field(default_factory=list)
     expected_ws_auth: str = WS_AUTH
+    # the endpoint's authorization: "custom" (WS_AUTH), VONAGE_AUTH, or any object as is
+    authorization: Any = "custom"
     leg_events: list[tuple[str, bool]] = field(default_factory=list)
     events: list[Any] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -738,16 +780,31 @@ def make_app(app_state: App) -> FastAPI:
         if not ok:
             return Response(status_code=403)
         call = parse_answer_request(request.method, str(request.url), body)
+        auth = app_state.authorization
         text, ctype = carrier.answer_document_for_call(
-            app_state.ws_url, PARAMS, call, ws_authorization=WS_AUTH
+            app_state.ws_url,
+            PARAMS,
+            call,
+            ws_authorization=WS_AUTH if auth != VONAGE_AUTH else None,
+            vonage_authorization=auth == VONAGE_AUTH,
         )
+        if auth not in ("custom", VONAGE_AUTH):  # a malformed one, as the test wrote it
+            ncco = orjson.loads(text)
+            ncco[0]["endpoint"][0]["authorization"] = auth
+            text = orjson.dumps(ncco).decode()
         return Response(text, media_type=ctype)
 
     api.add_api_route("/vonage/answer", answer, methods=["GET", "POST"])
 
     @api.websocket("/ws/vonage")
     async def media(ws: WebSocket) -> None:
-        ok = ws.headers.get("authorization") == app_state.expected_ws_auth
+        if app_state.authorization == VONAGE_AUTH:
+            try:
+                ok = carrier.verify_upgrade(ws.headers) > 0
+            except SignatureRejected:
+                ok = False
+        else:
+            ok = ws.headers.get("authorization") == app_state.expected_ws_auth
         app_state.ws_auth_ok.append(ok)
         if not ok:
             await ws.close(1008)
@@ -986,3 +1043,40 @@ async def test_sim_refuses_audio_beyond_its_playout_buffer() -> None:
     # 150 frames arrive in a burst; a frame or two may play out before the last ones land
     assert 40 <= len(overflow) <= 50
     assert result.received_media_bytes == (150 - len(overflow)) * 640
+
+
+async def test_sim_signs_the_handshake_as_vonage_does_for_type_vonage() -> None:
+    async with serve(App(authorization=VONAGE_AUTH)) as app_state:
+        result = await call(app_state, [Pause(200), HangUp()])
+        await asyncio.wait_for(app_state.done.wait(), 5)
+    assert app_state.webhook_ok == [True] and app_state.ws_auth_ok == [True]
+    assert result.protocol_errors == [] and result.ended_by == "caller"
+    assert result.ws_authorization is not None
+    scheme, _, token = result.ws_authorization.partition(" ")
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert scheme == "Bearer" and claims["iss"] == "Vonage" and claims["jti"]
+    assert claims["api_key"] == "abcd1234" and claims["application_id"]
+    assert claims["payload_hash"] == hashlib.sha256(b"{}").hexdigest()  # a GET, no query
+
+
+@pytest.mark.parametrize(
+    ("authorization", "problem"),
+    [
+        ("vonage", "must be a JSON object"),
+        ({"value": "Bearer t"}, "type must be 'vonage' or 'custom'"),
+        ({"type": "basic", "value": "x"}, "type must be 'vonage' or 'custom'"),
+        ({"type": "custom"}, "needs a non-empty string value"),
+        ({"type": "custom", "value": " "}, "needs a non-empty string value"),
+        ({"type": "custom", "value": "a\r\nX-Evil: 1"}, "single header line"),
+        ({"type": "vonage", "value": 7}, "value must be a string"),
+        ({"type": "vonage", "scheme": "Bearer"}, "unexpected websocket authorization fields"),
+    ],
+)
+async def test_sim_refuses_a_malformed_websocket_authorization(
+    authorization: Any, problem: str
+) -> None:
+    async with serve(App(authorization=authorization)) as app_state:
+        result = await call(app_state, [HangUp()])
+    assert app_state.webhook_ok == [True] and app_state.ws_auth_ok == []  # never opened
+    assert len(result.protocol_errors) == 1 and problem in result.protocol_errors[0]
+    assert result.ended_by == "server" and result.frames_sent == 0

@@ -90,6 +90,7 @@ async def test_a_signed_answer_webhook_gets_the_connect_ncco(make_stack: Any, ra
         "type": "websocket",
         "uri": ws_url,
         "content-type": f"audio/l16;rate={rate}",
+        "authorization": {"type": "vonage"},  # the upgrade comes signed by Vonage
     }
     assert headers.pop(TOKEN_PARAMETER)  # the per-call token, bound to the uuid
     assert headers == {
@@ -220,7 +221,10 @@ async def test_a_stream_must_carry_the_token_of_its_own_call(make_stack: Any) ->
         {**endpoint["headers"], TOKEN_PARAMETER: "v1.forged"},
         {k: v for k, v in endpoint["headers"].items() if k != TOKEN_PARAMETER},
     ):
-        async with connect(endpoint["uri"], proxy=None, open_timeout=5) as ws:
+        signed_upgrade = {"Authorization": SIGNER.sign(method="GET", url=endpoint["uri"])}
+        async with connect(
+            endpoint["uri"], additional_headers=signed_upgrade, proxy=None, open_timeout=5
+        ) as ws:
             hello = {"event": "websocket:connected", "content-type": endpoint["content-type"]}
             await ws.send(orjson.dumps({**hello, **headers}).decode())
             with pytest.raises(websockets.ConnectionClosed):

@@ -35,6 +35,7 @@ __all__ = [
     "EXOTEL_TRANSFER_REFUSAL",
     "STREAM_PARAMETERS",
     "TRANSFER_DOCUMENT_TTL_S",
+    "UPGRADE_CLOCK_SKEW_S",
     "AnswerBuilder",
     "CarrierRoute",
     "ControlFactory",
@@ -55,6 +56,7 @@ log = structlog.get_logger("livecall.carriers")
 
 
 TRANSFER_DOCUMENT_TTL_S = 120.0  # the carrier fetches it right after the REST transfer
+UPGRADE_CLOCK_SKEW_S = 30.0  # how far a carrier's clock may trail ours (an upgrade's issue time)
 CALL_MEMORY_S = 600.0  # what a webhook said about a call is kept this long past its longest
 # what the model is told when it tries to transfer an Exotel call (the Voicebot applet's
 # stream cannot be moved; the flow's next applet could dial, but only after a hang-up)
@@ -125,6 +127,11 @@ class CarrierRoute:
     # an outbound call streams straight to the URL it was dialled with (Exotel's Connect Voice
     # AI): the stream, not a webhook, claims the outbound token that URL carries
     outbound_streams: bool = False
+    # the WebSocket upgrade's own credential, checked before the socket is accepted (Vonage's
+    # signed handshake): its headers -> when the credential was issued (unix s); ValueError
+    # (reason) refuses the upgrade. A credential issued before the call's stream token was
+    # minted belongs to another call and closes the stream at its start.
+    verify_upgrade: Callable[[Mapping[str, str]], float] | None = field(default=None, compare=False)
     # closes the REST clients behind `control` (at shutdown, once the calls are over)
     aclose: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
 

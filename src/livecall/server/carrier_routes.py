@@ -12,7 +12,10 @@ For a carrier `c` (enabled only when its credentials are set):
 - `/ws/c`: the media socket. Frames go through `c`'s sans-I/O `CarrierStream` until its
   `CallStarted`; the token in its custom parameters (or, for a carrier whose answer is a
   stream URL, in that URL's query string) must be valid for that call id, then the same call
-  core as Twilio's runs it (`calls.run_call`).
+  core as Twilio's runs it (`calls.run_call`). A route with its own upgrade credential
+  (`verify_upgrade`: Vonage's signed handshake) checks it before accepting the socket (403
+  otherwise), and one issued before the call's token was minted closes the stream at its
+  start (another call's).
 - its status webhook when it has one (`GET|POST /vonage/event`): signature-checked like the
   voice webhook, the status logged and, for a call answered here, kept as one of its events
   (`server/carrier_status.py`), 200 (403 when forged).
@@ -66,6 +69,7 @@ from livecall.server.carrier_route import (
     CALL_MEMORY_S,
     STREAM_PARAMETERS,
     TRANSFER_DOCUMENT_TTL_S,
+    UPGRADE_CLOCK_SKEW_S,
     CarrierRoute,
     ControlSite,
     WebhookCall,
@@ -230,7 +234,24 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         log.info(f"{name}.status", call_sid=call_id[:MAX_CALL_ID], status=status[:32], kept=kept)
         return Response(status_code=200)
 
+    def upgrade_issued(ws: WebSocket) -> float | None:
+        """The upgrade's own credential (when the route has one): when it was issued, or
+        None after logging why it is refused. Nothing here quotes the header."""
+        assert route.verify_upgrade is not None
+        try:
+            return route.verify_upgrade(ws.headers)
+        except ValueError as exc:
+            state.metrics.error(f"{name}_signature")
+            log.warning(f"{name}.stream_refused", reason=f"handshake: {exc}", phase="upgrade")
+            return None
+
     async def media_stream(ws: WebSocket) -> None:
+        issued: float | None = None
+        if route.verify_upgrade is not None:
+            issued = upgrade_issued(ws)
+            if issued is None:
+                await ws.close(code=1008)  # before accept: the upgrade is answered 403
+                return
         query = ws.query_params if route.parameters_in_url else None
         busy = query is not None and BUSY_PARAMETER in query  # turned away at the webhook
         if state.registry.draining and not busy:
@@ -274,6 +295,9 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         problem: str | None = None
         if not check:
             problem = check.reason or "bad stream token"
+        elif issued is not None and issued < (check.minted or 0.0) - UPGRADE_CLOCK_SKEW_S:
+            # signed for an upgrade before this call was answered: another call's
+            problem = "handshake Authorization issued before this call's answer"
         elif check.ref is not None:
             problem = claim_ref(check.ref, started.call_id) if outbound else "outbound token"
         if problem is not None:

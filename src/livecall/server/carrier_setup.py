@@ -98,9 +98,10 @@ def _vonage_route(
     signature_secret: str, sample_rate: int, *, settings: Settings | None = None
 ) -> CarrierRoute:
     """Vonage: a GET (or POST JSON) answer webhook answered with an NCCO, signed JWTs, binary
-    L16 on `/ws/vonage`, leg statuses on `GET|POST /vonage/event` (read as the call's: a leg's
-    own uuid leads to it through the conversation), REST control (`_vonage_control`) sent to
-    the region the answer webhook named."""
+    L16 on `/ws/vonage` (its upgrade signed by Vonage too: the NCCO asks for it), leg
+    statuses on `GET|POST /vonage/event` (read as the call's: a leg's own uuid leads to it
+    through the conversation), REST control (`_vonage_control`) sent to the region the answer
+    webhook named."""
     from livecall.carriers.vonage import VonageCarrier, VonageSignature
     from livecall.carriers.vonage.answer import (
         busy_ncco,
@@ -128,7 +129,11 @@ def _vonage_route(
             line = replace(native, to_number=native.from_number)
         directory.answered(line, time.monotonic())
         return carrier.answer_document_for_call(
-            ws_base(base) + "/ws/vonage", params, native, event_url=base + "/vonage/event"
+            ws_base(base) + "/ws/vonage",
+            params,
+            native,
+            event_url=base + "/vonage/event",
+            vonage_authorization=True,  # the upgrade carries Vonage's JWT: see verify_upgrade
         )
 
     def read_status(method: str, url: str, body: bytes) -> tuple[str, str]:
@@ -148,6 +153,7 @@ def _vonage_route(
         status_path="/vonage/event",
         read_status=read_status,
         status_methods=("GET", "POST"),
+        verify_upgrade=carrier.verify_upgrade,
         **(_vonage_control(settings, directory) if settings is not None else {}),
     )
 

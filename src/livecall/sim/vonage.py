@@ -5,7 +5,9 @@ answer webhook returns a `connect` NCCO with a `websocket` endpoint: it requests
 webhook (GET with `to`, `from`, `uuid`, `conversation_uuid`, `region_url` as query parameters,
 or POST with the same as JSON), signed like Vonage's signed webhooks (an HS256 JWT with
 `payload_hash`), runs the NCCO (`talk` is recorded, `connect` opens the socket), opens the
-WebSocket to the endpoint's `uri`, sends the text `websocket:connected` with the endpoint's
+WebSocket to the endpoint's `uri` (with the `Authorization` its `authorization` asks for:
+type "vonage", a freshly signed JWT like the webhooks'; "custom", its value; a malformed
+one fails the call), sends the text `websocket:connected` with the endpoint's
 `content-type` and its `headers` at the top level, then one BINARY 20 ms L16 frame every
 20 ms on an absolute clock (silence between utterances), and `websocket:dtmf` for key
 presses. What the app sends back is played at real time from a queue: binary frames must be
@@ -60,6 +62,7 @@ __all__ = ["SimulatedVonageCaller", "VonageCallResult"]
 _DTMF_DIGITS = frozenset("0123456789*#")
 _ALLOWED_ACTION_KEYS = {"clear": frozenset(("action",)), "notify": frozenset(("action", "payload"))}
 _ENDPOINT_KEYS = frozenset(("type", "uri", "content-type", "headers", "authorization"))
+_AUTH_KEYS = frozenset(("type", "value"))
 _RATES = {f"audio/l16;rate={n}": n for n in SUPPORTED_RATES}
 
 
@@ -74,6 +77,7 @@ class VonageCallResult(CallResult):
     fallback_ncco: list[Any] | None = None  # what a synchronous event webhook answered
     content_type: str | None = None
     sample_rate: int = 16000
+    ws_authorization: str | None = None  # the Authorization sent on the stream's handshake
 
 
 class SimulatedVonageCaller(SimulatedEdge):
@@ -133,7 +137,7 @@ class SimulatedVonageCaller(SimulatedEdge):
             conversation_uuid=self.conversation_uuid,
         )
         self._after_ncco: list[Any] = []
-        self._ws_auth: str | None = None  # the endpoint's authorization {"type":"custom"} value
+        self._ws_auth: str | None = None  # "vonage" (sign the handshake), or a custom value
         self._event_url: str | None = None
         self._sync_events = False
         self._leg_uuid = str(uuid.uuid4())  # the websocket leg's own uuid
@@ -338,10 +342,34 @@ class SimulatedVonageCaller(SimulatedEdge):
         r.parameters = dict(headers)
         self._rate = r.sample_rate = _RATES[ctype]
         self._wire_fb = self._rate // 50 * 2
-        auth = ep.get("authorization")
-        if type(auth) is dict and auth.get("type") == "custom" and type(auth.get("value")) is str:
-            self._ws_auth = auth["value"]
+        if "authorization" in ep:
+            problem = self._read_authorization(ep["authorization"])
+            if problem is not None:
+                return self._fail(problem)
         return True
+
+    def _read_authorization(self, auth: Any) -> str | None:
+        """The endpoint's `authorization` (@vonage/voice `WebsocketAuthorization`): `type`
+        "vonage" (a value, if any, is ignored) or "custom" with the header `value`; what is
+        wrong with it, else None."""
+        if type(auth) is not dict:
+            return "websocket authorization must be a JSON object"
+        if not _AUTH_KEYS.issuperset(auth):
+            return f"unexpected websocket authorization fields {sorted(set(auth) - _AUTH_KEYS)}"
+        kind, value = auth.get("type"), auth.get("value")
+        if kind == "vonage":
+            if value is not None and type(value) is not str:
+                return "websocket authorization value must be a string"
+            self._ws_auth = "vonage"
+            return None
+        if kind == "custom":
+            if type(value) is not str or not value.strip():
+                return "websocket authorization type custom needs a non-empty string value"
+            if any(c in value for c in "\r\n\0"):
+                return "websocket authorization value must be a single header line"
+            self._ws_auth = value
+            return None
+        return f"websocket authorization type must be 'vonage' or 'custom': {str(kind)[:30]!r}"
 
     # ------------------------------------------------------------------ stream
 
@@ -349,7 +377,16 @@ class SimulatedVonageCaller(SimulatedEdge):
         return self._leg_uuid  # Vonage names the stream by its websocket leg
 
     def _stream_headers(self, url: str) -> dict[str, str]:
-        return {"Authorization": self._ws_auth} if self._ws_auth else {}
+        """The handshake's `Authorization`, as the endpoint asked: for "vonage", a fresh JWT
+        signed as the webhooks are (HS256 over the signature secret; `iat`, a new `jti`,
+        `iss`, `api_key`, `application_id`, `payload_hash` of the GET's query as JSON)."""
+        if self._ws_auth is None:
+            return {}
+        value = (
+            self._jwt.sign(method="GET", url=url) if self._ws_auth == "vonage" else self._ws_auth
+        )
+        self.result.ws_authorization = value
+        return {"Authorization": value}
 
     async def _open_stream(self) -> bool:
         if await super()._open_stream():

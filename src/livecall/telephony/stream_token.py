@@ -64,6 +64,7 @@ class TokenCheck:
     ok: bool
     reason: str = ""
     ref: str | None = None  # the outbound reference a token carried, if any
+    minted: float | None = None  # when a valid token was minted (its expiry less the TTL)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -147,7 +148,7 @@ class StreamTokens:
             return TokenCheck(False, "stream token does not match this call and account")
         if not live and now > expiry:
             return TokenCheck(False, "stream token expired")
-        return TokenCheck(True, ref=found_ref)
+        return TokenCheck(True, ref=found_ref, minted=expiry - self.ttl_s)
 
 
 class OutboundClaims:

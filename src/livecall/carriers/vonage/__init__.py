@@ -79,11 +79,13 @@ class VonageCarrier:
         call: AnswerRequest,
         *,
         ws_authorization: str | None = None,
+        vonage_authorization: bool = False,
         event_url: str | None = None,
     ) -> tuple[str, str]:
         """As `answer_document`, with the call's uuid and numbers echoed into the stream and,
-        optionally, an `Authorization` value Vonage sends on the WebSocket handshake and an
-        event URL for this call's websocket leg (else the carrier's own, if any)."""
+        optionally, the WebSocket handshake's `Authorization`: Vonage's signed JWT
+        (`vonage_authorization`, checked by `verify_upgrade`) or a custom value, and an event
+        URL for this call's websocket leg (else the carrier's own, if any)."""
         ncco = connect_websocket_ncco(
             stream_url,
             parameters,
@@ -92,6 +94,7 @@ class VonageCarrier:
             event_url=event_url or self.event_url,
             synchronous_events=self.synchronous_events,
             ws_authorization=ws_authorization,
+            vonage_authorization=vonage_authorization,
         )
         return ncco_json(ncco)
 
@@ -101,6 +104,15 @@ class VonageCarrier:
             return False  # secure by default: no secret, no trust
         method = "POST" if body else "GET"
         return self.signature.verify(headers, method=method, url=url, body=body)
+
+    def verify_upgrade(self, headers: Mapping[str, str]) -> float:
+        """Check a WebSocket upgrade's `Authorization` (the JWT Vonage signs for an endpoint
+        with `"authorization": {"type": "vonage"}`): its `iat`, or SignatureRejected saying
+        why not (never quoting the token or the secret)."""
+        if self.signature is None:
+            raise SignatureRejected("no signature secret configured")
+        iat = self.signature.check_handshake(headers)["iat"]
+        return float(iat)
 
     def verify_request(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes

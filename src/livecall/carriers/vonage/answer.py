@@ -6,7 +6,10 @@ by default, or POST with a JSON body) and runs the returned NCCO, a JSON array o
 `connect` action whose endpoint is a `websocket`: Vonage then opens that socket, streams L16
 audio both ways, and echoes the endpoint's `headers` in its first message
 (`websocket:connected`): that is where the per-call token and profile travel, along with the
-call's own uuid and numbers (the socket carries no call id of its own). When the socket
+call's own uuid and numbers (the socket carries no call id of its own). The endpoint asks for
+Vonage's signed handshake (`"authorization": {"type": "vonage"}`): the upgrade then carries
+`Authorization: Bearer <JWT>` signed with the signature secret, which a replayed NCCO cannot
+supply. When the socket
 closes the `connect` action ends, and with nothing after it the NCCO, hence the call, ends.
 """
 
@@ -136,15 +139,22 @@ def connect_websocket_ncco(
     synchronous_events: bool = False,
     talk_first: str | None = None,
     ws_authorization: str | None = None,
+    vonage_authorization: bool = False,
 ) -> list[dict[str, Any]]:
     """The NCCO connecting the call to `stream_url`, per-call values in the endpoint headers.
 
     `parameters` (token, profile…) come back as top-level fields of `websocket:connected`; with
     `call`, its uuid, conversation uuid and numbers ride along under `call_uuid`,
     `conversation_uuid`, `from`, `to`. `synchronous_events` lets the event webhook answer a
-    failed or dropped socket with a fallback NCCO. `ws_authorization` is sent by Vonage as
-    the `Authorization` header of the WebSocket handshake (`authorization.type` "custom"), so
-    the upgrade itself can be refused before any audio flows.
+    failed or dropped socket with a fallback NCCO.
+
+    The endpoint's `authorization` sets the `Authorization` header of the WebSocket opening
+    handshake, so the upgrade itself can be refused before any audio flows:
+    `vonage_authorization` (`{"type": "vonage"}`) has Vonage send `Bearer <JWT>`, the signed
+    webhooks' JWT (HS256 over the signature secret, fresh `iat` and `jti` per handshake);
+    `ws_authorization` (`{"type": "custom", "value": …}`) has it send that value verbatim.
+    Only the first proves the upgrade comes from Vonage: a custom value is in the NCCO, so
+    whoever holds the NCCO holds it too.
     """
     _check_ws_uri(stream_url)
     headers: dict[str, str] = {}
@@ -171,6 +181,10 @@ def connect_websocket_ncco(
         "content-type": content_type_for(sample_rate),
         "headers": headers,
     }
+    if vonage_authorization and ws_authorization is not None:
+        raise ValueError("one websocket authorization: vonage or custom, not both")
+    if vonage_authorization:
+        endpoint["authorization"] = {"type": "vonage"}
     if ws_authorization is not None:
         if not ws_authorization or any(c in ws_authorization for c in "\r\n"):
             raise ValueError("ws_authorization must be a non-empty single-line header value")

@@ -12,6 +12,10 @@ when the `vonage` package is installed, else with PyJWT (what that verifier wrap
 documents no freshness window, so livecall sets one: `iat` at most `max_age_s` old (5 min) and
 not in the future beyond `clock_skew_s`, and each `jti` accepted once within that window, so a
 captured request cannot be replayed. The secret never appears in a repr or an error.
+
+The same JWT signs a WebSocket opening handshake when the NCCO asks for it
+(`"authorization": {"type": "vonage"}`, @vonage/voice `WebsocketAuthorization`):
+`check_handshake` verifies it there, without a payload hash and with `jti` required.
 """
 
 from __future__ import annotations
@@ -121,6 +125,22 @@ class VonageSignature:
         self, headers: Mapping[str, str], *, method: str, url: str, body: bytes = b""
     ) -> dict[str, Any]:
         """The verified claims, or SignatureRejected saying which rule failed."""
+        return self._check(headers, (method, url, body))
+
+    def check_handshake(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        """The claims of the JWT Vonage sends on a WebSocket opening handshake when the NCCO's
+        endpoint asks for `"authorization": {"type": "vonage"}`, or SignatureRejected.
+
+        It is the signed webhooks' JWT (same secret, same claims): signature, `iat` window,
+        `api_key`/`application_id` when configured and `jti` once are checked as for a
+        webhook. Its `payload_hash` is not: Vonage does not document what a handshake's
+        payload is (a GET without a body), and the upgrade carries nothing to tamper with.
+        """
+        return self._check(headers, None)
+
+    def _check(
+        self, headers: Mapping[str, str], payload: tuple[str, str, bytes] | None
+    ) -> dict[str, Any]:
         token = _bearer(headers)
         if not self._signature_ok(token):
             raise SignatureRejected("JWT signature does not verify with the signature secret")
@@ -145,8 +165,11 @@ class VonageSignature:
         for claim, expected in (("api_key", self.api_key), ("application_id", self.application_id)):
             if expected is not None and claims.get(claim) != expected:
                 raise SignatureRejected(f"JWT {claim} is not this account's")
-        self._check_payload(claims, method, url, body)
+        if payload is not None:
+            self._check_payload(claims, *payload)
         jti = claims.get("jti")
+        if jti is None and payload is None:  # an upgrade has nothing else to bind it to
+            raise SignatureRejected("JWT has no jti (a handshake's must be single-use)")
         if jti is not None:
             if type(jti) is not str or not jti:
                 raise SignatureRejected("JWT jti must be a non-empty string")
