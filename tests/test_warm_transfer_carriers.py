@@ -193,3 +193,60 @@ async def test_whisper_replayed_unsigned_or_for_another_call_is_refused(
     signed = await fake.fetch_whisper(call, MANAGER, fresh)  # the unsigned try spent nothing
     assert (signed.status_code, signed.said) == (200, [SUMMARY])
     assert urlsplit(fresh).path.count("/") == 3
+
+
+# ------------------------------------------------------------------------ pure pieces
+
+
+def test_each_carrier_s_warm_dial_names_its_whisper_and_its_end() -> None:
+    from livecall.carriers.plivo.answer import after_dial_xml, dial_xml, whisper_xml
+    from livecall.carriers.telnyx.control import after_dial_texml, transfer_texml, whisper_texml
+    from livecall.carriers.vonage.control import after_dial_ncco, transfer_ncco, whisper_ncco
+
+    url, action = "https://x.example/c/whisper/tok", "https://x.example/c/transfer-ended"
+    texml = ET.fromstring(transfer_texml(MANAGER, say=HOLD, whisper_url=url, dial_action=action))
+    dial = texml.find("Dial")
+    assert dial is not None and (dial.get("action"), dial.get("method")) == (action, "POST")
+    number = texml.find("Dial/Number")
+    assert number is not None and (number.get("url"), number.get("method")) == (url, "POST")
+    cold = ET.fromstring(transfer_texml(MANAGER)).find("Dial/Number")
+    assert cold is not None and cold.get("url") is None
+    said = ET.fromstring(whisper_texml("<b>&", "en-GB")).find("Say")
+    assert said is not None and (said.text, said.get("language")) == ("<b>&", "en-GB")
+    assert [c.tag for c in ET.fromstring(after_dial_texml("no-answer", "Sorry."))] == [
+        "Say",
+        "Hangup",
+    ]
+
+    plivo = ET.fromstring(dial_xml("15551239999", confirm_sound=url, action=action)).find("Dial")
+    assert plivo is not None and plivo.get("confirmSound") == url
+    assert plivo.get("confirmKey") is None  # nothing to press: briefed, then bridged
+    assert (plivo.get("action"), plivo.get("method")) == (action, "POST")
+    speak = ET.fromstring(whisper_xml("brief", "en-US")).find("Speak")
+    assert speak is not None and speak.get("language") == "en-US"
+    assert [c.tag for c in ET.fromstring(after_dial_xml("completed", "Sorry."))] == ["Hangup"]
+
+    [connect] = transfer_ncco(MANAGER, on_answer=url, event_url=action)
+    assert connect["endpoint"] == [
+        {"type": "phone", "number": MANAGER[1:], "onAnswer": {"url": url}}
+    ]
+    assert (connect["eventType"], connect["eventUrl"]) == ("synchronous", [action])
+    [sip] = transfer_ncco("sip:desk@pbx.example", on_answer=url)
+    assert "onAnswer" not in sip["endpoint"][0]  # Vonage's SIP endpoint has no onAnswer
+    assert whisper_ncco("brief", "en-US") == [
+        {"action": "talk", "text": "brief", "language": "en-US"}
+    ]
+    assert after_dial_ncco("busy", "Sorry.") == [{"action": "talk", "text": "Sorry."}]
+    assert after_dial_ncco("answered", "Sorry.") is None
+    assert after_dial_ncco("timeout", None) is None
+
+
+def test_a_briefing_plays_only_for_its_carrier_and_call() -> None:
+    stored = Briefing("brief", "CA1", "telnyx", "en-US")
+    again = Briefing.loads(stored.dumps())
+    assert again == stored
+    assert again.refusal("telnyx", "CA1") is None
+    assert again.refusal("telnyx", None) is None  # a fetch naming no parent
+    assert again.refusal("telnyx", "CA2") == "minted for another call"
+    assert again.refusal("plivo", "CA1") == "minted for another carrier"
+    assert Briefing.loads("plain text") == Briefing("plain text")  # unbound (minted by hand)
