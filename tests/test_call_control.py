@@ -52,7 +52,7 @@ async def test_telnyx_maps_its_answers_onto_call_control() -> None:
         return httpx.Response(200, json={"sid": call, "status": "in-progress"})
 
     control, http = telnyx(handler)
-    assert (control.warm_transfer, control.transfer_refusal) == (False, None)
+    assert (control.warm_transfer, control.transfer_refusal) == (True, None)
     assert await control.hangup("v3:live") is True
     assert await control.transfer("v3:live", "+15551239999", "Putting you through.") is True
     assert await control.hangup("v3:gone") is False

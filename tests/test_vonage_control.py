@@ -64,7 +64,7 @@ async def test_the_adapter_maps_vonages_answers_onto_call_control(
     control, seen = adapter(
         pem, lambda r: httpx.Response(next(answers)), "https://api-eu-1.vonage.com"
     )
-    assert (control.warm_transfer, control.transfer_refusal) == (False, None)
+    assert (control.warm_transfer, control.transfer_refusal) == (True, None)
     assert await control.hangup(CALL) is True
     assert await control.transfer(CALL, "sip:desk@pbx.example", say="Putting you through.")
     assert await control.hangup(CALL) is False  # 404: Vonage knows no such call (any more)

@@ -27,6 +27,7 @@ from livecall.telephony.twilio_rest import transfer_twiml
 from livecall.telephony.whisper import (
     TRANSFER_ENDED_PATH,
     WHISPER_PATH,
+    Briefing,
     Whispers,
     after_dial_twiml,
     clean_summary,
@@ -94,6 +95,8 @@ def test_summary_is_one_bounded_line_and_the_fallback_says_nothing_from_the_call
     assert unknown == "Transfer from the x line: a caller asked for manager."
     said = ET.fromstring(whisper_twiml("<b>&")).findtext("Say")
     assert said == "<b>&"  # escaped in the XML, intact when spoken
+    spoken = ET.fromstring(whisper_twiml("brief", "en-GB")).find("Say")
+    assert spoken is not None and spoken.get("language") == "en-GB"  # the profile's language
 
 
 def test_after_the_dial_the_caller_hears_sorry_only_when_no_one_took_the_call() -> None:
@@ -284,6 +287,18 @@ async def test_an_unsigned_whisper_request_is_refused_and_does_not_spend_the_tok
     assert forged.status_code == 404  # signed, but no such token
     signed = await fake.fetch_whisper(call, MANAGER, url)
     assert (signed.status_code, signed.said) == (200, [SUMMARY])
+    # a briefing minted for one call is not played on another call's dial
+    whispers = stack.app.state.livecall.whispers
+    bound = await whispers.put(Briefing(SUMMARY, call.sid, "twilio").dumps())
+    stranger = await fake.fetch_whisper(
+        call, MANAGER, f"{stack.base_url}{WHISPER_PATH}/{bound}", parent="CA" + "0" * 32
+    )
+    assert (stranger.status_code, stranger.twiml) == (403, None)
+    elsewhere = await whispers.put(Briefing(SUMMARY, call.sid, "telnyx").dumps())
+    wrong_door = await fake.fetch_whisper(
+        call, MANAGER, f"{stack.base_url}{WHISPER_PATH}/{elsewhere}"
+    )
+    assert wrong_door.status_code == 403  # a Telnyx call's briefing: not at Twilio's door
     async with httpx.AsyncClient() as client:  # the dial's action is Twilio's door too
         form = {"CallSid": call.sid, "DialCallStatus": "completed"}
         ended = await client.post(f"{stack.base_url}{TRANSFER_ENDED_PATH}", data=form)

@@ -185,6 +185,9 @@ async def run_call(
             profile.name,
             caller,
             profile.transfer.hold_message,
+            carrier=carrier_name,
+            call_id=call_id,
+            language=profile.language or None,
         )
     entry = ActiveCall(
         call_id,

@@ -41,6 +41,7 @@ __all__ = [
     "ControlFactory",
     "ControlSite",
     "StatusReader",
+    "WarmDocuments",
     "WebhookCall",
     "WebhookReader",
     "e164",
@@ -102,6 +103,21 @@ ControlFactory = Callable[[ControlSite], "CallControl | None"]
 
 
 @dataclass(frozen=True)
+class WarmDocuments:
+    """A carrier's side of a warm transfer: the whisper document its answered leg fetches
+    (`/<carrier>/whisper/<token>`) and the caller's document once the dial ended
+    (`/<carrier>/transfer-ended`), each signed by the carrier like its webhooks."""
+
+    whisper: Callable[[str, str | None], str]  # (briefing, language) -> the document
+    # (dial status, no-answer line) -> the caller's document; None: nothing (204)
+    after_dial: Callable[[str, str | None], str | None]
+    status_field: str  # the dial-ended request's field holding how the dial ended
+    parent_field: str | None = None  # the whisper fetch's field naming the caller's call
+    whisper_methods: tuple[str, ...] = ("POST",)
+    content_type: str = "application/xml"
+
+
+@dataclass(frozen=True)
 class CarrierRoute:
     """One carrier's HTTP side: where its webhook lands, how it names things, how it says busy."""
 
@@ -114,6 +130,7 @@ class CarrierRoute:
     content_type: str = "application/xml"
     control: ControlFactory | None = None  # REST call control (hangup/transfer), when set up
     documents: bool = False  # serves transfer documents the carrier fetches (see module doc)
+    warm: WarmDocuments | None = None  # serves warm transfers' whispers and dial ends
     alnum_parameters: bool = False  # the carrier carries only [A-Za-z0-9] names and values
     methods: tuple[str, ...] = ("POST",)  # what the voice webhook accepts (HEAD: auth only)
     read_webhook: WebhookReader | None = None  # None: a POSTed form (`call_id_field`, From…)

@@ -47,6 +47,7 @@ token, served once at `POST /<carrier>/transfer/<token>` to a request signed by 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -87,7 +88,12 @@ from livecall.telephony.stream_token import (
     TOKEN_PARAMETER,
     OutboundClaims,
 )
-from livecall.telephony.whisper import Whispers
+from livecall.telephony.whisper import (
+    Briefing,
+    Whispers,
+    transfer_ended_path,
+    whisper_path,
+)
 
 if TYPE_CHECKING:
     from livecall.server.state import AppState
@@ -366,9 +372,73 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         log.info(f"{name}.transfer_document", call_sid=call_id)
         return Response(document, media_type=route.content_type)
 
+    def callback_params(request: Request, body: bytes) -> dict[str, str]:
+        """A carrier callback's fields: its query (GET), JSON object or form."""
+        if request.method == "GET":
+            return dict(request.query_params)
+        if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+            try:
+                data = json.loads(body or b"{}")
+            except ValueError:
+                return {}
+            return {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+
+    def forbidden(event: str) -> Response:
+        state.metrics.error(f"{name}_signature")
+        log.warning(event, reason="bad or missing signature")
+        return Response(f"invalid {name} signature", status_code=403, media_type="text/plain")
+
+    async def whisper(token: str, request: Request) -> Response:
+        """A warm transfer's callee answered: the carrier asks what to play them (signed,
+        once, only for the call and carrier it was minted for)."""
+        assert route.warm is not None
+        body = await request.body()
+        if not signed(request, body):
+            return forbidden(f"{name}.whisper_rejected")
+        params = callback_params(request, body)
+        stored = await state.whispers.take(token)
+        if stored is None:
+            log.warning(f"{name}.whisper_unknown")
+            return Response("unknown or used whisper", status_code=404, media_type="text/plain")
+        briefing = Briefing.loads(stored)
+        parent = params.get(route.warm.parent_field) if route.warm.parent_field else None
+        refusal = briefing.refusal(name, parent)
+        if refusal is not None:
+            log.warning(f"{name}.whisper_refused", reason=refusal)
+            return Response(refusal, status_code=403, media_type="text/plain")
+        log.info(f"{name}.whisper", call_sid=briefing.call_id[:MAX_CALL_ID] or None)
+        document = route.warm.whisper(briefing.text, briefing.language)
+        return Response(document, media_type=route.warm.content_type)
+
+    async def transfer_ended(request: Request) -> Response:
+        """A warm transfer's dial ended: hang up, or tell the caller no one took it."""
+        assert route.warm is not None
+        body = await request.body()
+        if not signed(request, body):
+            return forbidden(f"{name}.transfer_ended_rejected")
+        params = callback_params(request, body)
+        profile = state.match_profile({"profile": request.query_params.get("profile", "")})
+        status = params.get(route.warm.status_field, "")
+        log.info(f"{name}.transfer_ended", dial_status=status[:32])
+        document = route.warm.after_dial(status, profile.transfer.no_answer_message)
+        if document is None:
+            return Response(status_code=204)
+        return Response(document, media_type=route.warm.content_type)
+
     router.add_api_route(
         route.webhook_path, voice_webhook, methods=list(route.methods), include_in_schema=False
     )
+    if route.warm is not None:
+        router.add_api_route(
+            whisper_path(name) + "/{token}",
+            whisper,
+            methods=list(route.warm.whisper_methods),
+            include_in_schema=False,
+        )
+        router.add_api_route(
+            transfer_ended_path(name), transfer_ended, methods=["POST"], include_in_schema=False
+        )
     if route.status_path is not None and route.read_status is not None:
         router.add_api_route(
             route.status_path,

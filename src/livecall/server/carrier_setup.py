@@ -5,6 +5,7 @@ answered, its busy answer, and its REST call control when the API credentials ar
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -18,6 +19,7 @@ from livecall.server.carrier_route import (
     EXOTEL_TRANSFER_REFUSAL,
     CarrierRoute,
     ControlSite,
+    WarmDocuments,
     WebhookCall,
     read_exotel,
     secret_value,
@@ -170,7 +172,9 @@ def _vonage_control(settings: Settings, directory: CallDirectory) -> dict[str, A
         DEFAULT_API_BASE,
         VonageCall,
         VonageCallControl,
+        after_dial_ncco,
         load_private_key,
+        whisper_ncco,
     )
 
     api_base = settings.vonage_api_base or DEFAULT_API_BASE
@@ -185,7 +189,23 @@ def _vonage_control(settings: Settings, directory: CallDirectory) -> dict[str, A
         region = region_base(known.region_url, api_base)
         return VonageCall(rest, region, from_number=known.line_number)
 
-    return {"control": control, "aclose": rest.aclose}
+    def whisper(text: str, language: str | None) -> str:
+        return json.dumps(whisper_ncco(text, language))
+
+    def after_dial(status: str, message: str | None) -> str | None:
+        ncco = after_dial_ncco(status, message)
+        return None if ncco is None else json.dumps(ncco)
+
+    # `onAnswer` is requested like an answer webhook (GET, signed); the synchronous connect's
+    # events are POSTed JSON with its `status`
+    warm = WarmDocuments(
+        whisper,
+        after_dial,
+        "status",
+        whisper_methods=("GET", "POST"),
+        content_type="application/json",
+    )
+    return {"control": control, "aclose": rest.aclose, "warm": warm}
 
 
 def _telnyx_control(settings: Settings) -> dict[str, Any]:
@@ -200,8 +220,15 @@ def _telnyx_control(settings: Settings) -> dict[str, Any]:
     rest = TelnyxControl(
         key, settings.telnyx_account_sid, base_url=settings.telnyx_api_base, max_retries=0
     )
+    from livecall.carriers.telnyx.control import after_dial_texml, whisper_texml
+
     control = TelnyxCallControl(rest)
-    return {"control": lambda site: control, "aclose": control.aclose}
+    # TeXML mirrors TwiML: `<Number url>` fetched (POST) about the answered leg, which names
+    # the caller's call as its ParentCallSid; `<Dial action>` posts DialCallStatus
+    warm = WarmDocuments(
+        whisper_texml, after_dial_texml, "DialCallStatus", parent_field="ParentCallSid"
+    )
+    return {"control": lambda site: control, "aclose": control.aclose, "warm": warm}
 
 
 def _plivo_control(settings: Settings) -> dict[str, Any]:
@@ -218,8 +245,13 @@ def _plivo_control(settings: Settings) -> dict[str, Any]:
         else PlivoControl(settings.plivo_auth_id, token)
     )
 
+    from livecall.carriers.plivo.answer import after_dial_xml, whisper_xml
+
     def control(site: ControlSite) -> CallControl:
         assert site.publish is not None  # `documents=True` below
         return PlivoCallControl(rest, site.publish)
 
-    return {"control": control, "documents": True, "aclose": rest.aclose}
+    # `confirmSound` is fetched (POST) about the called leg, naming the caller's as ALegUUID;
+    # the `<Dial action>` posts DialStatus
+    warm = WarmDocuments(whisper_xml, after_dial_xml, "DialStatus", parent_field="ALegUUID")
+    return {"control": control, "documents": True, "aclose": rest.aclose, "warm": warm}

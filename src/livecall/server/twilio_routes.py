@@ -40,6 +40,7 @@ from livecall.telephony.stream_token import (
 from livecall.telephony.whisper import (
     TRANSFER_ENDED_PATH,
     WHISPER_PATH,
+    Briefing,
     after_dial_twiml,
     whisper_twiml,
 )
@@ -139,12 +140,18 @@ def build_twilio_router(state: AppState) -> APIRouter:
         params = await signed_form(state, request, "twilio.whisper_rejected")
         if params is None:
             return FORBIDDEN()
-        text = await state.whispers.take(token)
-        if text is None:
-            log.warning("twilio.whisper_unknown", call_sid=params.get("CallSid", "")[:64] or None)
+        stored = await state.whispers.take(token)
+        call_sid = params.get("CallSid", "")[:64] or None
+        if stored is None:
+            log.warning("twilio.whisper_unknown", call_sid=call_sid)
             return Response("unknown or used whisper", status_code=404, media_type="text/plain")
-        log.info("twilio.whisper", call_sid=params.get("CallSid", "")[:64] or None)
-        return Response(whisper_twiml(text), media_type=XML)
+        briefing = Briefing.loads(stored)
+        refusal = briefing.refusal("twilio", params.get("ParentCallSid"))
+        if refusal is not None:
+            log.warning("twilio.whisper_refused", call_sid=call_sid, reason=refusal)
+            return Response(refusal, status_code=403, media_type="text/plain")
+        log.info("twilio.whisper", call_sid=call_sid)
+        return Response(whisper_twiml(briefing.text, briefing.language), media_type=XML)
 
     @router.post(TRANSFER_ENDED_PATH, include_in_schema=False)
     async def transfer_ended(request: Request) -> Response:

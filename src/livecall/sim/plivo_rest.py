@@ -15,6 +15,12 @@ fetch is kept in `fetches`. A call is known once a test `attach`es its simulated
 hanging up or transferring ends that caller's stream with Plivo's `stop`. `fail_status`
 makes every authorized request fail with that status (an outage).
 
+Warm transfers: when the transferred XML's `<Dial>` has a `confirmSound`, the called party
+picks up and Plivo fetches that URL (POST, signed V3) about the called leg, naming the
+caller's as `ALegUUID`; only `<Play>`, `<Wait>` and `<Speak>` are played (others ignored, as
+Plivo documents), the `<Speak>` texts kept in `whispers`. `end_dial` ends the dial with a
+`DialStatus`, POSTs the `<Dial action>` signed and keeps the caller's next XML (`dial_ends`).
+
 Outbound calls: `POST /v1/Account/{auth_id}/Call/` with `from`, `to` (digits, no "+") and
 `answer_url` (`answer_method` POST: the fake fetches with POST only) -> 201 `{"message":
 "call fired", "request_uuid": …}`. Then, as Plivo does once the callee answers, the fake
@@ -44,6 +50,7 @@ from fastapi.responses import JSONResponse, Response
 from livecall.carriers.plivo.signatures import PlivoSignature, new_nonce
 from livecall.sim.edge import SimulatedEdge
 from livecall.sim.twilio import CallResult
+from livecall.sim.warm import WarmFetch, xml_said, xml_verbs
 
 __all__ = [
     "DocumentFetch",
@@ -114,6 +121,7 @@ class FakePlivoCall:
     status: str = "in-progress"
     transferred_to: str | None = None
     said: list[str] = field(default_factory=list)
+    dial_xml: str | None = None  # the XML its transfer ran (its `<Dial>`)
 
 
 def run_transfer_xml(xml: str) -> tuple[str | None, list[str]]:
@@ -146,6 +154,78 @@ class FakePlivoState:
         self.callee: dict[str, Any] = {}  # PlivoSimulatedCaller arguments of answered calls
         self.dialed: dict[str, FakePlivoCall] = {}  # request_uuid -> the call it placed
         self.answered: dict[str, asyncio.Task[CallResult]] = {}
+        self.whispers: list[WarmFetch] = []  # warm transfers' called parties answering
+        self.dial_ends: list[WarmFetch] = []  # `<Dial action>`s asked when a dial ended
+
+    async def _post_signed(self, record: WarmFetch, *, signed: bool = True) -> None:
+        headers = {"User-Agent": "PlivoHTTP/1.0"}
+        if signed:
+            nonce = new_nonce()
+            headers["X-Plivo-Signature-V3-Nonce"] = nonce
+            headers["X-Plivo-Signature-V3"] = self._signer.sign(
+                "POST", record.url, record.form, nonce
+            )
+        if self.http is None:
+            self.http = httpx.AsyncClient(timeout=10, trust_env=False)
+        try:
+            response = await self.http.post(record.url, data=record.form, headers=headers)
+        except httpx.HTTPError as exc:
+            record.error = f"{type(exc).__name__}: {exc}"
+            return
+        record.status_code = response.status_code
+        if response.status_code != 200:
+            return
+        record.body = response.text
+        try:
+            record.verbs = xml_verbs(response.text)
+            record.said = xml_said(response.text, "Speak")
+        except (ET.ParseError, ValueError) as exc:
+            record.error = f"not Plivo XML: {exc}"
+
+    async def fetch_whisper(
+        self,
+        call: FakePlivoCall,
+        target: str,
+        url: str,
+        *,
+        signed: bool = True,
+        parent: str | None = None,
+    ) -> WarmFetch:
+        """The called party answers: fetch the `<Dial confirmSound>` (POST) about the called
+        leg, naming the caller's (or `parent`) as ALegUUID; keep what it was played."""
+        form = {
+            "CallUUID": str(uuid.uuid4()),
+            "ALegUUID": parent if parent is not None else call.uuid,
+            "CallStatus": "in-progress",
+            "Direction": "outbound",
+            "From": call.from_,
+            "To": target,
+        }
+        record = WarmFetch(url, target, form)
+        await self._post_signed(record, signed=signed)
+        self.whispers.append(record)
+        return record
+
+    async def end_dial(self, call: FakePlivoCall, dial_status: str = "completed") -> WarmFetch:
+        """The transfer's `<Dial>` ends (`completed`, `no-answer`, `busy`, `timeout`…): POST
+        its `action` signed, as Plivo does, and keep the caller's next XML."""
+        dial = ET.fromstring(call.dial_xml or "<Response/>").find("Dial")
+        if dial is None or not dial.get("action"):
+            raise ValueError("the call's XML has no <Dial action>")
+        target = next(((noun.text or "").strip() for noun in dial), "")
+        form = {
+            "CallUUID": call.uuid,
+            "DialStatus": dial_status,
+            "DialALegUUID": call.uuid,
+            "DialBLegUUID": str(uuid.uuid4()),
+            "DialHangupCause": "NORMAL_CLEARING",
+            "From": call.from_,
+            "To": call.to,
+        }
+        record = WarmFetch(dial.get("action", ""), target, form)
+        await self._post_signed(record)
+        self.dial_ends.append(record)
+        return record
 
     def _answer(self, request_uuid: str, from_: str, to: str, url: str) -> FakePlivoCall:
         """The callee answers: Plivo fetches `answer_url` (signed) and runs the call."""
@@ -272,7 +352,12 @@ class FakePlivoState:
             self._end(call, "hangup")
             return
         call.transferred_to = target
+        call.dial_xml = fetch.xml
         self._end(call, "transfer", target)
+        dial = ET.fromstring(fetch.xml or "<Response/>").find("Dial")
+        confirm = dial.get("confirmSound") if dial is not None else None
+        if confirm:  # a warm dial: the called party picks up and is played the sound
+            await self.fetch_whisper(call, target, confirm)
 
 
 def build_fake_plivo_rest(auth_id: str, auth_token: str) -> tuple[FastAPI, FakePlivoState]:

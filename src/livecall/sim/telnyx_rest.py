@@ -18,6 +18,14 @@ Telnyx does once the callee picks up, the fake fetches `Url` signed with the acc
 Ed25519 key (`signing_key`) and runs the call: a `TelnyxSimulatedCaller` is the answered
 party (`callee` holds its arguments: script, `on_script_end`…), its run in `answered[sid]`.
 
+Warm transfers: a `Texml` whose `<Dial>` has a `<Number url>`/`<Sip url>` has its callee
+pick up, as TeXML (TwiML's mirror) does: the fake fetches that URL (its `method`, POST by
+default) about the new leg, signed with the account's Ed25519 key, naming the caller's call as
+`ParentCallSid`, and keeps what the callee heard (`whispers`); a document holding a `<Dial>` is
+refused, as TwiML refuses one on the called party's end. `end_dial` ends the dial with a
+`DialCallStatus`, POSTs the `<Dial action>` signed and keeps the caller's next TeXML
+(`dial_ends`).
+
 `fail_status` makes every authorized request fail with that status (an outage), so a test
 can see livecall's answer to a REST failure.
 """
@@ -30,14 +38,16 @@ import secrets
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from livecall.carriers.telnyx.signatures import sign_webhook
 from livecall.sim.edge import SimulatedEdge
 from livecall.sim.twilio import CallResult
+from livecall.sim.warm import WarmFetch, xml_said, xml_verbs
 
 __all__ = [
     "FakeTelnyxState",
@@ -172,6 +182,107 @@ class FakeTelnyxState:
         self.fail_status: int | None = None
         self.callee: dict[str, Any] = {}  # TelnyxSimulatedCaller arguments of answered calls
         self.answered: dict[str, asyncio.Task[CallResult]] = {}
+        self.whispers: list[WarmFetch] = []  # warm transfers' callees answering, in order
+        self.dial_ends: list[WarmFetch] = []  # `<Dial action>`s asked when a dial ended
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._http: Any = None
+
+    async def _post_signed(self, record: WarmFetch, method: str, *, signed: bool) -> None:
+        """POST (or GET) `record.form` to `record.url` as Telnyx does, signed unless not."""
+        import httpx
+
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=10, trust_env=False)
+        body = urlencode(record.form).encode()
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if signed:
+            if self.signing_key is None:
+                raise RuntimeError("the fake signs its fetches: give it signing_key")
+            headers |= sign_webhook(self.signing_key, b"" if method == "GET" else body)
+        try:
+            if method == "GET":
+                response = await self._http.get(record.url, params=record.form, headers=headers)
+            else:
+                response = await self._http.post(record.url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            record.error = f"{type(exc).__name__}: {exc}"
+            return
+        record.status_code = response.status_code
+        if response.status_code != 200:
+            return
+        record.body = response.text
+        try:
+            record.verbs = xml_verbs(response.text)
+            record.said = xml_said(response.text, "Say")
+        except (ET.ParseError, ValueError) as exc:
+            record.error = f"not TeXML: {exc}"
+
+    async def fetch_whisper(
+        self,
+        call: FakeTexmlCall,
+        target: str,
+        url: str,
+        method: str = "POST",
+        *,
+        signed: bool = True,
+        parent: str | None = None,
+    ) -> WarmFetch:
+        """The dialled leg answers: fetch its `<Number url>` about the new leg (naming the
+        caller's call, or `parent`) and keep what the callee heard."""
+        form = {
+            "AccountSid": call.account_sid,
+            "CallSid": "v3:" + secrets.token_urlsafe(24),
+            "ParentCallSid": parent if parent is not None else call.sid,
+            "CallStatus": "in-progress",
+            "Direction": "outbound-dial",
+            "From": call.from_,
+            "To": target,
+        }
+        record = WarmFetch(url, target, form)
+        await self._post_signed(record, method, signed=signed)
+        if "Dial" in record.verbs:  # the called party's document may not dial on
+            record.error, record.said = "a <Dial> on the called party's end", []
+        self.whispers.append(record)
+        return record
+
+    async def end_dial(self, call: FakeTexmlCall, dial_status: str = "completed") -> WarmFetch:
+        """The call's `<Dial>` ends (`completed`, `no-answer`, `busy`, `failed`…): POST its
+        `action` signed, as Telnyx does, and keep the caller's next TeXML."""
+        root = ET.fromstring(call.texml_history[-1] if call.texml_history else "<Response/>")
+        dial = root.find("Dial")
+        if dial is None or not dial.get("action"):
+            raise ValueError("the call's TeXML has no <Dial action>")
+        target = next(((noun.text or "").strip() for noun in dial), "")
+        form = {
+            "AccountSid": call.account_sid,
+            "CallSid": call.sid,
+            "CallStatus": "in-progress",
+            "DialCallStatus": dial_status,
+            "DialCallSid": "v3:" + secrets.token_urlsafe(24),
+            "From": call.from_,
+            "To": call.to,
+        }
+        record = WarmFetch(dial.get("action", ""), target, form)
+        await self._post_signed(record, dial.get("method", "POST"), signed=True)
+        self.dial_ends.append(record)
+        return record
+
+    def _whisper_later(self, call: FakeTexmlCall, texml: str) -> None:
+        for dial in ET.fromstring(texml).iter("Dial"):
+            for noun in dial:
+                url = noun.get("url")
+                if noun.tag in ("Number", "Sip") and url:
+                    coro = self.fetch_whisper(
+                        call, (noun.text or "").strip(), url, noun.get("method", "POST")
+                    )
+                    task = asyncio.get_running_loop().create_task(coro)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait until every whisper fetch started so far has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def dialed(self) -> list[FakeTexmlCall]:
         """The outbound calls placed so far, in order."""
@@ -210,6 +321,10 @@ class FakeTelnyxState:
     async def aclose(self) -> None:
         """Wait for the answered calls to end (each has its own timeout)."""
         await asyncio.gather(*self.answered.values(), return_exceptions=True)
+        await self.drain()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     def attach(self, caller: SimulatedEdge) -> FakeTexmlCall:
         """The caller's call is in progress on this account (Telnyx answered it)."""
@@ -355,6 +470,7 @@ def build_fake_telnyx_rest(
             if target is not None:
                 call.transferred_to = target
                 state._end(call, "transfer", target)
+                state._whisper_later(call, texml)  # a warm dial's callee picks up
             elif hangs_up:
                 call.status = "completed"
                 state._end(call, "hangup")

@@ -387,15 +387,22 @@ class FakeTwilioState:
         return record
 
     async def fetch_whisper(
-        self, call: FakeCall, target: str, url: str, *, signed: bool = True
+        self,
+        call: FakeCall,
+        target: str,
+        url: str,
+        *,
+        signed: bool = True,
+        parent: str | None = None,
     ) -> TwimlFetch:
         """The dialled party answers: fetch the `<Number url>` like Twilio (a signed POST
-        about the new leg) and keep what came back. Unsigned, to test that it is refused."""
+        about the new leg, naming the caller's call, or `parent`, as ParentCallSid) and keep
+        what came back. Unsigned, to test that it is refused."""
         form = {
             "AccountSid": call.account_sid,
             "ApiVersion": "2010-04-01",
             "CallSid": "CA" + secrets.token_hex(16),
-            "ParentCallSid": call.sid,
+            "ParentCallSid": parent if parent is not None else call.sid,
             "CallStatus": "in-progress",
             "Direction": "outbound-dial",
             "From": call.from_,

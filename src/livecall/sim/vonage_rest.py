@@ -25,6 +25,15 @@ that caller's stream (`SimulatedEdge.end_from_carrier`), as Vonage does when the
 its websocket `connect`. A transfer's NCCO is recorded: its `talk` texts in `said`, the number
 or SIP URI its `connect` dials in `transferred_to`. `fail_status` makes every authorized
 request fail with that status (an outage).
+
+Warm transfers: a transfer whose `connect` phone endpoint has `onAnswer` (`{"url": …}`, a
+`ringbackTone` URL allowed) has its callee pick up: the fake requests that URL (GET, its query
+the new leg's `uuid`, the caller's `conversation_uuid`, `from`, `to`) signed like every
+webhook (the signature secret's JWT), reads the NCCO and keeps its `talk`s in `whispers`.
+A connect with `eventType: "synchronous"` needs one `eventUrl`; `end_dial` POSTs that URL a
+signed event with the connect's final `status` (`answered`→`completed`, or `timeout`,
+`busy`, `rejected`, `unanswered`, `failed`) and keeps the NCCO the app answered
+(`dial_ends`), which Vonage runs in place of the call's for a connect no one took.
 """
 
 from __future__ import annotations
@@ -34,15 +43,18 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
+import httpx
 import jwt
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from livecall.carriers.vonage.signatures import VonageSignature
 from livecall.sim.edge import SimulatedEdge
 from livecall.sim.script import CallResult
+from livecall.sim.warm import WarmFetch, ncco_said
 
 __all__ = [
     "REGION_PATH",
@@ -112,6 +124,35 @@ class FakeVonageCall:
     said: list[str] = field(default_factory=list)
     transferred_to: str | None = None
     dtmf: list[str] = field(default_factory=list)
+    connect: dict[str, Any] | None = None  # the connect its transfer ran
+    conversation_uuid: str = field(default_factory=lambda: "CON-" + str(uuid.uuid4()))
+
+
+def _warm_connect(ncco: list[Any]) -> dict[str, Any] | None:
+    """The NCCO's `connect`, checked as Vonage would: `onAnswer` an object with a `url`
+    (and maybe a `ringbackTone` URL), a synchronous `eventType` with one `eventUrl`."""
+    for action in ncco:
+        if action.get("action") != "connect":
+            continue
+        endpoint = action["endpoint"][0]
+        on_answer = endpoint.get("onAnswer")
+        if on_answer is not None:
+            if endpoint.get("type") != "phone":
+                raise ValueError("onAnswer is a phone endpoint's")
+            if type(on_answer) is not dict or set(on_answer) - {"url", "ringbackTone"}:
+                raise ValueError("onAnswer takes url and ringbackTone")
+            if type(on_answer.get("url")) is not str or not on_answer["url"].startswith("http"):
+                raise ValueError("onAnswer.url must be an absolute URL")
+        kind = action.get("eventType")
+        if kind is not None and kind != "synchronous":
+            raise ValueError("eventType can only be synchronous")
+        urls = action.get("eventUrl")
+        if urls is not None and (type(urls) is not list or len(urls) != 1):
+            raise ValueError("eventUrl must be an array with one URL")
+        if action.get("eventMethod", "POST") not in ("GET", "POST"):
+            raise ValueError("eventMethod must be GET or POST")
+        return action
+    return None
 
 
 def _connect_target(ncco: list[Any]) -> tuple[str | None, list[str]]:
@@ -160,6 +201,93 @@ class FakeVonageState:
         self.callee: dict[str, Any] = {}  # SimulatedVonageCaller arguments of answered calls
         self.dialed: dict[str, FakeVonageCall] = {}  # uuid -> the call it placed
         self.answered: dict[str, asyncio.Task[CallResult]] = {}
+        self.whispers: list[WarmFetch] = []  # warm transfers' callees answering, in order
+        self.dial_ends: list[WarmFetch] = []  # synchronous connects' events, answered
+        self.http: httpx.AsyncClient | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _signer(self) -> VonageSignature:
+        if self.signature_secret is None:
+            raise RuntimeError("the fake signs its webhooks: give it signature_secret")
+        return VonageSignature(self.signature_secret, application_id=self.application_id)
+
+    async def _send(self, record: WarmFetch, method: str, *, signed: bool) -> None:
+        if self.http is None:
+            self.http = httpx.AsyncClient(timeout=10, trust_env=False)
+        try:
+            if method == "GET":
+                sep = "&" if "?" in record.url else "?"
+                url = record.url + sep + urlencode(record.form)
+                headers = {"Authorization": self._signer().sign(method="GET", url=url)}
+                response = await self.http.get(url, headers=headers if signed else {})
+            else:
+                body = orjson.dumps(record.form)
+                headers = {"Content-Type": "application/json"}
+                if signed:
+                    auth = self._signer().sign(method="POST", url=record.url, body=body)
+                    headers["Authorization"] = auth
+                response = await self.http.post(record.url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            record.error = f"{type(exc).__name__}: {exc}"
+            return
+        record.status_code = response.status_code
+        if response.status_code != 200:
+            return
+        record.body = response.text
+        try:
+            record.verbs, record.said = ncco_said(response.text)
+        except ValueError as exc:
+            record.error = f"not an NCCO: {exc}"
+
+    async def fetch_whisper(
+        self,
+        call: FakeVonageCall,
+        target: str,
+        url: str,
+        *,
+        signed: bool = True,
+        conversation: str | None = None,
+    ) -> WarmFetch:
+        """The callee answers: request the endpoint's `onAnswer` URL (GET, signed) about the
+        new leg and keep the `talk`s its NCCO says."""
+        form = {
+            "uuid": str(uuid.uuid4()),
+            "conversation_uuid": conversation or call.conversation_uuid,
+            "from": "",
+            "to": target,
+        }
+        record = WarmFetch(url, target, form)
+        await self._send(record, "GET", signed=signed)
+        self.whispers.append(record)
+        return record
+
+    async def end_dial(self, call: FakeVonageCall, status: str = "completed") -> WarmFetch:
+        """The transfer's synchronous connect ends with `status`: POST its eventUrl the
+        signed event, as Vonage does, and keep the NCCO answered."""
+        urls = (call.connect or {}).get("eventUrl")
+        if not urls:
+            raise ValueError("the call's connect has no eventUrl")
+        form = {
+            "uuid": str(uuid.uuid4()),
+            "conversation_uuid": call.conversation_uuid,
+            "status": status,
+            "direction": "outbound",
+            "to": call.transferred_to or "",
+        }
+        record = WarmFetch(urls[0], call.transferred_to or "", form)
+        await self._send(record, (call.connect or {}).get("eventMethod", "POST"), signed=True)
+        self.dial_ends.append(record)
+        return record
+
+    def _whisper_later(self, call: FakeVonageCall, target: str, url: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.fetch_whisper(call, target, url))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait until every whisper fetch started so far has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def _answer(
         self, call_uuid: str, from_: str, to: str, url: str, method: str, region: str
@@ -195,6 +323,10 @@ class FakeVonageState:
     async def aclose(self) -> None:
         """Wait for the placed calls' callees to finish."""
         await asyncio.gather(*self.answered.values(), return_exceptions=True)
+        await self.drain()
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
 
     def attach(self, caller: SimulatedEdge) -> FakeVonageCall:
         """The caller's call is live on this application (Vonage answered it)."""
@@ -285,14 +417,19 @@ def build_fake_vonage_rest(
             return finish(record, vonage_error(422, "Invalid destination", "an inline ncco"))
         try:
             target, said = _connect_target(ncco)
+            connect = _warm_connect(ncco)
         except ValueError as exc:
             return finish(record, vonage_error(422, "Invalid NCCO", str(exc)))
         call.said.extend(said)
         if target is not None:
             call.transferred_to = target
             call.status = "transferred"
+            call.connect = connect
         if call.caller is not None:
             call.caller.end_from_carrier("transfer", target)
+        on_answer = (connect or {}).get("endpoint", [{}])[0].get("onAnswer")
+        if target is not None and on_answer:  # the callee picks up: its NCCO first
+            state._whisper_later(call, target, on_answer["url"])
         return finish(record, Response(status_code=204))
 
     async def dtmf(call_uuid: str, request: Request, base: str) -> Response:

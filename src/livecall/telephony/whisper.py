@@ -2,13 +2,19 @@
 
 The briefing (the agent's `summary`, else a fallback naming the line and the caller's number,
 never transcript text) is kept here, behind an unguessable, short-lived, single-use token:
-Twilio fetches ``/twilio/whisper/{token}`` when the callee answers (``<Number url>``), and
+The carrier fetches ``/{carrier}/whisper/{token}`` when the callee answers (Twilio's and
+Telnyx's ``<Number url>``, Plivo's ``<Dial confirmSound>``, Vonage's connect ``onAnswer``), and
 the URL is all it and its logs ever see. With Redis the briefing is also stashed in the
-cluster store, so whichever instance Twilio reaches can answer, once.
+cluster store, so whichever instance the carrier reaches can answer, once.
+
+A briefing is kept with the call it was minted for, its carrier and the profile's language
+(`Briefing`): a token is answered only at its own carrier's route, and a fetch naming another
+parent call than the one it was minted for is refused.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -25,6 +31,7 @@ __all__ = [
     "TRANSFER_ENDED_PATH",
     "WHISPER_PATH",
     "WHISPER_TTL_S",
+    "Briefing",
     "SharedStash",
     "TransferPlan",
     "WarmTransfer",
@@ -32,6 +39,8 @@ __all__ = [
     "after_dial_twiml",
     "clean_summary",
     "fallback_summary",
+    "transfer_ended_path",
+    "whisper_path",
     "whisper_twiml",
 ]
 
@@ -39,6 +48,16 @@ log = get_logger("livecall.whisper")
 
 WHISPER_PATH = "/twilio/whisper"
 TRANSFER_ENDED_PATH = "/twilio/transfer-ended"
+
+
+def whisper_path(carrier: str) -> str:
+    return f"/{carrier}/whisper"
+
+
+def transfer_ended_path(carrier: str) -> str:
+    return f"/{carrier}/transfer-ended"
+
+
 #: `DialCallStatus` of a `<Dial>` whose callee took the call (and has now hung up).
 CONNECTED = frozenset({"completed", "answered"})
 #: Ringing plus answering: long enough for a person to pick up, short enough to be useless later.
@@ -72,11 +91,53 @@ def fallback_summary(profile_name: str, caller_number: str | None, target: str) 
     return f"Transfer from the {profile_name} line: {who} asked for {target}."
 
 
-def whisper_twiml(text: str) -> str:
-    """What the callee hears before being bridged: the briefing, said once."""
+def whisper_twiml(text: str, language: str | None = None) -> str:
+    """What the callee hears before being bridged: the briefing, said once (in the profile's
+    language when it has one; Twilio's voices are not the agent's, so no voice is named)."""
     response = VoiceResponse()
-    response.say(text)
+    response.say(text, **({"language": language} if language else {}))
     return str(response)
+
+
+@dataclass(frozen=True)
+class Briefing:
+    """A stored briefing: what is said, and whose it is (empty: unbound, as tests mint)."""
+
+    text: str
+    call_id: str = ""
+    carrier: str = ""
+    language: str | None = None
+
+    def dumps(self) -> str:
+        return json.dumps(
+            {"t": self.text, "c": self.call_id, "k": self.carrier, "l": self.language},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def loads(cls, value: str) -> Briefing:
+        """A stored briefing (plain text: an unbound one)."""
+        try:
+            data = json.loads(value)
+        except ValueError:
+            return cls(value)
+        if not isinstance(data, dict) or not isinstance(data.get("t"), str):
+            return cls(value)
+        language = data.get("l")
+        return cls(
+            data["t"],
+            str(data.get("c") or ""),
+            str(data.get("k") or ""),
+            language if isinstance(language, str) and language else None,
+        )
+
+    def refusal(self, carrier: str, parent_call: str | None) -> str | None:
+        """Why this briefing may not be played on `carrier`'s fetch naming `parent_call`."""
+        if self.carrier and self.carrier != carrier:
+            return "minted for another carrier"
+        if self.call_id and parent_call is not None and parent_call != self.call_id:
+            return "minted for another call"
+        return None
 
 
 def after_dial_twiml(dial_status: str, no_answer_message: str | None) -> str:
@@ -163,16 +224,21 @@ class WarmTransfer:
     profile_name: str
     caller_number: str | None
     hold_message: str | None
+    carrier: str = "twilio"
+    call_id: str = ""
+    language: str | None = None
 
     async def plan(self, target: str, summary: str | None) -> TransferPlan:
         """Mints this transfer's briefing; the TwiML gets only its URL and the dial's action."""
         briefing = clean_summary(summary)
         text = briefing or fallback_summary(self.profile_name, self.caller_number, target)
-        token = await self.whispers.put(text)
+        stored = Briefing(text, self.call_id, self.carrier, self.language)
+        token = await self.whispers.put(stored.dumps())
         log.info("transfer.whisper_ready", target=target, from_model=briefing is not None)
         base = self.public_base.rstrip("/")
         return TransferPlan(
             say=self.hold_message,
-            whisper_url=f"{base}{WHISPER_PATH}/{token}",
-            dial_action=f"{base}{TRANSFER_ENDED_PATH}?profile={quote(self.profile_name)}",
+            whisper_url=f"{base}{whisper_path(self.carrier)}/{token}",
+            dial_action=f"{base}{transfer_ended_path(self.carrier)}"
+            f"?profile={quote(self.profile_name)}",
         )

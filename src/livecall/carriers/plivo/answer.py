@@ -25,11 +25,13 @@ from livecall.carriers.plivo.wire import content_type_for
 
 __all__ = [
     "EXTRA_HEADERS_MAX_BYTES",
+    "after_dial_xml",
     "busy_xml",
     "dial_xml",
     "extra_headers",
     "hangup_xml",
     "stream_xml",
+    "whisper_xml",
 ]
 
 EXTRA_HEADERS_MAX_BYTES = 512
@@ -121,19 +123,56 @@ def busy_xml(message: str | None, *, reject: bool = False) -> str:
     return hangup_xml(message)
 
 
-def dial_xml(number: str, *, caller_id: str | None = None, say: str | None = None) -> str:
+def dial_xml(
+    number: str,
+    *,
+    caller_id: str | None = None,
+    say: str | None = None,
+    confirm_sound: str | None = None,
+    action: str | None = None,
+) -> str:
     """`<Dial><Number>` (or `<User>` for a ``sip:`` address), after `<Speak>say` when given:
-    what a transfer's `aleg_url` serves to connect the caller onward."""
+    what a transfer's `aleg_url` serves to connect the caller onward.
+
+    Warm: `confirm_sound` is the `<Dial confirmSound>` Plivo fetches (POST) when the called
+    party answers, playing its `<Speak>`/`<Play>`/`<Wait>` to them alone before bridging (no
+    `confirmKey`: nothing to press); `action` is where Plivo asks what the caller hears once
+    the dial ends (`DialStatus`)."""
     if _SIP.fullmatch(number):
         noun = plivoxml.UserElement(number)
     elif _NUMBER.fullmatch(number):
         noun = plivoxml.NumberElement(number)
     else:
         raise ValueError(f"not a phone number or SIP address: {number!r}")
-    dial = plivoxml.DialElement(caller_id=caller_id) if caller_id else plivoxml.DialElement()
+    attrs: dict[str, str] = {}
+    if caller_id:
+        attrs["caller_id"] = caller_id
+    if confirm_sound:
+        attrs["confirm_sound"] = confirm_sound
+    if action:
+        attrs |= {"action": action, "method": "POST", "redirect": "true"}
+    dial = plivoxml.DialElement(**attrs)
     dial.add(noun)
     response = plivoxml.ResponseElement()
     if say:
         response.add(plivoxml.SpeakElement(say))
     response.add(dial)
+    return _render(response)
+
+
+def whisper_xml(text: str, language: str | None = None) -> str:
+    """What a `confirmSound` fetch answers: the briefing, spoken to the called party alone
+    (in the profile's language; Plivo's voices are not the agent's, so none is named)."""
+    response = plivoxml.ResponseElement()
+    response.add(plivoxml.SpeakElement(text, language=language or None))
+    return _render(response)
+
+
+def after_dial_xml(dial_status: str, no_answer_message: str | None) -> str:
+    """The caller's XML once a warm transfer's `<Dial>` ends (its `action`, `DialStatus`):
+    hang up after a conversation, say `no_answer_message` first when no one took the call."""
+    response = plivoxml.ResponseElement()
+    if dial_status not in ("completed", "answered") and no_answer_message:
+        response.add(plivoxml.SpeakElement(no_answer_message))
+    response.add(plivoxml.HangupElement())
     return _render(response)

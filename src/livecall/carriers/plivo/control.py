@@ -166,13 +166,14 @@ def _error_text(resp: httpx.Response) -> str:
 
 
 class PlivoCallControl:
-    """`CallControl` for Plivo calls: hang up (`DELETE`), cold transfer via `aleg_url`.
+    """`CallControl` for Plivo calls: hang up (`DELETE`), cold or warm transfer via `aleg_url`
+    (warm: the `<Dial>` there has `confirmSound` and `action`, see `answer.dial_xml`).
 
     `publish(xml)` keeps a transfer's Plivo XML behind a single-use URL livecall serves and
     returns that URL (Plivo fetches it, signed, once the transfer is accepted).
     """
 
-    warm_transfer = False
+    warm_transfer = True  # `<Dial confirmSound>` briefs the called party before bridging
     transfer_refusal: str | None = None
 
     def __init__(self, control: PlivoControl, publish: Callable[[str], Awaitable[str]]) -> None:
@@ -200,7 +201,9 @@ class PlivoCallControl:
         from livecall.carriers.plivo.answer import dial_xml
 
         try:
-            xml = dial_xml(number.removeprefix("+"), say=say)  # Plivo dials digits, no "+"
+            xml = dial_xml(  # Plivo dials digits, no "+"
+                number.removeprefix("+"), say=say, confirm_sound=whisper_url, action=dial_action
+            )
             await self.control.transfer(call_id, await self._publish(xml))
         except CallEnded:
             return False

@@ -10,7 +10,7 @@ the application and the URL Telnyx fetches the TeXML from).
 
 `base_url` is overridable so a fake Telnyx API can stand in; the API key is a secret and
 never appears in a repr. `TelnyxCallControl` is the carrier-neutral `CallControl` over it
-(hang up, cold transfer with the TeXML inline; the SDK's errors become `TelnyxCallError`).
+(hang up, cold or warm transfer with the TeXML inline; the SDK's errors become `TelnyxCallError`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import httpx
 
 from livecall.telephony.call_control import CallControlError
 
-__all__ = ["CallEnded", "TelnyxCallControl", "TelnyxCallError", "TelnyxControl", "transfer_texml"]
+__all__ = [
+    "CallEnded",
+    "TelnyxCallControl",
+    "TelnyxCallError",
+    "TelnyxControl",
+    "after_dial_texml",
+    "transfer_texml",
+    "whisper_texml",
+]
 
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _SIP = re.compile(r"^sips?:[^\s<>\"]{3,256}$")
@@ -39,11 +47,27 @@ def _check_target(number: str) -> None:
         raise ValueError("a transfer target must be an E.164 number (+15551234567) or a SIP URI")
 
 
+def _document(response: ET.Element) -> str:
+    return '<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(response, encoding="unicode")
+
+
 def transfer_texml(
-    to: str, *, caller_id: str | None = None, timeout_s: int = 30, say: str | None = None
+    to: str,
+    *,
+    caller_id: str | None = None,
+    timeout_s: int = 30,
+    say: str | None = None,
+    whisper_url: str | None = None,
+    dial_action: str | None = None,
 ) -> str:
     """TeXML that (optionally) says `say`, then dials `to` (E.164 or SIP URI), in place of the
-    running document."""
+    running document.
+
+    Warm (`whisper_url`): the `<Number url>`/`<Sip url>` TeXML runs on the answered leg before
+    it is bridged (TeXML's TwiML-compatible noun attribute, fetched with `method`), and
+    `dial_action` is the `<Dial action>` Telnyx asks what the caller hears once the dial
+    ends (`DialCallStatus`).
+    """
     _check_target(to)
     response = ET.Element("Response")
     if say:
@@ -52,12 +76,30 @@ def transfer_texml(
     if caller_id:
         _check_target(caller_id)
         attrs["callerId"] = caller_id
+    if dial_action:
+        attrs |= {"action": dial_action, "method": "POST"}
     dial = ET.SubElement(response, "Dial", attrs)
-    if to.startswith("sip"):
-        ET.SubElement(dial, "Sip").text = to
-    else:
-        ET.SubElement(dial, "Number").text = to
-    return '<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(response, encoding="unicode")
+    noun = {"url": whisper_url, "method": "POST"} if whisper_url else {}
+    ET.SubElement(dial, "Sip" if to.startswith("sip") else "Number", noun).text = to
+    return _document(response)
+
+
+def whisper_texml(text: str, language: str | None = None) -> str:
+    """The briefing the answered leg hears before it is bridged (`<Say>`, in the profile's
+    language; TeXML's voices are not the agent's, so none is named)."""
+    response = ET.Element("Response")
+    ET.SubElement(response, "Say", {"language": language} if language else {}).text = text
+    return _document(response)
+
+
+def after_dial_texml(dial_status: str, no_answer_message: str | None) -> str:
+    """The caller's TeXML once a warm transfer's `<Dial>` ends: hang up after a conversation,
+    say `no_answer_message` first when no one took the call."""
+    response = ET.Element("Response")
+    if dial_status not in ("completed", "answered") and no_answer_message:
+        ET.SubElement(response, "Say").text = no_answer_message
+    ET.SubElement(response, "Hangup")
+    return _document(response)
 
 
 class TelnyxControl:
@@ -113,14 +155,22 @@ class TelnyxControl:
         )
 
     async def transfer(
-        self, call_sid: str, to: str, *, caller_id: str | None = None, say: str | None = None
+        self,
+        call_sid: str,
+        to: str,
+        *,
+        caller_id: str | None = None,
+        say: str | None = None,
+        whisper_url: str | None = None,
+        dial_action: str | None = None,
     ) -> None:
         """Dial `to` in place of the stream (the media socket closes, the caller is connected)."""
+        texml = transfer_texml(
+            to, caller_id=caller_id, say=say, whisper_url=whisper_url, dial_action=dial_action
+        )
         await self._call(
             self._client.texml.accounts.calls.update(
-                call_sid,
-                account_sid=self.account_sid,
-                texml=transfer_texml(to, caller_id=caller_id, say=say),
+                call_sid, account_sid=self.account_sid, texml=texml
             )
         )
 
@@ -168,9 +218,10 @@ class TelnyxCallError(CallControlError):
 
 
 class TelnyxCallControl:
-    """`CallControl` for calls answered with TeXML: hang up, cold transfer (no whisper)."""
+    """`CallControl` for calls answered with TeXML: hang up, cold or warm transfer (`<Number
+    url>` briefs the answered leg, `<Dial action>` tells the caller when no one took it)."""
 
-    warm_transfer = False
+    warm_transfer = True
     transfer_refusal: str | None = None
 
     def __init__(self, control: TelnyxControl) -> None:
@@ -211,4 +262,9 @@ class TelnyxCallControl:
         whisper_url: str | None = None,
         dial_action: str | None = None,
     ) -> bool:
-        return await self._run("transfer", self.control.transfer(call_id, number, say=say))
+        return await self._run(
+            "transfer",
+            self.control.transfer(
+                call_id, number, say=say, whisper_url=whisper_url, dial_action=dial_action
+            ),
+        )

@@ -13,7 +13,8 @@ Hanging up over REST (rather than closing the socket) is what Vonage advises: it
 `disconnected` event, so a `disconnected` always means an accident worth a fallback.
 
 `VonageCall` is the carrier-neutral `CallControl` over this client for one call, sent to the
-call's region: hang-up, and a cold transfer (an NCCO that says `say`, then connects).
+call's region: hang-up, and a transfer (an NCCO that says `say`, then connects; warm with the
+connect's `onAnswer` and a synchronous `eventUrl`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ import httpx
 from livecall.telephony.call_control import CallControlError
 
 __all__ = [
+    "CONNECT_FAILED",
     "DEFAULT_API_BASE",
     "VonageApiError",
     "VonageCall",
     "VonageCallControl",
+    "after_dial_ncco",
     "load_private_key",
     "transfer_ncco",
+    "whisper_ncco",
 ]
 
 DEFAULT_API_BASE = "https://api.nexmo.com"
@@ -173,10 +177,14 @@ class VonageCallControl:
         say: str | None = None,
         from_number: str | None = None,
         base_url: str | None = None,
+        on_answer: str | None = None,
+        event_url: str | None = None,
     ) -> None:
         """Move the call to a new NCCO that says `say` (when given), then connects it to
-        `number` (E.164, or a ``sip:`` URI)."""
-        ncco = transfer_ncco(number, say=say, from_number=from_number)
+        `number` (E.164, or a ``sip:`` URI); warm with `on_answer`/`event_url`."""
+        ncco = transfer_ncco(
+            number, say=say, from_number=from_number, on_answer=on_answer, event_url=event_url
+        )
         body = {"action": "transfer", "destination": {"type": "ncco", "ncco": ncco}}
         await self._request("PUT", self._call_path(call_uuid), body, base_url)
 
@@ -216,17 +224,38 @@ class VonageCallControl:
         return call_uuid
 
 
+#: A synchronous connect's statuses whose eventUrl answer (an NCCO) takes over the call:
+#: no one took it.
+CONNECT_FAILED = frozenset({"timeout", "failed", "rejected", "unanswered", "busy", "cancelled"})
+
+
 def transfer_ncco(
-    number: str, *, say: str | None = None, from_number: str | None = None
+    number: str,
+    *,
+    say: str | None = None,
+    from_number: str | None = None,
+    on_answer: str | None = None,
+    event_url: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The NCCO a cold transfer moves the call to: `talk` (when `say`), then `connect`."""
+    """The NCCO a transfer moves the call to: `talk` (when `say`), then `connect`.
+
+    Warm: a phone endpoint's `onAnswer.url` serves the NCCO the answering party hears before
+    joining (Vonage fetches it, signed, when they pick up); `event_url` makes the connect
+    synchronous (`eventType`), so when no one takes the call the NCCO its eventUrl answers
+    replaces the call's (the caller hears the no-answer line). A SIP endpoint has no
+    `onAnswer`: it is connected cold.
+    """
     if _SIP_RE.match(number):
         endpoint: dict[str, Any] = {"type": "sip", "uri": number}
     elif _NUMBER_RE.match(number):
         endpoint = {"type": "phone", "number": number.lstrip("+")}
+        if on_answer:
+            endpoint["onAnswer"] = {"url": on_answer}
     else:
         raise ValueError("a transfer target must be an E.164 number or a sip: URI")
     connect: dict[str, Any] = {"action": "connect", "endpoint": [endpoint]}
+    if event_url:
+        connect |= {"eventType": "synchronous", "eventUrl": [event_url], "eventMethod": "POST"}
     if from_number:
         connect["from"] = from_number.lstrip("+")
     ncco: list[dict[str, Any]] = []
@@ -241,7 +270,7 @@ class VonageCall:
     DTMF, sent to the region the call's answer webhook named (`region_url`; None: the
     client's base URL)."""
 
-    warm_transfer = False
+    warm_transfer = True  # a phone endpoint's `onAnswer` briefs the answering party first
     transfer_refusal: str | None = None
 
     def __init__(
@@ -290,6 +319,35 @@ class VonageCall:
         return await self._run(
             "transfer",
             self.rest.transfer_to_number(
-                call_id, number, say=say, from_number=self.from_number, base_url=self.region_url
+                call_id,
+                number,
+                say=say,
+                from_number=self.from_number,
+                base_url=self.region_url,
+                on_answer=whisper_url,
+                event_url=dial_action,
             ),
         )
+
+
+def _talk(text: str, language: str | None = None) -> dict[str, Any]:
+    talk: dict[str, Any] = {"action": "talk", "text": text[:MAX_SAY_CHARS]}
+    if language:
+        talk["language"] = language
+    return talk
+
+
+def whisper_ncco(text: str, language: str | None = None) -> list[dict[str, Any]]:
+    """What an `onAnswer` fetch answers: the briefing, to the answering party alone (in the
+    profile's language; Vonage's voices are not the agent's, so no style is named)."""
+    return [_talk(text, language)]
+
+
+def after_dial_ncco(status: str, no_answer_message: str | None) -> list[dict[str, Any]] | None:
+    """A synchronous connect's event answered: for a connect no one took, the NCCO the caller
+    hears instead (the no-answer line, then the NCCO ends and the call with it); None for any
+    other status, or with no line to say (nothing replaces the call: it ends after the
+    connect, the last action)."""
+    if status not in CONNECT_FAILED or not no_answer_message:
+        return None
+    return [_talk(no_answer_message)]
