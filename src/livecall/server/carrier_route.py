@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from livecall.carriers.base import (
     CallStarted,
     Carrier,
+    CarrierStream,
 )
 from livecall.telephony.stream_token import (
     TOKEN_PARAMETER,
@@ -125,6 +126,11 @@ class CarrierRoute:
     # an outbound call streams straight to the URL it was dialled with (Exotel's Connect Voice
     # AI): the stream, not a webhook, claims the outbound token that URL carries
     outbound_streams: bool = False
+    # told each stream's start once its token is checked, before the call runs (Exotel: warns
+    # when the start's rate is not the one its stream URL asked for)
+    on_start: Callable[[CarrierStream, CallStarted], None] | None = field(
+        default=None, compare=False
+    )
     # closes the REST clients behind `control` (at shutdown, once the calls are over)
     aclose: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
 
