@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livecall.audio.g711 import ulaw_decode
+from livecall.audio.transcode import InboundTranscoder, OutboundTranscoder
 from livecall.carriers.base import (
     CallerAudio,
     CallStarted,
@@ -345,6 +346,68 @@ def test_chunk_size_follows_the_rate(rate: int, chunk: int) -> None:
     stream = started_stream(media_format=fmt)
     sizes = _payload_sizes(stream.play(bytes(chunk * 3 + 10)))
     assert sizes == [chunk] * 3 and all(s % 320 == 0 for s in sizes)
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 24000])
+def test_the_stream_expects_the_rate_its_url_asked_for(rate: int) -> None:
+    stream = ExotelStream(sample_rate=rate)
+    assert stream.media_format == MediaFormat("l16", rate)  # before start: the rate asked
+    minimal = {"event": "start", "start": {"stream_sid": SID, "call_sid": CALL}}
+    started = stream.receive(dumps(minimal))  # a start naming no rate: the one asked for
+    assert isinstance(started, CallStarted) and started.media_format == MediaFormat("l16", rate)
+    assert stream.rate_mismatch is None
+    chunk = max(3200, rate // 5)  # 100 ms, and never under Exotel's 3.2 kB
+    assert _payload_sizes(stream.play(bytes(chunk * 2))) == [chunk, chunk]
+
+
+@pytest.mark.parametrize(("asked", "got"), [(16000, 8000), (8000, 24000), (24000, 16000)])
+def test_a_start_at_another_rate_wins_and_is_kept_as_a_mismatch(asked: int, got: int) -> None:
+    """The audio is coded at the start's rate, so the call follows it; the shell says so."""
+    stream = ExotelStream(sample_rate=asked)
+    fmt = {"encoding": "audio/x-raw", "sample_rate": str(got), "bit_rate": "16"}
+    started = stream.receive(dumps(start_msg(media_format=fmt)))
+    assert isinstance(started, CallStarted) and started.media_format == MediaFormat("l16", got)
+    assert stream.media_format == MediaFormat("l16", got)
+    assert stream.rate_mismatch == (asked, got)
+    chunk = max(3200, got // 5)
+    assert _payload_sizes(stream.play(bytes(chunk))) == [chunk]  # sized for what plays
+
+
+def test_a_start_at_a_rate_exotel_has_not_is_refused_and_changes_nothing() -> None:
+    stream = ExotelStream(sample_rate=16000)
+    fmt = {"encoding": "audio/x-raw", "sample_rate": "44100", "bit_rate": "16"}
+    with pytest.raises(CarrierProtocolError, match="sample_rate 44100"):
+        stream.receive(dumps(start_msg(media_format=fmt)))
+    assert stream.state is not StreamState.STREAMING and stream.rate_mismatch is None
+    assert stream.media_format == MediaFormat("l16", 16000)
+
+
+def test_the_carrier_asks_for_16k_by_default_and_its_streams_expect_it() -> None:
+    carrier = ExotelCarrier(SECRET)
+    assert carrier.sample_rate == 16000
+    assert carrier.new_stream(max_frame_bytes=1024).asked_rate == 16000
+    body, _ = carrier.answer_document("wss://h/ws/exotel", {"token": "t"})
+    assert orjson.loads(body) == {"url": "wss://h/ws/exotel?sample-rate=16000&token=t"}
+    for bad in (11025, 44100, 0):
+        with pytest.raises(ValueError, match="Exotel streams at"):
+            ExotelCarrier(SECRET, sample_rate=bad)
+        with pytest.raises(ValueError, match="Exotel streams at"):
+            ExotelStream(sample_rate=bad)
+
+
+def test_the_codec_path_resamples_only_where_the_rates_differ() -> None:
+    """16 kHz in is the model's input rate and 24 kHz out its output rate: bit-exact there."""
+    pcm = np.random.default_rng(1).normal(0, 4000, 4800).astype("<i2")
+    inbound = InboundTranscoder(16000, "audio/x-l16", 16000)
+    assert inbound.decode(pcm.tobytes()) == pcm.tobytes()
+    outbound = OutboundTranscoder(24000, "audio/x-l16", 24000)
+    assert outbound.encode(pcm.tobytes()) == pcm.tobytes()
+    for rate in (8000, 24000):  # other rates go through the resampler: 100 ms in, ~100 ms out
+        got = InboundTranscoder(16000, "audio/x-l16", rate).decode(bytes(rate // 5))
+        assert abs(len(got) - 3200) <= 2 * 16 * 4
+    for rate in (8000, 16000):
+        got = OutboundTranscoder(24000, "audio/x-l16", rate).encode(bytes(4800))
+        assert abs(len(got) - rate // 5) <= 2 * rate // 1000 * 4
 
 
 def test_clear_hangup_and_dtmf() -> None:

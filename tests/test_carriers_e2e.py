@@ -3,7 +3,7 @@
 Each test rings the real app (uvicorn on loopback, the carrier's webhook signatures enforced)
 from that carrier's simulated edge (`livecall.sim.<carrier>`), and the app talks to the fake
 Gemini Live over TLS through the real SDK. All five carriers run here: Twilio, Telnyx, Plivo,
-Vonage and Exotel.
+Vonage and Exotel (at each of its rates: 16 kHz, livecall's default, 8 and 24 kHz).
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ EDGES = [
     Edge("telnyx", {"telnyx_public_key": TELNYX_PUBLIC}, _telnyx),
     Edge("plivo", {"plivo_auth_token": PLIVO_TOKEN}, _plivo),
     Edge("vonage", {"vonage_signature_secret": VONAGE_SECRET}, _vonage),
-    Edge("exotel", {"exotel_url_secret": EXOTEL_SECRET}, _exotel),
+    Edge("exotel", {"exotel_url_secret": EXOTEL_SECRET}, _exotel),  # 16 kHz, the default
+    # Exotel streams at the rate its stream URL asks for: the narrowband and HD rates too
+    Edge("exotel-8k", {"exotel_url_secret": EXOTEL_SECRET, "exotel_sample_rate": 8000}, _exotel),
+    Edge("exotel-24k", {"exotel_url_secret": EXOTEL_SECRET, "exotel_sample_rate": 24000}, _exotel),
 ]
 
 

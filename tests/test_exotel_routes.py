@@ -119,7 +119,7 @@ async def test_the_applet_endpoint_answers_a_stream_url_for_the_call(make_stack)
     params = parse_qs(parts.query)
     # at most 3 custom parameters: the numbers come back in Exotel's own start
     assert sorted(params) == sorted(["sample-rate", "profile", TOKEN_PARAMETER])
-    assert params["sample-rate"] == ["8000"] and params["profile"] == ["default"]
+    assert params["sample-rate"] == ["16000"] and params["profile"] == ["default"]
     assert SECRET not in url
     assert stack.registry.load == 1  # the call's place is held for its stream
 

@@ -28,11 +28,14 @@ def test_exotels_stream_url_carries_the_token_in_its_three_parameters() -> None:
 
     assert (url.scheme, url.netloc, url.path) == ("wss", "calls.example.in", "/ws/exotel")
     assert parse_qs(url.query) == {
-        "sample-rate": ["8000"],
+        "sample-rate": ["16000"],  # EXOTEL_SAMPLE_RATE's default
         "profile": ["outreach"],
         "direction": ["outbound-api"],
         "lc_token": [token],
     }
+    for rate in (8000, 24000):
+        at = exotel_stream_url("https://calls.example.in/", token, "outreach", sample_rate=rate)
+        assert parse_qs(urlsplit(at).query)["sample-rate"] == [str(rate)]
     with pytest.raises(ValueError, match="256"):  # Exotel's limit on custom parameters
         exotel_stream_url("https://calls.example.in", token, "p" * 200)
 

@@ -158,6 +158,8 @@ async def test_outbound_call_is_placed_answered_and_recorded(
         assert f"{url.scheme}://{url.netloc}{url.path}" == ws
         assert query["lc_token"][0].startswith("v1.")
         assert query["direction"] == ["outbound-api"]
+        assert query["sample-rate"] == ["16000"]  # EXOTEL_SAMPLE_RATE's default
+        assert getattr(result, "sample_rate", None) == 16000
         assert (sent["From"], sent["CallerId"], sent["StreamType"]) == (
             CALLEE,
             OUR_NUMBER,
@@ -250,6 +252,21 @@ async def run_with_ncco(stack: LocalStack, document: str) -> CallResult:
             timeout=10,
         )
         return await caller.run()
+
+
+@pytest.mark.parametrize("carrier", ["exotel"])
+@pytest.mark.parametrize("rate", [8000, 24000])
+async def test_exotel_outbound_streams_at_the_configured_rate(
+    make_stack: Callable[..., Any], carrier: str, rate: int
+) -> None:
+    stack = await make_stack(exotel_sample_rate=rate)
+    listen(stack, carrier, LISTEN)
+    placed = await post(stack, AUTH, to=CALLEE, profile="outreach", carrier=carrier)
+    assert placed.status_code == 201, placed.text
+    result = await answered(stack, carrier, placed.json()["call_sid"])
+    assert parse_qs(urlsplit(dialled_url(stack, carrier)).query)["sample-rate"] == [str(rate)]
+    assert getattr(result, "sample_rate", None) == rate
+    assert result.agent_stretches and not result.protocol_errors and not result.script_errors
 
 
 @pytest.mark.parametrize("carrier", ["exotel"])

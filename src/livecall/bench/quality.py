@@ -21,8 +21,9 @@ Two routes:
 * **adapter**: every adapter and codec, sans I/O (`livecall.bench.wire_paths`): the carrier's
   own wire frames through the adapter's real `receive` and the core's real transcoders, and
   back through the real transcoder and the adapter's real `play`, decoded as the carrier would.
-  Vonage and Exotel (no routes yet) and the codecs the routes do not ask for (Telnyx A-law and
-  L16 16k in, Plivo L16, Vonage L16 8/16/24k, Exotel L16 8k) are measured this way.
+  Vonage and Exotel (not called for real here) and the codecs the routes do not ask for
+  (Telnyx A-law and L16 16k in, Plivo L16, Vonage L16 8/16/24k, Exotel L16 8/16/24k) are
+  measured this way.
 
 `ideal` and `measured` are found in the received streams by cross-correlation. The target:
 PESQ(reference, measured) within 0.1 of PESQ(reference, ideal), i.e. livecall's streaming

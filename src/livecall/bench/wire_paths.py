@@ -249,14 +249,17 @@ def _paths() -> tuple[WirePath, ...]:
             WirePath("vonage", l16[rate], partial(VonageStream, media_format=l16[rate]),
                      _vonage_start, _vonage_media)
         )  # fmt: skip
-    out.append(WirePath("exotel", l16[8000], ExotelStream, _exotel_start, _exotel_media,
-                        frame_ms=100))  # fmt: skip
+    for rate in (16000, 8000, 24000):  # EXOTEL_SAMPLE_RATE's default first
+        out.append(
+            WirePath("exotel", l16[rate], partial(ExotelStream, sample_rate=rate),
+                     _exotel_start, _exotel_media, frame_ms=100)
+        )  # fmt: skip
     return tuple(out)
 
 
 PATHS: tuple[WirePath, ...] = _paths()
 """Every adapter path measured: Twilio μ-law; Telnyx μ-law, A-law, L16 16k in; Plivo μ-law,
-L16 8k, 16k; Vonage L16 16k, 8k, 24k; Exotel L16 8k."""
+L16 8k, 16k; Vonage L16 16k, 8k, 24k; Exotel L16 16k, 8k, 24k."""
 
 
 # ----------------------------------------------------------------------------- driving

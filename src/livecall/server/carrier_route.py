@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from livecall.carriers.base import (
     CallStarted,
     Carrier,
+    CarrierStream,
 )
 from livecall.telephony.stream_token import (
     TOKEN_PARAMETER,
@@ -149,6 +150,11 @@ class CarrierRoute:
     # (reason) refuses the upgrade. A credential issued before the call's stream token was
     # minted belongs to another call and closes the stream at its start.
     verify_upgrade: Callable[[Mapping[str, str]], float] | None = field(default=None, compare=False)
+    # told each stream's start once its token is checked, before the call runs (Exotel: warns
+    # when the start's rate is not the one its stream URL asked for)
+    on_start: Callable[[CarrierStream, CallStarted], None] | None = field(
+        default=None, compare=False
+    )
     # closes the REST clients behind `control` (at shutdown, once the calls are over)
     aclose: Callable[[], Awaitable[None]] | None = field(default=None, compare=False)
 

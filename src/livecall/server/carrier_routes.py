@@ -329,6 +329,8 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             if value and not params.get(key):
                 params[key] = value
         started = replace(started, custom_parameters=params)
+        if route.on_start is not None:
+            route.on_start(stream, started)
         if route.status_path is not None:
             statuses.started(started.call_id)
         try:

@@ -27,6 +27,7 @@ from livecall.server.carrier_route import (
 from livecall.server.urls import ws_base
 
 if TYPE_CHECKING:
+    from livecall.carriers.base import CallStarted, CarrierStream
     from livecall.carriers.vonage.calls import CallDirectory
     from livecall.settings import Settings
     from livecall.telephony.call_control import CallControl
@@ -82,7 +83,10 @@ def configured_routes(settings: Settings) -> list[CarrierRoute]:
 
         routes.append(
             CarrierRoute(
-                ExotelCarrier(settings.exotel_url_secret.get_secret_value()),
+                ExotelCarrier(
+                    settings.exotel_url_secret.get_secret_value(),
+                    sample_rate=settings.exotel_sample_rate,
+                ),
                 "/exotel/voicebot",
                 "CallSid",
                 None,  # no busy document: a stream closed at start ends the Voicebot applet
@@ -91,9 +95,28 @@ def configured_routes(settings: Settings) -> list[CarrierRoute]:
                 parameters_in_url=True,
                 outbound_streams=True,
                 control=lambda site: exotel_control,
+                on_start=_exotel_rate_check,
             )
         )
     return routes
+
+
+def _exotel_rate_check(stream: CarrierStream, started: CallStarted) -> None:
+    """Exotel streams at the rate its `start` names: the call follows it (the caller's audio
+    is coded so, and Exotel plays back at it), but a rate other than the one asked for is
+    said once, loudly: the account may not offer that rate, or EXOTEL_SAMPLE_RATE changed
+    between the applet's answer and its stream."""
+    from livecall.carriers.exotel import ExotelStream
+
+    if isinstance(stream, ExotelStream) and stream.rate_mismatch is not None:
+        asked, got = stream.rate_mismatch
+        log.warning(
+            "exotel.sample_rate_mismatch",
+            call_sid=started.call_id,
+            asked=asked,
+            got=got,
+            note="following the start's rate",
+        )
 
 
 def _vonage_route(

@@ -80,15 +80,18 @@ def answer_url(public_url: str, webhook_path: str, token: str, profile: str) -> 
     return f"{public_url.rstrip('/')}{webhook_path}?{query}"
 
 
-def exotel_stream_url(public_url: str, token: str, profile: str) -> str:
-    """The `StreamUrl` of a Connect Voice AI call: `/ws/exotel` with the profile, the outbound
-    direction and the outbound token as its 3 custom parameters (Exotel's limit); ValueError
-    when they do not fit Exotel's 256 characters."""
+def exotel_stream_url(
+    public_url: str, token: str, profile: str, *, sample_rate: int = 16000
+) -> str:
+    """The `StreamUrl` of a Connect Voice AI call: `/ws/exotel` at `sample-rate` (the
+    route's EXOTEL_SAMPLE_RATE) with the profile, the outbound direction and the outbound
+    token as its 3 custom parameters (Exotel's limit); ValueError when they do not fit
+    Exotel's 256 characters."""
     from livecall.carriers.exotel.answer import stream_url_for, voicebot_stream_url
     from livecall.telephony.stream_token import TOKEN_PARAMETER
 
     parameters = {"profile": profile, "direction": "outbound-api", TOKEN_PARAMETER: token}
-    return voicebot_stream_url(stream_url_for(public_url), parameters)
+    return voicebot_stream_url(stream_url_for(public_url), parameters, sample_rate=sample_rate)
 
 
 def dialer_problem(settings: Settings, carrier: str) -> str | None:
@@ -151,7 +154,13 @@ def carrier_dialer(settings: Settings, carrier: str) -> CarrierDialer:
     if carrier == "vonage":
         return CarrierDialer("vonage", "/vonage/answer", _vonage_dial(settings))
     if carrier == "exotel":
-        return CarrierDialer("exotel", "/ws/exotel", _exotel_dial(settings), exotel_stream_url)
+        rate = settings.exotel_sample_rate
+        return CarrierDialer(
+            "exotel",
+            "/ws/exotel",
+            _exotel_dial(settings),
+            lambda base, token, profile: exotel_stream_url(base, token, profile, sample_rate=rate),
+        )
     return CarrierDialer("plivo", "/plivo/answer", _plivo_dial(settings))
 
 

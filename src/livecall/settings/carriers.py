@@ -95,6 +95,12 @@ class CarrierSettings(Section):
         "Basic credentials (exotel:<secret>@) or ?key=: enables GET /exotel/voicebot and "
         "/ws/exotel",
     )
+    exotel_sample_rate: int = Field(
+        16000,
+        validation_alias="EXOTEL_SAMPLE_RATE",
+        description="the 16-bit PCM rate livecall asks Exotel to stream at (the stream URL's "
+        "sample-rate: 8000, 16000 or 24000; 16000 is the model's input rate)",
+    )
     # their REST call control (hang up, transfer): off until the credentials are set
     telnyx_api_key: SecretStr | None = Field(
         None,
@@ -182,6 +188,13 @@ class CarrierSettings(Section):
     def _vonage_rate(cls, value: int) -> int:
         if value not in (8000, 16000, 24000):
             raise ValueError("VONAGE_SAMPLE_RATE must be 8000, 16000 or 24000")
+        return value
+
+    @field_validator("exotel_sample_rate")
+    @classmethod
+    def _exotel_rate(cls, value: int) -> int:
+        if value not in (8000, 16000, 24000):
+            raise ValueError("EXOTEL_SAMPLE_RATE must be 8000, 16000 or 24000")
         return value
 
     @field_validator("exotel_url_secret")

@@ -107,8 +107,11 @@ class SimulatedExotelCaller(SimulatedEdge):
     says how the flow's URL carries `url_secret`: "basic" (credentials in the URL, sent as
     `Authorization: Basic`), "key" (a `?key=` query parameter) or None. `numeric_counters`
     sends sequence numbers and chunks as numbers (one page of Exotel's docs) instead of
-    strings (the other). The other arguments are `SimulatedEdge`'s (script, drops, jitter,
-    timeouts…); Exotel's clock runs at 20 ms and it signs nothing.
+    strings (the other). The stream runs at the stream URL's `sample-rate` (8000 without
+    one), as documented; `account_rate` makes it run at that rate whatever the URL asks, its
+    `start` saying so (an account without the wideband rates). The other arguments are
+    `SimulatedEdge`'s (script, drops, jitter, timeouts…); Exotel's clock runs at 20 ms and it
+    signs nothing.
     """
 
     SID_KEYS = ("stream_sid", "streamSid")
@@ -129,10 +132,13 @@ class SimulatedExotelCaller(SimulatedEdge):
         media_every_ms: int = 100,
         echo_marks_on_clear: bool = True,
         numeric_counters: bool = False,
+        account_rate: int | None = None,
         **kwargs: Any,
     ) -> None:
         if media_every_ms <= 0 or media_every_ms % 20:
             raise ValueError("media_every_ms must be a positive multiple of 20")
+        if account_rate is not None and account_rate not in SAMPLE_RATES:
+            raise ValueError(f"account_rate must be one of {SAMPLE_RATES}")
         if auth is not None and not url_secret and stream_url is None:
             raise ValueError(f"auth={auth!r} needs the url_secret")
         kwargs.setdefault("from_", "+919876543210")
@@ -153,6 +159,7 @@ class SimulatedExotelCaller(SimulatedEdge):
         self.auth = auth
         self.echo_marks_on_clear = echo_marks_on_clear
         self.numeric_counters = numeric_counters
+        self.account_rate = account_rate
         self._batch_ticks = media_every_ms // 20
         self._ticks = 0
         self._batch: list[tuple[int, bytes, int, Any]] = []  # 20 ms frames gathered
@@ -244,7 +251,9 @@ class SimulatedExotelCaller(SimulatedEdge):
             return self._fail(f"{len(custom)} custom parameters (at most 3)")
         if len(urlencode(custom)) > MAX_PARAMETER_CHARS:
             return self._fail(f"custom parameters over {MAX_PARAMETER_CHARS} characters")
-        self._rate = int(rate_values[0]) if rate_values else 8000
+        self._rate = int(rate_values[0]) if rate_values else 8000  # Exotel's default
+        if self.account_rate is not None:
+            self._rate = self.account_rate
         r.sample_rate = self._rate
         r.parameters = dict(custom)
         r.stream_url = url

@@ -41,7 +41,7 @@ class ExotelCarrier:
     name = "exotel"
     capabilities = CAPABILITIES
 
-    def __init__(self, url_secret: str, *, sample_rate: int = 8000) -> None:
+    def __init__(self, url_secret: str, *, sample_rate: int = 16000) -> None:
         if sample_rate not in SAMPLE_RATES:
             raise ValueError(f"Exotel streams at {SAMPLE_RATES} Hz, not {sample_rate}")
         self.sample_rate = sample_rate
@@ -51,10 +51,10 @@ class ExotelCarrier:
         return f"ExotelCarrier(sample_rate={self.sample_rate})"
 
     def new_stream(self, *, max_frame_bytes: int) -> ExotelStream:
-        return ExotelStream(max_frame_bytes=max_frame_bytes)
+        return ExotelStream(max_frame_bytes=max_frame_bytes, sample_rate=self.sample_rate)
 
     def answer_document(self, stream_url: str, parameters: Mapping[str, str]) -> tuple[str, str]:
-        """`{"url": "wss://.../ws/exotel?sample-rate=8000&lc_token=..."}` for the applet.
+        """`{"url": "wss://.../ws/exotel?sample-rate=16000&lc_token=..."}` for the applet.
 
         Exotel carries at most 3 custom parameters and its `start` names the caller and the
         called number itself, so `from` and `to` stay out of the URL, and so does the

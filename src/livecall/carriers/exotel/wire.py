@@ -6,8 +6,11 @@ the stream id both at the top level and inside `start`:
     connected -> start -> media (every ~100 ms)... (dtmf, mark interleaved) -> stop
 
 Audio is 16-bit linear PCM, little-endian, mono ("raw/slin"), 8 kHz unless the stream URL
-asked for `?sample-rate=16000|24000`, base64 in `media.payload`. Counters arrive as strings
-("3") in one page of the docs and as numbers in another: both are taken.
+asked for `?sample-rate=16000|24000`, base64 in `media.payload`. The stream is told the rate
+its URL asked for; `start.media_format.sample_rate` says the rate Exotel actually sends, and
+that wins (the audio is coded so): `rate_mismatch` keeps both when they differ, for the shell
+to report, and a start without a rate is taken to be at the rate asked for. Counters arrive
+as strings ("3") in one page of the docs and as numbers in another: both are taken.
 
 Back (Voicebot only) the app sends `media`, `mark` (echoed once what came before it has
 played) and `clear` (drop what is queued). Exotel's rules for played-back audio: a chunk is a
@@ -122,7 +125,7 @@ def clear_frame(stream_sid: str) -> str:
 _counter = whole_number
 
 
-def _media_format(fmt: Mapping[str, Any]) -> MediaFormat:
+def _media_format(fmt: Mapping[str, Any], asked: int) -> MediaFormat:
     encoding = text(fmt, "encoding", "start.media_format.encoding")
     if encoding is not None and encoding.lower() not in _L16_NAMES:
         raise CarrierProtocolError(
@@ -130,7 +133,7 @@ def _media_format(fmt: Mapping[str, Any]) -> MediaFormat:
         )
     rate = _counter(fmt.get("sample_rate"), "start.media_format.sample_rate")
     if rate is None:
-        rate = 8000
+        rate = asked  # not said: the rate the stream URL asked for
     if rate not in SAMPLE_RATES:
         raise CarrierProtocolError(
             f"start.media_format.sample_rate {rate} is not one of Exotel's {SAMPLE_RATES}"
@@ -142,9 +145,12 @@ def _media_format(fmt: Mapping[str, Any]) -> MediaFormat:
 class ExotelStream(JsonCarrierStream):
     """One Voicebot stream: frames in, typed events out; commands in, frames out.
 
-    `max_frame_bytes` bounds an inbound frame. The media format is known from `start`; before
-    it, `play` assumes 8 kHz (Exotel's default) only to size chunks, and refuses to build
-    frames (there is no stream_sid to address them to).
+    `max_frame_bytes` bounds an inbound frame; `sample_rate` is the rate the stream URL asked
+    Exotel for (its `sample-rate`; 8000, Exotel's default, when it names none). The media
+    format is that until `start` says what Exotel sends, which wins: a start at another rate
+    is followed (the caller's audio is coded at it, and Exotel plays back at it) and kept in
+    `rate_mismatch` as (asked, got). Before `start`, `play` refuses to build frames (there is
+    no stream_sid to address them to).
     """
 
     capabilities = CAPABILITIES
@@ -154,12 +160,18 @@ class ExotelStream(JsonCarrierStream):
     MAX_CHUNK_JUMP = MAX_CHUNK_JUMP
     SIZE_FIRST = True  # a huge binary frame is refused for its size
 
-    def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, sample_rate: int = 8000
+    ) -> None:
+        if sample_rate not in SAMPLE_RATES:
+            raise ValueError(f"Exotel streams at {SAMPLE_RATES} Hz, not {sample_rate}")
         super().__init__(max_frame_bytes=max_frame_bytes)
-        self.media_format = MediaFormat("l16", 8000)
+        self.asked_rate = sample_rate
+        self.media_format = MediaFormat("l16", sample_rate)
+        self.rate_mismatch: tuple[int, int] | None = None  # (asked, what start said)
         self.stop_reason: str | None = None
         self._pending = bytearray()  # outbound PCM not yet a whole chunk
-        self._chunk_bytes = self._min_chunk(8000)
+        self._chunk_bytes = self._min_chunk(sample_rate)
 
     def __repr__(self) -> str:
         return (
@@ -235,7 +247,7 @@ class ExotelStream(JsonCarrierStream):
             raise CarrierProtocolError(
                 f"start.media_format must be an object, got {short(fmt_raw)}"
             )
-        fmt = _media_format(fmt_raw or {})
+        fmt = _media_format(fmt_raw or {}, self.asked_rate)
         params = custom_parameters(
             start.get("custom_parameters"), "start.custom_parameters", null="null"
         )
@@ -254,6 +266,8 @@ class ExotelStream(JsonCarrierStream):
         self.started = started
         self.media_format = fmt
         self._chunk_bytes = self._min_chunk(fmt.sample_rate)
+        if fmt.sample_rate != self.asked_rate:
+            self.rate_mismatch = (self.asked_rate, fmt.sample_rate)
         return started
 
     def _media(self, msg: dict[str, Any]) -> CallerAudio:
