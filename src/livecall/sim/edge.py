@@ -5,20 +5,24 @@ its wire: it fetches the answer document, opens the WebSocket the document names
 caller's audio one frame per tick on an absolute clock (silence between utterances, as a real
 line never goes quiet), plays what the app sends back through a real-time playout queue that
 honours marks and clears, and hangs up. `SimulatedEdge` is that engine; a carrier's simulator
-subclasses it and supplies only its side of the wire through these hooks:
+subclasses it and supplies its side of the wire. What every carrier must say its own way is
+abstract here:
 
-- document: `_call_params`, `_signature` (and `FORM_HEADERS`), `_read_document` (`_read_xml`
-  walks a TwiML-like one, `_stream_url_ok` checks its URL), `_after_stream`; the texts
-  `FETCH_FAILED`, `BAD_CONTENT_TYPE`, `XML_INVALID`, `STREAM_URL_*`, the `DOCUMENT_TYPES`;
-- stream: `_new_stream_sid`, `_stream_headers`, `STREAM_USER_AGENT`, `_stream_opened`,
-  `_hello` (what it sends first: connected, start), `_stream_status` (status callbacks);
-  `_connect` opens the socket, for a carrier with its own `_open_stream` (Exotel retries);
-- frames out: `_media_message(n, frame)` (the caller's n-th μ-law 8 kHz frame in its wire
-  format), `_envelope(event, body)`, `_mark_echo(name)`, `_stop_frame()` (None: just close);
+- answer: `_webhook` (ask the app, run the answer up to its stream: `result.stream_url`),
+  `_after_stream` (what the carrier does once the app closes the socket); `_fail` records a
+  refusal, `_stream_status` hears stream-started / -stopped / -error (nothing by default);
+- stream: `_open_stream` (`_connect` opens a socket with `STREAM_USER_AGENT`), `_hello`
+  (what it sends first: connected, start);
+- frames out: `_flush` (the caller's due frames in the carrier's format), `_dtmf_message`,
+  `_mark_echo(name)`, `_stop_frame()` (None: just close);
 - frames in: `_on_frame(data, now)`, built from `_read_json` (binary, JSON, event, stream id
   and strict-field checks), `_media_payload`, `_mark_name`, and the playout helpers
   `_queue_audio`, `_queue_mark`, `_clear_queue`; refusals go through `_refuse`, which a
   carrier turns into its error codes (or an error frame back, as Telnyx does).
+
+Where several carriers do one of these the same way (a signed form webhook and an XML answer,
+a socket opened in one attempt, one message per frame, JSON envelopes), that way is a part in
+`sim.edge_parts` that a simulator mixes in, with the narrower hooks it needs.
 
 Everything is measured the same way for every carrier (`CallResult`, see `sim.script`).
 Cost: one clock task and one reader task per call, frame JSON built from precomputed
@@ -31,12 +35,10 @@ import asyncio
 import binascii
 import contextlib
 import random
-import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
-from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import numpy as np
@@ -206,29 +208,12 @@ class SimulatedEdge(ABC):
     upstream loss); `jitter_ms` delays each frame by up to that much, in order, so frames
     bunch at the ticks as they do after network jitter. After the script ends the caller hangs
     up (`on_script_end="hangup"`) or stays on the line until the app ends the call ("wait").
-    `replay_webhook` sends the answer webhook's very same signed request twice (replay tests);
-    `webhook_statuses` lists every status the webhooks got.
 
     Agent audio is what the caller hears from the app that is audible; a *stretch* is such
     audio with no gap of `agent_gap_ms` (it ends when the agent stops: barge-in timing), a
     *reply* allows gaps up to `agent_reply_gap_ms` (what `WaitForAgentAudio` counts).
     """
 
-    # The carrier's words for what goes wrong before the stream (`{why}`, `{ctype}`, `{status}`,
-    # `{exc}` are filled in) and the content types its answer document may come in.
-    FETCH_FAILED: ClassVar[str] = "answer webhook failed: {why}"
-    BAD_CONTENT_TYPE: ClassVar[str] = "answer webhook returned content type {ctype!r}, not XML"
-    DOCUMENT_TYPES: ClassVar[tuple[str, ...]] = ("xml",)
-    XML_INVALID: ClassVar[str] = "invalid answer document: {why}"
-    # a webhook request's headers (its signature comes from `_signature`)
-    FORM_HEADERS: ClassVar[Mapping[str, str]] = {
-        "Content-Type": "application/x-www-form-urlencoded",
-        "Accept": "*/*",
-    }
-    STREAM_URL_INVALID: ClassVar[str] = "stream URL is not an absolute ws(s):// URL: {url!r}"
-    STREAM_URL_NOT_WSS: ClassVar[str] = "stream URL must use wss://: {url!r}"
-    WS_REFUSED: ClassVar[str] = "stream WebSocket refused: status {status}"
-    WS_FAILED: ClassVar[str] = "stream WebSocket failed: {exc!r}"
     STREAM_USER_AGENT: ClassVar[str | None] = None  # None: the websockets library's own
     # Frames in: the stream id's key(s), the events whose frames must carry it, the refusals'
     # texts (`{event}`, `{key}`, `{sid}`, `{ours}` are filled in).
@@ -265,7 +250,6 @@ class SimulatedEdge(ABC):
         max_message_bytes: int = 1 << 20,
         webhook_timeout: float = 15.0,
         http_client: httpx.AsyncClient | None = None,
-        replay_webhook: bool = False,
     ) -> None:
         if frame_ms <= 0 or (SAMPLE_RATE * frame_ms) % 1000:
             raise ValueError(f"frame_ms must give a whole number of samples, got {frame_ms}")
@@ -292,8 +276,6 @@ class SimulatedEdge(ABC):
         self.strict_fields = strict_fields
         self.max_message_bytes = max_message_bytes
         self.webhook_timeout = webhook_timeout
-        self.replay_webhook = replay_webhook
-        self.webhook_statuses: list[int] = []
         self._http = http_client
         self._rng = random.Random(seed)
 
@@ -313,7 +295,6 @@ class SimulatedEdge(ABC):
         self._ended = False
         self._carrier_ends = False
         self._hangup_action: HangUp | None = None
-        self._status_callback: str | None = None
         self._bg: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
         # outbound
@@ -390,86 +371,17 @@ class SimulatedEdge(ABC):
         if self.result.ended_by == "server" and self.result.carrier_action is None:
             await self._after_stream()  # (a call the carrier moved on runs no more verbs)
 
-    # ------------------------------------------------------------------ webhook + document
+    # ------------------------------------------------------------------ answer
 
-    def _call_params(self, status: str) -> dict[str, str]:
-        """The answer webhook's form: the call's details as the carrier names them."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no _call_params: the default `_webhook` posts this form"
-        )
+    @abstractmethod
+    async def _webhook(self) -> bool:
+        """Ask the app how to answer, as the carrier does, and run the answer up to its
+        stream: its URL in `result.stream_url` (None: the call ended without one) and what
+        follows it kept for `_after_stream`. False once the call is over (`_fail` says why)."""
 
-    def _form_headers(self) -> dict[str, str]:
-        """A webhook request's headers before its signature (a fresh idempotency token…)."""
-        return dict(self.FORM_HEADERS)
-
-    def _signature(self, url: str, params: Mapping[str, str], body: bytes) -> dict[str, str]:
-        """The headers that sign one webhook request, as the carrier signs."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no _signature: the default `_webhook` signs with it"
-        )
-
-    async def _post(self, url: str, params: dict[str, str]) -> httpx.Response:
-        """POST a webhook as a form, signed (`sign`) as the carrier signs."""
-        body = urlencode(params).encode()
-        headers = self._form_headers()
-        if self.sign:
-            headers.update(self._signature(url, params, body))
-        return await self._send_form(url, body, headers)
-
-    def _read_document(self, body: bytes) -> bool:
-        """Read the answer document: run what comes before the stream, note the stream's URL
-        (`result.stream_url`) and what follows it; False if the call ends there."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no _read_document: `_webhook` reads answers with it"
-        )
-
-    def _read_xml(
-        self,
-        body: bytes,
-        stream_tag: str,
-        read_stream: Callable[[ET.Element, list[ET.Element]], bool],
-        run_verb: Callable[[ET.Element], bool],
-    ) -> bool:
-        """An XML answer document (`<Response>` and its verbs, TwiML-like): run the verbs
-        before the one named `stream_tag` (`run_verb`: True if one ends the call), then
-        `read_stream(it, the verbs after it)`. A document without it ends the call."""
-        try:
-            root = ET.fromstring(body)
-        except ET.ParseError as exc:
-            return self._fail(self.XML_INVALID.format(why=exc))
-        if root.tag != "Response":
-            return self._fail(self.XML_INVALID.format(why=f"root is <{root.tag}>, not <Response>"))
-        verbs = list(root)
-        for i, verb in enumerate(verbs):
-            if verb.tag == stream_tag:
-                return read_stream(verb, verbs[i + 1 :])
-            if run_verb(verb):
-                return False
-        self.result.ended_by = "server"  # the document ran out: the carrier hangs up
-        return False
-
-    def _stream_url_ok(self, url: str) -> bool:
-        """The document's stream URL: absolute ws:// or wss:// (wss:// with `require_wss`)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.netloc:
-            return self._fail(self.STREAM_URL_INVALID.format(url=url))
-        if self.require_wss and parts.scheme != "wss":
-            return self._fail(self.STREAM_URL_NOT_WSS.format(url=url))
-        return True
-
+    @abstractmethod
     async def _after_stream(self) -> None:
         """The app closed the socket: the carrier goes on with what follows the stream."""
-        return None  # a hook: nothing by default
-
-    async def _send_form(self, url: str, body: bytes, headers: Mapping[str, str]) -> httpx.Response:
-        """POST a form as built by `_post`; replayed once, identically, with `replay_webhook`."""
-        assert self._client is not None
-        resp = await self._client.post(url, content=body, headers=headers)
-        if self.replay_webhook and url == self.webhook_url:
-            self.webhook_statuses.append(resp.status_code)
-            resp = await self._client.post(url, content=body, headers=headers)
-        self.webhook_statuses.append(resp.status_code)
-        return resp
 
     def _fail(self, text: str) -> bool:
         """The carrier refuses to go on: record why; the call is over (False, for returns)."""
@@ -477,75 +389,21 @@ class SimulatedEdge(ABC):
         self.result.ended_by = "server"
         return False
 
-    async def _webhook(self) -> bool:
-        r = self.result
-        try:
-            resp = await self._post(self.webhook_url, self._call_params("ringing"))
-        except httpx.HTTPError as exc:
-            return self._fail(self.FETCH_FAILED.format(why=type(exc).__name__))
-        r.webhook_status = resp.status_code
-        r.twiml = resp.text
-        if resp.status_code != 200:
-            return self._fail(self.FETCH_FAILED.format(why=f"status {resp.status_code}"))
-        ctype = resp.headers.get("content-type", "")
-        if not any(kind in ctype for kind in self.DOCUMENT_TYPES):
-            return self._fail(self.BAD_CONTENT_TYPE.format(ctype=ctype))
-        return self._read_document(resp.content)
-
     def _stream_status(self, event: str, error: str | None = None) -> None:
-        """The stream's status callback (stream-started / -stopped / -error); none by default."""
-        return None  # a hook: nothing by default
-
-    def _post_soon(self, url: str, params: dict[str, str]) -> None:
-        """POST a status callback in the background (the call does not wait for it)."""
-
-        async def post() -> None:
-            try:
-                await self._post(urljoin(self.webhook_url, url), params)
-            except httpx.HTTPError as exc:
-                self.result.protocol_errors.append(f"stream status callback failed: {exc!r}")
-
-        task = asyncio.get_running_loop().create_task(post())
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        """The stream's status callbacks (stream-started / -stopped / -error), for a carrier
+        whose answer asks for them; a carrier without any (Exotel) keeps this: nothing."""
+        return None
 
     # ------------------------------------------------------------------ stream
 
-    def _new_stream_sid(self) -> str:
-        raise NotImplementedError(
-            f"{type(self).__name__} has no _new_stream_sid: the stream needs an id in its form"
-        )
-
-    def _stream_headers(self, url: str) -> dict[str, str]:
-        """Extra headers on the WebSocket upgrade (a signature); none by default."""
-        return {}
-
-    def _stream_opened(self) -> None:
-        """The socket is up and `_stream_sid` known: precompute what frames need."""
-        return None  # a hook: nothing by default
+    @abstractmethod
+    async def _open_stream(self) -> bool:
+        """Open the WebSocket `result.stream_url` names, as the carrier does: `_ws`,
+        `_stream_sid` and `result.stream_sid` set; False (recorded, the call over) if not."""
 
     @abstractmethod
     async def _hello(self, ws: ClientConnection) -> None:
         """What the carrier sends before the caller's audio (connected, start)."""
-
-    async def _open_stream(self) -> bool:
-        r = self.result
-        url = r.stream_url
-        assert url is not None
-        self._stream_sid = self._new_stream_sid()
-        try:
-            self._ws = await self._connect(url, self._stream_headers(url))
-        except websockets.InvalidStatus as exc:
-            r.protocol_errors.append(self.WS_REFUSED.format(status=exc.response.status_code))
-        except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
-            r.protocol_errors.append(self.WS_FAILED.format(exc=exc))
-        if self._ws is None:
-            self._stream_status("stream-error", r.protocol_errors[-1])
-            r.ended_by = "server"
-            return False
-        r.stream_sid = self._stream_sid
-        self._stream_opened()
-        return True
 
     async def _connect(self, url: str, headers: Mapping[str, str]) -> ClientConnection:
         """The stream's WebSocket as a carrier opens it: its User-Agent, no compression, proxy
@@ -570,22 +428,16 @@ class SimulatedEdge(ABC):
         return self._seq
 
     @abstractmethod
-    def _envelope(self, event: str, body: dict[str, Any] | None = None) -> str:
-        """One JSON frame from the carrier (`body`, if any, under the event's name)."""
+    def _dtmf_message(self, digit: str) -> str:
+        """The carrier's message for the caller's key press `digit`."""
 
-    def _media_message(self, n: int, frame: bytes) -> str | bytes:
-        """The caller's `n`-th frame (μ-law 8 kHz, numbered from 1) as the carrier sends it."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no _media_message: the default `_flush` sends media with it"
-        )
-
+    @abstractmethod
     def _mark_echo(self, name: str) -> str:
         """What the carrier sends back once a mark has played."""
-        return self._envelope("mark", {"name": name})
 
+    @abstractmethod
     def _stop_frame(self) -> str | None:
         """What the carrier sends when the caller hangs up (None: it just closes)."""
-        return self._envelope("stop")
 
     async def _stream(self) -> None:
         ws = self._ws
@@ -665,17 +517,11 @@ class SimulatedEdge(ABC):
                 self._pending.append((due, n, frame, flags, utt))
             await self._flush(now)
 
+    @abstractmethod
     async def _flush(self, now: float, *, everything: bool = False) -> None:
-        """Send the frames due by `now` (all of them with `everything`), in order."""
-        ws = self._ws
-        assert ws is not None
-        pending = self._pending
-        while pending and (everything or pending[0][0] <= now):
-            _, n, frame, flags, utt = pending.popleft()
-            await ws.send(self._media_message(n, frame))
-            self.result.frames_sent += 1
-            if flags:
-                self._frame_sent(_now(), flags, utt)
+        """Send the caller's frames in `_pending` due by `now` (all with `everything`), in
+        order, as the carrier carries them: count `result.frames_sent`, and pass each frame's
+        flags to `_frame_sent` with the time it went."""
 
     def _frame_sent(self, t: float, flags: int, utt: Utterance | None) -> None:
         r = self.result
@@ -755,9 +601,7 @@ class SimulatedEdge(ABC):
                     ref = self.result.stream_started or now
                 self._wait = _Wait(action, now + action.timeout, ref)
             elif isinstance(action, PressDigit):
-                await self._send_now(
-                    self._envelope("dtmf", {"track": "inbound_track", "digit": action.digit})
-                )
+                await self._send_now(self._dtmf_message(action.digit))
                 self.result.digits_sent.append(TimedName(action.digit, now))
                 self.result.timeline.append(TimelineEvent(now, "dtmf", action.digit))
             elif isinstance(action, SendRaw):

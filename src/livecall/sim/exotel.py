@@ -64,7 +64,8 @@ from livecall.carriers.exotel.wire import (
     MIN_CHUNK_BYTES,
     SAMPLE_RATES,
 )
-from livecall.sim.edge import _F_SPEECH_END, SimulatedEdge
+from livecall.sim.edge import _F_SPEECH_END
+from livecall.sim.edge_parts import JsonEnvelopeEdge
 from livecall.sim.script import CallResult, HangUp, ScriptAction, TimelineEvent
 from livecall.sim.serve import serve_app
 
@@ -99,7 +100,7 @@ def _sid() -> str:
     return secrets.token_hex(16)
 
 
-class SimulatedExotelCaller(SimulatedEdge):
+class SimulatedExotelCaller(JsonEnvelopeEdge):
     """One simulated inbound call through an Exotel flow to a Voicebot applet.
 
     `base_url + answer_path` is the applet's dynamic URL; with `stream_url` there is no

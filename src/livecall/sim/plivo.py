@@ -48,7 +48,12 @@ from websockets.asyncio.client import ClientConnection
 
 from livecall.audio.g711 import ulaw_decode, ulaw_encode
 from livecall.carriers.plivo.signatures import PlivoSignature, new_nonce
-from livecall.sim.edge import SimulatedEdge
+from livecall.sim.edge_parts import (
+    FormAnswerEdge,
+    FrameMediaEdge,
+    JsonEnvelopeEdge,
+    OneSocketEdge,
+)
 from livecall.sim.script import (
     CallResult,
     HangUp,
@@ -109,7 +114,7 @@ def _truthy(value: str | None) -> bool | None:
     raise ValueError(value)
 
 
-class PlivoSimulatedCaller(SimulatedEdge):
+class PlivoSimulatedCaller(FormAnswerEdge, OneSocketEdge, FrameMediaEdge, JsonEnvelopeEdge):
     """One simulated inbound call through Plivo to an app answering with `<Stream>`.
 
     Takes `SimulatedEdge`'s arguments (script, frame drops, jitter, timeouts…). `auth_token`

@@ -31,6 +31,12 @@ import orjson
 from websockets.asyncio.client import ClientConnection
 
 from livecall.sim.edge import RefusalKind, SimulatedEdge
+from livecall.sim.edge_parts import (
+    FormAnswerEdge,
+    FrameMediaEdge,
+    JsonEnvelopeEdge,
+    OneSocketEdge,
+)
 from livecall.sim.script import (
     SAMPLE_RATE,
     CallResult,
@@ -79,7 +85,7 @@ def _sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
 
-class SimulatedCaller(SimulatedEdge):
+class SimulatedCaller(FormAnswerEdge, OneSocketEdge, FrameMediaEdge, JsonEnvelopeEdge):
     """One simulated inbound call through Twilio to a `<Connect><Stream>` app.
 
     `base_url` is the app's HTTP base; the voice webhook goes to `base_url + webhook_path`

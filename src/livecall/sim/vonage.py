@@ -54,7 +54,7 @@ from livecall.audio.resample import StreamResampler
 from livecall.carriers.vonage.answer import MAX_HEADERS_BYTES
 from livecall.carriers.vonage.signatures import VonageSignature
 from livecall.carriers.vonage.wire import MAX_BUFFERED_FRAMES, SUPPORTED_RATES
-from livecall.sim.edge import SimulatedEdge
+from livecall.sim.edge_parts import FrameMediaEdge, OneSocketEdge
 from livecall.sim.script import SAMPLE_RATE, CallResult, PressDigit, TimelineEvent
 
 __all__ = ["SimulatedVonageCaller", "VonageCallResult"]
@@ -80,7 +80,7 @@ class VonageCallResult(CallResult):
     ws_authorization: str | None = None  # the Authorization sent on the stream's handshake
 
 
-class SimulatedVonageCaller(SimulatedEdge):
+class SimulatedVonageCaller(OneSocketEdge, FrameMediaEdge):
     """One simulated inbound Vonage call to an app that answers with a websocket NCCO.
 
     Takes `SimulatedEdge`'s arguments (script, frame drops, jitter, timeouts…);
@@ -399,11 +399,9 @@ class SimulatedVonageCaller(SimulatedEdge):
             self._up = StreamResampler(SAMPLE_RATE, self._rate)
             self._down = StreamResampler(self._rate, SAMPLE_RATE)
 
-    def _envelope(self, event: str, body: dict[str, Any] | None = None) -> str:
-        """What the edge's script sends, as Vonage says it (only `dtmf` reaches here)."""
-        if event != "dtmf" or body is None:
-            raise ValueError(f"Vonage sends no {event!r} message")
-        msg = {"event": "websocket:dtmf", "digit": body["digit"], "duration": 260}
+    def _dtmf_message(self, digit: str) -> str:
+        """`websocket:dtmf`: the caller's key press (Vonage's only message with a digit)."""
+        msg = {"event": "websocket:dtmf", "digit": digit, "duration": 260}
         return orjson.dumps(msg).decode()
 
     async def _hello(self, ws: ClientConnection) -> None:
