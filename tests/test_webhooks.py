@@ -272,6 +272,68 @@ async def test_outbox_survives_a_restart(
         await second.stop()
 
 
+async def test_a_delivery_cut_off_by_a_restart_is_sent_at_once(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    """Stopping the server mid-send hands the delivery's lease back: the next instance sends
+    it right away (not after WEBHOOK_LEASE), with the same delivery id and bytes, and the
+    cut-off send is not counted as an attempt. The receiver never answered that first
+    request, so the one resend is all at-least-once allows."""
+    receiver.plan = ["hang"]  # the first request is never answered
+    settings = fast(receiver, tmp_path, webhook_timeout_s=60.0, webhook_poll_interval_s=30.0)
+    first = await start_stack(settings)
+    try:
+        sid = await make_call(first, call_over)
+        await eventually(lambda: _async(len(receiver.requests) == 1), 20)
+    finally:
+        await first.stop()  # mid-send: the lease would hold the row for 125 s
+    receiver.plan = []
+    second = await start_stack(settings)  # same database; polls only every 30 s
+    try:
+        row = await delivered(second, sid, within=10)
+        assert row.attempts == 1 and [h["status_code"] for h in row.history] == [200]
+        assert [r["answer"] for r in receiver.requests] == ["hang", "200"]
+        assert {r["headers"]["x-livecall-delivery"] for r in receiver.requests} == {row.id}
+        assert len({r["body"] for r in receiver.requests}) == 1
+    finally:
+        await second.stop()
+
+
+async def test_a_claim_cut_off_by_a_restart_is_handed_back(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    """A stop that lands after a claim's commit but before its answer reached the worker (a
+    slow database round trip) leaves no lease behind: the stopping worker hands back every
+    lease its claims hold, and the next instance sends at once, once."""
+    settings = fast(receiver, tmp_path, webhook_poll_interval_s=30.0)
+    first = await start_stack(settings)
+    outbox = first.app.state.livecall.webhooks.outbox
+    claim, claimed = outbox.claim, asyncio.Event()
+
+    async def claim_then_stall(*args: Any, **kwargs: Any) -> list[WebhookDelivery]:
+        rows = await claim(*args, **kwargs)
+        if rows:  # committed: the answer never arrives
+            claimed.set()
+            await asyncio.Event().wait()
+        return rows
+
+    outbox.claim = claim_then_stall
+    try:
+        sid = await make_call(first, call_over)
+        await asyncio.wait_for(claimed.wait(), 20)
+        (row,) = await deliveries(first, sid)
+        assert row.lease_owner is not None and receiver.requests == []
+    finally:
+        await first.stop()
+    second = await start_stack(settings)  # polls only every 30 s: its first look must do
+    try:
+        row = await delivered(second, sid, within=10)
+        assert row.attempts == 1 and len(receiver.requests) == 1
+        assert receiver.requests[0]["headers"]["x-livecall-delivery"] == row.id
+    finally:
+        await second.stop()
+
+
 async def test_database_down_at_call_end_still_delivers_after_recovery(
     tmp_path: Path, receiver: Receiver, call_over: Any
 ) -> None:
@@ -497,3 +559,7 @@ async def test_cli_sends_a_signed_sample(receiver: Receiver) -> None:
         runner.invoke, app, ["webhooks", "test", receiver.url], env={"CALL_WEBHOOK_SECRET": ""}
     )
     assert no_secret.exit_code == 2 and len(receiver.requests) == 2
+
+
+async def _async(value: Any) -> Any:
+    return value
