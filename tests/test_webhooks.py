@@ -29,6 +29,7 @@ from livecall.sim.clips import load_clip
 from livecall.sim.gemini import Scenario
 from livecall.sim.stack import LocalStack, free_socket
 from livecall.sim.twilio import HangUp, Pause, Say, WaitForAgentAudio, WaitForAgentSilence
+from livecall.store import writer as writer_module
 from livecall.store.models import WebhookDelivery
 from support import eventually
 
@@ -388,6 +389,38 @@ async def test_spooled_while_down_and_delivered_by_the_next_process(
         assert len(receiver.ok()) == 1
         assert receiver.ok()[0]["headers"]["x-livecall-delivery"] == row.id
         assert orjson.loads(receiver.ok()[0]["body"])["call_sid"] == sid
+    finally:
+        await second.stop()
+
+
+async def test_a_spool_left_by_a_stopped_pod_is_replayed_by_its_replacement_at_once(
+    tmp_path: Path, receiver: Receiver, call_over: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod stopped during an outage leaves its spool on the shared volume; its replacement
+    has another hostname, so the file is another host's. Closed on the way out, it is marked
+    released and replayed at once, not after FOREIGN_SPOOL_AGE_S of no refresh."""
+    settings = fast(receiver, tmp_path)
+    first = await start_stack(settings)
+    state = first.app.state.livecall
+
+    def outage(*_args: Any) -> None:
+        raise ConnectionResetError("database down (simulated)")
+
+    event.listen(state.store.engine.sync_engine, "before_cursor_execute", outage)
+    try:
+        sid = await make_call(first, call_over, flush=False)
+        assert await state.registry.wait_idle(15)
+    finally:
+        await first.stop()
+    (left,) = (tmp_path / "spool").glob("spool-*.jsonl")
+    assert left.name.startswith(writer_module.RELEASED_PREFIX)
+    monkeypatch.setattr(writer_module, "_HOST", "replacementpod")
+    second = await start_stack(settings)
+    try:
+        row = await delivered(second, sid, within=10)
+        assert len(receiver.ok()) == 1
+        assert receiver.ok()[0]["headers"]["x-livecall-delivery"] == row.id
+        assert not list((tmp_path / "spool").glob("spool-*.jsonl"))
     finally:
         await second.stop()
 
