@@ -335,6 +335,38 @@ async def test_a_claim_cut_off_by_a_restart_is_handed_back(
         await second.stop()
 
 
+async def test_a_delivery_answered_as_the_server_stops_is_not_sent_again(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    """The receiver answers 2xx, and the stop cuts the delivery off while its attempt is being
+    recorded: the bookkeeping is seen through, so the next instance does not send it again."""
+    settings = fast(receiver, tmp_path)
+    first = await start_stack(settings)
+    outbox = first.app.state.livecall.webhooks.outbox
+    record, booking = outbox.record_attempt, asyncio.Event()
+
+    async def record_after_the_stop(row: WebhookDelivery, **kwargs: Any) -> None:
+        booking.set()  # recorded only once the stop has cut the delivery off
+        sender = next(t for t in asyncio.all_tasks() if t.get_name() == f"webhook:{row.call_sid}")
+        await eventually(lambda: _async(sender.cancelling() > 0), 60)
+        await record(row, **kwargs)
+
+    outbox.record_attempt = record_after_the_stop
+    try:
+        sid = await make_call(first, call_over)
+        await asyncio.wait_for(booking.wait(), 20)
+    finally:
+        await first.stop()
+    second = await start_stack(settings)
+    try:
+        row = await delivered(second, sid, within=5)
+        assert row.attempts == 1 and len(receiver.requests) == 1
+        await second.app.state.livecall.webhooks.pump()  # nothing left to claim
+        assert len(receiver.requests) == 1
+    finally:
+        await second.stop()
+
+
 async def test_database_down_at_call_end_still_delivers_after_recovery(
     tmp_path: Path, receiver: Receiver, call_over: Any
 ) -> None:

@@ -22,7 +22,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -386,8 +386,21 @@ class WebhookService:
         try:
             await self._attempt(row)
         except asyncio.CancelledError:  # stopping mid-send: let the next owner have it now
+            with contextlib.suppress(Exception):  # bounded, and over before stop() returns
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    await self.outbox.release(row)
+            raise
+
+    async def _booked(self, booking: Coroutine[Any, Any, None]) -> None:
+        """An attempt's bookkeeping, seen through (bounded) even when stopped meanwhile: a 2xx
+        the receiver gave is recorded, not sent again by the next instance."""
+        task = asyncio.ensure_future(booking)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.outbox.release(row)), RELEASE_TIMEOUT_S)
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    await task
             raise
 
     async def _attempt(self, row: WebhookDelivery) -> None:
@@ -396,7 +409,7 @@ class WebhookService:
             body = await self._body(row, self.clock())
         except Exception as exc:  # the database went away, or a record it cannot encode
             log.warning("webhook.build_failed", call_sid=row.call_sid, error=repr(exc))
-            await self._finish(row, None, "payload not built", 0.0)
+            await self._booked(self._finish(row, None, "payload not built", 0.0))
             return
         if body is None:
             with contextlib.suppress(Exception):
@@ -422,7 +435,7 @@ class WebhookService:
         ms = (time.perf_counter() - started) * 1000
         if status is not None and not 200 <= status < 300:
             error = f"HTTP {status}"
-        await self._finish(row, status, error, ms)
+        await self._booked(self._finish(row, status, error, ms))
 
     async def _finish(
         self, row: WebhookDelivery, status: int | None, error: str | None, ms: float
