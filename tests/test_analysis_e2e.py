@@ -269,7 +269,7 @@ async def test_a_slow_analysis_never_holds_the_call(
     result = await quick_call(stack)
     await call_over(stack, timeout=3)  # the call is over, records written...
     text = stack.gemini.text
-    await eventually(lambda: _async(len(text.requests) == 1), 5)
+    await eventually(lambda: _async(len(text.requests) == 1), 20)
     assert text.requests[0].status == 0  # ...while the analysis is still waiting on Gemini
     async with api(stack) as client:
         record = (await client.get(f"/api/calls/{result.call_sid}")).json()
@@ -318,7 +318,7 @@ async def test_an_analysis_cut_off_by_a_restart_is_taken_up_at_once(
     assert text.requests[0].status == 0  # in flight when the server stops
     await first.stop()
     second = await start(make_stack, tmp_path, database_url=database)
-    analysis = await analysis_when(second, result.call_sid, "done", within=10)
+    analysis = await analysis_when(second, result.call_sid, "done", within=30)  # lease: 90 s
     assert analysis["attempts"] == 1 and analysis["summary"]
     assert len(second.gemini.text.requests) == 1
 
@@ -349,7 +349,7 @@ async def test_a_claim_cut_off_by_a_restart_is_handed_back(
     await first.stop()
     assert first.gemini.text.requests == []  # the attempt never started
     second = await start(make_stack, tmp_path, database_url=database)
-    analysis = await analysis_when(second, result.call_sid, "done", within=10)
+    analysis = await analysis_when(second, result.call_sid, "done", within=30)  # lease: 90 s
     assert analysis["attempts"] == 1 and analysis["summary"]
     assert len(second.gemini.text.requests) == 1
 

@@ -291,7 +291,7 @@ async def test_a_delivery_cut_off_by_a_restart_is_sent_at_once(
     receiver.plan = []
     second = await start_stack(settings)  # same database; polls only every 30 s
     try:
-        row = await delivered(second, sid, within=10)
+        row = await delivered(second, sid, within=30)  # the lease: 60 s or more
         assert row.attempts == 1 and [h["status_code"] for h in row.history] == [200]
         assert [r["answer"] for r in receiver.requests] == ["hang", "200"]
         assert {r["headers"]["x-livecall-delivery"] for r in receiver.requests} == {row.id}
@@ -328,7 +328,7 @@ async def test_a_claim_cut_off_by_a_restart_is_handed_back(
         await first.stop()
     second = await start_stack(settings)  # polls only every 30 s: its first look must do
     try:
-        row = await delivered(second, sid, within=10)
+        row = await delivered(second, sid, within=30)  # the lease: 60 s or more
         assert row.attempts == 1 and len(receiver.requests) == 1
         assert receiver.requests[0]["headers"]["x-livecall-delivery"] == row.id
     finally:
@@ -359,7 +359,7 @@ async def test_a_delivery_answered_as_the_server_stops_is_not_sent_again(
         await first.stop()
     second = await start_stack(settings)
     try:
-        row = await delivered(second, sid, within=5)
+        row = await delivered(second, sid, within=30)
         assert row.attempts == 1 and len(receiver.requests) == 1
         await second.app.state.livecall.webhooks.pump()  # nothing left to claim
         assert len(receiver.requests) == 1
@@ -449,7 +449,7 @@ async def test_a_spool_left_by_a_stopped_pod_is_replayed_by_its_replacement_at_o
     monkeypatch.setattr(writer_module, "_HOST", "replacementpod")
     second = await start_stack(settings)
     try:
-        row = await delivered(second, sid, within=10)
+        row = await delivered(second, sid, within=30)  # else: FOREIGN_SPOOL_AGE_S (60 s)
         assert len(receiver.ok()) == 1
         assert receiver.ok()[0]["headers"]["x-livecall-delivery"] == row.id
         assert not list((tmp_path / "spool").glob("spool-*.jsonl"))
