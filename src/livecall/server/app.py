@@ -171,7 +171,8 @@ def create_app(
         if settings.retention_days:
             background.append(
                 asyncio.create_task(
-                    run_retention(state.recordings, settings.retention_days, state.store.repo)
+                    run_retention(state.recordings, settings.retention_days, state.store.repo),
+                    name="retention",
                 )
             )
         # agents: profiles reloaded on edit; shared HTTP client and document indexes
