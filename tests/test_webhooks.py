@@ -457,6 +457,40 @@ async def test_a_spool_left_by_a_stopped_pod_is_replayed_by_its_replacement_at_o
         await second.stop()
 
 
+async def test_a_shutdown_step_that_fails_still_lets_the_webhooks_and_store_close(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    """A shutdown step that raises (here closing the HTTP tools' client) is logged and the
+    rest still run: the webhook worker stops and the store closes, its spool released, so
+    the next process replays it and the delivery goes out."""
+    settings = fast(receiver, tmp_path)
+    first = await start_stack(settings)
+    state = first.app.state.livecall
+
+    def outage(*_args: Any) -> None:
+        raise ConnectionResetError("database down (simulated)")
+
+    async def broken_close() -> None:
+        raise RuntimeError("client close failed (simulated)")
+
+    event.listen(state.store.engine.sync_engine, "before_cursor_execute", outage)
+    state.http_tools.aclose = broken_close
+    try:
+        sid = await make_call(first, call_over, flush=False)
+        assert await state.registry.wait_idle(15)
+    finally:
+        await first.stop()
+    assert state.webhooks.client is None  # stopped
+    (left,) = (tmp_path / "spool").glob("spool-*.jsonl")
+    assert left.name.startswith(writer_module.RELEASED_PREFIX)  # closed
+    second = await start_stack(settings)
+    try:
+        row = await delivered(second, sid, within=30)
+        assert len(receiver.ok()) == 1 and row.attempts == 1
+    finally:
+        await second.stop()
+
+
 async def test_recording_link_works_until_it_expires(
     tmp_path: Path, receiver: Receiver, call_over: Any
 ) -> None:
