@@ -169,7 +169,7 @@ async def test_heartbeat_refreshes_the_ttl_of_every_local_call(cluster: Any) -> 
             last[i] = now
         return all(rose)
 
-    await eventually(both_refreshed, within=3.0)
+    await eventually(both_refreshed, within=10.0)  # heartbeats every 0.2 s: a loaded CI box too
 
 
 async def test_a_crashed_instance_s_calls_expire_by_ttl(cluster: Any) -> None:
@@ -185,7 +185,7 @@ async def test_a_crashed_instance_s_calls_expire_by_ttl(cluster: Any) -> None:
     async def gone() -> bool:
         return await b.list_calls() == []
 
-    await eventually(gone, within=1.0 + 3.0)
+    await eventually(gone, within=1.0 + 10.0)  # the TTL, and slack for a loaded CI box
     assert a.instance_id not in {i["instance"] for i in await b.list_instances()}
 
 

@@ -23,6 +23,7 @@ from livecall.settings import Settings
 from livecall.sim.clips import load_clip
 from livecall.sim.gemini import Scenario
 from livecall.sim.twilio import HangUp, Pause, Say, WaitForAgentSilence
+from livecall.store.recordings import LocalRecordingStore
 from livecall.store.writer import CallStore
 from pg_support import DEAD_PG_URL
 from support import eventually
@@ -147,6 +148,54 @@ async def test_retention_expires_old_recordings_through_the_repository_and_setti
         assert r.status_code == 200 and r.content[:4] == b"RIFF"
         # the record itself stays: retention is about recordings
         assert (await client.get(f"{second.base_url}/api/calls/{old}")).json()["turns"]
+
+
+async def test_a_retention_pass_cut_off_by_a_stop_still_forgets_what_it_deleted(
+    make_stack: Any, call_over: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stops while a retention pass is under way, a recording already deleted:
+    its call forgets the recording on the way out. The next pass finds no file for it, so
+    nothing else would, and the call would point at a recording gone for good."""
+    home = tmp_path / "cut"
+    paths = {
+        "database_url": f"sqlite+aiosqlite:///{home / 'calls.db'}",
+        "recordings_dir": home / "recordings",
+        "spool_dir": home / "spool",
+        "api_token": API_TOKEN,
+        "vad_silence_duration_ms": 300,
+    }
+    old = "CA3e1f0c6b2a9d4e8f7a6b5c4d3e2f1a0b"
+    first = await make_stack(scenario(35), **paths)
+    assert (await first.caller(question(), call_sid=old).run()).response_latencies_ms
+    await call_over(first)
+    [old_file] = (home / "recordings").glob(f"{old}.*")
+    await first.stop()
+    three_days_ago = time.time() - 3 * 86400
+    os.utime(old_file, (three_days_ago, three_days_ago))
+
+    delete, deleted = LocalRecordingStore.delete, asyncio.Event()
+
+    async def delete_then_stall(self: LocalRecordingStore, call_sid: str) -> bool:
+        gone = await delete(self, call_sid)
+        deleted.set()  # the pass goes on only once the server is stopping
+        runner = next(t for t in asyncio.all_tasks() if t.get_name() == "retention")
+        await eventually(lambda: _async(runner.cancelling() > 0), 30)
+        return gone
+
+    monkeypatch.setattr(LocalRecordingStore, "delete", delete_then_stall)
+    second = await make_stack(scenario(36), retention_days=2, **paths)
+    await asyncio.wait_for(deleted.wait(), 15)
+    await second.stop()
+    monkeypatch.undo()
+    assert not old_file.exists()
+    third = await make_stack(scenario(37), **paths)
+    async with httpx.AsyncClient(headers=AUTH) as client:
+        record = (await client.get(f"{third.base_url}/api/calls/{old}")).json()
+    assert record["turns"] and not record["has_recording"]
+
+
+async def _async(value: Any) -> Any:
+    return value
 
 
 async def test_a_recording_whose_record_never_landed_is_still_found(

@@ -29,6 +29,7 @@ from livecall.sim.clips import load_clip
 from livecall.sim.gemini import Scenario
 from livecall.sim.stack import LocalStack, free_socket
 from livecall.sim.twilio import HangUp, Pause, Say, WaitForAgentAudio, WaitForAgentSilence
+from livecall.store import writer as writer_module
 from livecall.store.models import WebhookDelivery
 from support import eventually
 
@@ -272,6 +273,100 @@ async def test_outbox_survives_a_restart(
         await second.stop()
 
 
+async def test_a_delivery_cut_off_by_a_restart_is_sent_at_once(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    """Stopping the server mid-send hands the delivery's lease back: the next instance sends
+    it right away (not after WEBHOOK_LEASE), with the same delivery id and bytes, and the
+    cut-off send is not counted as an attempt. The receiver never answered that first
+    request, so the one resend is all at-least-once allows."""
+    receiver.plan = ["hang"]  # the first request is never answered
+    settings = fast(receiver, tmp_path, webhook_timeout_s=60.0, webhook_poll_interval_s=30.0)
+    first = await start_stack(settings)
+    try:
+        sid = await make_call(first, call_over)
+        await eventually(lambda: _async(len(receiver.requests) == 1), 20)
+    finally:
+        await first.stop()  # mid-send: the lease would hold the row for 125 s
+    receiver.plan = []
+    second = await start_stack(settings)  # same database; polls only every 30 s
+    try:
+        row = await delivered(second, sid, within=30)  # the lease: 60 s or more
+        assert row.attempts == 1 and [h["status_code"] for h in row.history] == [200]
+        assert [r["answer"] for r in receiver.requests] == ["hang", "200"]
+        assert {r["headers"]["x-livecall-delivery"] for r in receiver.requests} == {row.id}
+        assert len({r["body"] for r in receiver.requests}) == 1
+    finally:
+        await second.stop()
+
+
+async def test_a_claim_cut_off_by_a_restart_is_handed_back(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    """A stop that lands after a claim's commit but before its answer reached the worker (a
+    slow database round trip) leaves no lease behind: the stopping worker hands back every
+    lease its claims hold, and the next instance sends at once, once."""
+    settings = fast(receiver, tmp_path, webhook_poll_interval_s=30.0)
+    first = await start_stack(settings)
+    outbox = first.app.state.livecall.webhooks.outbox
+    claim, claimed = outbox.claim, asyncio.Event()
+
+    async def claim_then_stall(*args: Any, **kwargs: Any) -> list[WebhookDelivery]:
+        rows = await claim(*args, **kwargs)
+        if rows:  # committed: the answer never arrives
+            claimed.set()
+            await asyncio.Event().wait()
+        return rows
+
+    outbox.claim = claim_then_stall
+    try:
+        sid = await make_call(first, call_over)
+        await asyncio.wait_for(claimed.wait(), 20)
+        (row,) = await deliveries(first, sid)
+        assert row.lease_owner is not None and receiver.requests == []
+    finally:
+        await first.stop()
+    second = await start_stack(settings)  # polls only every 30 s: its first look must do
+    try:
+        row = await delivered(second, sid, within=30)  # the lease: 60 s or more
+        assert row.attempts == 1 and len(receiver.requests) == 1
+        assert receiver.requests[0]["headers"]["x-livecall-delivery"] == row.id
+    finally:
+        await second.stop()
+
+
+async def test_a_delivery_answered_as_the_server_stops_is_not_sent_again(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    """The receiver answers 2xx, and the stop cuts the delivery off while its attempt is being
+    recorded: the bookkeeping is seen through, so the next instance does not send it again."""
+    settings = fast(receiver, tmp_path)
+    first = await start_stack(settings)
+    outbox = first.app.state.livecall.webhooks.outbox
+    record, booking = outbox.record_attempt, asyncio.Event()
+
+    async def record_after_the_stop(row: WebhookDelivery, **kwargs: Any) -> None:
+        booking.set()  # recorded only once the stop has cut the delivery off
+        sender = next(t for t in asyncio.all_tasks() if t.get_name() == f"webhook:{row.call_sid}")
+        await eventually(lambda: _async(sender.cancelling() > 0), 60)
+        await record(row, **kwargs)
+
+    outbox.record_attempt = record_after_the_stop
+    try:
+        sid = await make_call(first, call_over)
+        await asyncio.wait_for(booking.wait(), 20)
+    finally:
+        await first.stop()
+    second = await start_stack(settings)
+    try:
+        row = await delivered(second, sid, within=30)
+        assert row.attempts == 1 and len(receiver.requests) == 1
+        await second.app.state.livecall.webhooks.pump()  # nothing left to claim
+        assert len(receiver.requests) == 1
+    finally:
+        await second.stop()
+
+
 async def test_database_down_at_call_end_still_delivers_after_recovery(
     tmp_path: Path, receiver: Receiver, call_over: Any
 ) -> None:
@@ -326,6 +421,72 @@ async def test_spooled_while_down_and_delivered_by_the_next_process(
         assert len(receiver.ok()) == 1
         assert receiver.ok()[0]["headers"]["x-livecall-delivery"] == row.id
         assert orjson.loads(receiver.ok()[0]["body"])["call_sid"] == sid
+    finally:
+        await second.stop()
+
+
+async def test_a_spool_left_by_a_stopped_pod_is_replayed_by_its_replacement_at_once(
+    tmp_path: Path, receiver: Receiver, call_over: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod stopped during an outage leaves its spool on the shared volume; its replacement
+    has another hostname, so the file is another host's. Closed on the way out, it is marked
+    released and replayed at once, not after FOREIGN_SPOOL_AGE_S of no refresh."""
+    settings = fast(receiver, tmp_path)
+    first = await start_stack(settings)
+    state = first.app.state.livecall
+
+    def outage(*_args: Any) -> None:
+        raise ConnectionResetError("database down (simulated)")
+
+    event.listen(state.store.engine.sync_engine, "before_cursor_execute", outage)
+    try:
+        sid = await make_call(first, call_over, flush=False)
+        assert await state.registry.wait_idle(15)
+    finally:
+        await first.stop()
+    (left,) = (tmp_path / "spool").glob("spool-*.jsonl")
+    assert left.name.startswith(writer_module.RELEASED_PREFIX)
+    monkeypatch.setattr(writer_module, "_HOST", "replacementpod")
+    second = await start_stack(settings)
+    try:
+        row = await delivered(second, sid, within=30)  # else: FOREIGN_SPOOL_AGE_S (60 s)
+        assert len(receiver.ok()) == 1
+        assert receiver.ok()[0]["headers"]["x-livecall-delivery"] == row.id
+        assert not list((tmp_path / "spool").glob("spool-*.jsonl"))
+    finally:
+        await second.stop()
+
+
+async def test_a_shutdown_step_that_fails_still_lets_the_webhooks_and_store_close(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    """A shutdown step that raises (here closing the HTTP tools' client) is logged and the
+    rest still run: the webhook worker stops and the store closes, its spool released, so
+    the next process replays it and the delivery goes out."""
+    settings = fast(receiver, tmp_path)
+    first = await start_stack(settings)
+    state = first.app.state.livecall
+
+    def outage(*_args: Any) -> None:
+        raise ConnectionResetError("database down (simulated)")
+
+    async def broken_close() -> None:
+        raise RuntimeError("client close failed (simulated)")
+
+    event.listen(state.store.engine.sync_engine, "before_cursor_execute", outage)
+    state.http_tools.aclose = broken_close
+    try:
+        sid = await make_call(first, call_over, flush=False)
+        assert await state.registry.wait_idle(15)
+    finally:
+        await first.stop()
+    assert state.webhooks.client is None  # stopped
+    (left,) = (tmp_path / "spool").glob("spool-*.jsonl")
+    assert left.name.startswith(writer_module.RELEASED_PREFIX)  # closed
+    second = await start_stack(settings)
+    try:
+        row = await delivered(second, sid, within=30)
+        assert len(receiver.ok()) == 1 and row.attempts == 1
     finally:
         await second.stop()
 
@@ -497,3 +658,7 @@ async def test_cli_sends_a_signed_sample(receiver: Receiver) -> None:
         runner.invoke, app, ["webhooks", "test", receiver.url], env={"CALL_WEBHOOK_SECRET": ""}
     )
     assert no_secret.exit_code == 2 and len(receiver.requests) == 2
+
+
+async def _async(value: Any) -> Any:
+    return value

@@ -82,6 +82,20 @@ async def test_a_lease_expires_and_another_instance_takes_over(store: CallStore)
     assert row.status == "pending" and row.attempts == 0
 
 
+async def test_a_stopping_owner_hands_back_its_leases_only(store: CallStore) -> None:
+    sids = await calls_with_webhooks(store, 3)
+    outbox = Outbox(store.repo.sessions)
+    mine = await outbox.claim(T0, 600, 2, "web-1_%")  # LIKE's wildcards in a name: literal
+    (theirs,) = await outbox.claim(T0, 600, 2, "web-1_%x")
+    assert await outbox.release_owned("web-1_%") == 2
+    rows = {r.id: r for sid in sids for r in await outbox.for_call(sid)}
+    assert all(rows[r.id].lease_owner is None for r in mine)
+    assert rows[theirs.id].lease_owner == theirs.lease_owner  # another instance's: kept
+    again = await outbox.claim(T0 + timedelta(seconds=1), 600, 5, "next")
+    assert {r.id for r in again} == {r.id for r in mine}  # due at once, as they were
+    assert all(r.attempts == 0 for r in again)
+
+
 async def test_attempts_are_recorded_then_delivered_or_failed(store: CallStore) -> None:
     first, second = await calls_with_webhooks(store, 2)
     outbox = Outbox(store.repo.sessions)

@@ -380,7 +380,7 @@ class AnalysisWorker:
             return None
         await self.enqueue()
         started = []
-        for call_sid, attempt in await self._due(CONCURRENCY - len(self._inflight)):
+        for call_sid, attempt in await self._claim(CONCURRENCY - len(self._inflight)):
             task = asyncio.create_task(
                 self._attempt(call_sid, attempt), name=f"analysis:{call_sid}"
             )
@@ -443,6 +443,21 @@ class AnalysisWorker:
                 ],
             )
         return len(rows)
+
+    async def _claim(self, slots: int) -> list[tuple[str, int]]:
+        """`_due`, seen through even when stopped meanwhile: what it claimed (committed, its
+        answer not back yet) is then handed back, not left leased with no attempt to run it.
+        Bounded: a database slower than that lets those leases run out instead."""
+        claiming = asyncio.ensure_future(self._due(slots))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    claims = await claiming
+                for call_sid, attempt in claims:
+                    await self._release(call_sid, attempt)
+            raise
 
     async def _due(self, slots: int) -> list[tuple[str, int]]:
         """Claim what is due: attempts+1 and a lease, only if nobody else claimed it first."""

@@ -13,7 +13,8 @@ replayed in order (after the call's own `end` op), idempotent on replay:
 
 Claiming works on SQLite and PostgreSQL alike: a conditional UPDATE sets a lease only where
 none is live, and only the rows that carry this claim's token are sent (on PostgreSQL the
-candidate SELECT also uses ``FOR UPDATE SKIP LOCKED``).
+candidate SELECT also uses ``FOR UPDATE SKIP LOCKED``). A claim's token is ``<owner>:<random>``,
+so a stopping worker hands back every lease it still holds at once (`release_owned`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ HISTORY_LIMIT = 50  # attempts kept per delivery (a day of backoff is ~30)
 
 def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat()
+
+
+def _prefix(owner: str) -> str:
+    """What every claim token of `owner` starts with (the column holds 64 characters)."""
+    return f"{owner[:40]}:"
 
 
 def webhook_op(
@@ -90,7 +96,7 @@ class Outbox:
         self, now: datetime, lease_s: float, limit: int, owner: str
     ) -> list[WebhookDelivery]:
         """Take up to `limit` due deliveries for `lease_s` seconds; only they are returned."""
-        token = f"{owner[:40]}:{uuid.uuid4().hex[:16]}"
+        token = f"{_prefix(owner)}{uuid.uuid4().hex[:16]}"
         free = or_(WebhookDelivery.lease_until.is_(None), WebhookDelivery.lease_until < now)
         async with self.sessions.begin() as session:
             candidates = (
@@ -174,6 +180,17 @@ class Outbox:
                 .where(WebhookDelivery.id == row.id, WebhookDelivery.lease_owner == row.lease_owner)
                 .values(lease_owner=None, lease_until=None)
             )
+
+    async def release_owned(self, owner: str) -> int:
+        """Give back every row `owner`'s claims still hold, untouched (it is stopping): a
+        claim cut off after its commit, or a send whose own release did not get through."""
+        async with self.sessions.begin() as session:
+            result = await session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.lease_owner.startswith(_prefix(owner), autoescape=True))
+                .values(lease_owner=None, lease_until=None)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
 
     async def for_call(self, call_sid: str) -> list[WebhookDelivery]:
         async with self.sessions() as session:

@@ -21,7 +21,8 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -56,6 +57,8 @@ __all__ = [
 
 log = get_logger("livecall.webhooks")
 
+RELEASE_TIMEOUT_S = 2.0  # handing leases back at shutdown: past this, they run out instead
+
 
 def profile_wants_analysis(profile: Any) -> bool:
     """Whether a profile's calls get post-call analysis (its ``analysis`` switch or section)."""
@@ -71,6 +74,10 @@ def link_key(settings: Settings) -> bytes | None:
         if secret is not None and secret.get_secret_value():
             return derive_link_key(secret.get_secret_value())
     return None
+
+
+def _new_owner() -> str:
+    return f"{socket.gethostname()[:20]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _utcnow() -> datetime:
@@ -144,7 +151,9 @@ class WebhookService:
     client: httpx.AsyncClient | None = None
     clock: Callable[[], datetime] = _utcnow
     wants_analysis: Callable[[Any], bool] = profile_wants_analysis
-    owner: str = field(default_factory=lambda: f"{socket.gethostname()[:24]}-{os.getpid()}")
+    # unique to this worker (containers share pids and often hostname prefixes): what its
+    # claims hold is told apart from any other instance's, and handed back when it stops
+    owner: str = field(default_factory=_new_owner)
     outbox: Outbox = field(init=False)
     _secret: str | None = field(init=False, default=None)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
@@ -277,9 +286,12 @@ class WebhookService:
         self._task = asyncio.create_task(self._run(), name="livecall-webhooks")
 
     async def stop(self) -> None:
-        """Stop claiming; sends under way get a moment, the rest are retried after restart."""
+        """Stop claiming; sends under way get a moment, then are cut off. Every lease this
+        worker still holds is then handed back (due as it was, the cut-off send not counted),
+        so a restart or another instance sends at once, not after WEBHOOK_LEASE."""
         for waiter in list(self._waiters):
             waiter.cancel()
+        running = self._task is not None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -290,9 +302,22 @@ class WebhookService:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if running:  # a claim cut off after its commit, a release that did not get through
+            await self._release_owned()
         if self._owns_client and self.client is not None:
             await self.client.aclose()
             self.client = None
+
+    async def _release_owned(self) -> None:
+        """Hands back what this worker's claims still hold; bounded, never raises."""
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                released = await self.outbox.release_owned(self.owner)
+        except Exception as exc:  # the database is gone: those leases run out instead
+            log.warning("webhook.release_failed", error=repr(exc))
+        else:
+            if released:
+                log.info("webhook.released", deliveries=released)
 
     async def _run(self) -> None:
         down = False
@@ -361,8 +386,21 @@ class WebhookService:
         try:
             await self._attempt(row)
         except asyncio.CancelledError:  # stopping mid-send: let the next owner have it now
+            with contextlib.suppress(Exception):  # bounded, and over before stop() returns
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    await self.outbox.release(row)
+            raise
+
+    async def _booked(self, booking: Coroutine[Any, Any, None]) -> None:
+        """An attempt's bookkeeping, seen through (bounded) even when stopped meanwhile: a 2xx
+        the receiver gave is recorded, not sent again by the next instance."""
+        task = asyncio.ensure_future(booking)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.outbox.release(row)), 2.0)
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    await task
             raise
 
     async def _attempt(self, row: WebhookDelivery) -> None:
@@ -371,7 +409,7 @@ class WebhookService:
             body = await self._body(row, self.clock())
         except Exception as exc:  # the database went away, or a record it cannot encode
             log.warning("webhook.build_failed", call_sid=row.call_sid, error=repr(exc))
-            await self._finish(row, None, "payload not built", 0.0)
+            await self._booked(self._finish(row, None, "payload not built", 0.0))
             return
         if body is None:
             with contextlib.suppress(Exception):
@@ -397,7 +435,7 @@ class WebhookService:
         ms = (time.perf_counter() - started) * 1000
         if status is not None and not 200 <= status < 300:
             error = f"HTTP {status}"
-        await self._finish(row, status, error, ms)
+        await self._booked(self._finish(row, status, error, ms))
 
     async def _finish(
         self, row: WebhookDelivery, status: int | None, error: str | None, ms: float

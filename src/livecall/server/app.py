@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import structlog
@@ -171,7 +171,8 @@ def create_app(
         if settings.retention_days:
             background.append(
                 asyncio.create_task(
-                    run_retention(state.recordings, settings.retention_days, state.store.repo)
+                    run_retention(state.recordings, settings.retention_days, state.store.repo),
+                    name="retention",
                 )
             )
         # agents: profiles reloaded on edit; shared HTTP client and document indexes
@@ -182,22 +183,33 @@ def create_app(
         try:
             yield
         finally:
+            # in this order: calls end, then what writes after them (analysis, webhooks: their
+            # claims handed back), then the store. A step that fails is logged and the rest
+            # still run: above all the store's close (records written or spooled, spool
+            # files released for any instance to replay).
             for call in list(state.registry.active.values()):
                 if call.bridge is not None:
                     call.bridge.end("shutdown")
-            await state.registry.wait_idle(timeout=10)
-            await state.close_clients()  # the carriers' REST clients, once no call needs them
-            await cluster.stop()
-            await drain.stop()
+            with _step("calls"):
+                await state.registry.wait_idle(timeout=10)
+            with _step("carrier clients"):
+                await state.close_clients()  # the carriers' REST clients, once no call needs them
+            with _step("cluster"):
+                await cluster.stop()
+            with _step("drain"):
+                await drain.stop()
             for task in background:
                 task.cancel()
             if background:  # they finish their last writes (claims handed back) first
                 await asyncio.wait(background, timeout=5)
-            await state.http_tools.aclose()
+            with _step("http tools"):
+                await state.http_tools.aclose()
             for kb in state.knowledge.values():
-                kb.close()
+                with _step("knowledge"):
+                    kb.close()
             if state.webhooks is not None:
-                await state.webhooks.stop()
+                with _step("webhooks"):
+                    await state.webhooks.stop()
             await state.store.close()
             if tracing_here:
                 shutdown_tracing()
@@ -244,6 +256,15 @@ def app_from_env() -> FastAPI:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     return create_app(settings)
+
+
+@contextmanager
+def _step(name: str) -> Iterator[None]:
+    """One shutdown step: its failure is logged, and the steps after it still run."""
+    try:
+        yield
+    except Exception as exc:
+        log.error("shutdown.step_failed", step=name, error=repr(exc))
 
 
 def _secret(value: SecretStr | None) -> str | None:

@@ -26,6 +26,7 @@ import structlog
 
 log = structlog.get_logger("livecall.recordings")
 
+FORGET_TIMEOUT_S = 2.0  # a retention pass stopped mid-way: forgetting what it deleted
 FORMATS = {"wav": "audio/wav", "flac": "audio/flac"}
 # Call ids become file names: nothing that could climb out of the directory. Every carrier's
 # id fits (Twilio CA…, Plivo/Vonage uuids, Telnyx "v3:…" call control ids, Exotel sids).
@@ -67,14 +68,21 @@ class RecordingStore(ABC):
     async def list_older_than(self, days: float) -> list[str]:
         """Call SIDs whose recordings were stored more than `days` days ago."""
 
-    async def cleanup_expired(self, retention_days: float) -> list[str]:
-        """Delete every recording older than the retention; returns their call SIDs."""
-        removed = []
+    async def cleanup_expired(
+        self, retention_days: float, removed: list[str] | None = None
+    ) -> list[str]:
+        """Delete every recording older than the retention; returns their call SIDs (also
+        appended to `removed` as they go, so a pass cut off still tells what it may have
+        deleted: forgetting a key whose file is still there is harmless, it is past retention
+        and goes in the next pass)."""
+        removed = [] if removed is None else removed
         for call_sid in await self.list_older_than(retention_days):
+            removed.append(call_sid)  # before the delete: one cut off may be gone already
             try:
-                if await self.delete(call_sid):
-                    removed.append(call_sid)
+                if not await self.delete(call_sid):
+                    removed.pop()
             except OSError as error:
+                removed.pop()
                 log.warning("recording not deleted", call_sid=call_sid, error=str(error))
         if removed:
             log.info("expired recordings deleted", count=len(removed), days=retention_days)
@@ -172,10 +180,23 @@ class LocalRecordingStore(RecordingStore):
 async def cleanup_expired(
     recordings: RecordingStore, retention_days: float, keys: RecordingKeys | None = None
 ) -> list[str]:
-    """One retention pass: delete old recordings and (given `keys`) forget their keys."""
-    removed = await recordings.cleanup_expired(retention_days)
-    if keys is not None and removed:
-        await keys.clear_recordings(removed)
+    """One retention pass: delete old recordings and (given `keys`) forget their keys.
+
+    Stopped mid-pass (shutdown), the keys of the recordings already deleted are still
+    forgotten (bounded): the next pass finds no file for them, so nothing else would, and
+    their calls would point at recordings that are gone for good.
+    """
+    removed: list[str] = []
+    try:
+        await recordings.cleanup_expired(retention_days, removed)
+        if keys is not None and removed:
+            await keys.clear_recordings(removed)
+    except asyncio.CancelledError:
+        if keys is not None and removed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(FORGET_TIMEOUT_S):
+                    await keys.clear_recordings(removed)  # idempotent: again is harmless
+        raise
     return removed
 
 

@@ -14,8 +14,9 @@ during an outage loses nothing. When the database answers again the spool is rep
 then what is queued, so rows land in the order they happened; replays are harmless because
 every write is keyed (call_sid / call_sid+idx / call_sid+seq). Spool files left by a process
 that died are claimed and replayed by the next one (or by any live process on a shared volume,
-see `_claimable`). The spool is bounded by `SPOOL_MAX_BYTES`; when it (or the disk) refuses,
-ops are held in memory up to `memory_limit`, then dropped and counted, loudly: never an
+see `_claimable`; a file a process closed on its way out is renamed `spool-released-…` and
+claimable by anyone at once). The spool is bounded by `SPOOL_MAX_BYTES`; when it (or the disk)
+refuses, ops are held in memory up to `memory_limit`, then dropped and counted, loudly: never an
 unbounded queue. `close()` writes what it can within its timeout and spools the rest.
 
 A batch the database rejects for its *content* (integrity or data errors) is split, and the
@@ -69,8 +70,11 @@ REJECTED_FILE = "rejected.jsonl"
 # flock is free (the writer is gone). One from another host (a shared volume) must also have
 # gone unrefreshed for FOREIGN_SPOOL_AGE_S: some network filesystems (Cloud Run's NFS) keep
 # locks per client only, so a lock alone cannot tell a live pod's spool from a dead one's.
-# Every live process refreshes its files' mtime each SPOOL_HEARTBEAT_S.
+# Every live process refreshes its files' mtime each SPOOL_HEARTBEAT_S. A process that closes
+# its store renames its files RELEASED_PREFIX…: no one writes them any more, so any host may
+# claim them at once (a replaced pod has a new hostname: it would otherwise wait the age out).
 SPOOL_HEARTBEAT_S = 15.0
+RELEASED_PREFIX = f"{SPOOL_PREFIX}released-"  # host names never hold "-": no clash
 FOREIGN_SPOOL_AGE_S = 60.0
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:48] or "host"
 
@@ -82,6 +86,8 @@ def _spool_host(path: Path) -> str | None:
 
 
 def _claimable(path: Path, now: float) -> bool:
+    if path.name.startswith(RELEASED_PREFIX):
+        return True  # its writer closed it: only its lock decides
     host = _spool_host(path)
     if host is None or host == _HOST:
         return True
@@ -293,6 +299,21 @@ class SpoolFile:
 
     def close(self) -> None:
         with self._lock:
+            self._close()
+
+    def release(self) -> None:
+        """Close it for good (this process is done with it): renamed `spool-released-…`
+        first, so any host may claim it at once. Unrenamed (an error), the age rule holds."""
+        with self._lock:
+            if self._fd >= 0 and not self.path.name.startswith(RELEASED_PREFIX):
+                name = RELEASED_PREFIX + self.path.name[len(SPOOL_PREFIX) :]
+                try:
+                    os.rename(self.path, self.path.with_name(name))
+                except OSError as error:
+                    log.warning("spool file not released", file=str(self.path), error=str(error))
+                else:
+                    self.path = self.path.with_name(name)
+                    _fsync_dir(self.path.parent)
             self._close()
 
     def _close(self) -> None:
@@ -656,8 +677,8 @@ class CallStore:
         if self._held:
             self._lose(self._held, "the spool refused them at shutdown")
             self._held = []
-        for spool in self._spools:
-            spool.close()  # its lock goes with it; the next start() replays it
+        for spool in self._spools:  # the next start() (any host's) replays them at once
+            await asyncio.to_thread(spool.release)
         self._spools.clear()
         self._own_spool = None
         self._closed = True
@@ -874,7 +895,7 @@ class CallStore:
         try:
             spool = SpoolFile.create(self.spool_dir)
             spool.append([op])
-            spool.close()
+            spool.release()
         except OSError:
             log.exception("call record lost", call_sid=op.get("call_sid"))
 
