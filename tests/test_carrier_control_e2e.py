@@ -204,6 +204,22 @@ async def test_transfer_call_moves_the_caller_over_rest(
     assert line.rest(stack, result.call_sid) == [("transfer", line.ok[1])]
 
 
+@pytest.mark.timeout(60)
+async def test_a_transfer_answered_after_the_stream_ended_is_in_the_record(
+    make_stack: Any, call_over: Any
+) -> None:
+    """Twilio ends the stream as soon as it takes the new TwiML; its REST answer can come
+    later. The call's record (and so its webhook and analysis) still holds the transfer."""
+    twilio = LINES[0]
+    stack = await make_stack(twilio, tool("transfer_call", target="manager"), ["transfer_call"])
+    stack.fakes["twilio"].update_answer_delay_s = 1.0
+    caller = twilio.make(stack, [say("hours")], seed=2, on_script_end="wait", timeout=30)
+    result = await caller.run()
+    record = await record_of(stack, result, call_over)
+    assert record.end_reason == "transferred"
+    assert event(record, "transfer")["ok"] is True
+
+
 @pytest.mark.timeout(90)
 async def test_a_rest_failure_is_told_to_the_model_and_the_call_goes_on(
     line: Line, make_stack: Any, call_over: Any

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -275,29 +275,44 @@ class BridgeActions:
         claimed = bridge.end_reason is None
         if claimed:
             bridge.end_reason = "transferred"
+        # the REST request and its record in their own task: the carrier may end the stream
+        # (and the bridge cancel this tool task) before its answer arrives
+        rest = self.spawn(self._rest_transfer(target_name, number, heard, plan), "hangup")
+        outcome = await asyncio.shield(rest)
+        if outcome == "ended":
+            return {"error": "the call has already ended"}
+        if outcome == "failed":
+            if claimed and bridge.end_reason == "transferred":
+                bridge.end_reason = None
+            return {"error": f"the transfer to {target_name} failed; apologise and offer help"}
+        bridge.end("transferred")
+        return {"result": "transferred", "target": target_name}
+
+    async def _rest_transfer(
+        self, target_name: str, number: str, heard: bool, plan: TransferPlan
+    ) -> Literal["done", "ended", "failed"]:
+        """The carrier's transfer, recorded whatever happens to the tool that asked for it."""
+        assert self.control is not None
         try:
             done = await self.control.transfer(
-                bridge.call_sid,
+                self.bridge.call_sid,
                 number,
                 plan.say,
                 whisper_url=plan.whisper_url,
                 dial_action=plan.dial_action,
             )
         except CallControlError as exc:
-            if claimed and bridge.end_reason == "transferred":
-                bridge.end_reason = None
             self.log.warning("call.transfer_failed", target=target_name, error=str(exc))
             self._record("transfer", target=target_name, ok=False, error=str(exc))
-            return {"error": f"the transfer to {target_name} failed; apologise and offer help"}
+            return "failed"
         if not done:
-            return {"error": "the call has already ended"}
+            return "ended"
         warm = {"warm": True} if plan.whisper_url else {}
         self.log.info("call.transferred", target=target_name, line_heard=heard, **warm)
         self._record(
             "transfer", target=target_name, number=number, ok=True, line_heard=heard, **warm
         )
-        bridge.end("transferred")
-        return {"result": "transferred", "target": target_name}
+        return "done"
 
     async def send_dtmf(self, digits: str) -> dict[str, Any]:
         on_stream = await self.bridge.send_dtmf(digits)  # the carrier's own message, if any
@@ -380,6 +395,12 @@ class BridgeActions:
         self.log.info("call.voicemail", spoke=spoke, heard=heard)
         self._record("voicemail", left=heard)
         self._hang_up("voicemail")
+
+    async def rest_settled(self) -> None:
+        """Waits for the REST hang-ups and transfers in flight (the bridge bounds the wait)."""
+        rest = [t for t in self._background if t.get_name().startswith("hangup:")]
+        if rest:
+            await asyncio.wait(rest)
 
     async def aclose(self) -> None:
         """Wait for a REST hang-up still in flight (a voicemail or greeting is cancelled)."""

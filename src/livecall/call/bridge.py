@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 log = structlog.get_logger("livecall.call")
+# how long the summary waits for the REST request that ended the call (see CallOptions)
+ACTIONS_SETTLE_S = 5.0
 
 
 class CallBridge:
@@ -265,6 +267,10 @@ class CallBridge:
             with contextlib.suppress(Exception):
                 await self.socket.close(1000)
             await self.link.close()
+            if self.options.settle_actions is not None:
+                with contextlib.suppress(Exception):  # past the bound, it is recorded late
+                    async with asyncio.timeout(ACTIONS_SETTLE_S):
+                        await self.options.settle_actions()
             recording = await self._finish_recording()
             summary = self._summarize(started)
             summary.recording_path = recording

@@ -38,6 +38,10 @@ class CallOptions:
     apology_ulaw: bytes | None = None  # what the caller hears when Gemini cannot be had
     # instead of the apology: hand the caller to a person (the profile's on_failure target)
     failure_transfer: Callable[[], Awaitable[bool]] | None = None
+    # awaited (bounded) after the caller is let go and before the call's summary: the carrier
+    # REST request that ended the call (hang-up, transfer) records its outcome first, so the
+    # record, the end-of-call webhook and the analysis see it
+    settle_actions: Callable[[], Awaitable[None]] | None = None
     replay_limit_s: float = 30.0  # caller audio kept since the last resumable snapshot
     metrics: Any = None  # livecall.metrics.Metrics: per-frame timings, sampled
     non_blocking_tools: bool = False  # tools declared NON_BLOCKING: responses say when to speak

@@ -164,6 +164,7 @@ async def run_call(
         non_blocking=state.non_blocking_tools(),
     )
     options.tool_handler = tool_handler(runner, state.settings.tool_timeout_s)
+    options.settle_actions = actions.rest_settled
     can_transfer = control is not None and not control.transfer_refusal
     if profile.on_failure != "hangup" and control is not None and can_transfer:
         number = profile.transfer_targets[profile.on_failure]

@@ -255,6 +255,9 @@ class FakeTwilioState:
         self.on_update: Hook | None = None  # on_update(call, twiml_or_None)
         self.auto_answer = True  # a created call goes straight to in-progress
         self.fail_status: int | None = None  # every authorized request fails so (an outage)
+        # a call update's answer comes this long after its effect (the stream already ended),
+        # as across a real network: the caller's `stop` can beat the REST response
+        self.update_answer_delay_s = 0.0
         self.http: httpx.AsyncClient | None = None  # for callbacks; one is made when needed
         self.created = asyncio.Condition()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -631,6 +634,8 @@ def build_fake_twilio_rest(account_sid: str, auth_token: str) -> tuple[FastAPI, 
                 call.caller.end_from_carrier("transfer", dialled)
             if _has_hangup(twiml):
                 state._set_status(call, "completed")
+            if state.update_answer_delay_s > 0:
+                await asyncio.sleep(state.update_answer_delay_s)
         elif url:
             call.url = url
             call.date_updated = _now()
