@@ -746,7 +746,8 @@ async def test_failed_turn_ends_unanswered_with_its_reason(server_factory) -> No
         if m.server_content and m.server_content.interim_input_transcription
     ]
     words = CALLER_CLIPS["hours"].text
-    assert interim and interim[-1] == words and all(words.startswith(g) for g in interim)
+    assert interim and interim[-1] == "what time do you open on sundays"
+    assert all(interim[-1].startswith(g) for g in interim)
     assert text_of(failed, "input_transcription") == words
     # the next reply is as usual, its end says IDLE and nothing else
     assert len(audio_of(answered)) == agent_bytes("hours_reply")

@@ -16,6 +16,7 @@ import pytest
 from livecall.assets import recovery_ulaw
 from livecall.audio.g711 import ulaw_decode
 from livecall.call.gemini_sessions import STALL_NUDGE
+from livecall.sim.clips import CALLER_CLIPS
 from livecall.sim.gemini import Scenario, SessionRecord, TurnEndFault
 from livecall.sim.stack import LocalStack
 from livecall.sim.twilio import HangUp, Pause, WaitForAgentSilence
@@ -149,3 +150,33 @@ async def test_need_more_input_waits_for_the_watchdog(tmp_path: Path, call_over:
         assert not [e for e in call.events if e.kind == "turn_failed"]
         nudges = [e.data.get("error") for e in call.events if e.kind == "error"]
         assert nudges == ["model silent: nudged"], nudges
+
+
+async def test_interim_caller_words_reach_the_live_page_not_the_record(
+    tmp_path: Path, call_over: Any
+) -> None:
+    scenario = Scenario(seed=14, interim_transcripts=True, replies={"hours": "hours_reply"})
+    async with LocalStack(scenario=scenario, settings_overrides=_overrides(tmp_path)) as stack:
+        state = stack.app.state.livecall
+        queue = state.feed.subscribe()
+        result = await stack.caller([Pause(300), *_ask("hours"), HangUp()], seed=14).run()
+        await call_over(stack)
+        assert_clean(result)
+        (session,) = stack.gemini.sessions
+        assert session.events_of("speech_end")  # the fake sent its guesses, then the words
+        words = CALLER_CLIPS["hours"].text
+        partials: list[str] = []
+        while not queue.empty():
+            message = queue.get_nowait()
+            if message["type"] == "partial" and message["turn"]["speaker"] == "caller":
+                partials.append(message["turn"]["text"])
+        # the fake's guesses (lower case, unpunctuated) were shown as they came, then replaced
+        # by the words themselves
+        guesses = [p for p in partials if p.islower()]
+        assert guesses and guesses[-1] == "what time do you open on sundays", partials
+        assert partials[-1] == words, partials
+        call = await state.store.repo.get_call(result.call_sid)
+        assert call is not None
+        assert [(t.speaker, t.text) for t in call.turns if t.speaker == "caller"] == [
+            ("caller", words)
+        ]

@@ -874,6 +874,11 @@ def _close_reason(text: str) -> str:
     return raw[:120].decode(errors="ignore") + "..."
 
 
+def _interim_guess(text: str) -> str:
+    """An interim transcript of `text`: lower case, without punctuation, as such guesses go."""
+    return " ".join(re.sub(r"[^\w\s']", "", text).lower().split())
+
+
 def _split_words(text: str) -> list[str]:
     """Pieces that concatenate back to `text`, each a word with its leading space."""
     return re.findall(r"\s*\S+", text) or [text]
@@ -1580,8 +1585,8 @@ class _Session:
         if self.input_tx:
             pieces = self.pieces(transcript, 3)
             if self.sc.interim_transcripts:
-                for n in range(1, len(pieces) + 1):
-                    guess = {"text": "".join(pieces[:n]).strip()}
+                for n in range(1, len(pieces) + 1):  # rough: lower case, unpunctuated
+                    guess = {"text": _interim_guess("".join(pieces[:n]))}
                     await self.send({"serverContent": {"interimInputTranscription": guess}})
             for piece in pieces:
                 await self.send({"serverContent": {"inputTranscription": {"text": piece}}})
