@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from livecall.sim.gemini import Scenario, ToolCallFault
+from livecall.sim.gemini import Scenario, ToolCallFault, TurnEndFault
 from livecall.sim.twilio import CallResult
 from test_tools_e2e import (  # the REST fake, its stack and helpers
     MANAGER,
@@ -96,6 +96,23 @@ async def test_end_call_goodbye_is_heard_before_the_hang_up(
     assert turn.first_audio_at is not None
     answered = session.tool_responses[0].received_at
     assert (turn.first_audio_at < answered) == (order == "speak_then_call")
+
+
+async def test_end_call_waits_for_what_an_in_progress_turn_announced(
+    make_stack: Any, fake_rest: Any, audio: Any
+) -> None:
+    # the model speaks, calls end_call, and its turn ends with interactionStatus IN_PROGRESS:
+    # its goodbye follows 1.5 s later (a turn of its own, ending IDLE); the hang-up waits
+    fault = ToolCallFault(after_caller_turn=1, name="end_call", say_first="one_moment")
+    end = TurnEndFault(
+        reply=1, reason=None, speak=True, interaction_status="IN_PROGRESS",
+        then="goodbye", then_after=1.5,
+    )  # fmt: skip
+    result, session, record = await _end_call(make_stack, fake_rest[0], fault, turn_ends=[end])
+    assert session.tool_responses[0].scheduling == "SILENT"  # it had spoken: no words asked
+    assert heard_whole(result, audio, "one_moment")
+    assert heard_whole(result, audio, "goodbye")  # not cut off by an "idle" hang-up
+    assert _hangup(record)["goodbye_heard"] is True
 
 
 async def test_end_call_without_a_word_plays_the_recorded_goodbye(

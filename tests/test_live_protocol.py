@@ -155,3 +155,86 @@ def test_unknown_fields_and_non_audio_parts_are_ignored() -> None:
         "voiceActivity": {},
     }
     assert lp.parse_server_message(orjson.dumps(frame)) == []
+
+
+def test_turn_complete_reason_status_and_waiting_match_the_sdk() -> None:
+    frame = {
+        "serverContent": {
+            "turnComplete": True,
+            "turnCompleteReason": "MALFORMED_FUNCTION_CALL",
+            "interactionStatus": "IDLE",
+        }
+    }
+    (done,) = lp.parse_server_message(orjson.dumps(frame))
+    assert isinstance(done, lp.TurnComplete)
+    assert (done.reason, done.status, done.failed, done.in_progress) == (
+        "MALFORMED_FUNCTION_CALL",
+        lp.InteractionStatus.IDLE,
+        True,
+        False,
+    )
+    sdk = _sdk(frame).server_content
+    assert sdk.turn_complete_reason == types.TurnCompleteReason.MALFORMED_FUNCTION_CALL
+    assert sdk.interaction_status == types.InteractionStatus.IDLE
+
+    waiting = {
+        "serverContent": {
+            "waitingForInput": True,
+            "turnComplete": True,
+            "turnCompleteReason": "NEED_MORE_INPUT",
+            "interactionStatus": "IN_PROGRESS",
+        }
+    }
+    events = lp.parse_server_message(orjson.dumps(waiting))
+    assert [type(e) for e in events] == [lp.WaitingForInput, lp.TurnComplete]
+    assert not events[1].failed and events[1].in_progress  # type: ignore[union-attr]
+    assert _sdk(waiting).server_content.waiting_for_input is True
+
+
+@pytest.mark.parametrize(
+    ("reason", "status", "failed", "in_progress"),
+    [
+        (None, None, False, False),  # today's turnComplete: nothing more said
+        ("RESPONSE_REJECTED", "in_progress", True, True),  # names in any case
+        ("PROHIBITED_INPUT_CONTENT", "REQUIRES_ACTION", True, False),  # deprecated: IDLE
+        ("SOME_FUTURE_REASON", "SOME_FUTURE_STATUS", True, False),  # tolerated, not errors
+        ("TURN_COMPLETE_REASON_UNSPECIFIED", "INTERACTION_STATUS_UNSPECIFIED", False, False),
+        (1, 1, True, True),  # proto enum numbers: MALFORMED_FUNCTION_CALL, IN_PROGRESS
+        (3, 3, False, False),  # NEED_MORE_INPUT, IDLE
+        (99, 99, True, False),
+        ("", {"odd": 1}, False, False),  # junk reads as absent
+    ],
+)
+def test_turn_complete_fields_are_tolerant(
+    reason: object, status: object, failed: bool, in_progress: bool
+) -> None:
+    content: dict[str, object] = {"turn_complete": True}
+    if reason is not None:
+        content["turn_complete_reason"] = reason
+    if status is not None:
+        content["interaction_status"] = status
+    (done,) = lp.parse_server_message(orjson.dumps({"server_content": content}))
+    assert isinstance(done, lp.TurnComplete)
+    assert (done.failed, done.in_progress) == (failed, in_progress)
+
+
+def test_interim_input_transcription_is_its_own_event() -> None:
+    frame = {
+        "serverContent": {
+            "interimInputTranscription": {"text": "what time do"},
+        }
+    }
+    assert lp.parse_server_message(orjson.dumps(frame)) == [lp.CallerInterim("what time do")]
+    assert _sdk(frame).server_content.interim_input_transcription.text == "what time do"
+    both = {
+        "serverContent": {
+            "interimInputTranscription": {"text": "on Sundays"},
+            "inputTranscription": {"text": "What time do you open"},
+        }
+    }
+    assert [type(e) for e in lp.parse_server_message(orjson.dumps(both))] == [
+        lp.CallerInterim,
+        lp.CallerTranscript,
+    ]
+    empty = {"serverContent": {"interimInputTranscription": {}}}
+    assert lp.parse_server_message(orjson.dumps(empty)) == []

@@ -35,6 +35,7 @@ from livecall.sim.gemini import (
     SlowFault,
     StallFault,
     ToolCallFault,
+    TurnEndFault,
 )
 from livecall.sim.tls import TestCA
 
@@ -714,3 +715,73 @@ def test_cli_prints_url_and_ca_then_stops_on_sigterm(tmp_path) -> None:
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+# ---- turn ends: failure reasons, waiting, interaction status, interim transcripts ---------------
+
+
+async def test_failed_turn_ends_unanswered_with_its_reason(server_factory) -> None:
+    scenario = Scenario(
+        turn_ends=[TurnEndFault(reply=1, reason="MALFORMED_FUNCTION_CALL")],
+        interaction_status="IDLE",
+        interim_transcripts=True,
+        **FAST,
+    )
+    server = await server_factory(scenario=scenario)
+    async with client(server).aio.live.connect(model=MODEL, config=live_config()) as session:
+        await send_pcm(session, utterance("hours"))
+        failed = await one_turn(session)
+        await send_pcm(session, utterance("hours"))
+        answered = await one_turn(session)
+    # the SDK parses every field the fake sends (it raises on keys it does not know)
+    assert audio_of(failed) == b""
+    done = failed[-1].server_content
+    assert done.turn_complete
+    assert done.turn_complete_reason == types.TurnCompleteReason.MALFORMED_FUNCTION_CALL
+    assert done.interaction_status == types.InteractionStatus.IDLE
+    assert not any(m.server_content and m.server_content.generation_complete for m in failed)
+    interim = [
+        m.server_content.interim_input_transcription.text
+        for m in failed
+        if m.server_content and m.server_content.interim_input_transcription
+    ]
+    words = CALLER_CLIPS["hours"].text
+    assert interim and interim[-1] == "what time do you open on sundays"
+    assert all(interim[-1].startswith(g) for g in interim)
+    assert text_of(failed, "input_transcription") == words
+    # the next reply is as usual, its end says IDLE and nothing else
+    assert len(audio_of(answered)) == agent_bytes("hours_reply")
+    last = answered[-1].server_content
+    assert last.turn_complete_reason is None and last.interaction_status == "IDLE"
+    rec = server.sessions[0]
+    assert [(t.reply_clip, t.completed) for t in rec.turns] == [(None, True), ("hours_reply", True)]
+
+
+async def test_waiting_and_in_progress_then_the_rest(server_factory) -> None:
+    scenario = Scenario(
+        turn_ends=[
+            TurnEndFault(reply=1, reason="NEED_MORE_INPUT", waiting_for_input=True),
+            TurnEndFault(
+                reply=2, reason=None, speak=True, interaction_status="IN_PROGRESS",
+                then="one_moment", then_after=0.1,
+            ),
+        ],
+        **FAST,
+    )  # fmt: skip
+    server = await server_factory(scenario=scenario)
+    async with client(server).aio.live.connect(model=MODEL, config=live_config()) as session:
+        await send_pcm(session, utterance("hours"))
+        waiting = await one_turn(session)
+        await send_pcm(session, utterance("hours"))
+        # the SDK's own receive() reads on past a turnComplete that says IN_PROGRESS
+        working = await one_turn(session)
+    done = waiting[-1].server_content
+    assert audio_of(waiting) == b"" and done.waiting_for_input is True
+    assert done.turn_complete_reason == types.TurnCompleteReason.NEED_MORE_INPUT
+    ends = [i for i, m in enumerate(working) if m.server_content and m.server_content.turn_complete]
+    assert len(ends) == 2, ends
+    first, rest = working[: ends[0] + 1], working[ends[0] + 1 :]
+    assert len(audio_of(first)) == agent_bytes("hours_reply")
+    assert first[-1].server_content.interaction_status == types.InteractionStatus.IN_PROGRESS
+    assert len(audio_of(rest)) == agent_bytes("one_moment")
+    assert rest[-1].server_content.interaction_status == types.InteractionStatus.IDLE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from livecall.call.supervisor import (
+    Apologize,
     CompleteSeed,
     DropStalled,
     GiveUp,
@@ -10,6 +11,7 @@ from livecall.call.supervisor import (
     Nudge,
     Open,
     Replay,
+    Reprompt,
     Rotate,
     SessionSupervisor,
     Wait,
@@ -261,3 +263,62 @@ def test_a_rotation_comes_before_the_seed_and_a_new_session_is_unseeded() -> Non
     assert sup.begin("go_away", None, 9000.0).handle == "fresh-setup"
     assert sup.connected() == Replay(seed=False)  # resumed: the seed is in its state already
     assert not sup.seed_open
+
+
+def test_an_unanswered_failed_turn_is_reprompted_at_once_then_apologized_for() -> None:
+    sup = _sup(stall_timeout_s=10.0)
+    sup.awaiting_reply(1000.0)  # the caller asked something
+    first = sup.turn_ended(1500.0, spoke=False, reason="MALFORMED_FUNCTION_CALL", in_progress=False)
+    assert first == Reprompt("MALFORMED_FUNCTION_CALL")
+    # the watchdog still stands behind the re-prompt, and drops rather than nudges again
+    assert sup.watchdog(11_000.0, None) is None
+    assert sup.watchdog(11_500.0, None) == DropStalled()
+    sup.awaiting_reply(20_000.0)
+    second = sup.turn_ended(20_100.0, spoke=False, reason="RESPONSE_REJECTED", in_progress=False)
+    assert second == Apologize("RESPONSE_REJECTED")
+    # the caller was asked to say it again: no nudge while they think
+    assert sup.watchdog(60_000.0, None) is None
+    # and the count starts over: the next failure is re-prompted again
+    again = sup.turn_ended(61_000.0, spoke=False, reason="SOMETHING_NEW", in_progress=False)
+    assert again == Reprompt("SOMETHING_NEW")
+
+
+def test_an_answer_between_two_failures_starts_the_count_over() -> None:
+    sup = _sup()
+    assert isinstance(sup.turn_ended(0.0, spoke=False, reason="MALFORMED_FUNCTION_CALL",
+                                     in_progress=False), Reprompt)  # fmt: skip
+    assert sup.turn_ended(1.0, spoke=True, reason=None, in_progress=False) is None
+    assert isinstance(sup.turn_ended(2.0, spoke=False, reason="MALFORMED_FUNCTION_CALL",
+                                     in_progress=False), Reprompt)  # fmt: skip
+
+
+def test_turns_that_are_no_failure_leave_the_watchdog_its_time() -> None:
+    sup = _sup(stall_timeout_s=10.0)
+    sup.awaiting_reply(0.0)
+    for reason in (None, "NEED_MORE_INPUT", "TURN_COMPLETE_REASON_UNSPECIFIED"):
+        assert sup.turn_ended(500.0, spoke=False, reason=reason, in_progress=False) is None
+    # spoke in the turn, whatever the reason: answered
+    assert sup.turn_ended(600.0, spoke=True, reason="MALFORMED_FUNCTION_CALL",
+                          in_progress=False) is None  # fmt: skip
+    # failed while the service is still at work: output may follow, the watchdog decides
+    assert sup.turn_ended(700.0, spoke=False, reason="MALFORMED_FUNCTION_CALL",
+                          in_progress=True) is None  # fmt: skip
+    assert sup.failed_turns == 0
+    assert sup.watchdog(9_999.0, None) is None
+    assert sup.watchdog(10_000.0, None) == Nudge()
+
+
+def test_in_progress_holds_a_rotation_until_idle_or_its_deadline() -> None:
+    sup = _sup(rotation_margin_s=5.0)
+    sup.begin("start", None, 0.0)
+    sup.connected()
+    sup.live(0.0)
+    sup.turn_ended(100.0, spoke=True, reason=None, in_progress=True)
+    deadline = sup.go_away(1000.0, 20.0)  # rotate by 16 s
+    assert _quiet(sup, 2000.0) is None  # nobody speaks, but the model is not done
+    sup.turn_ended(3000.0, spoke=True, reason=None, in_progress=False)  # IDLE
+    assert _quiet(sup, 3100.0) == Rotate()
+    sup.turn_ended(3200.0, spoke=True, reason=None, in_progress=True)
+    assert _quiet(sup, deadline) == Rotate()  # the deadline wins whatever is happening
+    sup.connected()  # a new session: the old one's background work is not its own
+    assert not sup.in_progress

@@ -60,3 +60,27 @@ def test_an_interrupted_agent_turn_is_cut_at_what_was_heard() -> None:
     assert agent.first_audio_latency_ms is None  # a greeting: nobody spoke before it
     assert caller.text == "Seven thirty please." and caller.start_ms == 1100
     assert t.interruptions == 1
+
+
+def test_interim_caller_words_show_live_but_never_reach_the_record() -> None:
+    t = TurnTracker("CA1")
+    t.caller_frame(0.0, True)
+    t.caller_interim(100.0, "what time")
+    assert [(ln.speaker, ln.text) for ln in t.open_lines()] == [("caller", "what time")]
+    t.caller_interim(200.0, "what time do you")  # a newer guess replaces the last one
+    assert [ln.text for ln in t.open_lines()] == ["what time do you"]
+    t.caller_transcript(300.0, " What time do")  # the final words supersede the guess
+    assert [ln.text for ln in t.open_lines()] == ["What time do"]
+    t.caller_interim(350.0, "you open")
+    assert [ln.text for ln in t.open_lines()] == ["What time do you open"]
+    t.caller_transcript(400.0, " you open?")
+    t.agent_audio(500.0, 800)
+    t.turn_complete(900.0)
+    assert [(r.speaker, r.text) for r in t.drain()] == [
+        ("caller", "What time do you open?"),
+        ("agent", ""),
+    ]
+    # a guess never confirmed by final words is not on record at all
+    t.caller_interim(1000.0, "uh")
+    t.finish(1100.0)
+    assert t.drain() == []

@@ -63,6 +63,7 @@ EventKind = Literal[
     "tool_result",
     "tool_cancelled",
     "go_away",
+    "turn_failed",  # {"reason": turnCompleteReason, "action": "reprompt" | "recovery_line"}
     "session_resumed",
     "session_started",
     "reconnect",

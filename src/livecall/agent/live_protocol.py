@@ -15,6 +15,7 @@ from __future__ import annotations
 import binascii
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -22,9 +23,11 @@ import orjson
 __all__ = [
     "AgentAudio",
     "AgentTranscript",
+    "CallerInterim",
     "CallerTranscript",
     "GenerationComplete",
     "GoAway",
+    "InteractionStatus",
     "Interrupted",
     "LiveEvent",
     "LiveProtocolError",
@@ -34,6 +37,7 @@ __all__ = [
     "ToolCallCancellation",
     "TurnComplete",
     "Usage",
+    "WaitingForInput",
     "audio_message",
     "audio_message_utf8",
     "audio_stream_end_message",
@@ -42,6 +46,7 @@ __all__ = [
     "text_message",
     "tool_response_message",
     "turn_complete_message",
+    "turn_failed",
 ]
 
 
@@ -71,8 +76,51 @@ class CallerTranscript:
 
 
 @dataclass(slots=True)
+class CallerInterim:
+    """`interimInputTranscription`: a low-latency guess at the words the caller is saying now,
+    replaced by the next guess and superseded by the final `inputTranscription`."""
+
+    text: str
+
+
+@dataclass(slots=True)
 class Interrupted:
     pass
+
+
+@dataclass(slots=True)
+class WaitingForInput:
+    """`waitingForInput`: the model holds its answer because the caller seems to go on."""
+
+
+class InteractionStatus(StrEnum):
+    """`interactionStatus`, sent alongside `turnComplete`. An unknown value reads as
+    UNSPECIFIED (what an absent one means); the deprecated REQUIRES_ACTION as IDLE."""
+
+    UNSPECIFIED = "INTERACTION_STATUS_UNSPECIFIED"
+    IN_PROGRESS = "IN_PROGRESS"  # more model output may follow (background work, tool results)
+    IDLE = "IDLE"  # all processing done
+
+
+# turnCompleteReason values that are not a failure of the turn (anything else is one: an
+# unknown future reason on a turn with no answer is safer re-prompted than left silent)
+_NOT_FAILED = frozenset({"TURN_COMPLETE_REASON_UNSPECIFIED", "NEED_MORE_INPUT"})
+# the proto enum's numbers, for a server that sends them as numbers
+_REASON_NUMBERS = (
+    "TURN_COMPLETE_REASON_UNSPECIFIED",
+    "MALFORMED_FUNCTION_CALL",
+    "RESPONSE_REJECTED",
+    "NEED_MORE_INPUT",
+    "PROHIBITED_INPUT_CONTENT",
+)
+_STATUS_NUMBERS = ("INTERACTION_STATUS_UNSPECIFIED", "IN_PROGRESS", "REQUIRES_ACTION", "IDLE")
+
+
+def turn_failed(reason: str | None) -> bool:
+    """Whether a `turnCompleteReason` says the model failed to answer (MALFORMED_FUNCTION_CALL,
+    RESPONSE_REJECTED, PROHIBITED_INPUT_CONTENT, ...); None, UNSPECIFIED and NEED_MORE_INPUT
+    are not failures."""
+    return reason is not None and reason not in _NOT_FAILED
 
 
 @dataclass(slots=True)
@@ -90,6 +138,16 @@ class Usage:
 @dataclass(slots=True)
 class TurnComplete:
     usage: Usage | None = None
+    reason: str | None = None  # `turnCompleteReason`'s enum name (unknown names kept as sent)
+    status: InteractionStatus = InteractionStatus.UNSPECIFIED
+
+    @property
+    def failed(self) -> bool:
+        return turn_failed(self.reason)
+
+    @property
+    def in_progress(self) -> bool:
+        return self.status is InteractionStatus.IN_PROGRESS
 
 
 @dataclass(slots=True)
@@ -130,7 +188,9 @@ LiveEvent = (
     | AgentAudio
     | AgentTranscript
     | CallerTranscript
+    | CallerInterim
     | Interrupted
+    | WaitingForInput
     | GenerationComplete
     | TurnComplete
     | ToolCall
@@ -247,8 +307,34 @@ def _usage(raw: dict[str, Any] | None) -> Usage | None:
     )
 
 
+def _enum_name(value: Any, numbers: tuple[str, ...]) -> str | None:
+    """A proto enum as JSON: its name (any case), or its number; None when absent or junk."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return numbers[value] if 0 <= value < len(numbers) else f"{numbers[0]}_{value}"
+    if isinstance(value, str) and value.strip():
+        return value.strip().upper()
+    return None
+
+
+def _status(value: Any) -> InteractionStatus:
+    name = _enum_name(value, _STATUS_NUMBERS)
+    if name == "REQUIRES_ACTION":  # deprecated: "use IDLE instead"
+        return InteractionStatus.IDLE
+    if name is None:
+        return InteractionStatus.UNSPECIFIED
+    try:
+        return InteractionStatus(name)
+    except ValueError:
+        return InteractionStatus.UNSPECIFIED
+
+
 def _server_content(content: dict[str, Any], usage: Usage | None, out: list[LiveEvent]) -> bool:
     """Appends the events of one serverContent; returns whether usage was attached."""
+    interim = _get(content, "interimInputTranscription", "interim_input_transcription")
+    if isinstance(interim, dict) and interim.get("text"):
+        out.append(CallerInterim(str(interim["text"])))
     input_tr = _get(content, "inputTranscription", "input_transcription")
     if input_tr and input_tr.get("text"):
         out.append(CallerTranscript(input_tr["text"]))
@@ -273,8 +359,14 @@ def _server_content(content: dict[str, Any], usage: Usage | None, out: list[Live
         out.append(AgentTranscript(output_tr["text"]))
     if _get(content, "generationComplete", "generation_complete"):
         out.append(GenerationComplete())
+    if _get(content, "waitingForInput", "waiting_for_input") is True:
+        out.append(WaitingForInput())
     if _get(content, "turnComplete", "turn_complete"):
-        out.append(TurnComplete(usage))
+        reason = _enum_name(
+            _get(content, "turnCompleteReason", "turn_complete_reason"), _REASON_NUMBERS
+        )
+        status = _status(_get(content, "interactionStatus", "interaction_status"))
+        out.append(TurnComplete(usage, reason, status))
         return True
     return False
 

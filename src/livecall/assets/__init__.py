@@ -7,6 +7,8 @@ and resampled with livecall's own resampler (`OutboundTranscoder`):
   Goodbye." (Gemini cannot be had, or the call failed)
 * `goodbye.ulaw`: "Thank you for calling, goodbye!" (the agent hung up without a word)
 * `one_moment.ulaw`: "One moment, please." (the agent transfers the call without a word)
+* `sorry.ulaw`: "Sorry, I didn't catch that. Could you say it again?" (the model failed to
+  answer twice in a row; the call goes on)
 """
 
 from __future__ import annotations
@@ -30,3 +32,7 @@ def goodbye_ulaw() -> bytes:
 
 def handoff_ulaw() -> bytes:
     return _asset("one_moment.ulaw")
+
+
+def recovery_ulaw() -> bytes:
+    return _asset("sorry.ulaw")

@@ -150,7 +150,7 @@ class BridgeActions:
                 return False
             if await bridge.wait_agent_done(min(self.settle_s, remaining)):
                 return True
-            if not bridge.playout.has_pending():
+            if not bridge.playout.has_pending() and not bridge.supervisor.in_progress:
                 return True  # the model is quiet and waits on us: all it said was heard
 
     async def _rest_hangup(self) -> None:
@@ -177,9 +177,7 @@ class BridgeActions:
 
     async def _recorded_line(self, ulaw: bytes) -> bool:
         """A recorded line of livecall's own, played and heard to the end."""
-        if await self.bridge.play_ulaw(ulaw) is None and self.bridge.end_reason is not None:
-            return False
-        return await self.bridge.wait_heard(len(ulaw) / 8000 + 3.0)
+        return await self.bridge.play_line(ulaw)
 
     async def _say_goodbye(self, before: int) -> tuple[bool, str]:
         """The goodbye the model did not say before `end_call`: (heard, by whom)."""

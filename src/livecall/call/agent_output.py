@@ -106,12 +106,16 @@ class AgentOutput:
         return True
 
     async def wait_agent_done(self, timeout: float) -> bool:  # noqa: ASYNC109
-        """Waits for the agent's current turn to end and be heard (e.g. a goodbye)."""
+        """Waits for the agent's current turn to end and be heard (e.g. a goodbye). A turn
+        that ended with `interactionStatus` IN_PROGRESS is not the end: more output follows."""
         deadline = time.monotonic() + timeout
+        sup = self.supervisor
         try:
             async with asyncio.timeout(timeout):
                 async with self.heard:
-                    await self.heard.wait_for(lambda: not self.turns.agent_turn_open)
+                    await self.heard.wait_for(
+                        lambda: not self.turns.agent_turn_open and not sup.in_progress
+                    )
         except TimeoutError:
             return False
         return await self.wait_heard(max(0.0, deadline - time.monotonic()))

@@ -81,6 +81,11 @@ class AgentPump:
             if not self.output.discarding_turn:
                 self.turns.agent_transcript(self.now_ms(), event.text)
                 live_partial(self.observer, self.turns)  # words to the live page now
+        elif isinstance(event, lp.CallerInterim):  # the live page only, never the record
+            self.turns.caller_interim(self.now_ms(), event.text)
+            live_partial(self.observer, self.turns)
+        elif isinstance(event, lp.WaitingForInput):
+            pass  # the model waits for the caller to go on: no failure, the watchdog's time
         elif isinstance(event, lp.CallerTranscript):
             self.turns.caller_transcript(self.now_ms(), event.text)
             live_partial(self.observer, self.turns)
@@ -94,6 +99,11 @@ class AgentPump:
                 await self.output.send_agent_audio(self.output.outbound.flush(), mark_now=True)
         elif isinstance(event, lp.TurnComplete):
             session = self.supervisor.sessions  # the session may be replaced while this runs
+            # an unanswered turn (no audio, nothing discarded after a barge-in) may have failed
+            spoke = self.turns.agent_turn_open or self.output.discarding_turn
+            failed = self.supervisor.turn_ended(
+                self.now_ms(), spoke=spoke, reason=event.reason, in_progress=event.in_progress
+            )
             if not self.output.discarding_turn:
                 await self.output.send_agent_audio(self.output.outbound.flush(), mark_now=True)
                 if self.turns.agent_turn_open:
@@ -105,6 +115,8 @@ class AgentPump:
             self.turns.turn_complete(self.now_ms())
             self._flush_turns()
             await self.output.notify_heard()
+            if failed is not None:
+                await self.gemini.turn_failed(failed)
         elif isinstance(event, lp.ToolCall):
             for call in event.calls:
                 self.tools.start(call)

@@ -358,16 +358,22 @@ class CallBridge:
         self.log.error("call.failed", reason=reason)
         self.event("error", where="call", error=f"{reason}: ending the call")
         apology = self.options.apology_ulaw
-        if apology:  # μ-law 8 kHz: 8000 bytes a second
+        if apology:
             with contextlib.suppress(Exception):  # after what was already sent, as sent
-                await self.play_ulaw(apology)
-                await self.wait_heard(timeout=len(apology) / 8000 + 3.0)
+                await self.play_line(apology)
         self.finish(reason, failed=True)
 
     # ------------------------------------------------------------------ public controls
     async def play_ulaw(self, ulaw: bytes) -> str | None:
         """Plays μ-law 8 kHz audio that is not the model's; returns its mark."""
         return await self.output.play_ulaw(ulaw)
+
+    async def play_line(self, ulaw: bytes) -> bool:
+        """A recorded line of livecall's own (μ-law 8 kHz: 8000 bytes a second), played after
+        what was already sent and waited for until heard to the end; False: not heard."""
+        if await self.play_ulaw(ulaw) is None and self.end_reason is not None:
+            return False
+        return await self.wait_heard(timeout=len(ulaw) / 8000 + 3.0)
 
     async def send_dtmf(self, digits: str) -> bool | None:
         """Keys as the carrier's own DTMF message (None where it has none)."""

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 from livecall.agent.gemini import GeminiClosed, GeminiConnectError, GeminiLink
 from livecall.call.audio_queue import ByteBoundedQueue
 from livecall.call.supervisor import (
+    Apologize,
     CompleteSeed,
     DropStalled,
     GiveUp,
     Live,
     Nudge,
     Replay,
+    Reprompt,
     Rotate,
     SessionAction,
     Wait,
@@ -258,6 +260,26 @@ class GeminiSessions:
         if not rotated:  # the apology (or the failure transfer), outside the session lock
             await self.bridge.give_up("gemini_failed")
 
+    async def nudge(self) -> None:
+        """Asks the model to answer the caller's last words (the stall nudge)."""
+        with contextlib.suppress(GeminiClosed):
+            await self.link.send_text(STALL_NUDGE)
+
+    async def turn_failed(self, action: Reprompt | Apologize) -> None:
+        """A turn ended unanswered for a failure reason: re-prompt the model at once, or (the
+        second in a row) play the recovery line, after which it is the caller's turn. Only
+        the reason's name is logged and recorded, never what was said."""
+        if isinstance(action, Reprompt):
+            self.log.warning("gemini.turn_failed", reason=action.reason, action="reprompt")
+            self._event("turn_failed", reason=action.reason, action="reprompt")
+            await self.nudge()
+            return
+        self.log.warning("gemini.turn_failed", reason=action.reason, action="recovery_line")
+        self._event("turn_failed", reason=action.reason, action="recovery_line")
+        line = self.options.recovery_ulaw
+        if line and not self.bridge.giving_up:
+            await self.output.play_ulaw(line)  # at once; the agent pump goes on meanwhile
+
     async def supervise(self) -> None:
         """Every 100 ms: the supervisor's rotation at a turn boundary, the seed's release, and
         its stall watchdog, carried out."""
@@ -287,8 +309,7 @@ class GeminiSessions:
             if isinstance(stall, Nudge):
                 self.log.warning("gemini.stalled", action="nudge")
                 self._event("error", where="gemini", error="model silent: nudged")
-                with contextlib.suppress(GeminiClosed):
-                    await self.link.send_text(STALL_NUDGE)
+                await self.nudge()
             elif isinstance(stall, DropStalled):
                 self.log.warning("gemini.stalled", action="reconnect")
                 self._event("error", where="gemini", error="model silent: reconnecting")

@@ -36,6 +36,8 @@ class CallOptions:
     rotation_margin_s: float = 5.0  # switch at the latest this long before goAway's deadline
     stall_timeout_s: float = 10.0
     apology_ulaw: bytes | None = None  # what the caller hears when Gemini cannot be had
+    # what the caller hears when the model failed to answer twice in a row (the call goes on)
+    recovery_ulaw: bytes | None = None
     # instead of the apology: hand the caller to a person (the profile's on_failure target)
     failure_transfer: Callable[[], Awaitable[bool]] | None = None
     # awaited (bounded) after the caller is let go and before the call's summary: the carrier

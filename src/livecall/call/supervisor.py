@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from livecall.agent.live_protocol import turn_failed
 from livecall.call.backoff import backoff_step
 from livecall.call.rotation import rotation_ready
 
@@ -25,6 +26,7 @@ __all__ = [
     "FAILURE_WINDOW_S",
     "PERMANENT_CODES",
     "SEED_RELEASE_QUIET_MS",
+    "Apologize",
     "CompleteSeed",
     "DropStalled",
     "GiveUp",
@@ -32,6 +34,7 @@ __all__ = [
     "Nudge",
     "Open",
     "Replay",
+    "Reprompt",
     "Rotate",
     "SessionAction",
     "SessionSupervisor",
@@ -113,6 +116,20 @@ class DropStalled:
     """Still silent after the nudge: close the session, it is recovered like a lost one."""
 
 
+@dataclass(frozen=True, slots=True)
+class Reprompt:
+    """A turn ended unanswered for a failure reason: ask the model again, at once."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Apologize:
+    """The re-prompted turn failed too: the caller hears the recovery line; the call goes on."""
+
+    reason: str
+
+
 SessionAction = Open | Wait | GiveUp  # what a recovery step asks of the bridge
 
 
@@ -147,6 +164,9 @@ class SessionSupervisor:
         self.expect_reply_at: float | None = None  # the caller waits for an answer since
         self.nudged = False
         self.seed_open = False  # a fresh session seeded with partial content waits for more
+        # the last turnComplete said IN_PROGRESS: more output may follow, the model is not idle
+        self.in_progress = False
+        self.failed_turns = 0  # turns in a row that ended unanswered for a failure reason
         self.ready_at_ms = 0.0  # when the current session became usable
         self.last_answered_ms = float("-inf")  # when the agent last completed a turn
         self._failures: deque[float] = deque()
@@ -218,6 +238,7 @@ class SessionSupervisor:
         self.session_turns = 0
         self._switching = False
         self.seed_open = False
+        self.in_progress = False  # the old session's background work is not this one's
         return Replay(seed=seed)
 
     def live(self, now_ms: float) -> Live:
@@ -277,6 +298,34 @@ class SessionSupervisor:
         self.expect_reply_at = None
         self.nudged = False
 
+    def turn_ended(
+        self, now_ms: float, *, spoke: bool, reason: str | None, in_progress: bool
+    ) -> Reprompt | Apologize | None:
+        """A `turnComplete` of the current session: `spoke` whether the turn had agent audio,
+        `reason` its `turnCompleteReason`, `in_progress` its `interactionStatus`.
+
+        A turn that ended unanswered for a failure reason (`turn_failed`) is re-prompted at
+        once rather than left to the watchdog's `stall_timeout_s`; when the re-prompted turn
+        fails too, the caller hears the recovery line and it is their turn again. A failed
+        turn with IN_PROGRESS is left to the watchdog: the service is still at work (it may
+        regenerate) and output may follow. NEED_MORE_INPUT is no failure: the model waits for
+        the caller, the watchdog keeps its normal time."""
+        self.in_progress = in_progress
+        if spoke:
+            self.failed_turns = 0
+            return None
+        if reason is None or not turn_failed(reason) or in_progress:
+            return None
+        self.failed_turns += 1
+        if self.failed_turns == 1:
+            self.expect_reply_at = now_ms  # the watchdog still stands behind the re-prompt
+            self.nudged = True  # ... and its next step is dropping the session, not a nudge
+            return Reprompt(reason)
+        self.failed_turns = 0
+        self.expect_reply_at = None  # the caller was asked to say it again: their turn
+        self.nudged = False
+        return Apologize(reason)
+
     def tick(
         self,
         now_ms: float,
@@ -289,6 +338,7 @@ class SessionSupervisor:
         """Rotate once a `goAway`'s rotation is due at a turn boundary (or its deadline); else
         complete a seeded session's open turn once the caller spoke since the agent last
         answered and all has been quiet `SEED_RELEASE_QUIET_MS` (since the session began)."""
+        agent_turn_open = agent_turn_open or self.in_progress  # more output is coming
         if rotation_ready(
             now_ms,
             self.rotation_deadline_ms,

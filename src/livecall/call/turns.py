@@ -43,6 +43,10 @@ class _CallerTurn:
     index: int
     start_ms: float
     text: list[str] = field(default_factory=list)
+    interim: str = ""  # the newest low-latency guess at the words after `text`: live page only
+
+    def words_so_far(self) -> str:
+        return " ".join(part for part in ("".join(self.text).strip(), self.interim.strip()) if part)
 
 
 def cut_text_at(pieces: list[tuple[int, str]], heard: int) -> str:
@@ -99,16 +103,25 @@ class TurnTracker:
             self.last_voice_ms = now_ms
 
     def caller_transcript(self, now_ms: float, text: str) -> None:
+        turn = self._caller_turn_for(now_ms)
+        turn.text.append(text)
+        turn.interim = ""  # the final words supersede the guess
+
+    def caller_interim(self, now_ms: float, text: str) -> None:
+        """An interim guess at what the caller is saying: shown by `open_lines` until the next
+        guess or the final words replace it, never part of the record."""
+        self._caller_turn_for(now_ms).interim = text
+
+    def _caller_turn_for(self, now_ms: float) -> _CallerTurn:
         agent = self._agent
         if agent is not None and not agent.interrupted and self._pending_caller is not None:
-            self._pending_caller.text.append(text)  # trailing words of the turn being answered
-            return
+            return self._pending_caller  # trailing words of the turn being answered
         if self._caller is None:
             start = self._onset_since_agent if self._onset_since_agent is not None else now_ms
             if self.onset_ms is not None and agent is not None and agent.interrupted:
                 start = self.onset_ms
             self._caller = _CallerTurn(self._take_index(), start)
-        self._caller.text.append(text)
+        return self._caller
 
     # ---------------------------------------------------------------- agent
     def agent_audio(self, now_ms: float, samples: int) -> int:
@@ -194,6 +207,8 @@ class TurnTracker:
             self._emit_caller(caller)
 
     def _emit_caller(self, turn: _CallerTurn) -> None:
+        if not turn.text:
+            return  # only interim guesses, never confirmed: nothing the caller is on record for
         end = self.last_voice_ms if self.last_voice_ms is not None else turn.start_ms
         self.turns += 1
         self.done.append(
@@ -240,13 +255,13 @@ class TurnTracker:
         """
         lines: list[TurnRecord] = []
         for caller in (self._pending_caller, self._caller):
-            if caller is not None and caller.text:
+            if caller is not None and (caller.text or caller.interim.strip()):
                 lines.append(
                     TurnRecord(
                         call_sid=self.call_sid,
                         index=caller.index,
                         speaker="caller",
-                        text="".join(caller.text).strip(),
+                        text=caller.words_so_far(),
                         start_ms=round(caller.start_ms),
                     )
                 )

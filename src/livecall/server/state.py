@@ -27,7 +27,7 @@ from livecall.agent.knowledge_sources import (
 )
 from livecall.agent.profiles import AgentProfile, KnowledgeSettings, ProfileRegistry
 from livecall.agent.tools import function_declarations
-from livecall.assets import apology_ulaw
+from livecall.assets import apology_ulaw, recovery_ulaw
 from livecall.audio.recording import StereoRecorder
 from livecall.call.options import CallOptions
 from livecall.cluster import LiveCalls, LocalRegistry
@@ -262,6 +262,7 @@ class AppState:
             to_number=params.get("to") or None,
             recording_sink=self.save_recording if profile.recording else None,
             apology_ulaw=apology_ulaw(),
+            recovery_ulaw=recovery_ulaw(),
             reconnect_attempts=s.gemini_reconnect_attempts,
             stall_timeout_s=s.gemini_stall_timeout_s,
             rotation_overlap=s.gemini_rotation_overlap,

@@ -83,6 +83,7 @@ __all__ = [
     "StallFault",
     "ToolCallFault",
     "ToolResponseRecord",
+    "TurnEndFault",
     "TurnRecord",
     "main",
 ]
@@ -211,6 +212,29 @@ class SlowFault:
     session: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TurnEndFault:
+    """Reply `reply` (as in `CloseFault`) ends as the service ends a turn it failed or holds:
+    `turnComplete` with `turnCompleteReason: reason`, `waitingForInput` and
+    `interactionStatus` when set (None: the key is not sent).
+
+    `speak=False` (the default): the reply's audio and any tool call are never sent, as with
+    MALFORMED_FUNCTION_CALL or RESPONSE_REJECTED; no `generationComplete` either. `then`: an
+    agent clip that follows `then_after` seconds later as a turn of its own, ending IDLE (the
+    background work an IN_PROGRESS status announced).
+    """
+
+    reply: int
+    reason: str | None = "MALFORMED_FUNCTION_CALL"
+    speak: bool = False
+    waiting_for_input: bool = False
+    interaction_status: str | None = None
+    then: str | None = None
+    then_after: float = 0.5
+    session: int | None = None
+    max_fires: int | None = 1
+
+
 @dataclass(slots=True)
 class Scenario:
     """What the fake model says and does. Shared by all sessions of a server (swap it freely:
@@ -243,6 +267,12 @@ class Scenario:
     pause_s: tuple[float, float] = (0.05, 0.3)
     """Per chunk, the chance of a hiccup of this length; a burst catches up afterwards, so the
     average rate holds but the stream can fall behind real time for a moment."""
+    interim_transcripts: bool = False
+    """With input transcription on: `interimInputTranscription` guesses (the words so far, a
+    few more each time) before the final `inputTranscription` of each utterance. They come
+    when the utterance ends, not while it lasts: the fake ASR needs the whole of it."""
+    interaction_status: str | None = None
+    """`interactionStatus` sent with every `turnComplete` ("IDLE"; None: not sent)."""
     transcript_with_audio: bool = False
     """Output transcription rides in the audio message (newer models) instead of its own."""
     binary_frames: bool = True
@@ -273,6 +303,7 @@ class Scenario:
     closes: Sequence[CloseFault] = ()
     stalls: Sequence[StallFault] = ()
     slow: Sequence[SlowFault] = ()
+    turn_ends: Sequence[TurnEndFault] = ()
 
     def __post_init__(self) -> None:
         """Fail at construction, not mid-call, on a misspelled clip or mode."""
@@ -285,6 +316,7 @@ class Scenario:
             *self.text_replies.values(),
             self.default_text_reply,
             *(c for f in self.tool_calls for c in (f.say_first, f.reply)),
+            *(f.then for f in self.turn_ends),
         ]
         unknown = sorted({n for n in named if n is not None and n not in AGENT_CLIPS})
         if unknown:
@@ -842,6 +874,11 @@ def _close_reason(text: str) -> str:
     return raw[:120].decode(errors="ignore") + "..."
 
 
+def _interim_guess(text: str) -> str:
+    """An interim transcript of `text`: lower case, without punctuation, as such guesses go."""
+    return " ".join(re.sub(r"[^\w\s']", "", text).lower().split())
+
+
 def _split_words(text: str) -> list[str]:
     """Pieces that concatenate back to `text`, each a word with its leading space."""
     return re.findall(r"\s*\S+", text) or [text]
@@ -908,6 +945,7 @@ class _TurnRequest:
     caller_turn: int | None = None
     caller_clip: str | None = None
     transcript: str | None = None
+    status: str | None = None  # `interactionStatus` at its end (None: the scenario's)
 
 
 @dataclass(slots=True, eq=False)
@@ -917,10 +955,11 @@ class _Turn:
     task: asyncio.Task[None] | None = None
     finishing: bool = False  # past the point where caller speech can interrupt it
     spoke: bool = False
+    end: TurnEndFault | None = None  # how it ends, when not as usual
     open_tool_ids: list[str] = field(default_factory=list)
 
 
-_F = TypeVar("_F", ToolCallFault, GoAwayFault, CloseFault, StallFault, SlowFault)
+_F = TypeVar("_F", ToolCallFault, GoAwayFault, CloseFault, StallFault, SlowFault, TurnEndFault)
 _T = TypeVar("_T")
 
 # Pre-encoded pieces of the hottest message (echo / reply audio).
@@ -1544,7 +1583,12 @@ class _Session:
         )  # fmt: skip
         self.rec.input_transcripts.append(transcript)
         if self.input_tx:
-            for piece in self.pieces(transcript, 3):
+            pieces = self.pieces(transcript, 3)
+            if self.sc.interim_transcripts:
+                for n in range(1, len(pieces) + 1):  # rough: lower case, unpunctuated
+                    guess = {"text": _interim_guess("".join(pieces[:n]))}
+                    await self.send({"serverContent": {"interimInputTranscription": guess}})
+            for piece in pieces:
                 await self.send({"serverContent": {"inputTranscription": {"text": piece}}})
         reply = self.choose_reply(conv.caller_turns, name)
         tool = self.tool_fault(conv.caller_turns)
@@ -1614,6 +1658,14 @@ class _Session:
             close = self.fault_for_reply(self.sc.closes, tr.number)
             reply = turn.req.reply
             tool = self.tool_fault(turn.req.caller_turn)
+            end = self.fault_for_reply(self.sc.turn_ends, tr.number)
+            if end is not None and self.server._fire(end):
+                turn.end = end
+                self.event("turn_end_fault", number=tr.number, reason=end.reason)
+                if not end.speak:  # the model failed: nothing of the reply is sent
+                    reply = tool = None
+                    tr.reply_clip = None
+                    await asyncio.sleep(self.sc.first_audio_delay)  # it "thought" first
             if tool is not None:
                 if tool.say_first and not await self.speak(turn, tool.say_first, None, None):
                     return
@@ -1625,9 +1677,13 @@ class _Session:
             if reply is not None and not await self.speak(turn, reply, stall, close):
                 return
             turn.finishing = True
-            await self.send({"serverContent": {"generationComplete": True}})
-            self.event("generation_complete", number=tr.number)
+            if turn.end is None or turn.end.speak:
+                await self.send({"serverContent": {"generationComplete": True}})
+                self.event("generation_complete", number=tr.number)
             await self.finish_turn(turn)
+            end = turn.end
+            if end is not None and end.then is not None:
+                self.timers.append(asyncio.create_task(self.continue_later(end)))
         except ConnectionClosed:
             pass
         except Exception:  # a scenario bug must not leave the client hanging silently
@@ -1656,13 +1712,28 @@ class _Session:
         self.conv.context_tokens += response_tokens
         if tr.text_sent:
             self.conv.remember("model", tr.text_sent)
-        await self.send({"serverContent": {"turnComplete": True}, "usageMetadata": usage})
+        content: dict[str, Any] = {"turnComplete": True}
+        end, status = turn.end, turn.req.status or self.sc.interaction_status
+        if end is not None:
+            status = end.interaction_status or status
+            if end.reason is not None:
+                content["turnCompleteReason"] = end.reason
+            if end.waiting_for_input:
+                content["waitingForInput"] = True
+        if status is not None:
+            content["interactionStatus"] = status
+        await self.send({"serverContent": content, "usageMetadata": usage})
         tr.completed = not interrupted
         tr.ended_at = time.monotonic()
         self.event("turn_complete", number=tr.number, interrupted=interrupted)
         await self.resumable_point()
         if not interrupted:
             self.next_turn()
+
+    async def continue_later(self, end: TurnEndFault) -> None:
+        """The output an IN_PROGRESS turn end announced, as a turn of its own, ending IDLE."""
+        await asyncio.sleep(end.then_after)
+        self.enqueue(_TurnRequest("background", end.then, status="IDLE"))
 
     async def interrupt(self) -> None:
         """Barge-in: stop the reply in progress, `interrupted` then `turnComplete`."""
