@@ -39,6 +39,7 @@ from livecall.server.state import AppState
 from livecall.server.twilio_routes import app_stream_secret, build_twilio_router
 from livecall.server.webhook_routes import build_recording_link_router, build_webhook_api_router
 from livecall.settings import Settings
+from livecall.store.claims_db import SharedClaims
 from livecall.store.recordings import LocalRecordingStore, run_retention
 from livecall.store.writer import CallStore
 from livecall.telephony.twilio import TwilioSignature
@@ -97,6 +98,9 @@ def create_app(
             if settings.http_tools_secret
             else None
         ),
+    )
+    state.claims = SharedClaims(
+        state.store.repo.sessions, on_fallback=lambda: metrics.error("claims_fallback")
     )
     cluster.on_control = state.on_control
     if isinstance(cluster, ClusterRegistry):  # every instance's live page shows every call

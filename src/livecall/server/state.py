@@ -41,6 +41,7 @@ from livecall.server.drain import Drain
 from livecall.server.outbound_limits import OutboundLimits
 from livecall.server.registry import CallRegistry
 from livecall.settings import Settings
+from livecall.store.claims import ClaimStore, MemoryClaims
 from livecall.store.recordings import LocalRecordingStore, RecordingStore
 from livecall.store.writer import CallStore
 from livecall.telephony.twilio import TwilioSignature
@@ -88,6 +89,9 @@ class AppState:
     outbound_limits: OutboundLimits | None = None
     # closed at shutdown once no call needs them (the carriers' REST clients)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # single-use tokens and what a carrier's webhook said about a call, shared by every worker
+    # and instance on the database (`store.claims_db`; create_app sets it): one per app
+    claims: ClaimStore = field(default_factory=MemoryClaims)
     # warm transfers' briefings for the person answering (through the cluster store)
     whispers: Whispers = field(init=False)
 
