@@ -20,7 +20,6 @@ from livecall.store import db
 from livecall.store.claims import LocalClaims, MemoryClaims, storage_key
 from livecall.store.claims_db import PRUNE_INTERVAL_S, SharedClaims
 from livecall.store.models import Claim
-
 from support import service_missing
 
 T0 = 1_800_000_000.0
