@@ -12,12 +12,23 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
+import websockets
 
 from livecall.carriers.vonage import VonageSignature
 from livecall.server.carrier_route import stream_tokens_for
 from livecall.server.outbound_carriers import OUTBOUND_PARAMETER
+from livecall.server.twilio_routes import twilio_stream_tokens
 from livecall.sim.gemini import Scenario
 from livecall.sim.stack import LocalStack
+from livecall.telephony.stream_token import TOKEN_PARAMETER
+from support import eventually
+from test_stream_security import (
+    ACCOUNT,
+    attacker_stream,
+    replayed_signature,
+    start_frame,
+    stream_url,
+)
 
 SECRET = "vonage-claims-test-secret-0123456789"
 SIGNER = VonageSignature(SECRET)
@@ -39,6 +50,7 @@ async def two_servers(make_stack: Any, tmp_path: Path) -> tuple[LocalStack, Loca
     shared = {
         "database_url": f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}",
         "vonage_signature_secret": SECRET,
+        "twilio_account_sid": ACCOUNT,
     }
     first = await make_stack(Scenario(seed=1), **shared)
     second = await make_stack(Scenario(seed=1), **shared)
@@ -105,3 +117,29 @@ async def test_an_outbound_token_claimed_at_one_server_is_refused_to_another_cal
     # the call that claimed it may present it again at either server (Vonage retrying)
     url = f"{second.base_url}/vonage/answer?{ours}"
     assert (await get(url, SIGNER.sign(method="GET", url=url))).status_code == 200
+
+
+@pytest.mark.timeout(60)
+async def test_a_twilio_outbound_token_opens_one_call_across_servers(
+    make_stack: Any, tmp_path: Path
+) -> None:
+    first, second = await two_servers(make_stack, tmp_path)
+    assert first.app is not None
+    secret = first.app.state.livecall.stream_secret
+    token = twilio_stream_tokens(secret).for_outbound(ACCOUNT, time.time())
+    ours, theirs = "CA" + "1" * 32, "CA" + "2" * 32
+    async with websockets.connect(
+        stream_url(first), additional_headers=replayed_signature(first), proxy=None
+    ) as ws:
+        await ws.send('{"event":"connected","protocol":"Call","version":"1.0.0"}')
+        await ws.send(start_frame(ours, {TOKEN_PARAMETER: token}))
+
+        async def live() -> bool:
+            return ours in first.registry.active
+
+        await eventually(live)
+        # the token, seen in the TwiML, presented by another call at the other server
+        code = await attacker_stream(second, start_frame(theirs, {TOKEN_PARAMETER: token}))
+        assert code == 1008
+    assert second.gemini is not None and second.gemini.sessions == []
+    assert refusals(second, "stream_token") == 1  # refused before any Gemini session
