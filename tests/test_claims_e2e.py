@@ -1,7 +1,8 @@
 """Attacks across workers: two servers on one database (as `livecall serve --workers 2` runs,
 or two instances behind a load balancer). A signed Vonage webhook replayed to the other
 server, and an outbound call's token presented by another call at the other server, are
-refused there: the single-use checks live in the database both share, not in one process."""
+refused there, and so is a Plivo webhook (its nonce) replayed to the other server: the
+single-use checks live in the database both share, not in one process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 import websockets
 
+from livecall.carriers.plivo.signatures import PlivoSignature, new_nonce
 from livecall.carriers.vonage import VonageSignature
 from livecall.server.carrier_route import stream_tokens_for
 from livecall.server.outbound_carriers import OUTBOUND_PARAMETER
@@ -143,3 +145,38 @@ async def test_a_twilio_outbound_token_opens_one_call_across_servers(
         assert code == 1008
     assert second.gemini is not None and second.gemini.sessions == []
     assert refusals(second, "stream_token") == 1  # refused before any Gemini session
+
+
+@pytest.mark.timeout(60)
+async def test_a_plivo_webhook_replayed_to_another_server_is_refused(
+    make_stack: Any, tmp_path: Path
+) -> None:
+    """Plivo signs no timestamp: its nonce, once across servers, is the replay defence."""
+    token = "plivo-claims-test-token-0123456789"
+    first = await make_stack(
+        Scenario(seed=1),
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}",
+        plivo_auth_token=token,
+    )
+    # one public URL for both, as workers behind one port (the signature covers the URL)
+    second = await make_stack(
+        Scenario(seed=1),
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}",
+        plivo_auth_token=token,
+        public_url=first.base_url,
+    )
+    form = {"CallUUID": "9c1e3f4a-0000-4000-8000-000000000001", "From": "14155550100"}
+    form |= {"To": "14155550199", "Direction": "inbound"}
+    nonce = new_nonce()
+    headers = {
+        "X-Plivo-Signature-V3": PlivoSignature(token).sign(
+            "POST", f"{first.base_url}/plivo/answer", form, nonce
+        ),
+        "X-Plivo-Signature-V3-Nonce": nonce,
+    }
+    async with httpx.AsyncClient(trust_env=False) as client:
+        answered = await client.post(f"{first.base_url}/plivo/answer", data=form, headers=headers)
+        assert answered.status_code == 200
+        replayed = await client.post(f"{second.base_url}/plivo/answer", data=form, headers=headers)
+    assert replayed.status_code == 403
+    assert refusals(second, "plivo_signature") == 1
