@@ -20,6 +20,7 @@ from livecall.store import db
 from livecall.store.claims import LocalClaims, MemoryClaims, storage_key
 from livecall.store.claims_db import PRUNE_INTERVAL_S, SharedClaims
 from livecall.store.models import Claim
+from livecall.telephony.whisper import Whispers
 from support import service_missing
 
 T0 = 1_800_000_000.0
@@ -213,3 +214,36 @@ async def test_kinds_are_bounded(engines: Callable[[], AsyncEngine]) -> None:
         await store.claim("k" * 33, REF, "CA1", 60)
     assert await store.claim("k", "x" * 1000, "CA1", 60)  # a long key: its digest
     assert not await shared(engines()).claim("k", "x" * 1000, "CA2", 60)
+
+
+async def test_one_shot_documents_are_taken_once_by_any_worker(
+    engines: Callable[[], AsyncEngine],
+) -> None:
+    """Without Redis, a warm transfer's briefing (or a Plivo transfer's XML) published at one
+    worker is fetched at whichever the carrier reaches, once."""
+    first, second = shared(engines()), shared(engines())
+    publisher, fetcher = Whispers(first), Whispers(second)
+    token = await publisher.put("Caller wants to book a table for four.")
+    assert await fetcher.take(token) == "Caller wants to book a table for four."
+    assert await publisher.take(token) is None  # taken: not even its own copy again
+    assert await fetcher.take(token) is None
+    now = [T0]
+    late = shared(engines(), clock=lambda: now[0])
+    assert await late.stash("whisper:x", "v", 120)
+    now[0] += 121
+    assert await late.take("whisper:x") is None  # expired
+
+
+async def test_without_the_database_documents_stay_with_their_worker(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'unmigrated.db'}")
+    try:
+        store = shared(engine)
+        assert not await store.stash("whisper:x", "v", 120)
+        with pytest.raises(LookupError):
+            await store.take("whisper:x")
+        whispers = Whispers(store)
+        token = await whispers.put("briefing")
+        assert await whispers.take(token) == "briefing"  # its own copy, once
+        assert await whispers.take(token) is None
+    finally:
+        await engine.dispose()

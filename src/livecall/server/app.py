@@ -73,6 +73,9 @@ def create_app(
         instance_info={"version": __version__, "max_calls": settings.max_concurrent_calls},
     )
     metrics = Metrics()
+    store = CallStore(settings, metrics=metrics)
+    # single-use tokens and replay ids, shared by every worker and instance on the database
+    claims = SharedClaims(store.repo.sessions, on_fallback=lambda: metrics.error("claims_fallback"))
     state = AppState(
         settings=settings,
         metrics=metrics,
@@ -84,7 +87,10 @@ def create_app(
         if token
         else None,
         stream_secret=app_stream_secret(settings),
-        store=CallStore(settings, metrics=metrics),
+        store=store,
+        claims=claims,
+        # one-shot documents: Redis when configured, else the database every worker shares
+        stash=cluster if isinstance(cluster, ClusterRegistry) else claims,
         recordings=LocalRecordingStore(settings.recordings_dir),
         observer_factory=observer_factory,
         # a broken profiles file stops the server here, with every problem listed
@@ -98,9 +104,6 @@ def create_app(
             if settings.http_tools_secret
             else None
         ),
-    )
-    state.claims = SharedClaims(
-        state.store.repo.sessions, on_fallback=lambda: metrics.error("claims_fallback")
     )
     cluster.on_control = state.on_control
     if isinstance(cluster, ClusterRegistry):  # every instance's live page shows every call

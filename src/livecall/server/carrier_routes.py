@@ -111,7 +111,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
     tokens = stream_tokens_for(state.stream_secret, route.name)
     name = route.name
     documents_path = f"/{name}/transfer"
-    documents = Whispers(state.cluster, ttl_s=TRANSFER_DOCUMENT_TTL_S, prefix=f"{name}-transfer")
+    documents = Whispers(state.stash, ttl_s=TRANSFER_DOCUMENT_TTL_S, prefix=f"{name}-transfer")
 
     read_webhook = route.read_webhook or read_form(route.call_id_field)
     statuses = CarrierStatuses(state, name, ttl_s=settings.max_call_duration_s + CALL_MEMORY_S)

@@ -17,6 +17,10 @@ the request, so an outage of the database never drops a call; the price is that 
 outage a token replayed to *another* worker is not recognised there. The first failure is
 logged as an error (once, until the database answers again) and every fallback counts in
 `livecall_errors_total{kind="claims_fallback"}`.
+
+Without Redis the same table keeps the one-shot documents a carrier fetches once (`stash`,
+`take`: a warm transfer's briefing, a Plivo transfer's XML), so whichever worker the fetch
+reaches can answer it, once.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from livecall.store.claims import MAX_KIND_CHARS, LocalClaims, storage_key
 from livecall.store.models import Claim
 
-__all__ = ["PRUNE_INTERVAL_S", "SharedClaims"]
+__all__ = ["PRUNE_INTERVAL_S", "STASH_KIND", "SharedClaims"]
 
 log = structlog.get_logger("livecall.claims")
 
 PRUNE_INTERVAL_S = 60.0
+STASH_KIND = "stash"  # one-shot documents (`stash`/`take`), beside the claims
 DEFAULT_TIMEOUT_S = 2.0  # a webhook waits at most this for the database, then goes on local
 _TABLE = Claim.__table__
 T = TypeVar("T")
@@ -109,7 +114,37 @@ class SharedClaims:
         except _Unavailable:
             return None
 
+    # ------------------------------------------------------------------ one-shot documents
+
+    async def stash(self, key: str, value: str, ttl_s: float) -> bool:
+        """Keep `value` for one `take` by any worker (`telephony.whisper.SharedStash`: a warm
+        transfer's briefing, a Plivo transfer's document, when there is no Redis); False
+        when the database cannot keep it (the caller keeps its own copy)."""
+        until = self._clock() + ttl_s
+        try:
+            await self._db(self._put_row, STASH_KIND, storage_key(key), value, until)
+        except _Unavailable:
+            return False
+        return True
+
+    async def take(self, key: str) -> str | None:
+        """The value stashed under `key`, deleted in the same statement: once, whichever
+        worker asks first. LookupError when the database cannot say."""
+        try:
+            return await self._db(self._take_row, STASH_KIND, storage_key(key), self._clock())
+        except _Unavailable:
+            raise LookupError("the claims database is unavailable") from None
+
     # ------------------------------------------------------------------ the queries
+
+    async def _take_row(self, session: AsyncSession, kind: str, key: str, now: float) -> str | None:
+        taken = await session.execute(
+            delete(Claim)
+            .where(Claim.kind == kind, Claim.key == key, Claim.expires_at >= _at(now))
+            .returning(Claim.value)
+        )
+        value: str | None = taken.scalar_one_or_none()
+        return value
 
     async def _claim_row(
         self, session: AsyncSession, kind: str, key: str, owner: str, now: float, until: float
