@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 import websockets
+from structlog.testing import capture_logs
 
 from livecall.carriers.plivo.signatures import PlivoSignature, new_nonce
 from livecall.carriers.vonage import VonageSignature
@@ -23,6 +24,7 @@ from livecall.server.twilio_routes import twilio_stream_tokens
 from livecall.sim.gemini import Scenario
 from livecall.sim.stack import LocalStack
 from livecall.telephony.stream_token import TOKEN_PARAMETER
+from pg_support import DEAD_PG_URL
 from support import eventually
 from test_stream_security import (
     ACCOUNT,
@@ -180,3 +182,22 @@ async def test_a_plivo_webhook_replayed_to_another_server_is_refused(
         replayed = await client.post(f"{second.base_url}/plivo/answer", data=form, headers=headers)
     assert replayed.status_code == 403
     assert refusals(second, "plivo_signature") == 1
+
+
+@pytest.mark.timeout(60)
+async def test_with_the_database_down_calls_are_answered_and_replays_here_still_refused(
+    make_stack: Any,
+) -> None:
+    """An outage must not drop calls: the checks fall back to this process (said once)."""
+    stack = await make_stack(
+        Scenario(seed=1), database_url=DEAD_PG_URL, vonage_signature_secret=SECRET
+    )
+    query = answer_query("33333333-4a51-4f6b-86e1-46edebcf9356")
+    url = f"{stack.base_url}/vonage/answer?{query}"
+    authorization = SIGNER.sign(method="GET", url=url)
+    with capture_logs() as logs:
+        assert (await get(url, authorization)).status_code == 200
+        assert (await get(url, authorization)).status_code == 403  # the replay, here
+    assert refusals(stack, "claims_fallback") >= 1
+    down = [e for e in logs if e["event"] == "claims.shared_unavailable"]
+    assert len(down) == 1 and down[0]["log_level"] == "error"

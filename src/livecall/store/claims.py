@@ -6,9 +6,11 @@ may present it again (a stream reconnecting), any other owner is refused. A *val
 short-lived fact one request learned and a later one needs (what Vonage's answer webhook said
 about a call, for its REST control).
 
-`LocalClaims` is the logic for one process; `store.claims_db.SharedClaims` keeps the same in
-the database every worker and instance shares, and falls back to a `LocalClaims` when the
-database cannot answer. Time is passed in (unix seconds): nothing here reads a clock.
+`LocalClaims` is the logic for one process, sans I/O: time is passed in (unix seconds).
+`store.claims_db.SharedClaims` keeps the same in the database every worker and instance
+shares, with a `LocalClaims` in front and as its fallback when the database cannot answer;
+`MemoryClaims` is the thin async shell over a `LocalClaims` alone (tests, an app built
+without a database).
 """
 
 from __future__ import annotations
