@@ -35,7 +35,11 @@ REST call control (`telephony/call_control.py:CallControl`: the agent's hang-up 
 route's `control`: a factory given the call's `ControlSite` (the app, the call's start, the
 public base URL). What a carrier's webhook said that its control needs later (Vonage's
 `region_url`) stays with the carrier's route, keyed by call id for a bounded time (see
-`carriers/vonage/calls.py`), and its factory looks it up by `ControlSite.start.call_id`.
+`carriers/vonage/calls.py`), and, through the route's `memory`, in the claims store every
+worker and instance shares, recalled before the call runs wherever its stream lands; its
+factory looks it up by `ControlSite.start.call_id`. A signed webhook's single-use id (the
+route's `single_use`: a `jti`, a nonce) and every outbound token reference are claimed in that
+store too (`AppState.claims`), so a replay to another worker is refused like one to this.
 A carrier that fetches a transfer's document from livecall (Plivo's
 `aleg_url`) sets `documents`: `ControlSite.publish` keeps the document behind a single-use
 token, served once at `POST /<carrier>/transfer/<token>` to a request signed by the carrier.
