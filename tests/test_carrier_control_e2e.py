@@ -326,6 +326,35 @@ async def test_vonage_control_goes_to_the_calls_region_and_says_the_line_first(
     assert result.events_posted[-1] == "completed"  # no `disconnected`: the call moved on
 
 
+async def test_vonage_control_finds_the_region_when_the_stream_reaches_another_server(
+    make_stack: Any, call_over: Any, tmp_path: Path
+) -> None:
+    """The answer webhook at one server (or worker), the stream at another on the same
+    database: what the webhook learned (region, line) reaches the stream's server, so the
+    call's control still goes to its region and dials from the line the caller rang."""
+    vonage = vonage_line()
+    shared = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    scenario = tool("transfer_call", target="manager")
+    streams = await make_stack(vonage, scenario, ["transfer_call"], database_url=shared)
+    # its answers point the calls' media at the other server
+    webhooks = await make_stack(
+        vonage, scenario, ["transfer_call"], database_url=shared, public_url=streams.base_url
+    )
+    caller = streams.vonage_caller(
+        [say("hours")], seed=6, on_script_end="wait", timeout=30, base_url=webhooks.base_url
+    )
+    result = await caller.run()
+    await call_over(streams)
+    assert streams.registry.active == {} and webhooks.registry.active == {}
+    [request] = [
+        r
+        for r in streams.fakes["vonage"].requests
+        if r.path.endswith(f"/v1/calls/{result.call_sid}")
+    ]
+    assert (request.base, request.status) == (REGION_PATH, 204)
+    assert request.body["destination"]["ncco"][-1]["from"] == caller.to
+
+
 async def test_vonage_keys_go_over_rest_not_as_tones(make_stack: Any, call_over: Any) -> None:
     """Vonage's stream carries no DTMF: the agent's keys go to `PUT …/dtmf`, in the region."""
     vonage = vonage_line()

@@ -631,6 +631,7 @@ async def test_migrations_upgrade_and_downgrade(database: Database) -> None:
                 "call_analyses",
                 "caller_memory",
                 "search_docs",
+                "claims",
             }
         await db.downgrade(engine, "base")
         assert await db.current_revision(engine) is None

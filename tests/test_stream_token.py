@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from livecall.store.claims import LocalClaims
 from livecall.telephony.stream_token import (
     CALL_SID_RE,
-    OutboundClaims,
     StreamTokens,
     derive_key,
+    outbound_claim_kind,
+    outbound_claim_ttl,
 )
 
 CALL = "CA" + "a" * 32
@@ -86,14 +88,15 @@ def test_outbound_tokens_are_claimed_by_their_first_call(tokens: StreamTokens) -
     first = tokens.check(token, CALL, ACCOUNT, T0 + 5)
     assert first and first.ref is not None
     assert tokens.check(token, OTHER_CALL, ACCOUNT, T0 + 5).ref == first.ref  # MAC is fine…
-    claims = OutboundClaims(keep=2)
-    assert claims.claim(first.ref, CALL)
-    assert claims.claim(first.ref, CALL)  # …the same call again (a reconnect) is fine
-    assert not claims.claim(first.ref, OTHER_CALL)  # …another CallSid is not
+    claims, kind = LocalClaims(max_entries=2), outbound_claim_kind("twilio")
+    until = T0 + outbound_claim_ttl(tokens, 3600)
+    assert claims.claim(kind, first.ref, CALL, until, T0 + 5)
+    assert claims.claim(kind, first.ref, CALL, until, T0 + 9)  # …the same call (a reconnect)
+    assert not claims.claim(kind, first.ref, OTHER_CALL, until, T0 + 9)  # …another CallSid not
     assert not tokens.check(token, CALL, "AC" + "2" * 32, T0 + 5)
     assert not tokens.check(token, CALL, ACCOUNT, T0 + 301)
-    claims.claim("1" * 32, CALL)
-    claims.claim("2" * 32, CALL)
+    claims.claim(kind, "1" * 32, CALL, until, T0 + 10)
+    claims.claim(kind, "2" * 32, CALL, until, T0 + 10)
     assert len(claims) == 2  # bounded
 
 

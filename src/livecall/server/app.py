@@ -39,6 +39,7 @@ from livecall.server.state import AppState
 from livecall.server.twilio_routes import app_stream_secret, build_twilio_router
 from livecall.server.webhook_routes import build_recording_link_router, build_webhook_api_router
 from livecall.settings import Settings
+from livecall.store.claims_db import SharedClaims
 from livecall.store.recordings import LocalRecordingStore, run_retention
 from livecall.store.writer import CallStore
 from livecall.telephony.twilio import TwilioSignature
@@ -72,6 +73,9 @@ def create_app(
         instance_info={"version": __version__, "max_calls": settings.max_concurrent_calls},
     )
     metrics = Metrics()
+    store = CallStore(settings, metrics=metrics)
+    # single-use tokens and replay ids, shared by every worker and instance on the database
+    claims = SharedClaims(store.repo.sessions, on_fallback=lambda: metrics.error("claims_fallback"))
     state = AppState(
         settings=settings,
         metrics=metrics,
@@ -83,7 +87,10 @@ def create_app(
         if token
         else None,
         stream_secret=app_stream_secret(settings),
-        store=CallStore(settings, metrics=metrics),
+        store=store,
+        claims=claims,
+        # one-shot documents: Redis when configured, else the database every worker shares
+        stash=cluster if isinstance(cluster, ClusterRegistry) else claims,
         recordings=LocalRecordingStore(settings.recordings_dir),
         observer_factory=observer_factory,
         # a broken profiles file stops the server here, with every problem listed

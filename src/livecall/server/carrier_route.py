@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
@@ -28,6 +28,7 @@ from livecall.telephony.stream_token import (
 
 if TYPE_CHECKING:
     from livecall.server.state import AppState
+    from livecall.store.claims import ClaimStore
     from livecall.telephony.call_control import CallControl
 
 __all__ = [
@@ -38,9 +39,11 @@ __all__ = [
     "TRANSFER_DOCUMENT_TTL_S",
     "UPGRADE_CLOCK_SKEW_S",
     "AnswerBuilder",
+    "CallMemory",
     "CarrierRoute",
     "ControlFactory",
     "ControlSite",
+    "SingleUse",
     "StatusReader",
     "WarmDocuments",
     "WebhookCall",
@@ -84,6 +87,8 @@ class WebhookCall:
 WebhookReader = Callable[[str, str, bytes], WebhookCall]
 # (public https base, parameters, call) -> (answer body, content type)
 AnswerBuilder = Callable[[str, Mapping[str, str], WebhookCall], tuple[str, str]]
+# headers of a signed request -> (its single-use id, seconds it stays used), or None
+SingleUse = Callable[[Mapping[str, str]], "tuple[str, float] | None"]
 # (method, url, body) -> (call id, status) of a status webhook; ValueError when unreadable
 StatusReader = Callable[[str, str, bytes], tuple[str, str]]
 
@@ -101,6 +106,18 @@ class ControlSite:
 
 
 ControlFactory = Callable[[ControlSite], "CallControl | None"]
+
+
+class CallMemory(Protocol):
+    """What a carrier's webhook learned about a call, shared across workers and instances."""
+
+    async def share(self, claims: ClaimStore, call_id: str) -> None:
+        """After the voice webhook's answer: what it learned, into the shared store."""
+        ...
+
+    async def recall(self, claims: ClaimStore, call_id: str) -> None:
+        """Before the call runs: what another worker's webhook learned, if this one lacks it."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,13 @@ class CarrierRoute:
     answer: AnswerBuilder | None = None  # None: `carrier.answer_document(ws url, parameters)`
     status_path: str | None = None  # the carrier's status (event) webhook, if it has one
     read_status: StatusReader | None = None
+    # a signed request's single-use id and how long it must stay used (Vonage's `jti`,
+    # Plivo's nonce, Telnyx's signature), read after its signature checked out; claimed in the
+    # store every worker and instance shares, so a replay to another worker is refused too
+    single_use: SingleUse | None = None
+    # what the voice webhook learned about a call that its control needs later (Vonage's
+    # region), shared with the worker its stream reaches
+    memory: CallMemory | None = field(default=None, compare=False)
     status_methods: tuple[str, ...] = ("POST",)
     # the per-call parameters ride the stream URL's query string (Exotel): read them from the
     # upgrade request (the start's custom parameters, which echo them, when it has none)

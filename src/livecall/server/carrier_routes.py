@@ -38,7 +38,11 @@ REST call control (`telephony/call_control.py:CallControl`: the agent's hang-up 
 route's `control`: a factory given the call's `ControlSite` (the app, the call's start, the
 public base URL). What a carrier's webhook said that its control needs later (Vonage's
 `region_url`) stays with the carrier's route, keyed by call id for a bounded time (see
-`carriers/vonage/calls.py`), and its factory looks it up by `ControlSite.start.call_id`.
+`carriers/vonage/calls.py`), and, through the route's `memory`, in the claims store every
+worker and instance shares, recalled before the call runs wherever its stream lands; its
+factory looks it up by `ControlSite.start.call_id`. A signed webhook's single-use id (the
+route's `single_use`: a `jti`, a nonce) and every outbound token reference are claimed in that
+store too (`AppState.claims`), so a replay to another worker is refused like one to this.
 A carrier that fetches a transfer's document from livecall (Plivo's
 `aleg_url`) sets `documents`: `ControlSite.publish` keeps the document behind a single-use
 token, served once at `POST /<carrier>/transfer/<token>` to a request signed by the carrier.
@@ -86,7 +90,8 @@ from livecall.server.outbound_carriers import OUTBOUND_PARAMETER
 from livecall.server.urls import public_base, signature_urls, ws_base
 from livecall.telephony.stream_token import (
     TOKEN_PARAMETER,
-    OutboundClaims,
+    outbound_claim_kind,
+    outbound_claim_ttl,
 )
 from livecall.telephony.whisper import (
     Briefing,
@@ -120,11 +125,13 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
     tokens = stream_tokens_for(state.stream_secret, route.name)
     name = route.name
     documents_path = f"/{name}/transfer"
-    documents = Whispers(state.cluster, ttl_s=TRANSFER_DOCUMENT_TTL_S, prefix=f"{name}-transfer")
+    documents = Whispers(state.stash, ttl_s=TRANSFER_DOCUMENT_TTL_S, prefix=f"{name}-transfer")
 
     read_webhook = route.read_webhook or read_form(route.call_id_field)
     statuses = CarrierStatuses(state, name, ttl_s=settings.max_call_duration_s + CALL_MEMORY_S)
-    claims = OutboundClaims()  # outbound token reference -> the call id that claimed it
+    claim_kind = outbound_claim_kind(name)  # outbound token reference -> the call id
+    claim_ttl_s = outbound_claim_ttl(tokens, settings.max_call_duration_s)
+    replay_kind = f"{name}-replay"
 
     def signed(request: Request, body: bytes) -> bool:
         peer = request.client.host if request.client is not None else None
@@ -133,16 +140,30 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
         )
         return any(route.carrier.verify_webhook(url, request.headers, body) for url in urls)
 
-    def verified(request: Request, body: bytes) -> bool:
-        if signed(request, body):
+    async def verified(request: Request, body: bytes) -> bool:
+        if not signed(request, body):
+            state.metrics.error(f"{name}_signature")
+            log.warning(f"{name}.webhook_rejected", reason="bad or missing signature")
+            return False
+        if not await first_use(request):
+            state.metrics.error(f"{name}_signature")
+            log.warning(f"{name}.webhook_rejected", reason="replayed request")
+            return False
+        return True
+
+    async def first_use(request: Request) -> bool:
+        """A signed request's single-use id (a `jti`, a nonce) seen by no worker before."""
+        if route.single_use is None:
             return True
-        state.metrics.error(f"{name}_signature")
-        log.warning(f"{name}.webhook_rejected", reason="bad or missing signature")
-        return False
+        once = route.single_use(request.headers)
+        if once is None:
+            return True
+        key, ttl_s = once
+        return await state.claims.first_use(replay_kind, key, ttl_s)
 
     async def voice_webhook(request: Request) -> Response:
         body = await request.body()
-        if not verified(request, body):
+        if not await verified(request, body):
             return Response(f"invalid {name} signature", status_code=403, media_type="text/plain")
         if request.method == "HEAD":  # a probe before the real request: nothing to admit
             return Response(status_code=200)
@@ -157,7 +178,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             return Response(f"no {route.call_id_field}", status_code=400, media_type="text/plain")
         outbound = request.query_params.get(OUTBOUND_PARAMETER)
         if outbound is not None:
-            problem = claim_outbound(outbound, call_id)
+            problem = await claim_outbound(outbound, call_id)
             if problem is not None:
                 state.metrics.error("stream_token")
                 log.warning(f"{name}.webhook_rejected", call_sid=call_id, reason=problem)
@@ -205,21 +226,24 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             answer, content_type = route.answer(base, parameters, call)
         else:
             answer, content_type = route.carrier.answer_document(stream_url, parameters)
+        if route.memory is not None:
+            await route.memory.share(state.claims, call_id)
         # our number on an inbound call; on an outbound one the callee's: masked
         to = mask_number(call.to_number) if outbound is not None else call.to_number
         log.info(f"{name}.webhook", call_sid=call_id, to=to or None, outbound=outbound is not None)
         return Response(answer, media_type=content_type)
 
-    def claim_outbound(token: str, call_id: str) -> str | None:
+    async def claim_outbound(token: str, call_id: str) -> str | None:
         """Why an outbound call's webhook may not go on, else None (the reference claimed)."""
         check = tokens.check(token, call_id, "", time.time())
         if not check or check.ref is None:
             return check.reason or "not an outbound token"
-        return claim_ref(check.ref, call_id)
+        return await claim_ref(check.ref, call_id)
 
-    def claim_ref(ref: str, call_id: str) -> str | None:
-        """Claim an outbound token's reference for `call_id`; why not, else None."""
-        if not claims.claim(ref, call_id):
+    async def claim_ref(ref: str, call_id: str) -> str | None:
+        """Claim an outbound token's reference for `call_id` (on every worker and instance:
+        `AppState.claims`); why not, else None."""
+        if not await state.claims.claim(claim_kind, ref, call_id, claim_ttl_s):
             return "outbound token already used by another call"
         limits = state.outbound_limits
         if limits is not None:  # it counts under the call's id now (Plivo's differs)
@@ -228,7 +252,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
 
     async def status_webhook(request: Request) -> Response:
         body = await request.body()
-        if not verified(request, body):
+        if not await verified(request, body):
             return Response(f"invalid {name} signature", status_code=403, media_type="text/plain")
         assert route.read_status is not None
         try:
@@ -305,7 +329,7 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             # signed for an upgrade before this call was answered: another call's
             problem = "handshake Authorization issued before this call's answer"
         elif check.ref is not None:
-            problem = claim_ref(check.ref, started.call_id) if outbound else "outbound token"
+            problem = await claim_ref(check.ref, started.call_id) if outbound else "outbound token"
         if problem is not None:
             state.metrics.error("stream_token")
             log.warning(f"{name}.stream_refused", reason=problem)
@@ -333,6 +357,8 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
             route.on_start(stream, started)
         if route.status_path is not None:
             statuses.started(started.call_id)
+        if route.memory is not None:  # its webhook may have reached another worker
+            await route.memory.recall(state.claims, started.call_id)
         try:
             await run_call(
                 state,
@@ -361,9 +387,9 @@ def _add_carrier(router: APIRouter, state: AppState, route: CarrierRoute) -> Non
     async def transfer_document(token: str, request: Request) -> Response:
         """The carrier fetches a transfer's document (Plivo's `aleg_url`): signed, once."""
         body = await request.body()
-        if not signed(request, body):
+        if not signed(request, body) or not await first_use(request):
             state.metrics.error(f"{name}_signature")
-            log.warning(f"{name}.transfer_document_rejected", reason="bad or missing signature")
+            log.warning(f"{name}.transfer_document_rejected", reason="bad signature or replay")
             return Response(f"invalid {name} signature", status_code=403, media_type="text/plain")
         params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         call_id = params.get(route.call_id_field, "")[:MAX_CALL_ID] or None

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from livecall.carriers.base import CallStarted, CarrierStream
     from livecall.carriers.vonage.calls import CallDirectory
     from livecall.settings import Settings
+    from livecall.store.claims import ClaimStore
     from livecall.telephony.call_control import CallControl
 
 __all__ = [
@@ -45,6 +46,7 @@ def configured_routes(settings: Settings) -> list[CarrierRoute]:
     routes: list[CarrierRoute] = []
     if secret_value(settings.telnyx_public_key):
         from livecall.carriers.telnyx import TelnyxCarrier, busy_texml
+        from livecall.carriers.telnyx.signatures import single_use as telnyx_once
 
         routes.append(
             CarrierRoute(
@@ -52,11 +54,13 @@ def configured_routes(settings: Settings) -> list[CarrierRoute]:
                 "/telnyx/texml",
                 "CallSid",
                 lambda message, reject: busy_texml(message, reject=reject),
+                single_use=telnyx_once,
                 **_telnyx_control(settings),
             )
         )
     if secret_value(settings.plivo_auth_token):
         from livecall.carriers.plivo import PlivoCarrier, busy_xml
+        from livecall.carriers.plivo.signatures import single_use as plivo_once
 
         routes.append(
             CarrierRoute(
@@ -65,6 +69,7 @@ def configured_routes(settings: Settings) -> list[CarrierRoute]:
                 "CallUUID",
                 lambda message, reject: busy_xml(message, reject=reject),
                 alnum_parameters=True,  # extraHeaders: letters and digits only
+                single_use=plivo_once,
                 **_plivo_control(settings),
             )
         )
@@ -136,7 +141,8 @@ def _vonage_route(
     )
     from livecall.carriers.vonage.calls import CallDirectory
 
-    carrier = VonageCarrier(VonageSignature(signature_secret), sample_rate=sample_rate)
+    signature = VonageSignature(signature_secret)
+    carrier = VonageCarrier(signature, sample_rate=sample_rate)
     ttl_s = (settings.max_call_duration_s if settings is not None else 3600.0) + CALL_MEMORY_S
     directory = CallDirectory(ttl_s=ttl_s)
 
@@ -179,8 +185,39 @@ def _vonage_route(
         read_status=read_status,
         status_methods=("GET", "POST"),
         verify_upgrade=carrier.verify_upgrade,
+        single_use=signature.single_use,
+        memory=_VonageMemory(directory),
         **(_vonage_control(settings, directory) if settings is not None else {}),
     )
+
+
+class _VonageMemory:
+    """What Vonage's answer webhook said about a call (its region, its line), in the shared
+    store for as long as the directory keeps it: the call's stream, and so its REST control,
+    may reach another worker or instance than its answer webhook did."""
+
+    KIND = "vonage-call"
+
+    def __init__(self, directory: CallDirectory) -> None:
+        self.directory = directory
+
+    async def share(self, claims: ClaimStore, call_id: str) -> None:
+        from livecall.carriers.vonage.calls import shared_form
+
+        known = self.directory.get(call_id, time.monotonic())
+        if known is not None:
+            await claims.put(self.KIND, call_id, shared_form(known), self.directory.ttl_s)
+
+    async def recall(self, claims: ClaimStore, call_id: str) -> None:
+        from livecall.carriers.vonage.calls import from_shared
+
+        now = time.monotonic()
+        if self.directory.get(call_id, now) is not None:
+            return  # answered here
+        text = await claims.get(self.KIND, call_id)
+        known = from_shared(call_id, text, now) if text is not None else None
+        if known is not None:
+            self.directory.add(known, now)
 
 
 def _vonage_control(settings: Settings, directory: CallDirectory) -> dict[str, Any]:

@@ -41,11 +41,12 @@ from livecall.server.drain import Drain
 from livecall.server.outbound_limits import OutboundLimits
 from livecall.server.registry import CallRegistry
 from livecall.settings import Settings
+from livecall.store.claims import ClaimStore, MemoryClaims
 from livecall.store.recordings import LocalRecordingStore, RecordingStore
 from livecall.store.writer import CallStore
 from livecall.telephony.twilio import TwilioSignature
 from livecall.telephony.twilio_rest import TwilioCallControl
-from livecall.telephony.whisper import Whispers
+from livecall.telephony.whisper import SharedStash, Whispers
 from livecall.tracing import traced
 
 __all__ = ["AppState"]
@@ -88,11 +89,20 @@ class AppState:
     outbound_limits: OutboundLimits | None = None
     # closed at shutdown once no call needs them (the carriers' REST clients)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    # warm transfers' briefings for the person answering (through the cluster store)
+    # single-use tokens and what a carrier's webhook said about a call, shared by every worker
+    # and instance on the database (`store.claims_db`; create_app sets it): one per app
+    claims: ClaimStore = field(default_factory=MemoryClaims)
+    # where one-shot documents (briefings, transfer documents) wait for whichever worker or
+    # instance the carrier's fetch reaches: Redis when set, else the database (create_app);
+    # None: the cluster store
+    stash: SharedStash | None = None
+    # warm transfers' briefings for the person answering (through `stash`)
     whispers: Whispers = field(init=False)
 
     def __post_init__(self) -> None:
-        self.whispers = Whispers(self.cluster)
+        if self.stash is None:
+            self.stash = self.cluster
+        self.whispers = Whispers(self.stash)
 
     def knowledge_for(self, profile: AgentProfile) -> FallbackSource | None:
         """What the profile's `lookup` searches, shared by every call that searches the same.

@@ -33,9 +33,10 @@ from livecall.telephony import twilio as tw
 from livecall.telephony.stream_token import (
     CALL_SID_RE,
     TOKEN_PARAMETER,
-    OutboundClaims,
     StreamTokens,
     derive_key,
+    outbound_claim_kind,
+    outbound_claim_ttl,
 )
 from livecall.telephony.whisper import (
     TRANSFER_ENDED_PATH,
@@ -79,7 +80,6 @@ def build_twilio_router(state: AppState) -> APIRouter:
     settings = state.settings
     trusted = TrustedProxies(settings.trusted_proxies)
     tokens = twilio_stream_tokens(state.stream_secret)
-    claims = OutboundClaims()
 
     @router.post("/twiml", include_in_schema=False)
     async def voice_webhook(request: Request) -> Response:
@@ -183,7 +183,7 @@ def build_twilio_router(state: AppState) -> APIRouter:
         if opened is None:
             return
         carrier, stream, start = opened
-        refusal = _stream_problem(state, tokens, claims, start)
+        refusal = await _stream_problem(state, tokens, start)
         if refusal is not None:
             state.metrics.error("stream_token")
             log.warning(
@@ -289,13 +289,12 @@ def _caller_problem(settings: Settings, call_sid: str, account_sid: str) -> str 
     return None
 
 
-def _stream_problem(
-    state: AppState, tokens: StreamTokens, claims: OutboundClaims, start: tw.Start
-) -> str | None:
+async def _stream_problem(state: AppState, tokens: StreamTokens, start: tw.Start) -> str | None:
     """Why this `start` may not become (or replace) a call, else None.
 
     The token must be valid for this CallSid and account; an outbound token belongs to the
-    first CallSid that presents it. A call live here (a Twilio reconnect) accepts its own
+    first CallSid that presents it, on whichever worker or instance (`AppState.claims`). A
+    call live here (a Twilio reconnect) accepts its own
     token past the first-start window.
     """
     problem = _caller_problem(state.settings, start.call_sid, start.account_sid)
@@ -311,7 +310,12 @@ def _stream_problem(
     )
     if not check:
         return check.reason
-    if check.ref is not None and not claims.claim(check.ref, start.call_sid):
+    if check.ref is not None and not await state.claims.claim(
+        outbound_claim_kind("twilio"),
+        check.ref,
+        start.call_sid,
+        outbound_claim_ttl(tokens, state.settings.max_call_duration_s),
+    ):
         return "stream token already used by another call"
     return None
 

@@ -293,14 +293,16 @@ class LocalStack:
 
     def vonage_caller(self, script: list[Any], **kwargs: Any) -> SimulatedEdge:
         """A caller through Vonage (needs "vonage" in `carrier_apis`), known to its fake; its
-        answer webhook names the fake's region as the call's `region_url`."""
+        answer webhook names the fake's region as the call's `region_url`. `base_url`: where
+        its answer webhook goes, when not to this stack (another server on its database)."""
         from livecall.sim.vonage import SimulatedVonageCaller
 
         fake = self._fake_for("vonage", "vonage_caller")
         kwargs.setdefault("application_id", VONAGE_APPLICATION_ID)
         kwargs.setdefault("region_url", self._vonage_region)
         kwargs.setdefault("signature_secret", VONAGE_SIGNATURE_SECRET)
-        caller = SimulatedVonageCaller(self.base_url, script=script, **kwargs)
+        base_url = kwargs.pop("base_url", self.base_url)
+        caller = SimulatedVonageCaller(base_url, script=script, **kwargs)
         fake.attach(caller)
         return caller
 

@@ -325,3 +325,21 @@ class SearchDoc(Base):
     text: Mapped[str] = mapped_column(Text, default="")
 
     __table_args__ = (UniqueConstraint("call_sid", "source", "ref"),)
+
+
+class Claim(Base):
+    """A single-use claim or a short-lived shared value, shared by every worker and instance
+    on this database (`store.claims_db`): who holds `key` of `kind` until `expires_at`.
+
+    The primary key makes the first insert win; an expired row is anyone's again, and pruned.
+    """
+
+    __tablename__ = "claims"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), default="")
+    value: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_claims_expires_at", "expires_at"),)

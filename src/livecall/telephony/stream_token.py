@@ -9,7 +9,8 @@ whose `start` does not carry a valid one is closed before any Gemini session ope
 Token text: ``v1.<expiry unix s>.<ref>.<mac>``. `ref` is ``-`` for a token bound to a CallSid
 (inbound calls: the webhook knows the CallSid), or a random reference for an outbound call,
 whose TwiML is written before Twilio assigns the CallSid; the first stream that presents such a
-token claims it for its CallSid (`OutboundClaims`), and no other CallSid can use it after.
+token claims it for its CallSid (in the claims store every worker and instance shares,
+`livecall.store.claims_db`, under `outbound_claim_kind`), and no other CallSid can use it after.
 `mac` is HMAC-SHA256 over the version, subject (CallSid or ref), AccountSid and expiry, under
 a key derived from the configured secret with a purpose label, so a token minted for one
 purpose (Twilio streams, the browser softphone) is worthless for the other.
@@ -25,7 +26,6 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections import OrderedDict
 from dataclasses import dataclass
 
 __all__ = [
@@ -33,10 +33,11 @@ __all__ = [
     "CALL_SID_RE",
     "DEFAULT_TTL_S",
     "TOKEN_PARAMETER",
-    "OutboundClaims",
     "StreamTokens",
     "TokenCheck",
     "derive_key",
+    "outbound_claim_kind",
+    "outbound_claim_ttl",
 ]
 
 TOKEN_PARAMETER = "lc_token"
@@ -151,29 +152,15 @@ class StreamTokens:
         return TokenCheck(True, ref=found_ref, minted=expiry - self.ttl_s)
 
 
-class OutboundClaims:
-    """Which CallSid claimed each outbound token reference (bounded; oldest forgotten first).
+CLAIM_MARGIN_S = 600.0
 
-    A reference may be claimed by one CallSid only; the same CallSid may present it again
-    (Twilio reconnecting the stream). Entries are kept for `keep` claims, which outlives any
-    token's first-start window many times over at realistic call rates.
-    """
 
-    __slots__ = ("_claims", "keep")
+def outbound_claim_kind(carrier: str) -> str:
+    """The kind under which a carrier's outbound token references are claimed (one table)."""
+    return f"{carrier}-outbound"
 
-    def __init__(self, keep: int = 10_000) -> None:
-        self.keep = keep
-        self._claims: OrderedDict[str, str] = OrderedDict()
 
-    def claim(self, ref: str, call_sid: str) -> bool:
-        """True if `call_sid` may use the token with this reference (and now owns it)."""
-        owner = self._claims.get(ref)
-        if owner is not None:
-            return hmac.compare_digest(owner, call_sid)
-        self._claims[ref] = call_sid
-        while len(self._claims) > self.keep:
-            self._claims.popitem(last=False)
-        return True
-
-    def __len__(self) -> int:
-        return len(self._claims)
+def outbound_claim_ttl(tokens: StreamTokens, max_call_duration_s: float) -> float:
+    """How long an outbound reference's claim must hold: its token's first-start window, then
+    the longest call (a live call's stream may reconnect with its token), and a margin."""
+    return tokens.ttl_s + max_call_duration_s + CLAIM_MARGIN_S

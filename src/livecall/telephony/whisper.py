@@ -4,8 +4,9 @@ The briefing (the agent's `summary`, else a fallback naming the line and the cal
 never transcript text) is kept here, behind an unguessable, short-lived, single-use token:
 The carrier fetches ``/{carrier}/whisper/{token}`` when the callee answers (Twilio's and
 Telnyx's ``<Number url>``, Plivo's ``<Dial confirmSound>``, Vonage's connect ``onAnswer``), and
-the URL is all it and its logs ever see. With Redis the briefing is also stashed in the
-cluster store, so whichever instance the carrier reaches can answer, once.
+the URL is all it and its logs ever see. The briefing is also stashed in the shared store
+(Redis when configured, else the database: `store.claims_db`), so whichever worker or instance
+the carrier reaches can answer, once.
 
 A briefing is kept with the call it was minted for, its carrier and the profile's language
 (`Briefing`): a token is answered only at its own carrier's route, and a fetch naming another
@@ -68,7 +69,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 class SharedStash(Protocol):
-    """The cluster store's one-shot values (`livecall.cluster`)."""
+    """One-shot values every worker and instance sees (`livecall.cluster` with Redis, else
+    `store.claims_db.SharedClaims`)."""
 
     async def stash(self, key: str, value: str, ttl_s: float) -> bool: ...
     async def take(self, key: str) -> str | None: ...
@@ -162,8 +164,9 @@ class _Held:
 class Whispers:
     """Briefings by token: kept here, and in the shared stash when there is one.
 
-    When the stash took a briefing it is the one truth (GETDEL answers once across instances);
-    the local copy only serves when Redis could not keep it or cannot answer.
+    When the stash took a briefing it is the one truth (Redis's GETDEL, the database's DELETE
+    … RETURNING: once across workers and instances); the local copy only serves when the
+    stash could not keep it or cannot answer.
     """
 
     shared: SharedStash | None = None
@@ -202,7 +205,7 @@ class Whispers:
             return None
         try:
             return await self.shared.take(f"{self.prefix}:{token}")
-        except LookupError:  # Redis cannot say: this instance's copy, if it has one
+        except LookupError:  # the stash cannot say: this process's copy, if it has one
             return held.text if held is not None else None
 
 

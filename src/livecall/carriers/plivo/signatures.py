@@ -38,6 +38,7 @@ __all__ = [
     "PlivoSignature",
     "form_params",
     "new_nonce",
+    "single_use",
 ]
 
 DEFAULT_REPLAY_WINDOW_S = 300.0
@@ -166,6 +167,13 @@ class PlivoSignature:
         ctype = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
         params = form_params(body, ctype)
         return self.verify("POST" if params else "GET", url, params, headers)
+
+
+def single_use(headers: Mapping[str, str]) -> tuple[str, float] | None:
+    """A verified request's nonce and the window it stays used for: what a replay check
+    shared beyond this process (every worker and instance) claims."""
+    nonce = next((v for k, v in headers.items() if k.lower() == _NONCE), "")
+    return (nonce, DEFAULT_REPLAY_WINDOW_S) if nonce else None
 
 
 def new_nonce() -> str:

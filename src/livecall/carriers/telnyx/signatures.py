@@ -28,6 +28,7 @@ __all__ = [
     "TOLERANCE_SECONDS",
     "TelnyxSignature",
     "sign_webhook",
+    "single_use",
 ]
 
 SIGNATURE_HEADER = "telnyx-signature-ed25519"
@@ -119,6 +120,13 @@ class TelnyxSignature:
         horizon = now - self.tolerance - 1
         while seen and (len(seen) > _MAX_REMEMBERED or next(iter(seen.values())) < horizon):
             seen.popitem(last=False)
+
+
+def single_use(headers: Mapping[str, str]) -> tuple[str, float] | None:
+    """A verified request's signature, used once for the whole window (both ways around its
+    timestamp): what a replay check shared beyond this process claims."""
+    signature = _header(headers, SIGNATURE_HEADER)
+    return (signature, 2.0 * TOLERANCE_SECONDS + 1) if signature else None
 
 
 def sign_webhook(private_key: bytes, body: bytes, timestamp: int | None = None) -> dict[str, str]:

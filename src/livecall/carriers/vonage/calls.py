@@ -5,6 +5,8 @@ go to) and its `conversation_uuid`; the stream's start repeats only the call's u
 websocket leg's events carry the leg's own uuid with the conversation's. `CallDirectory`
 keeps what the answer webhook said, keyed by the call's uuid (and its conversation's), for a
 bounded time and number of calls, so the call's control and its events find it later.
+`shared_form`/`from_shared` put a call in words for the store every worker and instance
+shares: the stream (and its control) may reach another worker than the answer webhook did.
 
 Sans I/O: the caller passes the monotonic clock.
 """
@@ -15,9 +17,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import orjson
+
 from livecall.carriers.vonage.answer import AnswerRequest
 
-__all__ = ["CallDirectory", "KnownCall", "region_base"]
+__all__ = ["CallDirectory", "KnownCall", "from_shared", "region_base", "shared_form"]
 
 # the hosts Vonage's API regions live on (api-us-3.vonage.com, api.nexmo.com…)
 _VONAGE_DOMAINS = ("vonage.com", "nexmo.com")
@@ -34,6 +38,36 @@ class KnownCall:
     # the number the caller rang (the application's own): a transfer's caller id, since a
     # `connect` to a phone must come from one of the account's numbers
     line_number: str = ""
+
+
+def shared_form(known: KnownCall) -> str:
+    """What another worker needs of a known call, as JSON (no clock: each keeps its own)."""
+    fields = {
+        "conversation_uuid": known.conversation_uuid,
+        "region_url": known.region_url,
+        "line_number": known.line_number,
+    }
+    return orjson.dumps(fields).decode()
+
+
+def from_shared(uuid: str, text: str, now: float) -> KnownCall | None:
+    """A call `shared_form` wrote, known here from `now`; None if the text is not one."""
+    try:
+        fields = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if type(fields) is not dict:
+        return None
+    conversation, region, line = (
+        fields.get("conversation_uuid"),
+        fields.get("region_url"),
+        fields.get("line_number"),
+    )
+    if type(conversation) is not str or type(line) is not str:
+        return None
+    if region is not None and type(region) is not str:
+        return None
+    return KnownCall(uuid, conversation, region, now, line)
 
 
 def region_base(region_url: str | None, api_base: str) -> str | None:
@@ -75,12 +109,16 @@ class CallDirectory:
 
     def answered(self, call: AnswerRequest, now: float) -> KnownCall:
         """Remember a call its answer webhook named (again: the newest answer wins)."""
-        self._expire(now)
-        self._forget(call.uuid)
         known = KnownCall(call.uuid, call.conversation_uuid, call.region_url, now, call.to_number)
-        self._calls[call.uuid] = known
-        if call.conversation_uuid:
-            self._conversations[call.conversation_uuid] = call.uuid
+        return self.add(known, now)
+
+    def add(self, known: KnownCall, now: float) -> KnownCall:
+        """Remember `known` (answered here, or learned from another worker)."""
+        self._expire(now)
+        self._forget(known.uuid)
+        self._calls[known.uuid] = known
+        if known.conversation_uuid:
+            self._conversations[known.conversation_uuid] = known.uuid
         while len(self._calls) > self.max_calls:
             self._forget(next(iter(self._calls)))
         return known

@@ -11,7 +11,9 @@ The signature itself is checked with the official SDK's verifier (`vonage_jwt.ve
 when the `vonage` package is installed, else with PyJWT (what that verifier wraps). Vonage
 documents no freshness window, so livecall sets one: `iat` at most `max_age_s` old (5 min) and
 not in the future beyond `clock_skew_s`, and each `jti` accepted once within that window, so a
-captured request cannot be replayed. The secret never appears in a repr or an error.
+captured request cannot be replayed: here, in this process, and (`single_use`, claimed by the
+server in the store every worker and instance shares) at any other worker or instance. The
+secret never appears in a repr or an error.
 
 The same JWT signs a WebSocket opening handshake when the NCCO asks for it
 (`"authorization": {"type": "vonage"}`, @vonage/voice `WebsocketAuthorization`):
@@ -178,6 +180,22 @@ class VonageSignature:
                 raise SignatureRejected("JWT jti was already used (replayed request)")
             self._seen[jti] = iat + self.max_age_s + self.clock_skew_s
         return claims
+
+    def single_use(self, headers: Mapping[str, str]) -> tuple[str, float] | None:
+        """A checked request's `jti` and for how many more seconds it must stay used (its
+        `iat` window), for a replay check shared beyond this process; None without one.
+
+        Call only once `check` accepted these headers: the token is read, not verified.
+        """
+        try:
+            claims = jwt.decode(_bearer(headers), options={"verify_signature": False})
+        except (SignatureRejected, jwt.PyJWTError):
+            return None
+        jti, iat = claims.get("jti"), claims.get("iat")
+        if type(jti) is not str or not jti or not isinstance(iat, int | float):
+            return None
+        until = iat + self.max_age_s + self.clock_skew_s
+        return jti, max(1.0, until - self._clock())
 
     def _signature_ok(self, token: str) -> bool:
         if _sdk_verify is not None:
