@@ -28,6 +28,7 @@ from livecall.agent.profiles import ProfileRegistry
 from livecall.audio.recording import StereoRecorder
 from livecall.live_feed import LiveFeed
 from livecall.records import CallEventRecord, CallInfo, CallSummary, TurnRecord
+from livecall.server.api import EventOut
 from livecall.server.dashboard import (
     END_REASON,
     SESSION_COOKIE,
@@ -37,7 +38,7 @@ from livecall.server.dashboard import (
     build_dashboard_router,
     live_events,
 )
-from livecall.server.dashboard.core import COUNT_TIMEOUT_S
+from livecall.server.dashboard.core import COUNT_TIMEOUT_S, event_summary
 from livecall.server.registry import ActiveCall, CallRegistry
 from livecall.server.state import AppState
 from livecall.settings import Settings
@@ -781,3 +782,16 @@ async def test_call_page_heading_is_the_caller(client: httpx.AsyncClient) -> Non
     assert re.search(r'<h1><span class="caller-number">\+15550001111</span>', html)
     assert '<details class="card technical" id="technical">' in html  # collapsed
     assert "The caller hung up" in html and "Needs a call back" in html
+
+
+def test_an_unanswered_turn_reads_as_what_happened_to_the_caller() -> None:
+    def line(data: dict[str, Any]) -> str:
+        return event_summary(
+            EventOut(seq=0, at_ms=0, kind="turn_failed", name=None, duration_ms=None, data=data)
+        )
+
+    first = line({"reason": "MALFORMED_FUNCTION_CALL", "action": "reprompt"})
+    assert first == "the agent could not answer (malformed function call): asked again at once"
+    again = line({"reason": "RESPONSE_REJECTED", "action": "recovery_line"})
+    assert "(response rejected) again" in again and "asked to repeat" in again
+    assert "no reason given" in line({})

@@ -143,6 +143,11 @@ def event_summary(event: EventOut) -> str:
         return f"pressed {data.get('digit') or data.get('digits') or '?'}"
     if event.kind.startswith("tool_"):
         return f"⚙ {event.name or data.get('name') or ''}"
+    if event.kind == "turn_failed":  # the model ended a turn without answering
+        why = str(data.get("reason") or "no reason given").replace("_", " ").lower()
+        if data.get("action") == "recovery_line":
+            return f"the agent could not answer ({why}) again: the caller was asked to repeat"
+        return f"the agent could not answer ({why}): asked again at once"
     for key in ("reason", "error", "message", "target", "name"):
         if data.get(key):
             return str(data[key])
