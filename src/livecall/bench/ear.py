@@ -67,7 +67,7 @@ class EarCaller(SimulatedCaller):
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self._ear = sim._ToneDetector()
+        self._ear = sim.ToneDetector()
         self._sock_probes: deque[float] = deque()
         self.socket_rtts_ms: list[tuple[float, float]] = []  # (arrival time, ms)
         self.ear_probes: list[tuple[float, float, float]] = []  # (sent, heard, ms)

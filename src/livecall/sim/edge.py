@@ -66,7 +66,7 @@ from livecall.sim.script import (
     WaitForAgentSilence,
 )
 
-__all__ = ["SAMPLE_RATE", "RefusalKind", "SimulatedEdge"]
+__all__ = ["SAMPLE_RATE", "RefusalKind", "SimulatedEdge", "ToneDetector"]
 
 SILENCE = 0xFF  # μ-law code for 0
 PROBE_TONE_HZ = 1800  # a whole number of cycles in every 10 ms analysis window
@@ -112,7 +112,7 @@ def _tone_frame(n_samples: int) -> bytes:
     return ulaw_encode(pcm).tobytes()
 
 
-class _ToneDetector:
+class ToneDetector:
     """Finds onsets of the probe tone in incoming audio, 10 ms windows at a time.
 
     A window is "tone" when most of its energy sits at the probe frequency and it is loud;
@@ -322,7 +322,7 @@ class SimulatedEdge(ABC):
         self._awaiting_response: list[Utterance] = []
         self._awaiting_barge_stop: list[Utterance] = []
         self._probes: deque[float] = deque()
-        self._detector = _ToneDetector()
+        self._detector = ToneDetector()
 
     # ------------------------------------------------------------------ entry point
 
