@@ -139,6 +139,7 @@ async def test_plivo_failures_are_call_control_errors_without_secrets() -> None:
 
 async def test_a_line_without_rest_hangs_up_by_closing_and_refuses_transfers() -> None:
     control: CallControl = StreamEndControl("this line cannot transfer calls")
+    assert not control.briefs("+15551230000")
     assert await control.hangup("call-1") is True  # the stream's close was the hang-up
     with pytest.raises(CallControlError, match="cannot transfer"):
         await control.transfer("call-1", "+15551239999")

@@ -65,6 +65,8 @@ async def test_the_adapter_maps_vonages_answers_onto_call_control(
         pem, lambda r: httpx.Response(next(answers)), "https://api-eu-1.vonage.com"
     )
     assert (control.warm_transfer, control.transfer_refusal) == (True, None)
+    # a SIP endpoint has no onAnswer: a warm transfer there is connected (and recorded) cold
+    assert control.briefs("+15551230000") and not control.briefs("sip:desk@pbx.example")
     assert await control.hangup(CALL) is True
     assert await control.transfer(CALL, "sip:desk@pbx.example", say="Putting you through.")
     assert await control.hangup(CALL) is False  # 404: Vonage knows no such call (any more)

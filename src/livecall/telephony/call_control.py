@@ -41,6 +41,11 @@ class CallControl(Protocol):
     warm_transfer: bool
     transfer_refusal: str | None
 
+    def briefs(self, number: str) -> bool:
+        """Whether a warm transfer to `number` plays the person answering a briefing (some
+        targets, e.g. a SIP URI on Vonage, can only be connected cold)."""
+        ...
+
     async def hangup(self, call_id: str) -> bool:
         """End the call; False when it had already ended."""
         ...
@@ -85,6 +90,9 @@ class StreamEndControl:
 
     def __repr__(self) -> str:
         return "StreamEndControl()"
+
+    def briefs(self, number: str) -> bool:
+        return False
 
     async def hangup(self, call_id: str) -> bool:
         return True  # closing the stream was the hang-up

@@ -106,6 +106,9 @@ class TwilioCallControl:
     warm_transfer = True  # `<Number url>` plays the callee a briefing before bridging
     transfer_refusal: str | None = None
 
+    def briefs(self, number: str) -> bool:
+        return True  # numbers and SIP URIs alike
+
     def __init__(
         self,
         account_sid: str,

@@ -176,6 +176,9 @@ class PlivoCallControl:
     warm_transfer = True  # `<Dial confirmSound>` briefs the called party before bridging
     transfer_refusal: str | None = None
 
+    def briefs(self, number: str) -> bool:
+        return True  # numbers and SIP URIs alike
+
     def __init__(self, control: PlivoControl, publish: Callable[[str], Awaitable[str]]) -> None:
         self.control = control
         self._publish = publish

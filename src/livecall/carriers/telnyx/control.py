@@ -224,6 +224,9 @@ class TelnyxCallControl:
     warm_transfer = True
     transfer_refusal: str | None = None
 
+    def briefs(self, number: str) -> bool:
+        return True  # numbers and SIP URIs alike
+
     def __init__(self, control: TelnyxControl) -> None:
         self.control = control
 

@@ -273,6 +273,9 @@ class VonageCall:
     warm_transfer = True  # a phone endpoint's `onAnswer` briefs the answering party first
     transfer_refusal: str | None = None
 
+    def briefs(self, number: str) -> bool:
+        return not _SIP_RE.match(number)  # a SIP endpoint has no `onAnswer`
+
     def __init__(
         self,
         rest: VonageCallControl,
