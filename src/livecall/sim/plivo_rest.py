@@ -50,7 +50,7 @@ from fastapi.responses import JSONResponse, Response
 from livecall.carriers.plivo.signatures import PlivoSignature, new_nonce
 from livecall.sim.edge import SimulatedEdge
 from livecall.sim.twilio import CallResult
-from livecall.sim.warm import WarmFetch, xml_said, xml_verbs
+from livecall.sim.warm import WarmFetch, xml_reader
 
 __all__ = [
     "DocumentFetch",
@@ -167,20 +167,12 @@ class FakePlivoState:
             )
         if self.http is None:
             self.http = httpx.AsyncClient(timeout=10, trust_env=False)
-        try:
-            response = await self.http.post(record.url, data=record.form, headers=headers)
-        except httpx.HTTPError as exc:
-            record.error = f"{type(exc).__name__}: {exc}"
-            return
-        record.status_code = response.status_code
-        if response.status_code != 200:
-            return
-        record.body = response.text
-        try:
-            record.verbs = xml_verbs(response.text)
-            record.said = xml_said(response.text, "Speak")
-        except (ET.ParseError, ValueError) as exc:
-            record.error = f"not Plivo XML: {exc}"
+        http = self.http
+        await record.fetch(
+            lambda: http.post(record.url, data=record.form, headers=headers),
+            xml_reader("Speak"),
+            "Plivo XML",
+        )
 
     async def fetch_whisper(
         self,

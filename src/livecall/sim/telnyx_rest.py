@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse, Response
 from livecall.carriers.telnyx.signatures import sign_webhook
 from livecall.sim.edge import SimulatedEdge
 from livecall.sim.twilio import CallResult
-from livecall.sim.warm import WarmFetch, xml_said, xml_verbs
+from livecall.sim.warm import WarmFetch, xml_reader
 
 __all__ = [
     "FakeTelnyxState",
@@ -199,23 +199,14 @@ class FakeTelnyxState:
             if self.signing_key is None:
                 raise RuntimeError("the fake signs its fetches: give it signing_key")
             headers |= sign_webhook(self.signing_key, b"" if method == "GET" else body)
-        try:
+        http = self._http
+
+        async def send() -> httpx.Response:
             if method == "GET":
-                response = await self._http.get(record.url, params=record.form, headers=headers)
-            else:
-                response = await self._http.post(record.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            record.error = f"{type(exc).__name__}: {exc}"
-            return
-        record.status_code = response.status_code
-        if response.status_code != 200:
-            return
-        record.body = response.text
-        try:
-            record.verbs = xml_verbs(response.text)
-            record.said = xml_said(response.text, "Say")
-        except (ET.ParseError, ValueError) as exc:
-            record.error = f"not TeXML: {exc}"
+                return await http.get(record.url, params=record.form, headers=headers)
+            return await http.post(record.url, content=body, headers=headers)
+
+        await record.fetch(send, xml_reader("Say"), "TeXML")
 
     async def fetch_whisper(
         self,

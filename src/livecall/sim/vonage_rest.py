@@ -214,30 +214,23 @@ class FakeVonageState:
     async def _send(self, record: WarmFetch, method: str, *, signed: bool) -> None:
         if self.http is None:
             self.http = httpx.AsyncClient(timeout=10, trust_env=False)
-        try:
+        http = self.http
+
+        async def send() -> httpx.Response:
             if method == "GET":
                 sep = "&" if "?" in record.url else "?"
                 url = record.url + sep + urlencode(record.form)
                 headers = {"Authorization": self._signer().sign(method="GET", url=url)}
-                response = await self.http.get(url, headers=headers if signed else {})
-            else:
-                body = orjson.dumps(record.form)
-                headers = {"Content-Type": "application/json"}
-                if signed:
-                    auth = self._signer().sign(method="POST", url=record.url, body=body)
-                    headers["Authorization"] = auth
-                response = await self.http.post(record.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            record.error = f"{type(exc).__name__}: {exc}"
-            return
-        record.status_code = response.status_code
-        if response.status_code != 200:
-            return
-        record.body = response.text
-        try:
-            record.verbs, record.said = ncco_said(response.text)
-        except ValueError as exc:
-            record.error = f"not an NCCO: {exc}"
+                return await http.get(url, headers=headers if signed else {})
+            body = orjson.dumps(record.form)
+            headers = {"Content-Type": "application/json"}
+            if signed:
+                headers["Authorization"] = self._signer().sign(
+                    method="POST", url=record.url, body=body
+                )
+            return await http.post(record.url, content=body, headers=headers)
+
+        await record.fetch(send, ncco_said, "an NCCO")
 
     async def fetch_whisper(
         self,

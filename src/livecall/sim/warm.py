@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["WarmFetch", "ncco_said", "xml_said", "xml_verbs"]
+import httpx
+
+__all__ = ["WarmFetch", "ncco_said", "xml_reader", "xml_said", "xml_verbs"]
 
 
 @dataclass
@@ -26,6 +29,29 @@ class WarmFetch:
     said: list[str] = field(default_factory=list)  # what the leg heard
     verbs: list[str] = field(default_factory=list)  # the document's verbs (actions), in order
 
+    async def fetch(
+        self,
+        send: Callable[[], Awaitable[httpx.Response]],
+        read: Callable[[str], tuple[list[str], list[str]]],
+        kind: str,
+    ) -> None:
+        """Makes the request (`send`) and keeps what came back: the status, and for a 200 the
+        document read by `read` into (verbs, said); a transport error or a document that is
+        not a `kind` is kept in `error`."""
+        try:
+            response = await send()
+        except httpx.HTTPError as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        self.status_code = response.status_code
+        if response.status_code != 200:
+            return
+        self.body = response.text
+        try:
+            self.verbs, self.said = read(response.text)
+        except (ET.ParseError, ValueError) as exc:
+            self.error = f"not {kind}: {exc}"
+
 
 def xml_verbs(document: str) -> list[str]:
     root = ET.fromstring(document)
@@ -37,6 +63,11 @@ def xml_verbs(document: str) -> list[str]:
 def xml_said(document: str, tag: str) -> list[str]:
     """The text of each `tag` (`Say`, `Speak`) at the top of an XML document."""
     return [(el.text or "").strip() for el in ET.fromstring(document) if el.tag == tag]
+
+
+def xml_reader(tag: str) -> Callable[[str], tuple[list[str], list[str]]]:
+    """(verbs, the text of each `tag`) of an XML answer document, for `WarmFetch.fetch`."""
+    return lambda document: (xml_verbs(document), xml_said(document, tag))
 
 
 def ncco_said(document: str) -> tuple[list[str], list[str]]:
