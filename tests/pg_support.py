@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import make_url
@@ -41,6 +42,25 @@ async def fresh_database() -> AsyncIterator[str]:
             yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
         finally:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@asynccontextmanager
+async def fresh_schema() -> AsyncIterator[dict[str, Any]]:
+    """A new, empty schema in the test database for one test, dropped afterwards; yields the
+    engine's `connect_args` that put it first on the search path."""
+    try:
+        admin = await asyncpg.connect(_dsn(PG_URL), timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+        service_missing(f"PostgreSQL unreachable at {PG_URL}: {error!r}")
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    try:
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            yield {"server_settings": {"search_path": schema}}
+        finally:
+            await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
     finally:
         await admin.close()
 

@@ -6,15 +6,12 @@ Gemini answering through the real SDK."""
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -38,7 +35,7 @@ from livecall.sim.gemini_text import TextFault, fill_schema
 from livecall.store import db
 from livecall.store.models import CallAnalysis, CallerMemory
 from livecall.store.repository import Repository
-from support import service_missing
+from pg_support import PG_URL, fresh_schema
 
 FIELDS = {
     "type": "object",
@@ -214,8 +211,6 @@ def test_the_fake_model_fills_a_schema_from_the_callers_words() -> None:
 
 # --------------------------------------------------------------------------- the worker
 
-PG_URL = os.environ.get("LIVECALL_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
-
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
@@ -225,21 +220,13 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         yield engine
         await engine.dispose()
         return
-    dsn = PG_URL.replace("postgresql+asyncpg://", "postgresql://")
-    try:
-        admin = await asyncpg.connect(dsn, timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-        service_missing(f"PostgreSQL unreachable at {PG_URL}: {error!r}")
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE SCHEMA "{schema}"')
-    engine = db.make_engine(PG_URL, connect_args={"server_settings": {"search_path": schema}})
-    try:
-        await db.upgrade(engine)
-        yield engine
-    finally:
-        await engine.dispose()
-        await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        await admin.close()
+    async with fresh_schema() as connect_args:
+        engine = db.make_engine(PG_URL, connect_args=connect_args)
+        try:
+            await db.upgrade(engine)
+            yield engine
+        finally:
+            await engine.dispose()
 
 
 def profiles(**memory_on: bool) -> ProfileSet:

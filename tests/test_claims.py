@@ -5,12 +5,9 @@ schema, as two workers would be), its races, and its fallback when the database 
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import asyncpg
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -21,11 +18,10 @@ from livecall.store.claims import LocalClaims, MemoryClaims, storage_key
 from livecall.store.claims_db import PRUNE_INTERVAL_S, SharedClaims
 from livecall.store.models import Claim
 from livecall.telephony.whisper import Whispers
-from support import service_missing
+from pg_support import PG_URL, fresh_schema
 
 T0 = 1_800_000_000.0
 REF = "a" * 32
-PG_URL = os.environ.get("LIVECALL_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
 
 # --------------------------------------------------------------------------- the logic
@@ -106,27 +102,18 @@ async def engines(
             for engine in made:
                 await engine.dispose()
         return
-    dsn = PG_URL.replace("postgresql+asyncpg://", "postgresql://")
-    try:
-        admin = await asyncpg.connect(dsn, timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-        service_missing(f"PostgreSQL unreachable at {PG_URL}: {error!r}")
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE SCHEMA "{schema}"')
+    async with fresh_schema() as connect_args:
 
-    def make_pg() -> AsyncEngine:
-        args = {"server_settings": {"search_path": schema}}
-        made.append(db.make_engine(PG_URL, connect_args=args))
-        return made[-1]
+        def make_pg() -> AsyncEngine:
+            made.append(db.make_engine(PG_URL, connect_args=connect_args))
+            return made[-1]
 
-    try:
-        await db.upgrade(make_pg())
-        yield make_pg
-    finally:
-        for engine in made:
-            await engine.dispose()
-        await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        await admin.close()
+        try:
+            await db.upgrade(make_pg())
+            yield make_pg
+        finally:
+            for engine in made:
+                await engine.dispose()
 
 
 def shared(engine: AsyncEngine, **kwargs: object) -> SharedClaims:
