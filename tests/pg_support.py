@@ -29,40 +29,41 @@ def _dsn(url: str) -> str:
 
 
 @asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    """A new, empty database (no tables) for one test, dropped afterwards; yields its URL."""
+async def _admin() -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test database (skipped or failed by the CI rule when it is down)."""
     try:
         admin = await asyncpg.connect(_dsn(PG_URL), timeout=5)
     except (OSError, asyncpg.PostgresError, TimeoutError) as error:
         service_missing(f"PostgreSQL unreachable at {PG_URL}: {error!r}")
-    name = f"lc_test_{uuid.uuid4().hex[:12]}"
     try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+@asynccontextmanager
+async def fresh_database() -> AsyncIterator[str]:
+    """A new, empty database (no tables) for one test, dropped afterwards; yields its URL."""
+    name = f"lc_test_{uuid.uuid4().hex[:12]}"
+    async with _admin() as admin:
         await admin.execute(f'CREATE DATABASE "{name}"')
         try:
             yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
         finally:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @asynccontextmanager
 async def fresh_schema() -> AsyncIterator[dict[str, Any]]:
     """A new, empty schema in the test database for one test, dropped afterwards; yields the
     engine's `connect_args` that put it first on the search path."""
-    try:
-        admin = await asyncpg.connect(_dsn(PG_URL), timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-        service_missing(f"PostgreSQL unreachable at {PG_URL}: {error!r}")
     schema = f"test_{uuid.uuid4().hex[:12]}"
-    try:
+    async with _admin() as admin:
         await admin.execute(f'CREATE SCHEMA "{schema}"')
         try:
             yield {"server_settings": {"search_path": schema}}
         finally:
             await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-    finally:
-        await admin.close()
 
 
 async def table_counts(url: str, call_sid: str) -> tuple[int, int, int]:

@@ -397,10 +397,9 @@ async def test_database_down_at_call_end_still_delivers_after_recovery(
         await stack.stop()
 
 
-async def test_spooled_while_down_and_delivered_by_the_next_process(
-    tmp_path: Path, receiver: Receiver, call_over: Any
-) -> None:
-    settings = fast(receiver, tmp_path)
+async def call_while_the_database_is_down(settings: dict[str, Any], call_over: Any) -> str:
+    """One call on a server whose database refuses every statement, then that server stopped:
+    the call's records and its webhook op are left in the spool file. Its call id."""
     first = await start_stack(settings)
     state = first.app.state.livecall
 
@@ -412,7 +411,15 @@ async def test_spooled_while_down_and_delivered_by_the_next_process(
         sid = await make_call(first, call_over, flush=False)
         assert await state.registry.wait_idle(15)
     finally:
-        await first.stop()  # the records and the webhook op go to the spool file
+        await first.stop()
+    return sid
+
+
+async def test_spooled_while_down_and_delivered_by_the_next_process(
+    tmp_path: Path, receiver: Receiver, call_over: Any
+) -> None:
+    settings = fast(receiver, tmp_path)
+    sid = await call_while_the_database_is_down(settings, call_over)
     assert list((tmp_path / "spool").glob("spool-*.jsonl"))
     assert receiver.requests == []
     second = await start_stack(settings)  # the database answers again; the spool is replayed
@@ -432,18 +439,7 @@ async def test_a_spool_left_by_a_stopped_pod_is_replayed_by_its_replacement_at_o
     has another hostname, so the file is another host's. Closed on the way out, it is marked
     released and replayed at once, not after FOREIGN_SPOOL_AGE_S of no refresh."""
     settings = fast(receiver, tmp_path)
-    first = await start_stack(settings)
-    state = first.app.state.livecall
-
-    def outage(*_args: Any) -> None:
-        raise ConnectionResetError("database down (simulated)")
-
-    event.listen(state.store.engine.sync_engine, "before_cursor_execute", outage)
-    try:
-        sid = await make_call(first, call_over, flush=False)
-        assert await state.registry.wait_idle(15)
-    finally:
-        await first.stop()
+    sid = await call_while_the_database_is_down(settings, call_over)
     (left,) = (tmp_path / "spool").glob("spool-*.jsonl")
     assert left.name.startswith(writer_module.RELEASED_PREFIX)
     monkeypatch.setattr(writer_module, "_HOST", "replacementpod")
