@@ -267,8 +267,8 @@ class BridgeActions:
         """The REST transfer, once the caller heard the line (`heard`)."""
         assert self.control is not None
         bridge = self.bridge
-        warm = self.warm is not None and self.control.briefs(number)
-        plan = await self.warm.plan(target_name, summary) if warm and self.warm else TransferPlan()
+        warm = self.warm if self.warm is not None and self.control.briefs(number) else None
+        plan = await warm.plan(target_name, summary) if warm is not None else TransferPlan()
         # Twilio ends the stream as soon as it takes the new TwiML; its `stop` may reach the
         # bridge before this coroutine runs again, so the reason is claimed first.
         claimed = bridge.end_reason is None
